@@ -1,0 +1,206 @@
+//! MQTT topics and JSON payloads, and the schema checks the hub applies.
+//!
+//! Topic layout (see the brief):
+//! - `hearth/<device>/event/<name>`: [`Event`], QoS 1.
+//! - `hearth/<device>/meta`: [`DeviceMeta`], retained.
+//! - `hearth/<device>/availability`: `online` / `offline`, retained, last will.
+//! - `<base>/<actuator>/set`: Zigbee2MQTT-style command, `<base>/<actuator>`: state, retained.
+//! - `hearth/federation/refresh`: [`RefreshRequest`]; `hearth/federation/model/<name>`: [`ModelAnnouncement`], retained.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest event payload the hub accepts, in bytes. Anything bigger is dropped:
+/// an event is a verdict, never a sample.
+pub const MAX_EVENT_BYTES: usize = 512;
+/// Longest class name, model tag or timestamp string accepted in an event.
+pub const MAX_FIELD_CHARS: usize = 64;
+
+/// Root of every Hearth topic.
+pub const ROOT: &str = "hearth";
+/// Federation refresh request topic.
+pub const REFRESH_TOPIC: &str = "hearth/federation/refresh";
+
+/// An inference verdict published by an agent.
+///
+/// `deny_unknown_fields` is part of the privacy guard: a payload with any extra
+/// field (e.g. a waveform) does not parse and is dropped by the hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Predicted class label, e.g. `"person"` or `"kettle"`.
+    pub class: String,
+    /// Confidence in `[0, 1]`.
+    pub score: f32,
+    /// Model that produced it, `name@version`.
+    pub model: String,
+    /// RFC 3339 timestamp.
+    pub ts: String,
+}
+
+/// Why an event payload was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EventError {
+    #[error("payload of {0} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("payload is not a valid event: {0}")]
+    Schema(String),
+    #[error("field `{0}` is empty, too long or has characters outside [A-Za-z0-9 _.:@+-]")]
+    BadField(&'static str),
+    #[error("score {0} is not a probability")]
+    BadScore(f32),
+}
+
+fn field_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().count() <= MAX_FIELD_CHARS
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || " _.:@+-".contains(c))
+}
+
+impl Event {
+    /// Parses and validates an event payload (size, schema, field contents).
+    pub fn parse(payload: &[u8]) -> Result<Event, EventError> {
+        if payload.len() > MAX_EVENT_BYTES {
+            return Err(EventError::TooLarge(payload.len()));
+        }
+        let ev: Event =
+            serde_json::from_slice(payload).map_err(|e| EventError::Schema(e.to_string()))?;
+        ev.validate()?;
+        Ok(ev)
+    }
+
+    /// Checks field contents; called by [`Event::parse`] and before publishing.
+    pub fn validate(&self) -> Result<(), EventError> {
+        if !(0.0..=1.0).contains(&self.score) || !self.score.is_finite() {
+            return Err(EventError::BadScore(self.score));
+        }
+        for (name, v) in [("class", &self.class), ("model", &self.model), ("ts", &self.ts)] {
+            if !field_ok(v) {
+                return Err(EventError::BadField(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises to the JSON payload.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("event serialises")
+    }
+}
+
+/// Retained device description at `hearth/<device>/meta`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceMeta {
+    pub device: String,
+    /// `"agent"` or `"actuator"`.
+    pub kind: String,
+    /// Model the agent runs, `name@version` (empty for actuators).
+    #[serde(default)]
+    pub model: String,
+    /// Class labels the agent can emit.
+    #[serde(default)]
+    pub classes: Vec<String>,
+    pub sw_version: String,
+}
+
+/// Body of a refresh request on [`REFRESH_TOPIC`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    pub model: String,
+}
+
+/// Retained announcement at `hearth/federation/model/<name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelAnnouncement {
+    pub model: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+/// `hearth/<device>/event/<name>`
+pub fn event_topic(device: &str, name: &str) -> String {
+    format!("{ROOT}/{device}/event/{name}")
+}
+/// `hearth/<device>/meta`
+pub fn meta_topic(device: &str) -> String {
+    format!("{ROOT}/{device}/meta")
+}
+/// `hearth/<device>/availability`
+pub fn availability_topic(device: &str) -> String {
+    format!("{ROOT}/{device}/availability")
+}
+/// `hearth/federation/model/<name>`
+pub fn model_topic(model: &str) -> String {
+    format!("{ROOT}/federation/model/{model}")
+}
+
+/// Splits `hearth/<device>/event/<name>` into `(device, name)`.
+pub fn parse_event_topic(topic: &str) -> Option<(&str, &str)> {
+    let mut it = topic.split('/');
+    match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+        (Some(ROOT), Some(dev), Some("event"), Some(name), None)
+            if !dev.is_empty() && !name.is_empty() =>
+        {
+            Some((dev, name))
+        }
+        _ => None,
+    }
+}
+
+/// A device or actuator name usable as one MQTT topic level and as a Home
+/// Assistant object id.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev() -> Event {
+        Event {
+            class: "person".into(),
+            score: 0.93,
+            model: "door-cam@7".into(),
+            ts: "2026-11-24T18:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let e = ev();
+        assert_eq!(Event::parse(&e.to_json()).unwrap(), e);
+    }
+
+    #[test]
+    fn refuses_extra_fields_and_raw_data() {
+        let raw = br#"{"class":"person","score":0.9,"model":"m@1","ts":"t","samples":[0.1,0.2]}"#;
+        assert!(matches!(Event::parse(raw), Err(EventError::Schema(_))));
+    }
+
+    #[test]
+    fn refuses_big_payloads_and_bad_fields() {
+        let mut e = ev();
+        e.class = "x".repeat(600);
+        assert!(matches!(Event::parse(&e.to_json()), Err(EventError::TooLarge(_))));
+        let mut e = ev();
+        e.class = "a,b,c,d".into();
+        assert_eq!(Event::parse(&e.to_json()), Err(EventError::BadField("class")));
+        let mut e = ev();
+        e.score = 1.5;
+        assert_eq!(Event::parse(&e.to_json()), Err(EventError::BadScore(1.5)));
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(parse_event_topic("hearth/cam1/event/detection"), Some(("cam1", "detection")));
+        assert_eq!(parse_event_topic("hearth/cam1/meta"), None);
+        assert_eq!(parse_event_topic("hearth/cam1/event/a/b"), None);
+        assert!(valid_name("kitchen-plug_2"));
+        assert!(!valid_name("a/b"));
+    }
+}
