@@ -1,0 +1,625 @@
+//! The compact wire format of a model delta (what agents upload), with error feedback.
+//!
+//! Layout (all integers LEB128 varints unless noted, floats little-endian):
+//! ```text
+//! "HUPD" version:u8(=1) tensors
+//! per tensor: name_len name(utf-8) ndim dims… encoding:u8 bits:u8 scale:f32
+//!   encoding 0 (dense):  values for every element
+//!   encoding 1 (top-k):  k, then k index gaps (first index, then idx[i] - idx[i-1] - 1), then k values
+//!   values: bits = 32 → raw f32; bits 2..=8 → symmetric codes q + 2^(bits-1), packed LSB-first
+//!           (8 bits = one byte per value, 4 bits = two per byte)
+//! ```
+//! Encoding applies error feedback: `v = delta + residual`; keep the top-k of `|v|`; quantize
+//! them with unbiased stochastic rounding; `residual = v - dequantized(sent)` (the residual
+//! stays on the device and is added to the next round's delta).
+
+use crate::error::ModelError;
+use crate::quant::{dequantize, quantize_stochastic, QuantParams};
+use crate::tensor::{Tensor, Weights};
+use std::collections::BTreeMap;
+
+const MAGIC: &[u8; 4] = b"HUPD";
+const VERSION: u8 = 1;
+const DENSE: u8 = 0;
+const TOPK: u8 = 1;
+/// Refuse to decode tensors larger than this many elements (256 Mi) or deeper than 8 dims.
+const MAX_ELEMENTS: usize = 1 << 28;
+const MAX_DIMS: usize = 8;
+
+/// Settings of [`encode_update`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CodecConfig {
+    /// Bits per sent value: 2..=8 (quantized) or 32 (raw f32).
+    pub bits: u8,
+    /// Share of each tensor's values sent (largest |v| first); 1.0 = dense.
+    pub topk_fraction: f32,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            bits: 8,
+            topk_fraction: 1.0,
+        }
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// `delta + residual` → top-k → stochastic quantization → bytes; `residual` is updated in
+/// place to `v - sent` and afterwards holds exactly the tensors of `delta`.
+pub fn encode_update(
+    delta: &Weights,
+    residual: &mut Weights,
+    cfg: &CodecConfig,
+    rng: &mut impl rand::Rng,
+) -> Result<Vec<u8>, ModelError> {
+    if !(matches!(cfg.bits, 2..=8) || cfg.bits == 32) {
+        return Err(ModelError::Codec(format!(
+            "unsupported bits {}: use 2..=8 or 32",
+            cfg.bits
+        )));
+    }
+    if !(cfg.topk_fraction > 0.0 && cfg.topk_fraction <= 1.0) {
+        return Err(ModelError::Codec(format!(
+            "topk_fraction {} not in (0, 1]",
+            cfg.topk_fraction
+        )));
+    }
+    for (name, t) in delta {
+        if t.data.len() != t.shape.iter().product::<usize>() {
+            return Err(ModelError::Shape(format!(
+                "tensor {name}: shape {:?} vs {} values",
+                t.shape,
+                t.data.len()
+            )));
+        }
+        if t.data.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Codec(format!(
+                "tensor {name} has non-finite values"
+            )));
+        }
+        if let Some(r) = residual.get(name) {
+            if r.shape != t.shape {
+                return Err(ModelError::Shape(format!(
+                    "residual {name}: shape {:?} vs {:?}",
+                    r.shape, t.shape
+                )));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    put_varint(&mut out, delta.len() as u64);
+    let mut new_residual = Weights::new();
+    for (name, t) in delta {
+        let n = t.len();
+        let mut v = t.data.clone();
+        if let Some(r) = residual.get(name) {
+            v.iter_mut().zip(&r.data).for_each(|(a, b)| *a += b);
+        }
+        let k = if cfg.topk_fraction >= 1.0 {
+            n
+        } else {
+            ((n as f64 * f64::from(cfg.topk_fraction)).ceil() as usize).clamp(1.min(n), n)
+        };
+        let indices: Vec<usize> = if k == n {
+            (0..n).collect()
+        } else {
+            let mut idx: Vec<usize> = (0..n).collect();
+            // Largest |v| first; ties broken by index so the choice is deterministic.
+            idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                v[b].abs().total_cmp(&v[a].abs()).then(a.cmp(&b))
+            });
+            idx.truncate(k);
+            idx.sort_unstable();
+            idx
+        };
+        let chosen: Vec<f32> = indices.iter().map(|&i| v[i]).collect();
+        let (sent, scale, payload) = if cfg.bits == 32 {
+            let bytes = chosen
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>();
+            (chosen.clone(), 0.0f32, bytes)
+        } else {
+            let (q, p) = quantize_stochastic(&chosen, cfg.bits, rng);
+            (dequantize(&q, &p), p.scale, pack(&q, cfg.bits))
+        };
+        // Error feedback: what was not sent (or sent imprecisely) is carried to next round.
+        let mut r = v;
+        for (&i, s) in indices.iter().zip(&sent) {
+            r[i] -= s;
+        }
+        new_residual.insert(
+            name.clone(),
+            Tensor {
+                shape: t.shape.clone(),
+                data: r,
+            },
+        );
+
+        put_varint(&mut out, name.len() as u64);
+        out.extend_from_slice(name.as_bytes());
+        put_varint(&mut out, t.shape.len() as u64);
+        for &d in &t.shape {
+            put_varint(&mut out, d as u64);
+        }
+        out.push(if k == n { DENSE } else { TOPK });
+        out.push(cfg.bits);
+        out.extend_from_slice(&scale.to_le_bytes());
+        if k != n {
+            put_varint(&mut out, k as u64);
+            let mut next = 0usize;
+            for &i in &indices {
+                put_varint(&mut out, (i - next) as u64);
+                next = i + 1;
+            }
+        }
+        out.extend_from_slice(&payload);
+    }
+    *residual = new_residual;
+    Ok(out)
+}
+
+/// Packs symmetric codes as `q + 2^(bits-1)` in `bits` bits each, LSB-first.
+fn pack(q: &[i32], bits: u8) -> Vec<u8> {
+    let offset = 1i32 << (bits - 1);
+    let mut out = vec![0u8; (q.len() * bits as usize).div_ceil(8)];
+    let mut bit = 0usize;
+    for &c in q {
+        let u = (c + offset) as u32;
+        for b in 0..bits as usize {
+            if u >> b & 1 == 1 {
+                out[(bit + b) / 8] |= 1 << ((bit + b) % 8);
+            }
+        }
+        bit += bits as usize;
+    }
+    out
+}
+
+fn unpack(bytes: &[u8], n: usize, bits: u8) -> Result<Vec<i32>, ModelError> {
+    let offset = 1i32 << (bits - 1);
+    let qmax = offset - 1;
+    let mut out = Vec::with_capacity(n);
+    let mut bit = 0usize;
+    for _ in 0..n {
+        let mut u = 0u32;
+        for b in 0..bits as usize {
+            u |= u32::from(bytes[(bit + b) / 8] >> ((bit + b) % 8) & 1) << b;
+        }
+        bit += bits as usize;
+        let c = u as i32 - offset;
+        if c.abs() > qmax {
+            return Err(ModelError::Codec(format!("code {c} outside ±{qmax}")));
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ModelError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                ModelError::Codec(format!("truncated: need {n} bytes at offset {}", self.pos))
+            })?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, ModelError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, ModelError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(ModelError::Codec("varint overflows 64 bits".into()));
+            }
+            v |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(ModelError::Codec("varint longer than 10 bytes".into()))
+    }
+
+    fn usize(&mut self, what: &str, max: usize) -> Result<usize, ModelError> {
+        let v = self.varint()?;
+        usize::try_from(v)
+            .ok()
+            .filter(|&v| v <= max)
+            .ok_or_else(|| ModelError::Codec(format!("{what} {v} exceeds {max}")))
+    }
+}
+
+/// Decodes bytes produced by [`encode_update`] into the (dequantized) sent delta; unsent
+/// top-k positions are 0. Malformed input is an error, never a panic.
+pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    if r.take(4)? != MAGIC {
+        return Err(ModelError::Codec("bad magic: not a Hearth update".into()));
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(ModelError::Codec(format!(
+            "unsupported update version {version}"
+        )));
+    }
+    // Every tensor takes at least 8 bytes, which bounds the count by the input size.
+    let count = r.usize("tensor count", bytes.len() / 8)?;
+    let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
+    for _ in 0..count {
+        let name_len = r.usize("name length", 4096)?;
+        let name = std::str::from_utf8(r.take(name_len)?)
+            .map_err(|_| ModelError::Codec("tensor name is not UTF-8".into()))?
+            .to_string();
+        let ndim = r.usize("rank", MAX_DIMS)?;
+        let mut shape = Vec::with_capacity(ndim);
+        let mut n = 1usize;
+        for _ in 0..ndim {
+            let d = r.usize("dimension", MAX_ELEMENTS)?;
+            n = n
+                .checked_mul(d)
+                .filter(|&n| n <= MAX_ELEMENTS)
+                .ok_or_else(|| {
+                    ModelError::Codec(format!("tensor {name} exceeds {MAX_ELEMENTS} elements"))
+                })?;
+            shape.push(d);
+        }
+        let encoding = r.u8()?;
+        let bits = r.u8()?;
+        if !(matches!(bits, 2..=8) || bits == 32) {
+            return Err(ModelError::Codec(format!(
+                "tensor {name}: unsupported bits {bits}"
+            )));
+        }
+        let scale = f32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"));
+        if !scale.is_finite() || scale < 0.0 {
+            return Err(ModelError::Codec(format!(
+                "tensor {name}: bad scale {scale}"
+            )));
+        }
+        let indices: Option<Vec<usize>> = match encoding {
+            DENSE => None,
+            TOPK => {
+                // Each index takes at least one byte: bounded by what is left.
+                let k = r.usize("k", n.min(bytes.len() - r.pos))?;
+                let mut idx = Vec::with_capacity(k);
+                let mut next = 0usize;
+                for _ in 0..k {
+                    let gap = r.usize("index gap", n)?;
+                    let i = next + gap;
+                    if i >= n {
+                        return Err(ModelError::Codec(format!(
+                            "tensor {name}: index {i} out of {n}"
+                        )));
+                    }
+                    idx.push(i);
+                    next = i + 1;
+                }
+                Some(idx)
+            }
+            e => {
+                return Err(ModelError::Codec(format!(
+                    "tensor {name}: unknown encoding {e}"
+                )))
+            }
+        };
+        let m = indices.as_ref().map_or(n, Vec::len);
+        let values: Vec<f32> = if bits == 32 {
+            let raw = r.take(
+                m.checked_mul(4)
+                    .ok_or_else(|| ModelError::Codec("size overflow".into()))?,
+            )?;
+            let v: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(ModelError::Codec(format!(
+                    "tensor {name}: non-finite value"
+                )));
+            }
+            v
+        } else {
+            let packed = r.take((m * bits as usize).div_ceil(8))?;
+            let q = unpack(packed, m, bits)?;
+            dequantize(
+                &q,
+                &QuantParams {
+                    scale,
+                    zero_point: 0,
+                    bits,
+                },
+            )
+        };
+        let data = match indices {
+            None => values,
+            Some(idx) => {
+                let mut d = vec![0.0f32; n];
+                for (i, v) in idx.into_iter().zip(values) {
+                    d[i] = v;
+                }
+                d
+            }
+        };
+        if out.insert(name.clone(), Tensor { shape, data }).is_some() {
+            return Err(ModelError::Codec(format!("tensor {name} appears twice")));
+        }
+    }
+    if r.pos != bytes.len() {
+        return Err(ModelError::Codec(format!(
+            "{} trailing bytes",
+            bytes.len() - r.pos
+        )));
+    }
+    Ok(out)
+}
+
+/// Scales `delta` down to L2 norm `max_norm` if it is larger; returns the norm before.
+pub fn clip_l2(delta: &mut Weights, max_norm: f32) -> f32 {
+    let norm = crate::tensor::l2_norm(delta);
+    if norm.is_finite() && max_norm >= 0.0 && norm > max_norm && norm > 0.0 {
+        let f = max_norm / norm;
+        delta
+            .values_mut()
+            .for_each(|t| t.data.iter_mut().for_each(|v| *v *= f));
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::l2_norm;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn delta(seed: u64) -> Weights {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w = Weights::new();
+        for (name, shape) in [
+            ("fc0.weight", vec![64, 128]),
+            ("fc0.bias", vec![64]),
+            ("fc1.weight", vec![11, 64]),
+            ("fc1.bias", vec![11]),
+        ] {
+            let n = shape.iter().product();
+            w.insert(
+                name.to_string(),
+                Tensor::new(shape, (0..n).map(|_| rng.gen_range(-0.05..0.05)).collect()),
+            );
+        }
+        w
+    }
+
+    fn fp32_bytes(w: &Weights) -> usize {
+        4 * crate::tensor::num_params(w)
+    }
+
+    #[test]
+    fn dense_round_trip_error_is_bounded() {
+        let d = delta(1);
+        let mut rng = StdRng::seed_from_u64(2);
+        for bits in [8u8, 4, 2] {
+            let mut res = Weights::new();
+            let bytes = encode_update(
+                &d,
+                &mut res,
+                &CodecConfig {
+                    bits,
+                    topk_fraction: 1.0,
+                },
+                &mut rng,
+            )
+            .unwrap();
+            let back = decode_update(&bytes).unwrap();
+            assert_eq!(
+                back.keys().collect::<Vec<_>>(),
+                d.keys().collect::<Vec<_>>()
+            );
+            for (name, t) in &d {
+                let amax = t.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let step = amax / ((1 << (bits - 1)) - 1) as f32;
+                assert_eq!(back[name].shape, t.shape);
+                for ((a, b), r) in t.data.iter().zip(&back[name].data).zip(&res[name].data) {
+                    assert!(
+                        (a - b).abs() <= step * 1.0001,
+                        "{name} bits {bits}: {a} vs {b}"
+                    );
+                    // Residual property: sent + residual == v (= delta, residual was empty).
+                    assert!((b + r - a).abs() < 1e-6);
+                }
+            }
+        }
+        let mut res = Weights::new();
+        let exact = decode_update(
+            &encode_update(
+                &d,
+                &mut res,
+                &CodecConfig {
+                    bits: 32,
+                    topk_fraction: 1.0,
+                },
+                &mut rng,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(exact, d);
+        assert!(l2_norm(&res) == 0.0);
+    }
+
+    #[test]
+    fn sizes_shrink_as_expected() {
+        let d = delta(3);
+        let mut rng = StdRng::seed_from_u64(4);
+        let fp32 = fp32_bytes(&d);
+        let size = |bits, topk_fraction, rng: &mut StdRng| {
+            let mut res = Weights::new();
+            encode_update(
+                &d,
+                &mut res,
+                &CodecConfig {
+                    bits,
+                    topk_fraction,
+                },
+                rng,
+            )
+            .unwrap()
+            .len()
+        };
+        let dense8 = size(8, 1.0, &mut rng);
+        let ratio = dense8 as f64 / fp32 as f64;
+        assert!(
+            (0.25..0.26).contains(&ratio),
+            "8-bit dense is {ratio} of fp32"
+        );
+        let dense4 = size(4, 1.0, &mut rng);
+        assert!((dense4 as f64 / fp32 as f64) < 0.13);
+        let top10 = size(8, 0.1, &mut rng);
+        assert!(top10 < dense8 / 4, "top-10% {top10} vs dense {dense8}");
+        let top1_4 = size(4, 0.01, &mut rng);
+        assert!(top1_4 < top10 / 5, "top-1% 4-bit {top1_4} vs {top10}");
+    }
+
+    #[test]
+    fn topk_error_feedback_keeps_everything() {
+        let d = delta(5);
+        let mut rng = StdRng::seed_from_u64(6);
+        let cfg = CodecConfig {
+            bits: 8,
+            topk_fraction: 0.05,
+        };
+        let mut res = Weights::new();
+        let mut sent_total = Weights::new();
+        for round in 0..3 {
+            let prev = res.clone();
+            let bytes = encode_update(&d, &mut res, &cfg, &mut rng).unwrap();
+            let sent = decode_update(&bytes).unwrap();
+            for (name, t) in &d {
+                let nz = sent[name].data.iter().filter(|v| **v != 0.0).count();
+                assert!(
+                    nz <= (t.len() as f32 * 0.05).ceil() as usize,
+                    "{name}: {nz} sent"
+                );
+                for (i, v) in t.data.iter().enumerate() {
+                    let before = prev.get(name).map_or(0.0, |r| r.data[i]);
+                    // sent + residual == delta + previous residual.
+                    assert!(
+                        (sent[name].data[i] + res[name].data[i] - (v + before)).abs() < 1e-6,
+                        "round {round}"
+                    );
+                }
+            }
+            if sent_total.is_empty() {
+                sent_total = sent;
+            } else {
+                crate::tensor::axpy(&mut sent_total, 1.0, &sent).unwrap();
+            }
+        }
+        // Over rounds, sent + residual tracks 3 × delta exactly.
+        let mut total = sent_total.clone();
+        crate::tensor::axpy(&mut total, 1.0, &res).unwrap();
+        let mut three = d.clone();
+        crate::tensor::axpy(&mut three, 2.0, &d).unwrap();
+        let diff = crate::tensor::sub(&total, &three).unwrap();
+        assert!(l2_norm(&diff) < 1e-4);
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        let d = delta(7);
+        let mut rng = StdRng::seed_from_u64(8);
+        for cfg in [
+            CodecConfig {
+                bits: 8,
+                topk_fraction: 1.0,
+            },
+            CodecConfig {
+                bits: 4,
+                topk_fraction: 0.1,
+            },
+        ] {
+            let mut res = Weights::new();
+            let bytes = encode_update(&d, &mut res, &cfg, &mut rng).unwrap();
+            assert!(decode_update(&bytes).is_ok());
+            for cut in (0..bytes.len()).step_by(97).chain([bytes.len() - 1]) {
+                assert!(decode_update(&bytes[..cut]).is_err(), "truncated at {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode_update(&longer).is_err());
+            // Flipping bytes must never panic; flips in the header must be rejected.
+            for i in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[i] ^= 0xff;
+                let _ = decode_update(&b);
+            }
+            for i in 0..5 {
+                let mut b = bytes.clone();
+                b[i] ^= 0x01;
+                assert!(decode_update(&b).is_err());
+            }
+            for _ in 0..2000 {
+                let mut b = bytes.clone();
+                let i = rng.gen_range(0..b.len());
+                b[i] = rng.gen();
+                let _ = decode_update(&b);
+            }
+        }
+        assert!(decode_update(&[]).is_err());
+        // A huge claimed dimension is refused without allocating.
+        let mut evil = b"HUPD\x01\x01\x01a\x02".to_vec();
+        put_varint(&mut evil, 1 << 27);
+        put_varint(&mut evil, 1 << 27);
+        assert!(decode_update(&evil).is_err());
+        let mut bad = d.clone();
+        bad.get_mut("fc0.bias").unwrap().data[0] = f32::NAN;
+        assert!(
+            encode_update(&bad, &mut Weights::new(), &CodecConfig::default(), &mut rng).is_err()
+        );
+        assert!(encode_update(
+            &d,
+            &mut Weights::new(),
+            &CodecConfig {
+                bits: 1,
+                topk_fraction: 1.0
+            },
+            &mut rng
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn clipping() {
+        let mut d = delta(9);
+        let before = l2_norm(&d);
+        assert_eq!(clip_l2(&mut d, before * 2.0), before);
+        assert!((l2_norm(&d) - before).abs() < 1e-6);
+        assert_eq!(clip_l2(&mut d, 0.5), before);
+        assert!((l2_norm(&d) - 0.5).abs() < 1e-4);
+    }
+}
