@@ -1,0 +1,332 @@
+//! Federated averaging as a running weighted sum: memory is O(model) whatever the number of
+//! clients. [`validate_update`] checks an update against the global model before it is folded.
+
+use std::collections::BTreeMap;
+
+use hearth_model::{Tensor, Weights};
+
+/// Why an update or an aggregate was refused.
+#[derive(thiserror::Error, Debug, PartialEq)]
+pub enum AggregateError {
+    /// Tensor names differ from the global model's.
+    #[error("tensor names differ from the global model: {0}")]
+    Names(String),
+    /// A tensor has the wrong shape or length.
+    #[error("tensor {name}: shape {got:?} (len {len}), expected {want:?}")]
+    Shape {
+        /// Tensor name.
+        name: String,
+        /// Shape received.
+        got: Vec<usize>,
+        /// Data length received.
+        len: usize,
+        /// Shape expected.
+        want: Vec<usize>,
+    },
+    /// NaN or infinity.
+    #[error("tensor {0} holds a non-finite value")]
+    NonFinite(String),
+    /// L2 norm above the bound.
+    #[error("update L2 norm {norm} exceeds the bound {bound}")]
+    Norm {
+        /// Norm of the update.
+        norm: f64,
+        /// Configured bound.
+        bound: f32,
+    },
+    /// FedAvg weight must be positive.
+    #[error("update weight must be a finite number > 0, got {0}")]
+    Weight(f64),
+    /// Nothing was folded.
+    #[error("no updates were aggregated")]
+    Empty,
+    /// Serialised aggregate is malformed.
+    #[error("malformed aggregate bytes: {0}")]
+    Encoding(String),
+}
+
+/// Checks `update` has the global model's tensor names and shapes, holds only finite values and
+/// has an L2 norm of at most `max_norm`. Returns the norm.
+pub fn validate_update(
+    update: &Weights,
+    global: &Weights,
+    max_norm: f32,
+) -> Result<f64, AggregateError> {
+    if update.len() != global.len() || update.keys().zip(global.keys()).any(|(a, b)| a != b) {
+        let missing: Vec<&str> = global
+            .keys()
+            .filter(|k| !update.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        let extra: Vec<&str> = update
+            .keys()
+            .filter(|k| !global.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        return Err(AggregateError::Names(format!(
+            "missing {missing:?}, unexpected {extra:?}"
+        )));
+    }
+    let mut sq = 0f64;
+    for (name, t) in update {
+        let want = &global[name];
+        if t.shape != want.shape || t.data.len() != want.data.len() {
+            return Err(AggregateError::Shape {
+                name: name.clone(),
+                got: t.shape.clone(),
+                len: t.data.len(),
+                want: want.shape.clone(),
+            });
+        }
+        for &v in &t.data {
+            if !v.is_finite() {
+                return Err(AggregateError::NonFinite(name.clone()));
+            }
+            sq += f64::from(v) * f64::from(v);
+        }
+    }
+    let norm = sq.sqrt();
+    if norm > f64::from(max_norm) {
+        return Err(AggregateError::Norm {
+            norm,
+            bound: max_norm,
+        });
+    }
+    Ok(norm)
+}
+
+/// Σ wᵢ·Δᵢ and Σ wᵢ, accumulated in f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Aggregate {
+    total_weight: f64,
+    count: u32,
+    sum: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+const MAGIC: &[u8; 5] = b"HAGG1";
+
+impl Aggregate {
+    /// An empty sum shaped like `template`.
+    pub fn new(template: &Weights) -> Aggregate {
+        Aggregate {
+            total_weight: 0.0,
+            count: 0,
+            sum: template
+                .iter()
+                .map(|(k, t)| (k.clone(), (t.shape.clone(), vec![0f64; t.data.len()])))
+                .collect(),
+        }
+    }
+
+    /// Number of folded updates.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Σ weights.
+    pub fn total_weight(&self) -> f64 {
+        self.total_weight
+    }
+
+    /// Adds `weight · update`. The update must match the sum's names and shapes.
+    pub fn fold(&mut self, update: &Weights, weight: f64) -> Result<(), AggregateError> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::Weight(weight));
+        }
+        if update.len() != self.sum.len() || update.keys().zip(self.sum.keys()).any(|(a, b)| a != b)
+        {
+            return Err(AggregateError::Names(
+                "update does not match the aggregate".into(),
+            ));
+        }
+        for (name, t) in update {
+            let (shape, acc) = &self.sum[name];
+            if &t.shape != shape || t.data.len() != acc.len() {
+                return Err(AggregateError::Shape {
+                    name: name.clone(),
+                    got: t.shape.clone(),
+                    len: t.data.len(),
+                    want: shape.clone(),
+                });
+            }
+        }
+        for (name, t) in update {
+            let acc = &mut self.sum.get_mut(name).expect("checked above").1;
+            for (a, &v) in acc.iter_mut().zip(&t.data) {
+                *a += weight * f64::from(v);
+            }
+        }
+        self.total_weight += weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The weighted mean Σ wᵢ·Δᵢ / Σ wᵢ.
+    pub fn finish(&self) -> Result<Weights, AggregateError> {
+        if self.count == 0 || self.total_weight <= 0.0 {
+            return Err(AggregateError::Empty);
+        }
+        Ok(self
+            .sum
+            .iter()
+            .map(|(k, (shape, acc))| {
+                let data = acc.iter().map(|a| (a / self.total_weight) as f32).collect();
+                (k.clone(), Tensor::new(shape.clone(), data))
+            })
+            .collect())
+    }
+
+    /// Compact little-endian encoding (what the store keeps per open round).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n: usize = self
+            .sum
+            .values()
+            .map(|(s, d)| 8 + s.len() * 8 + d.len() * 8)
+            .sum();
+        let mut b = Vec::with_capacity(MAGIC.len() + 16 + n);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&self.total_weight.to_le_bytes());
+        b.extend_from_slice(&self.count.to_le_bytes());
+        b.extend_from_slice(&(self.sum.len() as u32).to_le_bytes());
+        for (name, (shape, data)) in &self.sum {
+            b.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+            for &d in shape {
+                b.extend_from_slice(&(d as u64).to_le_bytes());
+            }
+            b.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            for &v in data {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    /// Inverse of [`Aggregate::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Aggregate, AggregateError> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(AggregateError::Encoding("bad magic".into()));
+        }
+        let total_weight = f64::from_le_bytes(r.array()?);
+        let count = u32::from_le_bytes(r.array()?);
+        let n = u32::from_le_bytes(r.array()?) as usize;
+        let mut sum = BTreeMap::new();
+        for _ in 0..n {
+            let len = u32::from_le_bytes(r.array()?) as usize;
+            let name = String::from_utf8(r.take(len)?.to_vec())
+                .map_err(|_| AggregateError::Encoding("tensor name is not UTF-8".into()))?;
+            let ndim = u32::from_le_bytes(r.array()?) as usize;
+            if ndim > 16 {
+                return Err(AggregateError::Encoding("too many dimensions".into()));
+            }
+            let mut shape = Vec::with_capacity(ndim);
+            for _ in 0..ndim {
+                shape.push(u64::from_le_bytes(r.array()?) as usize);
+            }
+            let len = u64::from_le_bytes(r.array()?) as usize;
+            if len.checked_mul(8).is_none_or(|l| l > r.b.len() - r.pos) {
+                return Err(AggregateError::Encoding("truncated tensor".into()));
+            }
+            let data = r
+                .take(len * 8)?
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            sum.insert(name, (shape, data));
+        }
+        if r.pos != bytes.len() {
+            return Err(AggregateError::Encoding("trailing bytes".into()));
+        }
+        Ok(Aggregate {
+            total_weight,
+            count,
+            sum,
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], AggregateError> {
+        if n > self.b.len() - self.pos {
+            return Err(AggregateError::Encoding("truncated".into()));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], AggregateError> {
+        Ok(self.take(N)?.try_into().expect("exact length"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(a: &[f32], b: &[f32]) -> Weights {
+        let mut m = Weights::new();
+        m.insert("fc1.weight".into(), Tensor::new(vec![2, 2], a.to_vec()));
+        m.insert("fc1.bias".into(), Tensor::new(vec![2], b.to_vec()));
+        m
+    }
+
+    #[test]
+    fn weighted_mean_matches_hand_computation() {
+        let g = w(&[0.0; 4], &[0.0; 2]);
+        let mut agg = Aggregate::new(&g);
+        assert_eq!(agg.finish(), Err(AggregateError::Empty));
+        agg.fold(&w(&[1.0, 2.0, 3.0, 4.0], &[1.0, -1.0]), 1.0)
+            .unwrap();
+        agg.fold(&w(&[3.0, 2.0, 1.0, 0.0], &[-1.0, 1.0]), 3.0)
+            .unwrap();
+        let m = agg.finish().unwrap();
+        assert_eq!(m["fc1.weight"].data, vec![2.5, 2.0, 1.5, 1.0]);
+        assert_eq!(m["fc1.bias"].data, vec![-0.5, 0.5]);
+        assert_eq!(agg.count(), 2);
+        assert_eq!(agg.total_weight(), 4.0);
+        let back = Aggregate::from_bytes(&agg.to_bytes()).unwrap();
+        assert_eq!(back, agg);
+        let bytes = agg.to_bytes();
+        assert!(Aggregate::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Aggregate::from_bytes(b"nope").is_err());
+        assert!(agg.fold(&w(&[1.0; 4], &[1.0; 2]), 0.0).is_err());
+    }
+
+    #[test]
+    fn validation_refuses_bad_updates() {
+        let g = w(&[0.0; 4], &[0.0; 2]);
+        assert!(
+            (validate_update(&w(&[3.0, 0.0, 0.0, 0.0], &[4.0, 0.0]), &g, 5.0).unwrap() - 5.0).abs()
+                < 1e-9
+        );
+        assert!(matches!(
+            validate_update(&w(&[3.0, 0.0, 0.0, 0.0], &[4.0, 0.1]), &g, 5.0),
+            Err(AggregateError::Norm { .. })
+        ));
+        assert!(matches!(
+            validate_update(&w(&[f32::NAN, 0.0, 0.0, 0.0], &[0.0, 0.0]), &g, 5.0),
+            Err(AggregateError::NonFinite(_))
+        ));
+        let mut wrong = w(&[0.0; 4], &[0.0; 2]);
+        wrong.insert("fc1.bias".into(), Tensor::new(vec![3], vec![0.0; 3]));
+        assert!(matches!(
+            validate_update(&wrong, &g, 5.0),
+            Err(AggregateError::Shape { .. })
+        ));
+        let mut renamed = w(&[0.0; 4], &[0.0; 2]);
+        let t = renamed.remove("fc1.bias").unwrap();
+        renamed.insert("fc2.bias".into(), t);
+        assert!(matches!(
+            validate_update(&renamed, &g, 5.0),
+            Err(AggregateError::Names(_))
+        ));
+    }
+}

@@ -1,0 +1,48 @@
+//! Hearth coordinator: the gRPC service that enrolls clients, runs federated rounds, folds
+//! quantized updates into a running FedAvg sum, and publishes new model versions.
+//!
+//! - [`config`]: TOML configuration with defaults and validation.
+//! - [`store`]: all durable state behind one interface (sled).
+//! - [`aggregate`]: O(model) running weighted sum and update validation.
+//! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
+//! - [`service`]: tonic services; the only place with wire types.
+//! - [`server`]: [`run`] and [`start`].
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+pub mod config;
+pub mod rounds;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+
+pub use config::{Config, ConfigError, ModelConfig, RoundDefaults};
+pub use server::{run, start, CoordinatorHandle};
+pub use state::Coordinator;
+
+/// Coordinator errors.
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Storage failure.
+    #[error("storage: {0}")]
+    Store(#[from] store::StoreError),
+    /// Model (ONNX, codec, evaluation) failure.
+    #[error("model: {0}")]
+    Model(#[from] hearth_model::ModelError),
+    /// I/O failure.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// gRPC transport failure.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Start-up failure (models, data sets).
+    #[error("start-up: {0}")]
+    Init(String),
+    /// Anything else that should not happen.
+    #[error("internal: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,173 @@
+//! `hearth-coordinator`: loads and validates the config (exit 64 on a bad one), binds the
+//! listener (exit 69 if that fails), then serves until SIGINT/SIGTERM and drains within
+//! `shutdown_grace_secs`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use hearth_coordinator::Config;
+use tracing_subscriber::EnvFilter;
+
+/// Hearth coordinator: runs federated learning rounds over gRPC.
+///
+/// Agents enroll with a one-time token, subscribe to round tasks, fetch the global model in
+/// resumable chunks and upload quantized updates; the coordinator folds them into a running
+/// FedAvg sum, publishes each new version (evaluated on the held-out set) and keeps all state in
+/// a sled database so a restart resumes open rounds.
+///
+/// The config file is TOML; every key has a default (see --print-default-config). The admin
+/// token may come from HEARTH_ADMIN_TOKEN instead of the file. Log level: RUST_LOG (default info).
+#[derive(Parser, Debug)]
+#[command(name = "hearth-coordinator", version, about, long_about)]
+struct Cli {
+    /// TOML config file (defaults are used for missing keys, or for everything if omitted).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding `listen` from the config (e.g. 0.0.0.0:7443).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Admin bearer token, overriding `admin_token` from the config.
+    #[arg(
+        long,
+        env = "HEARTH_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    admin_token: Option<String>,
+    /// Print the built-in default configuration as TOML and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+/// Exit code for a bad command line or config (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when the listener cannot be bound (sysexits EX_UNAVAILABLE).
+const EXIT_BIND: u8 = 69;
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(l) = &cli.listen {
+        config.listen = l.clone();
+    }
+    if let Some(t) = &cli.admin_token {
+        config.admin_token = t.clone();
+    }
+    config.validate()?;
+    config
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .with_context(|| format!("invalid listen address {:?}", config.listen))?;
+    Ok(config)
+}
+
+/// Registers SIGINT and SIGTERM handlers now (so a signal during start-up is not lost) and
+/// returns a future that resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async move {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", Config::default().to_toml());
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    // Phase 1: configuration.
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hearth-coordinator: bad configuration: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hearth-coordinator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        let signal = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("hearth-coordinator: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // Phase 2: bind.
+        let listener = match tokio::net::TcpListener::bind(&config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "hearth-coordinator: cannot listen on {}: {e}",
+                    config.listen
+                );
+                return ExitCode::from(EXIT_BIND);
+            }
+        };
+        // Phase 3: serve until a signal, then drain within the grace period.
+        let grace = Duration::from_secs(config.shutdown_grace_secs);
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            signal.await;
+            let _ = signalled_tx.send(());
+        };
+        let server = hearth_coordinator::run(config, listener, shutdown);
+        tokio::pin!(server);
+        let drain_limit = async move {
+            if signalled_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = &mut server => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "coordinator failed");
+                    eprintln!("hearth-coordinator: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            _ = drain_limit => {
+                tracing::warn!(secs = grace.as_secs(), "drain time limit reached; exiting");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    // Do not wait for CPU work (evaluation) left on the blocking pool.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}

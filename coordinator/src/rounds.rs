@@ -1,0 +1,469 @@
+//! Round lifecycle: open (one per model at a time), accept updates (validated, folded into the
+//! running sum and persisted together with the client's marker in one store transaction),
+//! complete at `max_clients` or at the deadline with at least `min_clients` (else FAILED), and
+//! resume open rounds after a restart with their sum and deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_model::{OnnxModel, Weights};
+
+use crate::aggregate::{validate_update, Aggregate};
+use crate::state::{blocking_task, evaluate, sha256_hex, stopped, Coordinator, Event};
+use crate::store::{
+    now_unix_ms, AcceptOutcome, RoundRecord, RoundState, StoreError, TaskParams, UpdateMarker,
+    VersionMeta,
+};
+use crate::Error;
+
+/// Parameters of `StartRound` (0 = configured default).
+#[derive(Clone, Debug, Default)]
+pub struct StartRound {
+    /// Model name.
+    pub model: String,
+    /// Fewest updates to complete at the deadline.
+    pub min_clients: u32,
+    /// Updates that complete the round at once.
+    pub max_clients: u32,
+    /// Seconds to the deadline.
+    pub deadline_secs: u32,
+    /// Why ("cli", "mqtt", "schedule", "drift").
+    pub reason: String,
+}
+
+/// Why a round operation was refused.
+#[derive(thiserror::Error, Debug)]
+pub enum RoundError {
+    /// The model is not served.
+    #[error("unknown model {0:?}")]
+    UnknownModel(String),
+    /// The round does not exist.
+    #[error("round {0} not found")]
+    UnknownRound(u64),
+    /// Bad parameters.
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else.
+    #[error(transparent)]
+    Internal(#[from] Error),
+}
+
+impl From<StoreError> for RoundError {
+    fn from(e: StoreError) -> Self {
+        RoundError::Internal(Error::Store(e))
+    }
+}
+
+/// An update as received (already authenticated, read in full, size and checksum verified).
+#[derive(Clone, Debug)]
+pub struct Upload {
+    /// Uploading client.
+    pub client_id: String,
+    /// Model named in the header.
+    pub model: String,
+    /// Round named in the header.
+    pub round_id: u64,
+    /// Version the delta was taken against.
+    pub base_version: u64,
+    /// FedAvg weight.
+    pub num_samples: u64,
+    /// Client-reported loss.
+    pub train_loss: f32,
+    /// Encoded delta (`hearth_model::encode_update`).
+    pub payload: Vec<u8>,
+}
+
+/// Outcome of [`Coordinator::accept_upload`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum UploadOutcome {
+    /// Folded into the round.
+    Accepted {
+        /// Updates now in the round.
+        updates: u32,
+    },
+    /// Already counted earlier.
+    Duplicate {
+        /// Updates in the round.
+        updates: u32,
+    },
+    /// Not counted.
+    Refused {
+        /// Why.
+        reason: String,
+        /// Updates in the round.
+        updates: u32,
+    },
+}
+
+fn refused(reason: impl Into<String>, rec: &RoundRecord) -> UploadOutcome {
+    UploadOutcome::Refused {
+        reason: reason.into(),
+        updates: rec.updates,
+    }
+}
+
+impl Coordinator {
+    fn round_lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
+        self.round_locks
+            .lock()
+            .expect("round lock map")
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    fn drop_round_lock(&self, id: u64) {
+        self.round_locks.lock().expect("round lock map").remove(&id);
+    }
+
+    /// Opens a round, or returns the round already open for the model.
+    pub async fn start_round(self: &Arc<Self>, req: StartRound) -> Result<RoundRecord, RoundError> {
+        if !self.has_model(&req.model) {
+            return Err(RoundError::UnknownModel(req.model));
+        }
+        if let Some(open) = self
+            .store
+            .open_rounds()?
+            .into_iter()
+            .find(|r| r.model == req.model)
+        {
+            return Ok(open);
+        }
+        let d = &self.config.round;
+        let min = if req.min_clients == 0 {
+            d.min_clients
+        } else {
+            req.min_clients
+        };
+        let max = if req.max_clients == 0 {
+            d.max_clients.max(min)
+        } else {
+            req.max_clients
+        };
+        if max < min {
+            return Err(RoundError::Invalid(format!(
+                "max_clients ({max}) must be >= min_clients ({min})"
+            )));
+        }
+        if max > 100_000 {
+            return Err(RoundError::Invalid("max_clients must be <= 100000".into()));
+        }
+        let deadline_secs = if req.deadline_secs == 0 {
+            d.deadline_secs
+        } else {
+            req.deadline_secs
+        };
+        if deadline_secs > 7 * 24 * 3600 {
+            return Err(RoundError::Invalid(
+                "deadline_secs must be <= one week".into(),
+            ));
+        }
+        let reason = if req.reason.is_empty() {
+            "admin".to_string()
+        } else {
+            req.reason.clone()
+        };
+        if reason.len() > 64 {
+            return Err(RoundError::Invalid("reason must be <= 64 bytes".into()));
+        }
+        let base = self
+            .store
+            .latest_version(&req.model)?
+            .ok_or_else(|| Error::Internal(format!("model {} has no version", req.model)))?;
+        let global = self.global_weights(&req.model, base.version).await?;
+        let now = now_unix_ms();
+        let proto = RoundRecord {
+            id: 0,
+            model: req.model.clone(),
+            state: RoundState::Open,
+            base_version: base.version,
+            new_version: 0,
+            min_clients: min,
+            max_clients: max,
+            opened_unix_ms: now,
+            deadline_unix_ms: now + u64::from(deadline_secs) * 1000,
+            task: TaskParams {
+                local_epochs: d.local_epochs,
+                learning_rate: d.learning_rate,
+                batch_size: d.batch_size,
+                clip_norm: d.clip_norm,
+                quant_bits: d.quant_bits,
+                topk_fraction: d.topk_fraction,
+            },
+            reason,
+            updates: 0,
+            total_samples: 0,
+            uplink_bytes: 0,
+            model_fp32_bytes: 4 * hearth_model::num_params(&global) as u64,
+            eval_accuracy: None,
+            detail: String::new(),
+        };
+        let (rec, created) = self.store.open_round(&proto)?;
+        if created {
+            self.store.flush().await?;
+            tracing::info!(
+                model = %rec.model, round = rec.id, base = rec.base_version,
+                min = rec.min_clients, max = rec.max_clients, reason = %rec.reason,
+                "round opened"
+            );
+            self.spawn_deadline(rec.id, rec.deadline_unix_ms);
+            self.publish(Event::RoundOpened(rec.clone()));
+        }
+        Ok(rec)
+    }
+
+    /// Status of round `id` of `model`, or of the model's latest round when `id` is 0.
+    pub fn round_status(&self, model: &str, id: u64) -> Result<RoundRecord, RoundError> {
+        let rec = if id == 0 {
+            if !self.has_model(model) {
+                return Err(RoundError::UnknownModel(model.to_string()));
+            }
+            self.store.latest_round(model)?
+        } else {
+            self.store.round(id)?
+        };
+        match rec {
+            Some(r) if model.is_empty() || r.model == model => Ok(r),
+            _ => Err(RoundError::UnknownRound(id)),
+        }
+    }
+
+    /// Resumes every round left open by a previous run: its deadline timer is re-armed (a
+    /// deadline that passed while down is handled at once) and a full round is completed.
+    pub async fn resume_rounds(self: &Arc<Self>) -> Result<usize, Error> {
+        let open = self.store.open_rounds()?;
+        for r in &open {
+            tracing::info!(
+                model = %r.model, round = r.id, updates = r.updates,
+                "resuming open round"
+            );
+            if r.updates >= r.max_clients {
+                let me = self.clone();
+                let id = r.id;
+                self.spawn_task(async move { me.close_round(id, false).await });
+            } else {
+                self.spawn_deadline(r.id, r.deadline_unix_ms);
+            }
+        }
+        Ok(open.len())
+    }
+
+    fn spawn_deadline(self: &Arc<Self>, id: u64, deadline_unix_ms: u64) {
+        let me = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        self.spawn_task(async move {
+            let wait = Duration::from_millis(deadline_unix_ms.saturating_sub(now_unix_ms()));
+            let due = tokio::select! {
+                _ = tokio::time::sleep(wait) => true,
+                _ = stopped(&mut shutdown) => false,
+            };
+            if due {
+                me.close_round(id, true).await;
+            }
+        });
+    }
+
+    /// Validates and folds an upload.
+    pub async fn accept_upload(self: &Arc<Self>, up: Upload) -> Result<UploadOutcome, RoundError> {
+        let rec = self
+            .store
+            .round(up.round_id)?
+            .ok_or(RoundError::UnknownRound(up.round_id))?;
+        if rec.model != up.model {
+            return Ok(refused(
+                format!(
+                    "round {} is for model {:?}, not {:?}",
+                    rec.id, rec.model, up.model
+                ),
+                &rec,
+            ));
+        }
+        if self.store.marker(rec.id, &up.client_id)?.is_some() {
+            return Ok(UploadOutcome::Duplicate {
+                updates: rec.updates,
+            });
+        }
+        if rec.state != RoundState::Open {
+            return Ok(refused(format!("round {} is not open", rec.id), &rec));
+        }
+        if up.base_version != rec.base_version {
+            return Ok(refused(
+                format!(
+                    "update is against version {}, the round's base is {}",
+                    up.base_version, rec.base_version
+                ),
+                &rec,
+            ));
+        }
+        if up.num_samples == 0 {
+            return Ok(refused("num_samples must be > 0", &rec));
+        }
+        let global = self.global_weights(&rec.model, rec.base_version).await?;
+        let max_norm = self.config.max_update_norm;
+        let payload = Arc::new(up.payload);
+        let decoded = {
+            let (payload, global) = (payload.clone(), global.clone());
+            blocking_task(move || {
+                let update = hearth_model::decode_update(&payload)
+                    .map_err(|e| format!("undecodable update: {e}"))?;
+                validate_update(&update, &global, max_norm)
+                    .map_err(|e| format!("invalid update: {e}"))?;
+                Ok::<Weights, String>(update)
+            })
+            .await?
+        };
+        let update = match decoded {
+            Ok(u) => Arc::new(u),
+            Err(reason) => {
+                tracing::warn!(client = %up.client_id, round = rec.id, %reason, "update refused");
+                return Ok(refused(reason, &rec));
+            }
+        };
+        let marker = UpdateMarker {
+            client_id: up.client_id.clone(),
+            num_samples: up.num_samples,
+            payload_sha256: sha256_hex(&payload),
+            payload_bytes: payload.len() as u64,
+            train_loss: up.train_loss,
+            accepted_unix_ms: now_unix_ms(),
+        };
+        let lock = self.round_lock(rec.id);
+        let _guard = lock.lock().await;
+        let store = self.store.clone();
+        let weight = up.num_samples as f64;
+        let outcome = blocking_task(move || {
+            store.accept_update(rec.id, &marker, |prev| {
+                let mut agg = match prev {
+                    Some(b) => Aggregate::from_bytes(b).map_err(|e| e.to_string())?,
+                    None => Aggregate::new(&global),
+                };
+                agg.fold(&update, weight).map_err(|e| e.to_string())?;
+                Ok(agg.to_bytes())
+            })
+        })
+        .await??;
+        match outcome {
+            AcceptOutcome::Accepted(now) => {
+                self.store.flush().await?;
+                tracing::info!(
+                    client = %up.client_id, round = now.id, updates = now.updates,
+                    bytes = payload.len(), "update accepted"
+                );
+                if now.updates >= now.max_clients {
+                    let me = self.clone();
+                    let id = now.id;
+                    self.spawn_task(async move { me.close_round(id, false).await });
+                }
+                Ok(UploadOutcome::Accepted {
+                    updates: now.updates,
+                })
+            }
+            AcceptOutcome::Duplicate(r) => Ok(UploadOutcome::Duplicate { updates: r.updates }),
+            AcceptOutcome::NotOpen(r) => Ok(refused(format!("round {} is not open", r.id), &r)),
+            AcceptOutcome::Full(r) => Ok(refused(
+                format!("round {} already has {} updates", r.id, r.updates),
+                &r,
+            )),
+            AcceptOutcome::NotFound => Err(RoundError::UnknownRound(up.round_id)),
+        }
+    }
+
+    /// Closes round `id` if it is still open: completes it when full, or at the deadline with at
+    /// least `min_clients` updates; fails it at the deadline otherwise. Errors are logged.
+    pub(crate) async fn close_round(self: Arc<Self>, id: u64, at_deadline: bool) {
+        if let Err(e) = self.try_close_round(id, at_deadline).await {
+            tracing::error!(round = id, error = %e, "closing the round failed");
+        }
+    }
+
+    async fn try_close_round(self: &Arc<Self>, id: u64, at_deadline: bool) -> Result<(), Error> {
+        let lock = self.round_lock(id);
+        let _guard = lock.lock().await;
+        let Some(rec) = self.store.round(id)? else {
+            return Ok(());
+        };
+        if rec.state != RoundState::Open {
+            return Ok(());
+        }
+        let full = rec.updates >= rec.max_clients;
+        if !full && !at_deadline {
+            return Ok(());
+        }
+        if !full && rec.updates < rec.min_clients {
+            let detail = format!(
+                "deadline passed with {} of at least {} updates",
+                rec.updates, rec.min_clients
+            );
+            self.store.fail_round(id, &detail)?;
+            self.store.flush().await?;
+            tracing::warn!(model = %rec.model, round = id, %detail, "round failed");
+        } else {
+            match self.complete(&rec).await {
+                Ok(meta) => {
+                    tracing::info!(
+                        model = %meta.model, round = id, version = meta.version,
+                        accuracy = ?meta.eval_accuracy, updates = rec.updates,
+                        "round completed, version published"
+                    );
+                    self.publish(Event::Published(meta));
+                }
+                Err(e) => {
+                    let detail = format!("aggregation failed: {e}");
+                    self.store.fail_round(id, &detail)?;
+                    self.store.flush().await?;
+                    tracing::error!(model = %rec.model, round = id, %detail, "round failed");
+                }
+            }
+        }
+        drop(_guard);
+        self.drop_round_lock(id);
+        Ok(())
+    }
+
+    /// FedAvg server step: new = global + lr · Σnᵢ·Δᵢ/Σnᵢ, written into the base ONNX file,
+    /// evaluated, stored as the next version together with the round's completion.
+    async fn complete(self: &Arc<Self>, rec: &RoundRecord) -> Result<VersionMeta, Error> {
+        let sum = self
+            .store
+            .round_sum(rec.id)?
+            .ok_or_else(|| Error::Internal(format!("round {} has no running sum", rec.id)))?;
+        let base = self
+            .store
+            .model_bytes(&rec.model, rec.base_version)?
+            .ok_or_else(|| Error::Internal(format!("base version {} missing", rec.base_version)))?;
+        let lr = self.config.server_learning_rate;
+        let eval = self.eval_sets.get(&rec.model).cloned();
+        let name = rec.model.clone();
+        let (bytes, acc) = blocking_task(move || {
+            let mut model = OnnxModel::from_bytes(&base)?;
+            let mut w = model.weights();
+            let agg = Aggregate::from_bytes(&sum).map_err(|e| Error::Internal(e.to_string()))?;
+            let mean = agg.finish().map_err(|e| Error::Internal(e.to_string()))?;
+            hearth_model::axpy(&mut w, lr, &mean)?;
+            model.set_weights(&w)?;
+            let acc = eval.and_then(|ds| evaluate(&name, &model, &ds));
+            Ok::<_, Error>((model.to_bytes(), acc))
+        })
+        .await??;
+        let version = self
+            .store
+            .latest_version(&rec.model)?
+            .map_or(1, |v| v.version + 1);
+        let meta = VersionMeta {
+            model: rec.model.clone(),
+            version,
+            sha256: sha256_hex(&bytes),
+            size_bytes: bytes.len() as u64,
+            eval_accuracy: acc,
+            created_unix_ms: now_unix_ms(),
+            from_round: rec.id,
+        };
+        let detail = format!(
+            "FedAvg of {} updates ({} samples)",
+            rec.updates, rec.total_samples
+        );
+        self.store.complete_round(rec.id, &meta, &bytes, &detail)?;
+        self.store.flush().await?;
+        Ok(meta)
+    }
+}

@@ -1,0 +1,143 @@
+//! Serving: validates the config, builds the [`Coordinator`] (store, models, resumed rounds) and
+//! runs the tonic server on a bound listener until the shutdown future resolves, then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_proto::v1::{
+    admin_server::AdminServer, enrollment_server::EnrollmentServer,
+    federation_server::FederationServer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::service::Services;
+use crate::{Config, Coordinator, Error};
+
+/// Largest gRPC message the services decode (upload chunks are `CHUNK_SIZE`, 64 KiB).
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+struct Prepared {
+    coord: Arc<Coordinator>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+async fn prepare(config: Config) -> Result<Prepared, Error> {
+    config.validate()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let coord = Coordinator::new(config, stop_rx).await?;
+    let resumed = coord.resume_rounds().await?;
+    if resumed > 0 {
+        tracing::info!(rounds = resumed, "resumed open rounds");
+    }
+    Ok(Prepared {
+        coord,
+        stop: Arc::new(stop),
+    })
+}
+
+async fn serve(
+    p: Prepared,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let Prepared { coord, stop } = p;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "coordinator listening");
+    let svc = Services::new(coord.clone());
+    let stop_on_signal = stop.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining calls");
+        // Ends subscriptions and timers so connections can close.
+        stop_on_signal.send_replace(true);
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(
+            EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            FederationServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(AdminServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await;
+    stop.send_replace(true);
+    let grace = Duration::from_secs(coord.config().shutdown_grace_secs.max(1));
+    coord.join_tasks(grace).await;
+    let flushed = coord.store().flush().await;
+    drop(coord);
+    served?;
+    flushed?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Runs the coordinator on `listener` until `shutdown` resolves, then drains and returns.
+/// Fails early (before serving) on an invalid config or a start-up error.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let p = prepare(config).await?;
+    serve(p, listener, shutdown).await
+}
+
+/// A coordinator running on a background task (see [`start`]).
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    addr: SocketAddr,
+    coord: Arc<Coordinator>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl CoordinatorHandle {
+    /// Address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`, for tonic clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The running coordinator (for in-process inspection).
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coord
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        drop(self.coord);
+        self.task
+            .await
+            .map_err(|e| Error::Internal(format!("server task failed: {e}")))?
+    }
+}
+
+/// Prepares the coordinator (errors are returned here) and serves it on a background task.
+/// Dropping the handle also stops the server.
+pub async fn start(config: Config, listener: TcpListener) -> Result<CoordinatorHandle, Error> {
+    let addr = listener.local_addr()?;
+    let p = prepare(config).await?;
+    let coord = p.coord.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(p, listener, async move {
+        let _ = rx.await;
+    }));
+    Ok(CoordinatorHandle {
+        addr,
+        coord,
+        stop: Some(tx),
+        task,
+    })
+}

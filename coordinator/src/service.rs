@@ -1,0 +1,563 @@
+//! tonic implementations of `hearth.v1` Enrollment, Federation and Admin. This is the only place
+//! that sees wire types and `tonic::Status`: requests are authenticated and converted to domain
+//! calls on [`Coordinator`], results converted back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_proto::v1::{
+    self, admin_server::Admin, enrollment_server::Enrollment, federation_event,
+    federation_server::Federation, update_chunk, FederationEvent,
+};
+use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::rounds::{RoundError, StartRound, Upload, UploadOutcome};
+use crate::state::{sha256_hex, stopped, AuthError, Coordinator, EnrollError, Event};
+use crate::store::{RoundRecord, RoundState, VersionMeta};
+
+/// The gRPC services over one [`Coordinator`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Services {
+    coord: Arc<Coordinator>,
+}
+
+impl Services {
+    /// Services over `coord`.
+    pub fn new(coord: Arc<Coordinator>) -> Self {
+        Services { coord }
+    }
+
+    fn client<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let md = req.metadata();
+        let id = md.get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok());
+        let key = md.get(CLIENT_KEY_HEADER).and_then(|v| v.to_str().ok());
+        self.coord
+            .authenticate_client(id, key)
+            .map(|c| c.client_id)
+            .map_err(auth_status)
+    }
+
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let v = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.coord.authenticate_admin(v).map_err(auth_status)
+    }
+}
+
+fn auth_status(e: AuthError) -> Status {
+    Status::unauthenticated(e.to_string())
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error");
+    Status::internal(e.to_string())
+}
+
+fn round_status(e: RoundError) -> Status {
+    match e {
+        RoundError::UnknownModel(_) | RoundError::UnknownRound(_) => {
+            Status::not_found(e.to_string())
+        }
+        RoundError::Invalid(m) => Status::invalid_argument(m),
+        RoundError::Internal(e) => internal(e),
+    }
+}
+
+// ---------------------------------------------------------------- wire conversions
+
+fn wire_state(s: RoundState) -> v1::RoundState {
+    match s {
+        RoundState::Open => v1::RoundState::Open,
+        RoundState::Completed => v1::RoundState::Completed,
+        RoundState::Failed => v1::RoundState::Failed,
+    }
+}
+
+fn wire_status(r: &RoundRecord) -> v1::RoundStatus {
+    v1::RoundStatus {
+        model: r.model.clone(),
+        round_id: r.id,
+        state: wire_state(r.state) as i32,
+        base_version: r.base_version,
+        new_version: r.new_version,
+        updates: r.updates,
+        min_clients: r.min_clients,
+        max_clients: r.max_clients,
+        uplink_bytes: r.uplink_bytes,
+        model_fp32_bytes: r.model_fp32_bytes,
+        eval_accuracy: r.eval_accuracy.unwrap_or(-1.0),
+        detail: r.detail.clone(),
+    }
+}
+
+fn wire_task(r: &RoundRecord) -> v1::RoundTask {
+    v1::RoundTask {
+        model: r.model.clone(),
+        round_id: r.id,
+        base_version: r.base_version,
+        local_epochs: r.task.local_epochs,
+        learning_rate: r.task.learning_rate,
+        batch_size: r.task.batch_size,
+        deadline_unix_ms: r.deadline_unix_ms,
+        clip_norm: r.task.clip_norm,
+        quant_bits: r.task.quant_bits,
+        topk_fraction: r.task.topk_fraction,
+    }
+}
+
+fn wire_published(v: &VersionMeta) -> v1::ModelPublished {
+    v1::ModelPublished {
+        model: v.model.clone(),
+        version: v.version,
+        sha256: v.sha256.clone(),
+        size_bytes: v.size_bytes,
+    }
+}
+
+fn wire_version(v: &VersionMeta) -> v1::ModelVersion {
+    v1::ModelVersion {
+        version: v.version,
+        sha256: v.sha256.clone(),
+        size_bytes: v.size_bytes,
+        eval_accuracy: v.eval_accuracy.unwrap_or(-1.0),
+        created_unix_ms: v.created_unix_ms,
+        from_round: v.from_round,
+    }
+}
+
+// ---------------------------------------------------------------- enrollment
+
+#[tonic::async_trait]
+impl Enrollment for Services {
+    async fn enroll(
+        &self,
+        req: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        let r = req.into_inner();
+        match self.coord.enroll(&r.token, &r.device_name) {
+            Ok((client_id, client_key)) => Ok(Response::new(v1::EnrollResponse {
+                client_id,
+                client_key,
+            })),
+            Err(EnrollError::Token) => {
+                Err(Status::permission_denied(EnrollError::Token.to_string()))
+            }
+            Err(e @ EnrollError::DeviceName) => Err(Status::invalid_argument(e.to_string())),
+            Err(EnrollError::Store(e)) => Err(internal(e)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- federation
+
+/// Sends `item` unless the client went away or the server is shutting down.
+async fn send<T>(
+    tx: &mpsc::Sender<Result<T, Status>>,
+    item: T,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        r = tx.send(Ok(item)) => r.is_ok(),
+        _ = stopped(stop) => false,
+    }
+}
+
+/// Per-subscription filter that also drops events the client has already been sent.
+struct Subscription {
+    models: BTreeSet<String>,
+    versions: HashMap<String, u64>,
+    rounds: HashMap<String, u64>,
+}
+
+impl Subscription {
+    fn wire(&mut self, e: &Event) -> Option<FederationEvent> {
+        let ev = match e {
+            Event::Published(v) => {
+                let last = self.versions.get(&v.model).copied().unwrap_or(0);
+                if !self.models.contains(&v.model) || v.version <= last {
+                    return None;
+                }
+                self.versions.insert(v.model.clone(), v.version);
+                federation_event::Event::Published(wire_published(v))
+            }
+            Event::RoundOpened(r) => {
+                let last = self.rounds.get(&r.model).copied().unwrap_or(0);
+                if !self.models.contains(&r.model) || r.id <= last {
+                    return None;
+                }
+                self.rounds.insert(r.model.clone(), r.id);
+                federation_event::Event::Round(wire_task(r))
+            }
+        };
+        Some(FederationEvent { event: Some(ev) })
+    }
+
+    /// Current versions, then open rounds, from the store.
+    fn snapshot(&self, coord: &Coordinator) -> Result<Vec<Event>, Status> {
+        let mut out = Vec::new();
+        for m in &self.models {
+            if let Some(v) = coord.store().latest_version(m).map_err(internal)? {
+                out.push(Event::Published(v));
+            }
+        }
+        for r in coord.store().open_rounds().map_err(internal)? {
+            out.push(Event::RoundOpened(r));
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for Services {
+    type SubscribeStream = ReceiverStream<Result<FederationEvent, Status>>;
+    type FetchModelStream = ReceiverStream<Result<v1::ModelChunk, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        if self.client(&req).is_err() {
+            self.admin(&req)?;
+        }
+        let wanted = req.into_inner().models;
+        let models: BTreeSet<String> = if wanted.is_empty() {
+            self.coord.model_names().into_iter().collect()
+        } else {
+            if let Some(m) = wanted.iter().find(|m| !self.coord.has_model(m)) {
+                return Err(Status::not_found(format!("unknown model {m:?}")));
+            }
+            wanted.into_iter().collect()
+        };
+        let mut sub = Subscription {
+            models,
+            versions: HashMap::new(),
+            rounds: HashMap::new(),
+        };
+        // Subscribe to live events before reading the snapshot so nothing falls in between.
+        let mut live = self.coord.subscribe_events();
+        let first = sub.snapshot(&self.coord)?;
+        let (tx, rx) = mpsc::channel(64);
+        let coord = self.coord.clone();
+        let mut stop = coord.shutdown_signal();
+        self.coord.spawn_task(async move {
+            for e in &first {
+                if let Some(w) = sub.wire(e) {
+                    if !send(&tx, w, &mut stop).await {
+                        return;
+                    }
+                }
+            }
+            // Runs as long as the client listens; ends on disconnect or shutdown.
+            loop {
+                let e = tokio::select! {
+                    e = live.recv() => e,
+                    _ = tx.closed() => return,
+                    _ = stopped(&mut stop) => return,
+                };
+                let batch = match e {
+                    Ok(e) => vec![e],
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "subscriber lagged; resending current state");
+                        match sub.snapshot(&coord) {
+                            Ok(s) => s,
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                for e in &batch {
+                    if let Some(w) = sub.wire(e) {
+                        if !send(&tx, w, &mut stop).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_model(
+        &self,
+        req: Request<v1::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        self.client(&req)?;
+        let r = req.into_inner();
+        if !self.coord.has_model(&r.model) {
+            return Err(Status::not_found(format!("unknown model {:?}", r.model)));
+        }
+        let store = self.coord.store();
+        let meta = if r.version == 0 {
+            store.latest_version(&r.model).map_err(internal)?
+        } else {
+            store.version(&r.model, r.version).map_err(internal)?
+        }
+        .ok_or_else(|| {
+            Status::not_found(format!("model {} has no version {}", r.model, r.version))
+        })?;
+        let bytes = store
+            .model_bytes(&meta.model, meta.version)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                internal(format!("bytes of {} v{} missing", meta.model, meta.version))
+            })?;
+        let total = bytes.len() as u64;
+        if r.offset > total {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end ({total} bytes)",
+                r.offset
+            )));
+        }
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(self.coord.config().fetch_timeout_secs);
+        let (tx, rx) = mpsc::channel(4);
+        let mut stop = self.coord.shutdown_signal();
+        tokio::spawn(async move {
+            let mut offset = r.offset as usize;
+            // At least one chunk (empty when resuming at the very end) so the client learns
+            // the size and checksum.
+            loop {
+                let end = (offset + CHUNK_SIZE).min(bytes.len());
+                let chunk = v1::ModelChunk {
+                    model: meta.model.clone(),
+                    version: meta.version,
+                    total_size: total,
+                    sha256: meta.sha256.clone(),
+                    offset: offset as u64,
+                    data: bytes[offset..end].to_vec(),
+                };
+                let sent = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)).await;
+                match sent {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(_) => {
+                        let _ = tx.try_send(Err(Status::deadline_exceeded("fetch took too long")));
+                        return;
+                    }
+                }
+                offset = end;
+                if offset >= bytes.len() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn upload_update(
+        &self,
+        req: Request<Streaming<v1::UpdateChunk>>,
+    ) -> Result<Response<v1::UploadAck>, Status> {
+        let client_id = self.client(&req)?;
+        let cfg = self.coord.config();
+        let limit = Duration::from_secs(cfg.upload_timeout_secs);
+        let max = cfg.max_update_bytes;
+        let stream = req.into_inner();
+        let (header, payload) = tokio::time::timeout(limit, read_upload(stream, max))
+            .await
+            .map_err(|_| Status::deadline_exceeded("upload took too long"))??;
+        let up = Upload {
+            client_id,
+            model: header.model,
+            round_id: header.round_id,
+            base_version: header.base_version,
+            num_samples: header.num_samples,
+            train_loss: header.train_loss,
+            payload,
+        };
+        let outcome = self.coord.accept_upload(up).await.map_err(round_status)?;
+        let ack = match outcome {
+            UploadOutcome::Accepted { updates } => v1::UploadAck {
+                accepted: true,
+                duplicate: false,
+                reason: String::new(),
+                updates_in_round: updates,
+            },
+            UploadOutcome::Duplicate { updates } => v1::UploadAck {
+                accepted: true,
+                duplicate: true,
+                reason: "already received for this round".into(),
+                updates_in_round: updates,
+            },
+            UploadOutcome::Refused { reason, updates } => v1::UploadAck {
+                accepted: false,
+                duplicate: false,
+                reason,
+                updates_in_round: updates,
+            },
+        };
+        Ok(Response::new(ack))
+    }
+}
+
+/// Reads the header and the payload, enforcing the declared size, the size limit and the checksum.
+async fn read_upload(
+    mut stream: Streaming<v1::UpdateChunk>,
+    max_bytes: u64,
+) -> Result<(v1::UpdateHeader, Vec<u8>), Status> {
+    let header = match stream.message().await? {
+        Some(v1::UpdateChunk {
+            part: Some(update_chunk::Part::Header(h)),
+        }) => h,
+        Some(_) => {
+            return Err(Status::invalid_argument(
+                "the first message must be the header",
+            ))
+        }
+        None => return Err(Status::invalid_argument("empty upload")),
+    };
+    if header.payload_size == 0 {
+        return Err(Status::invalid_argument("payload_size must be > 0"));
+    }
+    if header.payload_size > max_bytes {
+        return Err(Status::resource_exhausted(format!(
+            "payload of {} bytes exceeds the limit of {max_bytes}",
+            header.payload_size
+        )));
+    }
+    let mut payload = Vec::with_capacity(header.payload_size as usize);
+    // Every useful message carries at least one byte; allow a few empty ones.
+    let max_messages = header.payload_size + 16;
+    for _ in 0..max_messages {
+        match stream.message().await? {
+            None => break,
+            Some(v1::UpdateChunk {
+                part: Some(update_chunk::Part::Data(d)),
+            }) => {
+                if payload.len() as u64 + d.len() as u64 > header.payload_size {
+                    return Err(Status::invalid_argument(format!(
+                        "payload is larger than the declared {} bytes",
+                        header.payload_size
+                    )));
+                }
+                payload.extend_from_slice(&d);
+            }
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "only data chunks may follow the header",
+                ))
+            }
+        }
+    }
+    if payload.len() as u64 != header.payload_size {
+        return Err(Status::invalid_argument(format!(
+            "received {} payload bytes, header declared {}",
+            payload.len(),
+            header.payload_size
+        )));
+    }
+    if !sha256_hex(&payload).eq_ignore_ascii_case(&header.payload_sha256) {
+        return Err(Status::invalid_argument(
+            "payload sha256 does not match the header",
+        ));
+    }
+    Ok((header, payload))
+}
+
+// ---------------------------------------------------------------- admin
+
+#[tonic::async_trait]
+impl Admin for Services {
+    async fn start_round(
+        &self,
+        req: Request<v1::StartRoundRequest>,
+    ) -> Result<Response<v1::RoundStatus>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let rec = self
+            .coord
+            .start_round(StartRound {
+                model: r.model,
+                min_clients: r.min_clients,
+                max_clients: r.max_clients,
+                deadline_secs: r.deadline_secs,
+                reason: r.reason,
+            })
+            .await
+            .map_err(round_status)?;
+        Ok(Response::new(wire_status(&rec)))
+    }
+
+    async fn get_round_status(
+        &self,
+        req: Request<v1::RoundStatusRequest>,
+    ) -> Result<Response<v1::RoundStatus>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let rec = self
+            .coord
+            .round_status(&r.model, r.round_id)
+            .map_err(round_status)?;
+        Ok(Response::new(wire_status(&rec)))
+    }
+
+    async fn list_versions(
+        &self,
+        req: Request<v1::ListVersionsRequest>,
+    ) -> Result<Response<v1::ListVersionsResponse>, Status> {
+        self.admin(&req)?;
+        let model = req.into_inner().model;
+        if !self.coord.has_model(&model) {
+            return Err(Status::not_found(format!("unknown model {model:?}")));
+        }
+        let versions = self.coord.store().versions(&model).map_err(internal)?;
+        Ok(Response::new(v1::ListVersionsResponse {
+            model,
+            versions: versions.iter().map(wire_version).collect(),
+        }))
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        req: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        self.admin(&req)?;
+        let uses = req.into_inner().uses;
+        let token = self.coord.create_token(uses).map_err(internal)?;
+        Ok(Response::new(v1::CreateTokenResponse { token }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(model: &str, v: u64) -> Event {
+        Event::Published(VersionMeta {
+            model: model.into(),
+            version: v,
+            sha256: "h".into(),
+            size_bytes: 1,
+            eval_accuracy: None,
+            created_unix_ms: 0,
+            from_round: 0,
+        })
+    }
+
+    #[test]
+    fn subscription_filters_models_and_drops_what_was_sent() {
+        let mut sub = Subscription {
+            models: ["a".to_string()].into_iter().collect(),
+            versions: HashMap::new(),
+            rounds: HashMap::new(),
+        };
+        assert!(sub.wire(&version("a", 1)).is_some());
+        // A resync after Lagged resends the snapshot: nothing old goes out twice.
+        assert!(sub.wire(&version("a", 1)).is_none());
+        assert!(sub.wire(&version("b", 1)).is_none());
+        match sub.wire(&version("a", 2)).and_then(|e| e.event) {
+            Some(federation_event::Event::Published(p)) => assert_eq!(p.version, 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(sub.wire(&version("a", 1)).is_none());
+    }
+}

@@ -1,0 +1,735 @@
+//! The coordinator's one storage interface: every piece of durable state (clients, enrollment
+//! tokens, model versions and their ONNX bytes, rounds, accepted-update markers and each open
+//! round's running weighted sum) goes through [`Store`]. It is backed by sled on one machine;
+//! the methods are whole operations (each one sled transaction), so a deployment that outgrows
+//! one machine can re-implement them over a distributed transactional store.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::transaction::{abort, ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::{IVec, Transactional, Tree};
+
+/// Storage failures.
+#[derive(thiserror::Error, Debug)]
+pub enum StoreError {
+    /// The database itself failed.
+    #[error("database error: {0}")]
+    Db(#[from] sled::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The enrollment token is unknown or used up.
+    #[error("enrollment token unknown or already used")]
+    TokenRejected,
+    /// The operation does not apply to the current state (e.g. completing a closed round).
+    #[error("{0}")]
+    Conflict(String),
+    /// Folding an update into the round sum failed.
+    #[error("aggregation failed: {0}")]
+    Fold(String),
+}
+
+/// An enrolled client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClientRecord {
+    /// Random public id.
+    pub client_id: String,
+    /// Human name given at enrollment.
+    pub device_name: String,
+    /// Hex sha256 of the client key (the key itself is never stored).
+    pub key_sha256: String,
+    /// Enrollment time.
+    pub enrolled_unix_ms: u64,
+}
+
+/// Metadata of one stored model version.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VersionMeta {
+    /// Model name.
+    pub model: String,
+    /// Version number (1 = initial).
+    pub version: u64,
+    /// Hex sha256 of the ONNX bytes.
+    pub sha256: String,
+    /// Size of the ONNX bytes.
+    pub size_bytes: u64,
+    /// Held-out accuracy, when evaluated.
+    pub eval_accuracy: Option<f32>,
+    /// Creation time.
+    pub created_unix_ms: u64,
+    /// Round that produced it (0 for the initial model).
+    pub from_round: u64,
+}
+
+/// Round lifecycle state.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RoundState {
+    /// Accepting updates.
+    Open,
+    /// A new version was published.
+    Completed,
+    /// Closed without a new version.
+    Failed,
+}
+
+/// What clients are asked to do in a round.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskParams {
+    /// Local epochs.
+    pub local_epochs: u32,
+    /// Client learning rate.
+    pub learning_rate: f32,
+    /// Client batch size.
+    pub batch_size: u32,
+    /// Client-side L2 clip bound (0 = none).
+    pub clip_norm: f32,
+    /// Bits per uploaded value.
+    pub quant_bits: u32,
+    /// Fraction of entries kept.
+    pub topk_fraction: f32,
+}
+
+/// One federated round.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RoundRecord {
+    /// Globally unique round id (assigned by the store, starting at 1).
+    pub id: u64,
+    /// Model name.
+    pub model: String,
+    /// Lifecycle state.
+    pub state: RoundState,
+    /// Version the deltas are taken against.
+    pub base_version: u64,
+    /// Version published by the round (0 until completed).
+    pub new_version: u64,
+    /// Fewest updates to complete at the deadline.
+    pub min_clients: u32,
+    /// Updates that complete the round at once.
+    pub max_clients: u32,
+    /// Opening time.
+    pub opened_unix_ms: u64,
+    /// Deadline.
+    pub deadline_unix_ms: u64,
+    /// Client task.
+    pub task: TaskParams,
+    /// Why the round was started ("cli", "mqtt", ...).
+    pub reason: String,
+    /// Accepted updates.
+    pub updates: u32,
+    /// Σ num_samples of accepted updates.
+    pub total_samples: u64,
+    /// Payload bytes of accepted updates.
+    pub uplink_bytes: u64,
+    /// 4 × parameter count of the model.
+    pub model_fp32_bytes: u64,
+    /// Held-out accuracy of the new version.
+    pub eval_accuracy: Option<f32>,
+    /// Human-readable outcome.
+    pub detail: String,
+}
+
+/// The record kept per accepted (round, client) update, which makes uploads idempotent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UpdateMarker {
+    /// Uploading client.
+    pub client_id: String,
+    /// FedAvg weight.
+    pub num_samples: u64,
+    /// Hex sha256 of the payload.
+    pub payload_sha256: String,
+    /// Payload size.
+    pub payload_bytes: u64,
+    /// Client-reported training loss.
+    pub train_loss: f32,
+    /// Acceptance time.
+    pub accepted_unix_ms: u64,
+}
+
+/// Result of [`Store::accept_update`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum AcceptOutcome {
+    /// Folded and recorded; the round as it is now.
+    Accepted(RoundRecord),
+    /// This client's update for this round was already recorded; nothing changed.
+    Duplicate(RoundRecord),
+    /// The round is not open any more.
+    NotOpen(RoundRecord),
+    /// The round already holds `max_clients` updates.
+    Full(RoundRecord),
+    /// No such round.
+    NotFound,
+}
+
+/// The sled-backed store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    clients: Tree,
+    tokens: Tree,
+    versions: Tree,
+    blobs: Tree,
+    rounds: Tree,
+    model_rounds: Tree,
+    open_rounds: Tree,
+    markers: Tree,
+    sums: Tree,
+    meta: Tree,
+}
+
+const NEXT_ROUND_KEY: &[u8] = b"next_round_id";
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("store records serialise")
+}
+
+fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn tx_dec<T: DeserializeOwned>(b: &[u8]) -> TxResult<T> {
+    dec(b).map_err(ConflictableTransactionError::Abort)
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Db(e),
+    }
+}
+
+fn version_key(model: &str, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model.len() + 9);
+    k.extend_from_slice(model.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn model_prefix(model: &str) -> Vec<u8> {
+    let mut k = model.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn marker_key(round: u64, client: &str) -> Vec<u8> {
+    let mut k = round.to_be_bytes().to_vec();
+    k.extend_from_slice(client.as_bytes());
+    k
+}
+
+fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
+    let a: [u8; 8] = b
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("expected 8-byte integer".into()))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        Self::from_db(db)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Store, StoreError> {
+        Ok(Store {
+            clients: db.open_tree("clients")?,
+            tokens: db.open_tree("tokens")?,
+            versions: db.open_tree("versions")?,
+            blobs: db.open_tree("blobs")?,
+            rounds: db.open_tree("rounds")?,
+            model_rounds: db.open_tree("model_rounds")?,
+            open_rounds: db.open_tree("open_rounds")?,
+            markers: db.open_tree("markers")?,
+            sums: db.open_tree("sums")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ tokens and clients
+
+    /// Adds `token` with `uses` enrollments unless the token is already known (used or not),
+    /// so tokens from the config file are not revived after being used. Returns whether it was added.
+    pub fn seed_token(&self, token: &str, uses: u32) -> Result<bool, StoreError> {
+        let r =
+            self.tokens
+                .compare_and_swap(token, None::<&[u8]>, Some(&uses.to_be_bytes()[..]))?;
+        Ok(r.is_ok())
+    }
+
+    /// Consumes one use of `token` and records `client` atomically.
+    pub fn enroll(&self, token: &str, client: &ClientRecord) -> Result<(), StoreError> {
+        (&self.tokens, &self.clients)
+            .transaction(|(tokens, clients)| {
+                let uses = match tokens.get(token)? {
+                    Some(v) if v.len() == 4 => u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
+                    _ => return abort(StoreError::TokenRejected),
+                };
+                if uses == 0 {
+                    return abort(StoreError::TokenRejected);
+                }
+                tokens.insert(token, &(uses - 1).to_be_bytes()[..])?;
+                clients.insert(client.client_id.as_bytes(), enc(client))?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// The client with this id.
+    pub fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.clients.get(client_id)?.map(|v| dec(&v)).transpose()
+    }
+
+    // ------------------------------------------------------------ models
+
+    /// Stores a version that no round produced (the initial model). Fails if it exists.
+    pub fn put_version(&self, meta: &VersionMeta, onnx: &[u8]) -> Result<(), StoreError> {
+        let key = version_key(&meta.model, meta.version);
+        (&self.versions, &self.blobs)
+            .transaction(|(versions, blobs)| {
+                if versions.get(&key)?.is_some() {
+                    return abort(StoreError::Conflict(format!(
+                        "version {} of {} already exists",
+                        meta.version, meta.model
+                    )));
+                }
+                versions.insert(key.as_slice(), enc(meta))?;
+                blobs.insert(key.as_slice(), onnx)?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Newest version of `model`.
+    pub fn latest_version(&self, model: &str) -> Result<Option<VersionMeta>, StoreError> {
+        match self.versions.scan_prefix(model_prefix(model)).next_back() {
+            Some(kv) => Ok(Some(dec(&kv?.1)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// One version's metadata.
+    pub fn version(&self, model: &str, version: u64) -> Result<Option<VersionMeta>, StoreError> {
+        self.versions
+            .get(version_key(model, version))?
+            .map(|v| dec(&v))
+            .transpose()
+    }
+
+    /// All versions of `model`, oldest first.
+    pub fn versions(&self, model: &str) -> Result<Vec<VersionMeta>, StoreError> {
+        self.versions
+            .scan_prefix(model_prefix(model))
+            .map(|kv| dec(&kv?.1))
+            .collect()
+    }
+
+    /// ONNX bytes of one version.
+    pub fn model_bytes(&self, model: &str, version: u64) -> Result<Option<IVec>, StoreError> {
+        Ok(self.blobs.get(version_key(model, version))?)
+    }
+
+    // ------------------------------------------------------------ rounds
+
+    /// Opens a round for `proto.model` unless one is open already. `proto.id` is ignored (the
+    /// store assigns it). Returns the open round and whether it was created now.
+    pub fn open_round(&self, proto: &RoundRecord) -> Result<(RoundRecord, bool), StoreError> {
+        let model = proto.model.as_bytes();
+        (
+            &self.rounds,
+            &self.open_rounds,
+            &self.model_rounds,
+            &self.meta,
+        )
+            .transaction(|(rounds, open, model_rounds, meta)| {
+                if let Some(id) = open.get(model)? {
+                    let rec = rounds.get(&id)?.ok_or_else(|| {
+                        ConflictableTransactionError::Abort(StoreError::Corrupt(
+                            "open round index points at a missing round".into(),
+                        ))
+                    })?;
+                    return Ok((tx_dec(&rec)?, false));
+                }
+                let id = match meta.get(NEXT_ROUND_KEY)? {
+                    Some(v) => u64_from(&v).map_err(ConflictableTransactionError::Abort)?,
+                    None => 1,
+                };
+                meta.insert(NEXT_ROUND_KEY, &(id + 1).to_be_bytes()[..])?;
+                let mut rec = proto.clone();
+                rec.id = id;
+                rec.state = RoundState::Open;
+                rounds.insert(&id.to_be_bytes()[..], enc(&rec))?;
+                open.insert(model, &id.to_be_bytes()[..])?;
+                model_rounds.insert(version_key(&rec.model, id), &[][..])?;
+                Ok((rec, true))
+            })
+            .map_err(tx_err)
+    }
+
+    /// One round.
+    pub fn round(&self, id: u64) -> Result<Option<RoundRecord>, StoreError> {
+        self.rounds
+            .get(id.to_be_bytes())?
+            .map(|v| dec(&v))
+            .transpose()
+    }
+
+    /// The most recently opened round of `model`.
+    pub fn latest_round(&self, model: &str) -> Result<Option<RoundRecord>, StoreError> {
+        match self
+            .model_rounds
+            .scan_prefix(model_prefix(model))
+            .next_back()
+        {
+            Some(kv) => {
+                let (k, _) = kv?;
+                let id = u64_from(&k[k.len() - 8..])?;
+                self.round(id)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// All open rounds (one per model at most).
+    pub fn open_rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.open_rounds.iter() {
+            let (_, id) = kv?;
+            if let Some(r) = self.round(u64_from(&id)?)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The running aggregate of a round (opaque bytes written by the fold closure).
+    pub fn round_sum(&self, id: u64) -> Result<Option<IVec>, StoreError> {
+        Ok(self.sums.get(id.to_be_bytes())?)
+    }
+
+    /// Accepted-update markers of a round.
+    pub fn markers(&self, id: u64) -> Result<Vec<UpdateMarker>, StoreError> {
+        self.markers
+            .scan_prefix(id.to_be_bytes())
+            .map(|kv| dec(&kv?.1))
+            .collect()
+    }
+
+    /// The marker of `client`'s update in round `id`, if any.
+    pub fn marker(&self, id: u64, client: &str) -> Result<Option<UpdateMarker>, StoreError> {
+        self.markers
+            .get(marker_key(id, client))?
+            .map(|v| dec(&v))
+            .transpose()
+    }
+
+    /// Records an accepted update: in one transaction checks the round is open and not full and
+    /// the client has no update in it yet, replaces the round's running sum by
+    /// `fold(previous_sum)`, writes the client's marker and bumps the round's counters.
+    /// `fold` may run more than once if the transaction is retried, so it must be pure.
+    pub fn accept_update<F>(
+        &self,
+        round_id: u64,
+        marker: &UpdateMarker,
+        fold: F,
+    ) -> Result<AcceptOutcome, StoreError>
+    where
+        F: Fn(Option<&[u8]>) -> Result<Vec<u8>, String>,
+    {
+        let rkey = round_id.to_be_bytes();
+        let mkey = marker_key(round_id, &marker.client_id);
+        (&self.rounds, &self.markers, &self.sums)
+            .transaction(|(rounds, markers, sums)| {
+                let Some(rec) = rounds.get(rkey)? else {
+                    return Ok(AcceptOutcome::NotFound);
+                };
+                let mut rec: RoundRecord = tx_dec(&rec)?;
+                if markers.get(&mkey)?.is_some() {
+                    return Ok(AcceptOutcome::Duplicate(rec));
+                }
+                if rec.state != RoundState::Open {
+                    return Ok(AcceptOutcome::NotOpen(rec));
+                }
+                if rec.updates >= rec.max_clients {
+                    return Ok(AcceptOutcome::Full(rec));
+                }
+                let prev = sums.get(rkey)?;
+                let next = fold(prev.as_deref())
+                    .map_err(|e| ConflictableTransactionError::Abort(StoreError::Fold(e)))?;
+                sums.insert(&rkey[..], next)?;
+                markers.insert(mkey.as_slice(), enc(marker))?;
+                rec.updates += 1;
+                rec.total_samples += marker.num_samples;
+                rec.uplink_bytes += marker.payload_bytes;
+                rounds.insert(&rkey[..], enc(&rec))?;
+                Ok(AcceptOutcome::Accepted(rec))
+            })
+            .map_err(tx_err)
+    }
+
+    fn close_round_tx(
+        rounds: &TransactionalTree,
+        open: &TransactionalTree,
+        sums: &TransactionalTree,
+        round_id: u64,
+    ) -> TxResult<RoundRecord> {
+        let rkey = round_id.to_be_bytes();
+        let Some(rec) = rounds.get(rkey)? else {
+            return abort(StoreError::Conflict(format!(
+                "round {round_id} does not exist"
+            )));
+        };
+        let rec: RoundRecord = tx_dec(&rec)?;
+        if rec.state != RoundState::Open {
+            return abort(StoreError::Conflict(format!(
+                "round {round_id} is not open"
+            )));
+        }
+        open.remove(rec.model.as_bytes())?;
+        sums.remove(&rkey[..])?;
+        Ok(rec)
+    }
+
+    /// Closes an open round with a new version (stored in the same transaction).
+    pub fn complete_round(
+        &self,
+        round_id: u64,
+        meta: &VersionMeta,
+        onnx: &[u8],
+        detail: &str,
+    ) -> Result<RoundRecord, StoreError> {
+        let vkey = version_key(&meta.model, meta.version);
+        (
+            &self.rounds,
+            &self.open_rounds,
+            &self.sums,
+            &self.versions,
+            &self.blobs,
+        )
+            .transaction(|(rounds, open, sums, versions, blobs)| {
+                let mut rec = Self::close_round_tx(rounds, open, sums, round_id)?;
+                if versions.get(&vkey)?.is_some() {
+                    return abort(StoreError::Conflict(format!(
+                        "version {} of {} already exists",
+                        meta.version, meta.model
+                    )));
+                }
+                versions.insert(vkey.as_slice(), enc(meta))?;
+                blobs.insert(vkey.as_slice(), onnx)?;
+                rec.state = RoundState::Completed;
+                rec.new_version = meta.version;
+                rec.eval_accuracy = meta.eval_accuracy;
+                rec.detail = detail.to_string();
+                rounds.insert(&round_id.to_be_bytes()[..], enc(&rec))?;
+                Ok(rec)
+            })
+            .map_err(tx_err)
+    }
+
+    /// Closes an open round without a new version.
+    pub fn fail_round(&self, round_id: u64, detail: &str) -> Result<RoundRecord, StoreError> {
+        (&self.rounds, &self.open_rounds, &self.sums)
+            .transaction(|(rounds, open, sums)| {
+                let mut rec = Self::close_round_tx(rounds, open, sums, round_id)?;
+                rec.state = RoundState::Failed;
+                rec.detail = detail.to_string();
+                rounds.insert(&round_id.to_be_bytes()[..], enc(&rec))?;
+                Ok(rec)
+            })
+            .map_err(tx_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(model: &str) -> RoundRecord {
+        RoundRecord {
+            id: 0,
+            model: model.into(),
+            state: RoundState::Open,
+            base_version: 1,
+            new_version: 0,
+            min_clients: 1,
+            max_clients: 2,
+            opened_unix_ms: 0,
+            deadline_unix_ms: 0,
+            task: TaskParams {
+                local_epochs: 1,
+                learning_rate: 0.1,
+                batch_size: 8,
+                clip_norm: 1.0,
+                quant_bits: 8,
+                topk_fraction: 1.0,
+            },
+            reason: "test".into(),
+            updates: 0,
+            total_samples: 0,
+            uplink_bytes: 0,
+            model_fp32_bytes: 40,
+            eval_accuracy: None,
+            detail: String::new(),
+        }
+    }
+
+    fn marker(c: &str, n: u64) -> UpdateMarker {
+        UpdateMarker {
+            client_id: c.into(),
+            num_samples: n,
+            payload_sha256: "x".into(),
+            payload_bytes: 10,
+            train_loss: 0.5,
+            accepted_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn tokens_are_one_time_and_not_reseeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.seed_token("tok-123456", 1).unwrap());
+        let c = ClientRecord {
+            client_id: "c1".into(),
+            device_name: "d".into(),
+            key_sha256: "k".into(),
+            enrolled_unix_ms: 1,
+        };
+        s.enroll("tok-123456", &c).unwrap();
+        assert!(matches!(
+            s.enroll("tok-123456", &c),
+            Err(StoreError::TokenRejected)
+        ));
+        assert!(matches!(
+            s.enroll("nope", &c),
+            Err(StoreError::TokenRejected)
+        ));
+        assert!(!s.seed_token("tok-123456", 1).unwrap());
+        assert!(matches!(
+            s.enroll("tok-123456", &c),
+            Err(StoreError::TokenRejected)
+        ));
+        assert_eq!(s.client("c1").unwrap().unwrap(), c);
+    }
+
+    #[test]
+    fn rounds_accept_once_per_client_and_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (r, created) = s.open_round(&round("m")).unwrap();
+        assert!(created);
+        assert_eq!(r.id, 1);
+        let (again, created) = s.open_round(&round("m")).unwrap();
+        assert!(!created);
+        assert_eq!(again.id, 1);
+        let (other, _) = s.open_round(&round("n")).unwrap();
+        assert_eq!(other.id, 2);
+
+        let append = |p: Option<&[u8]>| {
+            let mut v = p.map(|p| p.to_vec()).unwrap_or_default();
+            v.push(7);
+            Ok(v)
+        };
+        assert!(
+            matches!(s.accept_update(1, &marker("a", 3), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 1 && r.total_samples == 3)
+        );
+        assert!(
+            matches!(s.accept_update(1, &marker("a", 3), append).unwrap(), AcceptOutcome::Duplicate(r) if r.updates == 1)
+        );
+        assert!(
+            matches!(s.accept_update(1, &marker("b", 2), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 2 && r.uplink_bytes == 20)
+        );
+        assert!(matches!(
+            s.accept_update(1, &marker("c", 2), append).unwrap(),
+            AcceptOutcome::Full(_)
+        ));
+        assert_eq!(s.round_sum(1).unwrap().unwrap().as_ref(), &[7, 7]);
+        assert_eq!(s.markers(1).unwrap().len(), 2);
+        assert!(matches!(
+            s.accept_update(9, &marker("a", 1), append).unwrap(),
+            AcceptOutcome::NotFound
+        ));
+        let failing = |_: Option<&[u8]>| Err("boom".to_string());
+        assert!(matches!(
+            s.accept_update(2, &marker("a", 1), failing),
+            Err(StoreError::Fold(_))
+        ));
+        assert_eq!(s.round(2).unwrap().unwrap().updates, 0);
+
+        let meta = VersionMeta {
+            model: "m".into(),
+            version: 2,
+            sha256: "h".into(),
+            size_bytes: 3,
+            eval_accuracy: Some(0.5),
+            created_unix_ms: 1,
+            from_round: 1,
+        };
+        let done = s.complete_round(1, &meta, b"abc", "ok").unwrap();
+        assert_eq!(done.state, RoundState::Completed);
+        assert_eq!(done.new_version, 2);
+        assert!(s.complete_round(1, &meta, b"abc", "ok").is_err());
+        assert_eq!(s.latest_version("m").unwrap().unwrap(), meta);
+        assert_eq!(s.model_bytes("m", 2).unwrap().unwrap().as_ref(), b"abc");
+        assert!(s.round_sum(1).unwrap().is_none());
+        assert!(matches!(
+            s.accept_update(1, &marker("z", 1), append).unwrap(),
+            AcceptOutcome::NotOpen(_)
+        ));
+        assert_eq!(s.open_rounds().unwrap().len(), 1);
+        s.fail_round(2, "too few").unwrap();
+        assert!(s.open_rounds().unwrap().is_empty());
+        assert_eq!(s.latest_round("m").unwrap().unwrap().id, 1);
+        assert_eq!(
+            s.latest_round("n").unwrap().unwrap().state,
+            RoundState::Failed
+        );
+        // A new round for m gets a fresh id.
+        assert_eq!(s.open_round(&round("m")).unwrap().0.id, 3);
+        assert_eq!(s.latest_round("m").unwrap().unwrap().id, 3);
+    }
+
+    #[test]
+    fn versions_are_listed_in_order_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for v in [1u64, 2, 10] {
+                let meta = VersionMeta {
+                    model: "m".into(),
+                    version: v,
+                    sha256: format!("{v}"),
+                    size_bytes: 1,
+                    eval_accuracy: None,
+                    created_unix_ms: v,
+                    from_round: 0,
+                };
+                s.put_version(&meta, &[v as u8]).unwrap();
+            }
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let vs: Vec<u64> = s.versions("m").unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(vs, vec![1, 2, 10]);
+        assert_eq!(s.latest_version("m").unwrap().unwrap().version, 10);
+        assert!(s.latest_version("mm").unwrap().is_none());
+    }
+}

@@ -1,0 +1,127 @@
+//! The `hearth-coordinator` binary: default config printing, exit code 64 on a bad config,
+//! and a real start-up followed by SIGTERM and a graceful exit.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hearth-coordinator");
+
+#[test]
+fn prints_a_default_config_that_parses() {
+    let out = Command::new(BIN)
+        .arg("--print-default-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let c = hearth_coordinator::Config::from_toml_str(&text).unwrap();
+    assert_eq!(c, hearth_coordinator::Config::default());
+    assert!(text.contains("[[model]]"));
+}
+
+#[test]
+fn help_explains_the_options() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for opt in [
+        "--config",
+        "--listen",
+        "--print-default-config",
+        "--admin-token",
+    ] {
+        assert!(text.contains(opt), "{opt} missing from help");
+    }
+}
+
+#[test]
+fn bad_config_exits_64_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "admin_token = \"0123456789abcdef0\"\n[round]\nmin_clients = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&p)
+        .env_remove("HEARTH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("round.min_clients"), "{err}");
+
+    std::fs::write(&p, "admin_token = [1]\n").unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[cfg(unix)]
+#[test]
+fn serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    // Pick a free port, release it, and hand it to the binary.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &p,
+        format!(
+            "db_path = {db:?}\ndata_dir = {data:?}\n[[model]]\nname = \"digits\"\ntask = \"digits\"\neval = false\n",
+            db = dir.path().join("db"),
+            data = data,
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&p)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("HEARTH_ADMIN_TOKEN", "cli-test-admin-token-123")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut up = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up, "coordinator did not start listening");
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}

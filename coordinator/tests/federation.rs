@@ -1,0 +1,816 @@
+//! End-to-end tests of the coordinator over real gRPC on 127.0.0.1 with a temporary sled
+//! database: enrollment, chunked and resumed model fetch, a full FedAvg round with real encoded
+//! updates, refusals, deadlines, and a crash mid-round followed by a restart.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_coordinator::{start, Config, ModelConfig};
+use hearth_model::{decode_update, encode_update, CodecConfig, OnnxModel, Tensor, Weights};
+use hearth_proto::v1::{
+    admin_client::AdminClient, enrollment_client::EnrollmentClient,
+    federation_client::FederationClient, federation_event, update_chunk, CreateTokenRequest,
+    EnrollRequest, FederationEvent, FetchModelRequest, ListVersionsRequest, RoundState,
+    RoundStatus, RoundStatusRequest, StartRoundRequest, SubscribeRequest, UpdateChunk,
+    UpdateHeader, UploadAck,
+};
+use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+const ADMIN: &str = "admin-token-for-tests-0123456789";
+const TOKENS: [&str; 4] = [
+    "enroll-token-1",
+    "enroll-token-2",
+    "enroll-token-3",
+    "enroll-token-4",
+];
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
+}
+
+fn config(db: &Path) -> Config {
+    let mut c = Config {
+        db_path: db.to_path_buf(),
+        data_dir: data_dir(),
+        admin_token: ADMIN.into(),
+        enrollment_tokens: TOKENS.iter().map(|t| t.to_string()).collect(),
+        max_update_bytes: 256 * 1024,
+        models: vec![
+            ModelConfig {
+                name: "digits".into(),
+                task: "digits".into(),
+                init: None,
+                eval: true,
+                seed: 7,
+            },
+            ModelConfig {
+                name: "faces".into(),
+                task: "faces".into(),
+                init: None,
+                eval: false,
+                seed: 3,
+            },
+        ],
+        ..Config::default()
+    };
+    c.round.deadline_secs = 300;
+    c
+}
+
+async fn listener() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[derive(Clone, Debug)]
+struct Creds {
+    id: String,
+    key: String,
+}
+
+fn with_client<T>(msg: T, c: &Creds) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(CLIENT_ID_HEADER, c.id.parse().unwrap());
+    r.metadata_mut()
+        .insert(CLIENT_KEY_HEADER, c.key.parse().unwrap());
+    r
+}
+
+fn with_admin<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+async fn enroll(ch: &Channel, token: &str, name: &str) -> Result<Creds, Status> {
+    let r = EnrollmentClient::new(ch.clone())
+        .enroll(EnrollRequest {
+            token: token.into(),
+            device_name: name.into(),
+        })
+        .await?
+        .into_inner();
+    Ok(Creds {
+        id: r.client_id,
+        key: r.client_key,
+    })
+}
+
+async fn start_round(ch: &Channel, model: &str, min: u32, max: u32, deadline: u32) -> RoundStatus {
+    AdminClient::new(ch.clone())
+        .start_round(with_admin(
+            StartRoundRequest {
+                model: model.into(),
+                min_clients: min,
+                max_clients: max,
+                deadline_secs: deadline,
+                reason: "test".into(),
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn status(ch: &Channel, model: &str, round: u64) -> RoundStatus {
+    AdminClient::new(ch.clone())
+        .get_round_status(with_admin(
+            RoundStatusRequest {
+                model: model.into(),
+                round_id: round,
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Fetches a whole model (from `offset`) and checks chunk framing; returns (bytes, sha256, total).
+async fn fetch(
+    ch: &Channel,
+    c: &Creds,
+    model: &str,
+    version: u64,
+    offset: u64,
+) -> Result<(Vec<u8>, String, u64, usize), Status> {
+    let mut s = FederationClient::new(ch.clone())
+        .fetch_model(with_client(
+            FetchModelRequest {
+                model: model.into(),
+                version,
+                offset,
+            },
+            c,
+        ))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    let mut sha = String::new();
+    let mut total = 0;
+    let mut chunks = 0;
+    while let Some(ch) = s.message().await? {
+        assert_eq!(
+            ch.offset,
+            offset + out.len() as u64,
+            "chunks are contiguous"
+        );
+        assert!(ch.data.len() <= CHUNK_SIZE);
+        sha = ch.sha256;
+        total = ch.total_size;
+        out.extend_from_slice(&ch.data);
+        chunks += 1;
+    }
+    Ok((out, sha, total, chunks))
+}
+
+fn header(model: &str, round: u64, base: u64, n: u64, payload: &[u8]) -> UpdateHeader {
+    UpdateHeader {
+        model: model.into(),
+        round_id: round,
+        base_version: base,
+        num_samples: n,
+        train_loss: 0.5,
+        payload_size: payload.len() as u64,
+        payload_sha256: hex::encode(Sha256::digest(payload)),
+    }
+}
+
+async fn upload_raw(ch: &Channel, c: &Creds, parts: Vec<UpdateChunk>) -> Result<UploadAck, Status> {
+    Ok(FederationClient::new(ch.clone())
+        .upload_update(with_client(tokio_stream::iter(parts), c))
+        .await?
+        .into_inner())
+}
+
+fn framed(h: UpdateHeader, payload: &[u8]) -> Vec<UpdateChunk> {
+    let mut parts = vec![UpdateChunk {
+        part: Some(update_chunk::Part::Header(h)),
+    }];
+    for c in payload.chunks(CHUNK_SIZE / 4) {
+        parts.push(UpdateChunk {
+            part: Some(update_chunk::Part::Data(c.to_vec())),
+        });
+    }
+    parts
+}
+
+async fn upload(
+    ch: &Channel,
+    c: &Creds,
+    model: &str,
+    round: u64,
+    base: u64,
+    n: u64,
+    payload: &[u8],
+) -> Result<UploadAck, Status> {
+    upload_raw(
+        ch,
+        c,
+        framed(header(model, round, base, n, payload), payload),
+    )
+    .await
+}
+
+/// A deterministic delta shaped like `global`.
+fn delta(global: &Weights, seed: f32, scale: f32) -> Weights {
+    global
+        .iter()
+        .map(|(k, t)| {
+            let data = (0..t.data.len())
+                .map(|i| scale * ((i as f32) * 0.37 + seed).sin())
+                .collect();
+            (k.clone(), Tensor::new(t.shape.clone(), data))
+        })
+        .collect()
+}
+
+fn encode(d: &Weights, bits: u8, seed: u64) -> Vec<u8> {
+    let mut residual = Weights::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    encode_update(
+        d,
+        &mut residual,
+        &CodecConfig {
+            bits,
+            topk_fraction: 1.0,
+        },
+        &mut rng,
+    )
+    .unwrap()
+}
+
+/// global + Σ nᵢ·decode(pᵢ) / Σ nᵢ, computed independently of the coordinator.
+fn fedavg(global: &Weights, updates: &[(&[u8], u64)]) -> Weights {
+    let total: f64 = updates.iter().map(|u| u.1 as f64).sum();
+    let decoded: Vec<(Weights, f64)> = updates
+        .iter()
+        .map(|(p, n)| (decode_update(p).unwrap(), *n as f64))
+        .collect();
+    global
+        .iter()
+        .map(|(k, t)| {
+            let data = t
+                .data
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let s: f64 = decoded
+                        .iter()
+                        .map(|(d, n)| n * f64::from(d[k].data[i]))
+                        .sum();
+                    (f64::from(*g) + s / total) as f32
+                })
+                .collect();
+            (k.clone(), Tensor::new(t.shape.clone(), data))
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &Weights, b: &Weights) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+async fn next_event(s: &mut Streaming<FederationEvent>) -> federation_event::Event {
+    tokio::time::timeout(Duration::from_secs(20), s.message())
+        .await
+        .expect("event within 20 s")
+        .unwrap()
+        .expect("stream open")
+        .event
+        .unwrap()
+}
+
+async fn wait_state(ch: &Channel, model: &str, round: u64, want: RoundState) -> RoundStatus {
+    for _ in 0..200 {
+        let s = status(ch, model, round).await;
+        if s.state == want as i32 {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("round {round} did not reach {want:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_fetch_round_publish_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(&dir.path().join("db")), listener().await)
+        .await
+        .unwrap();
+    let ch = channel(server.local_addr()).await;
+
+    // Enrollment: tokens are one-time.
+    let a = enroll(&ch, TOKENS[0], "kitchen-plug").await.unwrap();
+    let b = enroll(&ch, TOKENS[1], "hall-plug").await.unwrap();
+    let c = enroll(&ch, TOKENS[2], "garage-plug").await.unwrap();
+    assert_ne!(a.id, b.id);
+    let reuse = enroll(&ch, TOKENS[0], "again").await.unwrap_err();
+    assert_eq!(reuse.code(), Code::PermissionDenied);
+    // A token minted by the admin works once.
+    let minted = AdminClient::new(ch.clone())
+        .create_enrollment_token(with_admin(CreateTokenRequest { uses: 1 }, ADMIN))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    enroll(&ch, &minted, "extra").await.unwrap();
+    assert_eq!(
+        enroll(&ch, &minted, "extra").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    // Admin auth.
+    let mut admin = AdminClient::new(ch.clone());
+    let bad = admin
+        .list_versions(with_admin(
+            ListVersionsRequest {
+                model: "digits".into(),
+            },
+            "wrong-token",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::Unauthenticated);
+    let none = admin
+        .start_round(Request::new(StartRoundRequest {
+            model: "digits".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated);
+    // Client auth.
+    let forged = Creds {
+        id: a.id.clone(),
+        key: "0".repeat(64),
+    };
+    assert_eq!(
+        fetch(&ch, &forged, "digits", 0, 0)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    // Version 1 exists and was evaluated.
+    let v = admin
+        .list_versions(with_admin(
+            ListVersionsRequest {
+                model: "digits".into(),
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].version, 1);
+    assert!(
+        (0.0..=1.0).contains(&v[0].eval_accuracy),
+        "{}",
+        v[0].eval_accuracy
+    );
+
+    // Fetch in chunks, then resume from an offset; checksums verified.
+    let (faces, sha, total, chunks) = fetch(&ch, &a, "faces", 0, 0).await.unwrap();
+    assert_eq!(faces.len() as u64, total);
+    assert_eq!(hex::encode(Sha256::digest(&faces)), sha);
+    assert_eq!(chunks, faces.len().div_ceil(CHUNK_SIZE));
+    assert!(chunks >= 2, "faces model is larger than one chunk");
+    let off = total / 2 + 17;
+    let (tail, sha2, total2, _) = fetch(&ch, &a, "faces", 1, off).await.unwrap();
+    assert_eq!((sha2, total2), (sha.clone(), total));
+    assert_eq!(&faces[off as usize..], &tail[..]);
+    let (end, _, _, n_end) = fetch(&ch, &a, "faces", 1, total).await.unwrap();
+    assert!(end.is_empty() && n_end == 1);
+    assert_eq!(
+        fetch(&ch, &a, "faces", 1, total + 1)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        fetch(&ch, &a, "faces", 9, 0).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    OnnxModel::from_bytes(&faces).unwrap();
+
+    let (digits, _, _, _) = fetch(&ch, &a, "digits", 0, 0).await.unwrap();
+    let global = OnnxModel::from_bytes(&digits).unwrap().weights();
+    let params: usize = global.values().map(|t| t.data.len()).sum();
+
+    // Subscribe: current version first.
+    let mut sub = FederationClient::new(ch.clone())
+        .subscribe(with_client(
+            SubscribeRequest {
+                models: vec!["digits".into()],
+            },
+            &a,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    match next_event(&mut sub).await {
+        federation_event::Event::Published(p) => {
+            assert_eq!((p.model.as_str(), p.version), ("digits", 1));
+            assert_eq!(p.sha256, hex::encode(Sha256::digest(&digits)));
+        }
+        e => panic!("expected the current version first, got {e:?}"),
+    }
+
+    // Subscribe also accepts the admin token, and refuses anything else.
+    let mut admin_sub = FederationClient::new(ch.clone())
+        .subscribe(with_admin(SubscribeRequest { models: vec![] }, ADMIN))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        match next_event(&mut admin_sub).await {
+            federation_event::Event::Published(p) => seen.push((p.model, p.version)),
+            e => panic!("expected versions first, got {e:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![("digits".to_string(), 1), ("faces".to_string(), 1)]
+    );
+    drop(admin_sub);
+    let e = FederationClient::new(ch.clone())
+        .subscribe(with_admin(
+            SubscribeRequest { models: vec![] },
+            "not-the-token",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = FederationClient::new(ch.clone())
+        .subscribe(with_client(
+            SubscribeRequest {
+                models: vec!["nope".into()],
+            },
+            &a,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Start a round; a second StartRound returns the same round.
+    let r = start_round(&ch, "digits", 2, 2, 300).await;
+    assert_eq!(r.state, RoundState::Open as i32);
+    assert_eq!(r.base_version, 1);
+    assert_eq!(r.model_fp32_bytes, 4 * params as u64);
+    let again = start_round(&ch, "digits", 3, 5, 300).await;
+    assert_eq!(again.round_id, r.round_id);
+    assert_eq!((again.min_clients, again.max_clients), (2, 2));
+    match next_event(&mut sub).await {
+        federation_event::Event::Round(t) => {
+            assert_eq!((t.round_id, t.base_version), (r.round_id, 1));
+            assert!(t.deadline_unix_ms > 0 && t.local_epochs > 0);
+        }
+        e => panic!("expected the round task, got {e:?}"),
+    }
+
+    let id = r.round_id;
+    let d1 = delta(&global, 0.1, 0.02);
+    let d2 = delta(&global, 2.3, 0.01);
+    let p1 = encode(&d1, 8, 1);
+    let p2 = encode(&d2, 8, 2);
+
+    // Refusals: none of these count.
+    let junk = vec![0xabu8; 300];
+    let ack = upload(&ch, &a, "digits", id, 1, 10, &junk).await.unwrap();
+    assert!(
+        !ack.accepted && ack.reason.contains("undecodable"),
+        "{ack:?}"
+    );
+    let mut wrong = delta(&global, 0.5, 0.01);
+    let (k, t) = wrong
+        .iter()
+        .next()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .unwrap();
+    wrong.insert(
+        k,
+        Tensor::new(vec![t.data.len() + 1], vec![0.01; t.data.len() + 1]),
+    );
+    let ack = upload(&ch, &a, "digits", id, 1, 10, &encode(&wrong, 8, 3))
+        .await
+        .unwrap();
+    assert!(!ack.accepted && ack.reason.contains("shape"), "{ack:?}");
+    // NaN: a raw f32 update with one value patched to NaN.
+    let mut marked = delta(&global, 0.7, 0.01);
+    marked.values_mut().next().unwrap().data[0] = 1234.5;
+    let mut nan = encode(&marked, 32, 4);
+    let pos = nan
+        .windows(4)
+        .position(|w| w == 1234.5f32.to_le_bytes())
+        .unwrap();
+    nan[pos..pos + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let ack = upload(&ch, &a, "digits", id, 1, 10, &nan).await.unwrap();
+    assert!(
+        !ack.accepted && ack.reason.contains("non-finite"),
+        "{ack:?}"
+    );
+    let huge = encode(&delta(&global, 0.1, 5.0), 32, 5);
+    let ack = upload(&ch, &a, "digits", id, 1, 10, &huge).await.unwrap();
+    assert!(!ack.accepted && ack.reason.contains("norm"), "{ack:?}");
+    let ack = upload(&ch, &a, "digits", id, 2, 10, &p1).await.unwrap();
+    assert!(!ack.accepted && ack.reason.contains("base"), "{ack:?}");
+    let ack = upload(&ch, &a, "digits", id, 1, 0, &p1).await.unwrap();
+    assert!(!ack.accepted, "{ack:?}");
+    // Oversized (declared over the limit), lying about the size, bad checksum, no header.
+    let big = vec![1u8; 256 * 1024 + 1];
+    let e = upload(&ch, &a, "digits", id, 1, 10, &big)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    let mut h = header("digits", id, 1, 10, &p1);
+    h.payload_size -= 1;
+    let e = upload_raw(&ch, &a, framed(h, &p1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let mut h = header("digits", id, 1, 10, &p1);
+    h.payload_sha256 = "00".repeat(32);
+    let e = upload_raw(&ch, &a, framed(h, &p1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let mut parts = framed(header("digits", id, 1, 10, &p1), &p1);
+    parts.remove(0);
+    let e = upload_raw(&ch, &a, parts).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        upload(&ch, &forged, "digits", id, 1, 10, &p1)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let s = status(&ch, "digits", id).await;
+    assert_eq!(
+        (s.updates, s.uplink_bytes, s.state),
+        (0, 0, RoundState::Open as i32)
+    );
+
+    // Two real updates; a duplicate is acknowledged but not counted.
+    let ack = upload(&ch, &a, "digits", id, 1, 30, &p1).await.unwrap();
+    assert!(
+        ack.accepted && !ack.duplicate && ack.updates_in_round == 1,
+        "{ack:?}"
+    );
+    let ack = upload(&ch, &a, "digits", id, 1, 30, &p1).await.unwrap();
+    assert!(
+        ack.accepted && ack.duplicate && ack.updates_in_round == 1,
+        "{ack:?}"
+    );
+    let ack = upload(&ch, &b, "digits", id, 1, 10, &p2).await.unwrap();
+    assert!(
+        ack.accepted && !ack.duplicate && ack.updates_in_round == 2,
+        "{ack:?}"
+    );
+
+    // Version 2 is published to subscribers.
+    match next_event(&mut sub).await {
+        federation_event::Event::Published(p) => assert_eq!(p.version, 2),
+        e => panic!("expected version 2, got {e:?}"),
+    }
+    let s = wait_state(&ch, "digits", id, RoundState::Completed).await;
+    assert_eq!((s.new_version, s.updates), (2, 2));
+    assert_eq!(s.uplink_bytes, (p1.len() + p2.len()) as u64);
+    assert!(
+        s.uplink_bytes < s.model_fp32_bytes * 2 / 3,
+        "8-bit updates are smaller than fp32"
+    );
+    assert!((0.0..=1.0).contains(&s.eval_accuracy), "{s:?}");
+    let latest = status(&ch, "digits", 0).await;
+    assert_eq!(latest.round_id, id);
+
+    // The new weights are the FedAvg of what was uploaded.
+    let (v2, sha_v2, _, _) = fetch(&ch, &c, "digits", 2, 0).await.unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&v2)), sha_v2);
+    let got = OnnxModel::from_bytes(&v2).unwrap().weights();
+    let want = fedavg(&global, &[(&p1, 30), (&p2, 10)]);
+    assert!(
+        max_abs_diff(&got, &want) < 1e-5,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    // ... and within quantization tolerance of the exact weighted mean of the deltas.
+    let mut exact = global.clone();
+    hearth_model::axpy(&mut exact, 0.75, &d1).unwrap();
+    hearth_model::axpy(&mut exact, 0.25, &d2).unwrap();
+    let q = max_abs_diff(&got, &exact);
+    assert!(q < 0.02 / 127.0 * 1.01 && q > 0.0, "quantization error {q}");
+
+    // After completion: late uploads are refused, repeats still recognised.
+    let ack = upload(&ch, &c, "digits", id, 1, 5, &p2).await.unwrap();
+    assert!(!ack.accepted && ack.reason.contains("not open"), "{ack:?}");
+    let ack = upload(&ch, &b, "digits", id, 1, 10, &p2).await.unwrap();
+    assert!(ack.duplicate, "{ack:?}");
+
+    let v = admin
+        .list_versions(with_admin(
+            ListVersionsRequest {
+                model: "digits".into(),
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(v.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(v[1].from_round, id);
+    assert_eq!(v[1].sha256, sha_v2);
+
+    // A new round starts from version 2.
+    let r2 = start_round(&ch, "digits", 1, 1, 300).await;
+    assert!(r2.round_id > id);
+    assert_eq!(r2.base_version, 2);
+    drop(sub);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_fails_or_completes_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(config(&dir.path().join("db")), listener().await)
+        .await
+        .unwrap();
+    let ch = channel(h.local_addr()).await;
+    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
+
+    // Too few updates at the deadline: FAILED, no new version.
+    let r = start_round(&ch, "digits", 2, 3, 1).await;
+    let (bytes, _, _, _) = fetch(&ch, &a, "digits", 0, 0).await.unwrap();
+    let global = OnnxModel::from_bytes(&bytes).unwrap().weights();
+    let p = encode(&delta(&global, 1.0, 0.01), 8, 9);
+    assert!(
+        upload(&ch, &a, "digits", r.round_id, 1, 5, &p)
+            .await
+            .unwrap()
+            .accepted
+    );
+    let s = wait_state(&ch, "digits", r.round_id, RoundState::Failed).await;
+    assert!(s.detail.contains("deadline"), "{s:?}");
+    assert_eq!(s.new_version, 0);
+
+    // Enough updates at the deadline: COMPLETED with version 2.
+    let r = start_round(&ch, "faces", 1, 3, 1).await;
+    let (bytes, _, _, _) = fetch(&ch, &a, "faces", 0, 0).await.unwrap();
+    let global = OnnxModel::from_bytes(&bytes).unwrap().weights();
+    let p = encode(&delta(&global, 1.0, 0.005), 8, 10);
+    assert!(
+        upload(&ch, &a, "faces", r.round_id, 1, 5, &p)
+            .await
+            .unwrap()
+            .accepted
+    );
+    let s = wait_state(&ch, "faces", r.round_id, RoundState::Completed).await;
+    assert_eq!(s.new_version, 2);
+    assert_eq!(s.eval_accuracy, -1.0, "faces has eval off");
+    h.shutdown().await.unwrap();
+}
+
+/// Runs a coordinator on its own runtime in a thread; dropping that runtime kills every task
+/// at once, like a crash (no graceful shutdown, no final flush by the server).
+fn crashable(
+    cfg: Config,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = listener().await;
+            addr_tx.send(l.local_addr().unwrap()).unwrap();
+            tokio::select! {
+                r = hearth_coordinator::run(cfg, l, std::future::pending()) => panic!("server ended: {r:?}"),
+                _ = crash_rx => {}
+            }
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+    });
+    (addr_rx.recv().unwrap(), crash_tx, t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_round_resumes_with_accepted_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let (addr, crash, thread) = crashable(config(&db));
+    let ch = channel(addr).await;
+    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
+    let b = enroll(&ch, TOKENS[1], "b").await.unwrap();
+    let r = start_round(&ch, "digits", 2, 2, 300).await;
+    let (bytes, _, _, _) = fetch(&ch, &a, "digits", 0, 0).await.unwrap();
+    let global = OnnxModel::from_bytes(&bytes).unwrap().weights();
+    let p1 = encode(&delta(&global, 0.3, 0.02), 8, 11);
+    let p2 = encode(&delta(&global, 1.9, 0.02), 8, 12);
+    let ack = upload(&ch, &a, "digits", r.round_id, 1, 12, &p1)
+        .await
+        .unwrap();
+    assert!(ack.accepted && ack.updates_in_round == 1);
+
+    crash.send(()).unwrap();
+    thread.join().unwrap();
+    drop(ch);
+
+    // Restart on the same database: the round is still open with its update.
+    let h = start(config(&db), listener().await).await.unwrap();
+    let ch = channel(h.local_addr()).await;
+    let s = status(&ch, "digits", r.round_id).await;
+    assert_eq!((s.state, s.updates), (RoundState::Open as i32, 1));
+    assert_eq!(s.uplink_bytes, p1.len() as u64);
+    // Enrollment survived; the used token did not come back.
+    assert_eq!(
+        enroll(&ch, TOKENS[0], "x").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let ack = upload(&ch, &a, "digits", r.round_id, 1, 12, &p1)
+        .await
+        .unwrap();
+    assert!(ack.duplicate && ack.updates_in_round == 1, "{ack:?}");
+    let ack = upload(&ch, &b, "digits", r.round_id, 1, 4, &p2)
+        .await
+        .unwrap();
+    assert!(ack.accepted && ack.updates_in_round == 2, "{ack:?}");
+    let s = wait_state(&ch, "digits", r.round_id, RoundState::Completed).await;
+    assert_eq!(s.new_version, 2);
+    let (v2, _, _, _) = fetch(&ch, &a, "digits", 2, 0).await.unwrap();
+    let got = OnnxModel::from_bytes(&v2).unwrap().weights();
+    let want = fedavg(&global, &[(&p1, 12), (&p2, 4)]);
+    assert!(
+        max_abs_diff(&got, &want) < 1e-5,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upload_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("db"));
+    cfg.upload_timeout_secs = 1;
+    let h = start(cfg, listener().await).await.unwrap();
+    let ch = channel(h.local_addr()).await;
+    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
+    let r = start_round(&ch, "digits", 1, 1, 300).await;
+    // Header, one chunk of a 100-byte payload, then silence (the sender stays open).
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let payload = [7u8; 100];
+    tx.send(UpdateChunk {
+        part: Some(update_chunk::Part::Header(header(
+            "digits", r.round_id, 1, 5, &payload,
+        ))),
+    })
+    .await
+    .unwrap();
+    tx.send(UpdateChunk {
+        part: Some(update_chunk::Part::Data(payload[..10].to_vec())),
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let e = FederationClient::new(ch.clone())
+        .upload_update(with_client(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &a,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(tx);
+    assert_eq!(status(&ch, "digits", r.round_id).await.updates, 0);
+    h.shutdown().await.unwrap();
+}
