@@ -1,0 +1,446 @@
+//! Hub configuration: a TOML file read with serde, every field with a built-in default.
+//!
+//! ```toml
+//! client_id = "hearth-hub"
+//! actuator_base = "zigbee2mqtt"
+//! rules = "/etc/hearth/rules.toml"          # optional
+//! metrics_listen = "127.0.0.1:9464"         # optional
+//! coordinator = "http://127.0.0.1:50051"    # optional
+//! admin_token = "..."                       # needed with `coordinator`
+//! follow_models = []                        # models announced on MQTT (empty = all)
+//!
+//! [broker]                                  # embedded broker (the default) ...
+//! listen = "127.0.0.1:1883"                 # port 0 = pick a free port
+//! # url = "mqtt://mosquitto.lan:1883"       # ... or an external broker instead
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Default embedded broker address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
+/// Default Zigbee2MQTT base topic for actuator commands.
+pub const DEFAULT_ACTUATOR_BASE: &str = "zigbee2mqtt";
+/// Default MQTT client id prefix of the hub.
+pub const DEFAULT_CLIENT_ID: &str = "hearth-hub";
+/// Connection limit of the embedded broker: a home has a handful of devices.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Largest MQTT payload the embedded broker accepts (events themselves are capped far lower).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// The hub's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// MQTT client id prefix; the hub opens `<client_id>-sub` and `<client_id>-pub`.
+    pub client_id: String,
+    /// Base topic of actuators: commands go to `<actuator_base>/<name>/set`.
+    pub actuator_base: String,
+    /// Rules file (TOML); no rules when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<PathBuf>,
+    /// Address of the Prometheus text endpoint (`GET /metrics`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Coordinator gRPC URL (`http://host:port`); refresh requests and model announcements need it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Admin bearer token for the coordinator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// Models whose publications are announced on MQTT (empty = all models).
+    pub follow_models: Vec<String>,
+    /// Seconds to wait for the broker connection at start-up.
+    pub connect_timeout_secs: u64,
+    /// The MQTT broker: embedded (default) or external.
+    pub broker: BrokerConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            client_id: DEFAULT_CLIENT_ID.into(),
+            actuator_base: DEFAULT_ACTUATOR_BASE.into(),
+            rules: None,
+            metrics_listen: None,
+            coordinator: None,
+            admin_token: None,
+            follow_models: Vec::new(),
+            connect_timeout_secs: 10,
+            broker: BrokerConfig::default(),
+        }
+    }
+}
+
+/// Where the MQTT broker is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "BrokerToml", into = "BrokerToml")]
+pub enum BrokerConfig {
+    /// rumqttd inside the hub process (zero setup; see [`crate::broker`] for its limits).
+    Embedded {
+        /// Listen address; port 0 picks a free port (read it back from `HubHandle::mqtt_addr`).
+        listen: SocketAddr,
+        /// Connection limit.
+        max_connections: usize,
+        /// Largest accepted MQTT payload in bytes.
+        max_payload_bytes: usize,
+    },
+    /// An external broker such as Mosquitto.
+    External {
+        /// `mqtt://host:port` (or `tcp://`); port defaults to 1883.
+        url: String,
+        /// Optional credentials (Mosquitto password file / ACLs).
+        username: Option<String>,
+        /// Password for `username`.
+        password: Option<String>,
+    },
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig::Embedded {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// An embedded broker on `listen` with the default limits.
+    pub fn embedded(listen: SocketAddr) -> Self {
+        BrokerConfig::Embedded {
+            listen,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// An external broker at `url` without credentials.
+    pub fn external(url: impl Into<String>) -> Self {
+        BrokerConfig::External {
+            url: url.into(),
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// The flat TOML form of [`BrokerConfig`]: `url` set means external.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerToml {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_payload_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<String>,
+}
+
+impl TryFrom<BrokerToml> for BrokerConfig {
+    type Error = String;
+    fn try_from(t: BrokerToml) -> Result<Self, String> {
+        match t.url {
+            Some(url) => {
+                if t.listen.is_some()
+                    || t.max_connections.is_some()
+                    || t.max_payload_bytes.is_some()
+                {
+                    return Err("`url` (external broker) cannot be combined with `listen`, \
+                                `max_connections` or `max_payload_bytes` (embedded broker)"
+                        .into());
+                }
+                Ok(BrokerConfig::External {
+                    url,
+                    username: t.username,
+                    password: t.password,
+                })
+            }
+            None => {
+                if t.username.is_some() || t.password.is_some() {
+                    return Err("`username`/`password` need an external broker `url`".into());
+                }
+                Ok(BrokerConfig::Embedded {
+                    listen: t
+                        .listen
+                        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+                    max_connections: t.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    max_payload_bytes: t.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+                })
+            }
+        }
+    }
+}
+
+impl From<BrokerConfig> for BrokerToml {
+    fn from(b: BrokerConfig) -> Self {
+        match b {
+            BrokerConfig::Embedded {
+                listen,
+                max_connections,
+                max_payload_bytes,
+            } => BrokerToml {
+                listen: Some(listen),
+                max_connections: Some(max_connections),
+                max_payload_bytes: Some(max_payload_bytes),
+                ..BrokerToml::default()
+            },
+            BrokerConfig::External {
+                url,
+                username,
+                password,
+            } => BrokerToml {
+                url: Some(url),
+                username,
+                password,
+                ..BrokerToml::default()
+            },
+        }
+    }
+}
+
+/// Host and port of an `mqtt://host:port` URL.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| {
+            format!(
+                "broker url `{url}` must start with mqtt:// (TLS is not supported by this build)"
+            )
+        })?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '@', '?', '#']) {
+        return Err(format!(
+            "broker url `{url}` must be mqtt://host[:port] (credentials go in `username`/`password`)"
+        ));
+    }
+    // IPv6 literal: [::1]:1883
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("broker url `{url}`: unclosed `[`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("broker url `{url}`: junk after `]`")),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("broker url `{url}` has no host"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("broker url `{url}` has an invalid port `{p}`"))?,
+    };
+    Ok((host, port))
+}
+
+impl Config {
+    /// Parses a TOML document (missing fields take their defaults).
+    pub fn from_toml(text: &str) -> Result<Config, Error> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Reads and parses a TOML file, then validates it.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The default configuration as TOML (for `--print-default-config`).
+    pub fn default_toml() -> String {
+        let text = toml::to_string_pretty(&Config::default()).expect("default config serialises");
+        let optional = "\
+# rules = \"/etc/hearth/rules.toml\"
+# metrics_listen = \"127.0.0.1:9464\"
+# coordinator = \"http://127.0.0.1:50051\"
+# admin_token = \"change-me\"
+
+";
+        let external = "\
+# External broker instead of the embedded one (replaces the keys above):
+# url = \"mqtt://mosquitto.lan:1883\"
+# username = \"hearth-hub\"
+# password = \"change-me\"
+";
+        let (top, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
+        format!("# Hearth hub configuration (defaults)\n{top}{optional}{broker}{external}")
+    }
+
+    /// Checks values serde cannot: names, URLs, limits, token presence.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.client_id.is_empty()
+            || self.client_id.len() > 48
+            || !self
+                .client_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "client_id `{}` must be 1-48 characters of [A-Za-z0-9_-]",
+                self.client_id
+            ));
+        }
+        if self.actuator_base.is_empty()
+            || self.actuator_base.starts_with('/')
+            || self.actuator_base.ends_with('/')
+            || self.actuator_base.contains(['+', '#'])
+            || self.actuator_base.split('/').any(str::is_empty)
+        {
+            return bad(format!(
+                "actuator_base `{}` must be a topic prefix without wildcards or empty levels",
+                self.actuator_base
+            ));
+        }
+        match &self.broker {
+            BrokerConfig::Embedded {
+                max_connections,
+                max_payload_bytes,
+                ..
+            } => {
+                if !(1..=10_000).contains(max_connections) {
+                    return bad(format!(
+                        "broker.max_connections {max_connections} must be within 1..=10000"
+                    ));
+                }
+                if !(1024..=16 * 1024 * 1024).contains(max_payload_bytes) {
+                    return bad(format!(
+                        "broker.max_payload_bytes {max_payload_bytes} must be within 1 KiB..=16 MiB"
+                    ));
+                }
+            }
+            BrokerConfig::External { url, .. } => {
+                parse_mqtt_url(url).map_err(Error::Config)?;
+            }
+        }
+        if let Some(url) = &self.coordinator {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(format!(
+                    "coordinator `{url}` must be an http:// or https:// URL"
+                ));
+            }
+            if self.admin_token.as_deref().is_none_or(str::is_empty) {
+                return bad("`coordinator` is set but `admin_token` is missing".into());
+            }
+        }
+        for m in &self.follow_models {
+            if !hearth_proto::mqtt::valid_name(m) {
+                return bad(format!(
+                    "follow_models entry `{m}` is not a valid model name"
+                ));
+            }
+        }
+        if !(1..=300).contains(&self.connect_timeout_secs) {
+            return bad("connect_timeout_secs must be within 1..=300".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = Config::default_toml();
+        let back = Config::from_toml(&text).unwrap();
+        assert_eq!(back, Config::default());
+        back.validate().unwrap();
+        assert!(text.contains("listen = \"127.0.0.1:1883\""), "{text}");
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn external_broker_from_url() {
+        let c = Config::from_toml("[broker]\nurl = \"mqtt://mosquitto.lan:8883\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.broker,
+            BrokerConfig::external("mqtt://mosquitto.lan:8883")
+        );
+        assert!(
+            Config::from_toml("[broker]\nurl = \"mqtt://a\"\nlisten = \"127.0.0.1:1\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be combined")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = Config::from_toml("actuator_bsae = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("actuator_bsae"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let c = Config {
+            coordinator: Some("http://127.0.0.1:1".into()),
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin_token"));
+        let c = Config {
+            actuator_base: "z2m/#".into(),
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("actuator_base"));
+        let c = Config {
+            broker: BrokerConfig::external("http://x"),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("mqtt://"));
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(parse_mqtt_url("mqtt://h:1884").unwrap(), ("h".into(), 1884));
+        assert_eq!(parse_mqtt_url("mqtt://h").unwrap(), ("h".into(), 1883));
+        assert_eq!(parse_mqtt_url("tcp://[::1]:5").unwrap(), ("::1".into(), 5));
+        assert!(parse_mqtt_url("mqtt://h:0").is_err());
+        assert!(parse_mqtt_url("mqtt://u:p@h:1").is_err());
+        assert!(parse_mqtt_url("mqtts://h").is_err());
+        assert!(parse_mqtt_url("mqtt://:1883").is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! Counters the hub keeps (atomics, shared as `Arc<Metrics>`) and their Prometheus text form.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hearth_proto::mqtt::EventError;
+
+/// Why an event payload was dropped by the privacy guard or the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Over [`hearth_proto::mqtt::MAX_EVENT_BYTES`].
+    TooLarge,
+    /// Not JSON, wrong types, missing or extra fields.
+    Schema,
+    /// A string field empty, too long or with forbidden characters.
+    BadField,
+    /// Score outside `[0, 1]`.
+    BadScore,
+    /// Device or event name in the topic is not a valid name.
+    BadTopic,
+    /// A retained event (stale on subscribe; events are never routed twice).
+    Retained,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 6] = [
+        DropReason::TooLarge,
+        DropReason::Schema,
+        DropReason::BadField,
+        DropReason::BadScore,
+        DropReason::BadTopic,
+        DropReason::Retained,
+    ];
+
+    /// Prometheus label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::TooLarge => "too_large",
+            DropReason::Schema => "schema",
+            DropReason::BadField => "bad_field",
+            DropReason::BadScore => "bad_score",
+            DropReason::BadTopic => "bad_topic",
+            DropReason::Retained => "retained",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<&EventError> for DropReason {
+    fn from(e: &EventError) -> Self {
+        match e {
+            EventError::TooLarge(_) => DropReason::TooLarge,
+            EventError::Schema(_) => DropReason::Schema,
+            EventError::BadField(_) => DropReason::BadField,
+            EventError::BadScore(_) => DropReason::BadScore,
+        }
+    }
+}
+
+/// Non-event messages the hub refused (meta, availability, refresh requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidKind {
+    /// `hearth/<device>/meta` that is not a `DeviceMeta`.
+    Meta,
+    /// `hearth/<device>/availability` other than `online` / `offline`.
+    Availability,
+    /// `hearth/federation/refresh` that is not a `RefreshRequest`.
+    Refresh,
+}
+
+impl InvalidKind {
+    /// Every kind, in label order.
+    pub const ALL: [InvalidKind; 3] = [
+        InvalidKind::Meta,
+        InvalidKind::Availability,
+        InvalidKind::Refresh,
+    ];
+
+    /// Prometheus label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            InvalidKind::Meta => "meta",
+            InvalidKind::Availability => "availability",
+            InvalidKind::Refresh => "refresh",
+        }
+    }
+}
+
+/// The hub's counters. All monotonic; read with [`Metrics::get`] helpers or render them.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Messages received on event topics (valid or not).
+    pub events_received: AtomicU64,
+    /// Valid events that matched at least one rule.
+    pub events_routed: AtomicU64,
+    /// Rule firings suppressed by a cooldown.
+    pub cooldown_suppressed: AtomicU64,
+    /// Actuator commands handed to the MQTT client (QoS 1).
+    pub commands_published: AtomicU64,
+    /// Actuator commands the MQTT client refused (connection gone).
+    pub commands_failed: AtomicU64,
+    /// Valid refresh requests received on `hearth/federation/refresh`.
+    pub refresh_requests: AtomicU64,
+    /// Refresh requests the coordinator did not accept (or could not be reached).
+    pub refresh_failures: AtomicU64,
+    /// Model publications announced on `hearth/federation/model/<name>`.
+    pub models_announced: AtomicU64,
+    /// Device meta / availability updates applied to the registry.
+    pub registry_updates: AtomicU64,
+    /// MQTT (re)connections of the hub's clients.
+    pub mqtt_connects: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    invalid: [AtomicU64; InvalidKind::ALL.len()],
+}
+
+impl Metrics {
+    /// Fresh counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one dropped event; returns the new count for that reason.
+    pub fn drop_event(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()].fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Dropped events for one reason.
+    pub fn events_dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Dropped events, all reasons.
+    pub fn events_dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Counts one refused non-event message; returns the new count for that kind.
+    pub fn invalid_message(&self, kind: InvalidKind) -> u64 {
+        self.invalid[kind as usize].fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Refused non-event messages of one kind.
+    pub fn invalid_messages(&self, kind: InvalidKind) -> u64 {
+        self.invalid[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Reads a counter (shorthand for `load(Relaxed)`).
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let simple: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "events_received_total",
+                "Messages received on hearth/+/event/+ topics.",
+                &self.events_received,
+            ),
+            (
+                "events_routed_total",
+                "Valid events that matched at least one rule.",
+                &self.events_routed,
+            ),
+            (
+                "cooldown_suppressed_total",
+                "Rule firings suppressed by a cooldown.",
+                &self.cooldown_suppressed,
+            ),
+            (
+                "commands_published_total",
+                "Actuator commands published (QoS 1).",
+                &self.commands_published,
+            ),
+            (
+                "commands_failed_total",
+                "Actuator commands the MQTT client refused.",
+                &self.commands_failed,
+            ),
+            (
+                "refresh_requests_total",
+                "Federated refresh requests.",
+                &self.refresh_requests,
+            ),
+            (
+                "refresh_failures_total",
+                "Refresh requests that failed.",
+                &self.refresh_failures,
+            ),
+            (
+                "models_announced_total",
+                "Model publications announced on MQTT.",
+                &self.models_announced,
+            ),
+            (
+                "registry_updates_total",
+                "Device meta and availability updates.",
+                &self.registry_updates,
+            ),
+            (
+                "mqtt_connects_total",
+                "MQTT connections made by the hub's clients.",
+                &self.mqtt_connects,
+            ),
+        ];
+        for (name, help, c) in simple {
+            let _ = writeln!(out, "# HELP hearth_hub_{name} {help}");
+            let _ = writeln!(out, "# TYPE hearth_hub_{name} counter");
+            let _ = writeln!(out, "hearth_hub_{name} {}", Metrics::get(c));
+        }
+        out.push_str("# HELP hearth_hub_events_dropped_total Event payloads dropped by the privacy guard, by reason.\n");
+        out.push_str("# TYPE hearth_hub_events_dropped_total counter\n");
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "hearth_hub_events_dropped_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.events_dropped(r)
+            );
+        }
+        out.push_str(
+            "# HELP hearth_hub_messages_invalid_total Non-event messages refused, by kind.\n",
+        );
+        out.push_str("# TYPE hearth_hub_messages_invalid_total counter\n");
+        for k in InvalidKind::ALL {
+            let _ = writeln!(
+                out,
+                "hearth_hub_messages_invalid_total{{kind=\"{}\"}} {}",
+                k.label(),
+                self.invalid_messages(k)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_counter() {
+        let m = Metrics::new();
+        Metrics::inc(&m.events_received);
+        Metrics::inc(&m.events_received);
+        m.drop_event(DropReason::TooLarge);
+        m.invalid_message(InvalidKind::Availability);
+        let t = m.render_prometheus();
+        assert!(t.contains("hearth_hub_events_received_total 2\n"), "{t}");
+        assert!(
+            t.contains("hearth_hub_events_dropped_total{reason=\"too_large\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("hearth_hub_events_dropped_total{reason=\"schema\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("hearth_hub_messages_invalid_total{kind=\"availability\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE hearth_hub_commands_published_total counter\n"),
+            "{t}"
+        );
+        assert_eq!(m.events_dropped_total(), 1);
+        // every sample line is `name[{labels}] value`
+        for line in t.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = line.rsplit_once(' ').unwrap();
+            v.parse::<u64>().unwrap();
+        }
+    }
+}

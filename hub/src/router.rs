@@ -1,0 +1,261 @@
+//! The router: every message the hub receives goes through here.
+//!
+//! - `hearth/<device>/event/<name>`: the privacy guard ([`Event::parse`]: size limit and
+//!   schema) first; invalid payloads are dropped, counted and logged with topic and reason
+//!   only (never the payload). Valid events update the registry and are matched against
+//!   the rules; firing rules publish their command at QoS 1.
+//! - `hearth/<device>/meta`, `hearth/<device>/availability`: the registry.
+//! - `hearth/federation/refresh`: starts a federated round on the coordinator.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hearth_proto::mqtt::{
+    parse_event_topic, valid_name, DeviceMeta, Event, RefreshRequest, REFRESH_TOPIC, ROOT,
+};
+use rumqttc::{AsyncClient, Publish, QoS};
+use tokio::sync::Semaphore;
+
+use crate::federation;
+use crate::metrics::{DropReason, InvalidKind, Metrics};
+use crate::registry::{Availability, Registry};
+use crate::rules::{Rule, RuleSet};
+
+/// Largest accepted `meta` payload.
+pub const MAX_META_BYTES: usize = 4096;
+/// Largest accepted refresh request payload.
+pub const MAX_REFRESH_BYTES: usize = 1024;
+
+/// Topic filters the hub subscribes to.
+pub fn subscriptions() -> [String; 4] {
+    [
+        format!("{ROOT}/+/event/+"),
+        format!("{ROOT}/+/meta"),
+        format!("{ROOT}/+/availability"),
+        REFRESH_TOPIC.to_string(),
+    ]
+}
+
+/// Where refresh requests go.
+#[derive(Debug, Clone)]
+pub struct RefreshTarget {
+    pub url: String,
+    pub token: String,
+}
+
+/// Routes incoming messages.
+pub struct Router {
+    pub(crate) rules: Arc<RuleSet>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Client of the publishing connection (a separate connection from the subscriber,
+    /// so awaiting a publish can never block the loop that drains the subscription).
+    pub(crate) publisher: AsyncClient,
+    pub(crate) refresh: Option<RefreshTarget>,
+    /// One refresh in flight at a time.
+    pub(crate) refresh_gate: Arc<Semaphore>,
+}
+
+/// Whether the n-th occurrence of a warning should be logged (first 20, then powers of two):
+/// a flood of bad messages cannot flood the log.
+fn should_log(n: u64) -> bool {
+    n <= 20 || n.is_power_of_two()
+}
+
+impl Router {
+    /// Handles one incoming publish.
+    pub async fn handle(&self, p: &Publish) {
+        let topic = p.topic.as_str();
+        if let Some((device, name)) = parse_event_topic(topic) {
+            self.handle_event(topic, device, name, p).await;
+            return;
+        }
+        if topic == REFRESH_TOPIC {
+            self.handle_refresh(p);
+            return;
+        }
+        let Some(rest) = topic.strip_prefix(ROOT).and_then(|r| r.strip_prefix('/')) else {
+            return;
+        };
+        match rest.split_once('/') {
+            Some((device, "meta")) => self.handle_meta(topic, device, &p.payload),
+            Some((device, "availability")) => self.handle_availability(topic, device, &p.payload),
+            _ => {}
+        }
+    }
+
+    fn drop_event(&self, topic: &str, reason: DropReason, bytes: usize) {
+        let n = self.metrics.drop_event(reason);
+        if should_log(n) {
+            tracing::warn!(
+                topic,
+                reason = reason.label(),
+                bytes,
+                dropped = n,
+                "event dropped"
+            );
+        }
+    }
+
+    async fn handle_event(&self, topic: &str, device: &str, name: &str, p: &Publish) {
+        Metrics::inc(&self.metrics.events_received);
+        if !valid_name(device) || !valid_name(name) {
+            return self.drop_event(topic, DropReason::BadTopic, p.payload.len());
+        }
+        if p.retain {
+            return self.drop_event(topic, DropReason::Retained, p.payload.len());
+        }
+        let ev = match Event::parse(&p.payload) {
+            Ok(ev) => ev,
+            Err(e) => return self.drop_event(topic, DropReason::from(&e), p.payload.len()),
+        };
+        self.registry.record_event(device);
+        // Up to a handful of firings per event: no allocation unless something fires.
+        let mut fired: Vec<&Rule> = Vec::new();
+        let matched = self
+            .rules
+            .dispatch(device, name, &ev, Instant::now(), |r| fired.push(r));
+        if matched == 0 {
+            return;
+        }
+        Metrics::inc(&self.metrics.events_routed);
+        let suppressed = (matched - fired.len()) as u64;
+        if suppressed > 0 {
+            self.metrics
+                .cooldown_suppressed
+                .fetch_add(suppressed, std::sync::atomic::Ordering::Relaxed);
+        }
+        for r in fired {
+            match self
+                .publisher
+                .publish(r.topic.as_str(), QoS::AtLeastOnce, false, r.payload.clone())
+                .await
+            {
+                Ok(()) => {
+                    Metrics::inc(&self.metrics.commands_published);
+                    tracing::debug!(rule = %r.name, topic = %r.topic, device, class = %ev.class, "rule fired");
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.commands_failed);
+                    tracing::warn!(rule = %r.name, topic = %r.topic, error = %e, "command not published");
+                }
+            }
+        }
+    }
+
+    fn handle_meta(&self, topic: &str, device: &str, payload: &[u8]) {
+        let invalid = |reason: &str| {
+            let n = self.metrics.invalid_message(InvalidKind::Meta);
+            if should_log(n) {
+                tracing::warn!(topic, reason, "device meta refused");
+            }
+        };
+        if !valid_name(device) {
+            return invalid("device name in topic is invalid");
+        }
+        if payload.is_empty() {
+            // An empty retained message clears the meta.
+            self.registry.set_meta(device, None);
+            Metrics::inc(&self.metrics.registry_updates);
+            return;
+        }
+        if payload.len() > MAX_META_BYTES {
+            return invalid("payload too large");
+        }
+        let meta: DeviceMeta = match serde_json::from_slice(payload) {
+            Ok(m) => m,
+            Err(_) => return invalid("not a DeviceMeta document"),
+        };
+        if meta.device != device {
+            return invalid("`device` does not match the topic");
+        }
+        if self.registry.set_meta(device, Some(meta)) {
+            Metrics::inc(&self.metrics.registry_updates);
+        } else {
+            invalid("registry full");
+        }
+    }
+
+    fn handle_availability(&self, topic: &str, device: &str, payload: &[u8]) {
+        let a = match (valid_name(device), Availability::parse(payload)) {
+            (true, Some(a)) => a,
+            _ => {
+                let n = self.metrics.invalid_message(InvalidKind::Availability);
+                if should_log(n) {
+                    tracing::warn!(topic, "availability must be `online` or `offline`");
+                }
+                return;
+            }
+        };
+        if self.registry.set_availability(device, a) {
+            Metrics::inc(&self.metrics.registry_updates);
+            tracing::info!(device, availability = a.as_str(), "device availability");
+        }
+    }
+
+    fn handle_refresh(&self, p: &Publish) {
+        let invalid = |reason: &str| {
+            let n = self.metrics.invalid_message(InvalidKind::Refresh);
+            if should_log(n) {
+                tracing::warn!(topic = REFRESH_TOPIC, reason, "refresh request refused");
+            }
+        };
+        if p.retain {
+            // A retained request would start a round at every hub restart.
+            return invalid("retained refresh requests are ignored");
+        }
+        if p.payload.len() > MAX_REFRESH_BYTES {
+            return invalid("payload too large");
+        }
+        let req: RefreshRequest = match serde_json::from_slice(&p.payload) {
+            Ok(r) => r,
+            Err(_) => return invalid("expected {\"model\":\"<name>\"}"),
+        };
+        if !valid_name(&req.model) {
+            return invalid("invalid model name");
+        }
+        Metrics::inc(&self.metrics.refresh_requests);
+        let Some(target) = self.refresh.clone() else {
+            Metrics::inc(&self.metrics.refresh_failures);
+            tracing::warn!(model = %req.model, "refresh requested but no coordinator is configured");
+            return;
+        };
+        let Ok(permit) = self.refresh_gate.clone().try_acquire_owned() else {
+            Metrics::inc(&self.metrics.refresh_failures);
+            tracing::warn!(model = %req.model, "refresh ignored: another refresh is in flight");
+            return;
+        };
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match federation::start_round(&target.url, &target.token, &req.model, "mqtt").await {
+                Ok(info) => tracing::info!(
+                    model = %info.model, round = info.round_id, state = %info.state,
+                    "refresh: round started"
+                ),
+                Err(e) => {
+                    Metrics::inc(&metrics.refresh_failures);
+                    tracing::warn!(model = %req.model, error = %e, "refresh failed");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_throttle() {
+        assert!(should_log(1) && should_log(20) && should_log(1024));
+        assert!(!should_log(21) && !should_log(1000));
+    }
+
+    #[test]
+    fn subscription_filters() {
+        let s = subscriptions();
+        assert_eq!(s[0], "hearth/+/event/+");
+        assert_eq!(s[3], "hearth/federation/refresh");
+    }
+}

@@ -1,0 +1,582 @@
+//! End-to-end tests of the hub on loopback: embedded rumqttd on a free port, real rumqttc
+//! clients publishing events and listening for actuator commands. Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hearth_hub::{
+    Availability, BrokerConfig, Config, DropReason, Error, HubHandle, InvalidKind, Metrics,
+};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+const RULES: &str = r#"
+[[rule]]
+name = "porch light when someone is at the door"
+[rule.when]
+device = "door-cam"
+event = "detection"
+class = "person"
+min_score = 0.8
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON" }
+cooldown_secs = 10
+
+# used as an ordering barrier: no cooldown, fires on every kettle
+[[rule]]
+name = "kettle"
+[rule.when]
+device = "kitchen-*"
+class = "kettle"
+[rule.then]
+actuator = "kitchen_fan"
+payload = { state = "TOGGLE" }
+"#;
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+fn uid(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+struct Home {
+    hub: HubHandle,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_hub(rules: &str, tweak: impl FnOnce(&mut Config)) -> Home {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
+    let mut cfg = Config {
+        client_id: uid("hub"),
+        rules: Some(path),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        broker: BrokerConfig::embedded("127.0.0.1:0".parse().unwrap()),
+        ..Config::default()
+    };
+    tweak(&mut cfg);
+    let hub = timeout(Duration::from_secs(15), hearth_hub::start(cfg))
+        .await
+        .expect("hub starts in time")
+        .expect("hub starts");
+    Home { hub, _dir: dir }
+}
+
+/// A client that forwards every publish it receives on `filter`.
+async fn listener(
+    addr: SocketAddr,
+    filter: &str,
+) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+    let mut o = MqttOptions::new(uid("listener"), addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(o, 64);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        for _ in 0..100_000 {
+            match el.poll().await {
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    timeout(WAIT, ready_rx)
+        .await
+        .expect("suback in time")
+        .unwrap();
+    (client, rx)
+}
+
+/// A publishing client whose event loop runs in the background.
+async fn publisher(addr: SocketAddr) -> AsyncClient {
+    let mut o = MqttOptions::new(uid("agent"), addr.ip().to_string(), addr.port());
+    o.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut el) = AsyncClient::new(o, 256);
+    tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    client
+}
+
+fn event(class: &str, score: f32) -> Vec<u8> {
+    format!(r#"{{"class":"{class}","score":{score},"model":"door-cam@7","ts":"2026-11-24T18:00:00.000Z"}}"#)
+        .into_bytes()
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) -> (String, Vec<u8>) {
+    timeout(WAIT, rx.recv())
+        .await
+        .expect("a command in time")
+        .expect("listener alive")
+}
+
+/// Publishes a kettle event and waits for its command: every message published before it
+/// on the same connection has been routed by then (QoS 1 order is preserved).
+async fn barrier(agent: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+    agent
+        .publish(
+            "hearth/kitchen-plug/event/appliance",
+            QoS::AtLeastOnce,
+            false,
+            event("kettle", 0.5),
+        )
+        .await
+        .unwrap();
+    let (topic, payload) = next(rx).await;
+    assert_eq!(
+        topic, "zigbee2mqtt/kitchen_fan/set",
+        "an unexpected command arrived before the barrier"
+    );
+    assert_eq!(payload, br#"{"state":"TOGGLE"}"#);
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..250 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn person_at_the_door_turns_the_porch_light_on() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    assert_ne!(addr.port(), 0);
+    let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
+    let agent = publisher(addr).await;
+    agent
+        .publish(
+            "hearth/door-cam/event/detection",
+            QoS::AtLeastOnce,
+            false,
+            event("person", 0.93),
+        )
+        .await
+        .unwrap();
+    let (topic, payload) = next(&mut rx).await;
+    assert_eq!(topic, "zigbee2mqtt/porch_light/set");
+    assert_eq!(payload, br#"{"state":"ON"}"#);
+    let m = home.hub.metrics();
+    assert_eq!(Metrics::get(&m.events_received), 1);
+    assert_eq!(Metrics::get(&m.events_routed), 1);
+    assert_eq!(Metrics::get(&m.commands_published), 1);
+    let dev = home
+        .hub
+        .registry()
+        .get("door-cam")
+        .expect("device registered from its event");
+    assert_eq!(dev.events, 1);
+    timeout(WAIT, home.hub.shutdown())
+        .await
+        .expect("shutdown in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_threshold_wrong_class_or_device_do_not_fire() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    let (_l, mut rx) = listener(addr, "zigbee2mqtt/#").await;
+    let agent = publisher(addr).await;
+    for (topic, payload) in [
+        ("hearth/door-cam/event/detection", event("person", 0.79)),
+        ("hearth/door-cam/event/detection", event("cat", 0.99)),
+        ("hearth/garden-cam/event/detection", event("person", 0.99)),
+        ("hearth/door-cam/event/motion", event("person", 0.99)),
+    ] {
+        agent
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    barrier(&agent, &mut rx).await;
+    let m = home.hub.metrics();
+    assert_eq!(Metrics::get(&m.events_received), 5);
+    assert_eq!(
+        Metrics::get(&m.events_routed),
+        1,
+        "only the barrier matched"
+    );
+    assert_eq!(Metrics::get(&m.commands_published), 1);
+    assert_eq!(m.events_dropped_total(), 0, "valid events are not drops");
+    home.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooldown_suppresses_a_second_firing() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
+    let agent = publisher(addr).await;
+    for _ in 0..2 {
+        agent
+            .publish(
+                "hearth/door-cam/event/detection",
+                QoS::AtLeastOnce,
+                false,
+                event("person", 0.95),
+            )
+            .await
+            .unwrap();
+    }
+    let (topic, _) = next(&mut rx).await;
+    assert_eq!(topic, "zigbee2mqtt/porch_light/set");
+    barrier(&agent, &mut rx).await; // the second porch command would have come before it
+    let m = home.hub.metrics();
+    assert_eq!(Metrics::get(&m.events_routed), 3);
+    assert_eq!(Metrics::get(&m.cooldown_suppressed), 1);
+    assert_eq!(Metrics::get(&m.commands_published), 2);
+    home.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_payloads_are_dropped_counted_and_never_routed() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    let (_l, mut rx) = listener(addr, "zigbee2mqtt/#").await;
+    let agent = publisher(addr).await;
+    let t = "hearth/door-cam/event/detection";
+    // A person with a raw waveform attached: extra field.
+    let extra =
+        br#"{"class":"person","score":0.99,"model":"m@1","ts":"t","samples":[0.1,0.2]}"#.to_vec();
+    // A person event padded past the size limit.
+    let big = format!(
+        r#"{{"class":"person","score":0.99,"model":"m@1","ts":"{}"}}"#,
+        "x".repeat(hearth_proto::mqtt::MAX_EVENT_BYTES)
+    )
+    .into_bytes();
+    let malformed = b"{\"class\":\"person\",\"score\":0.99".to_vec();
+    let bad_score = event("person", 1.5);
+    let bad_class = event("per/son", 0.99);
+    for p in [extra, big, malformed, bad_score, bad_class] {
+        agent.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
+    }
+    barrier(&agent, &mut rx).await;
+    let m = home.hub.metrics();
+    assert_eq!(m.events_dropped(DropReason::Schema), 2);
+    assert_eq!(m.events_dropped(DropReason::TooLarge), 1);
+    assert_eq!(m.events_dropped(DropReason::BadScore), 1);
+    assert_eq!(m.events_dropped(DropReason::BadField), 1);
+    assert_eq!(Metrics::get(&m.events_received), 6);
+    assert_eq!(
+        Metrics::get(&m.commands_published),
+        1,
+        "only the barrier fired"
+    );
+    // Nothing else arrives.
+    assert!(timeout(Duration::from_millis(300), rx.recv())
+        .await
+        .is_err());
+    home.hub.shutdown().await;
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = timeout(WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: hub\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_and_registry() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
+    let agent = publisher(addr).await;
+    let meta = br#"{"device":"door-cam","kind":"agent","model":"faces@3","classes":["none","person"],"sw_version":"0.1.0"}"#;
+    agent
+        .publish(
+            "hearth/door-cam/meta",
+            QoS::AtLeastOnce,
+            true,
+            meta.to_vec(),
+        )
+        .await
+        .unwrap();
+    agent
+        .publish(
+            "hearth/door-cam/availability",
+            QoS::AtLeastOnce,
+            true,
+            "online",
+        )
+        .await
+        .unwrap();
+    agent
+        .publish("hearth/plug/availability", QoS::AtLeastOnce, true, "maybe")
+        .await
+        .unwrap();
+    agent
+        .publish(
+            "hearth/door-cam/event/detection",
+            QoS::AtLeastOnce,
+            false,
+            event("person", 0.9),
+        )
+        .await
+        .unwrap();
+    agent
+        .publish(
+            "hearth/door-cam/event/detection",
+            QoS::AtLeastOnce,
+            false,
+            "nope",
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut rx).await.0, "zigbee2mqtt/porch_light/set");
+    barrier(&agent, &mut rx).await;
+
+    let reg = home.hub.registry();
+    let cam = reg.get("door-cam").expect("door-cam known");
+    assert_eq!(cam.availability, Availability::Online);
+    assert_eq!(cam.meta.as_ref().map(|m| m.model.as_str()), Some("faces@3"));
+    assert_eq!(
+        home.hub
+            .metrics()
+            .invalid_messages(InvalidKind::Availability),
+        1
+    );
+
+    let resp = http_get(home.hub.metrics_addr().unwrap(), "/metrics").await;
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(
+        resp.contains("Content-Type: text/plain; version=0.0.4"),
+        "{resp}"
+    );
+    for line in [
+        "hearth_hub_events_received_total 3",
+        "hearth_hub_events_routed_total 2",
+        "hearth_hub_commands_published_total 2",
+        "hearth_hub_events_dropped_total{reason=\"schema\"} 1",
+        "hearth_hub_refresh_requests_total 0",
+        "hearth_hub_devices{availability=\"online\"} 1",
+    ] {
+        assert!(
+            resp.contains(&format!("\n{line}\n")),
+            "missing `{line}` in\n{resp}"
+        );
+    }
+    let devices = http_get(home.hub.metrics_addr().unwrap(), "/devices").await;
+    assert!(
+        devices.contains("\"name\":\"door-cam\"")
+            && devices.contains("\"availability\":\"online\""),
+        "{devices}"
+    );
+    assert!(http_get(home.hub.metrics_addr().unwrap(), "/x")
+        .await
+        .starts_with("HTTP/1.1 404"));
+
+    // Offline via the last-will topic.
+    agent
+        .publish(
+            "hearth/door-cam/availability",
+            QoS::AtLeastOnce,
+            true,
+            "offline",
+        )
+        .await
+        .unwrap();
+    wait_until("door-cam offline", || {
+        reg.get("door-cam").unwrap().availability == Availability::Offline
+    })
+    .await;
+    home.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_requests_are_counted_and_fail_without_a_coordinator() {
+    // Coordinator configured but unreachable: the MQTT refresh fails quickly, the follower
+    // keeps retrying in the background, and shutdown still completes in time.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let home = start_hub("", |c| {
+        c.coordinator = Some(format!("http://127.0.0.1:{port}"));
+        c.admin_token = Some("secret".into());
+    })
+    .await;
+    let agent = publisher(home.hub.mqtt_addr()).await;
+    agent
+        .publish(
+            "hearth/federation/refresh",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"model":"plaid"}"#,
+        )
+        .await
+        .unwrap();
+    agent
+        .publish(
+            "hearth/federation/refresh",
+            QoS::AtLeastOnce,
+            false,
+            "plaid",
+        )
+        .await
+        .unwrap();
+    let m = home.hub.metrics();
+    wait_until("refresh failure", || Metrics::get(&m.refresh_failures) == 1).await;
+    assert_eq!(Metrics::get(&m.refresh_requests), 1);
+    assert_eq!(m.invalid_messages(InvalidKind::Refresh), 1);
+    let t = std::time::Instant::now();
+    timeout(WAIT, home.hub.shutdown())
+        .await
+        .expect("shutdown in time");
+    assert!(t.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_fail_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.toml");
+    std::fs::write(&path, RULES.replace("min_score = 0.8", "min_score = 80")).unwrap();
+    let cfg = Config {
+        rules: Some(path.clone()),
+        broker: BrokerConfig::embedded("127.0.0.1:0".parse().unwrap()),
+        ..Config::default()
+    };
+    let err = hearth_hub::start(cfg).await.unwrap_err();
+    assert!(matches!(err, Error::Rules(_)));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:8: rule \"porch light when someone is at the door\": when.min_score 80 must be within 0..=1",
+            path.display()
+        )
+    );
+    let missing = Config {
+        rules: Some(dir.path().join("nope.toml")),
+        ..Config::default()
+    };
+    let e = hearth_hub::start(missing).await.unwrap_err().to_string();
+    assert!(
+        e.starts_with("cannot read rules file") && e.contains("nope.toml"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stops_on_shutdown_and_external_broker_works() {
+    // Hub A provides the broker; hub B uses it as an external broker via run().
+    let a = start_hub(RULES, |_| {}).await;
+    let url = a.hub.mqtt_url();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = Config {
+        client_id: uid("hub-b"),
+        broker: BrokerConfig::external(url.clone()),
+        ..Config::default()
+    };
+    let b = tokio::spawn(hearth_hub::run(cfg, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.is_finished(), "run() keeps running until told to stop");
+    stop_tx.send(()).unwrap();
+    timeout(WAIT, b)
+        .await
+        .expect("run returns in time")
+        .unwrap()
+        .unwrap();
+
+    // Unreachable external broker: start fails within the connect timeout with a clear error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = Config {
+        client_id: uid("hub-c"),
+        connect_timeout_secs: 1,
+        broker: BrokerConfig::external(format!("mqtt://127.0.0.1:{port}")),
+        ..Config::default()
+    };
+    let e = timeout(WAIT, hearth_hub::start(cfg))
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("MQTT broker: cannot connect and subscribe"),
+        "{e}"
+    );
+    a.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_retained_events_are_not_routed_on_subscribe() {
+    // Broker from a rule-less hub A holds a retained person event; hub B, connecting
+    // later, receives it with the retain flag (MQTT 3.3.1.3) and must not fire on it.
+    let a = start_hub("", |_| {}).await;
+    let addr = a.hub.mqtt_addr();
+    let agent = publisher(addr).await;
+    agent
+        .publish(
+            "hearth/door-cam/event/detection",
+            QoS::AtLeastOnce,
+            true,
+            event("person", 0.99),
+        )
+        .await
+        .unwrap();
+    wait_until("hub A saw the event", || {
+        Metrics::get(&a.hub.metrics().events_received) == 1
+    })
+    .await;
+    let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
+    let b = start_hub(RULES, |c| {
+        c.broker = BrokerConfig::external(a.hub.mqtt_url())
+    })
+    .await;
+    barrier(&agent, &mut rx).await;
+    let m = b.hub.metrics();
+    assert_eq!(m.events_dropped(DropReason::Retained), 1);
+    assert_eq!(
+        Metrics::get(&m.commands_published),
+        1,
+        "only the barrier fired"
+    );
+    b.hub.shutdown().await;
+    a.hub.shutdown().await;
+}
