@@ -1,0 +1,429 @@
+//! The agent's life cycle: prepare (local data share, model), connect to MQTT,
+//! replay samples through the classifier and publish verdicts, run the
+//! federation client, and shut down cleanly (`offline` retained).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hearth_model::{train, Dataset, MlpSpec, OnnxModel, Split, TrainConfig};
+use hearth_proto::mqtt::{availability_topic, event_topic, meta_topic, DeviceMeta, Event};
+use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::inference::{Loaded, ModelSlot};
+use crate::mqtt::{self, stopped};
+use crate::state::StateDir;
+use crate::stats::{add, AgentStats};
+use crate::{federation, Config, Error};
+
+/// How long each part of the agent gets to stop at shutdown.
+const STOP_LIMIT: Duration = Duration::from_secs(5);
+/// How long the final `offline` publication and disconnect may take.
+const OFFLINE_LIMIT: Duration = Duration::from_secs(3);
+
+/// What the agent's tasks share.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub model_name: String,
+    /// The device's own share of the train split (never leaves the device).
+    pub data: Arc<Dataset>,
+    pub slot: Arc<ModelSlot>,
+    pub stats: Arc<AgentStats>,
+    pub state: StateDir,
+    pub mqtt: AsyncClient,
+}
+
+impl Shared {
+    /// Publishes the retained device description for the model now in use.
+    pub(crate) async fn publish_meta(&self) -> Result<(), Error> {
+        let cur = self.slot.current();
+        let meta = DeviceMeta {
+            device: self.config.device.clone(),
+            kind: "agent".into(),
+            model: cur.tag(),
+            classes: cur.classes().to_vec(),
+            sw_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let body = serde_json::to_vec(&meta).expect("meta serialises");
+        self.mqtt
+            .publish(
+                meta_topic(&self.config.device),
+                QoS::AtLeastOnce,
+                true,
+                body,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn announce(&self) -> Result<(), Error> {
+        self.mqtt
+            .publish(
+                availability_topic(&self.config.device),
+                QoS::AtLeastOnce,
+                true,
+                "online",
+            )
+            .await?;
+        self.publish_meta().await
+    }
+
+    /// Records `l` as the model in use.
+    pub(crate) fn install(&self, l: Arc<Loaded>) {
+        let version = l.version;
+        let tag = l.tag();
+        let old = self.slot.swap(l);
+        self.stats
+            .model_version
+            .store(version, std::sync::atomic::Ordering::Relaxed);
+        add(&self.stats.models_loaded, 1);
+        tracing::info!(from = %old.tag(), to = %tag, "model hot-swapped");
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+    stop_tx: watch::Sender<bool>,
+    replay: Option<JoinHandle<()>>,
+    federation: Option<JoinHandle<()>>,
+    mqtt_stop: Option<oneshot::Sender<()>>,
+    mqtt_task: Option<JoinHandle<()>>,
+    replay_done: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle")
+            .field("device", &self.shared.config.device)
+            .field("stats", &self.shared.stats.snapshot())
+            .finish()
+    }
+}
+
+impl AgentHandle {
+    /// Live counters.
+    pub fn stats(&self) -> Arc<AgentStats> {
+        self.shared.stats.clone()
+    }
+
+    /// `name@version` of the model in use.
+    pub fn model_tag(&self) -> String {
+        self.shared.slot.current().tag()
+    }
+
+    /// Class labels of the model in use.
+    pub fn classes(&self) -> Vec<String> {
+        self.shared.slot.current().classes().to_vec()
+    }
+
+    /// Number of samples in this device's own share of the data.
+    pub fn local_samples(&self) -> usize {
+        self.shared.data.len()
+    }
+
+    /// Resolves when the replay has reached `replay_limit` (never without a limit,
+    /// unless the agent is shutting down).
+    pub async fn replay_finished(&self) {
+        let mut rx = self.replay_done.clone();
+        stopped(&mut rx).await
+    }
+
+    /// Stops replay and federation, publishes `offline` (retained) and
+    /// disconnects, each step within a time limit.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        let _ = self.stop_tx.send(true);
+        let mut result = Ok(());
+        for (what, task) in [
+            ("replay", self.replay.take()),
+            ("federation", self.federation.take()),
+        ] {
+            if let Some(t) = task {
+                if let Err(e) = join_within(t, STOP_LIMIT, what).await {
+                    result = Err(e);
+                }
+            }
+        }
+        if let Some(tx) = self.mqtt_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.mqtt_task.take() {
+            join_within(t, STOP_LIMIT + OFFLINE_LIMIT, "mqtt").await?;
+        }
+        tracing::info!(stats = ?self.shared.stats.snapshot(), "agent stopped");
+        result
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        // A handle dropped without shutdown(): stop the tasks rather than leak them.
+        let _ = self.stop_tx.send(true);
+        for t in [
+            self.replay.take(),
+            self.federation.take(),
+            self.mqtt_task.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t.abort();
+        }
+    }
+}
+
+async fn join_within(mut t: JoinHandle<()>, limit: Duration, what: &str) -> Result<(), Error> {
+    match tokio::time::timeout(limit, &mut t).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.is_cancelled() => Ok(()),
+        Ok(Err(e)) => Err(Error::Task(format!("{what}: {e}"))),
+        Err(_) => {
+            t.abort();
+            Err(Error::Task(format!("{what} did not stop within {limit:?}")))
+        }
+    }
+}
+
+/// Loads the device's data share and the model to start from (CPU and disk work).
+fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
+    let state = StateDir::open(&config.state_dir)?;
+    let full = config.task.load(&config.data_dir, Split::Train)?;
+    let p = &config.partition;
+    let data = full.partition(p.index, p.count, p.alpha, p.seed);
+    if data.is_empty() {
+        return Err(Error::Config(format!(
+            "partition {}/{} of {} is empty",
+            p.index, p.count, config.task
+        )));
+    }
+    let name = config.model_name();
+
+    match state.load_model(&name) {
+        Ok(Some((meta, bytes))) => {
+            match Loaded::from_bytes(&name, meta.version, true, &bytes)
+                .and_then(|l| l.check_compatible(&data).map(|()| l))
+            {
+                Ok(l) => {
+                    tracing::info!(model = %l.tag(), "loaded the stored global model");
+                    return Ok((data, l, state));
+                }
+                Err(e) => tracing::warn!("ignoring the stored model: {e}"),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("ignoring the stored model: {e}"),
+    }
+
+    if let Some(path) = &config.initial_model {
+        let l = Loaded::new(&name, 0, false, OnnxModel::load(path)?)?;
+        l.check_compatible(&data)?;
+        tracing::info!(path = %path.display(), "loaded the initial model");
+        return Ok((data, l, state));
+    }
+
+    // Bootstrap: the shipped architecture, trained on this device's own samples.
+    let spec = MlpSpec {
+        task: config.task,
+        input_len: data.input_len,
+        hidden: config.task.default_spec().hidden,
+        classes: data.classes.clone(),
+    };
+    let mut onnx = OnnxModel::build_mlp(&spec, p.seed);
+    if config.bootstrap_epochs > 0 {
+        let cfg = TrainConfig {
+            epochs: config.bootstrap_epochs,
+            seed: p.seed ^ p.index as u64,
+            ..TrainConfig::default()
+        };
+        let (w, report) = train(&onnx, &data, &cfg)?;
+        onnx.set_weights(&w)?;
+        tracing::info!(
+            samples = report.samples,
+            loss = report.final_loss,
+            "bootstrapped a local model on the device's own data"
+        );
+    }
+    let l = Loaded::new(&name, 0, false, onnx)?;
+    l.check_compatible(&data)?;
+    Ok((data, l, state))
+}
+
+/// Starts an agent: validates the configuration, loads its data share and model,
+/// connects to MQTT, and starts replay and (with a coordinator) federation.
+pub async fn start(config: Config) -> Result<AgentHandle, Error> {
+    config.validate()?;
+    let cfg = config.clone();
+    let (data, loaded, state) = tokio::task::spawn_blocking(move || prepare(&cfg)).await??;
+    let stats = Arc::new(AgentStats::default());
+    stats
+        .model_version
+        .store(loaded.version, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        device = %config.device,
+        model = %loaded.tag(),
+        local_samples = data.len(),
+        "agent prepared"
+    );
+
+    let device = config.device.clone();
+    let opts = mqtt::options(
+        &config.mqtt,
+        &format!("hearth-agent-{device}"),
+        &availability_topic(&device),
+    )?;
+    let (client, eventloop) = mqtt::client(opts);
+    let shared = Arc::new(Shared {
+        model_name: config.model_name(),
+        config,
+        data: Arc::new(data),
+        slot: Arc::new(ModelSlot::new(loaded)),
+        stats,
+        state,
+        mqtt: client,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (mqtt_stop_tx, mqtt_stop_rx) = oneshot::channel();
+    let mqtt_task = tokio::spawn(mqtt_loop(eventloop, shared.clone(), mqtt_stop_rx));
+    let (done_tx, done_rx) = watch::channel(false);
+    let replay = tokio::spawn(replay_loop(shared.clone(), stop_rx.clone(), done_tx));
+    let federation = shared.config.coordinator_url().map(|url| {
+        tokio::spawn(federation::run(
+            shared.clone(),
+            url.to_string(),
+            stop_rx.clone(),
+        ))
+    });
+
+    Ok(AgentHandle {
+        shared,
+        stop_tx,
+        replay: Some(replay),
+        federation,
+        mqtt_stop: Some(mqtt_stop_tx),
+        mqtt_task: Some(mqtt_task),
+        replay_done: done_rx,
+    })
+}
+
+/// Runs an agent until `shutdown` resolves, then stops it cleanly.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let handle = start(config).await?;
+    shutdown.await;
+    handle.shutdown().await
+}
+
+/// Drives the MQTT connection; announces `online` + meta on every (re)connect.
+async fn mqtt_loop(mut el: EventLoop, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let avail = availability_topic(&shared.config.device);
+    let mut failures: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            ev = el.poll() => match ev {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    add(&shared.stats.mqtt_connects, 1);
+                    tracing::info!(broker = %shared.config.mqtt, "MQTT connected");
+                    let s = shared.clone();
+                    // Publish from another task: the request queue is drained by this loop.
+                    tokio::spawn(async move {
+                        if let Err(e) = s.announce().await {
+                            tracing::warn!("could not announce the device: {e}");
+                        }
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures.is_multiple_of(30) {
+                        tracing::warn!(broker = %shared.config.mqtt, failures, "MQTT connection: {e}");
+                    }
+                    let wait = Duration::from_millis(200u64 << failures.min(4)); // 0.4 s .. 3.2 s
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+    mqtt::go_offline(&shared.mqtt, &mut el, &avail, OFFLINE_LIMIT).await;
+}
+
+/// Replays the device's own samples as if sensed, classifies each off the
+/// runtime and publishes the verdicts (never the samples).
+async fn replay_loop(
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    done: watch::Sender<bool>,
+) {
+    let cfg = &shared.config;
+    let n = shared.data.len();
+    let topic = event_topic(&cfg.device, &cfg.event_name());
+    let mut ticker = (cfg.replay_rate_hz > 0.0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / cfg.replay_rate_hz));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let limit = cfg.replay_limit.unwrap_or(u64::MAX);
+    let mut i: u64 = 0;
+    while i < limit {
+        if let Some(t) = ticker.as_mut() {
+            tokio::select! {
+                _ = stopped(&mut stop) => break,
+                _ = t.tick() => {}
+            }
+        } else if *stop.borrow() {
+            break;
+        }
+        let model = shared.slot.current();
+        let data = shared.data.clone();
+        let idx = (i % n as u64) as usize;
+        i += 1;
+        add(&shared.stats.samples_replayed, 1);
+        let verdict =
+            tokio::task::spawn_blocking(move || model.verdict(data.sample(idx), SystemTime::now()))
+                .await;
+        let ev = match verdict {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(e)) => {
+                add(&shared.stats.inference_errors, 1);
+                tracing::warn!("inference failed: {e}");
+                continue;
+            }
+            Err(e) => {
+                add(&shared.stats.inference_errors, 1);
+                tracing::warn!("inference task failed: {e}");
+                continue;
+            }
+        };
+        if ev.score < cfg.min_event_score {
+            add(&shared.stats.events_suppressed, 1);
+            continue;
+        }
+        let payload = ev.to_json();
+        // The same check the hub applies: size, schema and field contents.
+        if let Err(e) = Event::parse(&payload) {
+            add(&shared.stats.inference_errors, 1);
+            tracing::warn!("refusing to publish an invalid event: {e}");
+            continue;
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            r = shared.mqtt.publish(topic.clone(), QoS::AtLeastOnce, false, payload) => match r {
+                Ok(()) => add(&shared.stats.events_published, 1),
+                Err(e) => {
+                    tracing::warn!("MQTT client closed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!(samples = i, "replay finished");
+    let _ = done.send(true);
+}

@@ -1,0 +1,278 @@
+//! Agent configuration: a TOML file (serde, every field defaulted) plus `validate()`.
+
+use std::path::{Path, PathBuf};
+
+use hearth_model::Task;
+use hearth_proto::mqtt::valid_name;
+use serde::{Deserialize, Serialize};
+
+use crate::mqtt::BrokerUrl;
+use crate::Error;
+
+/// Which non-IID share of the TRAIN split this device owns (its local data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Partition {
+    /// This device's share, `0..count`.
+    pub index: usize,
+    /// Number of shares the split is cut into.
+    pub count: usize,
+    /// Dirichlet concentration of the label skew (small = more skewed).
+    pub alpha: f32,
+    /// Seed of the partition (the same on every device of one deployment).
+    pub seed: u64,
+}
+
+impl Default for Partition {
+    fn default() -> Self {
+        Partition {
+            index: 0,
+            count: 1,
+            alpha: 0.5,
+            seed: 42,
+        }
+    }
+}
+
+/// Configuration of one device agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Device name: one MQTT topic level (`[A-Za-z0-9_-]`, ≤ 64 chars).
+    pub device: String,
+    /// Broker URL, `mqtt://[user[:password]@]host[:port]`.
+    pub mqtt: String,
+    /// Coordinator URL (`http://host:port`); absent or empty = inference only.
+    pub coordinator: Option<String>,
+    /// One-time enrollment token (only needed until credentials are stored).
+    pub enrollment_token: Option<String>,
+    /// Task the device senses: `plaid`, `faces` or `digits`.
+    pub task: Task,
+    /// Federated model name; defaults to the task name.
+    pub model: Option<String>,
+    /// Root of the vendored data sets (`<data_dir>/<task>/train.csv`, ...).
+    pub data_dir: PathBuf,
+    /// The device's own share of the train split.
+    pub partition: Partition,
+    /// Samples per second replayed as if sensed; 0 = as fast as possible.
+    pub replay_rate_hz: f64,
+    /// Stop replaying after this many samples (absent = forever).
+    pub replay_limit: Option<u64>,
+    /// Event name in `hearth/<device>/event/<name>`; defaults per task.
+    pub event_name: Option<String>,
+    /// Only verdicts with at least this score are published.
+    pub min_event_score: f32,
+    /// Persisted state: credentials, current model, error-feedback residual.
+    pub state_dir: PathBuf,
+    /// ONNX model to start from when the state directory holds none.
+    pub initial_model: Option<PathBuf>,
+    /// Epochs of on-device training used to bootstrap a model when neither the
+    /// state directory nor `initial_model` provides one.
+    pub bootstrap_epochs: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            device: "agent".into(),
+            mqtt: "mqtt://127.0.0.1:1883".into(),
+            coordinator: None,
+            enrollment_token: None,
+            task: Task::Faces,
+            model: None,
+            data_dir: PathBuf::from("data"),
+            partition: Partition::default(),
+            replay_rate_hz: 1.0,
+            replay_limit: None,
+            event_name: None,
+            min_event_score: 0.5,
+            state_dir: PathBuf::from("state"),
+            initial_model: None,
+            bootstrap_epochs: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document (unknown fields are errors).
+    pub fn from_toml_str(s: &str) -> Result<Config, Error> {
+        toml::from_str(s).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Config::from_toml_str(&s).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The default configuration as TOML, with the optional fields shown as comments.
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&Config::default()).expect("default config serialises");
+        // Optional keys go above the tables so that uncommenting them keeps them top-level.
+        format!(
+            "# Hearth device agent configuration (defaults).\n\
+             # Optional:\n\
+             # coordinator = \"http://127.0.0.1:50051\"   # enables federated learning\n\
+             # enrollment_token = \"...\"                  # one-time, until credentials are stored\n\
+             # model = \"faces\"                           # defaults to the task name\n\
+             # replay_limit = 1000\n\
+             # event_name = \"detection\"                  # faces: detection, plaid: appliance, digits: digit\n\
+             # initial_model = \"models/faces.onnx\"\n\n{body}"
+        )
+    }
+
+    /// Federated model name (defaults to the task name).
+    pub fn model_name(&self) -> String {
+        self.model.clone().unwrap_or_else(|| self.task.to_string())
+    }
+
+    /// Event name (defaults per task).
+    pub fn event_name(&self) -> String {
+        self.event_name.clone().unwrap_or_else(|| {
+            match self.task {
+                Task::Faces => "detection",
+                Task::Plaid => "appliance",
+                Task::Digits => "digit",
+            }
+            .to_string()
+        })
+    }
+
+    /// Coordinator URL, if federation is enabled.
+    pub fn coordinator_url(&self) -> Option<&str> {
+        self.coordinator
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Checks every field; the error names the offending field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        if !valid_name(&self.device) {
+            return bad(format!(
+                "device `{}`: use 1-64 characters of [A-Za-z0-9_-]",
+                self.device
+            ));
+        }
+        BrokerUrl::parse(&self.mqtt).map_err(|e| Error::Config(format!("mqtt: {e}")))?;
+        if let Some(url) = self.coordinator_url() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(format!("coordinator `{url}`: expected http://host:port"));
+            }
+            tonic::transport::Endpoint::from_shared(url.to_string())
+                .map_err(|e| Error::Config(format!("coordinator `{url}`: {e}")))?;
+        }
+        if let Some(t) = &self.enrollment_token {
+            if t.trim().is_empty() {
+                return bad("enrollment_token is empty".into());
+            }
+        }
+        if !valid_name(&self.model_name()) {
+            return bad(format!("model `{}`: use [A-Za-z0-9_-]", self.model_name()));
+        }
+        if !valid_name(&self.event_name()) {
+            return bad(format!(
+                "event_name `{}`: use [A-Za-z0-9_-]",
+                self.event_name()
+            ));
+        }
+        let p = &self.partition;
+        if p.count == 0 || p.index >= p.count {
+            return bad(format!(
+                "partition: index {} must be < count {} (count ≥ 1)",
+                p.index, p.count
+            ));
+        }
+        if !(p.alpha.is_finite() && p.alpha > 0.0) {
+            return bad(format!("partition.alpha {} must be > 0", p.alpha));
+        }
+        if !(self.replay_rate_hz.is_finite() && self.replay_rate_hz >= 0.0) {
+            return bad(format!(
+                "replay_rate_hz {} must be ≥ 0 (0 = as fast as possible)",
+                self.replay_rate_hz
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_event_score) {
+            return bad(format!(
+                "min_event_score {} must be in [0, 1]",
+                self.min_event_score
+            ));
+        }
+        if self.state_dir.as_os_str().is_empty() || self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir and state_dir must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let back = Config::from_toml_str(&Config::default_toml()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.model_name(), "faces");
+        assert_eq!(c.event_name(), "detection");
+        assert_eq!(c.coordinator_url(), None);
+    }
+
+    #[test]
+    fn parses_a_full_file() {
+        let c = Config::from_toml_str(
+            r#"
+            device = "kitchen-plug"
+            mqtt = "mqtt://10.0.0.2:1884"
+            coordinator = "http://10.0.0.3:50051"
+            enrollment_token = "tok"
+            task = "plaid"
+            replay_rate_hz = 0
+            replay_limit = 50
+            min_event_score = 0.7
+            partition = { index = 2, count = 4, alpha = 0.3, seed = 7 }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.task, Task::Plaid);
+        assert_eq!(c.event_name(), "appliance");
+        assert_eq!(c.model_name(), "plaid");
+        assert_eq!(c.partition.count, 4);
+        assert_eq!(c.coordinator_url(), Some("http://10.0.0.3:50051"));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Config::from_toml_str("devise = \"x\"").is_err());
+        assert!(Config::from_toml_str("task = \"audio\"").is_err());
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<Mutation> = vec![
+            Box::new(|c| c.device = "a/b".into()),
+            Box::new(|c| c.mqtt = "http://x:1".into()),
+            Box::new(|c| c.coordinator = Some("ftp://x".into())),
+            Box::new(|c| c.partition.index = 3),
+            Box::new(|c| c.partition.alpha = 0.0),
+            Box::new(|c| c.replay_rate_hz = -1.0),
+            Box::new(|c| c.min_event_score = 1.5),
+            Box::new(|c| c.event_name = Some("a b".into())),
+            Box::new(|c| c.model = Some("".into())),
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            let mut c = Config::default();
+            f(&mut c);
+            assert!(
+                matches!(c.validate(), Err(Error::Config(_))),
+                "case {i} accepted"
+            );
+        }
+        let c = Config {
+            coordinator: Some("  ".into()),
+            ..Config::default()
+        };
+        assert_eq!(c.coordinator_url(), None);
+    }
+}

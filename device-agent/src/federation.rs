@@ -1,0 +1,799 @@
+//! Federation client (tonic): enrollment, the `Subscribe` stream with bounded
+//! reconnect backoff, resumable checksum-verified model fetches with hot-swap,
+//! and rounds: local training on the device's own share, clipped delta,
+//! compressed with error feedback, uploaded idempotently.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hearth_model::{
+    clip_l2, encode_update, l2_norm, sub, train, CodecConfig, Dataset, OnnxModel, Tensor,
+    TrainConfig, Weights,
+};
+use hearth_proto::v1::enrollment_client::EnrollmentClient;
+use hearth_proto::v1::federation_client::FederationClient;
+use hearth_proto::v1::{
+    federation_event, update_chunk, EnrollRequest, FederationEvent, FetchModelRequest, ModelChunk,
+    ModelPublished, RoundTask, SubscribeRequest, UpdateChunk, UpdateHeader, UploadAck,
+};
+use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::agent::Shared;
+use crate::inference::Loaded;
+use crate::mqtt::stopped;
+use crate::state::{sha256_hex, Credentials, ModelMeta};
+use crate::stats::add;
+use crate::Error;
+
+/// Largest model the agent accepts to download.
+pub const MAX_MODEL_BYTES: u64 = 64 * 1024 * 1024;
+const FETCH_ATTEMPTS: u32 = 6;
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+const UPLOAD_ATTEMPTS: u32 = 5;
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
+
+type FedClient = FederationClient<InterceptedService<Channel, Auth>>;
+
+/// Adds the enrolled identity to every federation call.
+#[derive(Clone)]
+struct Auth {
+    id: MetadataValue<Ascii>,
+    key: MetadataValue<Ascii>,
+}
+
+impl Auth {
+    fn new(c: &Credentials) -> Result<Auth, Error> {
+        let v = |s: &str| {
+            MetadataValue::try_from(s)
+                .map_err(|_| Error::Protocol("credentials are not valid metadata".into()))
+        };
+        Ok(Auth {
+            id: v(&c.client_id)?,
+            key: v(&c.client_key)?,
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        req.metadata_mut().insert(CLIENT_ID_HEADER, self.id.clone());
+        req.metadata_mut()
+            .insert(CLIENT_KEY_HEADER, self.key.clone());
+        Ok(req)
+    }
+}
+
+/// Exponential backoff between `min` and `max`, with ±20 % jitter.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    cur: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { cur: min, min, max }
+    }
+
+    /// The next wait; doubles up to `max`.
+    pub(crate) fn next_wait(&mut self) -> Duration {
+        let base = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        base.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+/// Errors worth retrying: the coordinator or the network is (briefly) unavailable.
+fn transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Internal
+    )
+}
+
+/// Sleeps `d` unless shutdown comes first; returns false on shutdown.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = stopped(stop) => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Runs the federation client until shutdown.
+pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Receiver<bool>) {
+    let channel = match Endpoint::from_shared(url.clone()) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy(),
+        Err(e) => {
+            tracing::error!(coordinator = %url, "federation disabled: {e}");
+            return;
+        }
+    };
+    let creds = match credentials(&shared, channel.clone(), &url, &mut stop).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(coordinator = %url, "federation disabled, enrollment failed: {e}");
+            return;
+        }
+    };
+    let auth = match Auth::new(&creds) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("federation disabled: {e}");
+            return;
+        }
+    };
+    let client = FederationClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(2 * CHUNK_SIZE + 4096);
+    let (tx, rx) = mpsc::channel(64);
+    let worker = tokio::spawn(Worker::new(shared.clone(), client.clone()).run(rx, stop.clone()));
+    subscribe_loop(&shared, client, tx, &mut stop).await;
+    if let Err(e) = worker.await {
+        tracing::warn!("federation worker ended abnormally: {e}");
+    }
+}
+
+/// Stored credentials for `url`, or a fresh enrollment with the configured token.
+async fn credentials(
+    shared: &Shared,
+    channel: Channel,
+    url: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<Credentials>, Error> {
+    if let Some(c) = shared.state.load_credentials()? {
+        if c.coordinator == url {
+            return Ok(Some(c));
+        }
+        tracing::info!(old = %c.coordinator, new = %url, "stored credentials are for another coordinator");
+    }
+    let token = shared.config.enrollment_token.clone().ok_or_else(|| {
+        Error::Config("no stored credentials and no enrollment_token configured".into())
+    })?;
+    let mut client = EnrollmentClient::new(channel);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let req = EnrollRequest {
+            token: token.clone(),
+            device_name: shared.config.device.clone(),
+        };
+        let res = tokio::select! {
+            _ = stopped(stop) => return Ok(None),
+            r = tokio::time::timeout(ENROLL_TIMEOUT, client.enroll(req)) => r,
+        };
+        match res {
+            Ok(Ok(resp)) => {
+                let r = resp.into_inner();
+                if r.client_id.is_empty() || r.client_key.is_empty() {
+                    return Err(Error::Protocol(
+                        "enrollment returned an empty identity".into(),
+                    ));
+                }
+                let c = Credentials {
+                    coordinator: url.to_string(),
+                    client_id: r.client_id,
+                    client_key: r.client_key,
+                };
+                shared.state.save_credentials(&c)?;
+                tracing::info!(client_id = %c.client_id, "enrolled with the coordinator");
+                return Ok(Some(c));
+            }
+            Ok(Err(s)) if !transient(&s) => return Err(s.into()),
+            Ok(Err(s)) => tracing::warn!("enrollment: {}", s.message()),
+            Err(_) => tracing::warn!("enrollment timed out"),
+        }
+        if !pause(backoff.next_wait(), stop).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Keeps one `Subscribe` stream open (reconnecting with bounded backoff) and
+/// hands its events to the worker, until shutdown.
+async fn subscribe_loop(
+    shared: &Shared,
+    mut client: FedClient,
+    tx: mpsc::Sender<FederationEvent>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let req = SubscribeRequest {
+            models: vec![shared.model_name.clone()],
+        };
+        let res = tokio::select! {
+            _ = stopped(stop) => return,
+            r = client.subscribe(req) => r,
+        };
+        match res {
+            Ok(resp) => {
+                tracing::info!(model = %shared.model_name, "subscribed to federation events");
+                let mut stream = resp.into_inner();
+                loop {
+                    let msg = tokio::select! {
+                        _ = stopped(stop) => return,
+                        m = stream.message() => m,
+                    };
+                    match msg {
+                        Ok(Some(ev)) => {
+                            backoff.reset();
+                            if tx.send(ev).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!("federation stream closed by the coordinator");
+                            break;
+                        }
+                        Err(s) => {
+                            tracing::warn!("federation stream: {}", s.message());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(s) if s.code() == Code::Unauthenticated || s.code() == Code::PermissionDenied => {
+                tracing::error!(
+                    "coordinator refused the stored credentials: {}",
+                    s.message()
+                );
+            }
+            Err(s) => tracing::warn!("subscribe: {}", s.message()),
+        }
+        if !pause(backoff.next_wait(), stop).await {
+            return;
+        }
+    }
+}
+
+/// The result of local training for one round (computed off the runtime).
+struct LocalUpdate {
+    payload: Vec<u8>,
+    residual: Weights,
+    samples: usize,
+    loss: f32,
+    norm: f32,
+}
+
+/// Processes federation events one at a time.
+struct Worker {
+    shared: Arc<Shared>,
+    client: FedClient,
+    joined: HashSet<u64>,
+    residual: Option<Weights>,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>, client: FedClient) -> Worker {
+        let name = &shared.model_name;
+        let joined = match shared.state.load_rounds(name) {
+            Ok(r) => r.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("ignoring the stored round list: {e}");
+                HashSet::new()
+            }
+        };
+        let residual = match shared.state.load_residual(name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("ignoring the stored residual: {e}");
+                None
+            }
+        };
+        Worker {
+            shared,
+            client,
+            joined,
+            residual,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<FederationEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let ev = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+            };
+            let res = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                r = self.handle(ev) => r,
+            };
+            if let Err(e) = res {
+                tracing::warn!("federation: {e}");
+            }
+        }
+    }
+
+    async fn handle(&mut self, ev: FederationEvent) -> Result<(), Error> {
+        match ev.event {
+            Some(federation_event::Event::Published(p)) if p.model == self.shared.model_name => {
+                self.on_published(p).await
+            }
+            Some(federation_event::Event::Round(t)) if t.model == self.shared.model_name => {
+                let id = t.round_id;
+                match self.on_round(t).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        add(&self.shared.stats.rounds_failed, 1);
+                        Err(Error::Protocol(format!("round {id}: {e}")))
+                    }
+                }
+            }
+            Some(_) => Ok(()), // another model
+            None => Err(Error::Protocol("empty federation event".into())),
+        }
+    }
+
+    async fn on_published(&mut self, p: ModelPublished) -> Result<(), Error> {
+        let cur = self.shared.slot.current();
+        if cur.global && cur.version >= p.version {
+            return Ok(());
+        }
+        tracing::info!(model = %p.model, version = p.version, "new global model announced");
+        self.obtain(p.version, Some(&p.sha256), Some(p.size_bytes))
+            .await
+            .map(|_| ())
+    }
+
+    /// Returns global `version` of the model: the one in use if it matches,
+    /// else fetched, verified, loaded, persisted and (if newer) hot-swapped in.
+    async fn obtain(
+        &mut self,
+        version: u64,
+        sha256: Option<&str>,
+        size: Option<u64>,
+    ) -> Result<Arc<Loaded>, Error> {
+        let cur = self.shared.slot.current();
+        if cur.global && cur.version == version {
+            return Ok(cur);
+        }
+        let (meta, bytes) = fetch_model(&mut self.client, &self.shared.model_name, version).await?;
+        add(&self.shared.stats.bytes_downloaded, bytes.len() as u64);
+        if let Some(want) = sha256.filter(|s| !s.is_empty()) {
+            if !want.eq_ignore_ascii_case(&meta.sha256) {
+                return Err(Error::Integrity(format!(
+                    "announced sha256 {want} but the download has {}",
+                    meta.sha256
+                )));
+            }
+        }
+        if let Some(want) = size.filter(|s| *s > 0) {
+            if want != meta.size_bytes {
+                return Err(Error::Integrity(format!(
+                    "announced {want} bytes but downloaded {}",
+                    meta.size_bytes
+                )));
+            }
+        }
+        let shared = self.shared.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<Loaded, Error> {
+            let l = Loaded::from_bytes(&meta.model, meta.version, true, &bytes)?;
+            l.check_compatible(&shared.data)?;
+            // Persist only models newer than the one stored, so a restart resumes the latest.
+            let cur = shared.slot.current();
+            if !cur.global || meta.version > cur.version {
+                shared.state.save_model(&meta, &bytes)?;
+            }
+            Ok(l)
+        })
+        .await??;
+        let loaded = Arc::new(loaded);
+        let cur = self.shared.slot.current();
+        if !cur.global || loaded.version > cur.version {
+            self.shared.install(loaded.clone());
+            if let Err(e) = self.shared.publish_meta().await {
+                tracing::warn!("could not republish meta: {e}");
+            }
+        }
+        Ok(loaded)
+    }
+
+    async fn on_round(&mut self, t: RoundTask) -> Result<(), Error> {
+        if self.joined.contains(&t.round_id) {
+            tracing::debug!(round = t.round_id, "round already joined");
+            return Ok(());
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if t.deadline_unix_ms != 0 && now_ms >= t.deadline_unix_ms {
+            tracing::info!(
+                round = t.round_id,
+                "round deadline already passed; skipping"
+            );
+            return Ok(());
+        }
+        tracing::info!(
+            round = t.round_id,
+            base = t.base_version,
+            epochs = t.local_epochs,
+            "joining round"
+        );
+        let base = self.obtain(t.base_version, None, None).await?;
+        let data = self.shared.data.clone();
+        let residual = self.residual.clone();
+        let seed = round_seed(&self.shared.config.device, t.round_id);
+        let task = t.clone();
+        let update = tokio::task::spawn_blocking(move || {
+            local_update(&base.onnx, &data, &task, residual, seed)
+        })
+        .await??;
+
+        let header = UpdateHeader {
+            model: t.model.clone(),
+            round_id: t.round_id,
+            base_version: t.base_version,
+            num_samples: update.samples as u64,
+            train_loss: update.loss,
+            payload_size: update.payload.len() as u64,
+            payload_sha256: sha256_hex(&update.payload),
+        };
+        let ack = upload(&mut self.client, &header, &update.payload).await?;
+        if !ack.accepted && !ack.duplicate {
+            return Err(Error::Protocol(format!("update refused: {}", ack.reason)));
+        }
+        // Only now does the residual advance: an update that never arrived is not "sent".
+        self.shared
+            .state
+            .save_residual(&self.shared.model_name, &update.residual)?;
+        self.residual = Some(update.residual);
+        self.joined.insert(t.round_id);
+        self.shared
+            .state
+            .add_round(&self.shared.model_name, t.round_id)?;
+        add(&self.shared.stats.rounds_joined, 1);
+        add(
+            &self.shared.stats.bytes_uploaded,
+            update.payload.len() as u64,
+        );
+        tracing::info!(
+            round = t.round_id,
+            bytes = update.payload.len(),
+            samples = update.samples,
+            loss = update.loss,
+            delta_norm = update.norm,
+            duplicate = ack.duplicate,
+            updates_in_round = ack.updates_in_round,
+            "update uploaded"
+        );
+        Ok(())
+    }
+}
+
+/// Per-device, per-round seed for training order and stochastic rounding.
+fn round_seed(device: &str, round: u64) -> u64 {
+    // FNV-1a over the device name, mixed with the round id.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn same_layout(a: &Weights, b: &Weights) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|((na, ta), (nb, tb))| na == nb && ta.shape == tb.shape)
+}
+
+/// Trains on the local share and encodes the clipped, compressed delta (CPU work).
+fn local_update(
+    base: &OnnxModel,
+    data: &Dataset,
+    t: &RoundTask,
+    residual: Option<Weights>,
+    seed: u64,
+) -> Result<LocalUpdate, Error> {
+    let d = TrainConfig::default();
+    let cfg = TrainConfig {
+        epochs: t.local_epochs.max(1),
+        learning_rate: if t.learning_rate.is_finite() && t.learning_rate > 0.0 {
+            t.learning_rate
+        } else {
+            d.learning_rate
+        },
+        batch_size: if t.batch_size > 0 {
+            t.batch_size as usize
+        } else {
+            d.batch_size
+        },
+        seed,
+        ..d
+    };
+    let global = base.weights();
+    let (local, report) = train(base, data, &cfg)?;
+    let mut delta = sub(&local, &global)?;
+    let norm = if t.clip_norm.is_finite() && t.clip_norm > 0.0 {
+        clip_l2(&mut delta, t.clip_norm)
+    } else {
+        l2_norm(&delta)
+    };
+    let mut residual = match residual {
+        Some(r) if same_layout(&r, &delta) => r,
+        _ => delta
+            .iter()
+            .map(|(k, v)| (k.clone(), Tensor::zeros(&v.shape)))
+            .collect(),
+    };
+    let codec = CodecConfig {
+        bits: match t.quant_bits {
+            0 => 8,
+            b => u8::try_from(b).map_err(|_| Error::Protocol(format!("quant_bits {b}")))?,
+        },
+        topk_fraction: if t.topk_fraction > 0.0 && t.topk_fraction <= 1.0 {
+            t.topk_fraction
+        } else {
+            1.0
+        },
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.rotate_left(17));
+    let payload = encode_update(&delta, &mut residual, &codec, &mut rng)?;
+    Ok(LocalUpdate {
+        payload,
+        residual,
+        samples: data.len(),
+        loss: report.final_loss,
+        norm,
+    })
+}
+
+/// Uploads one update (header, then `CHUNK_SIZE` pieces), retrying transport
+/// failures; the coordinator deduplicates per (round, client).
+async fn upload(
+    client: &mut FedClient,
+    header: &UpdateHeader,
+    payload: &[u8],
+) -> Result<UploadAck, Error> {
+    let mut backoff = Backoff::new(Duration::from_millis(300), Duration::from_secs(5));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let parts: Vec<UpdateChunk> = std::iter::once(update_chunk::Part::Header(header.clone()))
+            .chain(
+                payload
+                    .chunks(CHUNK_SIZE)
+                    .map(|c| update_chunk::Part::Data(c.to_vec())),
+            )
+            .map(|p| UpdateChunk { part: Some(p) })
+            .collect();
+        let err = match tokio::time::timeout(
+            UPLOAD_TIMEOUT,
+            client.upload_update(tokio_stream::iter(parts)),
+        )
+        .await
+        {
+            Ok(Ok(ack)) => return Ok(ack.into_inner()),
+            Ok(Err(s)) if !transient(&s) => return Err(s.into()),
+            Ok(Err(s)) => Error::from(s),
+            Err(_) => Error::Protocol(format!("upload timed out after {UPLOAD_TIMEOUT:?}")),
+        };
+        if attempt >= UPLOAD_ATTEMPTS {
+            return Err(err);
+        }
+        tracing::warn!(attempt, "upload failed, retrying: {err}");
+        tokio::time::sleep(backoff.next_wait()).await;
+    }
+}
+
+/// Download progress of one model version, kept across resumed attempts.
+#[derive(Default)]
+struct Download {
+    version: u64,
+    total: Option<u64>,
+    sha256: Option<String>,
+    buf: Vec<u8>,
+}
+
+impl Download {
+    fn complete(&self) -> bool {
+        self.total == Some(self.buf.len() as u64)
+    }
+
+    fn absorb(&mut self, model: &str, c: ModelChunk) -> Result<(), Error> {
+        if c.model != model {
+            return Err(Error::Protocol(format!("chunk for model {}", c.model)));
+        }
+        if self.version == 0 {
+            self.version = c.version;
+        } else if c.version != self.version {
+            return Err(Error::Protocol(format!(
+                "chunk of version {} while fetching {}",
+                c.version, self.version
+            )));
+        }
+        if c.total_size == 0 || c.total_size > MAX_MODEL_BYTES {
+            return Err(Error::Integrity(format!("model size {}", c.total_size)));
+        }
+        match self.total {
+            None => self.total = Some(c.total_size),
+            Some(t) if t != c.total_size => {
+                return Err(Error::Integrity(
+                    "total size changed during the fetch".into(),
+                ))
+            }
+            Some(_) => {}
+        }
+        match &self.sha256 {
+            None => self.sha256 = Some(c.sha256.to_ascii_lowercase()),
+            Some(s) if !s.eq_ignore_ascii_case(&c.sha256) => {
+                return Err(Error::Integrity("digest changed during the fetch".into()))
+            }
+            Some(_) => {}
+        }
+        if c.offset != self.buf.len() as u64 {
+            return Err(Error::Protocol(format!(
+                "chunk at offset {} while expecting {}",
+                c.offset,
+                self.buf.len()
+            )));
+        }
+        if self.buf.len() as u64 + c.data.len() as u64 > c.total_size {
+            return Err(Error::Integrity(
+                "more bytes than the announced size".into(),
+            ));
+        }
+        self.buf.extend_from_slice(&c.data);
+        Ok(())
+    }
+}
+
+/// One `FetchModel` call from the current offset until the stream ends.
+async fn fetch_pass(client: &mut FedClient, model: &str, dl: &mut Download) -> Result<(), Error> {
+    let req = FetchModelRequest {
+        model: model.to_string(),
+        version: dl.version,
+        offset: dl.buf.len() as u64,
+    };
+    let mut stream = client.fetch_model(req).await?.into_inner();
+    while let Some(c) = stream.message().await? {
+        dl.absorb(model, c)?;
+        if dl.complete() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Fetches `version` (0 = latest) in chunks, resuming from the last byte received
+/// after an error, and verifies the size and SHA-256 of the whole file.
+async fn fetch_model(
+    client: &mut FedClient,
+    model: &str,
+    version: u64,
+) -> Result<(ModelMeta, Vec<u8>), Error> {
+    let mut dl = Download {
+        version,
+        ..Download::default()
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut attempt = 0;
+    while !dl.complete() {
+        attempt += 1;
+        let res = tokio::time::timeout(FETCH_TIMEOUT, fetch_pass(client, model, &mut dl)).await;
+        let err = match res {
+            Ok(Ok(())) if dl.complete() => break,
+            Ok(Ok(())) => Error::Protocol(format!(
+                "stream ended at byte {} of {:?}",
+                dl.buf.len(),
+                dl.total
+            )),
+            Ok(Err(Error::Rpc(s))) if !transient(&s) => return Err(Error::Rpc(s)),
+            Ok(Err(e @ Error::Integrity(_))) => return Err(e),
+            Ok(Err(e)) => e,
+            Err(_) => Error::Protocol(format!("fetch timed out after {FETCH_TIMEOUT:?}")),
+        };
+        if attempt >= FETCH_ATTEMPTS {
+            return Err(err);
+        }
+        tracing::warn!(
+            attempt,
+            offset = dl.buf.len(),
+            "model fetch interrupted, resuming: {err}"
+        );
+        tokio::time::sleep(backoff.next_wait()).await;
+    }
+    let sha = sha256_hex(&dl.buf);
+    if Some(&sha) != dl.sha256.as_ref() {
+        return Err(Error::Integrity(format!(
+            "downloaded model has sha256 {sha}, announced {:?}",
+            dl.sha256
+        )));
+    }
+    let meta = ModelMeta {
+        model: model.to_string(),
+        version: dl.version,
+        sha256: sha,
+        size_bytes: dl.buf.len() as u64,
+    };
+    Ok((meta, dl.buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offset: u64, data: &[u8], total: u64, sha: &str) -> ModelChunk {
+        ModelChunk {
+            model: "faces".into(),
+            version: 3,
+            total_size: total,
+            sha256: sha.into(),
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn download_checks_offsets_sizes_and_digest_changes() {
+        let mut dl = Download::default();
+        dl.absorb("faces", chunk(0, b"abc", 5, "aa")).unwrap();
+        assert_eq!(dl.version, 3);
+        assert!(!dl.complete());
+        // A resumed stream must continue exactly where the last one stopped.
+        assert!(dl.absorb("faces", chunk(2, b"cd", 5, "aa")).is_err());
+        assert!(matches!(
+            dl.absorb("faces", chunk(3, b"de", 6, "aa")),
+            Err(Error::Integrity(_))
+        ));
+        assert!(matches!(
+            dl.absorb("faces", chunk(3, b"de", 5, "bb")),
+            Err(Error::Integrity(_))
+        ));
+        assert!(matches!(
+            dl.absorb("faces", chunk(3, b"def", 5, "aa")),
+            Err(Error::Integrity(_))
+        ));
+        assert!(dl.absorb("plaid", chunk(3, b"de", 5, "aa")).is_err());
+        dl.absorb("faces", chunk(3, b"de", 5, "aa")).unwrap();
+        assert!(dl.complete());
+        assert_eq!(dl.buf, b"abcde");
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let waits: Vec<_> = (0..10).map(|_| b.next_wait()).collect();
+        assert!(waits[0] < Duration::from_millis(130));
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(1200)));
+        assert!(waits[9] >= Duration::from_millis(800));
+        b.reset();
+        assert!(b.next_wait() < Duration::from_millis(130));
+    }
+
+    #[test]
+    fn round_seeds_differ_per_device_and_round() {
+        assert_ne!(round_seed("a", 1), round_seed("b", 1));
+        assert_ne!(round_seed("a", 1), round_seed("a", 2));
+        assert_eq!(round_seed("a", 7), round_seed("a", 7));
+    }
+}

@@ -1,0 +1,29 @@
+//! Hearth device agent.
+//!
+//! An agent runs on a sensor or camera: it replays its own share of a data set
+//! as if sensed, classifies each sample with the current compressed model
+//! (tract, off the async runtime), publishes small schema-checked verdicts on
+//! MQTT (never raw samples), and takes part in federated rounds: it trains on
+//! its own samples and uploads only a clipped, quantized model delta.
+//!
+//! The crate also hosts a virtual Zigbee2MQTT-style switch ([`actuator`]).
+//!
+//! Entry points: [`start`] / [`run`] for the agent, [`actuator::start_actuator`] /
+//! [`actuator::run_actuator`] for the switch.
+#![forbid(unsafe_code)]
+
+pub mod actuator;
+mod agent;
+pub mod config;
+mod error;
+mod federation;
+pub mod inference;
+pub mod mqtt;
+pub mod state;
+pub mod stats;
+
+pub use agent::{run, start, AgentHandle};
+pub use config::{Config, Partition};
+pub use error::Error;
+pub use federation::MAX_MODEL_BYTES;
+pub use stats::{AgentStats, StatsSnapshot};

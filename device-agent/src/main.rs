@@ -1,0 +1,341 @@
+//! `hearth-agent`: the device agent binary (and `hearth-agent actuator`, a
+//! virtual Zigbee2MQTT-style switch).
+//!
+//! Start-up has three phases: (1) configuration (file + flags, validated; exit
+//! 64 on error), (2) start (data share, model, MQTT, federation), (3) run until
+//! SIGINT/SIGTERM, then shut down within a time limit (publishing `offline`).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hearth_agent::actuator::{start_actuator, ActuatorConfig};
+use hearth_agent::Config;
+
+/// Exit status for a bad command line or configuration (BSD `EX_USAGE`).
+const EXIT_USAGE: u8 = 64;
+/// How long a graceful shutdown may take before the process gives up.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
+
+#[derive(Parser, Debug)]
+#[command(name = "hearth-agent", version, about = "Hearth device agent")]
+struct Cli {
+    /// TOML configuration file (flags override its values).
+    #[arg(long, short = 'c', env = "HEARTH_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the default configuration as TOML and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    #[command(flatten)]
+    overrides: Overrides,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Args, Debug, Default)]
+struct Overrides {
+    /// Device name (one MQTT topic level).
+    #[arg(long)]
+    device: Option<String>,
+    /// Task: plaid, faces or digits.
+    #[arg(long)]
+    task: Option<String>,
+    /// Broker URL, mqtt://host:port.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// Coordinator URL, http://host:port ("" disables federation).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// One-time enrollment token.
+    #[arg(long, env = "HEARTH_ENROLLMENT_TOKEN", hide_env_values = true)]
+    enrollment_token: Option<String>,
+    /// Federated model name (default: the task name).
+    #[arg(long)]
+    model: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// State directory (credentials, model, residual).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// This device's partition index.
+    #[arg(long)]
+    partition_index: Option<usize>,
+    /// Number of partitions.
+    #[arg(long)]
+    partition_count: Option<usize>,
+    /// Dirichlet alpha of the label skew.
+    #[arg(long)]
+    partition_alpha: Option<f32>,
+    /// Partition seed.
+    #[arg(long)]
+    partition_seed: Option<u64>,
+    /// Samples per second (0 = as fast as possible).
+    #[arg(long)]
+    replay_rate_hz: Option<f64>,
+    /// Stop replaying after N samples.
+    #[arg(long)]
+    replay_limit: Option<u64>,
+    /// Event name.
+    #[arg(long)]
+    event_name: Option<String>,
+    /// Minimum score of a published verdict.
+    #[arg(long)]
+    min_event_score: Option<f32>,
+    /// ONNX model to start from when the state directory holds none.
+    #[arg(long)]
+    initial_model: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a virtual Zigbee2MQTT-style switch.
+    Actuator {
+        /// Switch name (one topic level).
+        #[arg(long)]
+        name: String,
+        /// Topic base.
+        #[arg(long, default_value = "zigbee2mqtt")]
+        base: String,
+        /// Broker URL.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        mqtt: String,
+        /// MQTT client id.
+        #[arg(long)]
+        client_id: Option<String>,
+    },
+}
+
+impl Overrides {
+    fn apply(self, c: &mut Config) -> anyhow::Result<()> {
+        if let Some(v) = self.device {
+            c.device = v;
+        }
+        if let Some(v) = self.task {
+            c.task = v
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--task {v}: {e:?}"))?;
+        }
+        if let Some(v) = self.mqtt {
+            c.mqtt = v;
+        }
+        if let Some(v) = self.coordinator {
+            c.coordinator = Some(v);
+        }
+        if let Some(v) = self.enrollment_token {
+            c.enrollment_token = Some(v);
+        }
+        if let Some(v) = self.model {
+            c.model = Some(v);
+        }
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.state_dir {
+            c.state_dir = v;
+        }
+        if let Some(v) = self.partition_index {
+            c.partition.index = v;
+        }
+        if let Some(v) = self.partition_count {
+            c.partition.count = v;
+        }
+        if let Some(v) = self.partition_alpha {
+            c.partition.alpha = v;
+        }
+        if let Some(v) = self.partition_seed {
+            c.partition.seed = v;
+        }
+        if let Some(v) = self.replay_rate_hz {
+            c.replay_rate_hz = v;
+        }
+        if let Some(v) = self.replay_limit {
+            c.replay_limit = Some(v);
+        }
+        if let Some(v) = self.event_name {
+            c.event_name = Some(v);
+        }
+        if let Some(v) = self.min_event_score {
+            c.min_event_score = v;
+        }
+        if let Some(v) = self.initial_model {
+            c.initial_model = Some(v);
+        }
+        Ok(())
+    }
+}
+
+/// Phase 1: the effective configuration, validated.
+fn agent_config(config: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<Config> {
+    let mut c = match config {
+        Some(p) => Config::load(&p)?,
+        None => Config::default(),
+    };
+    overrides.apply(&mut c)?;
+    c.validate()?;
+    Ok(c)
+}
+
+/// SIGINT/SIGTERM handlers, registered before anything starts so that an early
+/// signal is not lost.
+struct Termination {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    fn install() -> anyhow::Result<Termination> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Termination {
+                term: signal(SignalKind::terminate()).context("watching SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("watching SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Termination {})
+    }
+
+    /// Resolves on SIGINT or SIGTERM.
+    async fn wait(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("termination requested");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    if cli.print_default_config {
+        print!("{}", Config::default_toml());
+        return ExitCode::SUCCESS;
+    }
+
+    // Phase 1: configuration.
+    let mode = match cli.command {
+        Some(Cmd::Actuator {
+            name,
+            base,
+            mqtt,
+            client_id,
+        }) => {
+            let c = ActuatorConfig {
+                name,
+                base,
+                mqtt,
+                client_id,
+                ..ActuatorConfig::default()
+            };
+            c.validate()
+                .map(|()| Mode::Actuator(c))
+                .map_err(anyhow::Error::from)
+        }
+        None => agent_config(cli.config, cli.overrides).map(Mode::Agent),
+    };
+    let mode = match mode {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("hearth-agent: bad configuration: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hearth-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(mode)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the command line asked for.
+enum Mode {
+    Agent(Config),
+    Actuator(ActuatorConfig),
+}
+
+enum Running {
+    Agent(hearth_agent::AgentHandle),
+    Actuator(hearth_agent::actuator::ActuatorHandle),
+}
+
+/// Phase 2: start.
+async fn start(mode: Mode) -> anyhow::Result<Running> {
+    match mode {
+        Mode::Agent(c) => {
+            let device = c.device.clone();
+            let h = hearth_agent::start(c)
+                .await
+                .with_context(|| format!("starting agent {device}"))?;
+            tracing::info!(device = %device, model = %h.model_tag(), "agent running");
+            Ok(Running::Agent(h))
+        }
+        Mode::Actuator(c) => {
+            let name = c.name.clone();
+            let h = start_actuator(c)
+                .await
+                .with_context(|| format!("starting actuator {name}"))?;
+            tracing::info!(name = %name, "actuator running");
+            Ok(Running::Actuator(h))
+        }
+    }
+}
+
+/// Phase 3: run until a signal, then stop within [`SHUTDOWN_LIMIT`].
+async fn serve(mode: Mode) -> anyhow::Result<()> {
+    let mut termination = Termination::install()?;
+    let running = start(mode).await?;
+    termination.wait().await;
+    let stop = async {
+        match running {
+            Running::Agent(h) => h.shutdown().await,
+            Running::Actuator(h) => h.shutdown().await,
+        }
+    };
+    tokio::time::timeout(SHUTDOWN_LIMIT, stop)
+        .await
+        .map_err(|_| anyhow::anyhow!("shutdown took longer than {SHUTDOWN_LIMIT:?}"))??;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! The agent's persisted state directory: enrollment credentials, the current
+//! global model (ONNX bytes + version), the error-feedback residual and the
+//! rounds already joined. Every write is atomic (temp file + rename), so a crash
+//! leaves either the old or the new file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hearth_model::{Tensor, Weights};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// Identity obtained at enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Coordinator URL the identity belongs to.
+    pub coordinator: String,
+    pub client_id: String,
+    pub client_key: String,
+}
+
+/// Description of a persisted model file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub model: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+/// How many joined round ids are remembered per model.
+const MAX_ROUNDS_KEPT: usize = 256;
+const RESIDUAL_MAGIC: &[u8; 8] = b"HRESID01";
+
+/// A state directory on disk.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Hex SHA-256 of `b`.
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+impl StateDir {
+    /// Opens (creating if needed) a state directory.
+    pub fn open(root: &Path) -> Result<StateDir, Error> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        Ok(StateDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn read_opt(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
+        let p = self.path(name);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(p, e)),
+        }
+    }
+
+    fn write_atomic(&self, name: &str, bytes: &[u8], private: bool) -> Result<(), Error> {
+        use std::io::Write;
+        let p = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = private;
+        let mut f = opts.open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, Error> {
+        match self.read_opt(name)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::State(format!("{name}: {e}"))),
+        }
+    }
+
+    /// Stored credentials, if any.
+    pub fn load_credentials(&self) -> Result<Option<Credentials>, Error> {
+        self.read_json("credentials.json")
+    }
+
+    /// Stores credentials (file mode 0600).
+    pub fn save_credentials(&self, c: &Credentials) -> Result<(), Error> {
+        let b = serde_json::to_vec_pretty(c).expect("credentials serialise");
+        self.write_atomic("credentials.json", &b, true)
+    }
+
+    /// The stored model `name`, verified against its recorded size and digest.
+    pub fn load_model(&self, name: &str) -> Result<Option<(ModelMeta, Vec<u8>)>, Error> {
+        let Some(meta) = self.read_json::<ModelMeta>(&format!("model-{name}.json"))? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.read_opt(&format!("model-{name}.onnx"))? else {
+            return Ok(None);
+        };
+        if bytes.len() as u64 != meta.size_bytes || sha256_hex(&bytes) != meta.sha256 {
+            return Err(Error::Integrity(format!(
+                "stored model {name} v{} does not match its digest",
+                meta.version
+            )));
+        }
+        Ok(Some((meta, bytes)))
+    }
+
+    /// Stores a model: bytes first, then the description that points at them.
+    pub fn save_model(&self, meta: &ModelMeta, bytes: &[u8]) -> Result<(), Error> {
+        self.write_atomic(&format!("model-{}.onnx", meta.model), bytes, false)?;
+        let b = serde_json::to_vec_pretty(meta).expect("meta serialises");
+        self.write_atomic(&format!("model-{}.json", meta.model), &b, false)
+    }
+
+    /// The stored error-feedback residual of model `name`.
+    pub fn load_residual(&self, name: &str) -> Result<Option<Weights>, Error> {
+        match self.read_opt(&format!("residual-{name}.bin"))? {
+            None => Ok(None),
+            Some(b) => decode_weights(&b).map(Some),
+        }
+    }
+
+    /// Stores the error-feedback residual of model `name`.
+    pub fn save_residual(&self, name: &str, w: &Weights) -> Result<(), Error> {
+        self.write_atomic(&format!("residual-{name}.bin"), &encode_weights(w), false)
+    }
+
+    /// Round ids of model `name` this device already uploaded an update for.
+    pub fn load_rounds(&self, name: &str) -> Result<Vec<u64>, Error> {
+        Ok(self
+            .read_json::<Vec<u64>>(&format!("rounds-{name}.json"))?
+            .unwrap_or_default())
+    }
+
+    /// Remembers that round `id` of model `name` was joined (keeps the latest few).
+    pub fn add_round(&self, name: &str, id: u64) -> Result<Vec<u64>, Error> {
+        let mut r = self.load_rounds(name)?;
+        if !r.contains(&id) {
+            r.push(id);
+        }
+        if r.len() > MAX_ROUNDS_KEPT {
+            let cut = r.len() - MAX_ROUNDS_KEPT;
+            r.drain(..cut);
+        }
+        let b = serde_json::to_vec(&r).expect("ids serialise");
+        self.write_atomic(&format!("rounds-{name}.json"), &b, false)?;
+        Ok(r)
+    }
+}
+
+/// Little-endian binary form of a weight map: magic, count, then per tensor
+/// name length, name, rank, dims, values.
+pub fn encode_weights(w: &Weights) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + w.values().map(|t| t.data.len() * 4 + 64).sum::<usize>());
+    out.extend_from_slice(RESIDUAL_MAGIC);
+    out.extend_from_slice(&(w.len() as u32).to_le_bytes());
+    for (name, t) in w {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for d in &t.shape {
+            out.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        for v in &t.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Inverse of [`encode_weights`], with bounds checks on every length.
+pub fn decode_weights(b: &[u8]) -> Result<Weights, Error> {
+    struct R<'a>(&'a [u8]);
+    impl<'a> R<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
+            if self.0.len() < n {
+                return Err(Error::State("residual file is truncated".into()));
+            }
+            let (a, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(a)
+        }
+        fn u32(&mut self) -> Result<u32, Error> {
+            Ok(u32::from_le_bytes(
+                self.take(4)?.try_into().expect("4 bytes"),
+            ))
+        }
+        fn u64(&mut self) -> Result<u64, Error> {
+            Ok(u64::from_le_bytes(
+                self.take(8)?.try_into().expect("8 bytes"),
+            ))
+        }
+    }
+    let mut r = R(b);
+    if r.take(8)? != RESIDUAL_MAGIC {
+        return Err(Error::State("residual file has a wrong header".into()));
+    }
+    let n = r.u32()? as usize;
+    let mut w = BTreeMap::new();
+    for _ in 0..n {
+        let len = r.u32()? as usize;
+        let name = std::str::from_utf8(r.take(len)?)
+            .map_err(|_| Error::State("residual tensor name is not UTF-8".into()))?
+            .to_string();
+        let rank = r.u32()? as usize;
+        if rank > 8 {
+            return Err(Error::State(format!(
+                "residual tensor {name} has rank {rank}"
+            )));
+        }
+        let mut shape = Vec::with_capacity(rank);
+        let mut count: usize = 1;
+        for _ in 0..rank {
+            let d = usize::try_from(r.u64()?)
+                .map_err(|_| Error::State("residual dimension overflows".into()))?;
+            count = count
+                .checked_mul(d)
+                .ok_or_else(|| Error::State("residual size overflows".into()))?;
+            shape.push(d);
+        }
+        let raw = r.take(
+            count
+                .checked_mul(4)
+                .ok_or_else(|| Error::State("residual size overflows".into()))?,
+        )?;
+        let data = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        w.insert(name, Tensor::new(shape, data));
+    }
+    if !r.0.is_empty() {
+        return Err(Error::State("residual file has trailing bytes".into()));
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights() -> Weights {
+        let mut w = Weights::new();
+        w.insert(
+            "fc1.weight".into(),
+            Tensor::new(vec![2, 3], vec![1.0, -2.5, 0.0, 3.25, 1e-7, -0.0]),
+        );
+        w.insert("fc1.bias".into(), Tensor::new(vec![2], vec![0.5, -0.5]));
+        w
+    }
+
+    #[test]
+    fn residual_round_trips_and_rejects_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        assert!(s.load_residual("faces").unwrap().is_none());
+        s.save_residual("faces", &weights()).unwrap();
+        assert_eq!(s.load_residual("faces").unwrap().unwrap(), weights());
+        let b = encode_weights(&weights());
+        assert!(decode_weights(&b[..b.len() - 1]).is_err());
+        let mut extra = b.clone();
+        extra.push(0);
+        assert!(decode_weights(&extra).is_err());
+        assert!(decode_weights(b"HRESID02\0\0\0\0").is_err());
+    }
+
+    #[test]
+    fn model_and_credentials_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(&dir.path().join("nested")).unwrap();
+        assert!(s.load_model("faces").unwrap().is_none());
+        let bytes = b"not really onnx but bytes".to_vec();
+        let meta = ModelMeta {
+            model: "faces".into(),
+            version: 3,
+            sha256: sha256_hex(&bytes),
+            size_bytes: bytes.len() as u64,
+        };
+        s.save_model(&meta, &bytes).unwrap();
+        let (m, b) = s.load_model("faces").unwrap().unwrap();
+        assert_eq!((m, b), (meta.clone(), bytes));
+        // A corrupted file is detected.
+        std::fs::write(dir.path().join("nested/model-faces.onnx"), b"tampered").unwrap();
+        assert!(matches!(s.load_model("faces"), Err(Error::Integrity(_))));
+
+        let c = Credentials {
+            coordinator: "http://127.0.0.1:50051".into(),
+            client_id: "c1".into(),
+            client_key: "k".into(),
+        };
+        s.save_credentials(&c).unwrap();
+        assert_eq!(s.load_credentials().unwrap(), Some(c));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("nested/credentials.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "credentials readable by others");
+        }
+        assert_eq!(s.add_round("faces", 4).unwrap(), vec![4]);
+        assert_eq!(s.add_round("faces", 4).unwrap(), vec![4]);
+        assert_eq!(s.add_round("faces", 9).unwrap(), vec![4, 9]);
+        assert_eq!(s.load_rounds("faces").unwrap(), vec![4, 9]);
+    }
+}

@@ -1,0 +1,73 @@
+//! Counters the agent exposes while it runs (`Arc<AgentStats>`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Live counters of one agent. All fields are monotonic except `model_version`.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Samples replayed through the classifier.
+    pub samples_replayed: AtomicU64,
+    /// Events handed to the MQTT client (QoS 1).
+    pub events_published: AtomicU64,
+    /// Verdicts below `min_event_score`, not published.
+    pub events_suppressed: AtomicU64,
+    /// Verdicts that failed inference or event validation.
+    pub inference_errors: AtomicU64,
+    /// Rounds whose update the coordinator acknowledged (accepted or duplicate).
+    pub rounds_joined: AtomicU64,
+    /// Rounds the agent tried but could not complete (training, upload or rejection).
+    pub rounds_failed: AtomicU64,
+    /// Update payload bytes acknowledged by the coordinator.
+    pub bytes_uploaded: AtomicU64,
+    /// Model bytes downloaded from the coordinator.
+    pub bytes_downloaded: AtomicU64,
+    /// Model versions hot-swapped in since start.
+    pub models_loaded: AtomicU64,
+    /// Version of the model currently used for inference (0 = local bootstrap).
+    pub model_version: AtomicU64,
+    /// MQTT (re)connections acknowledged by the broker.
+    pub mqtt_connects: AtomicU64,
+}
+
+/// A plain copy of [`AgentStats`] at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub samples_replayed: u64,
+    pub events_published: u64,
+    pub events_suppressed: u64,
+    pub inference_errors: u64,
+    pub rounds_joined: u64,
+    pub rounds_failed: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub models_loaded: u64,
+    pub model_version: u64,
+    pub mqtt_connects: u64,
+}
+
+impl AgentStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            samples_replayed: r(&self.samples_replayed),
+            events_published: r(&self.events_published),
+            events_suppressed: r(&self.events_suppressed),
+            inference_errors: r(&self.inference_errors),
+            rounds_joined: r(&self.rounds_joined),
+            rounds_failed: r(&self.rounds_failed),
+            bytes_uploaded: r(&self.bytes_uploaded),
+            bytes_downloaded: r(&self.bytes_downloaded),
+            models_loaded: r(&self.models_loaded),
+            model_version: r(&self.model_version),
+            mqtt_connects: r(&self.mqtt_connects),
+        }
+    }
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}

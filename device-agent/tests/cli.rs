@@ -1,0 +1,176 @@
+//! The `hearth-agent` binary: configuration errors exit 64, the default
+//! configuration round-trips, and SIGTERM shuts an actuator down cleanly.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{start_broker, Sub};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hearth-agent");
+
+#[test]
+fn bad_configuration_exits_64() {
+    let out = Command::new(BIN)
+        .args(["--device", "bad/name"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("device"));
+
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    let out = Command::new(BIN)
+        .args(["--task", "audio"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    let out = Command::new(BIN)
+        .args(["actuator", "--name", "porch light"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn default_config_round_trips() {
+    let out = Command::new(BIN)
+        .arg("--print-default-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let c = hearth_agent::Config::from_toml_str(&text).unwrap();
+    assert_eq!(c, hearth_agent::Config::default());
+    assert!(text.contains("# coordinator"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_publishes_offline_and_exits_zero() {
+    let port = start_broker();
+    let mut sub = Sub::connect(port, "observer", &["zigbee2mqtt/porch_light/availability"]).await;
+    let mut child = Command::new(BIN)
+        .args([
+            "actuator",
+            "--name",
+            "porch_light",
+            "--mqtt",
+            &format!("mqtt://127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let online = sub
+        .wait_for(Duration::from_secs(20), |m| m.text() == "online")
+        .await;
+    if online.is_none() {
+        let _ = child.kill();
+        panic!("actuator never came online");
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no exit after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "exit status {status}, log:\n{log}");
+    sub.wait_for(Duration::from_secs(10), |m| m.text() == "offline")
+        .await
+        .expect("offline published");
+    // Retained: a newcomer sees it too.
+    let mut late = Sub::connect(port, "late", &["zigbee2mqtt/porch_light/availability"]).await;
+    let m = late.next(Duration::from_secs(10)).await.expect("retained");
+    assert!(m.retain);
+    assert_eq!(m.text(), "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binary_with_flag_overrides_publishes_events_then_stops_on_sigterm() {
+    let port = start_broker();
+    let state = tempfile::tempdir().unwrap();
+    // The file sets some values; flags override others.
+    let cfg_path = state.path().join("agent.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "device = \"from-file\"\ntask = \"faces\"\nreplay_rate_hz = 0\nbootstrap_epochs = 1\n\
+             data_dir = \"{}\"\n[partition]\nindex = 0\ncount = 2\n",
+            common::data_dir().display()
+        ),
+    )
+    .unwrap();
+    let mut sub = Sub::connect(port, "observer", &["hearth/digit-pad/#"]).await;
+    let mut child = Command::new(BIN)
+        .args(["--config", cfg_path.to_str().unwrap()])
+        .args([
+            "--device",
+            "digit-pad",
+            "--task",
+            "digits",
+            "--replay-limit",
+            "12",
+            "--min-event-score",
+            "0",
+        ])
+        .args(["--mqtt", &format!("mqtt://127.0.0.1:{port}")])
+        .args(["--state-dir", state.path().join("state").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(state.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut events = 0;
+    while events < 12 {
+        let Some(m) = sub
+            .wait_for(Duration::from_secs(30), |m| m.topic.contains("/event/"))
+            .await
+        else {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(state.path().join("agent.log")).unwrap_or_default();
+            panic!("only {events} events; agent log:\n{log}");
+        };
+        assert_eq!(m.topic, "hearth/digit-pad/event/digit");
+        let ev = hearth_proto::mqtt::Event::parse(&m.payload).unwrap();
+        assert!(ev.class.starts_with("digit_"), "{}", ev.class);
+        events += 1;
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no exit after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    sub.wait_for(Duration::from_secs(10), |m| {
+        m.topic == "hearth/digit-pad/availability" && m.text() == "offline"
+    })
+    .await
+    .expect("offline published");
+}

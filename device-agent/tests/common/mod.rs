@@ -1,0 +1,151 @@
+//! Test helpers: an embedded rumqttd broker on a free loopback port and a
+//! rumqttc subscriber that records what it receives.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use tokio::sync::mpsc;
+
+/// Starts a broker on 127.0.0.1:<free port> (on its own thread, for the rest of
+/// the test process) and returns the port once it accepts connections.
+pub fn start_broker() -> u16 {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = ServerSettings {
+        name: "v4-test".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: 256 * 1024,
+            max_inflight_count: 200,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 64,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 16 * 1024 * 1024,
+            max_segment_count: 10,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Config::default()
+    };
+    std::thread::spawn(move || {
+        let mut broker = Broker::new(config);
+        broker.start().expect("broker runs");
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(listen).is_err() {
+        assert!(Instant::now() < deadline, "broker did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    port
+}
+
+/// One received publication.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+impl Msg {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// A subscriber collecting publications on its filters.
+pub struct Sub {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Sub {
+    /// Connects and subscribes; returns once every subscription is acknowledged.
+    pub async fn connect(port: u16, id: &str, filters: &[&str]) -> Sub {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10));
+        o.set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut el) = AsyncClient::new(o, 64);
+        for f in filters {
+            client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            for _ in 0..1_000_000 {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ack_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        for _ in filters {
+            tokio::time::timeout(Duration::from_secs(10), ack_rx.recv())
+                .await
+                .expect("suback in time")
+                .expect("subscriber alive");
+        }
+        Sub { client, rx, task }
+    }
+
+    /// Next message within `limit`.
+    pub async fn next(&mut self, limit: Duration) -> Option<Msg> {
+        tokio::time::timeout(limit, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits (≤ `limit`) for a message matching `pred`, returning it and skipping others.
+    pub async fn wait_for(&mut self, limit: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = self.next(left).await?;
+            if pred(&m) {
+                return Some(m);
+            }
+        }
+    }
+}
+
+/// The workspace's vendored data directory.
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data")
+}
