@@ -74,7 +74,11 @@ impl Event {
         if !(0.0..=1.0).contains(&self.score) || !self.score.is_finite() {
             return Err(EventError::BadScore(self.score));
         }
-        for (name, v) in [("class", &self.class), ("model", &self.model), ("ts", &self.ts)] {
+        for (name, v) in [
+            ("class", &self.class),
+            ("model", &self.model),
+            ("ts", &self.ts),
+        ] {
             if !field_ok(v) {
                 return Err(EventError::BadField(name));
             }
@@ -186,10 +190,16 @@ mod tests {
     fn refuses_big_payloads_and_bad_fields() {
         let mut e = ev();
         e.class = "x".repeat(600);
-        assert!(matches!(Event::parse(&e.to_json()), Err(EventError::TooLarge(_))));
+        assert!(matches!(
+            Event::parse(&e.to_json()),
+            Err(EventError::TooLarge(_))
+        ));
         let mut e = ev();
         e.class = "a,b,c,d".into();
-        assert_eq!(Event::parse(&e.to_json()), Err(EventError::BadField("class")));
+        assert_eq!(
+            Event::parse(&e.to_json()),
+            Err(EventError::BadField("class"))
+        );
         let mut e = ev();
         e.score = 1.5;
         assert_eq!(Event::parse(&e.to_json()), Err(EventError::BadScore(1.5)));
@@ -197,7 +207,10 @@ mod tests {
 
     #[test]
     fn topics() {
-        assert_eq!(parse_event_topic("hearth/cam1/event/detection"), Some(("cam1", "detection")));
+        assert_eq!(
+            parse_event_topic("hearth/cam1/event/detection"),
+            Some(("cam1", "detection"))
+        );
         assert_eq!(parse_event_topic("hearth/cam1/meta"), None);
         assert_eq!(parse_event_topic("hearth/cam1/event/a/b"), None);
         assert!(valid_name("kitchen-plug_2"));

@@ -1,0 +1,432 @@
+//! A whole Hearth home in one process, over loopback: the coordinator (gRPC + sled), the hub
+//! with its embedded MQTT broker and a rules file, a virtual porch-light actuator, and device
+//! agents on non-IID shares of the real data sets. Used by `hearth-demo` and by the
+//! end-to-end tests, so both exercise exactly the same wiring.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hearth_agent::actuator::{ActuatorConfig, ActuatorHandle};
+use hearth_agent::{AgentHandle, Partition};
+use hearth_hub::{BrokerConfig, HubHandle};
+use hearth_proto::v1::admin_client::AdminClient;
+use hearth_proto::v1::{
+    ListVersionsRequest, ModelVersion, RoundState, RoundStatus, RoundStatusRequest,
+};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use tokio::net::TcpListener;
+
+/// Name of the actuator the demo rules drive.
+pub const PORCH_LIGHT: &str = "porch_light";
+
+/// The rules file the demo hub loads: a person at the door turns the porch light on.
+pub const DEMO_RULES: &str = r#"# Hearth demo rules
+[[rule]]
+name = "porch light when someone is at the door"
+[rule.when]
+device = "door-cam-*"
+event = "detection"
+class = "person"
+min_score = 0.7
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON" }
+cooldown_secs = 0
+"#;
+
+/// One group of agents sharing a task and a federated model.
+#[derive(Debug, Clone)]
+pub struct AgentGroup {
+    /// Device name prefix (`<prefix>-<i>`).
+    pub prefix: String,
+    /// `plaid`, `faces` or `digits`.
+    pub task: hearth_model::Task,
+    /// Number of agents (each owns one non-IID share of the train split).
+    pub count: usize,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct HomeOptions {
+    /// Where the data sets live (`data/` of the repository).
+    pub data_dir: PathBuf,
+    /// Where coordinator and agents keep their state.
+    pub state_dir: PathBuf,
+    /// Agent groups; one federated model per group.
+    pub groups: Vec<AgentGroup>,
+    /// Samples per second each agent replays.
+    pub replay_rate_hz: f64,
+    /// Dirichlet concentration of the label skew between agents.
+    pub alpha: f32,
+    /// Local epochs per round.
+    pub local_epochs: u32,
+    /// Client learning rate.
+    pub learning_rate: f32,
+}
+
+impl HomeOptions {
+    /// The demo's home: three smart plugs (PLAID) and three doorbell cameras (faces).
+    pub fn demo(data_dir: PathBuf, state_dir: PathBuf) -> HomeOptions {
+        HomeOptions {
+            data_dir,
+            state_dir,
+            groups: vec![
+                AgentGroup {
+                    prefix: "plug".into(),
+                    task: hearth_model::Task::Plaid,
+                    count: 3,
+                },
+                AgentGroup {
+                    prefix: "door-cam".into(),
+                    task: hearth_model::Task::Faces,
+                    count: 3,
+                },
+            ],
+            replay_rate_hz: 20.0,
+            alpha: 0.5,
+            local_epochs: 10,
+            learning_rate: 0.01,
+        }
+    }
+}
+
+/// A running home.
+pub struct Home {
+    /// The coordinator (gRPC endpoint via [`hearth_coordinator::CoordinatorHandle::endpoint`]).
+    pub coordinator: hearth_coordinator::CoordinatorHandle,
+    /// The hub, with the embedded broker.
+    pub hub: HubHandle,
+    /// The porch light.
+    pub light: ActuatorHandle,
+    /// Every agent, in group order.
+    pub agents: Vec<(String, hearth_model::Task, AgentHandle)>,
+    /// Admin token of the coordinator.
+    pub admin_token: String,
+    models: Vec<String>,
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Home")
+            .field("coordinator", &self.coordinator.endpoint())
+            .field("mqtt", &self.hub.mqtt_url())
+            .field("agents", &self.agents.len())
+            .finish()
+    }
+}
+
+fn token(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{tag}-{:x}-{nanos:x}", std::process::id())
+}
+
+impl Home {
+    /// Starts coordinator, hub (embedded broker on a free loopback port), the porch light and
+    /// the agents, and waits until every agent runs the coordinator's current model.
+    pub async fn start(opts: &HomeOptions) -> Result<Home> {
+        std::fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+        let admin_token = token("admin");
+        let n_agents: usize = opts.groups.iter().map(|g| g.count).sum();
+        let enroll: Vec<String> = (0..n_agents)
+            .map(|i| token(&format!("enroll{i}")))
+            .collect();
+
+        // Coordinator.
+        let mut cc = hearth_coordinator::Config {
+            db_path: opts.state_dir.join("coordinator.db"),
+            data_dir: opts.data_dir.clone(),
+            admin_token: admin_token.clone(),
+            enrollment_tokens: enroll.clone(),
+            ..Default::default()
+        };
+        cc.models = opts
+            .groups
+            .iter()
+            .map(|g| hearth_coordinator::ModelConfig {
+                name: g.task.to_string(),
+                task: g.task.to_string(),
+                init: None,
+                eval: true,
+                seed: 7,
+            })
+            .collect();
+        let per_round = opts.groups.iter().map(|g| g.count).min().unwrap_or(1) as u32;
+        cc.round.min_clients = per_round;
+        cc.round.max_clients = per_round;
+        cc.round.deadline_secs = 120;
+        cc.round.local_epochs = opts.local_epochs;
+        cc.round.learning_rate = opts.learning_rate;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let coordinator = hearth_coordinator::start(cc, listener)
+            .await
+            .context("starting the coordinator")?;
+
+        // Hub with the embedded broker.
+        let rules_path = opts.state_dir.join("rules.toml");
+        std::fs::write(&rules_path, DEMO_RULES)?;
+        let hc = hearth_hub::Config {
+            broker: BrokerConfig::embedded("127.0.0.1:0".parse()?),
+            rules: Some(rules_path),
+            coordinator: Some(coordinator.endpoint()),
+            admin_token: Some(admin_token.clone()),
+            ..Default::default()
+        };
+        let hub = hearth_hub::start(hc).await.context("starting the hub")?;
+        let mqtt = hub.mqtt_url();
+
+        let light = hearth_agent::actuator::start_actuator(ActuatorConfig::new(PORCH_LIGHT, &mqtt))
+            .await
+            .context("starting the porch light")?;
+
+        let mut agents = Vec::new();
+        let mut tokens = enroll.into_iter();
+        for g in &opts.groups {
+            for i in 0..g.count {
+                let device = format!("{}-{}", g.prefix, i + 1);
+                let cfg = hearth_agent::Config {
+                    device: device.clone(),
+                    mqtt: mqtt.clone(),
+                    coordinator: Some(coordinator.endpoint()),
+                    enrollment_token: tokens.next(),
+                    task: g.task,
+                    data_dir: opts.data_dir.clone(),
+                    partition: Partition {
+                        index: i,
+                        count: g.count,
+                        alpha: opts.alpha,
+                        seed: 42,
+                    },
+                    replay_rate_hz: opts.replay_rate_hz,
+                    state_dir: opts.state_dir.join(&device),
+                    ..Default::default()
+                };
+                let h = hearth_agent::start(cfg)
+                    .await
+                    .with_context(|| format!("starting agent {device}"))?;
+                agents.push((device, g.task, h));
+            }
+        }
+        let models = opts.groups.iter().map(|g| g.task.to_string()).collect();
+        let home = Home {
+            coordinator,
+            hub,
+            light,
+            agents,
+            admin_token,
+            models,
+        };
+        home.wait_for_versions(&home.current_versions().await?, Duration::from_secs(60))
+            .await?;
+        Ok(home)
+    }
+
+    /// The federated models of this home.
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
+    async fn admin(&self) -> Result<AdminClient<tonic::transport::Channel>> {
+        Ok(AdminClient::connect(self.coordinator.endpoint()).await?)
+    }
+
+    fn authed<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.admin_token)
+                .parse()
+                .expect("token is ASCII"),
+        );
+        r
+    }
+
+    /// Every stored version of `model`, oldest first.
+    pub async fn versions(&self, model: &str) -> Result<Vec<ModelVersion>> {
+        let r = self
+            .admin()
+            .await?
+            .list_versions(self.authed(ListVersionsRequest {
+                model: model.into(),
+            }))
+            .await?;
+        let mut v = r.into_inner().versions;
+        v.sort_by_key(|m| m.version);
+        Ok(v)
+    }
+
+    /// Latest version of each model.
+    pub async fn current_versions(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for m in &self.models {
+            let v = self.versions(m).await?;
+            let last = v.last().map(|v| v.version).unwrap_or(0);
+            out.push((m.clone(), last));
+        }
+        Ok(out)
+    }
+
+    /// Waits until every agent of each model runs at least the given version.
+    pub async fn wait_for_versions(&self, want: &[(String, u64)], limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let behind: Vec<String> = self
+                .agents
+                .iter()
+                .filter(|(_, task, h)| {
+                    let v = h.stats().model_version.load(Ordering::Relaxed);
+                    want.iter()
+                        .any(|(m, need)| *m == task.to_string() && v < *need)
+                })
+                .map(|(d, _, h)| format!("{d} ({})", h.model_tag()))
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agents did not load the current model in {limit:?}: {}",
+                    behind.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks for a federated refresh of `model` the way a user would, over MQTT
+    /// (`hearth/federation/refresh`), and waits for the round to complete and every agent of
+    /// the model to hot-swap the new version. Returns the final round status.
+    pub async fn refresh_over_mqtt(&self, model: &str, limit: Duration) -> Result<RoundStatus> {
+        let before = self
+            .latest_round(model)
+            .await?
+            .map(|r| r.round_id)
+            .unwrap_or(0);
+        let addr = self.hub.mqtt_addr();
+        let mut opts = MqttOptions::new(token("refresh"), addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut el) = AsyncClient::new(opts, 10);
+        let body = serde_json::to_vec(&hearth_proto::mqtt::RefreshRequest {
+            model: model.into(),
+        })?;
+        client
+            .publish(
+                hearth_proto::mqtt::REFRESH_TOPIC,
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await?;
+        // Drive the connection until the broker acknowledged the request.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow::anyhow!("refresh publish: {e}")),
+                }
+            }
+        })
+        .await
+        .context("refresh request not acknowledged by the broker")??;
+        let _ = client.try_disconnect();
+
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.latest_round(model).await? {
+                if s.round_id > before {
+                    match s.state() {
+                        RoundState::Completed => break s,
+                        RoundState::Failed => {
+                            bail!("round {} of {model} failed: {}", s.round_id, s.detail)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("round of {model} did not complete within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.wait_for_versions(&[(model.to_string(), status.new_version)], remaining)
+            .await?;
+        Ok(status)
+    }
+
+    /// The latest round of `model`, if any.
+    pub async fn latest_round(&self, model: &str) -> Result<Option<RoundStatus>> {
+        match self
+            .admin()
+            .await?
+            .get_round_status(self.authed(RoundStatusRequest {
+                model: model.into(),
+                round_id: 0,
+            }))
+            .await
+        {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Stops everything, agents first.
+    pub async fn shutdown(self) -> Result<()> {
+        for (_, _, a) in self.agents {
+            a.shutdown().await?;
+        }
+        self.light.shutdown().await?;
+        self.hub.shutdown().await;
+        self.coordinator.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// The repository's `data/` directory, found from the current directory or from this
+/// crate's source location.
+pub fn default_data_dir() -> PathBuf {
+    let here = Path::new("data");
+    if here.join("plaid").is_dir() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
+}
+
+/// Counters the summary reports, read from the running parts.
+#[derive(Debug, Clone, Default)]
+pub struct Traffic {
+    pub events_published: u64,
+    pub events_received: u64,
+    pub events_routed: u64,
+    pub events_dropped: u64,
+    pub commands_published: u64,
+    pub commands_applied: u64,
+}
+
+impl Home {
+    /// Reads the counters of agents, hub and actuator.
+    pub fn traffic(&self) -> Traffic {
+        let m = self.hub.metrics();
+        let l = self.light.stats();
+        Traffic {
+            events_published: self
+                .agents
+                .iter()
+                .map(|(_, _, a)| a.stats().events_published.load(Ordering::Relaxed))
+                .sum(),
+            events_received: m.events_received.load(Ordering::Relaxed),
+            events_routed: m.events_routed.load(Ordering::Relaxed),
+            events_dropped: m.events_dropped_total(),
+            commands_published: m.commands_published.load(Ordering::Relaxed),
+            commands_applied: l.commands_applied.load(Ordering::Relaxed),
+        }
+    }
+}

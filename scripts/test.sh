@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints and the whole test suite (unit + end-to-end over loopback).
+# Installs what it needs on a fresh Debian machine; needs only cargo and Debian packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
+  echo "cargo-nextest not found: installing it with cargo" >&2
+  cargo install --locked cargo-nextest
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# One profile (dev, dependencies optimised) for the tests and the demo: compiled once.
+cargo nextest run --workspace --locked --no-fail-fast "$@"
