@@ -5,10 +5,18 @@
 //! (training, batch inference) on a blocking thread.
 #![forbid(unsafe_code)]
 
+pub mod codebook;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod infer;
+pub mod lowrank;
+pub mod measure;
+pub mod mixed;
 pub mod onnx;
+pub mod package;
+pub mod prune;
+pub mod qonnx;
 pub mod quant;
 pub mod tensor;
 pub mod train;
