@@ -131,8 +131,8 @@ impl Default for RoundDefaults {
             min_clients: 2,
             max_clients: 10,
             deadline_secs: 300,
-            local_epochs: 1,
-            learning_rate: 0.05,
+            local_epochs: 5,
+            learning_rate: 0.01,
             batch_size: 32,
             clip_norm: 10.0,
             quant_bits: 8,
@@ -144,7 +144,7 @@ impl Default for RoundDefaults {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "127.0.0.1:7443".into(),
+            listen: "127.0.0.1:50051".into(),
             db_path: "hearth-coordinator.db".into(),
             data_dir: "data".into(),
             admin_token: String::new(),

@@ -27,7 +27,7 @@ struct Cli {
     /// TOML config file (defaults are used for missing keys, or for everything if omitted).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Listen address, overriding `listen` from the config (e.g. 0.0.0.0:7443).
+    /// Listen address, overriding `listen` from the config (e.g. 0.0.0.0:50051).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// Admin bearer token, overriding `admin_token` from the config.
