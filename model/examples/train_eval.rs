@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch_size: batch,
         momentum: 0.9,
         seed,
+        ..Default::default()
     };
     let t = Instant::now();
     let (w, report) = train(&model, &tr, &cfg)?;

@@ -44,7 +44,7 @@ impl Default for CodecConfig {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -206,13 +206,13 @@ fn unpack(bytes: &[u8], n: usize, bits: u8) -> Result<Vec<i32>, ModelError> {
     Ok(out)
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+pub(crate) struct Reader<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ModelError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ModelError> {
         let end = self
             .pos
             .checked_add(n)
@@ -225,11 +225,11 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn u8(&mut self) -> Result<u8, ModelError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ModelError> {
         Ok(self.take(1)?[0])
     }
 
-    fn varint(&mut self) -> Result<u64, ModelError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, ModelError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -245,7 +245,7 @@ impl<'a> Reader<'a> {
         Err(ModelError::Codec("varint longer than 10 bytes".into()))
     }
 
-    fn usize(&mut self, what: &str, max: usize) -> Result<usize, ModelError> {
+    pub(crate) fn usize(&mut self, what: &str, max: usize) -> Result<usize, ModelError> {
         let v = self.varint()?;
         usize::try_from(v)
             .ok()
