@@ -1,0 +1,246 @@
+//! `hearth-compress`: compress an ONNX model with a recipe and print the measurement table;
+//! `hearth-compress train <task>` trains Hearth's baseline MLP for a data set.
+//! Exit status 64 (EX_USAGE) on bad arguments or a recipe that cannot apply.
+#![forbid(unsafe_code)]
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use hearth_compress::pipeline::{default_measure_options, Context};
+use hearth_compress::{recipe, table, CompressError};
+use hearth_model::{measure, train, Split, Task, TrainConfig};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hearth-compress",
+    version,
+    about = "Compress an ONNX model with a recipe; print size, params, non-zeros, accuracy or \
+             output agreement, and tract latency for the original and after every step.",
+    after_help = recipe::SYNTAX,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    compress: CompressArgs,
+}
+
+#[derive(Args, Debug)]
+struct CompressArgs {
+    /// Input ONNX model (Hearth's own or imported, e.g. data/models/face_detection_front_128x128_barracuda.onnx).
+    input: Option<PathBuf>,
+    /// Data set directory (data/plaid, data/faces, data/digits): train split for fine-tuning and
+    /// calibration, test split for accuracy / agreement inputs.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Recipe: a .toml file or an inline string (see below).
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Output file (ONNX, or a Hearth package with export:package).
+    #[arg(short = 'o', long)]
+    output: Option<PathBuf>,
+    /// Timed batch-1 runs per latency measurement (median reported).
+    #[arg(long, default_value_t = 20)]
+    latency_runs: usize,
+    /// At most this many eval samples for output agreement.
+    #[arg(long, default_value_t = 200)]
+    agreement_samples: usize,
+    /// Seed of student initialisation and training shuffles.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Train Hearth's baseline MLP for a data set and write it as ONNX.
+    Train {
+        /// plaid | faces | digits
+        task: Task,
+        /// Output ONNX file.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Directory holding the data sets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Hidden widths, comma separated (default: the shipped spec of the task).
+        #[arg(long, value_delimiter = ',')]
+        hidden: Option<Vec<usize>>,
+        /// Epochs.
+        #[arg(long, default_value_t = 20)]
+        epochs: u32,
+        /// Learning rate.
+        #[arg(long, default_value_t = 0.01)]
+        lr: f32,
+        /// Seed (weights and shuffles).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    CompressError::Usage(msg.into()).into()
+}
+
+/// `data/plaid` → (`data`, plaid).
+fn split_data_dir(dir: &Path) -> anyhow::Result<(PathBuf, Task)> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| usage(format!("--data {}: not a directory name", dir.display())))?;
+    let task: Task = name.parse().map_err(|_| {
+        usage(format!(
+            "--data {}: the directory must be named after a data set (plaid, faces, digits)",
+            dir.display()
+        ))
+    })?;
+    let root = dir
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    Ok((root, task))
+}
+
+fn cmd_train(
+    task: Task,
+    output: &Path,
+    data_dir: &Path,
+    hidden: Option<Vec<usize>>,
+    epochs: u32,
+    lr: f32,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let train_set = task.load(data_dir, Split::Train)?;
+    let test_set = task.load(data_dir, Split::Test)?;
+    let mut spec = task.default_spec();
+    if let Some(h) = hidden {
+        if h.contains(&0) {
+            return Err(usage("--hidden widths must be > 0"));
+        }
+        spec.hidden = h;
+    }
+    let mut model = hearth_model::OnnxModel::build_mlp(&spec, seed);
+    let cfg = TrainConfig {
+        epochs,
+        learning_rate: lr,
+        seed,
+        ..Default::default()
+    };
+    let (w, report) = train(&model, &train_set, &cfg)?;
+    model.set_weights(&w)?;
+    model.save(output)?;
+    let m = measure::measure(&model, Some(&test_set), None, 20)?;
+    println!(
+        "trained {task} {:?}: {} epochs, final loss {:.4}, test accuracy {:.4}, {} params, {} bytes -> {}",
+        spec.hidden,
+        report.epochs,
+        report.final_loss,
+        m.accuracy.unwrap_or(f32::NAN),
+        m.params,
+        m.bytes,
+        output.display()
+    );
+    Ok(())
+}
+
+fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
+    let input = a
+        .input
+        .ok_or_else(|| usage("missing <INPUT> model (see --help)"))?;
+    let recipe_arg = a
+        .recipe
+        .ok_or_else(|| usage("missing --recipe <file.toml | inline steps> (see --help)"))?;
+    let output = a.output.ok_or_else(|| usage("missing -o <output>"))?;
+    let steps = recipe::parse_recipe_arg(&recipe_arg)?;
+    if a.latency_runs == 0 {
+        return Err(usage("--latency-runs must be >= 1"));
+    }
+    let raw = hearth_model::OnnxModel::load(&input)
+        .map_err(|e| usage(format!("{}: {e}", input.display())))?;
+    let (model, fixed) = measure::fix_constant_of_shape(&raw)?;
+    if fixed > 0 {
+        eprintln!("note: gave {fixed} ConstantOfShape node(s) an explicit f32 zero value (tract)");
+    }
+    let (train_set, eval_set) = match &a.data {
+        Some(dir) => {
+            let (root, task) = split_data_dir(dir)?;
+            if let Some(t) = model.task() {
+                if t != task {
+                    return Err(usage(format!("the model is a {t} model, --data is {task}")));
+                }
+            }
+            (
+                Some(task.load(&root, Split::Train)?),
+                Some(task.load(&root, Split::Test)?),
+            )
+        }
+        None => (None, None),
+    };
+    let mut opts = default_measure_options(&model, a.latency_runs)?;
+    opts.max_agreement_samples = a.agreement_samples.max(1);
+    let ctx = Context {
+        train: train_set,
+        eval: eval_set,
+        measure: opts,
+        seed: a.seed,
+    };
+    let (rows, artefact) = hearth_compress::run(&model, &steps, &ctx)?;
+    std::fs::write(&output, &artefact.bytes)
+        .with_context(|| format!("writing {}", output.display()))?;
+    if let Some(outs) = &ctx.measure.agreement_outputs {
+        println!(
+            "agreement: {} of the outputs {} vs the original, {} eval inputs",
+            if ctx.measure.transform == measure::OutputTransform::Sigmoid {
+                "sigmoid"
+            } else {
+                "raw values"
+            },
+            outs.join(", "),
+            ctx.eval
+                .as_ref()
+                .map_or(1, |d| d.len().min(ctx.measure.max_agreement_samples))
+        );
+    }
+    print!("{}", table::render(&rows));
+    println!(
+        "wrote {} ({} bytes)",
+        output.display(),
+        artefact.bytes.len()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.cmd {
+        Some(Cmd::Train {
+            task,
+            output,
+            data_dir,
+            hidden,
+            epochs,
+            lr,
+            seed,
+        }) => cmd_train(task, &output, &data_dir, hidden, epochs, lr, seed),
+        None => cmd_compress(cli.compress),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth-compress: {e:#}");
+            let is_usage = e
+                .downcast_ref::<CompressError>()
+                .is_some_and(CompressError::is_usage);
+            ExitCode::from(if is_usage { EX_USAGE } else { 1 })
+        }
+    }
+}

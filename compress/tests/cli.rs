@@ -1,0 +1,300 @@
+//! End-to-end tests of the `hearth-compress` binary: baselines trained in-test for every data
+//! set in `data/`, chained recipes, the vendored BlazeFace detector, and usage errors (exit 64).
+
+use hearth_model::measure::{load_for_tract, GenericRunner};
+use hearth_model::{accuracy, Classifier, OnnxModel, Split, Task};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth-compress"))
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .expect("run hearth-compress");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A table row, cells by header.
+#[derive(Debug)]
+struct Row {
+    step: String,
+    bytes: usize,
+    params: usize,
+    nonzeros: usize,
+    accuracy: Option<f32>,
+    max_diff: Option<f32>,
+    mean_diff: Option<f32>,
+    decision: Option<f32>,
+    latency_us: f64,
+}
+
+fn parse_table(stdout: &str) -> Vec<Row> {
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('|')).collect();
+    assert!(lines.len() >= 3, "no table in:\n{stdout}");
+    let cells = |l: &str| -> Vec<String> {
+        l.trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let head = cells(lines[0]);
+    let col = |name: &str| head.iter().position(|h| h == name).expect(name);
+    let opt = |s: &str| {
+        if s == "-" {
+            None
+        } else {
+            Some(s.parse::<f32>().unwrap())
+        }
+    };
+    lines[2..]
+        .iter()
+        .map(|l| {
+            let c = cells(l);
+            Row {
+                step: c[col("step")].clone(),
+                bytes: c[col("bytes")].parse().unwrap(),
+                params: c[col("params")].parse().unwrap(),
+                nonzeros: c[col("nonzeros")].parse().unwrap(),
+                accuracy: opt(&c[col("accuracy")]),
+                max_diff: opt(&c[col("max_diff")]),
+                mean_diff: opt(&c[col("mean_diff")]),
+                decision: opt(&c[col("decision_agree")]),
+                latency_us: c[col("latency_us")].parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn train_baseline(task: &str, dir: &Path, extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("{task}.onnx"));
+    let mut args = vec!["train", task, "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "train {task}: {stdout}{stderr}");
+    assert!(stdout.contains("test accuracy"), "{stdout}");
+    out
+}
+
+fn test_set(task: Task) -> hearth_model::Dataset {
+    task.load(&workspace().join("data"), Split::Test).unwrap()
+}
+
+fn compress(model: &Path, data: &str, recipe: &str, out: &Path) -> Vec<Row> {
+    let (code, stdout, stderr) = run(&[
+        model.to_str().unwrap(),
+        "--data",
+        data,
+        "--recipe",
+        recipe,
+        "-o",
+        out.to_str().unwrap(),
+        "--latency-runs",
+        "5",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    println!("{stdout}");
+    let rows = parse_table(&stdout);
+    assert_eq!(rows[0].step, "original");
+    assert_eq!(rows.len(), recipe.split(';').count() + 1, "{stdout}");
+    for r in &rows {
+        assert!(r.latency_us > 0.0, "{r:?}");
+        assert!(r.nonzeros <= r.params, "{r:?}");
+    }
+    rows
+}
+
+#[test]
+fn digits_distill_prune_finetune_int4_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = train_baseline("digits", dir.path(), &["--epochs", "20"]);
+    let out = dir.path().join("digits.pkg");
+    let rows = compress(
+        &model,
+        "data/digits",
+        "distill:hidden=16,T=4,alpha=0.7,epochs=10;prune:0.8;finetune:3;quant:int4-per-channel;export:package",
+        &out,
+    );
+    let (orig, last) = (&rows[0], rows.last().unwrap());
+    let acc0 = orig.accuracy.unwrap();
+    assert!(acc0 > 0.9, "{orig:?}");
+    assert_eq!(orig.max_diff, Some(0.0));
+    // Distillation halves the hidden layer: 64·16+16+16·10+10 parameters.
+    assert_eq!(rows[1].params, 64 * 16 + 16 + 16 * 10 + 10);
+    // 80% of the Gemm weights (1184) pruned; biases stay.
+    assert!(rows[2].nonzeros <= 1210 - 947, "{:?}", rows[2]);
+    // Fine-tuning with masks recovers accuracy and keeps the zeros.
+    assert!(rows[3].accuracy.unwrap() > rows[2].accuracy.unwrap());
+    assert_eq!(rows[3].nonzeros, rows[2].nonzeros);
+    let acc = last.accuracy.unwrap();
+    assert!(acc > acc0 - 0.08, "final {acc} vs {acc0}");
+    assert!(last.bytes * 5 < orig.bytes, "{last:?} vs {orig:?}");
+    // The package on disk decodes to a model tract runs with the reported accuracy.
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(bytes.len(), last.bytes);
+    let decoded = hearth_model::package::decode_package(&bytes).unwrap();
+    let a = accuracy(&Classifier::new(&decoded).unwrap(), &test_set(Task::Digits)).unwrap();
+    assert!((a - acc).abs() < 1e-3, "{a} vs {acc}");
+}
+
+#[test]
+fn faces_prune_finetune_kmeans_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = train_baseline("faces", dir.path(), &["--epochs", "30"]);
+    let out = dir.path().join("faces.pkg");
+    let rows = compress(
+        &model,
+        "data/faces",
+        "prune:0.7;finetune:5;quant:kmeans4;export:package",
+        &out,
+    );
+    let (orig, last) = (&rows[0], rows.last().unwrap());
+    let acc0 = orig.accuracy.unwrap();
+    assert!(acc0 >= 0.9, "{orig:?}");
+    assert!(last.accuracy.unwrap() >= acc0 - 0.06, "{last:?}");
+    assert!(last.bytes * 8 < orig.bytes, "{last:?} vs {orig:?}");
+    assert!(
+        (last.nonzeros as f32) < 0.35 * last.params as f32,
+        "{last:?}"
+    );
+    let decoded = hearth_model::package::decode_package(&std::fs::read(&out).unwrap()).unwrap();
+    let a = accuracy(&Classifier::new(&decoded).unwrap(), &test_set(Task::Faces)).unwrap();
+    assert!((a - last.accuracy.unwrap()).abs() < 1e-3);
+}
+
+#[test]
+fn plaid_neurons_prune_finetune_int8_qoperator() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = train_baseline("plaid", dir.path(), &["--hidden", "128", "--epochs", "20"]);
+    let out = dir.path().join("plaid.int8.onnx");
+    let rows = compress(
+        &model,
+        "data/plaid",
+        "prune-neurons:0.25;prune:0.5;finetune:3;quant:int8-per-channel;export:int8-qoperator",
+        &out,
+    );
+    let (orig, last) = (&rows[0], rows.last().unwrap());
+    let acc0 = orig.accuracy.unwrap();
+    assert!(acc0 > 0.5, "{orig:?}");
+    // Neuron pruning really shrinks the graph: 128 → 96 hidden units.
+    let in_len = Task::Plaid.input_len();
+    assert_eq!(rows[1].params, in_len * 96 + 96 + 96 * 11 + 11);
+    assert!(last.accuracy.unwrap() > acc0 - 0.1, "{last:?} vs {orig:?}");
+    assert!(last.bytes * 3 < orig.bytes, "{last:?} vs {orig:?}");
+    let m = OnnxModel::load(&out).unwrap();
+    assert!(hearth_model::qonnx::plan_uses_integer_kernels(&m).unwrap());
+    let a = accuracy(&Classifier::new(&m).unwrap(), &test_set(Task::Plaid)).unwrap();
+    assert!((a - last.accuracy.unwrap()).abs() < 1e-3);
+}
+
+#[test]
+fn blazeface_prune_int8_reports_output_agreement() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("blazeface.onnx");
+    let model = workspace().join("data/models/face_detection_front_128x128_barracuda.onnx");
+    let (code, stdout, stderr) = run(&[
+        model.to_str().unwrap(),
+        "--data",
+        "data/faces",
+        "--recipe",
+        "prune:0.02;quant:int8-per-channel",
+        "-o",
+        out.to_str().unwrap(),
+        "--latency-runs",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    println!("{stdout}");
+    assert!(stderr.contains("ConstantOfShape"), "{stderr}");
+    assert!(stdout.contains("agreement: sigmoid"), "{stdout}");
+    let rows = parse_table(&stdout);
+    assert_eq!(rows.len(), 3);
+    let (orig, last) = (&rows[0], &rows[2]);
+    assert!(orig.accuracy.is_none() && last.accuracy.is_none());
+    assert_eq!(orig.max_diff, Some(0.0));
+    assert!((90_000..130_000).contains(&orig.params), "{orig:?}");
+    // 2% of the conv weights pruned (and int8 rounds a few more to zero).
+    assert!(rows[1].nonzeros as f32 <= 0.981 * orig.nonzeros as f32);
+    assert!(last.nonzeros <= rows[1].nonzeros);
+    // Bounds from measured runs (max 0.41, mean 0.017, decisions 0.98 on 50 faces images).
+    let (max, mean, dec) = (
+        last.max_diff.unwrap(),
+        last.mean_diff.unwrap(),
+        last.decision.unwrap(),
+    );
+    assert!(max > 0.0 && max < 0.6, "{last:?}");
+    assert!(mean < 0.03, "{last:?}");
+    assert!(dec >= 0.9, "{last:?}");
+    // The written model loads (with the fix) and runs.
+    let m = load_for_tract(&out).unwrap();
+    let r = GenericRunner::new(&m).unwrap();
+    assert_eq!(r.run(&vec![0.0; 128 * 128 * 3]).unwrap().len(), 4);
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let blaze = "data/models/face_detection_front_128x128_barracuda.onnx";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.onnx");
+    let out = out.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![blaze, "--recipe", "prune:1.5", "-o", out],
+            "bad recipe",
+        ),
+        (
+            vec![blaze, "--recipe", "shrink:0.5", "-o", out],
+            "unknown step kind",
+        ),
+        (
+            vec![blaze, "--recipe", "quant:int9", "-o", out],
+            "bits must be",
+        ),
+        (
+            vec![blaze, "--recipe", "export:float;prune:0.1", "-o", out],
+            "must be the last step",
+        ),
+        (vec![blaze, "-o", out], "missing --recipe"),
+        (
+            vec![
+                blaze,
+                "--data",
+                "data/faces",
+                "--recipe",
+                "prune-neurons:0.5",
+                "-o",
+                out,
+            ],
+            "cannot apply to this model",
+        ),
+        (
+            vec![
+                blaze,
+                "--data",
+                "data/nope",
+                "--recipe",
+                "quant:int8",
+                "-o",
+                out,
+            ],
+            "named after a data set",
+        ),
+        (vec!["--no-such-flag"], "unexpected argument"),
+    ] {
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, 64, "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!Path::new(out).exists());
+    }
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("RECIPE") && stdout.contains("int8-qoperator"));
+}
