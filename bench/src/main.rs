@@ -233,7 +233,7 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
         None,
     )?];
 
-    // Hearth int8 (QOperator, static per-channel weights, calibrated on the train split).
+    // Hearth int8 (QOperator, per-layer weight scales, activations calibrated on the train split).
     let int8 = qonnx::export_int8(&fp32, &train_ds)?;
     int8.save(&work.join(f("hearth_int8.onnx")))?;
     let integer = qonnx::plan_uses_integer_kernels(&int8)?;
@@ -242,7 +242,7 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
         "Hearth int8 (tract)",
         &int8,
         &f("hearth_int8.onnx"),
-        "qonnx::export_int8: MatMulInteger u8×i8 per-channel, static activation scales (train-split min/max)",
+        "qonnx::export_int8: QLinearConv(k=1) chain, int8 activations end to end, int32 bias, per-layer weight scales, static activation scales (train-split min/max)",
         Some(int8_stats(&int8)),
     )?);
 
