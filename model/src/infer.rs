@@ -1,20 +1,66 @@
 //! Inference with tract: the plans are optimised once when a [`Classifier`] is built and
 //! reused for every call (one plan fixed to batch 1 for per-event `predict`, one with a
-//! symbolic batch for `predict_batch`).
+//! symbolic batch for `predict_batch`). Batch-1 calls also reuse tract run states and their
+//! input tensors from a small pool ([`StatePool`]), so a call pays only for the plan itself.
 
 use crate::data::Dataset;
 use crate::error::ModelError;
 use crate::onnx::OnnxModel;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use tract_onnx::prelude::*;
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// A loaded, optimised classifier. `Send + Sync`: share it behind an `Arc`.
+/// Most batch-1 run states kept for reuse; one per thread that calls `predict` at once is
+/// enough, more are created on demand and dropped after the call.
+const MAX_POOLED_STATES: usize = 8;
+
+/// A reusable batch-1 run: tract's per-session state (op states, the value table with the
+/// constants already seeded, the matrix kernels' scratch) and a `[1, input_len]` input tensor
+/// overwritten in place.
+struct Slot {
+    state: TypedSimpleState,
+    input: Arc<Tensor>,
+    /// Thread the state last ran on. tract keeps matrix-kernel scratch per session in
+    /// thread-locals and frees it only on the thread that drops the state, so a slot is
+    /// reused only by its own thread (no scratch left behind on others).
+    thread: ThreadId,
+}
+
+/// Idle batch-1 [`Slot`]s, checked out for the duration of one call.
+#[derive(Default)]
+struct StatePool(Mutex<Vec<Slot>>);
+
+impl StatePool {
+    /// An idle slot of the calling thread, if any.
+    fn take(&self) -> Option<Slot> {
+        let me = std::thread::current().id();
+        // A poisoned lock only means a panic elsewhere mid-push/pop; the Vec is still valid.
+        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = slots.iter().rposition(|s| s.thread == me)?;
+        Some(slots.swap_remove(i))
+    }
+
+    /// Returns a slot after a successful call. When the pool is full the oldest slot goes, so
+    /// slots of threads that have since exited (a blocking pool's idle workers) cannot crowd
+    /// out the live ones; it is dropped after the lock is released.
+    fn put(&self, slot: Slot) {
+        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let evicted = (slots.len() >= MAX_POOLED_STATES).then(|| slots.remove(0));
+        slots.push(slot);
+        drop(slots);
+        drop(evicted);
+    }
+}
+
+/// A loaded, optimised classifier. `Send + Sync`: share it behind an `Arc`. Clones share the
+/// plans and the pool of batch-1 run states.
 #[derive(Clone)]
 pub struct Classifier {
     single: Plan,
     batch: Plan,
+    pool: Arc<StatePool>,
     classes: Vec<String>,
     input_len: usize,
 }
@@ -74,6 +120,7 @@ impl Classifier {
         Ok(Classifier {
             single,
             batch,
+            pool: Arc::default(),
             classes,
             input_len,
         })
@@ -88,7 +135,48 @@ impl Classifier {
                 self.input_len
             )));
         }
-        run(&self.single, input, 1, self.input_len)
+        self.run_single(input)
+    }
+
+    /// One batch-1 run on a pooled state: the input is copied into the slot's tensor, the
+    /// probabilities out of tract's output. Same plan and kernels as `plan.run`, so the
+    /// results are bit-identical to a fresh state's.
+    fn run_single(&self, input: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let mut slot = match self.pool.take() {
+            Some(slot) => slot,
+            None => Slot {
+                state: self.single.spawn().map_err(ModelError::tract)?,
+                input: Arc::new(
+                    Tensor::zero::<f32>(&[1, self.input_len]).map_err(ModelError::tract)?,
+                ),
+                thread: std::thread::current().id(),
+            },
+        };
+        // The state drops every value at the end of a run, so the tensor is ours again;
+        // should anything still hold it, use a fresh one.
+        match Arc::get_mut(&mut slot.input) {
+            Some(t) => t
+                .try_as_plain_ram_mut()
+                .and_then(|mut v| {
+                    v.as_slice_mut::<f32>()?.copy_from_slice(input);
+                    Ok(())
+                })
+                .map_err(ModelError::tract)?,
+            None => {
+                slot.input = Arc::new(
+                    Tensor::from_shape(&[1, self.input_len], input).map_err(ModelError::tract)?,
+                )
+            }
+        }
+        // On error the slot is dropped rather than pooled: its state may be mid-turn.
+        let out = slot
+            .state
+            .run(tvec!(TValue::from_const(Arc::clone(&slot.input))))
+            .map_err(ModelError::tract)?;
+        let probs = first_output(&out)?;
+        drop(out);
+        self.pool.put(slot);
+        Ok(probs)
     }
 
     /// Class probabilities for `n` inputs laid out row-major in `x` (`n * classes` values).
@@ -102,7 +190,7 @@ impl Classifier {
         }
         match n {
             0 => Ok(Vec::new()),
-            1 => run(&self.single, x, 1, self.input_len),
+            1 => self.run_single(x),
             _ => run(&self.batch, x, n, self.input_len),
         }
     }
@@ -122,6 +210,11 @@ fn run(plan: &Plan, x: &[f32], n: usize, input_len: usize) -> Result<Vec<f32>, M
     let input =
         tract_onnx::prelude::Tensor::from_shape(&[n, input_len], x).map_err(ModelError::tract)?;
     let out = plan.run(tvec!(input.into())).map_err(ModelError::tract)?;
+    first_output(&out)
+}
+
+/// The values of a run's first output.
+fn first_output(out: &[TValue]) -> Result<Vec<f32>, ModelError> {
     let first = out
         .first()
         .ok_or_else(|| ModelError::Tract("model has no output".into()))?;
@@ -191,5 +284,68 @@ mod tests {
         assert!(c.predict(&x[..10]).is_err());
         assert!(c.predict_batch(&xs, 2).is_err());
         assert_eq!(argmax(&[0.1, 0.7, 0.2]), Some(1));
+    }
+
+    #[test]
+    fn pooled_predict_matches_fresh_state_bit_for_bit() {
+        let spec = crate::onnx::MlpSpec {
+            hidden: vec![16, 8],
+            ..Task::Digits.default_spec()
+        };
+        let c = Classifier::new(&OnnxModel::build_mlp(&spec, 11)).unwrap();
+        let rows: Vec<Vec<f32>> = (0..5)
+            .map(|r| {
+                (0..64)
+                    .map(|i| ((i * 7 + r * 13) % 23) as f32 / 11.0 - 1.0)
+                    .collect()
+            })
+            .collect();
+        let fresh: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|x| run(&c.single, x, 1, 64).unwrap())
+            .collect();
+        assert_ne!(fresh[0], fresh[1]);
+        // Reused states and input tensors: every call sees its own input, nothing leaks over.
+        for _ in 0..3 {
+            for (x, want) in rows.iter().zip(&fresh) {
+                assert_eq!(&c.predict(x).unwrap(), want);
+                assert_eq!(&c.predict_batch(x, 1).unwrap(), want);
+            }
+        }
+        assert_eq!(c.pool.0.lock().unwrap().len(), 1);
+        // Concurrent callers (and a clone sharing the pool) each get a state of their own.
+        let c2 = c.clone();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (c, rows, fresh) = (if t % 2 == 0 { &c } else { &c2 }, &rows, &fresh);
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let k = (i + t) % rows.len();
+                        assert_eq!(&c.predict(&rows[k]).unwrap(), &fresh[k]);
+                    }
+                });
+            }
+        });
+        let pooled = c.pool.0.lock().unwrap().len();
+        assert!((1..=MAX_POOLED_STATES).contains(&pooled), "{pooled}");
+        // More threads than slots: the newest threads' slots stay, the oldest go.
+        let mut last = None;
+        for _ in 0..MAX_POOLED_STATES + 3 {
+            last = Some(
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        assert_eq!(c.predict(&rows[2]).unwrap(), fresh[2]);
+                        std::thread::current().id()
+                    })
+                    .join()
+                })
+                .unwrap(),
+            );
+        }
+        let threads: Vec<ThreadId> = c.pool.0.lock().unwrap().iter().map(|s| s.thread).collect();
+        assert_eq!(threads.len(), MAX_POOLED_STATES);
+        assert_eq!(threads.last().copied(), last);
+        assert!(c.predict(&rows[0][..63]).is_err());
+        assert_eq!(c.predict(&rows[0]).unwrap(), fresh[0]);
     }
 }
