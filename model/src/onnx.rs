@@ -96,14 +96,26 @@ fn value_info(name: &str, dims: &[Result<i64, &str>]) -> pb::ValueInfoProto {
     }
 }
 
-fn f32_initializer(name: &str, t: &Tensor) -> pb::TensorProto {
+/// An initializer of any element type from its little-endian raw bytes.
+pub(crate) fn raw_initializer(
+    name: &str,
+    dims: &[usize],
+    data_type: DataType,
+    raw_data: Vec<u8>,
+) -> pb::TensorProto {
     pb::TensorProto {
         name: name.into(),
-        dims: t.shape.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Float as i32,
-        raw_data: t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: data_type as i32,
+        raw_data,
         ..Default::default()
     }
+}
+
+/// A float initializer in little-endian raw form.
+pub(crate) fn f32_initializer(name: &str, t: &Tensor) -> pb::TensorProto {
+    let raw = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw_initializer(name, &t.shape, DataType::Float, raw)
 }
 
 /// The f32 values of an initializer (`float_data` or little-endian `raw_data`).

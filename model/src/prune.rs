@@ -149,16 +149,7 @@ pub fn apply_masks(w: &mut Weights, masks: &Weights) {
     }
 }
 
-/// A float initializer in little-endian raw form.
-pub(crate) fn f32_initializer(name: &str, t: &Tensor) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        dims: t.shape.iter().map(|&d| d as i64).collect(),
-        data_type: pb::tensor_proto::DataType::Float as i32,
-        raw_data: t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
-}
+pub(crate) use crate::onnx::f32_initializer;
 
 /// A model from an edited protobuf: replaces the initializers in `replace` (adding new ones),
 /// removes those in `remove`, drops intermediate `value_info` (shapes may have changed) and

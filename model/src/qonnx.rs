@@ -30,7 +30,7 @@
 
 use crate::data::Dataset;
 use crate::error::ModelError;
-use crate::onnx::OnnxModel;
+use crate::onnx::{raw_initializer, OnnxModel};
 use crate::quant::{quantize_affine, quantize_symmetric};
 use prost::Message;
 use tract_onnx::pb;
@@ -84,23 +84,21 @@ fn attr_int(name: &str, i: i64) -> pb::AttributeProto {
 }
 
 fn init_f32(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Float as i32,
-        raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    raw_initializer(
+        name,
+        dims,
+        DataType::Float,
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
 }
 
 fn init_i8(name: &str, dims: &[usize], v: &[i8]) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Int8 as i32,
-        raw_data: v.iter().map(|&x| x as u8).collect(),
-        ..Default::default()
-    }
+    raw_initializer(
+        name,
+        dims,
+        DataType::Int8,
+        v.iter().map(|&x| x as u8).collect(),
+    )
 }
 
 fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
@@ -177,23 +175,21 @@ struct QLayer {
 }
 
 fn init_i32(name: &str, dims: &[usize], v: &[i32]) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Int32 as i32,
-        raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    raw_initializer(
+        name,
+        dims,
+        DataType::Int32,
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
 }
 
 fn init_i64(name: &str, dims: &[usize], v: &[i64]) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Int64 as i32,
-        raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    raw_initializer(
+        name,
+        dims,
+        DataType::Int64,
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
 }
 
 /// The int8 zero point of an activation whose uint8 zero point is `zp_u8` (same scale).
