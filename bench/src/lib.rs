@@ -1,4 +1,4 @@
-//! Hearth's benchmark helpers: batch-1 latency of a tract plan, per-node tract profiles,
+//! Hearth's benchmark helpers: batch-1 and batched latency of a tract plan, per-node tract profiles,
 //! `.npy` files shared with the Python (ONNX Runtime) side, and the result records that
 //! `bench/compress` merges into one table.
 #![forbid(unsafe_code)]

@@ -4,7 +4,8 @@
 //! fp32 ONNX file that both engines start from, the test inputs and labels and the
 //! calibration inputs (train split) as `.npy`, builds Hearth's compressed variants (int8
 //! QOperator export, best compact recipe, 50 % structured neuron pruning) and measures size,
-//! test accuracy and batch-1 tract latency (single thread) of each. Results go to
+//! test accuracy and tract latency (single thread) of each at batch 1 (`predict`) and per
+//! sample at batch 64 (`predict_batch`). Results go to
 //! `<work>/hearth.json`, read by `bench/ort_side.py`.
 
 use anyhow::{Context, Result};
@@ -48,6 +49,15 @@ struct Args {
     /// Timed batch-1 calls per latency figure.
     #[arg(long, default_value_t = 3000)]
     runs: usize,
+    /// Rows per call of the batched latency figure.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Untimed batched calls before each batched latency measurement.
+    #[arg(long, default_value_t = 50)]
+    batch_warmup: usize,
+    /// Timed batched calls per batched latency figure.
+    #[arg(long, default_value_t = 1000)]
+    batch_runs: usize,
     /// Global weight sparsity of the best compact recipe.
     #[arg(long, default_value_t = 0.85)]
     best_sparsity: f32,
@@ -106,10 +116,18 @@ impl Ctx<'_> {
         let c = Classifier::new(model).with_context(|| format!("load {label} in tract"))?;
         let acc = accuracy(&c, self.test)?;
         let lat = timing::classifier_latency(&c, &self.test.x, self.args.warmup, self.args.runs)?;
+        let lat_b = timing::classifier_batch_latency(
+            &c,
+            &self.test.x,
+            self.args.batch,
+            self.args.batch_warmup,
+            self.args.batch_runs,
+        )?;
         let (params, nonzeros) = params_nz.unwrap_or_else(|| stats(model));
+        let batch_dim = timing::input_batch_dim(model).unwrap_or_else(|| "?".into());
         eprintln!(
-            "  {label:<28} {bytes:>9} B  acc {acc:.4}  median {:.2} µs",
-            lat.median_us
+            "  {label:<28} {bytes:>9} B  acc {acc:.4}  median {:.2} µs  batch {} ({batch_dim}): {:.3} µs/sample",
+            lat.median_us, lat_b.batch, lat_b.per_sample.median_us
         );
         Ok(Variant {
             key: key.into(),
@@ -120,6 +138,8 @@ impl Ctx<'_> {
             nonzeros,
             accuracy: acc,
             latency: lat,
+            latency_batch: lat_b,
+            batch_dim,
             recipe: recipe.into(),
         })
     }
@@ -381,9 +401,16 @@ fn main() -> Result<()> {
     let floor_c = Classifier::new(&timing::floor_model(10)?)?;
     let floor_x: Vec<f32> = (0..160).map(|i| ((i * 7) % 13) as f32 / 13.0).collect();
     let floor = timing::classifier_latency(&floor_c, &floor_x, args.warmup, args.runs)?;
+    let floor_batch = timing::classifier_batch_latency(
+        &floor_c,
+        &floor_x,
+        args.batch,
+        args.batch_warmup,
+        args.batch_runs,
+    )?;
     eprintln!(
-        "floor (Softmax-only model): median {:.2} µs",
-        floor.median_us
+        "floor (Softmax-only model): median {:.2} µs, batch {}: {:.3} µs/sample",
+        floor.median_us, floor_batch.batch, floor_batch.per_sample.median_us
     );
     let out = HearthResults {
         floor,
@@ -392,6 +419,10 @@ fn main() -> Result<()> {
         threads: 1,
         warmup: args.warmup,
         runs: args.runs,
+        batch: args.batch,
+        batch_warmup: args.batch_warmup,
+        batch_runs: args.batch_runs,
+        floor_batch,
         tasks,
     };
     let path = args.work.join("hearth.json");

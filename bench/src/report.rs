@@ -2,7 +2,7 @@
 //! adds ONNX Runtime's rows to and turns into the combined table.
 
 use crate::profile::PlanProfile;
-use crate::timing::Latency;
+use crate::timing::{BatchLatency, Latency};
 use serde::{Deserialize, Serialize};
 
 /// One model variant measured in tract.
@@ -24,6 +24,10 @@ pub struct Variant {
     pub accuracy: f32,
     /// Batch-1 latency in tract.
     pub latency: Latency,
+    /// Per-sample latency at batch N in tract (`predict_batch`).
+    pub latency_batch: BatchLatency,
+    /// The model's declared batch dimension: a symbol (`N`) or a fixed size (`1`).
+    pub batch_dim: String,
     /// How it was produced.
     pub recipe: String,
 }
@@ -83,8 +87,16 @@ pub struct HearthResults {
     pub warmup: usize,
     /// Timed calls per latency figure.
     pub runs: usize,
+    /// Rows per call of the batched latency figures.
+    pub batch: usize,
+    /// Untimed batched calls before timing.
+    pub batch_warmup: usize,
+    /// Timed batched calls per figure.
+    pub batch_runs: usize,
     /// Per-call floor: a Softmax-only `[1, 10]` model through `Classifier::predict`.
     pub floor: Latency,
+    /// The same floor model at batch N (`predict_batch`), per sample.
+    pub floor_batch: BatchLatency,
     /// Per-task results.
     pub tasks: Vec<TaskResult>,
 }
