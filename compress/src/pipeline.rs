@@ -90,8 +90,8 @@ pub fn check_applicable(
         if let (true, Some(e)) = (s.needs_mlp(), &structure) {
             return Err(CompressError::Usage(format!(
                 "step {} ({}) cannot apply to this model: it needs a sequential Gemm/Relu \
-                 classifier and the graph is not one ({e}); only prune (magnitude), quant and \
-                 export:float apply to arbitrary ONNX graphs",
+                 classifier and the graph is not one ({e}); only prune (magnitude), quant, \
+                 export:float and export:package apply to arbitrary ONNX graphs",
                 i + 1,
                 s.kind()
             )));
@@ -103,7 +103,7 @@ pub fn check_applicable(
                 s.kind()
             )));
         }
-        if matches!(s, Step::Export { format } if *format != ExportFormat::Float)
+        if matches!(s, Step::Export { format } if *format == ExportFormat::Int8QOperator)
             && ctx.train.is_none()
         {
             return Err(CompressError::Usage(format!(

@@ -136,7 +136,7 @@ impl Step {
                 ..
             } | Step::Quant { .. }
                 | Step::Export {
-                    format: ExportFormat::Float
+                    format: ExportFormat::Float | ExportFormat::Package
                 }
         )
     }
