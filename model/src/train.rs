@@ -708,6 +708,40 @@ mod tests {
         m
     }
 
+    /// Central finite differences on every `stride`-th entry of every tensor against the
+    /// analytic gradient; `skip_kinks` skips weights within 3·eps of 0, where |w| has no
+    /// derivative. Returns how many entries were checked.
+    fn check_finite_differences(
+        base: &Weights,
+        grads: &Weights,
+        loss_at: impl Fn(&Weights) -> f64,
+        stride: usize,
+        skip_kinks: bool,
+        ctx: &str,
+    ) -> usize {
+        let eps = 1e-3f32;
+        let mut checked = 0;
+        for (name, t) in base {
+            for i in (0..t.len()).step_by(stride) {
+                if skip_kinks && t.data[i].abs() < 3.0 * eps && t.shape.len() == 2 {
+                    continue;
+                }
+                let mut plus = base.clone();
+                plus.get_mut(name).unwrap().data[i] += eps;
+                let mut minus = base.clone();
+                minus.get_mut(name).unwrap().data[i] -= eps;
+                let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(eps));
+                let analytic = f64::from(grads[name].data[i]);
+                assert!(
+                    (numeric - analytic).abs() < 2e-3 + 2e-2 * analytic.abs(),
+                    "{name}[{i}] {ctx}: numeric {numeric} vs analytic {analytic}"
+                );
+                checked += 1;
+            }
+        }
+        checked
+    }
+
     #[test]
     fn gradient_matches_finite_differences() {
         let model = tiny_model(11);
@@ -728,23 +762,7 @@ mod tests {
                 .sum::<f64>()
                 / n as f64
         };
-        let eps = 1e-3f32;
-        let mut checked = 0;
-        for (name, t) in &base {
-            for i in (0..t.len()).step_by(3) {
-                let mut plus = base.clone();
-                plus.get_mut(name).unwrap().data[i] += eps;
-                let mut minus = base.clone();
-                minus.get_mut(name).unwrap().data[i] -= eps;
-                let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(eps));
-                let analytic = f64::from(grads[name].data[i]);
-                assert!(
-                    (numeric - analytic).abs() < 2e-3 + 2e-2 * analytic.abs(),
-                    "{name}[{i}]: numeric {numeric} vs analytic {analytic}"
-                );
-                checked += 1;
-            }
-        }
+        let checked = check_finite_differences(&base, &grads, loss_at, 3, false, "");
         assert!(checked > 30);
     }
 
@@ -900,25 +918,8 @@ mod tests {
                     grads.keys().collect::<Vec<_>>(),
                     base.keys().collect::<Vec<_>>()
                 );
-                let eps = 1e-3f32;
-                for (name, t) in &base {
-                    for i in (0..t.len()).step_by(4) {
-                        if t.data[i].abs() < 3.0 * eps && t.shape.len() == 2 {
-                            continue; // |w| is not differentiable at 0
-                        }
-                        let mut plus = base.clone();
-                        plus.get_mut(name).unwrap().data[i] += eps;
-                        let mut minus = base.clone();
-                        minus.get_mut(name).unwrap().data[i] -= eps;
-                        let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(eps));
-                        let analytic = f64::from(grads[name].data[i]);
-                        assert!(
-                            (numeric - analytic).abs() < 2e-3 + 2e-2 * analytic.abs(),
-                            "{name}[{i}] {cfg:?}: numeric {numeric} vs analytic {analytic}"
-                        );
-                        checked += 1;
-                    }
-                }
+                let ctx = format!("{cfg:?}");
+                checked += check_finite_differences(&base, &grads, loss_at, 4, true, &ctx);
             }
         }
         assert!(checked > 100, "{checked}");
