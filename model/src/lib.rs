@@ -16,6 +16,7 @@ pub mod mixed;
 pub mod onnx;
 pub mod package;
 pub mod prune;
+pub mod qconv;
 pub mod qonnx;
 pub mod quant;
 pub mod tensor;
