@@ -9,7 +9,7 @@ use hearth_model::measure::{self, GenericRunner, MeasureOptions, Measurement, Ou
 use hearth_model::mixed::{self, Budget};
 use hearth_model::package::{self, Schemes};
 use hearth_model::quant::{fake_quantize, Granularity, QuantScheme};
-use hearth_model::{distill, prune, qonnx, train};
+use hearth_model::{distill, prune, qconv, qonnx, train};
 use hearth_model::{Dataset, MlpSpec, ModelError, OnnxModel, TrainConfig, Weights};
 use std::sync::Arc;
 
@@ -59,6 +59,9 @@ pub struct Artefact {
     pub model: OnnxModel,
 }
 
+/// Calibration inputs for the int8 export of imported conv graphs.
+const CONV_CALIBRATION_SAMPLES: usize = 20;
+
 /// True when `model` is a sequential Gemm/Relu classifier (Hearth's own family).
 pub fn is_mlp(model: &OnnxModel) -> bool {
     model.dense_layers().is_ok()
@@ -90,8 +93,8 @@ pub fn check_applicable(
         if let (true, Some(e)) = (s.needs_mlp(), &structure) {
             return Err(CompressError::Usage(format!(
                 "step {} ({}) cannot apply to this model: it needs a sequential Gemm/Relu \
-                 classifier and the graph is not one ({e}); only prune (magnitude), quant, \
-                 export:float and export:package apply to arbitrary ONNX graphs",
+                 classifier and the graph is not one ({e}); only prune (magnitude), quant \
+                 and export (float, package, int8-qoperator for convs) apply to arbitrary ONNX graphs",
                 i + 1,
                 s.kind()
             )));
@@ -170,7 +173,17 @@ impl State {
                     .train
                     .as_ref()
                     .ok_or_else(|| ModelError::Data("int8 export needs calibration data".into()))?;
-                let model = qonnx::export_int8(&self.deployed()?, calib)?;
+                let deployed = self.deployed()?;
+                let model = if is_mlp(&deployed) {
+                    qonnx::export_int8(&deployed, calib)?
+                } else {
+                    // Imported conv graphs: QLinearConv per Conv, calibrated on a few inputs.
+                    let shape = measure::input_shape(&deployed)?;
+                    let n = calib.len().min(CONV_CALIBRATION_SAMPLES);
+                    let idx: Vec<usize> = (0..n).collect();
+                    let inputs = measure::adapt_inputs(&calib.subset(&idx), &shape)?;
+                    qconv::export_int8_conv(&deployed, &inputs)?
+                };
                 Ok(Artefact {
                     bytes: model.to_bytes(),
                     model,

@@ -136,7 +136,9 @@ impl Step {
                 ..
             } | Step::Quant { .. }
                 | Step::Export {
-                    format: ExportFormat::Float | ExportFormat::Package
+                    format: ExportFormat::Float
+                        | ExportFormat::Package
+                        | ExportFormat::Int8QOperator
                 }
         )
     }

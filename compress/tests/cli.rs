@@ -278,6 +278,36 @@ fn blazeface_int8_package_shrinks_and_decodes_exactly() {
 }
 
 #[test]
+fn blazeface_int8_qoperator_runs_integer_convs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("blazeface-int8.onnx");
+    let model = workspace().join("data/models/face_detection_front_128x128_barracuda.onnx");
+    let (code, stdout, stderr) = run(&[
+        model.to_str().unwrap(),
+        "--data",
+        "data/faces",
+        "--recipe",
+        "export:int8-qoperator",
+        "-o",
+        out.to_str().unwrap(),
+        "--latency-runs",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    println!("{stdout}");
+    let rows = parse_table(&stdout);
+    let (orig, int8) = (&rows[0], &rows[1]);
+    // Measured 3.06x, mean diff 0.012, decisions 50/50 on the faces test images.
+    assert!(orig.bytes as f32 / int8.bytes as f32 > 3.0, "{int8:?}");
+    assert!(int8.mean_diff.unwrap() < 0.05, "{int8:?}");
+    assert!(int8.decision.unwrap() >= 0.9, "{int8:?}");
+    let m = load_for_tract(&out).unwrap();
+    assert_eq!(hearth_model::qconv::qlinear_conv_count(&m), 37);
+    let kernels = hearth_model::qconv::plan_matmul_kernels(&m).unwrap();
+    assert!(!kernels.is_empty() && kernels.iter().all(|k| k.is_integer()));
+}
+
+#[test]
 fn usage_errors_exit_64() {
     let blaze = "data/models/face_detection_front_128x128_barracuda.onnx";
     let dir = tempfile::tempdir().unwrap();
