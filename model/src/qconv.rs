@@ -27,14 +27,12 @@
 
 use crate::error::ModelError;
 use crate::measure::{input_shape, GenericRunner};
-use crate::onnx::{raw_initializer, OnnxModel};
-use crate::qonnx::{MatMulKernel, META_QUANT};
+use crate::onnx::OnnxModel;
+use crate::qonnx::{init_f32, init_i32, init_i8, kernels_of, node, MatMulKernel, META_QUANT};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use tract_onnx::pb;
-use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
 /// The shared int8 weight zero point (symmetric weights).
 const W_ZERO: &str = "qconv.wz";
@@ -47,43 +45,6 @@ struct ConvSite {
     output: String,
     weight: String,
     bias: Option<String>,
-}
-
-fn init_f32(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
-    raw_initializer(
-        name,
-        dims,
-        DataType::Float,
-        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
-}
-
-fn init_i8(name: &str, dims: &[usize], v: &[i8]) -> pb::TensorProto {
-    raw_initializer(
-        name,
-        dims,
-        DataType::Int8,
-        v.iter().map(|&x| x as u8).collect(),
-    )
-}
-
-fn init_i32(name: &str, dims: &[usize], v: &[i32]) -> pb::TensorProto {
-    raw_initializer(
-        name,
-        dims,
-        DataType::Int32,
-        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
-    pb::NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: name.into(),
-        op_type: op.into(),
-        ..Default::default()
-    }
 }
 
 /// Affine int8 `(scale, zero_point)` covering `[min, max]` and 0.
@@ -364,32 +325,7 @@ pub fn plan_matmul_kernels(model: &OnnxModel) -> Result<Vec<MatMulKernel>, Model
         .and_then(|m| m.with_input_fact(0, f32::fact(&shape).into()))
         .and_then(|m| m.into_optimized())
         .map_err(ModelError::tract)?;
-    let mut out = Vec::new();
-    for n in plan.nodes() {
-        let Some(op) = n.op_as::<OptMatMul>() else {
-            continue;
-        };
-        let inputs = n
-            .inputs
-            .iter()
-            .map(|i| {
-                plan.outlet_fact(*i)
-                    .map(|f| format!("{:?}", f.datum_type))
-                    .map_err(ModelError::tract)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        out.push(MatMulKernel {
-            node: n.name.clone(),
-            inputs,
-            accumulators: op
-                .mmm
-                .iter()
-                .map(|k| format!("{:?}", k.internal_type()))
-                .collect(),
-            kernels: op.mmm.iter().map(|k| k.name().to_string()).collect(),
-        });
-    }
-    Ok(out)
+    kernels_of(&plan)
 }
 
 /// Number of `QLinearConv` nodes in `model`'s graph.

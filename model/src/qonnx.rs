@@ -83,7 +83,7 @@ fn attr_int(name: &str, i: i64) -> pb::AttributeProto {
     }
 }
 
-fn init_f32(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
+pub(crate) fn init_f32(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
     raw_initializer(
         name,
         dims,
@@ -92,7 +92,7 @@ fn init_f32(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
     )
 }
 
-fn init_i8(name: &str, dims: &[usize], v: &[i8]) -> pb::TensorProto {
+pub(crate) fn init_i8(name: &str, dims: &[usize], v: &[i8]) -> pb::TensorProto {
     raw_initializer(
         name,
         dims,
@@ -101,7 +101,7 @@ fn init_i8(name: &str, dims: &[usize], v: &[i8]) -> pb::TensorProto {
     )
 }
 
-fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+pub(crate) fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
     pb::NodeProto {
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![output.into()],
@@ -174,7 +174,7 @@ struct QLayer {
     y: (f32, i32),
 }
 
-fn init_i32(name: &str, dims: &[usize], v: &[i32]) -> pb::TensorProto {
+pub(crate) fn init_i32(name: &str, dims: &[usize], v: &[i32]) -> pb::TensorProto {
     raw_initializer(
         name,
         dims,
@@ -543,7 +543,11 @@ fn optimized_plan(model: &OnnxModel) -> Result<TypedModel, ModelError> {
 /// The matrix products of tract's optimised plan for `model` (batch 1), with the types
 /// their kernels accumulate in.
 pub fn matmul_kernels(model: &OnnxModel) -> Result<Vec<MatMulKernel>, ModelError> {
-    let plan = optimized_plan(model)?;
+    kernels_of(&optimized_plan(model)?)
+}
+
+/// The `OptMatMul` nodes of an optimised tract plan, with their input types and kernels.
+pub(crate) fn kernels_of(plan: &TypedModel) -> Result<Vec<MatMulKernel>, ModelError> {
     let mut out = Vec::new();
     for n in plan.nodes() {
         let Some(op) = n.op_as::<OptMatMul>() else {
