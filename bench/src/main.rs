@@ -4,8 +4,9 @@
 //! fp32 ONNX file that both engines start from, the test inputs and labels and the
 //! calibration inputs (train split) as `.npy`, builds Hearth's compressed variants (int8
 //! QOperator export, best compact recipe, 50 % structured neuron pruning) and measures size,
-//! test accuracy and tract latency (single thread) of each at batch 1 (`predict`) and per
-//! sample at batch 64 (`predict_batch`). Results go to
+//! test accuracy and latency (single thread) of each at batch 1 (`predict`: Hearth's dense
+//! engine where it applies, and the same model through tract's plan side by side) and per
+//! sample at batch 64 (`predict_batch`, tract). Results go to
 //! `<work>/hearth.json`, read by `bench/ort_side.py`.
 
 use anyhow::{Context, Result};
@@ -16,7 +17,7 @@ use hearth_bench::{npy, timing};
 use hearth_model::codebook::CodebookKind;
 use hearth_model::package::{self, Schemes};
 use hearth_model::quant::{fake_quantize, QuantScheme};
-use hearth_model::{accuracy, train, Classifier, Dataset, MlpSpec, OnnxModel, Split, Task};
+use hearth_model::{accuracy, train, Classifier, Dataset, Engine, MlpSpec, OnnxModel, Split, Task};
 use hearth_model::{prune, qonnx, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,9 +114,24 @@ impl Ctx<'_> {
         let bytes = std::fs::metadata(self.work.join(file))
             .with_context(|| format!("size of {file}"))?
             .len() as usize;
-        let c = Classifier::new(model).with_context(|| format!("load {label} in tract"))?;
+        let c = Classifier::new(model).with_context(|| format!("load {label}"))?;
         let acc = accuracy(&c, self.test)?;
         let lat = timing::classifier_latency(&c, &self.test.x, self.args.warmup, self.args.runs)?;
+        let engine = c.engine();
+        // The same model through tract's plan, for the side-by-side batch-1 figure.
+        let lat_tract = match engine {
+            Engine::Tract => None,
+            _ => {
+                let t = Classifier::with_engine(model, Engine::Tract)
+                    .with_context(|| format!("load {label} in tract"))?;
+                Some(timing::classifier_latency(
+                    &t,
+                    &self.test.x,
+                    self.args.warmup,
+                    self.args.runs,
+                )?)
+            }
+        };
         let lat_b = timing::classifier_batch_latency(
             &c,
             &self.test.x,
@@ -126,8 +142,14 @@ impl Ctx<'_> {
         let (params, nonzeros) = params_nz.unwrap_or_else(|| stats(model));
         let batch_dim = timing::input_batch_dim(model).unwrap_or_else(|| "?".into());
         eprintln!(
-            "  {label:<28} {bytes:>9} B  acc {acc:.4}  median {:.2} µs  batch {} ({batch_dim}): {:.3} µs/sample",
-            lat.median_us, lat_b.batch, lat_b.per_sample.median_us
+            "  {label:<28} {bytes:>9} B  acc {acc:.4}  median {:.2} µs ({engine}{})  batch {} ({batch_dim}): {:.3} µs/sample",
+            lat.median_us,
+            lat_tract
+                .as_ref()
+                .map(|l| format!("; tract {:.2} µs", l.median_us))
+                .unwrap_or_default(),
+            lat_b.batch,
+            lat_b.per_sample.median_us
         );
         Ok(Variant {
             key: key.into(),
@@ -138,6 +160,8 @@ impl Ctx<'_> {
             nonzeros,
             accuracy: acc,
             latency: lat,
+            engine: engine.to_string(),
+            latency_tract: lat_tract,
             latency_batch: lat_b,
             batch_dim,
             recipe: recipe.into(),

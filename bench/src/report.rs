@@ -22,8 +22,13 @@ pub struct Variant {
     pub nonzeros: usize,
     /// Top-1 accuracy on the test split.
     pub accuracy: f32,
-    /// Batch-1 latency in tract.
+    /// Batch-1 latency of `Classifier::predict`, served by `engine`.
     pub latency: Latency,
+    /// The engine serving batch-1 calls: `dense` (Hearth's dense engine) or `tract`.
+    pub engine: String,
+    /// Batch-1 latency through tract's plan (`Engine::Tract`), when `engine` is not tract.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_tract: Option<Latency>,
     /// Per-sample latency at batch N in tract (`predict_batch`).
     pub latency_batch: BatchLatency,
     /// The model's declared batch dimension: a symbol (`N`) or a fixed size (`1`).

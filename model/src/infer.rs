@@ -4,8 +4,14 @@
 //! symbolic, so the batch-1 plan keeps the batch axis and needs no reshapes). Batch-1 calls
 //! also reuse tract run states and their input tensors from a small pool ([`StatePool`]), so
 //! a call pays only for the plan itself.
+//!
+//! When the model is a chain Hearth's dense engine runs exactly ([`crate::dense`]: the float
+//! Gemm/Relu MLPs Hearth trains and their int8 QOperator exports), batch-1 calls go to that
+//! engine instead, after it has been checked against the tract plan on probe inputs;
+//! [`Engine`] says which one serves `predict`, and [`Classifier::with_engine`] pins one.
 
 use crate::data::Dataset;
+use crate::dense::DenseNet;
 use crate::error::ModelError;
 use crate::onnx::OnnxModel;
 use std::sync::{Arc, Mutex};
@@ -56,6 +62,29 @@ impl StatePool {
     }
 }
 
+/// Which engine serves batch-1 [`Classifier::predict`] calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// Hearth's dense engine when the model is a chain it runs (and it agrees with tract on
+    /// the probes), otherwise tract.
+    #[default]
+    Auto,
+    /// Always tract's optimised plan.
+    Tract,
+    /// Hearth's dense engine ([`crate::dense`]).
+    Dense,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Auto => "auto",
+            Engine::Tract => "tract",
+            Engine::Dense => "dense",
+        })
+    }
+}
+
 /// A loaded, optimised classifier. `Send + Sync`: share it behind an `Arc`. Clones share the
 /// plans and the pool of batch-1 run states.
 #[derive(Clone)]
@@ -63,6 +92,7 @@ pub struct Classifier {
     single: Plan,
     batch: Plan,
     pool: Arc<StatePool>,
+    dense: Option<Arc<DenseNet>>,
     classes: Vec<String>,
     input_len: usize,
 }
@@ -72,13 +102,22 @@ impl std::fmt::Debug for Classifier {
         f.debug_struct("Classifier")
             .field("classes", &self.classes)
             .field("input_len", &self.input_len)
+            .field("engine", &self.engine())
             .finish_non_exhaustive()
     }
 }
 
 impl Classifier {
-    /// Loads the model into tract and optimises a batch-1 plan and a batch-N plan.
+    /// Loads the model into tract and optimises a batch-1 plan and a batch-N plan; batch-1
+    /// calls use Hearth's dense engine where it applies ([`Engine::Auto`]).
     pub fn new(model: &OnnxModel) -> Result<Classifier, ModelError> {
+        Classifier::with_engine(model, Engine::Auto)
+    }
+
+    /// As [`Classifier::new`], with the batch-1 engine chosen: `Tract` never uses the dense
+    /// engine; `Dense` requires it (an error when the model is not a chain it runs, or when
+    /// it disagrees with tract on the probes).
+    pub fn with_engine(model: &OnnxModel, engine: Engine) -> Result<Classifier, ModelError> {
         let input_len = model.input_len();
         if input_len == 0 {
             return Err(ModelError::Onnx("cannot determine the input length".into()));
@@ -132,13 +171,35 @@ impl Classifier {
             }
             classes = (0..probe.len()).map(|i| format!("class_{i}")).collect();
         }
+        let dense = match engine {
+            Engine::Tract => None,
+            Engine::Auto | Engine::Dense => DenseNet::from_model(model)
+                .filter(|d| d.output_len() == probe.len())
+                .filter(|d| agrees_with_tract(d, &single, input_len)),
+        };
+        if engine == Engine::Dense && dense.is_none() {
+            return Err(ModelError::Onnx(
+                "the dense engine does not run this model (not a Gemm/Relu or int8 QLinearConv chain)"
+                    .into(),
+            ));
+        }
         Ok(Classifier {
             single,
             batch,
             pool: Arc::default(),
+            dense: dense.map(Arc::new),
             classes,
             input_len,
         })
+    }
+
+    /// The engine serving batch-1 calls: `Dense` or `Tract`.
+    pub fn engine(&self) -> Engine {
+        if self.dense.is_some() {
+            Engine::Dense
+        } else {
+            Engine::Tract
+        }
     }
 
     /// Class probabilities for one preprocessed input.
@@ -150,7 +211,10 @@ impl Classifier {
                 self.input_len
             )));
         }
-        self.run_single(input)
+        match &self.dense {
+            Some(d) => d.predict(input),
+            None => self.run_single(input),
+        }
     }
 
     /// One batch-1 run on a pooled state: the input is copied into the slot's tensor, the
@@ -205,7 +269,7 @@ impl Classifier {
         }
         match n {
             0 => Ok(Vec::new()),
-            1 => self.run_single(x),
+            1 => self.predict(x),
             _ => run(&self.batch, x, n, self.input_len),
         }
     }
@@ -219,6 +283,41 @@ impl Classifier {
     pub fn input_len(&self) -> usize {
         self.input_len
     }
+}
+
+/// Whether the dense engine's outputs match the tract plan's on a fixed set of probe inputs
+/// (zeros, and pseudo-random inputs inside and beyond the usual feature range): within 1e-4
+/// (summation order, softmax) for float models, 1e-3 for int8 ones, whose integer arithmetic
+/// is the same; should a requantisation tie round apart from tract's, the model stays in
+/// tract.
+fn agrees_with_tract(d: &DenseNet, plan: &Plan, input_len: usize) -> bool {
+    let tol = if d.is_int8() { 1e-3 } else { 1e-4 };
+    let probes: Vec<Vec<f32>> = (0..6u32)
+        .map(|p| {
+            (0..input_len)
+                .map(|i| match p {
+                    0 => 0.0,
+                    _ => {
+                        let h = (i as u32)
+                            .wrapping_mul(2_654_435_761)
+                            .wrapping_add(p * 40_503);
+                        (h % 2001) as f32 / 1000.0 - 1.0 + (p as f32 - 3.0) * 0.5
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    probes
+        .iter()
+        .all(|x| match (d.predict(x), run(plan, x, 1, input_len)) {
+            (Ok(a), Ok(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(&b)
+                        .all(|(u, v)| (u - v).abs() <= tol * (1.0 + v.abs()))
+            }
+            _ => false,
+        })
 }
 
 fn run(plan: &Plan, x: &[f32], n: usize, input_len: usize) -> Result<Vec<f32>, ModelError> {
@@ -307,7 +406,7 @@ mod tests {
             hidden: vec![16, 8],
             ..Task::Digits.default_spec()
         };
-        let c = Classifier::new(&OnnxModel::build_mlp(&spec, 11)).unwrap();
+        let c = Classifier::with_engine(&OnnxModel::build_mlp(&spec, 11), Engine::Tract).unwrap();
         let rows: Vec<Vec<f32>> = (0..5)
             .map(|r| {
                 (0..64)

@@ -7,6 +7,7 @@
 
 pub mod codebook;
 pub mod data;
+pub mod dense;
 pub mod distill;
 pub mod error;
 pub mod infer;
@@ -25,9 +26,10 @@ pub mod update;
 
 pub use codebook::{fit_codebook, gaussian_quantile_levels, kmeans_levels, CodebookKind};
 pub use data::{Dataset, Split, Task};
+pub use dense::DenseNet;
 pub use distill::{distill, teacher_logits};
 pub use error::ModelError;
-pub use infer::{accuracy, Classifier};
+pub use infer::{accuracy, Classifier, Engine};
 pub use lowrank::{low_rank, rank_for_energy, svd};
 pub use measure::{
     fix_constant_of_shape, load_for_tract, measure, measure_with, Agreement, GenericRunner,
