@@ -267,7 +267,7 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
     };
     let mut variants = vec![ctx.measure(
         "fp32",
-        "fp32 (tract)",
+        "fp32 (Hearth)",
         &fp32,
         &f("fp32.onnx"),
         &format!(
@@ -283,7 +283,7 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
     let integer = qonnx::plan_uses_integer_kernels(&int8)?;
     variants.push(ctx.measure(
         "hearth_int8",
-        "Hearth int8 (tract)",
+        "Hearth int8",
         &int8,
         &f("hearth_int8.onnx"),
         "qonnx::export_int8: QLinearConv(k=1) chain, int8 activations end to end, int32 bias, per-layer weight scales, static activation scales (train-split min/max)",
@@ -375,7 +375,7 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
             .join("-");
         ctx.measure(
             "pruned50",
-            "pruned 50% neurons (tract)",
+            "pruned 50% neurons",
             &pruned,
             &f("pruned50.onnx"),
             &format!(
@@ -389,7 +389,7 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
         &mut variants,
         &mut missing,
         "pruned50",
-        "pruned 50% neurons (tract)",
+        "pruned 50% neurons",
         pruned_row,
     );
 
