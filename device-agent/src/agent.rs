@@ -73,12 +73,13 @@ impl Shared {
     pub(crate) fn install(&self, l: Arc<Loaded>) {
         let version = l.version;
         let tag = l.tag();
+        let engine = l.engine();
         let old = self.slot.swap(l);
         self.stats
             .model_version
             .store(version, std::sync::atomic::Ordering::Relaxed);
         add(&self.stats.models_loaded, 1);
-        tracing::info!(from = %old.tag(), to = %tag, "model hot-swapped");
+        tracing::info!(from = %old.tag(), to = %tag, %engine, "model hot-swapped");
     }
 }
 
@@ -205,7 +206,7 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
                 .and_then(|l| l.check_compatible(&data).map(|()| l))
             {
                 Ok(l) => {
-                    tracing::info!(model = %l.tag(), "loaded the stored global model");
+                    tracing::info!(model = %l.tag(), engine = %l.engine(), "loaded the stored global model");
                     return Ok((data, l, state));
                 }
                 Err(e) => tracing::warn!("ignoring the stored model: {e}"),
@@ -218,7 +219,7 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
     if let Some(path) = &config.initial_model {
         let l = Loaded::new(&name, 0, false, OnnxModel::load(path)?)?;
         l.check_compatible(&data)?;
-        tracing::info!(path = %path.display(), "loaded the initial model");
+        tracing::info!(path = %path.display(), engine = %l.engine(), "loaded the initial model");
         return Ok((data, l, state));
     }
 

@@ -72,6 +72,11 @@ impl Loaded {
         })
     }
 
+    /// The engine serving per-event inference (Hearth's dense engine or tract).
+    pub fn engine(&self) -> hearth_model::Engine {
+        self.classifier.engine()
+    }
+
     /// `name@version`, the model tag carried by events.
     pub fn tag(&self) -> String {
         format!("{}@{}", self.name, self.version)
