@@ -403,17 +403,7 @@ fn float_chain(model: &OnnxModel) -> Option<DenseNet> {
     let mut out = Vec::new();
     for l in &layers {
         let w = weights.get(&l.weight)?;
-        let rows: Vec<f32> = if l.trans_b {
-            w.data.clone()
-        } else {
-            let mut t = vec![0.0; w.data.len()];
-            for i in 0..l.inputs {
-                for o in 0..l.outputs {
-                    t[o * l.inputs + i] = w.data[i * l.outputs + o];
-                }
-            }
-            t
-        };
+        let rows = l.out_major(w);
         let bias = match &l.bias {
             Some(b) => weights.get(b)?.data.clone(),
             None => vec![0.0; l.outputs],

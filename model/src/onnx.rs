@@ -146,6 +146,23 @@ fn initializer_values(t: &pb::TensorProto) -> Option<Tensor> {
     Some(Tensor { shape, data })
 }
 
+impl DenseLayer {
+    /// This layer's weight `w` as `outputs × inputs`, row-major (one row per output unit),
+    /// whichever way the Gemm stores it.
+    pub fn out_major(&self, w: &Tensor) -> Vec<f32> {
+        if self.trans_b {
+            return w.data.clone();
+        }
+        let mut t = vec![0.0; w.data.len()];
+        for i in 0..self.inputs {
+            for o in 0..self.outputs {
+                t[o * self.inputs + i] = w.data[i * self.outputs + o];
+            }
+        }
+        t
+    }
+}
+
 impl OnnxModel {
     /// Builds the MLP of `spec` with He-initialised weights drawn from `seed` and zero biases:
     /// input `"input"` f32[N, in] → Gemm(transB=1) `"fcK.weight"`[out,in] + `"fcK.bias"`[out]

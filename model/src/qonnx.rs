@@ -244,17 +244,7 @@ pub fn export_int8_with(
     for (l, (gname, tail, used)) in layers.iter().zip(&chain) {
         used_nodes.extend(used);
         let w = &weights[&l.weight];
-        let rows: Vec<f32> = if l.trans_b {
-            w.data.clone()
-        } else {
-            let mut t = vec![0.0; w.data.len()];
-            for i in 0..l.inputs {
-                for o in 0..l.outputs {
-                    t[o * l.inputs + i] = w.data[i * l.outputs + o];
-                }
-            }
-            t
-        };
+        let rows = l.out_major(w);
         let mut q_rows = vec![0i8; rows.len()];
         let mut w_scale = vec![0.0f32; l.outputs];
         if opts.per_channel {
