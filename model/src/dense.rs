@@ -699,7 +699,7 @@ fn int8_chain(model: &OnnxModel) -> Option<DenseNet> {
 /// through `pulp`'s feature-checked intrinsics (safe calls: the token proves the CPU has them).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use core::arch::x86_64::{__m128i, __m256i};
+    use core::arch::x86_64::{__m128i, __m256i, __m512i};
     use pulp::x86::{V3, V4};
     use pulp::Simd;
 
@@ -741,8 +741,8 @@ mod x86 {
         acc: &mut [i32],
     ) {
         if let Some(v4) = v4 {
-            let k = Avx512 {
-                v4,
+            let k = Kernel::<V4, 4> {
+                isa: v4,
                 packed,
                 pairs,
                 panel,
@@ -751,8 +751,8 @@ mod x86 {
             };
             Simd::vectorize(v4, k);
         } else if let Some(v3) = v3 {
-            let k = Avx2 {
-                v3,
+            let k = Kernel::<V3, 8> {
+                isa: v3,
                 packed,
                 pairs,
                 panel,
@@ -774,53 +774,75 @@ mod x86 {
             .collect()
     }
 
-    struct Avx512<'a> {
-        v4: V4,
-        packed: &'a [i8],
-        pairs: usize,
-        panel: usize,
-        xp: &'a [i32],
-        acc: &'a mut [i32],
+    /// One instruction set's pair multiply-add on a register of `ROWS` i32 lanes (one lane per
+    /// weight row): the only part of the kernel that differs between AVX-512 and AVX2.
+    trait PairMadd: Copy {
+        type Reg: Copy;
+        /// Rows (i32 lanes) per register.
+        const ROWS: usize;
+        fn zero(self) -> Self::Reg;
+        fn splat(self, x: i32) -> Self::Reg;
+        /// `acc` plus, per lane `r`, `w[2r]·x_lo + w[2r+1]·x_hi` (`w`: `ROWS` rows × 2 int8).
+        fn madd(self, acc: Self::Reg, w: &[i8], xs: Self::Reg) -> Self::Reg;
+        fn store(self, r: Self::Reg, out: &mut [i32]);
     }
 
-    impl pulp::WithSimd for Avx512<'_> {
-        type Output = ();
+    impl PairMadd for V4 {
+        type Reg = __m512i;
+        const ROWS: usize = 16;
         #[inline(always)]
-        fn with_simd<S: Simd>(self, _: S) {
-            let (f, bw) = (self.v4.avx512f, self.v4.avx512bw);
-            let stride = self.panel * 2 * self.pairs;
-            for (out, cols) in self
-                .acc
-                .chunks_mut(self.panel)
-                .zip(self.packed.chunks_exact(stride))
-            {
-                let mut sums = [0i32; 64];
-                let groups = self.panel / 16;
-                for g in (0..groups).step_by(4) {
-                    let n = (groups - g).min(4);
-                    let mut acc = [f._mm512_setzero_si512(); 4];
-                    for (col, &x) in cols.chunks_exact(self.panel * 2).zip(self.xp) {
-                        let xs = f._mm512_set1_epi32(x);
-                        for (i, a) in acc.iter_mut().enumerate().take(n) {
-                            let off = (g + i) * 32;
-                            let bytes: [i8; 32] = col[off..off + 32].try_into().unwrap_or([0; 32]);
-                            let w = bw._mm512_cvtepi8_epi16(pulp::cast::<_, __m256i>(bytes));
-                            *a = f._mm512_add_epi32(*a, bw._mm512_madd_epi16(w, xs));
-                        }
-                    }
-                    for (i, a) in acc.iter().enumerate().take(n) {
-                        let lanes: [i32; 16] = pulp::cast(*a);
-                        sums[(g + i) * 16..(g + i + 1) * 16].copy_from_slice(&lanes);
-                    }
-                }
-                let n = out.len();
-                out.copy_from_slice(&sums[..n]);
-            }
+        fn zero(self) -> __m512i {
+            self.avx512f._mm512_setzero_si512()
+        }
+        #[inline(always)]
+        fn splat(self, x: i32) -> __m512i {
+            self.avx512f._mm512_set1_epi32(x)
+        }
+        #[inline(always)]
+        fn madd(self, acc: __m512i, w: &[i8], xs: __m512i) -> __m512i {
+            let bytes: [i8; 32] = w.try_into().unwrap_or([0; 32]);
+            let w = self
+                .avx512bw
+                ._mm512_cvtepi8_epi16(pulp::cast::<_, __m256i>(bytes));
+            self.avx512f
+                ._mm512_add_epi32(acc, self.avx512bw._mm512_madd_epi16(w, xs))
+        }
+        #[inline(always)]
+        fn store(self, r: __m512i, out: &mut [i32]) {
+            out.copy_from_slice(&pulp::cast::<_, [i32; 16]>(r));
         }
     }
 
-    struct Avx2<'a> {
-        v3: V3,
+    impl PairMadd for V3 {
+        type Reg = __m256i;
+        const ROWS: usize = 8;
+        #[inline(always)]
+        fn zero(self) -> __m256i {
+            self.avx._mm256_setzero_si256()
+        }
+        #[inline(always)]
+        fn splat(self, x: i32) -> __m256i {
+            self.avx._mm256_set1_epi32(x)
+        }
+        #[inline(always)]
+        fn madd(self, acc: __m256i, w: &[i8], xs: __m256i) -> __m256i {
+            let bytes: [i8; 16] = w.try_into().unwrap_or([0; 16]);
+            let w = self
+                .avx2
+                ._mm256_cvtepi8_epi16(pulp::cast::<_, __m128i>(bytes));
+            self.avx2
+                ._mm256_add_epi32(acc, self.avx2._mm256_madd_epi16(w, xs))
+        }
+        #[inline(always)]
+        fn store(self, r: __m256i, out: &mut [i32]) {
+            out.copy_from_slice(&pulp::cast::<_, [i32; 8]>(r));
+        }
+    }
+
+    /// The int8 panel product on instruction set `T` with up to `R` accumulator registers
+    /// (`R · T::ROWS` = 64 rows, a wide panel, per pass over the inputs).
+    struct Kernel<'a, T, const R: usize> {
+        isa: T,
         packed: &'a [i8],
         pairs: usize,
         panel: usize,
@@ -828,11 +850,11 @@ mod x86 {
         acc: &'a mut [i32],
     }
 
-    impl pulp::WithSimd for Avx2<'_> {
+    impl<T: PairMadd, const R: usize> pulp::WithSimd for Kernel<'_, T, R> {
         type Output = ();
         #[inline(always)]
         fn with_simd<S: Simd>(self, _: S) {
-            let (avx, avx2) = (self.v3.avx, self.v3.avx2);
+            let isa = self.isa;
             let stride = self.panel * 2 * self.pairs;
             for (out, cols) in self
                 .acc
@@ -840,22 +862,19 @@ mod x86 {
                 .zip(self.packed.chunks_exact(stride))
             {
                 let mut sums = [0i32; 64];
-                let groups = self.panel / 8;
-                for g in (0..groups).step_by(8) {
-                    let n = (groups - g).min(8);
-                    let mut acc = [avx._mm256_setzero_si256(); 8];
+                let groups = self.panel / T::ROWS;
+                for g in (0..groups).step_by(R) {
+                    let n = (groups - g).min(R);
+                    let mut acc = [isa.zero(); R];
                     for (col, &x) in cols.chunks_exact(self.panel * 2).zip(self.xp) {
-                        let xs = avx._mm256_set1_epi32(x);
+                        let xs = isa.splat(x);
                         for (i, a) in acc.iter_mut().enumerate().take(n) {
-                            let off = (g + i) * 16;
-                            let bytes: [i8; 16] = col[off..off + 16].try_into().unwrap_or([0; 16]);
-                            let w = avx2._mm256_cvtepi8_epi16(pulp::cast::<_, __m128i>(bytes));
-                            *a = avx2._mm256_add_epi32(*a, avx2._mm256_madd_epi16(w, xs));
+                            let off = (g + i) * 2 * T::ROWS;
+                            *a = isa.madd(*a, &col[off..off + 2 * T::ROWS], xs);
                         }
                     }
                     for (i, a) in acc.iter().enumerate().take(n) {
-                        let lanes: [i32; 8] = pulp::cast(*a);
-                        sums[(g + i) * 8..(g + i + 1) * 8].copy_from_slice(&lanes);
+                        isa.store(*a, &mut sums[(g + i) * T::ROWS..(g + i + 1) * T::ROWS]);
                     }
                 }
                 let n = out.len();
