@@ -10,6 +10,13 @@ if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null
 fi
 
 cargo fmt --all -- --check
+# The agent and the coordinator must not compile the compression toolkit (ARCHITECTURE.md).
+for bin in hearth-agent hearth-coordinator; do
+  if cargo tree -p "$bin" -e normal --locked --prefix none | grep -E '^(hearth-compress|indicatif) '; then
+    echo "error: $bin depends on the compression toolkit" >&2
+    exit 1
+  fi
+done
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # One profile (dev, dependencies optimised) for the tests and the demo: compiled once.
 cargo nextest run --workspace --locked --no-fail-fast "$@"

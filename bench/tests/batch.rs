@@ -3,12 +3,13 @@
 //! probabilities as 64 batch-1 `predict` calls (which is what the batch-64 column assumes).
 
 use hearth_bench::timing;
-use hearth_model::{qonnx, Classifier, Dataset, MlpSpec, OnnxModel, Task};
+use hearth_compress::qonnx;
+use hearth_model::{Classifier, Dataset, MlpSpec, OnnxModel, Task};
 
 fn data(spec: &MlpSpec, rows: usize) -> Dataset {
     let n_in = spec.input_len;
     Dataset {
-        task: spec.task,
+        task: spec.task.parse().unwrap(),
         classes: spec.classes.clone(),
         input_len: n_in,
         x: (0..rows * n_in)

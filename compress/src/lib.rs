@@ -1,15 +1,57 @@
-//! hearth-compress: chains compression steps (distillation, pruning, low-rank, fine-tuning,
-//! quantization, mixed precision, QAT, export) on an ONNX model — Hearth's own classifiers or
-//! imported graphs such as BlazeFace — and measures the original and every step (size on
-//! disk, parameters, non-zeros, accuracy or output agreement, tract latency).
+//! Hearth's compression toolkit and the `hearth-compress` CLI.
 //!
-//! The binary (`src/main.rs`) only parses arguments; everything runs through [`run`].
+//! The toolkit (synchronous, on `hearth-model`'s ONNX template and trainer): [`quant`]
+//! (tensor schemes: affine/symmetric, per tensor/channel, power-of-two), [`codebook`]
+//! (Gaussian quantile, k-means), [`mixed`] (per-layer sensitivity search, QAT), [`prune`]
+//! (magnitude, sensitivity, structured neurons, layers, iterative), [`lowrank`] (SVD),
+//! [`distill`], [`qonnx`] / [`qconv`] (int8 QOperator export of MLPs and of imported conv
+//! graphs), [`package`] (Hearth's compact sparse/low-bit package) and [`measure`] (size,
+//! parameters, non-zeros, accuracy or agreement, latency).
+//!
+//! The CLI chains steps (distillation, pruning, low-rank, fine-tuning, quantization, mixed
+//! precision, QAT, export) on an ONNX model — Hearth's own classifiers or imported graphs such
+//! as BlazeFace — and measures the original and every step: [`pipeline`], [`recipe`],
+//! [`table`]. The binary (`src/main.rs`) only parses arguments; everything runs through
+//! [`run`].
 #![forbid(unsafe_code)]
+
+pub mod codebook;
+pub mod distill;
+pub mod lowrank;
+pub mod measure;
+pub mod mixed;
+pub mod package;
+pub mod prune;
+pub mod qconv;
+pub mod qonnx;
+pub mod quant;
 
 pub mod error;
 pub mod pipeline;
 pub mod recipe;
 pub mod table;
+
+pub use codebook::{fit_codebook, gaussian_quantile_levels, kmeans_levels, CodebookKind};
+pub use distill::{distill, teacher_logits};
+pub use lowrank::{low_rank, rank_for_energy, svd};
+pub use measure::{
+    fix_constant_of_shape, load_for_tract, measure, measure_with, Agreement, GenericRunner,
+    MeasureOptions, Measurement, OutputTransform,
+};
+pub use mixed::{
+    auto_mixed_precision, layer_sensitivity, qat_finetune, uniform_plan, Budget, LayerChoice,
+    LayerSensitivity, MixedPlan,
+};
+pub use package::{decode_package, encode_package, Schemes};
+pub use prune::{
+    apply_masks, gemm_weight_names, iterative_prune, magnitude_masks, prune_layers, prune_neurons,
+    sensitivity_masks, sparsity,
+};
+pub use qonnx::{export_int8, export_int8_with, plan_uses_integer_kernels, Int8Options};
+pub use quant::{
+    fake_quantize, quantize_tensor, scheme_bits, scheme_bytes, Granularity, QuantScheme,
+    QuantizedTensor,
+};
 
 pub use error::CompressError;
 pub use pipeline::{Artefact, Context, Row, State};

@@ -5,9 +5,10 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use hearth_compress::measure;
 use hearth_compress::pipeline::{default_measure_options, Context};
 use hearth_compress::{recipe, table, CompressError};
-use hearth_model::{measure, train, Split, Task, TrainConfig};
+use hearth_model::{train, Split, Task, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -167,7 +168,7 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
         Some(dir) => {
             let (root, task) = split_data_dir(dir)?;
             if let Some(t) = model.task() {
-                if t != task {
+                if t != task.to_string() {
                     return Err(usage(format!("the model is a {t} model, --data is {task}")));
                 }
             }

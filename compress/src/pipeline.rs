@@ -2,14 +2,15 @@
 //! per-weight quantization schemes), then the deployed form of the state is measured
 //! (size, params, non-zeros, accuracy / output agreement, tract latency) into a table row.
 
+use crate::codebook::CodebookKind;
 use crate::error::CompressError;
+use crate::measure::{self, GenericRunner, MeasureOptions, Measurement, OutputTransform};
+use crate::mixed::{self, Budget};
+use crate::package::{self, Schemes};
+use crate::quant::{fake_quantize, Granularity, QuantScheme};
 use crate::recipe::{BudgetSpec, ExportFormat, PruneMethod, Step};
-use hearth_model::codebook::CodebookKind;
-use hearth_model::measure::{self, GenericRunner, MeasureOptions, Measurement, OutputTransform};
-use hearth_model::mixed::{self, Budget};
-use hearth_model::package::{self, Schemes};
-use hearth_model::quant::{fake_quantize, Granularity, QuantScheme};
-use hearth_model::{distill, prune, qconv, qonnx, train};
+use crate::{distill, prune, qconv, qonnx};
+use hearth_model::train;
 use hearth_model::{Dataset, MlpSpec, ModelError, OnnxModel, TrainConfig, Weights};
 use std::sync::Arc;
 
@@ -274,7 +275,7 @@ pub fn apply_step(
                     .collect(),
             };
             let spec = MlpSpec {
-                task: data.task,
+                task: data.task.to_string(),
                 input_len: layers[0].inputs,
                 hidden: hidden.clone(),
                 classes: teacher.classes(),
@@ -390,7 +391,7 @@ pub fn apply_step(
             })
         }
         Step::LowRank { energy, min_saving } => {
-            let (m, ranks) = hearth_model::lowrank::low_rank(&state.model, *energy, *min_saving)?;
+            let (m, ranks) = crate::lowrank::low_rank(&state.model, *energy, *min_saving)?;
             if ranks.is_empty() {
                 return Err(ModelError::Onnx(format!(
                     "no layer saves >= {min_saving} of its parameters at energy {energy}"

@@ -2,9 +2,9 @@
 //! (`"prune:0.8;finetune:3;quant:int4-per-channel"`) or a TOML file (`[[step]]` tables).
 //! Both forms go through one parser, so they accept exactly the same steps and keys.
 
+use crate::codebook::CodebookKind;
 use crate::error::CompressError;
-use hearth_model::codebook::CodebookKind;
-use hearth_model::quant::{Granularity, QuantScheme};
+use crate::quant::{Granularity, QuantScheme};
 use std::collections::BTreeMap;
 use std::fmt;
 

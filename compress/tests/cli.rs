@@ -1,7 +1,7 @@
 //! End-to-end tests of the `hearth-compress` binary: baselines trained in-test for every data
 //! set in `data/`, chained recipes, the vendored BlazeFace detector, and usage errors (exit 64).
 
-use hearth_model::measure::{load_for_tract, GenericRunner};
+use hearth_compress::measure::{load_for_tract, GenericRunner};
 use hearth_model::{accuracy, Classifier, OnnxModel, Split, Task};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,7 +140,7 @@ fn digits_distill_prune_finetune_int4_package() {
     // The package on disk decodes to a model tract runs with the reported accuracy.
     let bytes = std::fs::read(&out).unwrap();
     assert_eq!(bytes.len(), last.bytes);
-    let decoded = hearth_model::package::decode_package(&bytes).unwrap();
+    let decoded = hearth_compress::package::decode_package(&bytes).unwrap();
     let a = accuracy(&Classifier::new(&decoded).unwrap(), &test_set(Task::Digits)).unwrap();
     assert!((a - acc).abs() < 1e-3, "{a} vs {acc}");
 }
@@ -165,7 +165,7 @@ fn faces_prune_finetune_kmeans_package() {
         (last.nonzeros as f32) < 0.35 * last.params as f32,
         "{last:?}"
     );
-    let decoded = hearth_model::package::decode_package(&std::fs::read(&out).unwrap()).unwrap();
+    let decoded = hearth_compress::package::decode_package(&std::fs::read(&out).unwrap()).unwrap();
     let a = accuracy(&Classifier::new(&decoded).unwrap(), &test_set(Task::Faces)).unwrap();
     assert!((a - last.accuracy.unwrap()).abs() < 1e-3);
 }
@@ -190,7 +190,7 @@ fn plaid_neurons_prune_finetune_int8_qoperator() {
     assert!(last.accuracy.unwrap() > acc0 - 0.1, "{last:?} vs {orig:?}");
     assert!(last.bytes * 3 < orig.bytes, "{last:?} vs {orig:?}");
     let m = OnnxModel::load(&out).unwrap();
-    assert!(hearth_model::qonnx::plan_uses_integer_kernels(&m).unwrap());
+    assert!(hearth_compress::qonnx::plan_uses_integer_kernels(&m).unwrap());
     let a = accuracy(&Classifier::new(&m).unwrap(), &test_set(Task::Plaid)).unwrap();
     assert!((a - last.accuracy.unwrap()).abs() < 1e-3);
 }
@@ -302,8 +302,8 @@ fn blazeface_int8_qoperator_runs_integer_convs() {
     assert!(int8.mean_diff.unwrap() < 0.05, "{int8:?}");
     assert!(int8.decision.unwrap() >= 0.9, "{int8:?}");
     let m = load_for_tract(&out).unwrap();
-    assert_eq!(hearth_model::qconv::qlinear_conv_count(&m), 37);
-    let kernels = hearth_model::qconv::plan_matmul_kernels(&m).unwrap();
+    assert_eq!(hearth_compress::qconv::qlinear_conv_count(&m), 37);
+    let kernels = hearth_compress::qconv::plan_matmul_kernels(&m).unwrap();
     assert!(!kernels.is_empty() && kernels.iter().all(|k| k.is_integer()));
 }
 

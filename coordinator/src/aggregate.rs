@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use hearth_model::bytes::{DecodeError, Put, Reader};
 use hearth_model::{Tensor, Weights};
 
 /// Why an update or an aggregate was refused.
@@ -184,20 +185,15 @@ impl Aggregate {
             .map(|(s, d)| 8 + s.len() * 8 + d.len() * 8)
             .sum();
         let mut b = Vec::with_capacity(MAGIC.len() + 16 + n);
-        b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&self.total_weight.to_le_bytes());
-        b.extend_from_slice(&self.count.to_le_bytes());
-        b.extend_from_slice(&(self.sum.len() as u32).to_le_bytes());
+        b.put_bytes(MAGIC);
+        b.put_f64(self.total_weight);
+        b.put_u32(self.count);
+        b.put_u32(self.sum.len() as u32);
         for (name, (shape, data)) in &self.sum {
-            b.extend_from_slice(&(name.len() as u32).to_le_bytes());
-            b.extend_from_slice(name.as_bytes());
-            b.extend_from_slice(&(shape.len() as u32).to_le_bytes());
-            for &d in shape {
-                b.extend_from_slice(&(d as u64).to_le_bytes());
-            }
-            b.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            b.put_state_header(name, shape);
+            b.put_u64(data.len() as u64);
             for &v in data {
-                b.extend_from_slice(&v.to_le_bytes());
+                b.put_f64(v);
             }
         }
         b
@@ -205,40 +201,20 @@ impl Aggregate {
 
     /// Inverse of [`Aggregate::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Aggregate, AggregateError> {
-        let mut r = Reader { b: bytes, pos: 0 };
-        if r.take(MAGIC.len())? != MAGIC {
-            return Err(AggregateError::Encoding("bad magic".into()));
-        }
-        let total_weight = f64::from_le_bytes(r.array()?);
-        let count = u32::from_le_bytes(r.array()?);
-        let n = u32::from_le_bytes(r.array()?) as usize;
+        let mut r = Reader::new(bytes);
+        r.expect(MAGIC, "an aggregate")?;
+        let total_weight = r.f64()?;
+        let count = r.u32()?;
+        // Every tensor takes at least 20 bytes, which bounds the count by the input size.
+        let n = r.u32_len("tensor count", bytes.len() / 20)?;
         let mut sum = BTreeMap::new();
         for _ in 0..n {
-            let len = u32::from_le_bytes(r.array()?) as usize;
-            let name = String::from_utf8(r.take(len)?.to_vec())
-                .map_err(|_| AggregateError::Encoding("tensor name is not UTF-8".into()))?;
-            let ndim = u32::from_le_bytes(r.array()?) as usize;
-            if ndim > 16 {
-                return Err(AggregateError::Encoding("too many dimensions".into()));
-            }
-            let mut shape = Vec::with_capacity(ndim);
-            for _ in 0..ndim {
-                shape.push(u64::from_le_bytes(r.array()?) as usize);
-            }
-            let len = u64::from_le_bytes(r.array()?) as usize;
-            if len.checked_mul(8).is_none_or(|l| l > r.b.len() - r.pos) {
-                return Err(AggregateError::Encoding("truncated tensor".into()));
-            }
-            let data = r
-                .take(len * 8)?
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
+            let (name, shape) = r.state_header(16, usize::MAX)?;
+            let len = r.u64_len("tensor length", r.remaining() / 8)?;
+            let data = r.f64s(len)?;
             sum.insert(name, (shape, data));
         }
-        if r.pos != bytes.len() {
-            return Err(AggregateError::Encoding("trailing bytes".into()));
-        }
+        r.finish()?;
         Ok(Aggregate {
             total_weight,
             count,
@@ -247,23 +223,9 @@ impl Aggregate {
     }
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], AggregateError> {
-        if n > self.b.len() - self.pos {
-            return Err(AggregateError::Encoding("truncated".into()));
-        }
-        let s = &self.b[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], AggregateError> {
-        Ok(self.take(N)?.try_into().expect("exact length"))
+impl From<DecodeError> for AggregateError {
+    fn from(e: DecodeError) -> Self {
+        AggregateError::Encoding(e.0)
     }
 }
 

@@ -225,7 +225,7 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
 
     // Bootstrap: the shipped architecture, trained on this device's own samples.
     let spec = MlpSpec {
-        task: config.task,
+        task: config.task.to_string(),
         input_len: data.input_len,
         hidden: config.task.default_spec().hidden,
         classes: data.classes.clone(),

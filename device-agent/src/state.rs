@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use hearth_model::bytes::{DecodeError, Put, Reader};
 use hearth_model::{Tensor, Weights};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -176,17 +177,12 @@ impl StateDir {
 /// name length, name, rank, dims, values.
 pub fn encode_weights(w: &Weights) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + w.values().map(|t| t.data.len() * 4 + 64).sum::<usize>());
-    out.extend_from_slice(RESIDUAL_MAGIC);
-    out.extend_from_slice(&(w.len() as u32).to_le_bytes());
+    out.put_bytes(RESIDUAL_MAGIC);
+    out.put_u32(w.len() as u32);
     for (name, t) in w {
-        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
-        for d in &t.shape {
-            out.extend_from_slice(&(*d as u64).to_le_bytes());
-        }
-        for v in &t.data {
-            out.extend_from_slice(&v.to_le_bytes());
+        out.put_state_header(name, &t.shape);
+        for &v in &t.data {
+            out.put_f32(v);
         }
     }
     out
@@ -194,68 +190,18 @@ pub fn encode_weights(w: &Weights) -> Vec<u8> {
 
 /// Inverse of [`encode_weights`], with bounds checks on every length.
 pub fn decode_weights(b: &[u8]) -> Result<Weights, Error> {
-    struct R<'a>(&'a [u8]);
-    impl<'a> R<'a> {
-        fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
-            if self.0.len() < n {
-                return Err(Error::State("residual file is truncated".into()));
-            }
-            let (a, rest) = self.0.split_at(n);
-            self.0 = rest;
-            Ok(a)
-        }
-        fn u32(&mut self) -> Result<u32, Error> {
-            Ok(u32::from_le_bytes(
-                self.take(4)?.try_into().expect("4 bytes"),
-            ))
-        }
-        fn u64(&mut self) -> Result<u64, Error> {
-            Ok(u64::from_le_bytes(
-                self.take(8)?.try_into().expect("8 bytes"),
-            ))
-        }
-    }
-    let mut r = R(b);
-    if r.take(8)? != RESIDUAL_MAGIC {
-        return Err(Error::State("residual file has a wrong header".into()));
-    }
-    let n = r.u32()? as usize;
+    let bad = |e: DecodeError| Error::State(format!("residual file: {e}"));
+    let mut r = Reader::new(b);
+    r.expect(RESIDUAL_MAGIC, "a residual file").map_err(bad)?;
+    // Every tensor takes at least 8 bytes, which bounds the count by the input size.
+    let n = r.u32_len("tensor count", b.len() / 8).map_err(bad)?;
     let mut w = BTreeMap::new();
     for _ in 0..n {
-        let len = r.u32()? as usize;
-        let name = std::str::from_utf8(r.take(len)?)
-            .map_err(|_| Error::State("residual tensor name is not UTF-8".into()))?
-            .to_string();
-        let rank = r.u32()? as usize;
-        if rank > 8 {
-            return Err(Error::State(format!(
-                "residual tensor {name} has rank {rank}"
-            )));
-        }
-        let mut shape = Vec::with_capacity(rank);
-        let mut count: usize = 1;
-        for _ in 0..rank {
-            let d = usize::try_from(r.u64()?)
-                .map_err(|_| Error::State("residual dimension overflows".into()))?;
-            count = count
-                .checked_mul(d)
-                .ok_or_else(|| Error::State("residual size overflows".into()))?;
-            shape.push(d);
-        }
-        let raw = r.take(
-            count
-                .checked_mul(4)
-                .ok_or_else(|| Error::State("residual size overflows".into()))?,
-        )?;
-        let data = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
+        let (name, shape) = r.state_header(8, b.len() / 4).map_err(bad)?;
+        let data = r.f32s(shape.iter().product()).map_err(bad)?;
         w.insert(name, Tensor::new(shape, data));
     }
-    if !r.0.is_empty() {
-        return Err(Error::State("residual file has trailing bytes".into()));
-    }
+    r.finish().map_err(bad)?;
     Ok(w)
 }
 

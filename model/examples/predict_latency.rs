@@ -185,7 +185,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let spec = |task: Task, hidden: Vec<usize>| {
         let d = task.default_spec();
         MlpSpec {
-            task,
+            task: task.to_string(),
             input_len: d.input_len,
             hidden,
             classes: d.classes,

@@ -211,7 +211,7 @@ impl Task {
             Task::Digits => vec![32],
         };
         MlpSpec {
-            task: self,
+            task: self.to_string(),
             input_len: self.input_len(),
             hidden,
             classes: self.classes(),

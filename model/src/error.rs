@@ -26,8 +26,21 @@ pub enum ModelError {
     Codec(String),
 }
 
+impl From<hearth_dense::DenseError> for ModelError {
+    fn from(e: hearth_dense::DenseError) -> Self {
+        ModelError::Shape(e.to_string())
+    }
+}
+
+impl From<crate::bytes::DecodeError> for ModelError {
+    fn from(e: crate::bytes::DecodeError) -> Self {
+        ModelError::Codec(e.to_string())
+    }
+}
+
 impl ModelError {
-    pub(crate) fn tract(e: impl std::fmt::Display) -> Self {
+    /// A tract failure, with its cause chain.
+    pub fn tract(e: impl std::fmt::Display) -> Self {
         ModelError::Tract(format!("{e:#}"))
     }
 }

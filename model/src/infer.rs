@@ -11,9 +11,9 @@
 //! [`Engine`] says which one serves `predict`, and [`Classifier::with_engine`] pins one.
 
 use crate::data::Dataset;
-use crate::dense::DenseNet;
 use crate::error::ModelError;
 use crate::onnx::OnnxModel;
+use hearth_dense::DenseNet;
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use tract_onnx::prelude::*;
@@ -173,7 +173,7 @@ impl Classifier {
         }
         let dense = match engine {
             Engine::Tract => None,
-            Engine::Auto | Engine::Dense => DenseNet::from_model(model)
+            Engine::Auto | Engine::Dense => crate::dense::engine_for(model)
                 .filter(|d| d.output_len() == probe.len())
                 .filter(|d| agrees_with_tract(d, &single, input_len)),
         };
@@ -212,7 +212,7 @@ impl Classifier {
             )));
         }
         match &self.dense {
-            Some(d) => d.predict(input),
+            Some(d) => Ok(d.predict(input)?),
             None => self.run_single(input),
         }
     }

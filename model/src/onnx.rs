@@ -1,7 +1,6 @@
 //! ONNX models built, read and written with tract's own protobuf types (`tract_onnx::pb`):
 //! the MLP Hearth ships, weights by initializer name, and Hearth's metadata.
 
-use crate::data::Task;
 use crate::error::ModelError;
 use crate::tensor::{Tensor, Weights};
 use prost::Message;
@@ -29,8 +28,8 @@ pub const PROBS: &str = "probs";
 /// Shape of an MLP: `input_len` → hidden layers (ReLU) → one logit per class.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MlpSpec {
-    /// Task the model serves (written to the metadata).
-    pub task: Task,
+    /// Name of the task the model serves (written to the metadata `hearth.task`).
+    pub task: String,
     /// Input vector length.
     pub input_len: usize,
     /// Widths of the hidden layers.
@@ -97,7 +96,7 @@ fn value_info(name: &str, dims: &[Result<i64, &str>]) -> pb::ValueInfoProto {
 }
 
 /// An initializer of any element type from its little-endian raw bytes.
-pub(crate) fn raw_initializer(
+pub fn raw_initializer(
     name: &str,
     dims: &[usize],
     data_type: DataType,
@@ -113,37 +112,70 @@ pub(crate) fn raw_initializer(
 }
 
 /// A float initializer in little-endian raw form.
-pub(crate) fn f32_initializer(name: &str, t: &Tensor) -> pb::TensorProto {
+pub fn f32_initializer(name: &str, t: &Tensor) -> pb::TensorProto {
     let raw = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
     raw_initializer(name, &t.shape, DataType::Float, raw)
 }
 
-/// The f32 values of an initializer (`float_data` or little-endian `raw_data`).
-fn initializer_values(t: &pb::TensorProto) -> Option<Tensor> {
-    if t.data_type != DataType::Float as i32 || t.data_location == Some(1) {
+/// The values of a float or integer initializer, widened (from raw little-endian bytes or
+/// the typed fields); `None` for external data, other types, or a count that does not match
+/// the shape.
+pub enum InitValues {
+    Int(Vec<i64>),
+    Float(Vec<f32>),
+}
+
+pub fn initializer_data(t: &pb::TensorProto) -> Option<(Vec<usize>, DataType, InitValues)> {
+    if t.data_location == Some(1) {
         return None;
     }
-    let shape: Vec<usize> = t
+    let dims: Vec<usize> = t
         .dims
         .iter()
         .map(|&d| usize::try_from(d).ok())
         .collect::<Option<_>>()?;
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = if !t.raw_data.is_empty() {
-        if t.raw_data.len() != 4 * n {
-            return None;
+    let n: usize = dims.iter().product();
+    let dt = DataType::try_from(t.data_type).ok()?;
+    let raw = &t.raw_data;
+    let v = match dt {
+        DataType::Float if !raw.is_empty() => InitValues::Float(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DataType::Float => InitValues::Float(t.float_data.clone()),
+        DataType::Int8 if !raw.is_empty() => {
+            InitValues::Int(raw.iter().map(|&b| i64::from(b as i8)).collect())
         }
-        t.raw_data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    } else {
-        if t.float_data.len() != n {
-            return None;
+        DataType::Int32 if !raw.is_empty() => InitValues::Int(
+            raw.chunks_exact(4)
+                .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        ),
+        DataType::Int8 | DataType::Int32 => {
+            InitValues::Int(t.int32_data.iter().map(|&v| i64::from(v)).collect())
         }
-        t.float_data.clone()
+        DataType::Int64 if !raw.is_empty() => InitValues::Int(
+            raw.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        ),
+        DataType::Int64 => InitValues::Int(t.int64_data.clone()),
+        _ => return None,
     };
-    Some(Tensor { shape, data })
+    let len = match &v {
+        InitValues::Int(x) => x.len(),
+        InitValues::Float(x) => x.len(),
+    };
+    (len == n).then_some((dims, dt, v))
+}
+
+/// The f32 values of an initializer (`float_data` or little-endian `raw_data`).
+fn initializer_values(t: &pb::TensorProto) -> Option<Tensor> {
+    match initializer_data(t)? {
+        (shape, DataType::Float, InitValues::Float(data)) => Some(Tensor { shape, data }),
+        _ => None,
+    }
 }
 
 impl DenseLayer {
@@ -249,7 +281,7 @@ impl OnnxModel {
                 },
                 pb::StringStringEntryProto {
                     key: META_TASK.into(),
-                    value: spec.task.to_string(),
+                    value: spec.task.clone(),
                 },
             ],
             ..Default::default()
@@ -374,9 +406,9 @@ impl OnnxModel {
         }
     }
 
-    /// The task from metadata `hearth.task`.
-    pub fn task(&self) -> Option<Task> {
-        self.meta(META_TASK).and_then(|s| s.parse().ok())
+    /// The task name from metadata `hearth.task`.
+    pub fn task(&self) -> Option<&str> {
+        self.meta(META_TASK)
     }
 
     /// Length of the input vector (last dimension of the first graph input that is not an
@@ -534,6 +566,7 @@ impl OnnxModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Task;
 
     #[test]
     fn build_and_round_trip() {
@@ -545,7 +578,7 @@ mod tests {
         assert_eq!(back.sha256_hex(), m.sha256_hex());
         assert_eq!(m.sha256_hex().len(), 64);
         assert_eq!(back.classes(), spec.classes);
-        assert_eq!(back.task(), Some(Task::Digits));
+        assert_eq!(back.task(), Some("digits"));
         assert_eq!(back.input_len(), 64);
         let w = back.weights();
         assert_eq!(w["fc0.weight"].shape, vec![32, 64]);

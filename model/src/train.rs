@@ -688,7 +688,7 @@ mod tests {
 
     fn tiny_model(seed: u64) -> OnnxModel {
         let spec = MlpSpec {
-            task: Task::Digits,
+            task: Task::Digits.to_string(),
             input_len: 5,
             hidden: vec![7, 6],
             classes: (0..4).map(|i| format!("digit_{i}")).collect(),
@@ -769,7 +769,7 @@ mod tests {
     #[test]
     fn training_fits_a_separable_problem_deterministically() {
         let spec = MlpSpec {
-            task: Task::Faces,
+            task: Task::Faces.to_string(),
             input_len: 2,
             hidden: vec![8],
             classes: vec!["none".into(), "person".into()],

@@ -13,6 +13,7 @@
 //! them with unbiased stochastic rounding; `residual = v - dequantized(sent)` (the residual
 //! stays on the device and is added to the next round's delta).
 
+use crate::bytes::{Put, Reader};
 use crate::error::ModelError;
 use crate::quant::{dequantize, quantize_stochastic, QuantParams};
 use crate::tensor::{Tensor, Weights};
@@ -42,14 +43,6 @@ impl Default for CodecConfig {
             topk_fraction: 1.0,
         }
     }
-}
-
-pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 /// `delta + residual` → top-k → stochastic quantization → bytes; `residual` is updated in
@@ -95,9 +88,9 @@ pub fn encode_update(
         }
     }
     let mut out = Vec::new();
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    put_varint(&mut out, delta.len() as u64);
+    out.put_bytes(MAGIC);
+    out.put_u8(VERSION);
+    out.put_varint(delta.len() as u64);
     let mut new_residual = Weights::new();
     for (name, t) in delta {
         let n = t.len();
@@ -146,24 +139,15 @@ pub fn encode_update(
             },
         );
 
-        put_varint(&mut out, name.len() as u64);
-        out.extend_from_slice(name.as_bytes());
-        put_varint(&mut out, t.shape.len() as u64);
-        for &d in &t.shape {
-            put_varint(&mut out, d as u64);
-        }
-        out.push(if k == n { DENSE } else { TOPK });
-        out.push(cfg.bits);
-        out.extend_from_slice(&scale.to_le_bytes());
+        out.put_header(name, &t.shape);
+        out.put_u8(if k == n { DENSE } else { TOPK });
+        out.put_u8(cfg.bits);
+        out.put_f32(scale);
         if k != n {
-            put_varint(&mut out, k as u64);
-            let mut next = 0usize;
-            for &i in &indices {
-                put_varint(&mut out, (i - next) as u64);
-                next = i + 1;
-            }
+            out.put_varint(k as u64);
+            out.put_gaps(indices.iter().copied());
         }
-        out.extend_from_slice(&payload);
+        out.put_bytes(&payload);
     }
     *residual = new_residual;
     Ok(out)
@@ -206,61 +190,11 @@ fn unpack(bytes: &[u8], n: usize, bits: u8) -> Result<Vec<i32>, ModelError> {
     Ok(out)
 }
 
-pub(crate) struct Reader<'a> {
-    pub(crate) b: &'a [u8],
-    pub(crate) pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ModelError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or_else(|| {
-                ModelError::Codec(format!("truncated: need {n} bytes at offset {}", self.pos))
-            })?;
-        let s = &self.b[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-
-    pub(crate) fn u8(&mut self) -> Result<u8, ModelError> {
-        Ok(self.take(1)?[0])
-    }
-
-    pub(crate) fn varint(&mut self) -> Result<u64, ModelError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = self.u8()?;
-            let bits = u64::from(byte & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(ModelError::Codec("varint overflows 64 bits".into()));
-            }
-            v |= bits << shift;
-            if byte & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(ModelError::Codec("varint longer than 10 bytes".into()))
-    }
-
-    pub(crate) fn usize(&mut self, what: &str, max: usize) -> Result<usize, ModelError> {
-        let v = self.varint()?;
-        usize::try_from(v)
-            .ok()
-            .filter(|&v| v <= max)
-            .ok_or_else(|| ModelError::Codec(format!("{what} {v} exceeds {max}")))
-    }
-}
-
 /// Decodes bytes produced by [`encode_update`] into the (dequantized) sent delta; unsent
 /// top-k positions are 0. Malformed input is an error, never a panic.
 pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
-    let mut r = Reader { b: bytes, pos: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(ModelError::Codec("bad magic: not a Hearth update".into()));
-    }
+    let mut r = Reader::new(bytes);
+    r.expect(MAGIC, "a Hearth update")?;
     let version = r.u8()?;
     if version != VERSION {
         return Err(ModelError::Codec(format!(
@@ -271,23 +205,8 @@ pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
     let count = r.usize("tensor count", bytes.len() / 8)?;
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     for _ in 0..count {
-        let name_len = r.usize("name length", 4096)?;
-        let name = std::str::from_utf8(r.take(name_len)?)
-            .map_err(|_| ModelError::Codec("tensor name is not UTF-8".into()))?
-            .to_string();
-        let ndim = r.usize("rank", MAX_DIMS)?;
-        let mut shape = Vec::with_capacity(ndim);
-        let mut n = 1usize;
-        for _ in 0..ndim {
-            let d = r.usize("dimension", MAX_ELEMENTS)?;
-            n = n
-                .checked_mul(d)
-                .filter(|&n| n <= MAX_ELEMENTS)
-                .ok_or_else(|| {
-                    ModelError::Codec(format!("tensor {name} exceeds {MAX_ELEMENTS} elements"))
-                })?;
-            shape.push(d);
-        }
+        let (name, shape) = r.header(MAX_DIMS, MAX_ELEMENTS)?;
+        let n = shape.iter().product::<usize>();
         let encoding = r.u8()?;
         let bits = r.u8()?;
         if !(matches!(bits, 2..=8) || bits == 32) {
@@ -295,7 +214,7 @@ pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
                 "tensor {name}: unsupported bits {bits}"
             )));
         }
-        let scale = f32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"));
+        let scale = r.f32()?;
         if !scale.is_finite() || scale < 0.0 {
             return Err(ModelError::Codec(format!(
                 "tensor {name}: bad scale {scale}"
@@ -305,21 +224,11 @@ pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
             DENSE => None,
             TOPK => {
                 // Each index takes at least one byte: bounded by what is left.
-                let k = r.usize("k", n.min(bytes.len() - r.pos))?;
-                let mut idx = Vec::with_capacity(k);
-                let mut next = 0usize;
-                for _ in 0..k {
-                    let gap = r.usize("index gap", n)?;
-                    let i = next + gap;
-                    if i >= n {
-                        return Err(ModelError::Codec(format!(
-                            "tensor {name}: index {i} out of {n}"
-                        )));
-                    }
-                    idx.push(i);
-                    next = i + 1;
-                }
-                Some(idx)
+                let k = r.usize("k", n.min(r.remaining()))?;
+                Some(
+                    r.gaps(k, n)
+                        .map_err(|e| ModelError::Codec(format!("tensor {name}: {e}")))?,
+                )
             }
             e => {
                 return Err(ModelError::Codec(format!(
@@ -329,14 +238,7 @@ pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
         };
         let m = indices.as_ref().map_or(n, Vec::len);
         let values: Vec<f32> = if bits == 32 {
-            let raw = r.take(
-                m.checked_mul(4)
-                    .ok_or_else(|| ModelError::Codec("size overflow".into()))?,
-            )?;
-            let v: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let v = r.f32s(m)?;
             if v.iter().any(|x| !x.is_finite()) {
                 return Err(ModelError::Codec(format!(
                     "tensor {name}: non-finite value"
@@ -369,12 +271,7 @@ pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
             return Err(ModelError::Codec(format!("tensor {name} appears twice")));
         }
     }
-    if r.pos != bytes.len() {
-        return Err(ModelError::Codec(format!(
-            "{} trailing bytes",
-            bytes.len() - r.pos
-        )));
-    }
+    r.finish()?;
     Ok(out)
 }
 
@@ -593,8 +490,8 @@ mod tests {
         assert!(decode_update(&[]).is_err());
         // A huge claimed dimension is refused without allocating.
         let mut evil = b"HUPD\x01\x01\x01a\x02".to_vec();
-        put_varint(&mut evil, 1 << 27);
-        put_varint(&mut evil, 1 << 27);
+        evil.put_varint(1 << 27);
+        evil.put_varint(1 << 27);
         assert!(decode_update(&evil).is_err());
         let mut bad = d.clone();
         bad.get_mut("fc0.bias").unwrap().data[0] = f32::NAN;

@@ -25,10 +25,10 @@
 //! depthwise convs left in float): the float path has direct/depthwise conv kernels, the
 //! quantized one always goes through im2col + a separate per-channel requantization.
 
-use crate::error::ModelError;
 use crate::measure::{input_shape, GenericRunner};
-use crate::onnx::OnnxModel;
 use crate::qonnx::{init_f32, init_i32, init_i8, kernels_of, node, MatMulKernel, META_QUANT};
+use hearth_model::error::ModelError;
+use hearth_model::onnx::OnnxModel;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use tract_onnx::pb;

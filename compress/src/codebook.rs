@@ -12,7 +12,7 @@
 //! tensor has exact zeros (pruned weights), one level is reserved for an exact 0.0 and the
 //! other `K - 1` are fitted to the non-zero values.
 
-use crate::quant::{dequantize, quantize_affine};
+use hearth_model::quant::{dequantize, quantize_affine};
 
 /// Bound on Lloyd iterations.
 pub const KMEANS_MAX_ITERS: usize = 60;

@@ -2,11 +2,13 @@
 //! layers, iterative), low-rank factorisation and distillation. Every test trains its models
 //! in-test (small epochs) and prints the measured figures (`--nocapture` to see them).
 
+use hearth_compress::{
+    apply_masks, distill, gemm_weight_names, iterative_prune, low_rank, magnitude_masks,
+    prune_layers, prune_neurons, sensitivity_masks, sparsity,
+};
 use hearth_model::train::objective_gradients;
 use hearth_model::{
-    accuracy, apply_masks, distill, gemm_weight_names, iterative_prune, low_rank, magnitude_masks,
-    num_params, prune_layers, prune_neurons, sensitivity_masks, sparsity, train, Classifier,
-    Dataset, MlpSpec, OnnxModel, Split, Task, TrainConfig,
+    accuracy, num_params, train, Classifier, Dataset, MlpSpec, OnnxModel, Split, Task, TrainConfig,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -122,21 +124,31 @@ fn neuron_pruning_of_dead_units_is_exact_and_shrinks_the_graph() {
     assert!(prune_neurons(&model, 1.0).is_err());
 }
 
-/// Median wall time of `predict_batch` over the whole set.
-fn median_latency(c: &Classifier, ds: &Dataset, runs: usize) -> f64 {
-    let mut t: Vec<f64> = (0..runs)
+/// Fastest wall time of `predict_batch` over the whole set in `runs` runs (interference from
+/// other work on the machine only ever adds time, so the minimum is the steadiest figure).
+fn min_latency(c: &Classifier, ds: &Dataset, runs: usize) -> f64 {
+    (0..runs)
         .map(|_| {
             let s = Instant::now();
             let p = c.predict_batch(&ds.x, ds.len()).unwrap();
             assert_eq!(p.len(), ds.len() * c.classes().len());
             s.elapsed().as_secs_f64()
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[runs / 2]
+        .fold(f64::INFINITY, f64::min)
 }
 
-// Latency is printed, not asserted (shared 2-core machine); the benchmark reports it.
+/// Multiply-adds of one forward pass through the model's Gemm layers.
+fn multiply_adds(m: &OnnxModel) -> usize {
+    m.dense_layers()
+        .unwrap()
+        .iter()
+        .map(|l| l.inputs * l.outputs)
+        .sum()
+}
+
+// Halving the neurons must halve the work (multiply-adds, exact) and make tract faster with a
+// generous margin (0.8x where about 0.45x is expected): the fastest of many interleaved runs,
+// so a busy machine does not fail it. The benchmark reports the real figures.
 #[test]
 fn structured_pruning_makes_the_wide_plaid_mlp_faster() {
     let (tr, te) = load(Task::Plaid);
@@ -145,25 +157,26 @@ fn structured_pruning_makes_the_wide_plaid_mlp_faster() {
     assert_eq!(shape(&pruned, "fc0.weight"), vec![128, 387]);
     assert_eq!(shape(&pruned, "fc1.weight"), vec![64, 128]);
     assert_eq!(shape(&pruned, "fc2.weight"), vec![11, 64]);
+    let macs = multiply_adds(&pruned) as f64 / multiply_adds(&model) as f64;
+    assert!(macs < 0.5, "pruned model does {macs:.2}x the multiply-adds");
     let tuned = finetune(&pruned, &tr, 8);
     let (a, b) = (
         Classifier::new(&model).unwrap(),
         Classifier::new(&tuned).unwrap(),
     );
     // Warm up, then interleave the measurements.
-    median_latency(&a, &te, 3);
-    median_latency(&b, &te, 3);
+    min_latency(&a, &te, 3);
+    min_latency(&b, &te, 3);
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        ta.push(median_latency(&a, &te, 5));
-        tb.push(median_latency(&b, &te, 5));
+        ta.push(min_latency(&a, &te, 5));
+        tb.push(min_latency(&b, &te, 5));
     }
-    ta.sort_by(f64::total_cmp);
-    tb.sort_by(f64::total_cmp);
-    let (la, lb) = (ta[2], tb[2]);
+    let la = ta.into_iter().fold(f64::INFINITY, f64::min);
+    let lb = tb.into_iter().fold(f64::INFINITY, f64::min);
     eprintln!(
         "plaid 387-256-128-11 ({} params, {} B) -> 387-128-64-11 ({} params, {} B): \
-         predict_batch({}) median {:.3} ms -> {:.3} ms, ratio {:.2}x; accuracy {:.3} -> {:.3} \
+         predict_batch({}) fastest {:.3} ms -> {:.3} ms, ratio {:.2}x; accuracy {:.3} -> {:.3} \
          pruned -> {:.3} fine-tuned",
         num_params(&model.weights()),
         model.to_bytes().len(),
@@ -179,6 +192,12 @@ fn structured_pruning_makes_the_wide_plaid_mlp_faster() {
     );
     assert!(num_params(&tuned.weights()) * 2 < num_params(&model.weights()) + 2000);
     assert!(acc(&tuned, &te) > 0.4);
+    assert!(
+        lb < 0.8 * la,
+        "pruned model is not faster: {:.3} ms vs {:.3} ms",
+        lb * 1e3,
+        la * 1e3
+    );
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! int8 QOperator export of BlazeFace (imported conv graph) against the float model.
 
-use hearth_model::measure::{adapt_inputs, agreement, latency_us, load_for_tract, GenericRunner};
-use hearth_model::qconv::{export_int8_conv, plan_matmul_kernels, qlinear_conv_count};
-use hearth_model::{OnnxModel, OutputTransform, Split, Task};
+use hearth_compress::measure::{
+    adapt_inputs, agreement, latency_us, load_for_tract, GenericRunner,
+};
+use hearth_compress::qconv::{export_int8_conv, plan_matmul_kernels, qlinear_conv_count};
+use hearth_compress::OutputTransform;
+use hearth_model::{OnnxModel, Split, Task};
 use std::path::PathBuf;
 
 fn root() -> PathBuf {

@@ -3,9 +3,9 @@
 //! channel) give the same outputs, and `Classifier` picks the dense engine for exactly the
 //! models it runs.
 
+use hearth_compress::{export_int8, export_int8_with, prune_neurons, Int8Options};
 use hearth_model::{
-    export_int8, export_int8_with, prune_neurons, train, Classifier, Dataset, DenseNet, Engine,
-    Int8Options, MlpSpec, OnnxModel, Split, Task, TrainConfig,
+    train, Classifier, Dataset, Engine, MlpSpec, OnnxModel, Split, Task, TrainConfig,
 };
 use prost::Message;
 use std::path::PathBuf;
@@ -86,7 +86,7 @@ fn int8_exports_match_tract() {
                 export_int8(&m, &tr)
             }
             .unwrap();
-            let d = DenseNet::from_model(&q);
+            let d = hearth_model::dense::engine_for(&q);
             if per_channel {
                 // The per-channel export is MatMulInteger + float ops: tract runs it.
                 assert!(d.is_none());
@@ -136,6 +136,6 @@ fn other_graphs_stay_in_tract() {
     });
     g.output[0].name = "sig_out".into();
     let other = OnnxModel::from_bytes(&proto.encode_to_vec()).unwrap();
-    assert!(DenseNet::from_model(&other).is_none());
+    assert!(hearth_model::dense::engine_for(&other).is_none());
     assert_eq!(Classifier::new(&other).unwrap().engine(), Engine::Tract);
 }

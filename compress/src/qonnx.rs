@@ -28,10 +28,10 @@
 //!
 //! [`plan_uses_integer_kernels`] checks the integer-kernel claim on tract's optimised plan.
 
-use crate::data::Dataset;
-use crate::error::ModelError;
-use crate::onnx::{raw_initializer, OnnxModel};
-use crate::quant::{quantize_affine, quantize_symmetric};
+use hearth_model::data::Dataset;
+use hearth_model::error::ModelError;
+use hearth_model::onnx::{raw_initializer, OnnxModel};
+use hearth_model::quant::{quantize_affine, quantize_symmetric};
 use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
@@ -121,7 +121,7 @@ fn activation_params(x: &[f32]) -> (f32, u8) {
 /// output after its Relu (if any), found in the original graph.
 fn chain_outputs(
     g: &pb::GraphProto,
-    layers: &[crate::onnx::DenseLayer],
+    layers: &[hearth_model::onnx::DenseLayer],
 ) -> Result<Vec<(String, String, Vec<usize>)>, ModelError> {
     let mut out = Vec::new();
     for l in layers {
@@ -296,15 +296,7 @@ pub fn export_int8_with(
     if opts.per_channel {
         // MatMulInteger + int32 bias (fused), then a per-channel float rescale and the next
         // QuantizeLinear (whose clamp at the int8 minimum is the Relu).
-        let (s0, z0) = qlayers[0].a;
-        inits.push(init_f32("q0.s", &[], &[s0]));
-        inits.push(init_zp("q0.z", z0));
-        nodes.push(node(
-            "QuantizeLinear",
-            "q0",
-            &[&input, "q0.s", "q0.z"],
-            "q0.q",
-        ));
+        quantize_input(&mut inits, &mut nodes, &input, qlayers[0].a);
         let (mut a_name, mut a_zp_name) = ("q0.q".to_string(), "q0.z".to_string());
         for (k, l) in qlayers.iter().enumerate() {
             let gname = &l.gname;
@@ -396,15 +388,7 @@ pub fn export_int8_with(
             &[&input, "int8.axes"],
             "int8.x",
         ));
-        let (s0, z0) = qlayers[0].a;
-        inits.push(init_f32("q0.s", &[], &[s0]));
-        inits.push(init_zp("q0.z", z0));
-        nodes.push(node(
-            "QuantizeLinear",
-            "q0",
-            &["int8.x", "q0.s", "q0.z"],
-            "q0.q",
-        ));
+        quantize_input(&mut inits, &mut nodes, "int8.x", qlayers[0].a);
         let mut a_name = "q0.q".to_string();
         inits.push(init_i8("int8.wz", &[], &[0]));
         for (k, l) in qlayers.iter().enumerate() {
@@ -581,4 +565,20 @@ pub fn initializer_bytes(model: &OnnxModel) -> usize {
             .map(|t| t.raw_data.len() + 4 * t.float_data.len() + 4 * t.int32_data.len())
             .sum()
     })
+}
+/// The graph's input QuantizeLinear `q0` (scale `q0.s`, zero point `q0.z`, output `q0.q`).
+fn quantize_input(
+    inits: &mut Vec<pb::TensorProto>,
+    nodes: &mut Vec<pb::NodeProto>,
+    input: &str,
+    (scale, zero): (f32, i32),
+) {
+    inits.push(init_f32("q0.s", &[], &[scale]));
+    inits.push(init_zp("q0.z", zero));
+    nodes.push(node(
+        "QuantizeLinear",
+        "q0",
+        &[input, "q0.s", "q0.z"],
+        "q0.q",
+    ));
 }

@@ -7,10 +7,10 @@
 //! Imported graphs get [`fix_constant_of_shape`] at load ([`load_for_tract`]): a
 //! `ConstantOfShape` without a `value` attribute is typed 64-bit by tract, ONNX says f32 zero.
 
-use crate::data::Dataset;
-use crate::error::ModelError;
-use crate::infer::{accuracy, argmax, Classifier};
-use crate::onnx::OnnxModel;
+use hearth_model::data::Dataset;
+use hearth_model::error::ModelError;
+use hearth_model::infer::{accuracy, argmax, Classifier};
+use hearth_model::onnx::OnnxModel;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -521,8 +521,8 @@ pub fn measure_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::Task;
-    use crate::tensor::Weights;
+    use hearth_model::data::Task;
+    use hearth_model::tensor::Weights;
 
     #[test]
     fn measures_an_mlp_and_its_pruned_copy() {

@@ -9,12 +9,12 @@
 //! tensors compress well in a package. Rankings are deterministic (ties broken by position),
 //! and the number of pruned values is exactly `round(sparsity · count)`.
 
-use crate::data::Dataset;
-use crate::error::ModelError;
-use crate::infer::{accuracy, Classifier};
-use crate::onnx::{DenseLayer, OnnxModel};
-use crate::tensor::{Tensor, Weights};
-use crate::train::{train, TrainConfig};
+use hearth_model::data::Dataset;
+use hearth_model::error::ModelError;
+use hearth_model::infer::{accuracy, Classifier};
+use hearth_model::onnx::{DenseLayer, OnnxModel};
+use hearth_model::tensor::{Tensor, Weights};
+use hearth_model::train::{train, TrainConfig};
 use prost::Message;
 use std::collections::BTreeSet;
 use tract_onnx::pb;
@@ -114,7 +114,7 @@ fn magnitude_masks_keeping(
 /// Gradient-sensitivity pruning: masks pruning the `round(sparsity · total)` values of
 /// smallest `|w · g|` over all tensors `names` (the first-order Taylor estimate of the loss
 /// change when the weight is removed, comparable across layers, hence one global ranking).
-/// `g` is a gradient by the same names (e.g. [`crate::train::gradients`] on a batch);
+/// `g` is a gradient by the same names (e.g. [`hearth_model::train::gradients`] on a batch);
 /// names missing from `w` or `g` are ignored.
 pub fn sensitivity_masks(w: &Weights, g: &Weights, names: &[String], sparsity: f32) -> Weights {
     let scores: Vec<(&String, &Tensor, Vec<f32>)> = w
@@ -149,7 +149,7 @@ pub fn apply_masks(w: &mut Weights, masks: &Weights) {
     }
 }
 
-pub(crate) use crate::onnx::f32_initializer;
+pub(crate) use hearth_model::onnx::f32_initializer;
 
 /// A model from an edited protobuf: replaces the initializers in `replace` (adding new ones),
 /// removes those in `remove`, drops intermediate `value_info` (shapes may have changed) and
@@ -191,17 +191,7 @@ fn read_layers(model: &OnnxModel) -> Result<Vec<Layer>, ModelError> {
         .map(|spec| {
             let t = &weights[&spec.weight];
             let (rows, cols) = (spec.outputs, spec.inputs);
-            let w = if spec.trans_b {
-                t.data.clone()
-            } else {
-                let mut w = vec![0.0; rows * cols];
-                for i in 0..cols {
-                    for o in 0..rows {
-                        w[o * cols + i] = t.data[i * rows + o];
-                    }
-                }
-                w
-            };
+            let w = spec.out_major(t);
             let b = spec.bias.as_ref().map(|n| weights[n].data.clone());
             Ok(Layer {
                 spec,

@@ -24,11 +24,11 @@
 //! [`crate::quant::QuantizedTensor::dequantize`], the same code as
 //! [`crate::quant::fake_quantize`], so decoded weights equal the fake-quantized ones exactly.
 
-use crate::error::ModelError;
-use crate::onnx::OnnxModel;
 use crate::quant::{quantize_tensor, Dequant, QuantScheme, QuantizedTensor};
-use crate::tensor::{Tensor, Weights};
-use crate::update::{put_varint, Reader};
+use hearth_model::bytes::{Put, Reader};
+use hearth_model::error::ModelError;
+use hearth_model::onnx::OnnxModel;
+use hearth_model::tensor::{Tensor, Weights};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -103,11 +103,7 @@ fn layout_payload(n: usize, keep: &[usize], values: impl Fn(&[usize]) -> Vec<u8>
     let all: Vec<usize> = (0..n).collect();
     let dense = values(&all);
     let mut gaps = Vec::new();
-    let mut next = 0usize;
-    for &i in keep {
-        put_varint(&mut gaps, (i - next) as u64);
-        next = i + 1;
-    }
+    gaps.put_gaps(keep.iter().copied());
     let kept = values(keep);
     let gaps_len = gaps.len() + kept.len();
     let bitmap_len = n.div_ceil(8) + kept.len();
@@ -128,12 +124,7 @@ fn layout_payload(n: usize, keep: &[usize], values: impl Fn(&[usize]) -> Vec<u8>
 
 fn encode_tensor(name: &str, t: &Tensor, scheme: Option<&QuantScheme>) -> Encoded {
     let mut h = Vec::new();
-    put_varint(&mut h, name.len() as u64);
-    h.extend_from_slice(name.as_bytes());
-    put_varint(&mut h, t.shape.len() as u64);
-    for &d in &t.shape {
-        put_varint(&mut h, d as u64);
-    }
+    h.put_header(name, &t.shape);
     let n = t.len();
     let (decoded, keep, layout, payload) = match scheme {
         None => {
@@ -154,15 +145,15 @@ fn encode_tensor(name: &str, t: &Tensor, scheme: Option<&QuantScheme>) -> Encode
             h.push(q.bits);
             match &q.dequant {
                 Dequant::Uniform { scale, zero_point } => {
-                    put_varint(&mut h, scale.len() as u64);
+                    h.put_varint(scale.len() as u64);
                     for (s, z) in scale.iter().zip(zero_point) {
                         h.extend_from_slice(&s.to_le_bytes());
                         h.push(*z as u8);
                     }
                 }
-                Dequant::PowerOfTwo { max_exp } => put_varint(&mut h, zigzag(*max_exp)),
+                Dequant::PowerOfTwo { max_exp } => h.put_varint(zigzag(*max_exp)),
                 Dequant::Levels(l) => {
-                    put_varint(&mut h, l.len() as u64);
+                    h.put_varint(l.len() as u64);
                     for v in l {
                         h.extend_from_slice(&v.to_le_bytes());
                     }
@@ -180,15 +171,12 @@ fn encode_tensor(name: &str, t: &Tensor, scheme: Option<&QuantScheme>) -> Encode
         }
     };
     h.push(layout);
-    put_varint(
-        &mut h,
-        if layout == LAYOUT_DENSE {
-            n
-        } else {
-            keep.len()
-        } as u64,
-    );
-    put_varint(&mut h, payload.len() as u64);
+    h.put_varint(if layout == LAYOUT_DENSE {
+        n
+    } else {
+        keep.len()
+    } as u64);
+    h.put_varint(payload.len() as u64);
     h.extend_from_slice(&tensor_digest(&decoded));
     Encoded { header: h, payload }
 }
@@ -259,9 +247,9 @@ pub fn encode_package(
     }
     let skeleton = skeleton.encode_to_vec();
     let mut body = Vec::new();
-    put_varint(&mut body, skeleton.len() as u64);
+    body.put_varint(skeleton.len() as u64);
     body.extend_from_slice(&skeleton);
-    put_varint(&mut body, weights.len() as u64);
+    body.put_varint(weights.len() as u64);
     let encoded: Vec<Encoded> = weights
         .iter()
         .map(|(name, t)| encode_tensor(name, t, schemes.get(name)))
@@ -292,27 +280,9 @@ struct Entry {
     digest: [u8; 32],
 }
 
-fn read_f32(r: &mut Reader<'_>) -> Result<f32, ModelError> {
-    let b = r.take(4)?;
-    Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 fn read_entry(r: &mut Reader<'_>, budget: &mut usize) -> Result<Entry, ModelError> {
-    let name_len = r.usize("name length", 4096)?;
-    let name = std::str::from_utf8(r.take(name_len)?)
-        .map_err(|_| codec("tensor name is not UTF-8"))?
-        .to_string();
-    let ndim = r.usize("rank", MAX_DIMS)?;
-    let mut shape = Vec::with_capacity(ndim);
-    let mut n = 1usize;
-    for _ in 0..ndim {
-        let d = r.usize("dimension", MAX_ELEMENTS)?;
-        n = n
-            .checked_mul(d)
-            .filter(|&n| n <= *budget)
-            .ok_or_else(|| codec(format!("{name}: package exceeds {MAX_ELEMENTS} values")))?;
-        shape.push(d);
-    }
+    let (name, shape) = r.header(MAX_DIMS, *budget)?;
+    let n: usize = shape.iter().product();
     *budget -= n;
     let kind = r.u8()?;
     let (bits, dequant) = match kind {
@@ -327,7 +297,7 @@ fn read_entry(r: &mut Reader<'_>, budget: &mut usize) -> Result<Entry, ModelErro
                     let ch = r.usize("channels", n.max(1))?;
                     let (mut scale, mut zero_point) = (Vec::new(), Vec::new());
                     for _ in 0..ch {
-                        scale.push(read_f32(r)?);
+                        scale.push(r.f32()?);
                         zero_point.push(i32::from(r.u8()?));
                     }
                     Dequant::Uniform { scale, zero_point }
@@ -337,7 +307,7 @@ fn read_entry(r: &mut Reader<'_>, budget: &mut usize) -> Result<Entry, ModelErro
                 },
                 _ => {
                     let k = r.usize("codebook size", 1 << bits)?;
-                    let levels = (0..k).map(|_| read_f32(r)).collect::<Result<Vec<_>, _>>()?;
+                    let levels = (0..k).map(|_| r.f32()).collect::<Result<Vec<_>, _>>()?;
                     Dequant::Levels(levels)
                 }
             };
@@ -350,8 +320,8 @@ fn read_entry(r: &mut Reader<'_>, budget: &mut usize) -> Result<Entry, ModelErro
         return Err(codec(format!("{name}: unknown layout {layout}")));
     }
     let nnz = r.usize("stored values", n)?;
-    let payload_len = r.usize("payload length", r.b.len())?;
-    let digest: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+    let payload_len = r.usize("payload length", r.remaining())?;
+    let digest: [u8; 32] = r.array()?;
     Ok(Entry {
         name,
         shape,
@@ -381,18 +351,11 @@ fn read_positions<'a>(
             Ok(((0..n).collect(), p))
         }
         LAYOUT_GAPS => {
-            let mut r = Reader { b: p, pos: 0 };
-            let mut idx = Vec::with_capacity(e.nnz.min(p.len()));
-            let mut next = 0usize;
-            for _ in 0..e.nnz {
-                let i = next
-                    .checked_add(r.usize("index gap", n)?)
-                    .filter(|&i| i < n)
-                    .ok_or_else(|| codec(format!("{}: index out of range", e.name)))?;
-                idx.push(i);
-                next = i + 1;
-            }
-            Ok((idx, &p[r.pos..]))
+            let mut r = Reader::new(p);
+            let idx = r
+                .gaps(e.nnz, n)
+                .map_err(|err| codec(format!("{}: {err}", e.name)))?;
+            Ok((idx, r.rest()))
         }
         _ => {
             let len = n.div_ceil(8);
@@ -489,16 +452,14 @@ fn decode_tensor(e: &Entry, payload: &[u8]) -> Result<Tensor, ModelError> {
 /// the package sha256, every tensor's sha256 and that each tensor matches the skeleton's
 /// initializer. Malformed input is an error, never a panic.
 pub fn decode_package(bytes: &[u8]) -> Result<OnnxModel, ModelError> {
-    let mut r = Reader { b: bytes, pos: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(codec("bad magic: not a Hearth package"));
-    }
+    let mut r = Reader::new(bytes);
+    r.expect(MAGIC, "a Hearth package")?;
     let version = r.u8()?;
     if version != VERSION {
         return Err(codec(format!("unsupported package version {version}")));
     }
     let digest = r.take(32)?;
-    if Sha256::digest(&bytes[r.pos..]).as_slice() != digest {
+    if Sha256::digest(r.rest()).as_slice() != digest {
         return Err(codec("package sha256 mismatch"));
     }
     let skel_len = r.usize("skeleton length", bytes.len())?;
@@ -516,9 +477,7 @@ pub fn decode_package(bytes: &[u8]) -> Result<OnnxModel, ModelError> {
             return Err(codec(format!("tensor {} appears twice", e.name)));
         }
     }
-    if r.pos != bytes.len() {
-        return Err(codec(format!("{} trailing bytes", bytes.len() - r.pos)));
-    }
+    r.finish()?;
     let g = skeleton
         .graph
         .as_mut()

@@ -4,11 +4,11 @@
 //! the whole training set (they do not change), then the trainer ([`crate::train`]) runs
 //! with [`TrainConfig::distill`] set.
 
-use crate::data::Dataset;
-use crate::error::ModelError;
-use crate::infer::Classifier;
-use crate::onnx::OnnxModel;
-use crate::train::{forward_logits, train, DistillTarget, TrainConfig, TrainReport};
+use hearth_model::data::Dataset;
+use hearth_model::error::ModelError;
+use hearth_model::infer::Classifier;
+use hearth_model::onnx::OnnxModel;
+use hearth_model::train::{forward_logits, train, DistillTarget, TrainConfig, TrainReport};
 
 /// The teacher's logits on every sample of `data` (`n × classes`, data order). Sequential
 /// Gemm/Relu teachers run through the trainer's forward pass (exact logits); any other ONNX

@@ -17,14 +17,14 @@
 //! weights and 4 bytes per value for everything else (biases): the payload of a package
 //! before sparsity and headers.
 
-use crate::data::Dataset;
-use crate::error::ModelError;
-use crate::infer::{accuracy, Classifier};
-use crate::onnx::OnnxModel;
 use crate::package::Schemes;
 use crate::quant::{fake_quantize, scheme_bits, scheme_bytes, QuantScheme};
-use crate::tensor::{Tensor, Weights};
-use crate::train::{train, FakeQuant, TrainConfig};
+use hearth_model::data::Dataset;
+use hearth_model::error::ModelError;
+use hearth_model::infer::{accuracy, Classifier};
+use hearth_model::onnx::OnnxModel;
+use hearth_model::tensor::{Tensor, Weights};
+use hearth_model::train::{train, FakeQuant, TrainConfig};
 use std::sync::Arc;
 
 /// At most this many frontier plans are measured by [`auto_mixed_precision`].

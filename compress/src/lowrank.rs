@@ -10,10 +10,10 @@
 //! the columns by plane rotations, is accurate to working precision for small singular values,
 //! and needs no LAPACK.
 
-use crate::error::ModelError;
-use crate::onnx::OnnxModel;
 use crate::prune::rewrite;
-use crate::tensor::{Tensor, Weights};
+use hearth_model::error::ModelError;
+use hearth_model::onnx::OnnxModel;
+use hearth_model::tensor::{Tensor, Weights};
 use std::collections::BTreeSet;
 use tract_onnx::pb;
 
@@ -187,17 +187,7 @@ pub fn low_rank(
         let (out, inp) = (l.outputs, l.inputs);
         let t = &weights[&l.weight];
         // W as [out, in].
-        let w: Vec<f32> = if l.trans_b {
-            t.data.clone()
-        } else {
-            let mut w = vec![0.0; out * inp];
-            for i in 0..inp {
-                for o in 0..out {
-                    w[o * inp + i] = t.data[i * out + o];
-                }
-            }
-            w
-        };
+        let w = l.out_major(t);
         let (u, s, vt) = svd(&w, out, inp);
         let k = s.len();
         let r = rank_for_energy(&s, energy);
