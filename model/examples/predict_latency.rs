@@ -3,9 +3,9 @@
 //! Models: PLAID 387-256-128-11, the same with 50 % of the neurons removed (387-128-64-11),
 //! and a tiny Softmax-dominated 64-8-10. Protocol as in `bench` (300 warm-up calls, median of
 //! 3000 timed calls cycling through the inputs), repeated `rounds` times (median of medians).
-//! The breakdown re-creates `predict`'s former steps with tract directly: input tensor, fresh
-//! run state (`plan.spawn()`), `state.run`, output copy, state drop; and the same run on a
-//! reused state. Not part of the product.
+//! The breakdown runs the batch-1 plan with tract directly on a reused state (as `predict`'s
+//! pooled states do): input tensor, `state.run`, output copy, then the time per plan node.
+//! Not part of the product.
 
 use hearth_model::{Classifier, MlpSpec, OnnxModel, Task};
 use std::hint::black_box;
@@ -62,8 +62,7 @@ fn predict_median(c: &Classifier, x: &[f32]) -> Result<f64, Box<dyn std::error::
     Ok(median(times))
 }
 
-/// Median time of each step of the former `predict` (fresh state per call), and of the same
-/// call on a reused state, in µs.
+/// Median time of each step of a batch-1 call on a reused state, and per plan node, in µs.
 fn breakdown(model: &OnnxModel, x: &[f32]) -> Result<(), Box<dyn std::error::Error>> {
     let n = model.input_len();
     let plan = tract_onnx::onnx()
@@ -72,46 +71,6 @@ fn breakdown(model: &OnnxModel, x: &[f32]) -> Result<(), Box<dyn std::error::Err
         .into_optimized()?
         .into_runnable()?;
     let row = |i: usize| &x[(i % ROWS) * n..(i % ROWS + 1) * n];
-    let names = ["tensor", "spawn", "run", "extract", "drop", "total"];
-    let mut fresh: Vec<Vec<f64>> = (0..names.len())
-        .map(|_| Vec::with_capacity(RUNS))
-        .collect::<Vec<_>>();
-    for i in 0..WARMUP + RUNS {
-        let t_all = Instant::now();
-        let t = Instant::now();
-        let input = Tensor::from_shape(&[1, n], row(i))?;
-        let d_tensor = us(t);
-        let t = Instant::now();
-        let mut state = plan.spawn()?;
-        let d_spawn = us(t);
-        let t = Instant::now();
-        let out = state.run(tvec!(input.into()))?;
-        let d_run = us(t);
-        let t = Instant::now();
-        let probs = out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-        drop(out);
-        let d_extract = us(t);
-        let t = Instant::now();
-        drop(state);
-        let d_drop = us(t);
-        black_box(probs);
-        let d_total = us(t_all);
-        if i >= WARMUP {
-            for (v, d) in fresh
-                .iter_mut()
-                .zip([d_tensor, d_spawn, d_run, d_extract, d_drop, d_total])
-            {
-                v.push(d);
-            }
-        }
-    }
-    let fresh: Vec<String> = names
-        .iter()
-        .zip(fresh)
-        .map(|(k, v)| format!("{k} {:.2}", median(v)))
-        .collect();
-    println!("    fresh state per call (µs): {}", fresh.join(", "));
-
     let mut state = plan.spawn()?;
     let mut reused: Vec<Vec<f64>> = (0..4).map(|_| Vec::with_capacity(RUNS)).collect::<Vec<_>>();
     for i in 0..WARMUP + RUNS {
