@@ -4,6 +4,7 @@
 //! Restarted on the same directory, it must resume the round with exactly the acknowledged
 //! updates: re-uploads are not counted again, and the published model is the FedAvg of every
 //! accepted delta, computed here independently from the bytes that were sent.
+#![cfg(unix)]
 
 mod common;
 
@@ -154,7 +155,6 @@ async fn upload_new(
     }
 }
 
-#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_round_keeps_exactly_the_acknowledged_updates() {
     let dir = tempfile::tempdir().unwrap();
