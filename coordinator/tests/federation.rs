@@ -1,36 +1,31 @@
 //! End-to-end tests of the coordinator over real gRPC on 127.0.0.1 with a temporary sled
 //! database: enrollment, chunked and resumed model fetch, a full FedAvg round with real encoded
-//! updates, refusals, deadlines, and a crash mid-round followed by a restart.
+//! updates, refusals, deadlines, and a crash mid-round followed by a restart (in process, by
+//! dropping the server's runtime; `crash.rs` kills the real binary).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
+use common::*;
 use hearth_coordinator::{start, Config, ModelConfig};
-use hearth_model::{decode_update, encode_update, CodecConfig, OnnxModel, Tensor, Weights};
+use hearth_model::{OnnxModel, Tensor};
 use hearth_proto::v1::{
-    admin_client::AdminClient, enrollment_client::EnrollmentClient,
-    federation_client::FederationClient, federation_event, update_chunk, CreateTokenRequest,
-    EnrollRequest, FederationEvent, FetchModelRequest, ListVersionsRequest, RoundState,
-    RoundStatus, RoundStatusRequest, StartRoundRequest, SubscribeRequest, UpdateChunk,
-    UpdateHeader, UploadAck,
+    admin_client::AdminClient, federation_client::FederationClient, federation_event, update_chunk,
+    CreateTokenRequest, ListVersionsRequest, RoundState, StartRoundRequest, SubscribeRequest,
+    UpdateChunk,
 };
-use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
-use rand::SeedableRng;
+use hearth_proto::CHUNK_SIZE;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Request};
 
-const ADMIN: &str = "admin-token-for-tests-0123456789";
 const TOKENS: [&str; 4] = [
     "enroll-token-1",
     "enroll-token-2",
     "enroll-token-3",
     "enroll-token-4",
 ];
-
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
-}
 
 fn config(db: &Path) -> Config {
     let mut c = Config {
@@ -59,255 +54,6 @@ fn config(db: &Path) -> Config {
     };
     c.round.deadline_secs = 300;
     c
-}
-
-async fn listener() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
-}
-
-async fn channel(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap()
-}
-
-#[derive(Clone, Debug)]
-struct Creds {
-    id: String,
-    key: String,
-}
-
-fn with_client<T>(msg: T, c: &Creds) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert(CLIENT_ID_HEADER, c.id.parse().unwrap());
-    r.metadata_mut()
-        .insert(CLIENT_KEY_HEADER, c.key.parse().unwrap());
-    r
-}
-
-fn with_admin<T>(msg: T, token: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
-
-async fn enroll(ch: &Channel, token: &str, name: &str) -> Result<Creds, Status> {
-    let r = EnrollmentClient::new(ch.clone())
-        .enroll(EnrollRequest {
-            token: token.into(),
-            device_name: name.into(),
-        })
-        .await?
-        .into_inner();
-    Ok(Creds {
-        id: r.client_id,
-        key: r.client_key,
-    })
-}
-
-async fn start_round(ch: &Channel, model: &str, min: u32, max: u32, deadline: u32) -> RoundStatus {
-    AdminClient::new(ch.clone())
-        .start_round(with_admin(
-            StartRoundRequest {
-                model: model.into(),
-                min_clients: min,
-                max_clients: max,
-                deadline_secs: deadline,
-                reason: "test".into(),
-            },
-            ADMIN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn status(ch: &Channel, model: &str, round: u64) -> RoundStatus {
-    AdminClient::new(ch.clone())
-        .get_round_status(with_admin(
-            RoundStatusRequest {
-                model: model.into(),
-                round_id: round,
-            },
-            ADMIN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Fetches a whole model (from `offset`) and checks chunk framing; returns (bytes, sha256, total).
-async fn fetch(
-    ch: &Channel,
-    c: &Creds,
-    model: &str,
-    version: u64,
-    offset: u64,
-) -> Result<(Vec<u8>, String, u64, usize), Status> {
-    let mut s = FederationClient::new(ch.clone())
-        .fetch_model(with_client(
-            FetchModelRequest {
-                model: model.into(),
-                version,
-                offset,
-            },
-            c,
-        ))
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    let mut sha = String::new();
-    let mut total = 0;
-    let mut chunks = 0;
-    while let Some(ch) = s.message().await? {
-        assert_eq!(
-            ch.offset,
-            offset + out.len() as u64,
-            "chunks are contiguous"
-        );
-        assert!(ch.data.len() <= CHUNK_SIZE);
-        sha = ch.sha256;
-        total = ch.total_size;
-        out.extend_from_slice(&ch.data);
-        chunks += 1;
-    }
-    Ok((out, sha, total, chunks))
-}
-
-fn header(model: &str, round: u64, base: u64, n: u64, payload: &[u8]) -> UpdateHeader {
-    UpdateHeader {
-        model: model.into(),
-        round_id: round,
-        base_version: base,
-        num_samples: n,
-        train_loss: 0.5,
-        payload_size: payload.len() as u64,
-        payload_sha256: hex::encode(Sha256::digest(payload)),
-    }
-}
-
-async fn upload_raw(ch: &Channel, c: &Creds, parts: Vec<UpdateChunk>) -> Result<UploadAck, Status> {
-    Ok(FederationClient::new(ch.clone())
-        .upload_update(with_client(tokio_stream::iter(parts), c))
-        .await?
-        .into_inner())
-}
-
-fn framed(h: UpdateHeader, payload: &[u8]) -> Vec<UpdateChunk> {
-    let mut parts = vec![UpdateChunk {
-        part: Some(update_chunk::Part::Header(h)),
-    }];
-    for c in payload.chunks(CHUNK_SIZE / 4) {
-        parts.push(UpdateChunk {
-            part: Some(update_chunk::Part::Data(c.to_vec())),
-        });
-    }
-    parts
-}
-
-async fn upload(
-    ch: &Channel,
-    c: &Creds,
-    model: &str,
-    round: u64,
-    base: u64,
-    n: u64,
-    payload: &[u8],
-) -> Result<UploadAck, Status> {
-    upload_raw(
-        ch,
-        c,
-        framed(header(model, round, base, n, payload), payload),
-    )
-    .await
-}
-
-/// A deterministic delta shaped like `global`.
-fn delta(global: &Weights, seed: f32, scale: f32) -> Weights {
-    global
-        .iter()
-        .map(|(k, t)| {
-            let data = (0..t.data.len())
-                .map(|i| scale * ((i as f32) * 0.37 + seed).sin())
-                .collect();
-            (k.clone(), Tensor::new(t.shape.clone(), data))
-        })
-        .collect()
-}
-
-fn encode(d: &Weights, bits: u8, seed: u64) -> Vec<u8> {
-    let mut residual = Weights::new();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    encode_update(
-        d,
-        &mut residual,
-        &CodecConfig {
-            bits,
-            topk_fraction: 1.0,
-        },
-        &mut rng,
-    )
-    .unwrap()
-}
-
-/// global + Σ nᵢ·decode(pᵢ) / Σ nᵢ, computed independently of the coordinator.
-fn fedavg(global: &Weights, updates: &[(&[u8], u64)]) -> Weights {
-    let total: f64 = updates.iter().map(|u| u.1 as f64).sum();
-    let decoded: Vec<(Weights, f64)> = updates
-        .iter()
-        .map(|(p, n)| (decode_update(p).unwrap(), *n as f64))
-        .collect();
-    global
-        .iter()
-        .map(|(k, t)| {
-            let data = t
-                .data
-                .iter()
-                .enumerate()
-                .map(|(i, g)| {
-                    let s: f64 = decoded
-                        .iter()
-                        .map(|(d, n)| n * f64::from(d[k].data[i]))
-                        .sum();
-                    (f64::from(*g) + s / total) as f32
-                })
-                .collect();
-            (k.clone(), Tensor::new(t.shape.clone(), data))
-        })
-        .collect()
-}
-
-fn max_abs_diff(a: &Weights, b: &Weights) -> f32 {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter()
-        .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
-        .fold(0.0, f32::max)
-}
-
-async fn next_event(s: &mut Streaming<FederationEvent>) -> federation_event::Event {
-    tokio::time::timeout(Duration::from_secs(20), s.message())
-        .await
-        .expect("event within 20 s")
-        .unwrap()
-        .expect("stream open")
-        .event
-        .unwrap()
-}
-
-async fn wait_state(ch: &Channel, model: &str, round: u64, want: RoundState) -> RoundStatus {
-    for _ in 0..200 {
-        let s = status(ch, model, round).await;
-        if s.state == want as i32 {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("round {round} did not reach {want:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,13 +4,14 @@
 //! end-to-end tests, so both exercise exactly the same wiring.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use hearth_agent::actuator::{ActuatorConfig, ActuatorHandle};
-use hearth_agent::{AgentHandle, Partition};
+use hearth_agent::{AgentHandle, AgentStats, Partition};
 use hearth_hub::{BrokerConfig, HubHandle};
 use hearth_proto::v1::admin_client::AdminClient;
 use hearth_proto::v1::{
@@ -18,6 +19,78 @@ use hearth_proto::v1::{
 };
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio::net::TcpListener;
+
+/// What can go wrong while running the demo home.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory of the home's state could not be written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being written.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The coordinator failed to start or to stop.
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] hearth_coordinator::Error),
+    /// The hub failed to start.
+    #[error("hub: {0}")]
+    Hub(#[from] hearth_hub::Error),
+    /// An agent or the actuator failed to start or to stop.
+    #[error("{who}: {source}")]
+    Device {
+        /// Device name.
+        who: String,
+        /// The agent's error.
+        #[source]
+        source: hearth_agent::Error,
+    },
+    /// The coordinator's admin endpoint could not be reached.
+    #[error("cannot reach the coordinator: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// An admin call to the coordinator failed.
+    #[error("coordinator admin call failed: {0}")]
+    Admin(Box<tonic::Status>),
+    /// The refresh request could not be published over MQTT.
+    #[error("MQTT refresh request: {0}")]
+    Mqtt(String),
+    /// A federated round closed without a new version.
+    #[error("round {round} of {model} failed: {detail}")]
+    RoundFailed {
+        /// Model name.
+        model: String,
+        /// Round id.
+        round: u64,
+        /// The coordinator's reason.
+        detail: String,
+    },
+    /// Something did not happen within its time limit.
+    #[error("{what} within {limit:?}")]
+    Timeout {
+        /// What was awaited (phrased as what did not happen).
+        what: String,
+        /// The limit.
+        limit: Duration,
+    },
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Admin(Box::new(s))
+    }
+}
+
+fn device_error(who: &str) -> impl FnOnce(hearth_agent::Error) -> Error + '_ {
+    move |source| Error::Device {
+        who: who.to_string(),
+        source,
+    }
+}
+
+/// Result of the demo library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Name of the actuator the demo rules drive.
 pub const PORCH_LIGHT: &str = "porch_light";
@@ -106,6 +179,8 @@ pub struct Home {
     /// Admin token of the coordinator.
     pub admin_token: String,
     models: Vec<String>,
+    /// Counters of every agent started, kept when the agents stop (see [`Home::drain_control_path`]).
+    agent_stats: Vec<Arc<AgentStats>>,
 }
 
 impl std::fmt::Debug for Home {
@@ -130,8 +205,10 @@ impl Home {
     /// Starts coordinator, hub (embedded broker on a free loopback port), the porch light and
     /// the agents, and waits until every agent runs the coordinator's current model.
     pub async fn start(opts: &HomeOptions) -> Result<Home> {
-        std::fs::create_dir_all(&opts.state_dir)
-            .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+        std::fs::create_dir_all(&opts.state_dir).map_err(|source| Error::Io {
+            what: format!("creating {}", opts.state_dir.display()),
+            source,
+        })?;
         let admin_token = token("admin");
         let n_agents: usize = opts.groups.iter().map(|g| g.count).sum();
         let enroll: Vec<String> = (0..n_agents)
@@ -163,27 +240,33 @@ impl Home {
         cc.round.deadline_secs = 120;
         cc.round.local_epochs = opts.local_epochs;
         cc.round.learning_rate = opts.learning_rate;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let coordinator = hearth_coordinator::start(cc, listener)
+        let listener = TcpListener::bind("127.0.0.1:0")
             .await
-            .context("starting the coordinator")?;
+            .map_err(|source| Error::Io {
+                what: "binding the coordinator's port on 127.0.0.1".into(),
+                source,
+            })?;
+        let coordinator = hearth_coordinator::start(cc, listener).await?;
 
         // Hub with the embedded broker.
         let rules_path = opts.state_dir.join("rules.toml");
-        std::fs::write(&rules_path, DEMO_RULES)?;
+        std::fs::write(&rules_path, DEMO_RULES).map_err(|source| Error::Io {
+            what: format!("writing {}", rules_path.display()),
+            source,
+        })?;
         let hc = hearth_hub::Config {
-            broker: BrokerConfig::embedded("127.0.0.1:0".parse()?),
+            broker: BrokerConfig::embedded(SocketAddr::from(([127, 0, 0, 1], 0))),
             rules: Some(rules_path),
             coordinator: Some(coordinator.endpoint()),
             admin_token: Some(admin_token.clone()),
             ..Default::default()
         };
-        let hub = hearth_hub::start(hc).await.context("starting the hub")?;
+        let hub = hearth_hub::start(hc).await?;
         let mqtt = hub.mqtt_url();
 
         let light = hearth_agent::actuator::start_actuator(ActuatorConfig::new(PORCH_LIGHT, &mqtt))
             .await
-            .context("starting the porch light")?;
+            .map_err(device_error(PORCH_LIGHT))?;
 
         let mut agents = Vec::new();
         let mut tokens = enroll.into_iter();
@@ -209,11 +292,12 @@ impl Home {
                 };
                 let h = hearth_agent::start(cfg)
                     .await
-                    .with_context(|| format!("starting agent {device}"))?;
+                    .map_err(device_error(&device))?;
                 agents.push((device, g.task, h));
             }
         }
         let models = opts.groups.iter().map(|g| g.task.to_string()).collect();
+        let agent_stats = agents.iter().map(|(_, _, a)| a.stats()).collect();
         let home = Home {
             coordinator,
             hub,
@@ -221,6 +305,7 @@ impl Home {
             agents,
             admin_token,
             models,
+            agent_stats,
         };
         home.wait_for_versions(&home.current_versions().await?, Duration::from_secs(60))
             .await?;
@@ -290,10 +375,13 @@ impl Home {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "agents did not load the current model in {limit:?}: {}",
-                    behind.join(", ")
-                );
+                return Err(Error::Timeout {
+                    what: format!(
+                        "agents did not load the current model ({})",
+                        behind.join(", ")
+                    ),
+                    limit,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -314,7 +402,8 @@ impl Home {
         let (client, mut el) = AsyncClient::new(opts, 10);
         let body = serde_json::to_vec(&hearth_proto::mqtt::RefreshRequest {
             model: model.into(),
-        })?;
+        })
+        .expect("a refresh request serialises");
         client
             .publish(
                 hearth_proto::mqtt::REFRESH_TOPIC,
@@ -322,19 +411,24 @@ impl Home {
                 false,
                 body,
             )
-            .await?;
+            .await
+            .map_err(|e| Error::Mqtt(e.to_string()))?;
         // Drive the connection until the broker acknowledged the request.
-        tokio::time::timeout(Duration::from_secs(10), async {
+        let ack_limit = Duration::from_secs(10);
+        tokio::time::timeout(ack_limit, async {
             loop {
                 match el.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return Ok(()),
                     Ok(_) => {}
-                    Err(e) => return Err(anyhow::anyhow!("refresh publish: {e}")),
+                    Err(e) => return Err(Error::Mqtt(e.to_string())),
                 }
             }
         })
         .await
-        .context("refresh request not acknowledged by the broker")??;
+        .map_err(|_| Error::Timeout {
+            what: "the broker did not acknowledge the refresh request".into(),
+            limit: ack_limit,
+        })??;
         let _ = client.try_disconnect();
 
         let deadline = Instant::now() + limit;
@@ -344,14 +438,21 @@ impl Home {
                     match s.state() {
                         RoundState::Completed => break s,
                         RoundState::Failed => {
-                            bail!("round {} of {model} failed: {}", s.round_id, s.detail)
+                            return Err(Error::RoundFailed {
+                                model: model.to_string(),
+                                round: s.round_id,
+                                detail: s.detail,
+                            })
                         }
                         _ => {}
                     }
                 }
             }
             if Instant::now() > deadline {
-                bail!("round of {model} did not complete within {limit:?}");
+                return Err(Error::Timeout {
+                    what: format!("the round of {model} did not complete"),
+                    limit,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -380,10 +481,13 @@ impl Home {
 
     /// Stops everything, agents first.
     pub async fn shutdown(self) -> Result<()> {
-        for (_, _, a) in self.agents {
-            a.shutdown().await?;
+        for (device, _, a) in self.agents {
+            a.shutdown().await.map_err(device_error(&device))?;
         }
-        self.light.shutdown().await?;
+        self.light
+            .shutdown()
+            .await
+            .map_err(device_error(PORCH_LIGHT))?;
         self.hub.shutdown().await;
         self.coordinator.shutdown().await?;
         Ok(())
@@ -401,7 +505,7 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 /// Counters the summary reports, read from the running parts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
     pub events_published: u64,
     pub events_received: u64,
@@ -411,22 +515,64 @@ pub struct Traffic {
     pub commands_applied: u64,
 }
 
+impl Traffic {
+    /// Events the agents published that the hub never received. Only a loss once the control
+    /// path has drained ([`Home::drain_control_path`]); before that, some are in flight.
+    pub fn events_lost(&self) -> u64 {
+        self.events_published.saturating_sub(self.events_received)
+    }
+
+    /// Commands the hub published that the actuator never applied (same caveat).
+    pub fn commands_lost(&self) -> u64 {
+        self.commands_published
+            .saturating_sub(self.commands_applied)
+    }
+
+    fn drained(&self) -> bool {
+        self.events_lost() == 0 && self.commands_lost() == 0
+    }
+}
+
 impl Home {
-    /// Reads the counters of agents, hub and actuator.
+    /// Reads the counters of agents, hub and actuator as they are now: while agents run, some
+    /// events and commands are in flight. For a summary use [`Home::drain_control_path`].
     pub fn traffic(&self) -> Traffic {
         let m = self.hub.metrics();
         let l = self.light.stats();
         Traffic {
             events_published: self
-                .agents
+                .agent_stats
                 .iter()
-                .map(|(_, _, a)| a.stats().events_published.load(Ordering::Relaxed))
+                .map(|s| s.events_published.load(Ordering::Relaxed))
                 .sum(),
             events_received: m.events_received.load(Ordering::Relaxed),
             events_routed: m.events_routed.load(Ordering::Relaxed),
             events_dropped: m.events_dropped_total(),
             commands_published: m.commands_published.load(Ordering::Relaxed),
             commands_applied: l.commands_applied.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ends the control path's traffic and returns its final counters: stops the agents (the
+    /// event sources; each hands its queued events to the broker and disconnects), then waits
+    /// until the hub has received every event the agents published and the porch light has
+    /// applied every command the hub published, and the counters stay still for a moment. At
+    /// `limit` it returns what it has: any difference left is a real loss
+    /// ([`Traffic::events_lost`], [`Traffic::commands_lost`]). Coordinator, hub and light keep
+    /// running (for [`Home::versions`] and [`Home::shutdown`]).
+    pub async fn drain_control_path(&mut self, limit: Duration) -> Result<Traffic> {
+        let deadline = Instant::now() + limit;
+        for (device, _, a) in self.agents.drain(..) {
+            a.shutdown().await.map_err(device_error(&device))?;
+        }
+        let mut last = self.traffic();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = self.traffic();
+            if (now.drained() && now == last) || Instant::now() > deadline {
+                return Ok(now);
+            }
+            last = now;
         }
     }
 }

@@ -27,7 +27,7 @@ pub const REFRESH_TOPIC: &str = "hearth/federation/refresh";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
-    /// Predicted class label, e.g. `"person"` or `"kettle"`.
+    /// Predicted class label, e.g. `"person"` or `"microwave"`.
     pub class: String,
     /// Confidence in `[0, 1]`.
     pub score: f32,

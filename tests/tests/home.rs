@@ -99,6 +99,18 @@ async fn event_reaches_actuator_and_federated_round_improves_model() {
             String::from_utf8_lossy(&m.payload)
         );
     }
+
+    // The summary's counters, taken once the control path drained: the agents stop, and every
+    // event they published reached the hub and every command the hub sent was applied.
+    let mut home = home;
+    let t = home
+        .drain_control_path(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(home.agents.is_empty());
+    assert!(t.commands_published > 0, "{t:?}");
+    assert_eq!((t.events_lost(), t.commands_lost()), (0, 0), "{t:?}");
+    assert_eq!(t, home.traffic(), "the counters are final");
     home.shutdown().await.unwrap();
 }
 

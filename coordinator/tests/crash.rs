@@ -1,0 +1,241 @@
+//! A real crash: the `hearth-coordinator` binary runs on a state directory on disk, a round is
+//! opened over the Admin API, enrolled clients upload updates over the real wire protocol, and
+//! the process is killed with SIGKILL right after the coordinator acknowledged some of them.
+//! Restarted on the same directory, it must resume the round with exactly the acknowledged
+//! updates: re-uploads are not counted again, and the published model is the FedAvg of every
+//! accepted delta, computed here independently from the bytes that were sent.
+#![cfg(unix)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hearth_model::OnnxModel;
+use hearth_proto::v1::admin_client::AdminClient;
+use hearth_proto::v1::{ListVersionsRequest, RoundState};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hearth-coordinator");
+const MODEL: &str = "digits";
+const TOKENS: [&str; 5] = [
+    "crash-token-1",
+    "crash-token-2",
+    "crash-token-3",
+    "crash-token-4",
+    "crash-token-5",
+];
+/// Updates acknowledged before the kill; the rest come after the restart.
+const BEFORE_KILL: usize = 3;
+
+/// Writes the coordinator's config into `dir` (state in `dir/state`); returns its path.
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("coordinator.toml");
+    let tokens: Vec<String> = TOKENS.iter().map(|t| format!("{t:?}")).collect();
+    let text = format!(
+        "db_path = {db:?}\ndata_dir = {data:?}\nadmin_token = {ADMIN:?}\n\
+         enrollment_tokens = [{tokens}]\n\
+         [round]\nmin_clients = {n}\nmax_clients = {n}\ndeadline_secs = 600\n\
+         [[model]]\nname = {MODEL:?}\ntask = \"digits\"\neval = false\nseed = 7\n",
+        db = dir.join("state").join("coordinator.db"),
+        data = data_dir(),
+        tokens = tokens.join(", "),
+        n = TOKENS.len(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A free loopback port (bound, read and released; the binary binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A coordinator process started by this test; killed and reaped on drop.
+struct Coordinator {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Coordinator {
+    fn spawn(config: &Path) -> Coordinator {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env_remove("HEARTH_ADMIN_TOKEN")
+            .env("RUST_LOG", "info,sled=warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("coordinator binary starts");
+        Coordinator { child, addr }
+    }
+
+    /// A channel once the server answers admin calls (bounded wait).
+    async fn connect(&mut self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("coordinator exited during start-up: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not serve on {} within 60 s",
+                self.addr
+            );
+            let endpoint = Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(20));
+            if let Ok(ch) = endpoint.connect().await {
+                let ready = AdminClient::new(ch.clone())
+                    .list_versions(with_admin(
+                        ListVersionsRequest {
+                            model: MODEL.into(),
+                        },
+                        ADMIN,
+                    ))
+                    .await;
+                if ready.is_ok() {
+                    return ch;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix) and reap, bounded.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "killed coordinator did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Client `i` uploads update `i` for every `i` in `which`; each must be newly accepted and
+/// counted (the round then holds `i + 1` updates).
+async fn upload_new(
+    ch: &Channel,
+    clients: &[Creds],
+    round: u64,
+    updates: &[(Vec<u8>, u64)],
+    which: std::ops::Range<usize>,
+) {
+    for i in which {
+        let (payload, samples) = &updates[i];
+        let ack = upload(ch, &clients[i], MODEL, round, 1, *samples, payload)
+            .await
+            .unwrap();
+        assert!(
+            ack.accepted && !ack.duplicate && ack.updates_in_round == i as u32 + 1,
+            "client {i}: {ack:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_round_keeps_exactly_the_acknowledged_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+
+    let mut first = Coordinator::spawn(&config);
+    let ch = first.connect().await;
+    let mut clients = Vec::new();
+    for (i, t) in TOKENS.iter().enumerate() {
+        clients.push(enroll(&ch, t, &format!("plug-{i}")).await.unwrap());
+    }
+    let n = TOKENS.len() as u32;
+    let round = start_round(&ch, MODEL, n, n, 600).await;
+    assert_eq!(
+        (round.state, round.base_version, round.updates),
+        (RoundState::Open as i32, 1, 0)
+    );
+    let id = round.round_id;
+    let (bytes, _, _, _) = fetch(&ch, &clients[0], MODEL, 1, 0).await.unwrap();
+    let global = OnnxModel::from_bytes(&bytes).unwrap().weights();
+    // Distinct deltas and weights per client, so any lost or doubled update shows in the average.
+    let updates: Vec<(Vec<u8>, u64)> = (0..TOKENS.len())
+        .map(|i| {
+            let d = delta(&global, 0.1 + 0.9 * i as f32, 0.02);
+            (encode(&d, 8, 100 + i as u64), 10 + 7 * i as u64)
+        })
+        .collect();
+
+    upload_new(&ch, &clients, id, &updates, 0..BEFORE_KILL).await;
+    // Killed right after the last acknowledgement: no graceful shutdown, no final flush.
+    first.kill();
+    drop(ch);
+
+    let mut second = Coordinator::spawn(&config);
+    let ch = second.connect().await;
+    let s = status(&ch, MODEL, id).await;
+    assert_eq!(
+        (s.state, s.updates),
+        (RoundState::Open as i32, BEFORE_KILL as u32),
+        "after the restart: {s:?}"
+    );
+    let sent: u64 = updates[..BEFORE_KILL]
+        .iter()
+        .map(|u| u.0.len() as u64)
+        .sum();
+    assert_eq!(s.uplink_bytes, sent);
+    // Enrollments survived, and used tokens were not revived from the config file.
+    assert_eq!(
+        enroll(&ch, TOKENS[0], "again").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // Re-uploads by clients already counted (the same payload, or another one) are
+    // acknowledged as duplicates and change nothing.
+    for (c, payload) in [(0, &updates[0].0), (1, &updates[4].0)] {
+        let ack = upload(&ch, &clients[c], MODEL, id, 1, 50, payload)
+            .await
+            .unwrap();
+        assert!(
+            ack.duplicate && ack.updates_in_round == BEFORE_KILL as u32,
+            "{ack:?}"
+        );
+    }
+
+    upload_new(&ch, &clients, id, &updates, BEFORE_KILL..TOKENS.len()).await;
+    let s = wait_state(&ch, MODEL, id, RoundState::Completed).await;
+    assert_eq!((s.updates, s.new_version), (n, 2), "{s:?}");
+    let all: u64 = updates.iter().map(|u| u.0.len() as u64).sum();
+    assert_eq!(s.uplink_bytes, all);
+
+    // Version 2 is the FedAvg of exactly the five accepted updates, each once.
+    let (v2, _, _, _) = fetch(&ch, &clients[1], MODEL, 2, 0).await.unwrap();
+    let got = OnnxModel::from_bytes(&v2).unwrap().weights();
+    let refs: Vec<(&[u8], u64)> = updates.iter().map(|(p, n)| (p.as_slice(), *n)).collect();
+    let want = fedavg(&global, &refs);
+    let err = max_abs_diff(&got, &want);
+    assert!(
+        err < 1e-5,
+        "published model differs from the FedAvg by {err}"
+    );
+    // The check has teeth: the average without the pre-crash updates is far from it.
+    let after_only = fedavg(&global, &refs[BEFORE_KILL..]);
+    assert!(max_abs_diff(&got, &after_only) > 1e-3);
+    second.kill();
+}

@@ -1,0 +1,128 @@
+//! The configuration files the project ships are accepted by the loaders of the binaries that
+//! read them, and every shipped rule can fire: its event name is one an agent emits and its
+//! class is a class of that agent's task (PLAID appliances, faces, digits), as vendored in
+//! `data/<task>/classes.txt`.
+
+use std::path::{Path, PathBuf};
+
+use hearth_hub::rules::{Pattern, Rule};
+use hearth_hub::RuleSet;
+use hearth_model::Task;
+
+const TASKS: [Task; 3] = [Task::Plaid, Task::Faces, Task::Digits];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The event name an agent of `task` publishes under (`hearth/<device>/event/<name>`).
+fn event_name(task: Task) -> String {
+    hearth_agent::Config {
+        task,
+        ..hearth_agent::Config::default()
+    }
+    .event_name()
+}
+
+/// Why no agent of any task can trigger `rule`, or `None` when one can.
+fn unreachable(rule: &Rule) -> Option<String> {
+    let mut why = Vec::new();
+    for task in TASKS {
+        let name = event_name(task);
+        let classes = task.classes();
+        if !rule.event.matches(&name) {
+            why.push(format!("{task} agents publish `{name}` events"));
+        } else if !classes.iter().any(|c| rule.class.matches(c)) {
+            why.push(format!("{task} classes are {}", classes.join(", ")));
+        } else {
+            return None;
+        }
+    }
+    Some(why.join("; "))
+}
+
+fn check_rules(rules: &RuleSet, origin: &str) {
+    assert!(!rules.is_empty(), "{origin}: no rules");
+    for r in rules.rules() {
+        if let Some(why) = unreachable(r) {
+            panic!(
+                "{origin}: rule {:?} (event {:?}, class {:?}) can never fire: {why}",
+                r.name, r.event, r.class
+            );
+        }
+    }
+}
+
+#[test]
+fn every_shipped_config_loads_with_its_binary_loader() {
+    let dir = repo().join("deploy/config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    // `hearth_hub::Config::load` reads and validates; the rules use its actuator base.
+    let hub = hearth_hub::Config::load(&dir.join("hub.toml")).expect("deploy/config/hub.toml");
+    let mut seen = Vec::new();
+    for p in &files {
+        let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+        let shown = p.display();
+        match stem.as_str() {
+            "hub" => {} // loaded (and validated) above
+            "agent" => {
+                let c = hearth_agent::Config::load(p).unwrap_or_else(|e| panic!("{shown}: {e}"));
+                c.validate().unwrap_or_else(|e| panic!("{shown}: {e}"));
+            }
+            "coordinator" => {
+                let c =
+                    hearth_coordinator::Config::load(p).unwrap_or_else(|e| panic!("{shown}: {e}"));
+                c.validate().unwrap_or_else(|e| panic!("{shown}: {e}"));
+            }
+            "rules" => {
+                let rules =
+                    RuleSet::load(p, &hub.actuator_base).unwrap_or_else(|e| panic!("{shown}: {e}"));
+                check_rules(&rules, &shown.to_string());
+            }
+            other => panic!("{shown}: no loader known for `{other}.toml`; add it to this test"),
+        }
+        seen.push(stem);
+    }
+    assert_eq!(seen, ["agent", "coordinator", "hub", "rules"]);
+}
+
+#[test]
+fn shipped_rules_use_real_classes_and_event_names() {
+    let base = hearth_hub::Config::default().actuator_base;
+    let example = repo().join("hub/rules.example.toml");
+    let rules = RuleSet::load(&example, &base).expect("hub/rules.example.toml");
+    check_rules(&rules, "hub/rules.example.toml");
+    let demo = RuleSet::parse(hearth_demo::DEMO_RULES, "demo rules", &base).unwrap();
+    check_rules(&demo, "hearth_demo::DEMO_RULES");
+}
+
+#[test]
+fn task_classes_match_the_vendored_data() {
+    for task in TASKS {
+        let path = repo().join("data").join(task.name()).join("classes.txt");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let on_disk: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(on_disk, task.classes(), "{}", path.display());
+    }
+}
+
+#[test]
+fn a_rule_on_a_class_no_task_has_is_reported() {
+    let base = hearth_hub::Config::default().actuator_base;
+    let text = "[[rule]]\nname = \"kettle\"\n[rule.when]\nclass = \"kettle\"\n\
+                [rule.then]\nactuator = \"fan\"\npayload = { state = \"ON\" }\n";
+    let rules = RuleSet::parse(text, "test", &base).unwrap();
+    let why = unreachable(&rules.rules()[0]).expect("kettle is no class of any task");
+    assert!(why.contains("hairdryer"), "{why}");
+    // A class of one task under another task's event name cannot fire either.
+    let text = "[[rule]]\nname = \"x\"\n[rule.when]\nevent = \"appliance\"\nclass = \"person\"\n\
+                [rule.then]\nactuator = \"fan\"\npayload = { state = \"ON\" }\n";
+    let rules = RuleSet::parse(text, "test", &base).unwrap();
+    assert!(unreachable(&rules.rules()[0]).is_some());
+    assert!(matches!(rules.rules()[0].class, Pattern::Exact(_)));
+}
