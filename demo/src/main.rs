@@ -100,7 +100,10 @@ async fn main() -> Result<()> {
         tokio::time::sleep(dwell).await;
     }
 
-    let traffic = home.traffic();
+    // Stop the agents and wait (bounded) until every event and command in flight has arrived,
+    // so a difference below is a real loss.
+    let mut home = home;
+    let traffic = home.drain_control_path(Duration::from_secs(10)).await?;
     println!(
         "\n== Hearth demo summary ({:.1}s) ==",
         t0.elapsed().as_secs_f32()
@@ -120,6 +123,11 @@ async fn main() -> Result<()> {
     println!(
         "  commands applied by actuator {}",
         traffic.commands_applied
+    );
+    println!(
+        "  lost (events, commands)      {}, {}",
+        traffic.events_lost(),
+        traffic.commands_lost()
     );
     println!("Held-out accuracy per model version:");
     for model in home.models() {
