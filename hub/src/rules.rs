@@ -655,7 +655,7 @@ cooldown_secs = 10
         .unwrap();
         assert_eq!(rs.len(), 2);
         assert_eq!(rs.rules()[1].topic, "zigbee2mqtt/kitchen_fan/set");
-        assert!(rs.rules()[1].matches("kitchen-plug", "appliance", &ev("kettle", 0.95)));
+        assert!(rs.rules()[1].matches("kitchen-plug", "appliance", &ev("microwave", 0.95)));
     }
 
     #[test]
