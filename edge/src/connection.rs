@@ -253,4 +253,51 @@ mod tests {
         assert!(status.last_error().is_some());
         drop(client);
     }
+
+    #[cfg(feature = "broker")]
+    #[tokio::test]
+    async fn backoff_resets_once_connected_and_the_link_comes_up() {
+        use crate::broker::{self, BrokerSettings};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = MqttUrl::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap();
+        let (_client, el) = ClientSettings::new(url, "reset").connect().unwrap();
+        let min = Duration::from_millis(20);
+        let mut c =
+            Connection::new(el, "test").with_backoff(Backoff::new(min, Duration::from_millis(400)));
+        let status = c.status();
+        // Fail until the backoff has grown (polling in short slices: poll is cancel-safe).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while status.failures() < 4 {
+            assert!(tokio::time::Instant::now() < deadline, "no failures");
+            let _ = tokio::time::timeout(Duration::from_millis(10), c.poll()).await;
+        }
+        assert!(c.backoff.clone().next_wait() > min * 2);
+        let mut up = status.watch();
+        // The broker appears on that port: the next ConnAck resets the backoff.
+        let settings = BrokerSettings::on(format!("127.0.0.1:{port}").parse().unwrap());
+        let _b =
+            tokio::task::spawn_blocking(move || broker::start(&settings, Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap();
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(Event::Incoming(Packet::ConnAck(_))) = c.poll().await {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(connected.is_ok(), "no ConnAck");
+        assert!(status.is_up() && *up.borrow_and_update());
+        assert_eq!(status.connects(), 1);
+        assert!(
+            c.backoff.clone().next_wait() <= min.mul_f64(1.2),
+            "backoff not reset"
+        );
+    }
 }
