@@ -315,14 +315,9 @@ async fn event_loop(
     mut stop: oneshot::Receiver<()>,
 ) {
     let command_topic = cfg.command_topic();
-    loop {
-        let ev = tokio::select! {
-            _ = &mut stop => break,
-            ev = conn.poll() => ev,
-        };
+    while let Some(ev) = conn.poll_until(&mut stop).await {
         match ev {
-            None => return,
-            Some(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+            rumqttc::Event::Incoming(Packet::ConnAck(_)) => {
                 tracing::info!(name = %cfg.name, "actuator connected");
                 // Subscriptions are queued here; the worker publishes the rest.
                 for t in [command_topic.as_str(), HA_STATUS_TOPIC] {
@@ -334,7 +329,7 @@ async fn event_loop(
                     tracing::warn!("actuator work queue full; announcement skipped");
                 }
             }
-            Some(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+            rumqttc::Event::Incoming(Packet::Publish(p)) => {
                 if p.topic == command_topic {
                     add(&stats.commands_received, 1);
                     if work.try_send(Work::Command(p.payload.to_vec())).is_err() {
@@ -345,7 +340,7 @@ async fn event_loop(
                     let _ = work.try_send(Work::Announce);
                 }
             }
-            Some(_) => {}
+            _ => {}
         }
     }
     conn.go_offline(&client, &cfg.availability_topic(), OFFLINE_LIMIT)

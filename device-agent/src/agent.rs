@@ -325,25 +325,17 @@ pub async fn run(
 /// every (re)connect.
 async fn mqtt_loop(mut conn: Connection, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     let avail = availability_topic(&shared.config.device);
-    loop {
-        let ev = tokio::select! {
-            _ = &mut stop => break,
-            ev = conn.poll() => ev,
-        };
-        match ev {
-            None => return,
-            Some(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
-                add(&shared.stats.mqtt_connects, 1);
-                tracing::info!(broker = %hearth_edge::url::redact(&shared.config.mqtt), "MQTT connected");
-                let s = shared.clone();
-                // Publish from another task: the request queue is drained by this loop.
-                tokio::spawn(async move {
-                    if let Err(e) = s.announce().await {
-                        tracing::warn!("could not announce the device: {e}");
-                    }
-                });
-            }
-            Some(_) => {}
+    while let Some(ev) = conn.poll_until(&mut stop).await {
+        if let rumqttc::Event::Incoming(Packet::ConnAck(_)) = ev {
+            add(&shared.stats.mqtt_connects, 1);
+            tracing::info!(broker = %hearth_edge::url::redact(&shared.config.mqtt), "MQTT connected");
+            let s = shared.clone();
+            // Publish from another task: the request queue is drained by this loop.
+            tokio::spawn(async move {
+                if let Err(e) = s.announce().await {
+                    tracing::warn!("could not announce the device: {e}");
+                }
+            });
         }
     }
     conn.go_offline(&shared.mqtt, &avail, OFFLINE_LIMIT).await;

@@ -10,6 +10,7 @@
 //! shared (up/down as a watch channel, connections, last error) for readiness checks and
 //! health endpoints.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -166,6 +167,15 @@ impl Connection {
         }
     }
 
+    /// [`Connection::poll`] until `stop` resolves: `None` on `stop` or once every client is
+    /// gone. The shape of every device loop: `while let Some(ev) = conn.poll_until(&mut stop)`.
+    pub async fn poll_until<F: Future + Unpin>(&mut self, stop: &mut F) -> Option<Event> {
+        tokio::select! {
+            _ = stop => None,
+            ev = self.poll() => ev,
+        }
+    }
+
     /// Drives the event loop until a queued Disconnect has been written, the connection
     /// drops, or `limit` passes.
     async fn drain_until_disconnect(&mut self, limit: Duration) -> bool {
@@ -220,6 +230,17 @@ mod tests {
     use super::*;
     use crate::{ClientSettings, MqttUrl};
 
+    /// A loopback URL whose port was just free: connections are refused.
+    fn closed_port_url() -> (u16, MqttUrl) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = MqttUrl::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap();
+        (port, url)
+    }
+
     #[test]
     fn logging_is_rate_limited() {
         let logged: Vec<u64> = (1..=70).filter(|n| worth_logging(*n)).collect();
@@ -230,12 +251,7 @@ mod tests {
     async fn unreachable_broker_backs_off_and_stays_down() {
         // A port that was just free: connections are refused at once, so without the
         // backoff this loop would spin through hundreds of attempts.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = MqttUrl::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap();
+        let (_, url) = closed_port_url();
         let (client, el) = ClientSettings::new(url, "t").connect().unwrap();
         let mut c = Connection::new(el, "test").with_backoff(Backoff::new(
             Duration::from_millis(50),
@@ -258,12 +274,7 @@ mod tests {
     #[tokio::test]
     async fn backoff_resets_once_connected_and_the_link_comes_up() {
         use crate::broker::{self, BrokerSettings};
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = MqttUrl::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap();
+        let (port, url) = closed_port_url();
         let (_client, el) = ClientSettings::new(url, "reset").connect().unwrap();
         let min = Duration::from_millis(20);
         let mut c =

@@ -318,6 +318,23 @@ fn coordinator_config(db: &Path) -> hearth_coordinator::Config {
     }
 }
 
+/// `hearth-hub refresh digits --coordinator <url> --admin-token <token>`, off the runtime.
+async fn refresh(url: &str, token: &str) -> Output {
+    let (url, token) = (url.to_string(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        run(&[
+            "refresh",
+            "digits",
+            "--coordinator",
+            &url,
+            "--admin-token",
+            &token,
+        ])
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_opens_a_round_on_a_real_coordinator() {
     let db = tempfile::tempdir().unwrap();
@@ -332,27 +349,13 @@ async fn refresh_opens_a_round_on_a_real_coordinator() {
         },
     ));
     let url = format!("http://{addr}");
-    let out = {
-        let url = url.clone();
-        tokio::task::spawn_blocking(move || {
-            run(&[
-                "refresh",
-                "digits",
-                "--coordinator",
-                &url,
-                "--admin-token",
-                ADMIN,
-            ])
-        })
-        .await
-        .unwrap()
-    };
+    let out = refresh(&url, ADMIN).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("for digits is open"), "{said}");
 
     // The coordinator agrees: the latest round of the model is open.
-    let mut admin = AdminClient::connect(url).await.unwrap();
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
     let mut req = tonic::Request::new(RoundStatusRequest {
         model: "digits".into(),
         round_id: 0,
@@ -368,21 +371,7 @@ async fn refresh_opens_a_round_on_a_real_coordinator() {
     );
 
     // A wrong token is refused: exit 69 with the coordinator's answer.
-    let out = {
-        let url = format!("http://{addr}");
-        tokio::task::spawn_blocking(move || {
-            run(&[
-                "refresh",
-                "digits",
-                "--coordinator",
-                &url,
-                "--admin-token",
-                "wrong-token-0123456789",
-            ])
-        })
-        .await
-        .unwrap()
-    };
+    let out = refresh(&url, "wrong-token-0123456789").await;
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
 
     stop_tx.send(()).unwrap();

@@ -138,9 +138,8 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) -> (String, V
         .expect("listener alive")
 }
 
-/// Publishes a kettle event and waits for its command: every message published before it
-/// on the same connection has been routed by then (QoS 1 order is preserved).
-async fn barrier(agent: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+/// A kettle in the kitchen: the `kettle` rule toggles the kitchen fan on every one.
+async fn publish_kettle(agent: &AsyncClient) {
     agent
         .publish(
             "hearth/kitchen-plug/event/appliance",
@@ -150,6 +149,12 @@ async fn barrier(agent: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<(String, 
         )
         .await
         .unwrap();
+}
+
+/// Publishes a kettle event and waits for its command: every message published before it
+/// on the same connection has been routed by then (QoS 1 order is preserved).
+async fn barrier(agent: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+    publish_kettle(agent).await;
     let (topic, payload) = next(rx).await;
     assert_eq!(
         topic, "zigbee2mqtt/kitchen_fan/set",
@@ -165,15 +170,7 @@ async fn kettles_until_routed(
     rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>,
 ) {
     for _ in 0..50 {
-        agent
-            .publish(
-                "hearth/kitchen-plug/event/appliance",
-                QoS::AtLeastOnce,
-                false,
-                event("kettle", 0.5),
-            )
-            .await
-            .unwrap();
+        publish_kettle(agent).await;
         if let Ok(Some((topic, _))) = timeout(Duration::from_millis(200), rx.recv()).await {
             assert_eq!(topic, "zigbee2mqtt/kitchen_fan/set");
             return;
