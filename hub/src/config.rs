@@ -371,6 +371,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_deploy_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../deploy/config/hub.toml")).unwrap();
+        c.validate().unwrap();
+        assert!(matches!(c.broker, BrokerConfig::Embedded { .. }));
+    }
+
+    #[test]
     fn empty_file_is_the_default() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
     }
