@@ -9,6 +9,15 @@ if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null
   cargo install --locked cargo-nextest
 fi
 
+# Debian's Mosquitto: the mqtts:// test (edge/tests/tls.rs) runs against it (it skips, saying
+# so, when the binary is missing).
+if [ ! -x /usr/sbin/mosquitto ] && command -v apt-get >/dev/null; then
+  echo "mosquitto not found: installing it with apt-get" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get install -y mosquitto || { $SUDO apt-get update && $SUDO apt-get install -y mosquitto; }
+fi
+
 cargo fmt --all -- --check
 # The agent and the coordinator must not compile the compression toolkit (ARCHITECTURE.md).
 for bin in hearth-agent hearth-coordinator; do

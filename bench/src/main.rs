@@ -416,7 +416,15 @@ fn run_task(args: &Args, task: Task) -> Result<TaskResult> {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    // Bad flags exit 64 (EX_USAGE) like every Hearth binary; --help/--version exit 0.
+    let args = Args::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        let help = matches!(
+            e.kind(),
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+        );
+        std::process::exit(if help { 0 } else { 64 })
+    });
     std::fs::create_dir_all(&args.work)
         .with_context(|| format!("create {}", args.work.display()))?;
     let mut tasks = Vec::new();

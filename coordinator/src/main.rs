@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hearth_coordinator::Config;
-use tracing_subscriber::EnvFilter;
+use hearth_edge::process::{init_tracing, parse_args, shutdown_signal};
+use hearth_edge::{EXIT_UNAVAILABLE as EXIT_BIND, EXIT_USAGE as EXIT_CONFIG};
 
 /// Hearth coordinator: runs federated learning rounds over gRPC.
 ///
@@ -43,11 +44,6 @@ struct Cli {
     print_default_config: bool,
 }
 
-/// Exit code for a bad command line or config (sysexits EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
-/// Exit code when the listener cannot be bound (sysexits EX_UNAVAILABLE).
-const EXIT_BIND: u8 = 69;
-
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = match &cli.config {
         Some(p) => Config::load(p)?,
@@ -67,40 +63,16 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Registers SIGINT and SIGTERM handlers now (so a signal during start-up is not lost) and
-/// returns a future that resolves on the first of them.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => tracing::info!("SIGINT received"),
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-            }
-        })
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(async move {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-    }
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     if cli.print_default_config {
         print!("{}", Config::default().to_toml());
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing("info");
 
     // Phase 1: configuration.
     let config = match load_config(&cli) {

@@ -2,11 +2,13 @@
 //! Thin: the wiring lives in the library (`hearth_demo::Home`), shared with the tests.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use hearth_demo::{default_data_dir, Home, HomeOptions};
+use hearth_edge::process::{init_tracing, parse_args, shutdown_signal};
 
 /// Runs a whole Hearth home on one machine, over loopback: coordinator, hub with embedded
 /// MQTT broker, a porch-light actuator, three smart-plug agents (PLAID) and three doorbell
@@ -39,16 +41,49 @@ struct Args {
     dwell_secs: u64,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
-        )
-        .with_target(false)
-        .init();
-    let args = Args::parse();
+/// Exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report an interrupted command).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let args: Args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    init_tracing("warn,rumqttd=off");
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hearth-demo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let signal = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("hearth-demo: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // On a signal the demo future is dropped: the home's tasks stop and the temporary
+        // state directory is removed.
+        tokio::select! {
+            r = demo(args) => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hearth-demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            _ = signal => {
+                eprintln!("hearth-demo: interrupted");
+                ExitCode::from(EXIT_INTERRUPTED)
+            }
+        }
+    })
+}
+
+async fn demo(args: Args) -> Result<()> {
     let t0 = Instant::now();
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let tmp = tempfile::tempdir()?;

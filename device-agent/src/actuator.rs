@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hearth_edge::Connection;
 use hearth_proto::mqtt::valid_name;
-use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
+use rumqttc::{AsyncClient, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::mqtt::{self, BrokerUrl};
+use crate::mqtt;
 use crate::stats::add;
 use crate::Error;
 
@@ -32,8 +33,10 @@ pub struct ActuatorConfig {
     pub name: String,
     /// Topic base, `zigbee2mqtt` like Zigbee2MQTT.
     pub base: String,
-    /// Broker URL, `mqtt://host:port`.
+    /// Broker URL, `mqtt://[user[:password]@]host[:port]` or `mqtts://…` (with `ca_file`).
     pub mqtt: String,
+    /// PEM file of the CA trusted for an `mqtts://` broker.
+    pub ca_file: Option<std::path::PathBuf>,
     /// MQTT client id (default `hearth-actuator-<name>`).
     pub client_id: Option<String>,
     /// Home Assistant discovery prefix.
@@ -46,6 +49,7 @@ impl Default for ActuatorConfig {
             name: "switch".into(),
             base: "zigbee2mqtt".into(),
             mqtt: "mqtt://127.0.0.1:1883".into(),
+            ca_file: None,
             client_id: None,
             discovery_prefix: "homeassistant".into(),
         }
@@ -84,7 +88,13 @@ impl ActuatorConfig {
                 self.base, self.discovery_prefix
             )));
         }
-        BrokerUrl::parse(&self.mqtt)?;
+        mqtt::settings(
+            &self.mqtt,
+            self.ca_file.as_deref(),
+            "check",
+            &self.availability_topic(),
+        )?
+        .check()?;
         Ok(())
     }
 
@@ -257,8 +267,14 @@ pub async fn start_actuator(cfg: ActuatorConfig) -> Result<ActuatorHandle, Error
         .client_id
         .clone()
         .unwrap_or_else(|| format!("hearth-actuator-{}", cfg.name));
-    let opts = mqtt::options(&cfg.mqtt, &client_id, &cfg.availability_topic())?;
-    let (client, eventloop) = mqtt::client(opts);
+    let (client, eventloop) = mqtt::settings(
+        &cfg.mqtt,
+        cfg.ca_file.as_deref(),
+        &client_id,
+        &cfg.availability_topic(),
+    )?
+    .connect()?;
+    let conn = Connection::new(eventloop, format!("actuator {}", cfg.name));
     let stats = Arc::new(ActuatorStats::default());
     let cfg = Arc::new(cfg);
     let (work_tx, work_rx) = mpsc::channel(QUEUE);
@@ -267,7 +283,7 @@ pub async fn start_actuator(cfg: ActuatorConfig) -> Result<ActuatorHandle, Error
     let task = tokio::spawn(event_loop(
         cfg,
         client,
-        eventloop,
+        conn,
         stats.clone(),
         work_tx,
         stop_rx,
@@ -293,57 +309,42 @@ pub async fn run_actuator(
 async fn event_loop(
     cfg: Arc<ActuatorConfig>,
     client: AsyncClient,
-    mut el: EventLoop,
+    mut conn: Connection,
     stats: Arc<ActuatorStats>,
     work: mpsc::Sender<Work>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let command_topic = cfg.command_topic();
-    let mut failures: u32 = 0;
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            ev = el.poll() => match ev {
-                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
-                    failures = 0;
-                    tracing::info!(name = %cfg.name, "actuator connected");
-                    // Subscriptions are queued here; the worker publishes the rest.
-                    for t in [command_topic.as_str(), HA_STATUS_TOPIC] {
-                        if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
-                            tracing::warn!("subscribe {t}: {e}");
-                        }
-                    }
-                    if work.try_send(Work::Announce).is_err() {
-                        tracing::warn!("actuator work queue full; announcement skipped");
+    while let Some(ev) = conn.poll_until(&mut stop).await {
+        match ev {
+            rumqttc::Event::Incoming(Packet::ConnAck(_)) => {
+                tracing::info!(name = %cfg.name, "actuator connected");
+                // Subscriptions are queued here; the worker publishes the rest.
+                for t in [command_topic.as_str(), HA_STATUS_TOPIC] {
+                    if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
+                        tracing::warn!("subscribe {t}: {e}");
                     }
                 }
-                Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
-                    if p.topic == command_topic {
-                        add(&stats.commands_received, 1);
-                        if work.try_send(Work::Command(p.payload.to_vec())).is_err() {
-                            add(&stats.commands_refused, 1);
-                            tracing::warn!("actuator command queue full; command dropped");
-                        }
-                    } else if p.topic == HA_STATUS_TOPIC && p.payload.as_ref() == b"online" {
-                        let _ = work.try_send(Work::Announce);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_multiple_of(30) {
-                        tracing::warn!(broker = %cfg.mqtt, failures, "MQTT connection: {e}");
-                    }
-                    let wait = Duration::from_millis(200u64 << failures.min(4));
-                    tokio::select! {
-                        _ = &mut stop => break,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
+                if work.try_send(Work::Announce).is_err() {
+                    tracing::warn!("actuator work queue full; announcement skipped");
                 }
             }
+            rumqttc::Event::Incoming(Packet::Publish(p)) => {
+                if p.topic == command_topic {
+                    add(&stats.commands_received, 1);
+                    if work.try_send(Work::Command(p.payload.to_vec())).is_err() {
+                        add(&stats.commands_refused, 1);
+                        tracing::warn!("actuator command queue full; command dropped");
+                    }
+                } else if p.topic == HA_STATUS_TOPIC && p.payload.as_ref() == b"online" {
+                    let _ = work.try_send(Work::Announce);
+                }
+            }
+            _ => {}
         }
     }
-    mqtt::go_offline(&client, &mut el, &cfg.availability_topic(), OFFLINE_LIMIT).await;
+    conn.go_offline(&client, &cfg.availability_topic(), OFFLINE_LIMIT)
+        .await;
 }
 
 /// Applies commands and publishes state/announcements in order.

@@ -5,14 +5,15 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use hearth_edge::{stopped, Connection};
 use hearth_model::{train, Dataset, MlpSpec, OnnxModel, Split, TrainConfig};
 use hearth_proto::mqtt::{availability_topic, event_topic, meta_topic, DeviceMeta, Event};
-use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
+use rumqttc::{AsyncClient, Packet, QoS};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::inference::{Loaded, ModelSlot};
-use crate::mqtt::{self, stopped};
+use crate::mqtt;
 use crate::state::StateDir;
 use crate::stats::{add, AgentStats};
 use crate::{federation, Config, Error};
@@ -268,12 +269,14 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
     );
 
     let device = config.device.clone();
-    let opts = mqtt::options(
+    let (client, eventloop) = mqtt::settings(
         &config.mqtt,
+        config.mqtt_ca_file.as_deref(),
         &format!("hearth-agent-{device}"),
         &availability_topic(&device),
-    )?;
-    let (client, eventloop) = mqtt::client(opts);
+    )?
+    .connect()?;
+    let conn = Connection::new(eventloop, format!("agent {device}"));
     let shared = Arc::new(Shared {
         model_name: config.model_name(),
         config,
@@ -286,7 +289,7 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (mqtt_stop_tx, mqtt_stop_rx) = oneshot::channel();
-    let mqtt_task = tokio::spawn(mqtt_loop(eventloop, shared.clone(), mqtt_stop_rx));
+    let mqtt_task = tokio::spawn(mqtt_loop(conn, shared.clone(), mqtt_stop_rx));
     let (done_tx, done_rx) = watch::channel(false);
     let replay = tokio::spawn(replay_loop(shared.clone(), stop_rx.clone(), done_tx));
     let federation = shared.config.coordinator_url().map(|url| {
@@ -318,42 +321,24 @@ pub async fn run(
     handle.shutdown().await
 }
 
-/// Drives the MQTT connection; announces `online` + meta on every (re)connect.
-async fn mqtt_loop(mut el: EventLoop, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+/// Drives the MQTT connection (the edge reconnect loop); announces `online` + meta on
+/// every (re)connect.
+async fn mqtt_loop(mut conn: Connection, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     let avail = availability_topic(&shared.config.device);
-    let mut failures: u32 = 0;
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            ev = el.poll() => match ev {
-                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
-                    failures = 0;
-                    add(&shared.stats.mqtt_connects, 1);
-                    tracing::info!(broker = %shared.config.mqtt, "MQTT connected");
-                    let s = shared.clone();
-                    // Publish from another task: the request queue is drained by this loop.
-                    tokio::spawn(async move {
-                        if let Err(e) = s.announce().await {
-                            tracing::warn!("could not announce the device: {e}");
-                        }
-                    });
+    while let Some(ev) = conn.poll_until(&mut stop).await {
+        if let rumqttc::Event::Incoming(Packet::ConnAck(_)) = ev {
+            add(&shared.stats.mqtt_connects, 1);
+            tracing::info!(broker = %hearth_edge::url::redact(&shared.config.mqtt), "MQTT connected");
+            let s = shared.clone();
+            // Publish from another task: the request queue is drained by this loop.
+            tokio::spawn(async move {
+                if let Err(e) = s.announce().await {
+                    tracing::warn!("could not announce the device: {e}");
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_multiple_of(30) {
-                        tracing::warn!(broker = %shared.config.mqtt, failures, "MQTT connection: {e}");
-                    }
-                    let wait = Duration::from_millis(200u64 << failures.min(4)); // 0.4 s .. 3.2 s
-                    tokio::select! {
-                        _ = &mut stop => break,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
+            });
         }
     }
-    mqtt::go_offline(&shared.mqtt, &mut el, &avail, OFFLINE_LIMIT).await;
+    conn.go_offline(&shared.mqtt, &avail, OFFLINE_LIMIT).await;
 }
 
 /// Replays the device's own samples as if sensed, classifies each off the

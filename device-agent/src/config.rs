@@ -6,7 +6,6 @@ use hearth_model::Task;
 use hearth_proto::mqtt::valid_name;
 use serde::{Deserialize, Serialize};
 
-use crate::mqtt::BrokerUrl;
 use crate::Error;
 
 /// Which non-IID share of the TRAIN split this device owns (its local data).
@@ -40,8 +39,12 @@ impl Default for Partition {
 pub struct Config {
     /// Device name: one MQTT topic level (`[A-Za-z0-9_-]`, ≤ 64 chars).
     pub device: String,
-    /// Broker URL, `mqtt://[user[:password]@]host[:port]`.
+    /// Broker URL, `mqtt://[user[:password]@]host[:port]` or `mqtts://…` (TLS, with
+    /// `mqtt_ca_file`); the rules are [`hearth_edge::url`]'s.
     pub mqtt: String,
+    /// PEM file of the CA trusted for an `mqtts://` broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_ca_file: Option<PathBuf>,
     /// Coordinator URL (`http://host:port`); absent or empty = inference only.
     pub coordinator: Option<String>,
     /// One-time enrollment token (only needed until credentials are stored).
@@ -76,6 +79,7 @@ impl Default for Config {
         Config {
             device: "agent".into(),
             mqtt: "mqtt://127.0.0.1:1883".into(),
+            mqtt_ca_file: None,
             coordinator: None,
             enrollment_token: None,
             task: Task::Faces,
@@ -113,6 +117,7 @@ impl Config {
             "# Hearth device agent configuration (defaults).\n\
              # Optional:\n\
              # coordinator = \"http://127.0.0.1:50051\"   # enables federated learning\n\
+             # mqtt_ca_file = \"/etc/hearth/ca.pem\"     # CA of the broker, for mqtt = \"mqtts://…\"\n\
              # enrollment_token = \"...\"                  # one-time, until credentials are stored\n\
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
@@ -155,7 +160,13 @@ impl Config {
                 self.device
             ));
         }
-        BrokerUrl::parse(&self.mqtt).map_err(|e| Error::Config(format!("mqtt: {e}")))?;
+        hearth_edge::MqttUrl::parse(&self.mqtt)
+            .and_then(|u| {
+                hearth_edge::ClientSettings::new(u, "check")
+                    .ca_file(self.mqtt_ca_file.clone())
+                    .check()
+            })
+            .map_err(|e| Error::Config(format!("mqtt: {e}")))?;
         if let Some(url) = self.coordinator_url() {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return bad(format!("coordinator `{url}`: expected http://host:port"));
@@ -253,6 +264,8 @@ mod tests {
         let cases: Vec<Mutation> = vec![
             Box::new(|c| c.device = "a/b".into()),
             Box::new(|c| c.mqtt = "http://x:1".into()),
+            Box::new(|c| c.mqtt = "mqtts://x".into()),
+            Box::new(|c| c.mqtt_ca_file = Some("/nonexistent/ca.pem".into())),
             Box::new(|c| c.coordinator = Some("ftp://x".into())),
             Box::new(|c| c.partition.index = 3),
             Box::new(|c| c.partition.alpha = 0.0),

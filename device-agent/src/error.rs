@@ -21,12 +21,17 @@ pub enum Error {
     /// The MQTT client request queue is closed.
     #[error("MQTT client: {0}")]
     Mqtt(#[from] rumqttc::ClientError),
-    /// A federation call returned an error status.
-    #[error("coordinator call failed: {0}")]
-    Rpc(Box<tonic::Status>),
-    /// The coordinator URL or connection is unusable.
-    #[error("coordinator transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// The coordinator answered a call with an error.
+    #[error("coordinator call failed: {code}: {message}")]
+    Rpc {
+        /// What kind of failure (the gRPC status code, as a domain value).
+        code: RpcCode,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// The coordinator (or the broker) cannot be reached.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Downloaded or stored bytes do not match their announced size or digest.
     #[error("integrity check failed: {0}")]
     Integrity(String),
@@ -41,9 +46,58 @@ pub enum Error {
     Task(String),
 }
 
-impl From<tonic::Status> for Error {
-    fn from(s: tonic::Status) -> Self {
-        Error::Rpc(Box::new(s))
+/// Edge errors: configuration problems (broker URL, TLS files) stay configuration errors.
+impl From<hearth_edge::Error> for Error {
+    fn from(e: hearth_edge::Error) -> Self {
+        if e.is_config() {
+            Error::Config(e.to_string())
+        } else {
+            Error::Unavailable(e.to_string())
+        }
+    }
+}
+
+/// Why the coordinator refused a call: the gRPC status codes as a domain type, so that no
+/// wire type appears in the agent's API (the conversion lives in the federation module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcCode {
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+    Unauthenticated,
+}
+
+impl RpcCode {
+    /// Worth retrying: the coordinator or the network is (briefly) unavailable.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            RpcCode::Unavailable
+                | RpcCode::Unknown
+                | RpcCode::DeadlineExceeded
+                | RpcCode::Cancelled
+                | RpcCode::Aborted
+                | RpcCode::ResourceExhausted
+                | RpcCode::Internal
+        )
+    }
+}
+
+impl std::fmt::Display for RpcCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
     }
 }
 
@@ -54,6 +108,15 @@ impl From<tokio::task::JoinError> for Error {
 }
 
 impl Error {
+    /// Whether retrying may help (an unreachable coordinator, a transient call failure).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Rpc { code, .. } => code.is_transient(),
+            Error::Unavailable(_) => true,
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

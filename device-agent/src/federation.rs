@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hearth_edge::{stopped, Backoff};
 use hearth_model::{
     clip_l2, encode_update, l2_norm, sub, train, CodecConfig, Dataset, OnnxModel, Tensor,
     TrainConfig, Weights,
@@ -18,7 +19,7 @@ use hearth_proto::v1::{
     ModelPublished, RoundTask, SubscribeRequest, UpdateChunk, UpdateHeader, UploadAck,
 };
 use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use tokio::sync::{mpsc, watch};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -27,10 +28,9 @@ use tonic::{Code, Status};
 
 use crate::agent::Shared;
 use crate::inference::Loaded;
-use crate::mqtt::stopped;
 use crate::state::{sha256_hex, Credentials, ModelMeta};
 use crate::stats::add;
-use crate::Error;
+use crate::{Error, RpcCode};
 
 /// Largest model the agent accepts to download.
 pub const MAX_MODEL_BYTES: u64 = 64 * 1024 * 1024;
@@ -71,43 +71,31 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-/// Exponential backoff between `min` and `max`, with ±20 % jitter.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    cur: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { cur: min, min, max }
+/// The gRPC edge of the agent: a tonic status becomes a domain [`Error`] here, so no wire
+/// type leaves this module.
+fn rpc_error(s: Status) -> Error {
+    let code = match s.code() {
+        Code::Ok | Code::Unknown => RpcCode::Unknown,
+        Code::Cancelled => RpcCode::Cancelled,
+        Code::InvalidArgument => RpcCode::InvalidArgument,
+        Code::DeadlineExceeded => RpcCode::DeadlineExceeded,
+        Code::NotFound => RpcCode::NotFound,
+        Code::AlreadyExists => RpcCode::AlreadyExists,
+        Code::PermissionDenied => RpcCode::PermissionDenied,
+        Code::ResourceExhausted => RpcCode::ResourceExhausted,
+        Code::FailedPrecondition => RpcCode::FailedPrecondition,
+        Code::Aborted => RpcCode::Aborted,
+        Code::OutOfRange => RpcCode::OutOfRange,
+        Code::Unimplemented => RpcCode::Unimplemented,
+        Code::Internal => RpcCode::Internal,
+        Code::Unavailable => RpcCode::Unavailable,
+        Code::DataLoss => RpcCode::DataLoss,
+        Code::Unauthenticated => RpcCode::Unauthenticated,
+    };
+    Error::Rpc {
+        code,
+        message: s.message().to_string(),
     }
-
-    /// The next wait; doubles up to `max`.
-    pub(crate) fn next_wait(&mut self) -> Duration {
-        let base = self.cur;
-        self.cur = (self.cur * 2).min(self.max);
-        base.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.cur = self.min;
-    }
-}
-
-/// Errors worth retrying: the coordinator or the network is (briefly) unavailable.
-fn transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::ResourceExhausted
-            | Code::Internal
-    )
 }
 
 /// Sleeps `d` unless shutdown comes first; returns false on shutdown.
@@ -201,8 +189,13 @@ async fn credentials(
                 tracing::info!(client_id = %c.client_id, "enrolled with the coordinator");
                 return Ok(Some(c));
             }
-            Ok(Err(s)) if !transient(&s) => return Err(s.into()),
-            Ok(Err(s)) => tracing::warn!("enrollment: {}", s.message()),
+            Ok(Err(s)) => {
+                let e = rpc_error(s);
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                tracing::warn!("enrollment: {e}");
+            }
             Err(_) => tracing::warn!("enrollment timed out"),
         }
         if !pause(backoff.next_wait(), stop).await {
@@ -593,8 +586,13 @@ async fn upload(
         .await
         {
             Ok(Ok(ack)) => return Ok(ack.into_inner()),
-            Ok(Err(s)) if !transient(&s) => return Err(s.into()),
-            Ok(Err(s)) => Error::from(s),
+            Ok(Err(s)) => {
+                let e = rpc_error(s);
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                e
+            }
             Err(_) => Error::Protocol(format!("upload timed out after {UPLOAD_TIMEOUT:?}")),
         };
         if attempt >= UPLOAD_ATTEMPTS {
@@ -674,8 +672,12 @@ async fn fetch_pass(client: &mut FedClient, model: &str, dl: &mut Download) -> R
         version: dl.version,
         offset: dl.buf.len() as u64,
     };
-    let mut stream = client.fetch_model(req).await?.into_inner();
-    while let Some(c) = stream.message().await? {
+    let mut stream = client
+        .fetch_model(req)
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    while let Some(c) = stream.message().await.map_err(rpc_error)? {
         dl.absorb(model, c)?;
         if dl.complete() {
             break;
@@ -707,7 +709,7 @@ async fn fetch_model(
                 dl.buf.len(),
                 dl.total
             )),
-            Ok(Err(Error::Rpc(s))) if !transient(&s) => return Err(Error::Rpc(s)),
+            Ok(Err(e @ Error::Rpc { .. })) if !e.is_transient() => return Err(e),
             Ok(Err(e @ Error::Integrity(_))) => return Err(e),
             Ok(Err(e)) => e,
             Err(_) => Error::Protocol(format!("fetch timed out after {FETCH_TIMEOUT:?}")),
@@ -780,14 +782,17 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_bounded_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let waits: Vec<_> = (0..10).map(|_| b.next_wait()).collect();
-        assert!(waits[0] < Duration::from_millis(130));
-        assert!(waits.iter().all(|w| *w <= Duration::from_millis(1200)));
-        assert!(waits[9] >= Duration::from_millis(800));
-        b.reset();
-        assert!(b.next_wait() < Duration::from_millis(130));
+    fn statuses_become_domain_errors() {
+        let e = rpc_error(Status::permission_denied("bad key"));
+        assert!(
+            matches!(&e, Error::Rpc { code: RpcCode::PermissionDenied, message } if message == "bad key")
+        );
+        assert!(!e.is_transient());
+        assert!(rpc_error(Status::unavailable("down")).is_transient());
+        assert_eq!(
+            e.to_string(),
+            "coordinator call failed: PermissionDenied: bad key"
+        );
     }
 
     #[test]

@@ -24,6 +24,6 @@ pub mod stats;
 
 pub use agent::{run, start, AgentHandle};
 pub use config::{Config, Partition};
-pub use error::Error;
+pub use error::{Error, RpcCode};
 pub use federation::MAX_MODEL_BYTES;
 pub use stats::{AgentStats, StatsSnapshot};

@@ -14,9 +14,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hearth_agent::actuator::{start_actuator, ActuatorConfig};
 use hearth_agent::Config;
-
-/// Exit status for a bad command line or configuration (BSD `EX_USAGE`).
-const EXIT_USAGE: u8 = 64;
+use hearth_edge::process::{init_tracing, parse_args, Signals};
+use hearth_edge::EXIT_USAGE;
 /// How long a graceful shutdown may take before the process gives up.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
 
@@ -43,9 +42,12 @@ struct Overrides {
     /// Task: plaid, faces or digits.
     #[arg(long)]
     task: Option<String>,
-    /// Broker URL, mqtt://host:port.
+    /// Broker URL: mqtt://[user[:password]@]host[:port] or mqtts://… (with --mqtt-ca-file).
     #[arg(long)]
     mqtt: Option<String>,
+    /// CA certificate file (PEM) trusted for an mqtts:// broker.
+    #[arg(long)]
+    mqtt_ca_file: Option<PathBuf>,
     /// Coordinator URL, http://host:port ("" disables federation).
     #[arg(long)]
     coordinator: Option<String>,
@@ -100,9 +102,12 @@ enum Cmd {
         /// Topic base.
         #[arg(long, default_value = "zigbee2mqtt")]
         base: String,
-        /// Broker URL.
+        /// Broker URL: mqtt://[user[:password]@]host[:port] or mqtts://… (with --ca-file).
         #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
         mqtt: String,
+        /// CA certificate file (PEM) trusted for an mqtts:// broker.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         /// MQTT client id.
         #[arg(long)]
         client_id: Option<String>,
@@ -121,6 +126,9 @@ impl Overrides {
         }
         if let Some(v) = self.mqtt {
             c.mqtt = v;
+        }
+        if let Some(v) = self.mqtt_ca_file {
+            c.mqtt_ca_file = Some(v);
         }
         if let Some(v) = self.coordinator {
             c.coordinator = Some(v);
@@ -179,61 +187,12 @@ fn agent_config(config: Option<PathBuf>, overrides: Overrides) -> anyhow::Result
     Ok(c)
 }
 
-/// SIGINT/SIGTERM handlers, registered before anything starts so that an early
-/// signal is not lost.
-struct Termination {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-}
-
-impl Termination {
-    fn install() -> anyhow::Result<Termination> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Ok(Termination {
-                term: signal(SignalKind::terminate()).context("watching SIGTERM")?,
-                int: signal(SignalKind::interrupt()).context("watching SIGINT")?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Termination {})
-    }
-
-    /// Resolves on SIGINT or SIGTERM.
-    async fn wait(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("termination requested");
-    }
-}
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing("info");
 
     if cli.print_default_config {
         print!("{}", Config::default_toml());
@@ -246,12 +205,14 @@ fn main() -> ExitCode {
             name,
             base,
             mqtt,
+            ca_file,
             client_id,
         }) => {
             let c = ActuatorConfig {
                 name,
                 base,
                 mqtt,
+                ca_file,
                 client_id,
                 ..ActuatorConfig::default()
             };
@@ -324,9 +285,10 @@ async fn start(mode: Mode) -> anyhow::Result<Running> {
 
 /// Phase 3: run until a signal, then stop within [`SHUTDOWN_LIMIT`].
 async fn serve(mode: Mode) -> anyhow::Result<()> {
-    let mut termination = Termination::install()?;
+    let mut signals = Signals::install().context("installing signal handlers")?;
     let running = start(mode).await?;
-    termination.wait().await;
+    signals.recv().await;
+    tracing::info!("termination requested");
     let stop = async {
         match running {
             Running::Agent(h) => h.shutdown().await,

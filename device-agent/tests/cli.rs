@@ -36,6 +36,34 @@ fn bad_configuration_exits_64() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+
+    // Broker URL rules and TLS settings are configuration errors too.
+    for args in [
+        &["--mqtt", "mqtt://agent:pw@hub:0"][..],
+        &["--mqtt", "mqtts://hub"][..],
+        &[
+            "--mqtt",
+            "mqtts://hub",
+            "--mqtt-ca-file",
+            "/nonexistent/ca.pem",
+        ][..],
+        &["actuator", "--name", "lamp", "--mqtt", "mqtts://hub"][..],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("pw@"), "a password was printed: {err}");
+    }
+}
+
+#[test]
+fn bad_flags_exit_64_help_and_version_exit_0() {
+    let code = |args: &[&str]| Command::new(BIN).args(args).output().unwrap().status.code();
+    assert_eq!(code(&["--no-such-flag"]), Some(64));
+    assert_eq!(code(&["--replay-rate-hz", "fast"]), Some(64));
+    assert_eq!(code(&["actuator"]), Some(64), "missing --name");
+    assert_eq!(code(&["--help"]), Some(0));
+    assert_eq!(code(&["--version"]), Some(0));
 }
 
 #[test]

@@ -11,13 +11,22 @@
 //!
 //! [broker]                                  # embedded broker (the default) ...
 //! listen = "127.0.0.1:1883"                 # port 0 = pick a free port
-//! # url = "mqtt://mosquitto.lan:1883"       # ... or an external broker instead
+//! # url = "mqtts://mosquitto.lan"           # ... or an external broker instead
+//! # ca_file = "/etc/hearth/ca.pem"          # CA trusted for mqtts:// (required with it)
+//! # username = "hearth-hub"                 # credentials: here or in the URL, not both
+//! # password = "..."
 //! ```
+//!
+//! Broker URLs follow [`hearth_edge::url`] (the same rules as the agent's). Credentials come
+//! either from the URL's `user:password@` or from `username`/`password`; giving both is a
+//! configuration error, so no silent precedence applies.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use hearth_edge::{ClientSettings, MqttUrl};
 
 use crate::error::Error;
 
@@ -91,12 +100,15 @@ pub enum BrokerConfig {
     },
     /// An external broker such as Mosquitto.
     External {
-        /// `mqtt://host:port` (or `tcp://`); port defaults to 1883.
+        /// `mqtt://[user[:password]@]host[:port]` (or `tcp://`, port 1883 by default) or
+        /// `mqtts://…` (TLS, port 8883 by default); see [`hearth_edge::url`].
         url: String,
-        /// Optional credentials (Mosquitto password file / ACLs).
+        /// Optional credentials (Mosquitto password file / ACLs), when not in the URL.
         username: Option<String>,
         /// Password for `username`.
         password: Option<String>,
+        /// PEM file of the CA that signed the broker's certificate (required for `mqtts://`).
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -120,12 +132,29 @@ impl BrokerConfig {
         }
     }
 
-    /// An external broker at `url` without credentials.
+    /// An external broker at `url` without separate credentials or CA file.
     pub fn external(url: impl Into<String>) -> Self {
         BrokerConfig::External {
             url: url.into(),
             username: None,
             password: None,
+            ca_file: None,
+        }
+    }
+
+    /// The parsed URL of an external broker with its credentials combined by the one rule
+    /// (URL or fields, not both); `None` for the embedded broker.
+    pub fn external_url(&self) -> Result<Option<MqttUrl>, Error> {
+        match self {
+            BrokerConfig::Embedded { .. } => Ok(None),
+            BrokerConfig::External {
+                url,
+                username,
+                password,
+                ..
+            } => Ok(Some(
+                MqttUrl::parse(url)?.with_credentials(username.clone(), password.clone())?,
+            )),
         }
     }
 }
@@ -146,6 +175,8 @@ struct BrokerToml {
     username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
 }
 
 impl TryFrom<BrokerToml> for BrokerConfig {
@@ -165,11 +196,14 @@ impl TryFrom<BrokerToml> for BrokerConfig {
                     url,
                     username: t.username,
                     password: t.password,
+                    ca_file: t.ca_file,
                 })
             }
             None => {
-                if t.username.is_some() || t.password.is_some() {
-                    return Err("`username`/`password` need an external broker `url`".into());
+                if t.username.is_some() || t.password.is_some() || t.ca_file.is_some() {
+                    return Err(
+                        "`username`, `password` and `ca_file` need an external broker `url`".into(),
+                    );
                 }
                 Ok(BrokerConfig::Embedded {
                     listen: t
@@ -200,61 +234,16 @@ impl From<BrokerConfig> for BrokerToml {
                 url,
                 username,
                 password,
+                ca_file,
             } => BrokerToml {
                 url: Some(url),
                 username,
                 password,
+                ca_file,
                 ..BrokerToml::default()
             },
         }
     }
-}
-
-/// Host and port of an `mqtt://host:port` URL.
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| {
-            format!(
-                "broker url `{url}` must start with mqtt:// (TLS is not supported by this build)"
-            )
-        })?;
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.is_empty() || rest.contains(['/', '@', '?', '#']) {
-        return Err(format!(
-            "broker url `{url}` must be mqtt://host[:port] (credentials go in `username`/`password`)"
-        ));
-    }
-    // IPv6 literal: [::1]:1883
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("broker url `{url}`: unclosed `[`"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => return Err(format!("broker url `{url}`: junk after `]`")),
-        };
-        (h.to_string(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("broker url `{url}` has no host"));
-    }
-    let port = match port {
-        None => 1883,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("broker url `{url}` has an invalid port `{p}`"))?,
-    };
-    Ok((host, port))
 }
 
 impl Config {
@@ -285,8 +274,9 @@ impl Config {
 ";
         let external = "\
 # External broker instead of the embedded one (replaces the keys above):
-# url = \"mqtt://mosquitto.lan:1883\"
-# username = \"hearth-hub\"
+# url = \"mqtts://mosquitto.lan\"        # mqtt://host[:1883] or mqtts://host[:8883]
+# ca_file = \"/etc/hearth/ca.pem\"       # CA of the broker's certificate (mqtts:// only)
+# username = \"hearth-hub\"              # or user:password@ in the URL, not both
 # password = \"change-me\"
 ";
         let (top, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
@@ -336,8 +326,11 @@ impl Config {
                     ));
                 }
             }
-            BrokerConfig::External { url, .. } => {
-                parse_mqtt_url(url).map_err(Error::Config)?;
+            BrokerConfig::External { ca_file, .. } => {
+                let url = self.broker.external_url()?.expect("external broker");
+                ClientSettings::new(url, &self.client_id)
+                    .ca_file(ca_file.clone())
+                    .check()?;
             }
         }
         if let Some(url) = &self.coordinator {
@@ -375,6 +368,13 @@ mod tests {
         assert_eq!(back, Config::default());
         back.validate().unwrap();
         assert!(text.contains("listen = \"127.0.0.1:1883\""), "{text}");
+    }
+
+    #[test]
+    fn shipped_deploy_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../deploy/config/hub.toml")).unwrap();
+        c.validate().unwrap();
+        assert!(matches!(c.broker, BrokerConfig::Embedded { .. }));
     }
 
     #[test]
@@ -434,13 +434,41 @@ mod tests {
     }
 
     #[test]
-    fn mqtt_urls() {
-        assert_eq!(parse_mqtt_url("mqtt://h:1884").unwrap(), ("h".into(), 1884));
-        assert_eq!(parse_mqtt_url("mqtt://h").unwrap(), ("h".into(), 1883));
-        assert_eq!(parse_mqtt_url("tcp://[::1]:5").unwrap(), ("::1".into(), 5));
-        assert!(parse_mqtt_url("mqtt://h:0").is_err());
-        assert!(parse_mqtt_url("mqtt://u:p@h:1").is_err());
-        assert!(parse_mqtt_url("mqtts://h").is_err());
-        assert!(parse_mqtt_url("mqtt://:1883").is_err());
+    fn external_broker_urls_follow_the_edge_rules() {
+        let ext = |toml: &str| Config::from_toml(&format!("[broker]\n{toml}")).unwrap();
+        // Credentials in the URL are accepted (the agent's rule, now the hub's too).
+        let c = ext("url = \"mqtt://hub:p%40ss@mosquitto.lan\"\n");
+        c.validate().unwrap();
+        let u = c.broker.external_url().unwrap().unwrap();
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref(), u.port),
+            (Some("hub"), Some("p@ss"), 1883)
+        );
+        // ... or as fields, but not both.
+        let c = ext("url = \"mqtt://h\"\nusername = \"hub\"\npassword = \"pw\"\n");
+        c.validate().unwrap();
+        let c = ext("url = \"mqtt://a:b@h\"\nusername = \"hub\"\n");
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(e, Error::Config(_)) && e.to_string().contains("both"),
+            "{e}"
+        );
+        // mqtts:// needs a CA file; a missing one is a configuration error.
+        let e = ext("url = \"mqtts://h\"\n").validate().unwrap_err();
+        assert!(
+            matches!(e, Error::Config(_)) && e.to_string().contains("CA file"),
+            "{e}"
+        );
+        let e = ext("url = \"mqtts://h\"\nca_file = \"/nonexistent/ca.pem\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Config(_)) && e.to_string().contains("cannot read CA file"),
+            "{e}"
+        );
+        assert!(Config::from_toml("[broker]\nca_file = \"/x\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("need an external broker"));
     }
 }

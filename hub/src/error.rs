@@ -28,3 +28,16 @@ pub enum Error {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// Edge errors keep their meaning: configuration problems exit with 64, a port that cannot
+/// be bound or a broker that does not come up with 69.
+impl From<hearth_edge::Error> for Error {
+    fn from(e: hearth_edge::Error) -> Self {
+        match e {
+            e if e.is_config() => Error::Config(e.to_string()),
+            hearth_edge::Error::Bind { what, addr, source } => Error::Bind { what, addr, source },
+            hearth_edge::Error::Io(e) => Error::Io(e),
+            e => Error::Broker(e.to_string()),
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use hearth_edge::Backoff;
 use hearth_proto::mqtt::{model_topic, valid_name, ModelAnnouncement};
 use hearth_proto::v1::{
     admin_client::AdminClient, federation_client::FederationClient, federation_event, RoundState,
@@ -169,7 +170,8 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Mirrors model publications from `Federation.Subscribe` to retained MQTT announcements,
-/// reconnecting with exponential backoff (capped at [`MAX_BACKOFF`]) until `shutdown` turns true.
+/// reconnecting with the edge [`Backoff`] (capped at [`MAX_BACKOFF`], reset once a session
+/// delivered something) until `shutdown` turns true.
 pub(crate) async fn follow(
     url: String,
     token: String,
@@ -178,7 +180,7 @@ pub(crate) async fn follow(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF);
     loop {
         if *shutdown.borrow() {
             return;
@@ -192,19 +194,18 @@ pub(crate) async fn follow(
                     n > 0
                 }
                 Err((n, e)) => {
-                    tracing::warn!(coordinator = %url, error = %e, retry_in = ?backoff, "federation follower");
+                    tracing::warn!(coordinator = %url, error = %e, "federation follower");
                     n > 0
                 }
             }
         };
         if got_any {
-            backoff = Duration::from_millis(500);
+            backoff.reset();
         }
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

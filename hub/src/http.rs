@@ -1,23 +1,65 @@
-//! A minimal HTTP/1.1 responder for the status endpoints (no web framework):
-//! `GET /metrics` (Prometheus text 0.0.4) and `GET /devices` (registry as JSON).
-//! One request per connection, bounded head size, read timeout and concurrency.
+//! The hub's status endpoints, served with axum (HTTP/1.1):
+//!
+//! - `GET /metrics`: Prometheus text exposition 0.0.4 (counters and registry gauges);
+//! - `GET /devices`: the device registry as JSON;
+//! - `GET /healthz`: `200 ok` while the hub's MQTT connections (subscriber and publisher)
+//!   are up and, with the embedded broker, its thread runs; `503` with the reason otherwise.
+//!
+//! `HEAD` works on each; other methods get 405, other paths 404. The server stops
+//! gracefully with the hub.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use hearth_edge::LinkStatus;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
-/// Largest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed immediately.
-const MAX_CONCURRENT: usize = 16;
+/// Content type of the Prometheus text format.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub(crate) struct Status {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    /// The hub's MQTT connections, by name.
+    pub links: Vec<(&'static str, Arc<LinkStatus>)>,
+    /// Whether the embedded broker thread runs (`None` with an external broker).
+    pub broker_running: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl Status {
+    /// `Ok` when healthy, else what is down.
+    pub fn health(&self) -> Result<(), String> {
+        let mut down: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.is_up())
+            .map(|(name, l)| match l.last_error() {
+                Some(e) => format!("MQTT {name} down ({e})"),
+                None => format!("MQTT {name} down"),
+            })
+            .collect();
+        if let Some(running) = &self.broker_running {
+            if !running() {
+                down.push("embedded broker stopped".into());
+            }
+        }
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(down.join("; "))
+        }
+    }
+}
 
 /// Metrics text: counters plus registry gauges.
 pub fn render(metrics: &Metrics, registry: &Registry) -> String {
@@ -43,127 +85,56 @@ fn devices_json(registry: &Registry) -> String {
     serde_json::Value::Array(devices).to_string()
 }
 
-/// Serves until `shutdown` turns true (or its sender is dropped).
+async fn metrics(State(s): State<Status>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+        render(&s.metrics, &s.registry),
+    )
+}
+
+async fn devices(State(s): State<Status>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        devices_json(&s.registry),
+    )
+}
+
+async fn healthz(State(s): State<Status>) -> impl IntoResponse {
+    match s.health() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        "not found: try /metrics, /devices or /healthz\n",
+    )
+}
+
+/// The endpoints' routes.
+pub(crate) fn router(status: Status) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/devices", get(devices))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(status)
+}
+
+/// Serves until `shutdown` turns true (or its sender is dropped), then stops gracefully.
 pub(crate) async fn serve(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
+    status: Status,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let gate = Arc::new(Semaphore::new(MAX_CONCURRENT));
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.changed() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = gate.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let (m, r) = (metrics.clone(), registry.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = respond(stream, &m, &r).await {
-                tracing::debug!(%peer, error = %e, "metrics endpoint connection");
-            }
-        });
-    }
-}
-
-async fn respond(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    registry: &Registry,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let head_complete = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok(true);
-            }
-            if buf.len() >= MAX_HEAD {
-                return Ok(false);
-            }
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await;
-    let (status, ctype, body): (&str, &str, String) = match head_complete {
-        Err(_) => (
-            "408 Request Timeout",
-            "text/plain",
-            "request timeout\n".into(),
-        ),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(false)) => ("400 Bad Request", "text/plain", "bad request\n".into()),
-        Ok(Ok(true)) => route(&buf, metrics, registry),
-    };
-    let head_only = buf.starts_with(b"HEAD ");
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
-        body.len(),
-        if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" },
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    if !head_only {
-        stream.write_all(body.as_bytes()).await?;
-    }
-    stream.shutdown().await
-}
-
-fn route(
-    head: &[u8],
-    metrics: &Metrics,
-    registry: &Registry,
-) -> (&'static str, &'static str, String) {
-    let line_end = head.iter().position(|&b| b == b'\r').unwrap_or(head.len());
-    let line = std::str::from_utf8(&head[..line_end]).unwrap_or("");
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return ("400 Bad Request", "text/plain", "bad request line\n".into());
-    };
-    if !version.starts_with("HTTP/1.") {
-        return (
-            "505 HTTP Version Not Supported",
-            "text/plain",
-            "HTTP/1.x only\n".into(),
-        );
-    }
-    if method != "GET" && method != "HEAD" {
-        return (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".into(),
-        );
-    }
-    let path = target.split('?').next().unwrap_or("");
-    match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(metrics, registry),
-        ),
-        "/devices" => ("200 OK", "application/json", devices_json(registry)),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics or /devices\n".into(),
-        ),
+    let stop = async move { hearth_edge::stopped(&mut shutdown).await };
+    if let Err(e) = axum::serve(listener, router(status))
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(error = %e, "status endpoint failed");
     }
 }
 
@@ -171,23 +142,31 @@ fn route(
 mod tests {
     use super::*;
 
+    fn status(links: Vec<(&'static str, Arc<LinkStatus>)>) -> Status {
+        Status {
+            metrics: Arc::new(Metrics::new()),
+            registry: Arc::new(Registry::new()),
+            links,
+            broker_running: None,
+        }
+    }
+
     #[test]
-    fn routes() {
+    fn health_names_what_is_down() {
+        let down = Arc::new(LinkStatus::default());
+        let s = status(vec![("subscriber", down)]);
+        assert_eq!(s.health().unwrap_err(), "MQTT subscriber down");
+        assert!(status(vec![]).health().is_ok());
+        let mut s = status(vec![]);
+        s.broker_running = Some(Arc::new(|| false));
+        assert_eq!(s.health().unwrap_err(), "embedded broker stopped");
+    }
+
+    #[test]
+    fn renders() {
         let m = Metrics::new();
         let r = Registry::new();
-        let (s, t, b) = route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &m, &r);
-        assert_eq!(s, "200 OK");
-        assert!(t.starts_with("text/plain; version=0.0.4"));
-        assert!(b.contains("hearth_hub_events_received_total 0"));
-        assert_eq!(
-            route(b"POST /metrics HTTP/1.1\r\n\r\n", &m, &r).0,
-            "405 Method Not Allowed"
-        );
-        assert_eq!(
-            route(b"GET /nope HTTP/1.1\r\n\r\n", &m, &r).0,
-            "404 Not Found"
-        );
-        assert_eq!(route(b"garbage\r\n\r\n", &m, &r).0, "400 Bad Request");
-        assert_eq!(route(b"GET /devices HTTP/1.0\r\n\r\n", &m, &r).2, "[]");
+        assert!(render(&m, &r).contains("hearth_hub_events_received_total 0"));
+        assert_eq!(devices_json(&r), "[]");
     }
 }

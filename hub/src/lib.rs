@@ -1,15 +1,17 @@
 //! Hearth hub: owns the MQTT side of a home.
 //!
-//! - [`broker`]: embedded rumqttd (default) or an external broker.
+//! - [`broker`]: the embedded rumqttd (default; from `hearth-edge`) or an external broker
+//!   (`mqtt://` or `mqtts://`, URL rules and client options from `hearth-edge`).
 //! - [`router`]: privacy guard on event topics, rules → actuator commands (QoS 1),
 //!   registry updates, refresh requests.
 //! - [`rules`]: the rules file. [`registry`]: devices. [`metrics`]: counters + Prometheus text.
 //! - [`federation`]: `refresh` (coordinator `Admin.StartRound`) and model announcements.
+//! - [`http`]: `/metrics`, `/devices`, `/healthz` (axum).
 //!
-//! Entry points: [`start`] (returns a [`HubHandle`]) and [`run`].
+//! Entry points: [`run`] (config → bind → serve until a shutdown future resolves) and
+//! [`start`] (the same start-up, returning a [`HubHandle`]).
 #![forbid(unsafe_code)]
 
-pub mod broker;
 pub mod config;
 pub mod error;
 pub mod federation;
@@ -21,12 +23,17 @@ pub mod rules;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use hearth_edge::broker::{BrokerSettings, EmbeddedBroker};
+use hearth_edge::{stopped, ClientSettings, Connection, MqttUrl};
+use rumqttc::{AsyncClient, Event as MqttEvent, Outgoing, Packet, QoS};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
+
+/// The embedded broker (rumqttd), from the edge layer.
+pub use hearth_edge::broker;
 
 pub use config::{BrokerConfig, Config};
 pub use error::Error;
@@ -35,13 +42,12 @@ pub use metrics::{DropReason, InvalidKind, Metrics};
 pub use registry::{Availability, DeviceInfo, Registry};
 pub use rules::{RuleSet, RulesError};
 
-use broker::EmbeddedBroker;
 use router::{RefreshTarget, Router};
 
 /// Capacity of each MQTT client's request channel.
 const REQUEST_CAPACITY: usize = 1024;
-/// Longest pause between MQTT reconnection attempts.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// Keep-alive of the hub's MQTT connections.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Time `shutdown` allows each task to finish before aborting it.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Incoming packet limit of the hub's subscriber with an external broker (the embedded
@@ -53,7 +59,7 @@ const EXTERNAL_MAX_PACKET: usize = 1024 * 1024;
 /// (rumqttd has no stop API) and lives until the process exits.
 pub struct HubHandle {
     mqtt_addr: SocketAddr,
-    mqtt_host: String,
+    mqtt_url: MqttUrl,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
@@ -62,7 +68,8 @@ pub struct HubHandle {
     publisher: AsyncClient,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     pub_task: JoinHandle<()>,
-    broker: Option<EmbeddedBroker>,
+    broker: Option<Arc<EmbeddedBroker>>,
+    status: http::Status,
 }
 
 impl std::fmt::Debug for HubHandle {
@@ -82,13 +89,9 @@ impl HubHandle {
         self.mqtt_addr
     }
 
-    /// `mqtt://host:port` of the broker in use.
+    /// `mqtt://host:port` (or `mqtts://`) of the broker in use, without credentials.
     pub fn mqtt_url(&self) -> String {
-        if self.mqtt_host.contains(':') {
-            format!("mqtt://[{}]:{}", self.mqtt_host, self.mqtt_addr.port())
-        } else {
-            format!("mqtt://{}:{}", self.mqtt_host, self.mqtt_addr.port())
-        }
+        self.mqtt_url.to_string()
     }
 
     /// Address of the metrics endpoint, when enabled.
@@ -116,9 +119,15 @@ impl HubHandle {
         http::render(&self.metrics, &self.registry)
     }
 
+    /// `Ok` while the hub's MQTT connections are up (and the embedded broker runs), else
+    /// what is down: what `/healthz` answers.
+    pub fn health(&self) -> Result<(), String> {
+        self.status.health()
+    }
+
     /// Whether the embedded broker thread is running (`None` with an external broker).
     pub fn embedded_broker_running(&self) -> Option<bool> {
-        self.broker.as_ref().map(EmbeddedBroker::is_running)
+        self.broker.as_ref().map(|b| b.is_running())
     }
 
     /// Stops routing, the metrics endpoint and the federation follower, flushes queued
@@ -160,58 +169,30 @@ async fn stop_task(name: &str, mut t: JoinHandle<()>) {
     }
 }
 
-fn mqtt_options(
-    client_id: String,
-    host: &str,
-    port: u16,
-    creds: Option<(String, String)>,
-    max_packet: usize,
-) -> MqttOptions {
-    let mut o = MqttOptions::new(client_id, host, port);
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(max_packet, max_packet)
-        .set_request_channel_capacity(REQUEST_CAPACITY)
-        .set_clean_session(true);
-    if let Some((u, p)) = creds {
-        o.set_credentials(u, p);
-    }
-    o
-}
-
-/// Last MQTT connection error, for the start-up failure message.
-type LastError = Arc<Mutex<Option<String>>>;
-
-fn note_error(last: &LastError, e: &rumqttc::ConnectionError) {
-    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-}
-
 /// Polls the subscriber connection: (re)subscribes on every ConnAck and routes publishes.
 async fn subscriber_loop(
-    mut el: EventLoop,
+    mut conn: Connection,
     client: AsyncClient,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
     mut ready: Option<oneshot::Sender<()>>,
-    last_error: LastError,
 ) {
     let filters = router::subscriptions();
-    let mut delay = Duration::from_millis(100);
-    let mut failures = 0u64;
     loop {
         let polled = tokio::select! {
-            _ = shutdown.changed() => break,
-            e = el.poll() => e,
+            _ = stopped(&mut shutdown) => break,
+            e = conn.poll() => e,
         };
         match polled {
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+            None => break,
+            Some(MqttEvent::Incoming(Packet::Publish(p))) => {
                 tokio::select! {
-                    _ = shutdown.changed() => break,
+                    _ = stopped(&mut shutdown) => break,
                     _ = router.handle(&p) => {}
                 }
             }
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+            Some(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 Metrics::inc(&router.metrics.mqtt_connects);
-                delay = Duration::from_millis(100);
                 let subs = filters
                     .iter()
                     .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
@@ -219,7 +200,7 @@ async fn subscriber_loop(
                     tracing::error!(error = %e, "cannot subscribe");
                 }
             }
-            Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+            Some(MqttEvent::Incoming(Packet::SubAck(ack))) => {
                 if ack
                     .return_codes
                     .iter()
@@ -231,71 +212,35 @@ async fn subscriber_loop(
                     let _ = tx.send(());
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                failures += 1;
-                note_error(&last_error, &e);
-                if failures <= 5 || failures.is_power_of_two() {
-                    tracing::warn!(error = %e, retry_in = ?delay, "MQTT subscriber connection");
-                }
-                tokio::select! {
-                    _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-            }
+            Some(_) => {}
         }
     }
     // Best effort clean disconnect, bounded.
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            for _ in 0..16 {
-                match el.poll().await {
-                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
+    conn.disconnect(&client, Duration::from_millis(500)).await;
 }
 
 /// Polls the publisher connection until a Disconnect has been sent or every client handle is gone.
 async fn publisher_loop(
-    mut el: EventLoop,
+    mut conn: Connection,
     metrics: Arc<Metrics>,
     mut ready: Option<oneshot::Sender<()>>,
-    last_error: LastError,
 ) {
-    let mut delay = Duration::from_millis(100);
-    let mut failures = 0u64;
-    loop {
-        match el.poll().await {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+    while let Some(ev) = conn.poll().await {
+        match ev {
+            MqttEvent::Incoming(Packet::ConnAck(_)) => {
                 Metrics::inc(&metrics.mqtt_connects);
-                delay = Duration::from_millis(100);
                 if let Some(tx) = ready.take() {
                     let _ = tx.send(());
                 }
             }
-            Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(rumqttc::ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                failures += 1;
-                note_error(&last_error, &e);
-                if failures <= 5 || failures.is_power_of_two() {
-                    tracing::warn!(error = %e, retry_in = ?delay, "MQTT publisher connection");
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-            }
+            MqttEvent::Outgoing(Outgoing::Disconnect) => return,
+            _ => {}
         }
     }
 }
 
 /// Starts the hub: validates the config, loads the rules, starts (or connects to) the
-/// broker, binds the metrics endpoint, connects and subscribes, and starts the federation
+/// broker, binds the status endpoint, connects and subscribes, and starts the federation
 /// follower. Returns once events are being routed.
 pub async fn start(config: Config) -> Result<HubHandle, Error> {
     config.validate()?;
@@ -306,50 +251,55 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let connect_timeout = Duration::from_secs(config.connect_timeout_secs);
 
     // Broker.
-    let (host, port, mqtt_addr, creds, max_packet, broker) = match &config.broker {
+    let (url, mqtt_addr, ca_file, max_packet, broker) = match &config.broker {
         BrokerConfig::Embedded {
             listen,
             max_connections,
             max_payload_bytes,
         } => {
-            let addr = broker::resolve_listen(*listen)?;
-            let (mc, mp) = (*max_connections, *max_payload_bytes);
-            let b =
-                tokio::task::spawn_blocking(move || broker::start(addr, mc, mp, connect_timeout))
-                    .await
-                    .map_err(|e| Error::Broker(format!("broker start-up task failed: {e}")))??;
-            let host = if addr.ip().is_unspecified() {
-                if addr.is_ipv4() { "127.0.0.1" } else { "::1" }.to_string()
-            } else {
-                addr.ip().to_string()
+            let settings = BrokerSettings {
+                listen: *listen,
+                max_connections: *max_connections,
+                max_payload: *max_payload_bytes,
+                ..BrokerSettings::default()
             };
-            let connect_addr = SocketAddr::new(host.parse().expect("ip literal"), addr.port());
+            let b = tokio::task::spawn_blocking(move || {
+                hearth_edge::broker::start(&settings, connect_timeout)
+            })
+            .await
+            .map_err(|e| Error::Broker(format!("broker start-up task failed: {e}")))??;
+            let addr = b.connect_addr();
+            let url = MqttUrl {
+                tls: false,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                username: None,
+                password: None,
+            };
             // Broker packet limit plus room for the fixed header and topic.
-            (host, addr.port(), connect_addr, None, mp + 1024, Some(b))
+            (url, addr, None, max_payload_bytes + 1024, Some(Arc::new(b)))
         }
-        BrokerConfig::External {
-            url,
-            username,
-            password,
-        } => {
-            let (host, port) = config::parse_mqtt_url(url).map_err(Error::Config)?;
+        BrokerConfig::External { ca_file, .. } => {
+            let url = config.broker.external_url()?.expect("external broker");
             let resolved = tokio::time::timeout(
                 connect_timeout,
-                tokio::net::lookup_host((host.as_str(), port)),
+                tokio::net::lookup_host((url.host.as_str(), url.port)),
             )
             .await
-            .map_err(|_| Error::Broker(format!("resolving {host} timed out")))?
-            .map_err(|e| Error::Broker(format!("cannot resolve {host}: {e}")))?
+            .map_err(|_| Error::Broker(format!("resolving {} timed out", url.host)))?
+            .map_err(|e| Error::Broker(format!("cannot resolve {}: {e}", url.host)))?
             .next()
-            .ok_or_else(|| Error::Broker(format!("{host} has no address")))?;
-            let creds = username
-                .clone()
-                .map(|u| (u, password.clone().unwrap_or_default()));
-            (host, port, resolved, creds, EXTERNAL_MAX_PACKET, None)
+            .ok_or_else(|| Error::Broker(format!("{} has no address", url.host)))?;
+            (url, resolved, ca_file.clone(), EXTERNAL_MAX_PACKET, None)
         }
     };
+    let public_url = MqttUrl {
+        username: None,
+        password: None,
+        ..url.clone()
+    };
 
-    // Metrics endpoint (bind before connecting so a taken port fails start-up).
+    // Status endpoint (bind before connecting so a taken port fails start-up).
     let metrics_listener = match config.metrics_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -370,38 +320,30 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let last_error: LastError = Arc::default();
+    let client = |suffix: &str| {
+        ClientSettings::new(url.clone(), format!("{}-{suffix}", config.client_id))
+            .keep_alive(KEEP_ALIVE)
+            .max_packet_size(max_packet)
+            .request_capacity(REQUEST_CAPACITY)
+            .ca_file(ca_file.clone())
+            .connect()
+    };
 
     // Two connections: the subscriber routes, the publisher sends; awaiting a publish
     // never stalls the loop that drains incoming messages.
-    let (publisher, pub_el) = AsyncClient::new(
-        mqtt_options(
-            format!("{}-pub", config.client_id),
-            &host,
-            port,
-            creds.clone(),
-            max_packet,
-        ),
-        REQUEST_CAPACITY,
-    );
+    let (publisher, pub_el) = client("pub")?;
+    let pub_conn = Connection::new(pub_el, "hub publisher");
+    let pub_status = pub_conn.status();
     let (pub_ready_tx, pub_ready) = oneshot::channel();
     let pub_task = tokio::spawn(publisher_loop(
-        pub_el,
+        pub_conn,
         metrics.clone(),
         Some(pub_ready_tx),
-        last_error.clone(),
     ));
 
-    let (sub_client, sub_el) = AsyncClient::new(
-        mqtt_options(
-            format!("{}-sub", config.client_id),
-            &host,
-            port,
-            creds,
-            max_packet,
-        ),
-        REQUEST_CAPACITY,
-    );
+    let (sub_client, sub_el) = client("sub")?;
+    let sub_conn = Connection::new(sub_el, "hub subscriber");
+    let sub_status = sub_conn.status();
     let refresh_target = match (&config.coordinator, &config.admin_token) {
         (Some(url), Some(token)) => Some(RefreshTarget {
             url: url.clone(),
@@ -419,12 +361,11 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     };
     let (sub_ready_tx, sub_ready) = oneshot::channel();
     let sub_task = tokio::spawn(subscriber_loop(
-        sub_el,
+        sub_conn,
         sub_client,
         router,
         shutdown_rx.clone(),
         Some(sub_ready_tx),
-        last_error.clone(),
     ));
 
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = vec![("mqtt subscriber", sub_task)];
@@ -442,25 +383,27 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             t.abort();
         }
         pub_task.abort();
-        let why = last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let why = sub_status
+            .last_error()
+            .or_else(|| pub_status.last_error())
             .unwrap_or_else(|| "no answer".into());
         return Err(Error::Broker(format!(
-            "cannot connect and subscribe to the MQTT broker at {host}:{port} within {connect_timeout:?}: {why}"
+            "cannot connect and subscribe to the MQTT broker at {public_url} within {connect_timeout:?}: {why}"
         )));
     }
 
+    let status = http::Status {
+        metrics: metrics.clone(),
+        registry: registry.clone(),
+        links: vec![("subscriber", sub_status), ("publisher", pub_status)],
+        broker_running: broker
+            .clone()
+            .map(|b| Arc::new(move || b.is_running()) as Arc<dyn Fn() -> bool + Send + Sync>),
+    };
     if let Some(l) = metrics_listener {
         tasks.push((
-            "metrics endpoint",
-            tokio::spawn(http::serve(
-                l,
-                metrics.clone(),
-                registry.clone(),
-                shutdown_rx.clone(),
-            )),
+            "status endpoint",
+            tokio::spawn(http::serve(l, status.clone(), shutdown_rx.clone())),
         ));
     }
     if let Some(t) = refresh_target {
@@ -477,7 +420,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         ));
     }
     tracing::info!(
-        broker = %format!("{host}:{port}"),
+        broker = %public_url,
         rules = rules.len(),
         metrics = ?metrics_addr,
         coordinator = ?config.coordinator,
@@ -485,7 +428,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     );
     Ok(HubHandle {
         mqtt_addr,
-        mqtt_host: host,
+        mqtt_url: public_url,
         metrics_addr,
         metrics,
         registry,
@@ -495,10 +438,14 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         tasks,
         pub_task,
         broker,
+        status,
     })
 }
 
-/// Runs the hub until `shutdown` completes, then stops it gracefully.
+/// Runs the hub: configuration check, binding (broker, status endpoint), connecting, then
+/// serving until `shutdown` completes; then stops gracefully (each step bounded). Errors
+/// before serving say whether the configuration ([`Error::Config`], [`Error::Rules`]) or a
+/// resource (anything else) is at fault.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let hub = start(config).await?;
     shutdown.await;

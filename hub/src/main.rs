@@ -1,23 +1,17 @@
-//! `hearth-hub`: the hub binary.
+//! `hearth-hub`: the hub binary. Thin: flags → [`hearth_hub::Config`] → [`hearth_hub::run`]
+//! until SIGINT/SIGTERM.
 //!
-//! Start-up has three phases with distinct failures: (1) configuration (exit 64 with a
-//! clear message), (2) binding the broker and endpoints, connecting, (3) running until
-//! SIGINT/SIGTERM, then a graceful shutdown with a time limit.
+//! Exit codes: 0 after a clean stop (and for `--help`, `--version`,
+//! `--print-default-config`); 64 for a bad flag, configuration or rules file; 69 when a port
+//! cannot be bound, the broker or the coordinator is unreachable.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use hearth_edge::process::{init_tracing, parse_args, shutdown_signal};
+use hearth_edge::{EXIT_UNAVAILABLE, EXIT_USAGE};
 use hearth_hub::{BrokerConfig, Config, Error};
-
-/// Exit code for a bad command line or configuration (BSD `EX_USAGE`).
-const EXIT_CONFIG: u8 = 64;
-/// Exit code when the broker, endpoints or coordinator are unavailable (`EX_UNAVAILABLE`).
-const EXIT_UNAVAILABLE: u8 = 69;
-/// Time allowed for a graceful shutdown.
-const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,13 +23,17 @@ struct Cli {
     /// Configuration file (TOML); built-in defaults when absent.
     #[arg(long, short, env = "HEARTH_HUB_CONFIG")]
     config: Option<PathBuf>,
-    /// Use an external broker (`mqtt://host:port`) instead of the embedded one.
+    /// Use an external broker instead of the embedded one:
+    /// `mqtt://[user[:password]@]host[:port]` or `mqtts://…` (TLS, with --ca-file).
     #[arg(long)]
     broker: Option<String>,
+    /// CA certificate file (PEM) trusted for an `mqtts://` broker (overrides the configuration).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Rules file (overrides the configuration).
     #[arg(long)]
     rules: Option<PathBuf>,
-    /// Serve /metrics and /devices on this address (overrides the configuration).
+    /// Serve /metrics, /devices and /healthz on this address (overrides the configuration).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Print the default configuration as TOML and exit.
@@ -60,25 +58,38 @@ enum Command {
     },
 }
 
-/// Logs: `RUST_LOG` or `info`; rumqttd is silenced by default (it logs clean disconnects as
-/// errors); `RUST_LOG=info,rumqttd=info` shows the broker.
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
-}
-
-/// Phase 1: the configuration from file + flags, validated.
+/// The configuration from file + flags, validated (rules loaded too, so a bad rules file
+/// is a configuration error).
 fn load_config(cli: &Cli) -> Result<Config, Error> {
     let mut cfg = match &cli.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
     if let Some(url) = &cli.broker {
-        cfg.broker = BrokerConfig::external(url.clone());
+        cfg.broker = match cfg.broker {
+            BrokerConfig::External {
+                username,
+                password,
+                ca_file,
+                ..
+            } => BrokerConfig::External {
+                url: url.clone(),
+                username,
+                password,
+                ca_file,
+            },
+            BrokerConfig::Embedded { .. } => BrokerConfig::external(url.clone()),
+        };
+    }
+    if let Some(ca) = &cli.ca_file {
+        match &mut cfg.broker {
+            BrokerConfig::External { ca_file, .. } => *ca_file = Some(ca.clone()),
+            BrokerConfig::Embedded { .. } => {
+                return Err(Error::Config(
+                    "--ca-file needs an external broker (--broker mqtts://…)".into(),
+                ))
+            }
+        }
     }
     if let Some(r) = &cli.rules {
         cfg.rules = Some(r.clone());
@@ -87,28 +98,17 @@ fn load_config(cli: &Cli) -> Result<Config, Error> {
         cfg.metrics_listen = Some(m);
     }
     cfg.validate()?;
-    // Load the rules now too, so a bad rules file is a configuration error (exit 64).
     if let Some(r) = &cfg.rules {
         hearth_hub::RuleSet::load(r, &cfg.actuator_base)?;
     }
     Ok(cfg)
 }
 
-fn exit_code(e: &Error) -> u8 {
-    match e {
-        Error::Config(_) | Error::Rules(_) => EXIT_CONFIG,
+fn exit_code(e: &Error) -> ExitCode {
+    ExitCode::from(match e {
+        Error::Config(_) | Error::Rules(_) => EXIT_USAGE,
         _ => EXIT_UNAVAILABLE,
-    }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    })
 }
 
 async fn refresh_cmd(
@@ -122,7 +122,7 @@ async fn refresh_cmd(
             Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("hearth-hub: {e}");
-                return ExitCode::from(EXIT_CONFIG);
+                return exit_code(&e);
             }
         },
         None => None,
@@ -133,8 +133,16 @@ async fn refresh_cmd(
         eprintln!(
             "hearth-hub refresh: needs --coordinator URL and --admin-token T (or both in --config)"
         );
-        return ExitCode::from(EXIT_CONFIG);
+        return ExitCode::from(EXIT_USAGE);
     };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        eprintln!("hearth-hub refresh: coordinator `{url}` must be an http:// or https:// URL");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if !hearth_proto::mqtt::valid_name(model) {
+        eprintln!("hearth-hub refresh: `{model}` is not a valid model name");
+        return ExitCode::from(EXIT_USAGE);
+    }
     match hearth_hub::refresh(&url, &token, model).await {
         Ok(r) => {
             println!(
@@ -161,12 +169,16 @@ async fn refresh_cmd(
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     if cli.print_default_config {
         print!("{}", Config::default_toml());
         return ExitCode::SUCCESS;
     }
-    init_tracing();
+    // rumqttd logs clean disconnects as errors: silenced unless RUST_LOG asks for it.
+    init_tracing("info,rumqttd=off");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -191,40 +203,28 @@ fn main() -> ExitCode {
             admin_token.clone(),
         ));
     }
-
-    // Phase 1: configuration.
     let cfg = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hearth-hub: {e}");
-            return ExitCode::from(exit_code(&e));
+            return exit_code(&e);
         }
     };
     rt.block_on(async move {
-        // Phase 2: bind and connect.
-        let hub = match hearth_hub::start(cfg).await {
-            Ok(h) => h,
+        let signal = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("hearth-hub: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match hearth_hub::run(cfg, signal).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("start-up failed: {e}");
                 eprintln!("hearth-hub: {e}");
-                return ExitCode::from(exit_code(&e));
+                exit_code(&e)
             }
-        };
-        tracing::info!(mqtt = %hub.mqtt_url(), metrics = ?hub.metrics_addr(), "ready");
-        // Phase 3: run until a signal.
-        if let Err(e) = wait_for_signal().await {
-            tracing::error!("{e:#}");
-        }
-        tracing::info!("shutting down (limit {SHUTDOWN_LIMIT:?}; a second signal exits at once)");
-        let graceful = tokio::select! {
-            r = tokio::time::timeout(SHUTDOWN_LIMIT, hub.shutdown()) => r.is_ok(),
-            _ = wait_for_signal() => false,
-        };
-        if graceful {
-            ExitCode::SUCCESS
-        } else {
-            tracing::warn!("shutdown cut short");
-            ExitCode::FAILURE
         }
     })
 }

@@ -1,61 +1,27 @@
-//! Test helpers: an embedded rumqttd broker on a free loopback port and a
-//! rumqttc subscriber that records what it receives.
+//! Test helpers: an embedded rumqttd broker on a free loopback port (the edge layer's
+//! builder, the same the hub uses) and a rumqttc subscriber that records what it receives.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use hearth_edge::broker::BrokerSettings;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::sync::mpsc;
 
-/// Starts a broker on 127.0.0.1:<free port> (on its own thread, for the rest of
-/// the test process) and returns the port once it accepts connections.
+/// Starts a broker on 127.0.0.1:<free port> with the hub's own builder (on its own thread,
+/// for the rest of the test process) and returns the port once it is known to answer.
 pub fn start_broker() -> u16 {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let server = ServerSettings {
-        name: "v4-test".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 10_000,
-            max_payload_size: 256 * 1024,
-            max_inflight_count: 200,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
+    let settings = BrokerSettings {
+        max_inflight: 200,
+        segment_size: 16 * 1024 * 1024,
+        segment_count: 10,
+        ..BrokerSettings::on("127.0.0.1:0".parse().unwrap())
     };
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 64,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 10,
-            ..RouterConfig::default()
-        },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
-        ..Config::default()
-    };
-    std::thread::spawn(move || {
-        let mut broker = Broker::new(config);
-        broker.start().expect("broker runs");
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(listen).is_err() {
-        assert!(Instant::now() < deadline, "broker did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    port
+    hearth_edge::broker::start(&settings, Duration::from_secs(10))
+        .expect("broker starts")
+        .addr()
+        .port()
 }
 
 /// One received publication.

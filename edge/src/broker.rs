@@ -1,0 +1,439 @@
+//! The embedded MQTT broker (rumqttd): the one configuration builder (the hub and the
+//! tests' brokers use it) and a start-up that knows whether the broker answering on the
+//! port is really the one it started.
+//!
+//! rumqttd is configured in code (one MQTT 3.1.1 listener, limits sized for a home) and
+//! `Broker::start()` blocks, so it runs on its own OS thread. **rumqttd has no stop API**:
+//! the thread lives until the process exits. Retained messages and sessions live in memory
+//! only, and rumqttd has no per-topic ACLs: production homes use an external Mosquitto with
+//! TLS and ACLs instead (the hub's `[broker] url = "mqtts://…"`).
+//!
+//! **The port race.** rumqttd binds its listener itself and only *logs* a bind failure, and
+//! it cannot be handed a bound socket nor report the port it chose for port 0. So a free
+//! port is found first (bind port 0, read it, release it), and between that and rumqttd's
+//! own bind someone else may take it. Start-up detects that instead of trusting any answer
+//! on the port: before starting, it opens an in-process link into *this* broker's router
+//! subscribed to a random probe topic; the readiness probe then connects over TCP, expects
+//! a CONNACK, publishes to that topic, and only when the in-process link receives the
+//! message is the listener ours. Anything else (connection refused after the broker thread
+//! ended, a non-MQTT answer, or another MQTT broker that never delivers the probe) means the
+//! port was lost: with port 0 requested, start-up retries on a fresh port, up to
+//! [`MAX_ATTEMPTS`] times; with a fixed port it fails with a clear error.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
+
+use crate::Error;
+
+/// Start-up attempts on fresh ports before giving up (port 0 only).
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Settings of the embedded broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerSettings {
+    /// Listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Largest accepted MQTT payload in bytes.
+    pub max_payload: usize,
+    /// QoS 1/2 messages in flight per connection.
+    pub max_inflight: usize,
+    /// Bytes of one commit-log segment per subscribed filter.
+    pub segment_size: usize,
+    /// Segments kept per filter (memory per filter ≤ size × count).
+    pub segment_count: usize,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 64,
+            max_payload: 256 * 1024,
+            max_inflight: 100,
+            // Events are tiny: keep the per-filter commit log small.
+            segment_size: 1024 * 1024,
+            segment_count: 4,
+        }
+    }
+}
+
+impl BrokerSettings {
+    /// The defaults on `listen`.
+    pub fn on(listen: SocketAddr) -> BrokerSettings {
+        BrokerSettings {
+            listen,
+            ..BrokerSettings::default()
+        }
+    }
+}
+
+/// The rumqttd configuration for `settings`, listening on `addr` (a concrete port).
+pub fn rumqttd_config(settings: &BrokerSettings, addr: SocketAddr) -> rumqttd::Config {
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: settings.max_payload,
+        max_inflight_count: settings.max_inflight,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "hearth-v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: settings.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: settings.segment_size,
+            max_segment_count: settings.segment_count,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..rumqttd::Config::default()
+    }
+}
+
+/// A running embedded broker.
+pub struct EmbeddedBroker {
+    addr: SocketAddr,
+    attempts: u32,
+    thread: std::thread::JoinHandle<()>,
+    _probe_link: (LinkTx, LinkRx),
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("addr", &self.addr)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedBroker {
+    /// Address the broker listens on (the real port).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Address clients connect to: loopback when listening on an unspecified address.
+    pub fn connect_addr(&self) -> SocketAddr {
+        loopback_if_unspecified(self.addr)
+    }
+
+    /// Start-up attempts it took (1 unless a port was lost to someone else).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Whether the broker thread is still running.
+    pub fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+}
+
+fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
+    if !addr.ip().is_unspecified() {
+        return addr;
+    }
+    let ip: std::net::IpAddr = match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// Resolves the listen address: port 0 is replaced by a free port (bind port 0, read it
+/// back, release it). A taken fixed port fails here, before rumqttd is started.
+pub fn resolve_listen(listen: SocketAddr) -> Result<SocketAddr, Error> {
+    let probe = TcpListener::bind(listen).map_err(|source| Error::Bind {
+        what: "embedded MQTT broker",
+        addr: listen.to_string(),
+        source,
+    })?;
+    Ok(probe.local_addr()?)
+}
+
+/// Starts the broker and returns once it is *known* to answer on its port (see the module
+/// documentation), each attempt bounded by `timeout`.
+pub fn start(settings: &BrokerSettings, timeout: Duration) -> Result<EmbeddedBroker, Error> {
+    start_with(settings, timeout, resolve_listen)
+}
+
+/// [`start`] with the port resolution injected (tests use it to lose the port on purpose).
+fn start_with(
+    settings: &BrokerSettings,
+    timeout: Duration,
+    mut resolve: impl FnMut(SocketAddr) -> Result<SocketAddr, Error>,
+) -> Result<EmbeddedBroker, Error> {
+    let retry = settings.listen.port() == 0;
+    let mut last = String::new();
+    for attempt in 1..=MAX_ATTEMPTS {
+        let addr = resolve(settings.listen)?;
+        match start_once(settings, addr, timeout) {
+            Ok((thread, link)) => {
+                tracing::info!(%addr, attempt, "embedded MQTT broker listening");
+                return Ok(EmbeddedBroker {
+                    addr,
+                    attempts: attempt,
+                    thread,
+                    _probe_link: link,
+                });
+            }
+            Err(why) => {
+                if !retry {
+                    return Err(Error::Broker(format!("cannot listen on {addr}: {why}")));
+                }
+                tracing::warn!(%addr, attempt, "embedded MQTT broker lost its port, retrying on another: {why}");
+                last = format!("{addr}: {why}");
+            }
+        }
+    }
+    Err(Error::Broker(format!(
+        "no port after {MAX_ATTEMPTS} attempts (last: {last})"
+    )))
+}
+
+type Started = (std::thread::JoinHandle<()>, (LinkTx, LinkRx));
+
+/// One attempt on `addr`; `Err` says why the listener is not (or not known to be) ours.
+fn start_once(
+    settings: &BrokerSettings,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Started, String> {
+    let broker = rumqttd::Broker::new(rumqttd_config(settings, addr));
+    let nonce: u64 = rand::thread_rng().gen();
+    // Two client ids: a second connection with the link's id would take its session over.
+    let link_id = format!("hearth-probe-link-{nonce:016x}");
+    let client_id = format!("hearth-probe-{nonce:016x}");
+    let topic = format!("hearth-probe/{nonce:016x}");
+    let (mut tx, mut rx) = broker
+        .link(&link_id)
+        .map_err(|e| format!("in-process link: {e}"))?;
+    tx.subscribe(topic.clone())
+        .map_err(|e| format!("in-process link: {e}"))?;
+    let thread = std::thread::Builder::new()
+        .name("hearth-broker".into())
+        .spawn(move || {
+            let mut broker = broker;
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })
+        .map_err(|e| format!("cannot spawn the broker thread: {e}"))?;
+    let target = loopback_if_unspecified(addr);
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe(target, &client_id, &topic) {
+            Ok(mut session) => {
+                let ours = delivered(&mut rx, &topic, Instant::now() + Duration::from_secs(1));
+                // A clean goodbye, so the probe does not show up as an error in the log.
+                let _ = session.write_all(&[0xE0, 0x00]);
+                return if ours {
+                    Ok((thread, (tx, rx)))
+                } else {
+                    Err("another MQTT broker answers on this port".into())
+                };
+            }
+            Err(Probe::Foreign(why)) => return Err(why),
+            Err(Probe::NotListening(e)) => {
+                // rumqttd's start() returns (its thread ends) when its listener failed.
+                if thread.is_finished() {
+                    return Err(format!("the broker could not bind: {e}"));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("not listening within {timeout:?}: {e}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Whether the in-process link receives the probe publication before `deadline`.
+fn delivered(rx: &mut LinkRx, topic: &str, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        match rx.recv_deadline(deadline) {
+            Ok(Some(Notification::Forward(f))) if f.publish.topic.as_ref() == topic.as_bytes() => {
+                return true
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+enum Probe {
+    /// Nothing accepts connections (yet).
+    NotListening(std::io::Error),
+    /// Something answers that is not an MQTT broker accepting us.
+    Foreign(String),
+}
+
+/// CONNECT → CONNACK (accepted) → PUBLISH QoS 1 on `topic` → PUBACK (MQTT 3.1.1); returns
+/// the open session (the caller disconnects it once it knows where the message went).
+fn probe(addr: SocketAddr, client_id: &str, topic: &str) -> Result<TcpStream, Probe> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        .map_err(Probe::NotListening)?;
+    let io = |e: std::io::Error| Probe::Foreign(format!("no MQTT answer: {e}"));
+    s.set_read_timeout(Some(Duration::from_millis(1000)))
+        .map_err(io)?;
+    s.set_write_timeout(Some(Duration::from_millis(1000)))
+        .map_err(io)?;
+    let mut connect = vec![0x10, (10 + 2 + client_id.len()) as u8];
+    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
+    connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(client_id.as_bytes());
+    s.write_all(&connect).map_err(io)?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).map_err(io)?;
+    if ack[0] != 0x20 || ack[1] != 2 || ack[3] != 0 {
+        return Err(Probe::Foreign(format!(
+            "answered {ack:02x?} instead of an accepting CONNACK"
+        )));
+    }
+    let payload = b"probe";
+    let mut publish = vec![0x32, (2 + topic.len() + 2 + payload.len()) as u8];
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0, 1]); // packet id 1
+    publish.extend_from_slice(payload);
+    s.write_all(&publish).map_err(io)?;
+    s.read_exact(&mut ack).map_err(io)?;
+    if ack != [0x40, 2, 0, 1] {
+        return Err(Probe::Foreign(format!(
+            "answered {ack:02x?} instead of a PUBACK"
+        )));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn local0() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[test]
+    fn config_builder_applies_the_settings() {
+        let s = BrokerSettings {
+            max_connections: 7,
+            max_payload: 4096,
+            max_inflight: 9,
+            segment_size: 1000,
+            segment_count: 3,
+            ..BrokerSettings::default()
+        };
+        let addr: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        let c = rumqttd_config(&s, addr);
+        assert_eq!(c.router.max_connections, 7);
+        assert_eq!(c.router.max_segment_size, 1000);
+        assert_eq!(c.router.max_segment_count, 3);
+        let v4 = c.v4.as_ref().unwrap();
+        assert_eq!(v4.len(), 1);
+        let server = v4.values().next().unwrap();
+        assert_eq!(server.listen, addr);
+        assert!(server.tls.is_none());
+        assert_eq!(server.connections.max_payload_size, 4096);
+        assert_eq!(server.connections.max_inflight_count, 9);
+        assert!(server.connections.dynamic_filters);
+        assert!(server.connections.auth.is_none());
+        assert!(c.v5.is_none() && c.ws.is_none());
+    }
+
+    #[test]
+    fn port_zero_picks_a_port_and_a_taken_fixed_port_is_refused() {
+        let b = start(&BrokerSettings::on(local0()), T).unwrap();
+        assert_ne!(b.addr().port(), 0);
+        assert!(b.is_running());
+        assert_eq!(b.attempts(), 1);
+        let e = start(&BrokerSettings::on(b.addr()), T)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot bind embedded MQTT broker"), "{e}");
+    }
+
+    #[test]
+    fn a_port_lost_to_another_broker_is_detected_and_start_up_moves_on() {
+        // Another MQTT broker takes the port between resolution and rumqttd's bind: it
+        // answers the probe with a perfectly good CONNACK, but it is not ours.
+        let other = start(&BrokerSettings::on(local0()), T).unwrap();
+        let mut calls = 0;
+        let b = start_with(&BrokerSettings::on(local0()), T, |listen| {
+            calls += 1;
+            if calls == 1 {
+                Ok(other.addr())
+            } else {
+                resolve_listen(listen)
+            }
+        })
+        .unwrap();
+        assert_eq!(b.attempts(), 2);
+        assert_ne!(b.addr(), other.addr());
+        assert!(b.is_running());
+    }
+
+    #[test]
+    fn a_port_lost_to_a_non_mqtt_listener_is_detected() {
+        let squatter = TcpListener::bind(local0()).unwrap();
+        let taken = squatter.local_addr().unwrap();
+        // Accept and close every connection: not a broker.
+        std::thread::spawn(move || {
+            for s in squatter.incoming().take(16) {
+                drop(s);
+            }
+        });
+        let mut calls = 0;
+        let b = start_with(&BrokerSettings::on(local0()), T, |listen| {
+            calls += 1;
+            if calls == 1 {
+                Ok(taken)
+            } else {
+                resolve_listen(listen)
+            }
+        })
+        .unwrap();
+        assert_eq!(b.attempts(), 2);
+        assert_ne!(b.addr(), taken);
+    }
+
+    #[test]
+    fn a_lost_fixed_port_fails_with_a_clear_error() {
+        let other = start(&BrokerSettings::on(local0()), T).unwrap();
+        let e = start_with(&BrokerSettings::on(other.addr()), T, Ok)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another MQTT broker answers"), "{e}");
+    }
+
+    #[test]
+    fn many_brokers_on_port_zero_at_once_each_get_their_own_port() {
+        let handles: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(|| start(&BrokerSettings::on(local0()), T).unwrap()))
+            .collect();
+        let brokers: Vec<EmbeddedBroker> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let ports: std::collections::HashSet<u16> =
+            brokers.iter().map(|b| b.addr().port()).collect();
+        assert_eq!(ports.len(), brokers.len());
+        assert!(brokers.iter().all(EmbeddedBroker::is_running));
+    }
+}

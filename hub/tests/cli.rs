@@ -1,0 +1,383 @@
+//! The real `hearth-hub` binary: its default configuration, routing through an external
+//! broker, `refresh` against a real coordinator, and its exit codes (64 for bad flags and
+//! configuration, 69 for an unavailable port or coordinator). Child processes are killed by
+//! PID when dropped; every wait is bounded.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth_edge::broker::BrokerSettings;
+use hearth_proto::v1::admin_client::AdminClient;
+use hearth_proto::v1::{RoundState, RoundStatusRequest};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hearth-hub");
+const ADMIN: &str = "cli-test-admin-token-0123456789";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A child process killed (by its PID) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Waits (bounded) for the exit status.
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn hub() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("HEARTH_HUB_CONFIG")
+        .env_remove("HEARTH_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs the hub to completion (it must exit by itself), bounded.
+fn run(args: &[&str]) -> Output {
+    let mut child = Proc(
+        hub()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    child.wait_exit(WAIT);
+    let Proc(c) = &mut child;
+    let mut out = Output {
+        status: c.wait().unwrap(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    use std::io::Read;
+    c.stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut out.stdout)
+        .unwrap();
+    c.stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut out.stderr)
+        .unwrap();
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn default_config_parses_back_as_a_valid_config() {
+    let out = run(&["--print-default-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let c = hearth_hub::Config::from_toml(&text).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c, hearth_hub::Config::default());
+    assert!(
+        text.contains("ca_file"),
+        "the mqtts option is documented: {text}"
+    );
+}
+
+#[test]
+fn bad_flags_and_configs_exit_64() {
+    let o = run(&["--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let o = run(&["--metrics-listen", "not-an-address"]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let o = run(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--broker"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("hub.toml");
+    std::fs::write(&cfg, "actuator_bsae = \"x\"\n").unwrap();
+    let o = run(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("actuator_bsae"), "{}", stderr(&o));
+
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"x\"\n[rule.when]\nmin_score = 80\n[rule.then]\nactuator = \"a\"\npayload = { state = \"ON\" }\n").unwrap();
+    let o = run(&["--rules", rules.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+
+    for (args, says) in [
+        (&["--broker", "http://127.0.0.1:1"][..], "scheme"),
+        (&["--broker", "mqtts://127.0.0.1:1"][..], "CA file"),
+        (
+            &[
+                "--broker",
+                "mqtts://127.0.0.1:1",
+                "--ca-file",
+                "/nonexistent/ca.pem",
+            ][..],
+            "cannot read CA file",
+        ),
+        (
+            &["--ca-file", "/x.pem"][..],
+            "--ca-file needs an external broker",
+        ),
+        (&["refresh", "plaid"][..], "needs --coordinator"),
+        (
+            &[
+                "refresh",
+                "a/b",
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--admin-token",
+                "t",
+            ][..],
+            "not a valid model name",
+        ),
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn unavailable_coordinator_or_broker_port_exits_69() {
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    let o = run(&[
+        "refresh",
+        "digits",
+        "--coordinator",
+        &url,
+        "--admin-token",
+        ADMIN,
+    ]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot reach"), "{}", stderr(&o));
+
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!("[broker]\nlisten = \"{}\"\n", held.local_addr().unwrap()),
+    )
+    .unwrap();
+    let o = run(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot bind embedded MQTT broker"),
+        "{}",
+        stderr(&o)
+    );
+
+    // An external broker nobody answers for.
+    std::fs::write(&cfg, "connect_timeout_secs = 1\n").unwrap();
+    let broker = format!("mqtt://127.0.0.1:{}", closed_port());
+    let o = run(&["--config", cfg.to_str().unwrap(), "--broker", &broker]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+}
+
+const RULES: &str = r#"
+[[rule]]
+name = "porch light"
+[rule.when]
+device = "door-cam"
+class = "person"
+min_score = 0.8
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_through_an_external_broker_and_stops_on_sigterm() {
+    let broker = hearth_edge::broker::start(
+        &BrokerSettings::on("127.0.0.1:0".parse().unwrap()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let port = broker.addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let mut hub = Proc(
+        hub()
+            .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+            .args(["--rules", rules.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A listener for commands, and an agent that publishes a person at the door until the
+    // hub (once connected and subscribed) routes one to the porch light.
+    let mut o = MqttOptions::new("cli-test-listener", "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (listener, mut lel) = AsyncClient::new(o, 16);
+    listener
+        .subscribe("zigbee2mqtt/+/set", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ltask = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            match lel.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let (agent, mut ael) =
+        AsyncClient::new(MqttOptions::new("cli-test-agent", "127.0.0.1", port), 16);
+    let atask = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if ael.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let event =
+        r#"{"class":"person","score":0.93,"model":"door-cam@7","ts":"2026-11-30T18:00:00.000Z"}"#;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (topic, payload) = loop {
+        assert!(hub.0.try_wait().unwrap().is_none(), "the hub exited");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no command routed in time"
+        );
+        agent
+            .publish(
+                "hearth/door-cam/event/detection",
+                QoS::AtLeastOnce,
+                false,
+                event,
+            )
+            .await
+            .unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            break m;
+        }
+    };
+    assert_eq!(topic, "zigbee2mqtt/porch_light/set");
+    assert_eq!(payload, br#"{"state":"ON"}"#);
+
+    // SIGTERM: a clean stop, exit 0.
+    let killed = Command::new("kill")
+        .args(["-TERM", &hub.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || hub.wait_exit(WAIT))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    ltask.abort();
+    atask.abort();
+}
+
+fn coordinator_config(db: &Path) -> hearth_coordinator::Config {
+    hearth_coordinator::Config {
+        db_path: db.to_path_buf(),
+        data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+        admin_token: ADMIN.into(),
+        models: vec![hearth_coordinator::ModelConfig {
+            name: "digits".into(),
+            task: "digits".into(),
+            init: None,
+            eval: false,
+            seed: 1,
+        }],
+        ..hearth_coordinator::Config::default()
+    }
+}
+
+/// `hearth-hub refresh digits --coordinator <url> --admin-token <token>`, off the runtime.
+async fn refresh(url: &str, token: &str) -> Output {
+    let (url, token) = (url.to_string(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        run(&[
+            "refresh",
+            "digits",
+            "--coordinator",
+            &url,
+            "--admin-token",
+            &token,
+        ])
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_opens_a_round_on_a_real_coordinator() {
+    let db = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(hearth_coordinator::run(
+        coordinator_config(&db.path().join("db")),
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let url = format!("http://{addr}");
+    let out = refresh(&url, ADMIN).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("for digits is open"), "{said}");
+
+    // The coordinator agrees: the latest round of the model is open.
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let mut req = tonic::Request::new(RoundStatusRequest {
+        model: "digits".into(),
+        round_id: 0,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    let status = admin.get_round_status(req).await.unwrap().into_inner();
+    assert_eq!(status.state(), RoundState::Open);
+    assert!(status.round_id >= 1);
+    assert!(
+        said.contains(&format!("round {} ", status.round_id)),
+        "{said}"
+    );
+
+    // A wrong token is refused: exit 69 with the coordinator's answer.
+    let out = refresh(&url, "wrong-token-0123456789").await;
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("coordinator stops in time")
+        .unwrap()
+        .unwrap();
+}
