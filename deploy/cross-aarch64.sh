@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Cross-builds the Hearth binaries for a Raspberry Pi (aarch64-unknown-linux-gnu) from x86_64,
-# and with --test also runs the model crate's tests under qemu-user to prove the Pi build works.
+# and with --test also runs the dense engine, model and proto tests under qemu-user (the
+# portable int8 path and NEON dispatch of hearth-dense) to prove the Pi build works.
 #
 #   deploy/cross-aarch64.sh            # release binaries in target/aarch64-unknown-linux-gnu/release/
-#   deploy/cross-aarch64.sh --test     # plus hearth-model tests under qemu-aarch64
+#   deploy/cross-aarch64.sh --test     # plus the dense engine, model and proto tests under qemu-aarch64
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
@@ -24,5 +25,5 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 cargo build --release --target "$target" --bins
 ls -l target/$target/release/hearth-{hub,agent,coordinator,demo}
 if [[ "${1:-}" == "--test" ]]; then
-  cargo test --target "$target" -p hearth-model -p hearth-proto
+  cargo test --target "$target" -p hearth-dense -p hearth-model -p hearth-proto
 fi

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hearth_coordinator::Config;
-use hearth_edge::process::{init_tracing, parse_args, shutdown_signal};
+use hearth_edge::process::{init_tracing, parse_args, runtime, shutdown_signal};
 use hearth_edge::{EXIT_UNAVAILABLE as EXIT_BIND, EXIT_USAGE as EXIT_CONFIG};
 
 /// Hearth coordinator: runs federated learning rounds over gRPC.
@@ -82,14 +82,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let rt = match runtime("hearth-coordinator", None) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("hearth-coordinator: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    let code = runtime.block_on(async move {
+    let code = rt.block_on(async move {
         let signal = match shutdown_signal() {
             Ok(s) => s,
             Err(e) => {
@@ -140,6 +137,6 @@ fn main() -> ExitCode {
         }
     });
     // Do not wait for CPU work (evaluation) left on the blocking pool.
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    rt.shutdown_timeout(Duration::from_secs(1));
     code
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use hearth_demo::{default_data_dir, Home, HomeOptions};
-use hearth_edge::process::{init_tracing, parse_args, shutdown_signal};
+use hearth_edge::process::{init_tracing, parse_args, runtime, shutdown_signal};
 
 /// Runs a whole Hearth home on one machine, over loopback: coordinator, hub with embedded
 /// MQTT broker, a porch-light actuator, three smart-plug agents (PLAID) and three doorbell
@@ -50,12 +50,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     init_tracing("warn,rumqttd=off");
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime("hearth-demo", None) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("hearth-demo: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let signal = match shutdown_signal() {

@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hearth_agent::actuator::{start_actuator, ActuatorConfig};
 use hearth_agent::Config;
-use hearth_edge::process::{init_tracing, parse_args, Signals};
+use hearth_edge::process::{init_tracing, parse_args, runtime, Signals};
 use hearth_edge::EXIT_USAGE;
 /// How long a graceful shutdown may take before the process gives up.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
@@ -230,16 +230,9 @@ fn main() -> ExitCode {
         }
     };
 
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime("hearth-agent", Some(2)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("hearth-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(serve(mode)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,6 +44,19 @@ pub fn init_tracing(default_filter: &str) {
         .try_init();
 }
 
+/// The multi-threaded Tokio runtime every binary runs on (`workers` threads, or one per core
+/// when `None`); on failure prints why, prefixed with `binary`, and gives the exit code.
+pub fn runtime(binary: &str, workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().map_err(|e| {
+        eprintln!("{binary}: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 /// SIGINT and SIGTERM handlers. Install them before starting anything, so that an early
 /// signal is not lost; [`Signals::recv`] can be awaited again (e.g. a second signal cuts a
 /// graceful shutdown short).

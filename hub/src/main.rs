@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hearth_edge::process::{init_tracing, parse_args, shutdown_signal};
+use hearth_edge::process::{init_tracing, parse_args, runtime, shutdown_signal};
 use hearth_edge::{EXIT_UNAVAILABLE, EXIT_USAGE};
 use hearth_hub::{BrokerConfig, Config, Error};
 
@@ -179,16 +179,9 @@ fn main() -> ExitCode {
     }
     // rumqttd logs clean disconnects as errors: silenced unless RUST_LOG asks for it.
     init_tracing("info,rumqttd=off");
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime("hearth-hub", Some(2)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("hearth-hub: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     if let Some(Command::Refresh {
         model,
