@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use hearth_agent::actuator::{ActuatorConfig, ActuatorHandle};
 use hearth_agent::{AgentHandle, AgentStats, Partition};
+use hearth_edge::{ClientSettings, MqttUrl};
 use hearth_hub::{BrokerConfig, HubHandle};
 use hearth_proto::v1::admin_client::AdminClient;
 use hearth_proto::v1::{
     ListVersionsRequest, ModelVersion, RoundState, RoundStatus, RoundStatusRequest,
 };
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use tokio::net::TcpListener;
 
 /// What can go wrong while running the demo home.
@@ -396,10 +397,12 @@ impl Home {
             .await?
             .map(|r| r.round_id)
             .unwrap_or(0);
-        let addr = self.hub.mqtt_addr();
-        let mut opts = MqttOptions::new(token("refresh"), addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(5));
-        let (client, mut el) = AsyncClient::new(opts, 10);
+        let url = MqttUrl::parse(&self.hub.mqtt_url()).map_err(|e| Error::Mqtt(e.to_string()))?;
+        let (client, mut el) = ClientSettings::new(url, token("refresh"))
+            .keep_alive(Duration::from_secs(5))
+            .request_capacity(10)
+            .connect()
+            .map_err(|e| Error::Mqtt(e.to_string()))?;
         let body = serde_json::to_vec(&hearth_proto::mqtt::RefreshRequest {
             model: model.into(),
         })

@@ -5,7 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use hearth_edge::{ClientSettings, Connection, MqttUrl};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 /// One message seen on the broker.
 #[derive(Debug, Clone)]
@@ -26,30 +27,33 @@ pub struct Observer {
 impl Observer {
     /// Connects to the broker at `addr`, subscribes to `#` and returns once subscribed.
     pub async fn start(addr: std::net::SocketAddr, id: &str) -> Observer {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut el) = AsyncClient::new(o, 100);
+        let url = MqttUrl::parse(&format!("mqtt://{addr}")).expect("a loopback broker URL");
+        let (client, el) = ClientSettings::new(url, id)
+            .keep_alive(Duration::from_secs(5))
+            .max_packet_size(1 << 20)
+            .request_capacity(100)
+            .connect()
+            .expect("observer client options");
+        let mut conn = Connection::new(el, format!("observer {id}"));
         client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let s = seen.clone();
         let task = tokio::spawn(async move {
             let mut tx = Some(tx);
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+            while let Some(ev) = conn.poll().await {
+                match ev {
+                    Event::Incoming(Packet::SubAck(_)) => {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send(());
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => s.lock().unwrap().push(Seen {
+                    Event::Incoming(Packet::Publish(p)) => s.lock().unwrap().push(Seen {
                         topic: p.topic.clone(),
                         payload: p.payload.to_vec(),
                         retain: p.retain,
                     }),
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    _ => {}
                 }
             }
         });
