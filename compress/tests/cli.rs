@@ -88,7 +88,16 @@ fn test_set(task: Task) -> hearth_model::Dataset {
     task.load(&workspace().join("data"), Split::Test).unwrap()
 }
 
-fn compress(model: &Path, data: &str, recipe: &str, out: &Path) -> Vec<Row> {
+/// Runs `hearth-compress model --data data --recipe recipe -o out`, which must succeed;
+/// returns stdout, stderr and the parsed table.
+fn compress_ok(
+    model: &Path,
+    data: &str,
+    recipe: &str,
+    out: &Path,
+    latency_runs: u32,
+) -> (String, String, Vec<Row>) {
+    let runs = latency_runs.to_string();
     let (code, stdout, stderr) = run(&[
         model.to_str().unwrap(),
         "--data",
@@ -98,11 +107,21 @@ fn compress(model: &Path, data: &str, recipe: &str, out: &Path) -> Vec<Row> {
         "-o",
         out.to_str().unwrap(),
         "--latency-runs",
-        "5",
+        &runs,
     ]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     println!("{stdout}");
     let rows = parse_table(&stdout);
+    (stdout, stderr, rows)
+}
+
+/// The vendored BlazeFace detector.
+fn blazeface() -> PathBuf {
+    workspace().join("data/models/face_detection_front_128x128_barracuda.onnx")
+}
+
+fn compress(model: &Path, data: &str, recipe: &str, out: &Path) -> Vec<Row> {
+    let (stdout, _, rows) = compress_ok(model, data, recipe, out, 5);
     assert_eq!(rows[0].step, "original");
     assert_eq!(rows.len(), recipe.split(';').count() + 1, "{stdout}");
     for r in &rows {
@@ -199,23 +218,15 @@ fn plaid_neurons_prune_finetune_int8_qoperator() {
 fn blazeface_prune_int8_reports_output_agreement() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("blazeface.onnx");
-    let model = workspace().join("data/models/face_detection_front_128x128_barracuda.onnx");
-    let (code, stdout, stderr) = run(&[
-        model.to_str().unwrap(),
-        "--data",
+    let (stdout, stderr, rows) = compress_ok(
+        &blazeface(),
         "data/faces",
-        "--recipe",
         "prune:0.02;quant:int8-per-channel",
-        "-o",
-        out.to_str().unwrap(),
-        "--latency-runs",
-        "3",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
-    println!("{stdout}");
+        &out,
+        3,
+    );
     assert!(stderr.contains("ConstantOfShape"), "{stderr}");
     assert!(stdout.contains("agreement: sigmoid"), "{stdout}");
-    let rows = parse_table(&stdout);
     assert_eq!(rows.len(), 3);
     let (orig, last) = (&rows[0], &rows[2]);
     assert!(orig.accuracy.is_none() && last.accuracy.is_none());
@@ -243,21 +254,13 @@ fn blazeface_prune_int8_reports_output_agreement() {
 fn blazeface_int8_package_shrinks_and_decodes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("blazeface.hpkg");
-    let model = workspace().join("data/models/face_detection_front_128x128_barracuda.onnx");
-    let (code, stdout, stderr) = run(&[
-        model.to_str().unwrap(),
-        "--data",
+    let (_, _, rows) = compress_ok(
+        &blazeface(),
         "data/faces",
-        "--recipe",
         "quant:int8-per-channel;export:package",
-        "-o",
-        out.to_str().unwrap(),
-        "--latency-runs",
-        "3",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
-    println!("{stdout}");
-    let rows = parse_table(&stdout);
+        &out,
+        3,
+    );
     assert_eq!(rows.len(), 3);
     let (orig, quant, pkg) = (&rows[0], &rows[1], &rows[2]);
     // The weights (~400 KB in f32) shrink ~4x to int8 codes plus a scale per output channel;
@@ -281,21 +284,7 @@ fn blazeface_int8_package_shrinks_and_decodes_exactly() {
 fn blazeface_int8_qoperator_runs_integer_convs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("blazeface-int8.onnx");
-    let model = workspace().join("data/models/face_detection_front_128x128_barracuda.onnx");
-    let (code, stdout, stderr) = run(&[
-        model.to_str().unwrap(),
-        "--data",
-        "data/faces",
-        "--recipe",
-        "export:int8-qoperator",
-        "-o",
-        out.to_str().unwrap(),
-        "--latency-runs",
-        "2",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
-    println!("{stdout}");
-    let rows = parse_table(&stdout);
+    let (_, _, rows) = compress_ok(&blazeface(), "data/faces", "export:int8-qoperator", &out, 2);
     let (orig, int8) = (&rows[0], &rows[1]);
     // Measured 3.06x, mean diff 0.012, decisions 50/50 on the faces test images.
     assert!(orig.bytes as f32 / int8.bytes as f32 > 3.0, "{int8:?}");
