@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hearth_model::OnnxModel;
-use hearth_proto::v1::admin_client::AdminClient;
-use hearth_proto::v1::{ListVersionsRequest, RoundState};
+use hearth_proto::v1::RoundState;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -98,15 +97,7 @@ impl Coordinator {
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(20));
             if let Ok(ch) = endpoint.connect().await {
-                let ready = AdminClient::new(ch.clone())
-                    .list_versions(with_admin(
-                        ListVersionsRequest {
-                            model: MODEL.into(),
-                        },
-                        ADMIN,
-                    ))
-                    .await;
-                if ready.is_ok() {
+                if versions(&ch, MODEL).await.is_ok() {
                     return ch;
                 }
             }

@@ -118,17 +118,7 @@ async fn enroll_fetch_round_publish_and_refusals() {
     );
 
     // Version 1 exists and was evaluated.
-    let v = admin
-        .list_versions(with_admin(
-            ListVersionsRequest {
-                model: "digits".into(),
-            },
-            ADMIN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
+    let v = versions(&ch, "digits").await.unwrap();
     assert_eq!(v.len(), 1);
     assert_eq!(v[0].version, 1);
     assert!(
@@ -374,17 +364,7 @@ async fn enroll_fetch_round_publish_and_refusals() {
     let ack = upload(&ch, &b, "digits", id, 1, 10, &p2).await.unwrap();
     assert!(ack.duplicate, "{ack:?}");
 
-    let v = admin
-        .list_versions(with_admin(
-            ListVersionsRequest {
-                model: "digits".into(),
-            },
-            ADMIN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
+    let v = versions(&ch, "digits").await.unwrap();
     assert_eq!(v.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(v[1].from_round, id);
     assert_eq!(v[1].sha256, sha_v2);

@@ -10,6 +10,26 @@ use common::{start_broker, Sub};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hearth-agent");
 
+/// Sends SIGTERM to `child` and waits (bounded) for it to exit; kills it on timeout.
+async fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no exit after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn bad_configuration_exits_64() {
     let out = Command::new(BIN)
@@ -102,22 +122,7 @@ async fn sigterm_publishes_offline_and_exits_zero() {
         let _ = child.kill();
         panic!("actuator never came online");
     }
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("no exit after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = terminate(&mut child).await;
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
     assert!(status.success(), "exit status {status}, log:\n{log}");
@@ -180,21 +185,7 @@ async fn agent_binary_with_flag_overrides_publishes_events_then_stops_on_sigterm
         assert!(ev.class.starts_with("digit_"), "{}", ev.class);
         events += 1;
     }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("no exit after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = terminate(&mut child).await;
     assert!(status.success(), "exit status {status}");
     sub.wait_for(Duration::from_secs(10), |m| {
         m.topic == "hearth/digit-pad/availability" && m.text() == "offline"

@@ -126,6 +126,19 @@ async fn publisher(addr: SocketAddr) -> AsyncClient {
     client
 }
 
+/// Publishes `payload` on the door camera's detection topic (QoS 1).
+async fn door_cam(agent: &AsyncClient, payload: impl Into<Vec<u8>>, retain: bool) {
+    agent
+        .publish(
+            "hearth/door-cam/event/detection",
+            QoS::AtLeastOnce,
+            retain,
+            payload.into(),
+        )
+        .await
+        .unwrap();
+}
+
 fn event(class: &str, score: f32) -> Vec<u8> {
     format!(r#"{{"class":"{class}","score":{score},"model":"door-cam@7","ts":"2026-11-24T18:00:00.000Z"}}"#)
         .into_bytes()
@@ -196,15 +209,7 @@ async fn person_at_the_door_turns_the_porch_light_on() {
     assert_ne!(addr.port(), 0);
     let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
     let agent = publisher(addr).await;
-    agent
-        .publish(
-            "hearth/door-cam/event/detection",
-            QoS::AtLeastOnce,
-            false,
-            event("person", 0.93),
-        )
-        .await
-        .unwrap();
+    door_cam(&agent, event("person", 0.93), false).await;
     let (topic, payload) = next(&mut rx).await;
     assert_eq!(topic, "zigbee2mqtt/porch_light/set");
     assert_eq!(payload, br#"{"state":"ON"}"#);
@@ -260,15 +265,7 @@ async fn cooldown_suppresses_a_second_firing() {
     let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
     let agent = publisher(addr).await;
     for _ in 0..2 {
-        agent
-            .publish(
-                "hearth/door-cam/event/detection",
-                QoS::AtLeastOnce,
-                false,
-                event("person", 0.95),
-            )
-            .await
-            .unwrap();
+        door_cam(&agent, event("person", 0.95), false).await;
     }
     let (topic, _) = next(&mut rx).await;
     assert_eq!(topic, "zigbee2mqtt/porch_light/set");
@@ -367,24 +364,8 @@ async fn metrics_endpoint_and_registry() {
         .publish("hearth/plug/availability", QoS::AtLeastOnce, true, "maybe")
         .await
         .unwrap();
-    agent
-        .publish(
-            "hearth/door-cam/event/detection",
-            QoS::AtLeastOnce,
-            false,
-            event("person", 0.9),
-        )
-        .await
-        .unwrap();
-    agent
-        .publish(
-            "hearth/door-cam/event/detection",
-            QoS::AtLeastOnce,
-            false,
-            "nope",
-        )
-        .await
-        .unwrap();
+    door_cam(&agent, event("person", 0.9), false).await;
+    door_cam(&agent, "nope", false).await;
     assert_eq!(next(&mut rx).await.0, "zigbee2mqtt/porch_light/set");
     barrier(&agent, &mut rx).await;
 
@@ -586,15 +567,7 @@ async fn stale_retained_events_are_not_routed_on_subscribe() {
     let a = start_hub("", |_| {}).await;
     let addr = a.hub.mqtt_addr();
     let agent = publisher(addr).await;
-    agent
-        .publish(
-            "hearth/door-cam/event/detection",
-            QoS::AtLeastOnce,
-            true,
-            event("person", 0.99),
-        )
-        .await
-        .unwrap();
+    door_cam(&agent, event("person", 0.99), true).await;
     wait_until("hub A saw the event", || {
         Metrics::get(&a.hub.metrics().events_received) == 1
     })

@@ -10,8 +10,8 @@ use hearth_model::{decode_update, encode_update, CodecConfig, Tensor, Weights};
 use hearth_proto::v1::{
     admin_client::AdminClient, enrollment_client::EnrollmentClient,
     federation_client::FederationClient, federation_event, update_chunk, EnrollRequest,
-    FederationEvent, FetchModelRequest, RoundState, RoundStatus, RoundStatusRequest,
-    StartRoundRequest, UpdateChunk, UpdateHeader, UploadAck,
+    FederationEvent, FetchModelRequest, ListVersionsRequest, ModelVersion, RoundState, RoundStatus,
+    RoundStatusRequest, StartRoundRequest, UpdateChunk, UpdateHeader, UploadAck,
 };
 use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
 use rand::SeedableRng;
@@ -110,6 +110,20 @@ pub async fn status(ch: &Channel, model: &str, round: u64) -> RoundStatus {
         .await
         .unwrap()
         .into_inner()
+}
+
+/// The published versions of `model` (Admin `ListVersions`).
+pub async fn versions(ch: &Channel, model: &str) -> Result<Vec<ModelVersion>, Status> {
+    Ok(AdminClient::new(ch.clone())
+        .list_versions(with_admin(
+            ListVersionsRequest {
+                model: model.into(),
+            },
+            ADMIN,
+        ))
+        .await?
+        .into_inner()
+        .versions)
 }
 
 /// Fetches a whole model (from `offset`) and checks chunk framing; returns (bytes, sha256, total).
