@@ -2,8 +2,17 @@
 //! reconnect backoff, resumable checksum-verified model fetches with hot-swap,
 //! and rounds: local training on the device's own share, clipped delta,
 //! compressed with error feedback, uploaded idempotently.
+//!
+//! A round's update survives crashes: once trained it is saved with the residual it
+//! would leave ([`PendingUpdate`]) before the first byte is sent, re-sent unchanged until
+//! the round's deadline (and after a restart, without retraining), and its residual is
+//! committed only when the round is known to have completed; a failed round rolls it
+//! back. The protocol has no round-outcome message, so the outcome is read from what the
+//! coordinator announces: a version newer than the round's base (rounds of a model run
+//! one at a time, so it came from this round), a later round on the same base (this one
+//! failed) or on a newer base (it completed), or, past the deadline, whether the version
+//! after the base exists.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +37,7 @@ use tonic::{Code, Status};
 
 use crate::agent::Shared;
 use crate::inference::Loaded;
-use crate::state::{sha256_hex, Credentials, ModelMeta};
+use crate::state::{sha256_hex, Credentials, FedState, ModelMeta, PendingUpdate};
 use crate::stats::add;
 use crate::{Error, RpcCode};
 
@@ -36,9 +45,39 @@ use crate::{Error, RpcCode};
 pub const MAX_MODEL_BYTES: u64 = 64 * 1024 * 1024;
 const FETCH_ATTEMPTS: u32 = 6;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-const UPLOAD_ATTEMPTS: u32 = 5;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
+/// After a round's deadline, how long the coordinator gets to close it before the agent
+/// asks whether it produced a version.
+const OUTCOME_GRACE: Duration = Duration::from_secs(5);
+/// How long an update whose round deadline has passed is still re-sent (after a restart:
+/// the coordinator may have counted it before the agent recorded the acknowledgement).
+const LATE_UPLOAD_WINDOW: Duration = Duration::from_secs(15);
+/// Wait before trying again to settle a pending update when the coordinator is unreachable.
+const SETTLE_RETRY: Duration = Duration::from_secs(10);
+/// Test hook: `HEARTH_TEST_PAUSE_AT=ack` parks the federation worker right after the
+/// coordinator acknowledged an upload and before the agent records it, so that a test can
+/// SIGKILL the process at exactly that point. Inert unless set.
+const TEST_PAUSE_ENV: &str = "HEARTH_TEST_PAUSE_AT";
+
+async fn test_pause(point: &str) {
+    if std::env::var(TEST_PAUSE_ENV).is_ok_and(|v| v == point) {
+        tracing::warn!(point, "{TEST_PAUSE_ENV}: federation worker paused");
+        std::future::pending::<()>().await;
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The runtime instant of a Unix time in milliseconds (now, if it has passed).
+fn instant_at(unix_ms: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now_unix_ms()))
+}
 
 type FedClient = FederationClient<InterceptedService<Channel, Auth>>;
 
@@ -271,36 +310,52 @@ struct LocalUpdate {
     norm: f32,
 }
 
-/// Processes federation events one at a time.
+/// How the round of a pending update ended for this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The round completed with the update: its residual becomes the committed one.
+    Completed,
+    /// The round failed after accepting the update: the residual rolls back.
+    Failed,
+    /// The round closed before the update arrived: the residual stays as it was.
+    CountedOut,
+}
+
+/// Processes federation events one at a time (a round task that arrives while another
+/// round trains waits in the channel), and settles the pending update on a timer.
 struct Worker {
     shared: Arc<Shared>,
     client: FedClient,
-    joined: HashSet<u64>,
-    residual: Option<Weights>,
+    fed: FedState,
+    /// Newest global version the coordinator announced.
+    latest: u64,
+    /// When to next try to settle the pending update (resume its upload, learn its outcome).
+    settle_at: Option<tokio::time::Instant>,
 }
 
 impl Worker {
     fn new(shared: Arc<Shared>, client: FedClient) -> Worker {
-        let name = &shared.model_name;
-        let joined = match shared.state.load_rounds(name) {
-            Ok(r) => r.into_iter().collect(),
+        let fed = match shared.state.load_federation(&shared.model_name) {
+            Ok(f) => f,
             Err(e) => {
-                tracing::warn!("ignoring the stored round list: {e}");
-                HashSet::new()
+                tracing::warn!("ignoring the stored federation state: {e}");
+                FedState::default()
             }
         };
-        let residual = match shared.state.load_residual(name) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("ignoring the stored residual: {e}");
-                None
-            }
-        };
+        if let Some(p) = &fed.pending {
+            tracing::info!(
+                round = p.round_id,
+                acked = p.acked,
+                "resuming the update of an unsettled round"
+            );
+        }
+        let settle_at = fed.pending.as_ref().map(|_| tokio::time::Instant::now());
         Worker {
             shared,
             client,
-            joined,
-            residual,
+            fed,
+            latest: 0,
+            settle_at,
         }
     }
 
@@ -310,13 +365,16 @@ impl Worker {
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
+            let wake = self.settle_at;
             let ev = tokio::select! {
                 _ = stopped(&mut stop) => return,
-                ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+                ev = rx.recv() => match ev { Some(ev) => Some(ev), None => return },
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)),
+                    if wake.is_some() => None,
             };
             let res = tokio::select! {
                 _ = stopped(&mut stop) => return,
-                r = self.handle(ev) => r,
+                r = self.step(ev) => r,
             };
             if let Err(e) = res {
                 tracing::warn!("federation: {e}");
@@ -324,9 +382,149 @@ impl Worker {
         }
     }
 
+    async fn step(&mut self, ev: Option<FederationEvent>) -> Result<(), Error> {
+        match ev {
+            Some(ev) => self.handle(ev).await,
+            None => self.settle().await,
+        }
+    }
+
+    fn persist(&self) -> Result<(), Error> {
+        self.shared
+            .state
+            .save_federation(&self.shared.model_name, &self.fed)
+    }
+
+    /// Ends the pending update's round: commits or drops its residual, in one write.
+    fn finish(&mut self, outcome: Outcome) -> Result<(), Error> {
+        let Some(p) = self.fed.pending.take() else {
+            return Ok(());
+        };
+        let round = p.round_id;
+        match outcome {
+            Outcome::Completed => {
+                self.fed.residual = Some(p.residual);
+                add(&self.shared.stats.rounds_committed, 1);
+            }
+            Outcome::Failed | Outcome::CountedOut => {
+                add(&self.shared.stats.rounds_rolled_back, 1);
+            }
+        }
+        self.persist()?;
+        tracing::info!(
+            round,
+            ?outcome,
+            "round settled: residual {}",
+            match outcome {
+                Outcome::Completed => "committed",
+                _ => "rolled back",
+            }
+        );
+        Ok(())
+    }
+
+    /// Settles an acknowledged update from what is already known: a version newer than
+    /// its base was announced.
+    fn settle_known(&mut self) -> Result<(), Error> {
+        match &self.fed.pending {
+            Some(p) if p.acked && self.latest > p.base_version => self.finish(Outcome::Completed),
+            _ => Ok(()),
+        }
+    }
+
+    /// The timer: re-sends an unacknowledged update, or learns the round's outcome once
+    /// its deadline (plus a grace period) has passed.
+    async fn settle(&mut self) -> Result<(), Error> {
+        self.settle_at = None;
+        let Some((acked, base, deadline)) = self
+            .fed
+            .pending
+            .as_ref()
+            .map(|p| (p.acked, p.base_version, p.deadline_unix_ms))
+        else {
+            return Ok(());
+        };
+        if !acked {
+            add(&self.shared.stats.uploads_resumed, 1);
+            return self.send_pending().await;
+        }
+        if self.latest > base {
+            return self.finish(Outcome::Completed);
+        }
+        let due = deadline + OUTCOME_GRACE.as_millis() as u64;
+        if now_unix_ms() < due {
+            self.settle_at = Some(instant_at(due));
+            return Ok(());
+        }
+        match version_exists(&mut self.client, &self.shared.model_name, base + 1).await {
+            Ok(true) => self.finish(Outcome::Completed),
+            Ok(false) => self.finish(Outcome::Failed),
+            Err(e) => {
+                self.settle_at = Some(tokio::time::Instant::now() + SETTLE_RETRY);
+                Err(e)
+            }
+        }
+    }
+
+    /// Uploads the pending update (the same bytes on every attempt) until the round's
+    /// deadline, and records the acknowledgement together with the round joined.
+    async fn send_pending(&mut self) -> Result<(), Error> {
+        let Some(p) = &self.fed.pending else {
+            return Ok(());
+        };
+        let header = UpdateHeader {
+            model: self.shared.model_name.clone(),
+            round_id: p.round_id,
+            base_version: p.base_version,
+            num_samples: p.num_samples,
+            train_loss: p.train_loss,
+            payload_size: p.payload.len() as u64,
+            payload_sha256: sha256_hex(&p.payload),
+        };
+        let until =
+            instant_at(p.deadline_unix_ms).max(tokio::time::Instant::now() + LATE_UPLOAD_WINDOW);
+        let (round, deadline, bytes) = (p.round_id, p.deadline_unix_ms, p.payload.len());
+        let res = upload(&mut self.client, &header, &p.payload, until).await;
+        match res {
+            Ok(ack) if ack.accepted || ack.duplicate => {
+                test_pause("ack").await;
+                if let Some(p) = self.fed.pending.as_mut() {
+                    p.acked = true;
+                }
+                self.fed.join(round);
+                self.persist()?;
+                add(&self.shared.stats.rounds_joined, 1);
+                add(&self.shared.stats.bytes_uploaded, bytes as u64);
+                tracing::info!(
+                    round,
+                    bytes,
+                    duplicate = ack.duplicate,
+                    updates_in_round = ack.updates_in_round,
+                    "update uploaded"
+                );
+                self.settle_at = Some(instant_at(deadline + OUTCOME_GRACE.as_millis() as u64));
+                self.settle_known()
+            }
+            Ok(ack) => {
+                self.finish(Outcome::CountedOut)?;
+                Err(Error::Protocol(format!("update refused: {}", ack.reason)))
+            }
+            Err(e) if e.is_transient() => {
+                self.settle_at = Some(tokio::time::Instant::now() + SETTLE_RETRY);
+                Err(e)
+            }
+            Err(e) => {
+                self.finish(Outcome::CountedOut)?;
+                Err(e)
+            }
+        }
+    }
+
     async fn handle(&mut self, ev: FederationEvent) -> Result<(), Error> {
         match ev.event {
             Some(federation_event::Event::Published(p)) if p.model == self.shared.model_name => {
+                self.latest = self.latest.max(p.version);
+                self.settle_known()?;
                 self.on_published(p).await
             }
             Some(federation_event::Event::Round(t)) if t.model == self.shared.model_name => {
@@ -409,15 +607,38 @@ impl Worker {
     }
 
     async fn on_round(&mut self, t: RoundTask) -> Result<(), Error> {
-        if self.joined.contains(&t.round_id) {
+        if let Some((round, base)) = self
+            .fed
+            .pending
+            .as_ref()
+            .map(|p| (p.round_id, p.base_version))
+        {
+            if t.round_id < round {
+                return Ok(());
+            }
+            // The round of the pending update (still open), or a later one (so it closed):
+            // make sure the update arrived, without training again.
+            if !self.fed.pending.as_ref().is_some_and(|p| p.acked) {
+                self.send_pending().await?;
+            }
+            if t.round_id == round {
+                return Ok(());
+            }
+            // Rounds of a model run one at a time: a later round on the same base means the
+            // earlier one published nothing.
+            if self.fed.pending.is_some() {
+                self.finish(if t.base_version > base {
+                    Outcome::Completed
+                } else {
+                    Outcome::Failed
+                })?;
+            }
+        }
+        if self.fed.joined.contains(&t.round_id) {
             tracing::debug!(round = t.round_id, "round already joined");
             return Ok(());
         }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if t.deadline_unix_ms != 0 && now_ms >= t.deadline_unix_ms {
+        if t.deadline_unix_ms != 0 && now_unix_ms() >= t.deadline_unix_ms {
             tracing::info!(
                 round = t.round_id,
                 "round deadline already passed; skipping"
@@ -428,56 +649,40 @@ impl Worker {
             round = t.round_id,
             base = t.base_version,
             epochs = t.local_epochs,
-            "joining round"
+            "joining round: local training"
         );
         let base = self.obtain(t.base_version, None, None).await?;
         let data = self.shared.data.clone();
-        let residual = self.residual.clone();
+        let residual = self.fed.residual.clone();
         let seed = round_seed(&self.shared.config.device, t.round_id);
         let task = t.clone();
+        add(&self.shared.stats.local_trainings, 1);
         let update = tokio::task::spawn_blocking(move || {
             local_update(&base.onnx, &data, &task, residual, seed)
         })
         .await??;
-
-        let header = UpdateHeader {
-            model: t.model.clone(),
-            round_id: t.round_id,
-            base_version: t.base_version,
-            num_samples: update.samples as u64,
-            train_loss: update.loss,
-            payload_size: update.payload.len() as u64,
-            payload_sha256: sha256_hex(&update.payload),
-        };
-        let ack = upload(&mut self.client, &header, &update.payload).await?;
-        if !ack.accepted && !ack.duplicate {
-            return Err(Error::Protocol(format!("update refused: {}", ack.reason)));
-        }
-        // Only now does the residual advance: an update that never arrived is not "sent".
-        self.shared
-            .state
-            .save_residual(&self.shared.model_name, &update.residual)?;
-        self.residual = Some(update.residual);
-        self.joined.insert(t.round_id);
-        self.shared
-            .state
-            .add_round(&self.shared.model_name, t.round_id)?;
-        add(&self.shared.stats.rounds_joined, 1);
-        add(
-            &self.shared.stats.bytes_uploaded,
-            update.payload.len() as u64,
-        );
         tracing::info!(
             round = t.round_id,
             bytes = update.payload.len(),
             samples = update.samples,
             loss = update.loss,
             delta_norm = update.norm,
-            duplicate = ack.duplicate,
-            updates_in_round = ack.updates_in_round,
-            "update uploaded"
+            "local update ready"
         );
-        Ok(())
+        // Saved before the first byte is sent: a restart re-sends these bytes rather than
+        // training again, and the residual waits for the round's outcome.
+        self.fed.pending = Some(PendingUpdate {
+            round_id: t.round_id,
+            base_version: t.base_version,
+            deadline_unix_ms: t.deadline_unix_ms,
+            acked: false,
+            num_samples: update.samples as u64,
+            train_loss: update.loss,
+            payload: update.payload,
+            residual: update.residual,
+        });
+        self.persist()?;
+        self.send_pending().await
     }
 }
 
@@ -560,12 +765,28 @@ fn local_update(
     })
 }
 
-/// Uploads one update (header, then `CHUNK_SIZE` pieces), retrying transport
-/// failures; the coordinator deduplicates per (round, client).
+/// Whether the coordinator holds `version` of `model` (asks for it and drops the stream).
+async fn version_exists(client: &mut FedClient, model: &str, version: u64) -> Result<bool, Error> {
+    let req = FetchModelRequest {
+        model: model.to_string(),
+        version,
+        offset: 0,
+    };
+    match tokio::time::timeout(ENROLL_TIMEOUT, client.fetch_model(req)).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(s)) if s.code() == Code::NotFound => Ok(false),
+        Ok(Err(s)) => Err(rpc_error(s)),
+        Err(_) => Err(Error::Unavailable("version check timed out".into())),
+    }
+}
+
+/// Uploads one update (header, then `CHUNK_SIZE` pieces), retrying transient failures
+/// with the same bytes until `until`; the coordinator deduplicates per (round, client).
 async fn upload(
     client: &mut FedClient,
     header: &UpdateHeader,
     payload: &[u8],
+    until: tokio::time::Instant,
 ) -> Result<UploadAck, Error> {
     let mut backoff = Backoff::new(Duration::from_millis(300), Duration::from_secs(5));
     let mut attempt = 0;
@@ -595,11 +816,13 @@ async fn upload(
             }
             Err(_) => Error::Protocol(format!("upload timed out after {UPLOAD_TIMEOUT:?}")),
         };
-        if attempt >= UPLOAD_ATTEMPTS {
+        let wait = backoff.next_wait();
+        if tokio::time::Instant::now() + wait >= until {
+            tracing::warn!(attempt, "upload failed until the round's deadline: {err}");
             return Err(err);
         }
         tracing::warn!(attempt, "upload failed, retrying: {err}");
-        tokio::time::sleep(backoff.next_wait()).await;
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -1,7 +1,9 @@
 //! The agent's persisted state directory: enrollment credentials, the current
-//! global model (ONNX bytes + version), the error-feedback residual and the
-//! rounds already joined. Every write is atomic (temp file + rename), so a crash
-//! leaves either the old or the new file.
+//! global model (ONNX bytes + version) and, per federated model, one
+//! [`FedState`] file: the committed error-feedback residual, the rounds already
+//! joined and the update of the round in flight (see [`PendingUpdate`]). Every
+//! write is atomic (temp file + rename), so a crash leaves either the old or the
+//! new file; what must change together lives in one file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,135 @@ pub struct ModelMeta {
 /// How many joined round ids are remembered per model.
 const MAX_ROUNDS_KEPT: usize = 256;
 const RESIDUAL_MAGIC: &[u8; 8] = b"HRESID01";
+const FED_MAGIC: &[u8; 8] = b"HFEDST01";
+
+/// An update trained for one round whose outcome is not known yet: what was (or is
+/// being) uploaded, byte for byte, and the error-feedback residual that becomes the
+/// committed one only if the round completes (a failed round rolls it back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUpdate {
+    pub round_id: u64,
+    pub base_version: u64,
+    /// The round's deadline (Unix ms; 0 = none announced).
+    pub deadline_unix_ms: u64,
+    /// Whether the coordinator acknowledged the upload (accepted or duplicate).
+    pub acked: bool,
+    pub num_samples: u64,
+    pub train_loss: f32,
+    /// The encoded update, re-sent unchanged on every retry (uploads are idempotent).
+    pub payload: Vec<u8>,
+    /// The residual after this update (error feedback of what the payload left out).
+    pub residual: Weights,
+}
+
+/// Everything the agent keeps about its part in the federation of one model,
+/// saved as one file so that its parts never disagree after a crash.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FedState {
+    /// The error-feedback residual matching what the coordinator aggregated.
+    pub residual: Option<Weights>,
+    /// Rounds this device's update was acknowledged in (the latest few).
+    pub joined: Vec<u64>,
+    /// The update of the round in flight, if any.
+    pub pending: Option<PendingUpdate>,
+}
+
+impl FedState {
+    /// Records round `id` as joined (keeps the latest few).
+    pub fn join(&mut self, id: u64) {
+        if !self.joined.contains(&id) {
+            self.joined.push(id);
+        }
+        if self.joined.len() > MAX_ROUNDS_KEPT {
+            let cut = self.joined.len() - MAX_ROUNDS_KEPT;
+            self.joined.drain(..cut);
+        }
+    }
+
+    /// Binary form: magic, joined ids, then the residual and the pending update, each
+    /// behind a presence byte (weights as [`encode_weights`], length-prefixed).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_bytes(FED_MAGIC);
+        out.put_u32(self.joined.len() as u32);
+        for &id in &self.joined {
+            out.put_u64(id);
+        }
+        let put_blob = |out: &mut Vec<u8>, b: &[u8]| {
+            out.put_u64(b.len() as u64);
+            out.put_bytes(b);
+        };
+        match &self.residual {
+            None => out.put_u8(0),
+            Some(w) => {
+                out.put_u8(1);
+                put_blob(&mut out, &encode_weights(w));
+            }
+        }
+        match &self.pending {
+            None => out.put_u8(0),
+            Some(p) => {
+                out.put_u8(1);
+                out.put_u64(p.round_id);
+                out.put_u64(p.base_version);
+                out.put_u64(p.deadline_unix_ms);
+                out.put_u8(u8::from(p.acked));
+                out.put_u64(p.num_samples);
+                out.put_f32(p.train_loss);
+                put_blob(&mut out, &p.payload);
+                put_blob(&mut out, &encode_weights(&p.residual));
+            }
+        }
+        out
+    }
+
+    /// Inverse of [`FedState::encode`], with bounds checks on every length.
+    pub fn decode(b: &[u8]) -> Result<FedState, Error> {
+        let bad = |e: DecodeError| Error::State(format!("federation state file: {e}"));
+        let mut r = Reader::new(b);
+        r.expect(FED_MAGIC, "a federation state file")
+            .map_err(bad)?;
+        let n = r.u32_len("round count", b.len() / 8).map_err(bad)?;
+        let mut joined = Vec::with_capacity(n);
+        for _ in 0..n {
+            joined.push(r.u64().map_err(bad)?);
+        }
+        let flag = |r: &mut Reader| match r.u8().map_err(bad)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(Error::State(format!("federation state file: flag {v}"))),
+        };
+        let blob = |r: &mut Reader<'_>| -> Result<Vec<u8>, Error> {
+            let len = r.u64_len("blob length", b.len()).map_err(bad)?;
+            Ok(r.take(len).map_err(bad)?.to_vec())
+        };
+        let residual = if flag(&mut r)? {
+            Some(decode_weights(&blob(&mut r)?)?)
+        } else {
+            None
+        };
+        let pending = if flag(&mut r)? {
+            Some(PendingUpdate {
+                round_id: r.u64().map_err(bad)?,
+                base_version: r.u64().map_err(bad)?,
+                deadline_unix_ms: r.u64().map_err(bad)?,
+                acked: flag(&mut r)?,
+                num_samples: r.u64().map_err(bad)?,
+                train_loss: r.f32().map_err(bad)?,
+                payload: blob(&mut r)?,
+                residual: decode_weights(&blob(&mut r)?)?,
+            })
+        } else {
+            None
+        };
+        r.finish().map_err(bad)?;
+        Ok(FedState {
+            residual,
+            joined,
+            pending,
+        })
+    }
+}
 
 /// A state directory on disk.
 #[derive(Debug, Clone)]
@@ -137,39 +268,40 @@ impl StateDir {
         self.write_atomic(&format!("model-{}.json", meta.model), &b, false)
     }
 
-    /// The stored error-feedback residual of model `name`.
-    pub fn load_residual(&self, name: &str) -> Result<Option<Weights>, Error> {
-        match self.read_opt(&format!("residual-{name}.bin"))? {
-            None => Ok(None),
-            Some(b) => decode_weights(&b).map(Some),
+    /// The federation state of model `name` (empty if none is stored). A state directory
+    /// written before the single file existed is read from its separate residual and
+    /// round files.
+    pub fn load_federation(&self, name: &str) -> Result<FedState, Error> {
+        if let Some(b) = self.read_opt(&format!("federation-{name}.bin"))? {
+            return FedState::decode(&b);
         }
-    }
-
-    /// Stores the error-feedback residual of model `name`.
-    pub fn save_residual(&self, name: &str, w: &Weights) -> Result<(), Error> {
-        self.write_atomic(&format!("residual-{name}.bin"), &encode_weights(w), false)
-    }
-
-    /// Round ids of model `name` this device already uploaded an update for.
-    pub fn load_rounds(&self, name: &str) -> Result<Vec<u64>, Error> {
-        Ok(self
+        let residual = match self.read_opt(&format!("residual-{name}.bin"))? {
+            None => None,
+            Some(b) => Some(decode_weights(&b)?),
+        };
+        let joined = self
             .read_json::<Vec<u64>>(&format!("rounds-{name}.json"))?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok(FedState {
+            residual,
+            joined,
+            pending: None,
+        })
     }
 
-    /// Remembers that round `id` of model `name` was joined (keeps the latest few).
-    pub fn add_round(&self, name: &str, id: u64) -> Result<Vec<u64>, Error> {
-        let mut r = self.load_rounds(name)?;
-        if !r.contains(&id) {
-            r.push(id);
-        }
-        if r.len() > MAX_ROUNDS_KEPT {
-            let cut = r.len() - MAX_ROUNDS_KEPT;
-            r.drain(..cut);
-        }
-        let b = serde_json::to_vec(&r).expect("ids serialise");
-        self.write_atomic(&format!("rounds-{name}.json"), &b, false)?;
-        Ok(r)
+    /// Stores the federation state of model `name`: one file, replaced atomically.
+    pub fn save_federation(&self, name: &str, s: &FedState) -> Result<(), Error> {
+        self.write_atomic(&format!("federation-{name}.bin"), &s.encode(), false)
+    }
+
+    /// The committed error-feedback residual of model `name`.
+    pub fn load_residual(&self, name: &str) -> Result<Option<Weights>, Error> {
+        Ok(self.load_federation(name)?.residual)
+    }
+
+    /// Round ids of model `name` this device's update was acknowledged in.
+    pub fn load_rounds(&self, name: &str) -> Result<Vec<u64>, Error> {
+        Ok(self.load_federation(name)?.joined)
     }
 }
 
@@ -221,12 +353,8 @@ mod tests {
 
     #[test]
     fn residual_round_trips_and_rejects_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StateDir::open(dir.path()).unwrap();
-        assert!(s.load_residual("faces").unwrap().is_none());
-        s.save_residual("faces", &weights()).unwrap();
-        assert_eq!(s.load_residual("faces").unwrap().unwrap(), weights());
         let b = encode_weights(&weights());
+        assert_eq!(decode_weights(&b).unwrap(), weights());
         assert!(decode_weights(&b[..b.len() - 1]).is_err());
         let mut extra = b.clone();
         extra.push(0);
@@ -269,9 +397,51 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "credentials readable by others");
         }
-        assert_eq!(s.add_round("faces", 4).unwrap(), vec![4]);
-        assert_eq!(s.add_round("faces", 4).unwrap(), vec![4]);
-        assert_eq!(s.add_round("faces", 9).unwrap(), vec![4, 9]);
+    }
+
+    #[test]
+    fn federation_state_round_trips_in_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        assert_eq!(s.load_federation("faces").unwrap(), FedState::default());
+        let mut f = FedState::default();
+        f.join(4);
+        f.join(4);
+        f.join(9);
+        assert_eq!(f.joined, vec![4, 9]);
+        f.residual = Some(weights());
+        f.pending = Some(PendingUpdate {
+            round_id: 10,
+            base_version: 3,
+            deadline_unix_ms: 1_700_000_000_000,
+            acked: true,
+            num_samples: 42,
+            train_loss: 0.25,
+            payload: b"encoded update".to_vec(),
+            residual: weights(),
+        });
+        s.save_federation("faces", &f).unwrap();
+        assert_eq!(s.load_federation("faces").unwrap(), f);
+        assert_eq!(s.load_residual("faces").unwrap(), Some(weights()));
         assert_eq!(s.load_rounds("faces").unwrap(), vec![4, 9]);
+        let b = f.encode();
+        assert!(FedState::decode(&b[..b.len() - 1]).is_err());
+        let mut extra = b.clone();
+        extra.push(0);
+        assert!(FedState::decode(&extra).is_err());
+    }
+
+    #[test]
+    fn legacy_residual_and_round_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("residual-faces.bin"),
+            encode_weights(&weights()),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("rounds-faces.json"), b"[3,5]").unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let f = s.load_federation("faces").unwrap();
+        assert_eq!((f.residual, f.joined), (Some(weights()), vec![3, 5]));
     }
 }

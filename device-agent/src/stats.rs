@@ -21,6 +21,15 @@ pub struct AgentStats {
     pub rounds_failed: AtomicU64,
     /// Update payload bytes acknowledged by the coordinator.
     pub bytes_uploaded: AtomicU64,
+    /// Local training runs for a round (a resumed upload does not train again).
+    pub local_trainings: AtomicU64,
+    /// Updates re-sent from the state directory after a restart (no retraining).
+    pub uploads_resumed: AtomicU64,
+    /// Rounds that completed with this device's update: its residual was committed.
+    pub rounds_committed: AtomicU64,
+    /// Rounds that failed after this device's update was acknowledged, or closed before it
+    /// arrived: the residual went back to the one before the round.
+    pub rounds_rolled_back: AtomicU64,
     /// Model bytes downloaded from the coordinator.
     pub bytes_downloaded: AtomicU64,
     /// Model versions hot-swapped in since start.
@@ -41,6 +50,10 @@ pub struct StatsSnapshot {
     pub rounds_joined: u64,
     pub rounds_failed: u64,
     pub bytes_uploaded: u64,
+    pub local_trainings: u64,
+    pub uploads_resumed: u64,
+    pub rounds_committed: u64,
+    pub rounds_rolled_back: u64,
     pub bytes_downloaded: u64,
     pub models_loaded: u64,
     pub model_version: u64,
@@ -59,6 +72,10 @@ impl AgentStats {
             rounds_joined: r(&self.rounds_joined),
             rounds_failed: r(&self.rounds_failed),
             bytes_uploaded: r(&self.bytes_uploaded),
+            local_trainings: r(&self.local_trainings),
+            uploads_resumed: r(&self.uploads_resumed),
+            rounds_committed: r(&self.rounds_committed),
+            rounds_rolled_back: r(&self.rounds_rolled_back),
             bytes_downloaded: r(&self.bytes_downloaded),
             models_loaded: r(&self.models_loaded),
             model_version: r(&self.model_version),
