@@ -57,6 +57,26 @@ fn bad_config_exits_64_with_a_message() {
     let out = Command::new(BIN).arg("--config").arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
 
+    // A robust method whose kept updates would not fit the round memory limit.
+    std::fs::write(
+        &p,
+        "admin_token = \"0123456789abcdef0\"\nmax_round_memory_mb = 1\n\
+         [round]\nmax_clients = 1000\n[aggregation]\ncombine = \"median\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&p)
+        .env_remove("HEARTH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_round_memory_mb") && err.contains("max_clients (1000)"),
+        "{err}"
+    );
+
     let out = Command::new(BIN)
         .arg("--config")
         .arg(dir.path().join("missing.toml"))
