@@ -133,14 +133,29 @@ pub fn put_weights(b: &mut Vec<u8>, w: &Weights) {
 /// Reads what [`put_weights`] wrote.
 pub fn read_weights(r: &mut Reader<'_>) -> Result<Weights, AggregateError> {
     r.expect(WEIGHTS_MAGIC, "stored weights")?;
+    Ok(read_tensors(r, 4, Reader::f32s)?
+        .into_iter()
+        .map(|(name, shape, data)| (name, Tensor::new(shape, data)))
+        .collect())
+}
+
+/// A tensor's name, shape and values as read by [`read_tensors`].
+type NamedValues<T> = (String, Vec<usize>, Vec<T>);
+
+/// A `u32` count of tensors, each a state header, a `u64` length and `width`-byte values read
+/// by `values` (the layout of [`put_weights`] and [`Aggregate::to_bytes`]).
+fn read_tensors<'a, T>(
+    r: &mut Reader<'a>,
+    width: usize,
+    values: impl Fn(&mut Reader<'a>, usize) -> Result<Vec<T>, DecodeError>,
+) -> Result<Vec<NamedValues<T>>, DecodeError> {
     // Every tensor takes at least 20 bytes, which bounds the count by the input size.
     let n = r.u32_len("tensor count", r.remaining() / 20)?;
-    let mut out = Weights::new();
+    let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let (name, shape) = r.state_header(16, usize::MAX)?;
-        let len = r.u64_len("tensor length", r.remaining() / 4)?;
-        let data = r.f32s(len)?;
-        out.insert(name, Tensor::new(shape, data));
+        let len = r.u64_len("tensor length", r.remaining() / width)?;
+        out.push((name, shape, values(r, len)?));
     }
     Ok(out)
 }
@@ -269,15 +284,10 @@ impl Aggregate {
         r.expect(MAGIC, "an aggregate")?;
         let total_weight = r.f64()?;
         let count = r.u32()?;
-        // Every tensor takes at least 20 bytes, which bounds the count by the input size.
-        let n = r.u32_len("tensor count", bytes.len() / 20)?;
-        let mut sum = BTreeMap::new();
-        for _ in 0..n {
-            let (name, shape) = r.state_header(16, usize::MAX)?;
-            let len = r.u64_len("tensor length", r.remaining() / 8)?;
-            let data = r.f64s(len)?;
-            sum.insert(name, (shape, data));
-        }
+        let sum = read_tensors(&mut r, 8, Reader::f64s)?
+            .into_iter()
+            .map(|(name, shape, data)| (name, (shape, data)))
+            .collect();
         r.finish()?;
         Ok(Aggregate {
             total_weight,

@@ -669,53 +669,58 @@ mod tests {
 
     #[test]
     fn bad_aggregation_is_refused_with_the_key() {
-        let check = |c: Config, want: &str| {
+        let krum = |c: &mut Config, min: u32, select: u32| {
+            c.round.min_clients = min;
+            c.round.max_clients = min;
+            c.aggregation.combine = Combine::Krum;
+            c.aggregation.krum_byzantine = 2;
+            c.aggregation.krum_select = select;
+        };
+        type Change<'a> = &'a dyn Fn(&mut Config);
+        let cases: [(Change, &str); 7] = [
+            (
+                &|c| c.aggregation.trim_fraction = 0.5,
+                "aggregation.trim_fraction",
+            ),
+            (
+                &|c| {
+                    let beta2 = Aggregation {
+                        beta2: 1.0,
+                        ..Aggregation::default()
+                    };
+                    c.model_aggregation.insert("faces".into(), beta2);
+                },
+                "model_aggregation.faces.beta1 and model_aggregation.faces.beta2",
+            ),
+            (
+                &|c| {
+                    c.model_aggregation
+                        .insert("cats".into(), Aggregation::default());
+                },
+                "model_aggregation.cats names no configured",
+            ),
+            (
+                &|c| c.aggregation.clip_norm = 60.0,
+                "must not exceed max_update_norm",
+            ),
+            (&|c| krum(c, 2, 1), "needs min_clients >= 7"),
+            (
+                &|c| krum(c, 7, 6),
+                "krum_select (6) must be <= min_clients - krum_byzantine (5)",
+            ),
+            (&|c| c.max_client_samples = 0, "max_client_samples"),
+        ];
+        for (change, want) in cases {
+            let mut c = valid();
+            change(&mut c);
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(want), "{want:?} not in {e}");
-        };
-        let mut c = valid();
-        c.aggregation.trim_fraction = 0.5;
-        check(c, "aggregation.trim_fraction");
-        let mut c = valid();
-        c.model_aggregation.insert(
-            "faces".into(),
-            Aggregation {
-                beta2: 1.0,
-                ..Aggregation::default()
-            },
+        }
+        // An unknown optimizer is a parse error that lists the known ones.
+        let sgd = Config::from_toml_str("[aggregation]\noptimizer = \"sgd\"\n");
+        assert!(
+            matches!(sgd, Err(ConfigError::Parse { message, .. }) if message.contains("fedadam"))
         );
-        check(
-            c,
-            "model_aggregation.faces.beta1 and model_aggregation.faces.beta2",
-        );
-        let mut c = valid();
-        c.model_aggregation
-            .insert("cats".into(), Aggregation::default());
-        check(c, "model_aggregation.cats names no configured");
-        let mut c = valid();
-        c.aggregation.clip_norm = 60.0;
-        check(c, "must not exceed max_update_norm");
-        let mut c = valid();
-        c.aggregation.combine = Combine::Krum;
-        c.aggregation.krum_byzantine = 2;
-        check(c, "needs min_clients >= 7");
-        let mut c = valid();
-        c.round.min_clients = 7;
-        c.round.max_clients = 7;
-        c.aggregation.combine = Combine::Krum;
-        c.aggregation.krum_byzantine = 2;
-        c.aggregation.krum_select = 6;
-        check(
-            c,
-            "krum_select (6) must be <= min_clients - krum_byzantine (5)",
-        );
-        let mut c = valid();
-        c.max_client_samples = 0;
-        check(c, "max_client_samples");
-        let e = Config::from_toml_str("[aggregation]\noptimizer = \"sgd\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("fedadam"), "{e}");
     }
 
     #[test]

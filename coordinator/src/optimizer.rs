@@ -318,37 +318,23 @@ mod tests {
 
     #[test]
     fn state_of_another_optimizer_or_shape_restarts() {
+        let run = |o, x: &mut Weights, d: &[f32], s| step(&agg(o), 1.0, x, &w(d), s);
         let mut x = w(&[0.0]);
-        let adam = step(
-            &agg(ServerOptimizer::FedAdam),
-            1.0,
+        let adam = run(
+            ServerOptimizer::FedAdam,
             &mut x,
-            &w(&[1.0]),
+            &[1.0],
             ServerState::default(),
         )
         .unwrap();
         let mut y = w(&[0.0]);
-        let s = step(
-            &agg(ServerOptimizer::FedAvgM),
-            1.0,
-            &mut y,
-            &w(&[1.0]),
-            adam,
-        )
-        .unwrap();
+        let s = run(ServerOptimizer::FedAvgM, &mut y, &[1.0], adam).unwrap();
         close(&y, &[1.0]);
         assert_eq!(s.steps, 1);
         let mut z = w(&[0.0, 0.0]);
-        let s = step(
-            &agg(ServerOptimizer::FedAvgM),
-            1.0,
-            &mut z,
-            &w(&[1.0, 1.0]),
-            s,
-        )
-        .unwrap();
+        let s = run(ServerOptimizer::FedAvgM, &mut z, &[1.0, 1.0], s).unwrap();
         close(&z, &[1.0, 1.0]);
-        assert!(step(&agg(ServerOptimizer::FedAvg), 1.0, &mut z, &w(&[1.0]), s).is_err());
+        assert!(run(ServerOptimizer::FedAvg, &mut z, &[1.0], s).is_err());
         assert!(ServerState::from_bytes(b"HOPT1\x09").is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use common::*;
 use hearth_coordinator::{start, Aggregation, Combine, Config, ModelConfig, ServerOptimizer};
-use hearth_model::{decode_update, OnnxModel, Tensor, Weights};
+use hearth_model::{decode_update, OnnxModel, Weights};
 use hearth_proto::v1::RoundState;
 use tonic::transport::Channel;
 
@@ -87,17 +87,7 @@ async fn global(ch: &Channel, c: &Creds, name: &str, version: u64) -> Weights {
 }
 
 fn add(a: &Weights, b: &Weights, scale: f32) -> Weights {
-    a.iter()
-        .map(|(k, t)| {
-            let data = t
-                .data
-                .iter()
-                .zip(&b[k].data)
-                .map(|(x, y)| x + scale * y)
-                .collect();
-            (k.clone(), Tensor::new(t.shape.clone(), data))
-        })
-        .collect()
+    map_weights(a, |k, i, x| x + scale * b[k].data[i])
 }
 
 fn norm(w: &Weights) -> f64 {
@@ -303,17 +293,9 @@ async fn optimizer_state_and_kept_updates_survive_a_restart() {
             "{s:?}"
         );
         let got = global(&ch, &clients[0], name, 3).await;
-        let (want, fresh) = if name == "avgm" {
-            (
-                two_steps_avgm(&avgm, &x1, d1, &d2, true),
-                two_steps_avgm(&avgm, &x1, d1, &d2, false),
-            )
-        } else {
-            (
-                two_steps_adam(&adam, &x1, d1, &d2, true),
-                two_steps_adam(&adam, &x1, d1, &d2, false),
-            )
-        };
+        let a = if name == "avgm" { &avgm } else { &adam };
+        let want = second_step(a, &x1, d1, &d2, true);
+        let fresh = second_step(a, &x1, d1, &d2, false);
         let err = max_abs_diff(&got, &want);
         assert!(err < 1e-5, "{name}: second step differs by {err}");
         let lost = max_abs_diff(&got, &fresh);
@@ -330,74 +312,39 @@ async fn optimizer_state_and_kept_updates_survive_a_restart() {
     wait_state(&ch, "median", r_med.round_id, RoundState::Completed).await;
     let got = global(&ch, &clients[0], "median", 2).await;
     let ds: Vec<Weights> = med.iter().map(|p| decode_update(p).unwrap()).collect();
-    let want: Weights = g_med
-        .iter()
-        .map(|(k, t)| {
-            let data = (0..t.data.len())
-                .map(|i| {
-                    let mut col: Vec<f32> = ds.iter().map(|d| d[k].data[i]).collect();
-                    col.sort_by(f32::total_cmp);
-                    t.data[i] + col[1]
-                })
-                .collect();
-            (k.clone(), Tensor::new(t.shape.clone(), data))
-        })
-        .collect();
+    let want = map_weights(&g_med, |k, i, g| {
+        let mut col: Vec<f32> = ds.iter().map(|d| d[k].data[i]).collect();
+        col.sort_by(f32::total_cmp);
+        g + col[1]
+    });
     let err = max_abs_diff(&got, &want);
     assert!(err < 1e-6, "median after restart differs by {err}");
     server.shutdown().await.unwrap();
 }
 
-/// x2 from x1 = x0 + η·Δ1 (what round 1 published) and Δ2: with the state, the momentum
-/// carries μ·Δ1 into the second step; without it the step is plain.
-fn two_steps_avgm(
-    a: &Aggregation,
-    x1: &Weights,
-    d1: &Weights,
-    d2: &Weights,
-    kept: bool,
-) -> Weights {
-    let lr = a.server_learning_rate.unwrap();
-    let mu = if kept { a.momentum } else { 0.0 };
-    let mut x = x1.clone();
-    hearth_model::axpy(&mut x, lr * mu, d1).unwrap();
-    hearth_model::axpy(&mut x, lr, d2).unwrap();
-    x
-}
-
-/// FedAdam's second step by its formula, in f64; `kept = false` starts m and v from zero.
-fn two_steps_adam(
-    a: &Aggregation,
-    x1: &Weights,
-    d1: &Weights,
-    d2: &Weights,
-    kept: bool,
-) -> Weights {
-    let (lr, b1, b2, tau) = (
-        f64::from(a.server_learning_rate.unwrap()),
+/// The second server step from x1 (what round 1 published) with the pseudo-gradients Δ1 and
+/// Δ2, by the optimizer's formula in f64; `kept = false` is what a lost state would give (m and
+/// v from zero). FedAvgM: x2 = x1 + η(μΔ1 + Δ2). FedAdam: m1 = (1−β1)Δ1, v1 = (1−β2)Δ1²,
+/// m2 = β1 m1 + (1−β1)Δ2, v2 = β2 v1 + (1−β2)Δ2², x2 = x1 + η m2 / (√v2 + τ).
+fn second_step(a: &Aggregation, x1: &Weights, d1: &Weights, d2: &Weights, kept: bool) -> Weights {
+    let lr = f64::from(a.server_learning_rate.unwrap());
+    let (mu, b1, b2, tau) = (
+        f64::from(a.momentum),
         f64::from(a.beta1),
         f64::from(a.beta2),
         f64::from(a.tau),
     );
-    x1.iter()
-        .map(|(k, t)| {
-            let data = t
-                .data
-                .iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    let (g1, g2) = (f64::from(d1[k].data[i]), f64::from(d2[k].data[i]));
-                    let (m1, v1) = if kept {
-                        ((1.0 - b1) * g1, (1.0 - b2) * g1 * g1)
-                    } else {
-                        (0.0, 0.0)
-                    };
-                    let m2 = b1 * m1 + (1.0 - b1) * g2;
-                    let v2 = b2 * v1 + (1.0 - b2) * g2 * g2;
-                    (f64::from(*x) + lr * m2 / (v2.sqrt() + tau)) as f32
-                })
-                .collect();
-            (k.clone(), Tensor::new(t.shape.clone(), data))
-        })
-        .collect()
+    let keep = if kept { 1.0 } else { 0.0 };
+    map_weights(x1, |k, i, x| {
+        let (g1, g2) = (f64::from(d1[k].data[i]), f64::from(d2[k].data[i]));
+        let step = if a.optimizer == ServerOptimizer::FedAvgM {
+            keep * mu * g1 + g2
+        } else {
+            let (m1, v1) = (keep * (1.0 - b1) * g1, keep * (1.0 - b2) * g1 * g1);
+            let m2 = b1 * m1 + (1.0 - b1) * g2;
+            let v2 = b2 * v1 + (1.0 - b2) * g2 * g2;
+            m2 / (v2.sqrt() + tau)
+        };
+        (f64::from(x) + lr * step) as f32
+    })
 }
