@@ -41,6 +41,9 @@ pub enum AggregateError {
     /// Nothing was folded.
     #[error("no updates were aggregated")]
     Empty,
+    /// A robust method cannot combine these updates.
+    #[error("{0}")]
+    Robust(String),
     /// Serialised aggregate is malformed.
     #[error("malformed aggregate bytes: {0}")]
     Encoding(String),
@@ -94,6 +97,82 @@ pub fn validate_update(
         });
     }
     Ok(norm)
+}
+
+/// Scales `update` down so its L2 norm (`norm`, as returned by [`validate_update`]) is at most
+/// `bound`; returns whether it was scaled. A `bound` of 0 means no clipping.
+pub fn clip_update(update: &mut Weights, norm: f64, bound: f32) -> bool {
+    if bound <= 0.0 || norm <= f64::from(bound) {
+        return false;
+    }
+    let scale = (f64::from(bound) / norm) as f32;
+    for t in update.values_mut() {
+        for v in &mut t.data {
+            *v *= scale;
+        }
+    }
+    true
+}
+
+const WEIGHTS_MAGIC: &[u8; 5] = b"HWTS1";
+
+/// Writes `w` in the fixed-width state format (f32 values): how the store keeps the decoded
+/// updates of a round for the robust methods, and the server optimizer's moments.
+pub fn put_weights(b: &mut Vec<u8>, w: &Weights) {
+    b.put_bytes(WEIGHTS_MAGIC);
+    b.put_u32(w.len() as u32);
+    for (name, t) in w {
+        b.put_state_header(name, &t.shape);
+        b.put_u64(t.data.len() as u64);
+        for &v in &t.data {
+            b.put_f32(v);
+        }
+    }
+}
+
+/// Reads what [`put_weights`] wrote.
+pub fn read_weights(r: &mut Reader<'_>) -> Result<Weights, AggregateError> {
+    r.expect(WEIGHTS_MAGIC, "stored weights")?;
+    Ok(read_tensors(r, 4, Reader::f32s)?
+        .into_iter()
+        .map(|(name, shape, data)| (name, Tensor::new(shape, data)))
+        .collect())
+}
+
+/// A tensor's name, shape and values as read by [`read_tensors`].
+type NamedValues<T> = (String, Vec<usize>, Vec<T>);
+
+/// A `u32` count of tensors, each a state header, a `u64` length and `width`-byte values read
+/// by `values` (the layout of [`put_weights`] and [`Aggregate::to_bytes`]).
+fn read_tensors<'a, T>(
+    r: &mut Reader<'a>,
+    width: usize,
+    values: impl Fn(&mut Reader<'a>, usize) -> Result<Vec<T>, DecodeError>,
+) -> Result<Vec<NamedValues<T>>, DecodeError> {
+    // Every tensor takes at least 20 bytes, which bounds the count by the input size.
+    let n = r.u32_len("tensor count", r.remaining() / 20)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (name, shape) = r.state_header(16, usize::MAX)?;
+        let len = r.u64_len("tensor length", r.remaining() / width)?;
+        out.push((name, shape, values(r, len)?));
+    }
+    Ok(out)
+}
+
+/// [`put_weights`] into a fresh buffer.
+pub fn weights_to_bytes(w: &Weights) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + 4 * hearth_model::num_params(w));
+    put_weights(&mut b, w);
+    b
+}
+
+/// [`read_weights`] over a whole buffer.
+pub fn weights_from_bytes(bytes: &[u8]) -> Result<Weights, AggregateError> {
+    let mut r = Reader::new(bytes);
+    let w = read_weights(&mut r)?;
+    r.finish()?;
+    Ok(w)
 }
 
 /// Σ wᵢ·Δᵢ and Σ wᵢ, accumulated in f64.
@@ -205,15 +284,10 @@ impl Aggregate {
         r.expect(MAGIC, "an aggregate")?;
         let total_weight = r.f64()?;
         let count = r.u32()?;
-        // Every tensor takes at least 20 bytes, which bounds the count by the input size.
-        let n = r.u32_len("tensor count", bytes.len() / 20)?;
-        let mut sum = BTreeMap::new();
-        for _ in 0..n {
-            let (name, shape) = r.state_header(16, usize::MAX)?;
-            let len = r.u64_len("tensor length", r.remaining() / 8)?;
-            let data = r.f64s(len)?;
-            sum.insert(name, (shape, data));
-        }
+        let sum = read_tensors(&mut r, 8, Reader::f64s)?
+            .into_iter()
+            .map(|(name, shape, data)| (name, (shape, data)))
+            .collect();
         r.finish()?;
         Ok(Aggregate {
             total_weight,
@@ -260,6 +334,28 @@ mod tests {
         assert!(Aggregate::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         assert!(Aggregate::from_bytes(b"nope").is_err());
         assert!(agg.fold(&w(&[1.0; 4], &[1.0; 2]), 0.0).is_err());
+    }
+
+    #[test]
+    fn clipping_scales_down_to_the_bound_only_above_it() {
+        let mut u = w(&[3.0, 0.0, 0.0, 0.0], &[4.0, 0.0]);
+        assert!(!clip_update(&mut u, 5.0, 5.0));
+        assert!(!clip_update(&mut u, 5.0, 0.0));
+        assert_eq!(u["fc1.bias"].data, vec![4.0, 0.0]);
+        assert!(clip_update(&mut u, 5.0, 1.0));
+        assert!((u["fc1.weight"].data[0] - 0.6).abs() < 1e-6);
+        assert!((u["fc1.bias"].data[0] - 0.8).abs() < 1e-6);
+        let g = w(&[0.0; 4], &[0.0; 2]);
+        assert!((validate_update(&u, &g, 5.0).unwrap() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn weights_round_trip_through_bytes() {
+        let u = w(&[1.5, -2.0, 0.25, 3.0], &[-1.0, 7.0]);
+        let b = weights_to_bytes(&u);
+        assert_eq!(weights_from_bytes(&b).unwrap(), u);
+        assert!(weights_from_bytes(&b[..b.len() - 1]).is_err());
+        assert!(weights_from_bytes(b"HWTS1\xff\xff\xff\xff").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Coordinator configuration: a TOML file deserialised with serde over built-in defaults,
 //! checked by [`Config::validate`] before anything starts.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -56,11 +57,25 @@ pub struct Config {
     /// Server learning rate: new = global + lr · FedAvg(deltas).
     #[serde(serialize_with = "short_f32")]
     pub server_learning_rate: f32,
-    /// Largest L2 norm of a decoded update the coordinator accepts.
+    /// Largest L2 norm of a decoded update the coordinator accepts (the hard bound: above it an
+    /// update is refused; a model's `aggregation.clip_norm` scales updates down below it).
     #[serde(serialize_with = "short_f32")]
     pub max_update_norm: f32,
+    /// Cap on the sample count a client reports: its aggregation weight is
+    /// `min(num_samples, max_client_samples)`.
+    pub max_client_samples: u64,
+    /// Memory allowed for the decoded updates a round keeps for the robust methods that need
+    /// them (median, trimmed mean, Krum): `max_clients × 4 × parameters` must fit, checked for
+    /// each such model at start-up and for every `StartRound`.
+    pub max_round_memory_mb: u64,
     /// Round defaults (used when a `StartRound` field is 0) and the task sent to clients.
     pub round: RoundDefaults,
+    /// Aggregation of every model that has no entry in `model_aggregation`.
+    pub aggregation: Aggregation,
+    /// Per-model aggregation (`[model_aggregation.<name>]`), replacing `aggregation` for that
+    /// model; keys it leaves out take the built-in defaults.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_aggregation: BTreeMap<String, Aggregation>,
     /// Models the coordinator serves.
     #[serde(rename = "model")]
     pub models: Vec<ModelConfig>,
@@ -112,6 +127,219 @@ pub struct ModelConfig {
     pub seed: u64,
 }
 
+/// Server optimizer applied to the round's pseudo-gradient Δ (Reddi et al. 2020, "Adaptive
+/// Federated Optimization").
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerOptimizer {
+    /// x += η Δ.
+    #[default]
+    FedAvg,
+    /// m = μ m + Δ; x += η m.
+    FedAvgM,
+    /// m = β1 m + (1−β1) Δ; v = β2 v + (1−β2) Δ²; x += η m / (√v + τ).
+    FedAdam,
+    /// As FedAdam with v = v − (1−β2) Δ² sign(v − Δ²).
+    FedYogi,
+}
+
+/// How the round's accepted updates are combined into the pseudo-gradient Δ.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// Weighted mean, folded into a running sum (O(model) memory).
+    #[default]
+    Mean,
+    /// Coordinate-wise median (keeps the updates).
+    Median,
+    /// Coordinate-wise mean without the `trim_fraction` smallest and largest values on each
+    /// side (keeps the updates).
+    TrimmedMean,
+    /// Krum / multi-Krum: the `krum_select` updates closest to their neighbours, assuming
+    /// `krum_byzantine` attackers, averaged by weight (keeps the updates).
+    Krum,
+}
+
+impl Combine {
+    /// Whether the method needs every decoded update of the round (not just the running sum).
+    pub fn keeps_updates(self) -> bool {
+        !matches!(self, Combine::Mean)
+    }
+
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Combine::Mean => "mean",
+            Combine::Median => "median",
+            Combine::TrimmedMean => "trimmed_mean",
+            Combine::Krum => "krum",
+        }
+    }
+}
+
+/// Per-model aggregation: robust combination, server-side clipping and server optimizer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Aggregation {
+    /// `fedavg`, `fedavgm`, `fedadam` or `fedyogi`.
+    pub optimizer: ServerOptimizer,
+    /// Server learning rate η for this model (default: the top-level `server_learning_rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_learning_rate: Option<f32>,
+    /// FedAvgM server momentum μ.
+    #[serde(serialize_with = "short_f32")]
+    pub momentum: f32,
+    /// FedAdam/FedYogi first-moment decay β1.
+    #[serde(serialize_with = "short_f32")]
+    pub beta1: f32,
+    /// FedAdam/FedYogi second-moment decay β2.
+    #[serde(serialize_with = "short_f32")]
+    pub beta2: f32,
+    /// FedAdam/FedYogi adaptivity τ.
+    #[serde(serialize_with = "short_f32")]
+    pub tau: f32,
+    /// `mean`, `median`, `trimmed_mean` or `krum`.
+    pub combine: Combine,
+    /// Fraction β of values dropped on each side by `trimmed_mean`, in [0, 0.5).
+    #[serde(serialize_with = "short_f32")]
+    pub trim_fraction: f32,
+    /// Attackers `krum` assumes (f); rounds need at least 2f + 3 updates.
+    pub krum_byzantine: u32,
+    /// Updates `krum` averages (m; 1 = Krum, more = multi-Krum).
+    pub krum_select: u32,
+    /// Server-side clipping: an accepted update whose L2 norm exceeds this is scaled down to
+    /// it (0 = off). Updates above `max_update_norm` are still refused.
+    #[serde(serialize_with = "short_f32")]
+    pub clip_norm: f32,
+}
+
+impl Default for Aggregation {
+    fn default() -> Self {
+        Aggregation {
+            optimizer: ServerOptimizer::FedAvg,
+            server_learning_rate: None,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            combine: Combine::Mean,
+            trim_fraction: 0.1,
+            krum_byzantine: 1,
+            krum_select: 1,
+            clip_norm: 0.0,
+        }
+    }
+}
+
+impl Aggregation {
+    /// Checks the values that do not depend on a round; the message names the key.
+    fn validate(&self, section: &str, max_update_norm: f32) -> Result<(), String> {
+        let unit = |v: f32| (0.0..1.0).contains(&v);
+        if let Some(lr) = self.server_learning_rate {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!(
+                    "{section}.server_learning_rate must be a finite number > 0"
+                ));
+            }
+        }
+        if !unit(self.momentum) {
+            return Err(format!("{section}.momentum must be in [0, 1)"));
+        }
+        if !unit(self.beta1) || !unit(self.beta2) {
+            return Err(format!(
+                "{section}.beta1 and {section}.beta2 must be in [0, 1)"
+            ));
+        }
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return Err(format!("{section}.tau must be a finite number > 0"));
+        }
+        if !(0.0..0.5).contains(&self.trim_fraction) {
+            return Err(format!("{section}.trim_fraction must be in [0, 0.5)"));
+        }
+        if self.krum_select == 0 {
+            return Err(format!("{section}.krum_select must be >= 1"));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
+            return Err(format!("{section}.clip_norm must be a finite number >= 0"));
+        }
+        if self.clip_norm > max_update_norm {
+            return Err(format!(
+                "{section}.clip_norm ({}) must not exceed max_update_norm ({max_update_norm})",
+                self.clip_norm
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a round's client bounds against the method: Krum needs `min_clients >= 2f + 3`
+    /// and `krum_select <= min_clients - f`; methods that keep updates need
+    /// `max_clients × model_bytes` within `memory_limit_bytes`.
+    pub fn check_round(
+        &self,
+        min_clients: u32,
+        max_clients: u32,
+        model_bytes: u64,
+        memory_limit_bytes: u64,
+    ) -> Result<(), String> {
+        if self.combine == Combine::Krum {
+            let f = self.krum_byzantine;
+            if min_clients < 2 * f + 3 {
+                return Err(format!(
+                    "krum with krum_byzantine = {f} needs min_clients >= {} (2f + 3), got {min_clients}",
+                    2 * f + 3
+                ));
+            }
+            if self.krum_select > min_clients - f {
+                return Err(format!(
+                    "krum_select ({}) must be <= min_clients - krum_byzantine ({})",
+                    self.krum_select,
+                    min_clients - f
+                ));
+            }
+        }
+        if self.combine.keeps_updates() {
+            let need = u64::from(max_clients).saturating_mul(model_bytes);
+            if need > memory_limit_bytes {
+                return Err(format!(
+                    "combine = \"{}\" keeps every update of a round: max_clients ({max_clients}) × \
+                     {model_bytes} bytes per update = {need} bytes exceeds max_round_memory_mb \
+                     ({} MiB = {memory_limit_bytes} bytes); lower max_clients, raise \
+                     max_round_memory_mb or use combine = \"mean\"",
+                    self.combine.as_str(),
+                    memory_limit_bytes >> 20
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// Bytes of one decoded f32 update of this model (4 × parameters), from the `init` file
+    /// or the task's default MLP.
+    pub fn update_bytes(&self) -> Result<u64, String> {
+        let params = match &self.init {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let model = hearth_model::OnnxModel::from_bytes(&bytes)
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
+                hearth_model::num_params(&model.weights())
+            }
+            None => {
+                let task = hearth_model::Task::from_str(&self.task)
+                    .map_err(|_| format!("unknown task {:?}", self.task))?;
+                let spec = task.default_spec();
+                let mut widths = vec![spec.input_len];
+                widths.extend(&spec.hidden);
+                widths.push(spec.classes.len());
+                widths.windows(2).map(|w| (w[0] + 1) * w[1]).sum()
+            }
+        };
+        Ok(4 * params as u64)
+    }
+}
+
 /// Writes an f32 with its shortest decimal form (0.05, not 0.05000000074505806).
 fn short_f32<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(v.to_string().parse::<f64>().unwrap_or(f64::from(*v)))
@@ -155,7 +383,11 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             server_learning_rate: 1.0,
             max_update_norm: 50.0,
+            max_client_samples: 1_000_000,
+            max_round_memory_mb: 256,
             round: RoundDefaults::default(),
+            aggregation: Aggregation::default(),
+            model_aggregation: BTreeMap::new(),
             models: ["plaid", "faces", "digits"]
                 .into_iter()
                 .map(|t| ModelConfig {
@@ -226,6 +458,12 @@ impl Config {
         if !(self.max_update_norm.is_finite() && self.max_update_norm > 0.0) {
             return bad("max_update_norm must be a finite number > 0".into());
         }
+        if self.max_client_samples == 0 {
+            return bad("max_client_samples must be >= 1".into());
+        }
+        if self.max_round_memory_mb == 0 || self.max_round_memory_mb > 1 << 20 {
+            return bad("max_round_memory_mb must be in 1..=1048576".into());
+        }
         let r = &self.round;
         if r.min_clients == 0 {
             return bad("round.min_clients must be >= 1".into());
@@ -294,8 +532,57 @@ impl Config {
                     ));
                 }
             }
+            let a = self.aggregation_for(&m.name);
+            let section = if self.model_aggregation.contains_key(&m.name) {
+                format!("model_aggregation.{}", m.name)
+            } else {
+                "aggregation".to_string()
+            };
+            a.validate(&section, self.max_update_norm).or_else(bad)?;
+            let model_bytes = if a.combine.keeps_updates() {
+                m.update_bytes()
+                    .map_err(|e| ConfigError::Invalid(format!("model[{i}] ({}): {e}", m.name)))?
+            } else {
+                0
+            };
+            a.check_round(
+                r.min_clients,
+                r.max_clients,
+                model_bytes,
+                self.round_memory_limit(),
+            )
+            .or_else(|e| {
+                bad(format!(
+                    "{section} (model {}, [round] defaults): {e}",
+                    m.name
+                ))
+            })?;
         }
+        if let Some(name) = self
+            .model_aggregation
+            .keys()
+            .find(|n| self.model(n).is_none())
+        {
+            return bad(format!(
+                "model_aggregation.{name} names no configured [[model]]"
+            ));
+        }
+        self.aggregation
+            .validate("aggregation", self.max_update_norm)
+            .or_else(bad)?;
         Ok(())
+    }
+
+    /// The aggregation of model `name`.
+    pub fn aggregation_for(&self, name: &str) -> &Aggregation {
+        self.model_aggregation
+            .get(name)
+            .unwrap_or(&self.aggregation)
+    }
+
+    /// `max_round_memory_mb` in bytes.
+    pub fn round_memory_limit(&self) -> u64 {
+        self.max_round_memory_mb << 20
     }
 
     /// The configured model called `name`.
@@ -343,6 +630,124 @@ mod tests {
         assert_eq!(c.models.len(), 1);
         assert!(c.models[0].eval);
         assert_eq!(c.models[0].seed, 1);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn aggregation_parses_per_model_and_defaults_to_fedavg() {
+        let c = Config::from_toml_str(
+            "admin_token = \"0123456789abcdef\"\nmax_client_samples = 500\n\
+             [round]\nmin_clients = 5\nmax_clients = 8\n\
+             [aggregation]\noptimizer = \"fedavgm\"\nmomentum = 0.5\n\
+             [model_aggregation.digits]\noptimizer = \"fedadam\"\ncombine = \"krum\"\n\
+             krum_byzantine = 1\nkrum_select = 3\nclip_norm = 5.0\nserver_learning_rate = 0.01\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.max_client_samples, 500);
+        let d = c.aggregation_for("digits");
+        assert_eq!(
+            (d.optimizer, d.combine),
+            (ServerOptimizer::FedAdam, Combine::Krum)
+        );
+        assert_eq!(d.server_learning_rate, Some(0.01));
+        assert_eq!(d.momentum, 0.9, "keys left out take the built-in defaults");
+        let p = c.aggregation_for("plaid");
+        assert_eq!(
+            (p.optimizer, p.combine),
+            (ServerOptimizer::FedAvgM, Combine::Mean)
+        );
+        assert_eq!(p.momentum, 0.5);
+        let back = Config::from_toml_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let d = Config::default();
+        assert_eq!(d.aggregation, Aggregation::default());
+        assert_eq!(d.aggregation.optimizer, ServerOptimizer::FedAvg);
+        assert_eq!(d.aggregation.combine, Combine::Mean);
+        assert_eq!(d.aggregation.clip_norm, 0.0);
+    }
+
+    #[test]
+    fn bad_aggregation_is_refused_with_the_key() {
+        let krum = |c: &mut Config, min: u32, select: u32| {
+            c.round.min_clients = min;
+            c.round.max_clients = min;
+            c.aggregation.combine = Combine::Krum;
+            c.aggregation.krum_byzantine = 2;
+            c.aggregation.krum_select = select;
+        };
+        type Change<'a> = &'a dyn Fn(&mut Config);
+        let cases: [(Change, &str); 7] = [
+            (
+                &|c| c.aggregation.trim_fraction = 0.5,
+                "aggregation.trim_fraction",
+            ),
+            (
+                &|c| {
+                    let beta2 = Aggregation {
+                        beta2: 1.0,
+                        ..Aggregation::default()
+                    };
+                    c.model_aggregation.insert("faces".into(), beta2);
+                },
+                "model_aggregation.faces.beta1 and model_aggregation.faces.beta2",
+            ),
+            (
+                &|c| {
+                    c.model_aggregation
+                        .insert("cats".into(), Aggregation::default());
+                },
+                "model_aggregation.cats names no configured",
+            ),
+            (
+                &|c| c.aggregation.clip_norm = 60.0,
+                "must not exceed max_update_norm",
+            ),
+            (&|c| krum(c, 2, 1), "needs min_clients >= 7"),
+            (
+                &|c| krum(c, 7, 6),
+                "krum_select (6) must be <= min_clients - krum_byzantine (5)",
+            ),
+            (&|c| c.max_client_samples = 0, "max_client_samples"),
+        ];
+        for (change, want) in cases {
+            let mut c = valid();
+            change(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
+        // An unknown optimizer is a parse error that lists the known ones.
+        let sgd = Config::from_toml_str("[aggregation]\noptimizer = \"sgd\"\n");
+        assert!(
+            matches!(sgd, Err(ConfigError::Parse { message, .. }) if message.contains("fedadam"))
+        );
+    }
+
+    #[test]
+    fn robust_methods_need_their_updates_to_fit_the_memory_limit() {
+        // digits: (64 + 1)·32 + (32 + 1)·10 = 2410 parameters, 9640 bytes per update.
+        let digits = Config::default().models[2].clone();
+        assert_eq!(digits.update_bytes().unwrap(), 9640);
+        let mut c = valid();
+        c.models = vec![digits];
+        c.model_aggregation.insert(
+            "digits".into(),
+            Aggregation {
+                combine: Combine::Median,
+                ..Aggregation::default()
+            },
+        );
+        c.max_round_memory_mb = 1;
+        c.round.max_clients = 108; // 108 × 9640 = 1041120 ≤ 1 MiB
+        c.validate().unwrap();
+        c.round.max_clients = 109; // 1050760 > 1048576
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("max_clients (109)") && e.contains("max_round_memory_mb (1 MiB"),
+            "{e}"
+        );
+        // The running mean keeps no updates: no limit applies.
+        c.model_aggregation.clear();
         c.validate().unwrap();
     }
 

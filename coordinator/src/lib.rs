@@ -3,7 +3,9 @@
 //!
 //! - [`config`]: TOML configuration with defaults and validation.
 //! - [`store`]: all durable state behind one interface (sled).
-//! - [`aggregate`]: O(model) running weighted sum and update validation.
+//! - [`aggregate`]: O(model) running weighted sum, update validation and clipping.
+//! - [`robust`]: median, trimmed mean and Krum over a round's kept updates.
+//! - [`optimizer`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
@@ -11,13 +13,17 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod optimizer;
+pub mod robust;
 pub mod rounds;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
 
-pub use config::{Config, ConfigError, ModelConfig, RoundDefaults};
+pub use config::{
+    Aggregation, Combine, Config, ConfigError, ModelConfig, RoundDefaults, ServerOptimizer,
+};
 pub use server::{run, start, CoordinatorHandle};
 pub use state::Coordinator;
 

@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use hearth_model::{OnnxModel, Weights};
 
-use crate::aggregate::{validate_update, Aggregate};
+use crate::aggregate::{
+    clip_update, validate_update, weights_from_bytes, weights_to_bytes, Aggregate,
+};
+use crate::optimizer::{self, ServerState};
+use crate::robust::{self, Weighted};
 use crate::state::{blocking_task, evaluate, sha256_hex, stopped, Coordinator, Event};
 use crate::store::{
     now_unix_ms, AcceptOutcome, RoundRecord, RoundState, StoreError, TaskParams, UpdateMarker,
@@ -171,6 +175,11 @@ impl Coordinator {
             .latest_version(&req.model)?
             .ok_or_else(|| Error::Internal(format!("model {} has no version", req.model)))?;
         let global = self.global_weights(&req.model, base.version).await?;
+        let model_fp32_bytes = 4 * hearth_model::num_params(&global) as u64;
+        self.config
+            .aggregation_for(&req.model)
+            .check_round(min, max, model_fp32_bytes, self.config.round_memory_limit())
+            .map_err(RoundError::Invalid)?;
         let now = now_unix_ms();
         let proto = RoundRecord {
             id: 0,
@@ -194,7 +203,7 @@ impl Coordinator {
             updates: 0,
             total_samples: 0,
             uplink_bytes: 0,
-            model_fp32_bytes: 4 * hearth_model::num_params(&global) as u64,
+            model_fp32_bytes,
             eval_accuracy: None,
             detail: String::new(),
         };
@@ -300,28 +309,46 @@ impl Coordinator {
         }
         let global = self.global_weights(&rec.model, rec.base_version).await?;
         let max_norm = self.config.max_update_norm;
+        let agg = self.config.aggregation_for(&rec.model);
+        let (clip, keep) = (agg.clip_norm, agg.combine.keeps_updates());
         let payload = Arc::new(up.payload);
         let decoded = {
             let (payload, global) = (payload.clone(), global.clone());
             blocking_task(move || {
-                let update = hearth_model::decode_update(&payload)
+                let mut update = hearth_model::decode_update(&payload)
                     .map_err(|e| format!("undecodable update: {e}"))?;
-                validate_update(&update, &global, max_norm)
+                let norm = validate_update(&update, &global, max_norm)
                     .map_err(|e| format!("invalid update: {e}"))?;
-                Ok::<Weights, String>(update)
+                let clipped = clip_update(&mut update, norm, clip);
+                let kept = keep.then(|| weights_to_bytes(&update));
+                Ok::<(Weights, Option<Vec<u8>>, Option<f64>), String>((
+                    update,
+                    kept,
+                    clipped.then_some(norm),
+                ))
             })
             .await?
         };
-        let update = match decoded {
-            Ok(u) => Arc::new(u),
+        let (update, kept) = match decoded {
+            Ok((u, kept, clipped)) => {
+                if let Some(norm) = clipped {
+                    tracing::info!(
+                        client = %up.client_id, round = rec.id, norm, bound = clip,
+                        "update clipped to the server bound"
+                    );
+                }
+                (Arc::new(u), kept)
+            }
             Err(reason) => {
                 tracing::warn!(client = %up.client_id, round = rec.id, %reason, "update refused");
                 return Ok(refused(reason, &rec));
             }
         };
+        let weight_samples = up.num_samples.min(self.config.max_client_samples);
         let marker = UpdateMarker {
             client_id: up.client_id.clone(),
-            num_samples: up.num_samples,
+            num_samples: weight_samples,
+            reported_samples: up.num_samples,
             payload_sha256: sha256_hex(&payload),
             payload_bytes: payload.len() as u64,
             train_loss: up.train_loss,
@@ -330,9 +357,9 @@ impl Coordinator {
         let lock = self.round_lock(rec.id);
         let _guard = lock.lock().await;
         let store = self.store.clone();
-        let weight = up.num_samples as f64;
+        let weight = weight_samples as f64;
         let outcome = blocking_task(move || {
-            store.accept_update(rec.id, &marker, |prev| {
+            store.accept_update(rec.id, &marker, kept.as_deref(), |prev| {
                 let mut agg = match prev {
                     Some(b) => Aggregate::from_bytes(b).map_err(|e| e.to_string())?,
                     None => Aggregate::new(&global),
@@ -431,18 +458,53 @@ impl Coordinator {
             .store
             .model_bytes(&rec.model, rec.base_version)?
             .ok_or_else(|| Error::Internal(format!("base version {} missing", rec.base_version)))?;
-        let lr = self.config.server_learning_rate;
+        let a = self.config.aggregation_for(&rec.model).clone();
+        let lr = a
+            .server_learning_rate
+            .unwrap_or(self.config.server_learning_rate);
+        let kept = if a.combine.keeps_updates() {
+            self.store.kept_updates(rec.id)?
+        } else {
+            Vec::new()
+        };
+        let state = self.store.server_state(&rec.model)?;
         let eval = self.eval_sets.get(&rec.model).cloned();
         let name = rec.model.clone();
-        let (bytes, acc) = blocking_task(move || {
+        let updates = rec.updates as usize;
+        let internal = |e: crate::aggregate::AggregateError| Error::Internal(e.to_string());
+        let (bytes, acc, state, how) = blocking_task(move || {
             let mut model = OnnxModel::from_bytes(&base)?;
             let mut w = model.weights();
-            let agg = Aggregate::from_bytes(&sum).map_err(|e| Error::Internal(e.to_string()))?;
-            let mean = agg.finish().map_err(|e| Error::Internal(e.to_string()))?;
-            hearth_model::axpy(&mut w, lr, &mean)?;
+            let (delta, how) = if a.combine.keeps_updates() && kept.len() == updates {
+                let ups = kept
+                    .into_iter()
+                    .map(|(m, b)| weights_from_bytes(&b).map(|w| (w, m.num_samples as f64)))
+                    .collect::<Result<Vec<Weighted>, _>>()
+                    .map_err(internal)?;
+                robust::combine(&a, &ups).map_err(internal)?
+            } else {
+                if a.combine.keeps_updates() {
+                    tracing::warn!(
+                        model = %name, kept = kept.len(), updates,
+                        "not every update was kept (the config changed mid-round?): using the mean"
+                    );
+                }
+                let agg = Aggregate::from_bytes(&sum).map_err(internal)?;
+                (agg.finish().map_err(internal)?, format!("mean of {updates}"))
+            };
+            let previous = match state.as_deref().map(ServerState::from_bytes) {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    tracing::warn!(model = %name, error = %e, "unreadable server optimizer state: starting from zero");
+                    ServerState::default()
+                }
+                None => ServerState::default(),
+            };
+            let next = optimizer::step(&a, lr, &mut w, &delta, previous).map_err(internal)?;
             model.set_weights(&w)?;
             let acc = eval.and_then(|ds| evaluate(&name, &model, &ds));
-            Ok::<_, Error>((model.to_bytes(), acc))
+            let how = format!("{:?} (η = {lr}) over the {how} updates", a.optimizer);
+            Ok::<_, Error>((model.to_bytes(), acc, next.to_bytes(), how))
         })
         .await??;
         let version = self
@@ -458,11 +520,9 @@ impl Coordinator {
             created_unix_ms: now_unix_ms(),
             from_round: rec.id,
         };
-        let detail = format!(
-            "FedAvg of {} updates ({} samples)",
-            rec.updates, rec.total_samples
-        );
-        self.store.complete_round(rec.id, &meta, &bytes, &detail)?;
+        let detail = format!("{how} ({} samples)", rec.total_samples);
+        self.store
+            .complete_round(rec.id, &meta, &bytes, Some(&state), &detail)?;
         self.store.flush().await?;
         Ok(meta)
     }

@@ -1,6 +1,7 @@
 //! The coordinator's one storage interface: every piece of durable state (clients, enrollment
-//! tokens, model versions and their ONNX bytes, rounds, accepted-update markers and each open
-//! round's running weighted sum) goes through [`Store`]. It is backed by sled on one machine;
+//! tokens, model versions and their ONNX bytes, each model's server optimizer state, rounds,
+//! accepted-update markers, each open round's running weighted sum and, for the robust
+//! methods, its decoded updates) goes through [`Store`]. It is backed by sled on one machine;
 //! the methods are whole operations (each one sled transaction), so a deployment that outgrows
 //! one machine can re-implement them over a distributed transactional store.
 
@@ -117,7 +118,7 @@ pub struct RoundRecord {
     pub reason: String,
     /// Accepted updates.
     pub updates: u32,
-    /// Σ num_samples of accepted updates.
+    /// Σ aggregation weights (sample counts capped at `max_client_samples`) of accepted updates.
     pub total_samples: u64,
     /// Payload bytes of accepted updates.
     pub uplink_bytes: u64,
@@ -134,8 +135,11 @@ pub struct RoundRecord {
 pub struct UpdateMarker {
     /// Uploading client.
     pub client_id: String,
-    /// FedAvg weight.
+    /// Aggregation weight: the reported sample count, capped at `max_client_samples`.
     pub num_samples: u64,
+    /// The sample count the client reported.
+    #[serde(default)]
+    pub reported_samples: u64,
     /// Hex sha256 of the payload.
     pub payload_sha256: String,
     /// Payload size.
@@ -174,6 +178,8 @@ pub struct Store {
     open_rounds: Tree,
     markers: Tree,
     sums: Tree,
+    kept: Tree,
+    server_state: Tree,
     meta: Tree,
 }
 
@@ -253,6 +259,8 @@ impl Store {
             open_rounds: db.open_tree("open_rounds")?,
             markers: db.open_tree("markers")?,
             sums: db.open_tree("sums")?,
+            kept: db.open_tree("kept_updates")?,
+            server_state: db.open_tree("server_state")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -441,14 +449,35 @@ impl Store {
             .transpose()
     }
 
+    /// The decoded updates kept for round `id`, with their markers, in client-id order.
+    pub fn kept_updates(&self, id: u64) -> Result<Vec<(UpdateMarker, IVec)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.kept.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = kv?;
+            let marker = self
+                .markers
+                .get(&k)?
+                .ok_or_else(|| StoreError::Corrupt("kept update without a marker".into()))?;
+            out.push((dec(&marker)?, v));
+        }
+        Ok(out)
+    }
+
+    /// The server optimizer state of `model` (opaque bytes written by [`Store::complete_round`]).
+    pub fn server_state(&self, model: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.server_state.get(model)?)
+    }
+
     /// Records an accepted update: in one transaction checks the round is open and not full and
     /// the client has no update in it yet, replaces the round's running sum by
-    /// `fold(previous_sum)`, writes the client's marker and bumps the round's counters.
-    /// `fold` may run more than once if the transaction is retried, so it must be pure.
+    /// `fold(previous_sum)`, writes the client's marker, keeps the decoded update `keep` under
+    /// (round, client) when given (the robust methods need every update) and bumps the round's
+    /// counters. `fold` may run more than once if the transaction is retried, so it must be pure.
     pub fn accept_update<F>(
         &self,
         round_id: u64,
         marker: &UpdateMarker,
+        keep: Option<&[u8]>,
         fold: F,
     ) -> Result<AcceptOutcome, StoreError>
     where
@@ -456,8 +485,8 @@ impl Store {
     {
         let rkey = round_id.to_be_bytes();
         let mkey = marker_key(round_id, &marker.client_id);
-        (&self.rounds, &self.markers, &self.sums)
-            .transaction(|(rounds, markers, sums)| {
+        (&self.rounds, &self.markers, &self.sums, &self.kept)
+            .transaction(|(rounds, markers, sums, kept)| {
                 let Some(rec) = rounds.get(rkey)? else {
                     return Ok(AcceptOutcome::NotFound);
                 };
@@ -476,6 +505,9 @@ impl Store {
                     .map_err(|e| ConflictableTransactionError::Abort(StoreError::Fold(e)))?;
                 sums.insert(&rkey[..], next)?;
                 markers.insert(mkey.as_slice(), enc(marker))?;
+                if let Some(update) = keep {
+                    kept.insert(mkey.as_slice(), update)?;
+                }
                 rec.updates += 1;
                 rec.total_samples += marker.num_samples;
                 rec.uplink_bytes += marker.payload_bytes;
@@ -485,10 +517,24 @@ impl Store {
             .map_err(tx_err)
     }
 
+    /// Keys of the updates kept for a round (read before the closing transaction: sled
+    /// transactions cannot scan; callers hold the round's lock, so none is added meanwhile).
+    fn kept_keys(&self, round_id: u64) -> Result<Vec<IVec>, StoreError> {
+        self.kept
+            .scan_prefix(round_id.to_be_bytes())
+            .keys()
+            .map(|k| k.map_err(StoreError::from))
+            .collect()
+    }
+
     fn close_round_tx(
-        rounds: &TransactionalTree,
-        open: &TransactionalTree,
-        sums: &TransactionalTree,
+        (rounds, open, sums, kept): (
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+        ),
+        kept_keys: &[IVec],
         round_id: u64,
     ) -> TxResult<RoundRecord> {
         let rkey = round_id.to_be_bytes();
@@ -505,27 +551,36 @@ impl Store {
         }
         open.remove(rec.model.as_bytes())?;
         sums.remove(&rkey[..])?;
+        for k in kept_keys {
+            kept.remove(k)?;
+        }
         Ok(rec)
     }
 
-    /// Closes an open round with a new version (stored in the same transaction).
+    /// Closes an open round with a new version and the model's new server optimizer state
+    /// (stored in the same transaction); the round's kept updates are dropped.
     pub fn complete_round(
         &self,
         round_id: u64,
         meta: &VersionMeta,
         onnx: &[u8],
+        server_state: Option<&[u8]>,
         detail: &str,
     ) -> Result<RoundRecord, StoreError> {
         let vkey = version_key(&meta.model, meta.version);
+        let kept_keys = self.kept_keys(round_id)?;
         (
             &self.rounds,
             &self.open_rounds,
             &self.sums,
+            &self.kept,
             &self.versions,
             &self.blobs,
+            &self.server_state,
         )
-            .transaction(|(rounds, open, sums, versions, blobs)| {
-                let mut rec = Self::close_round_tx(rounds, open, sums, round_id)?;
+            .transaction(|(rounds, open, sums, kept, versions, blobs, states)| {
+                let mut rec =
+                    Self::close_round_tx((rounds, open, sums, kept), &kept_keys, round_id)?;
                 if versions.get(&vkey)?.is_some() {
                     return abort(StoreError::Conflict(format!(
                         "version {} of {} already exists",
@@ -534,6 +589,9 @@ impl Store {
                 }
                 versions.insert(vkey.as_slice(), enc(meta))?;
                 blobs.insert(vkey.as_slice(), onnx)?;
+                if let Some(state) = server_state {
+                    states.insert(meta.model.as_bytes(), state)?;
+                }
                 rec.state = RoundState::Completed;
                 rec.new_version = meta.version;
                 rec.eval_accuracy = meta.eval_accuracy;
@@ -544,11 +602,13 @@ impl Store {
             .map_err(tx_err)
     }
 
-    /// Closes an open round without a new version.
+    /// Closes an open round without a new version; its kept updates are dropped.
     pub fn fail_round(&self, round_id: u64, detail: &str) -> Result<RoundRecord, StoreError> {
-        (&self.rounds, &self.open_rounds, &self.sums)
-            .transaction(|(rounds, open, sums)| {
-                let mut rec = Self::close_round_tx(rounds, open, sums, round_id)?;
+        let kept_keys = self.kept_keys(round_id)?;
+        (&self.rounds, &self.open_rounds, &self.sums, &self.kept)
+            .transaction(|(rounds, open, sums, kept)| {
+                let mut rec =
+                    Self::close_round_tx((rounds, open, sums, kept), &kept_keys, round_id)?;
                 rec.state = RoundState::Failed;
                 rec.detail = detail.to_string();
                 rounds.insert(&round_id.to_be_bytes()[..], enc(&rec))?;
@@ -595,6 +655,7 @@ mod tests {
         UpdateMarker {
             client_id: c.into(),
             num_samples: n,
+            reported_samples: n,
             payload_sha256: "x".into(),
             payload_bytes: 10,
             train_loss: 0.5,
@@ -649,27 +710,38 @@ mod tests {
             Ok(v)
         };
         assert!(
-            matches!(s.accept_update(1, &marker("a", 3), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 1 && r.total_samples == 3)
+            matches!(s.accept_update(1, &marker("a", 3), Some(&b"ua"[..]), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 1 && r.total_samples == 3)
         );
         assert!(
-            matches!(s.accept_update(1, &marker("a", 3), append).unwrap(), AcceptOutcome::Duplicate(r) if r.updates == 1)
+            matches!(s.accept_update(1, &marker("a", 3), Some(&b"ua"[..]), append).unwrap(), AcceptOutcome::Duplicate(r) if r.updates == 1)
         );
         assert!(
-            matches!(s.accept_update(1, &marker("b", 2), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 2 && r.uplink_bytes == 20)
+            matches!(s.accept_update(1, &marker("b", 2), Some(&b"ub"[..]), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 2 && r.uplink_bytes == 20)
         );
         assert!(matches!(
-            s.accept_update(1, &marker("c", 2), append).unwrap(),
+            s.accept_update(1, &marker("c", 2), Some(&b"uc"[..]), append)
+                .unwrap(),
             AcceptOutcome::Full(_)
         ));
         assert_eq!(s.round_sum(1).unwrap().unwrap().as_ref(), &[7, 7]);
         assert_eq!(s.markers(1).unwrap().len(), 2);
+        let kept = s.kept_updates(1).unwrap();
+        let kept: Vec<(&str, &[u8])> = kept
+            .iter()
+            .map(|(m, b)| (m.client_id.as_str(), b.as_ref()))
+            .collect();
+        assert_eq!(kept, vec![("a", &b"ua"[..]), ("b", &b"ub"[..])]);
+        assert!(
+            s.kept_updates(2).unwrap().is_empty(),
+            "a failed fold keeps nothing"
+        );
         assert!(matches!(
-            s.accept_update(9, &marker("a", 1), append).unwrap(),
+            s.accept_update(9, &marker("a", 1), None, append).unwrap(),
             AcceptOutcome::NotFound
         ));
         let failing = |_: Option<&[u8]>| Err("boom".to_string());
         assert!(matches!(
-            s.accept_update(2, &marker("a", 1), failing),
+            s.accept_update(2, &marker("a", 1), Some(&b"x"[..]), failing),
             Err(StoreError::Fold(_))
         ));
         assert_eq!(s.round(2).unwrap().unwrap().updates, 0);
@@ -683,15 +755,23 @@ mod tests {
             created_unix_ms: 1,
             from_round: 1,
         };
-        let done = s.complete_round(1, &meta, b"abc", "ok").unwrap();
+        let done = s
+            .complete_round(1, &meta, b"abc", Some(&b"state"[..]), "ok")
+            .unwrap();
         assert_eq!(done.state, RoundState::Completed);
         assert_eq!(done.new_version, 2);
-        assert!(s.complete_round(1, &meta, b"abc", "ok").is_err());
+        assert!(s.complete_round(1, &meta, b"abc", None, "ok").is_err());
+        assert_eq!(s.server_state("m").unwrap().unwrap().as_ref(), b"state");
+        assert!(s.server_state("n").unwrap().is_none());
+        assert!(
+            s.kept_updates(1).unwrap().is_empty(),
+            "closing drops kept updates"
+        );
         assert_eq!(s.latest_version("m").unwrap().unwrap(), meta);
         assert_eq!(s.model_bytes("m", 2).unwrap().unwrap().as_ref(), b"abc");
         assert!(s.round_sum(1).unwrap().is_none());
         assert!(matches!(
-            s.accept_update(1, &marker("z", 1), append).unwrap(),
+            s.accept_update(1, &marker("z", 1), None, append).unwrap(),
             AcceptOutcome::NotOpen(_)
         ));
         assert_eq!(s.open_rounds().unwrap().len(), 1);

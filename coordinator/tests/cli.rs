@@ -34,6 +34,19 @@ fn help_explains_the_options() {
     }
 }
 
+/// Runs the binary on config file `p` (no admin token from the environment), expects exit 64
+/// and returns what it printed on stderr.
+fn refused(p: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(p)
+        .env_remove("HEARTH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_config_exits_64_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,19 +56,25 @@ fn bad_config_exits_64_with_a_message() {
         "admin_token = \"0123456789abcdef0\"\n[round]\nmin_clients = 0\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&p)
-        .env_remove("HEARTH_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&p);
     assert!(err.contains("round.min_clients"), "{err}");
 
     std::fs::write(&p, "admin_token = [1]\n").unwrap();
     let out = Command::new(BIN).arg("--config").arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
+
+    // A robust method whose kept updates would not fit the round memory limit.
+    std::fs::write(
+        &p,
+        "admin_token = \"0123456789abcdef0\"\nmax_round_memory_mb = 1\n\
+         [round]\nmax_clients = 1000\n[aggregation]\ncombine = \"median\"\n",
+    )
+    .unwrap();
+    let err = refused(&p);
+    assert!(
+        err.contains("max_round_memory_mb") && err.contains("max_clients (1000)"),
+        "{err}"
+    );
 
     let out = Command::new(BIN)
         .arg("--config")

@@ -251,20 +251,24 @@ pub fn fedavg(global: &Weights, updates: &[(&[u8], u64)]) -> Weights {
         .iter()
         .map(|(p, n)| (decode_update(p).unwrap(), *n as f64))
         .collect();
-    global
-        .iter()
+    map_weights(global, |k, i, g| {
+        let s: f64 = decoded
+            .iter()
+            .map(|(d, n)| n * f64::from(d[k].data[i]))
+            .sum();
+        (f64::from(g) + s / total) as f32
+    })
+}
+
+/// Weights shaped like `like` whose value at (tensor `k`, index `i`) is `f(k, i, like[k][i])`.
+pub fn map_weights(like: &Weights, f: impl Fn(&str, usize, f32) -> f32) -> Weights {
+    like.iter()
         .map(|(k, t)| {
             let data = t
                 .data
                 .iter()
                 .enumerate()
-                .map(|(i, g)| {
-                    let s: f64 = decoded
-                        .iter()
-                        .map(|(d, n)| n * f64::from(d[k].data[i]))
-                        .sum();
-                    (f64::from(*g) + s / total) as f32
-                })
+                .map(|(i, v)| f(k, i, *v))
                 .collect();
             (k.clone(), Tensor::new(t.shape.clone(), data))
         })
