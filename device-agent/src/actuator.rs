@@ -2,9 +2,17 @@
 //! (`{"state":"ON"|"OFF"|"TOGGLE"}`), state retained on `<base>/<name>`,
 //! availability on `<base>/<name>/availability` (last will `offline`), and Home
 //! Assistant MQTT discovery, re-announced when HA comes `online`.
+//!
+//! Delivery: the switch uses a persistent session (`clean_session = false`, stable client
+//! id `hearth-actuator-<name>`), so a broker that keeps sessions (Mosquitto) queues its
+//! commands while it is away. A command may carry an id, `"hearth_id":"…"` (the hub adds
+//! one to every command it sends); the switch remembers the last [`IDEMPOTENCY_WINDOW`]
+//! ids and applies a redelivered command once (counted in
+//! [`ActuatorStats::commands_duplicate`]).
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hearth_edge::Connection;
@@ -22,6 +30,10 @@ use crate::Error;
 pub const HA_STATUS_TOPIC: &str = "homeassistant/status";
 /// Largest command payload considered.
 pub const MAX_COMMAND_BYTES: usize = 256;
+/// How many command ids the switch remembers to recognise a redelivery.
+pub const IDEMPOTENCY_WINDOW: usize = 4096;
+/// Longest accepted command id.
+pub const MAX_ID_BYTES: usize = 64;
 const QUEUE: usize = 256;
 const OFFLINE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -158,20 +170,76 @@ pub enum Command {
 #[serde(deny_unknown_fields)]
 struct CommandBody {
     state: String,
+    #[serde(default)]
+    hearth_id: Option<String>,
 }
 
 /// Parses `{"state":"ON"|"OFF"|"TOGGLE"}` (case-insensitive values); anything
-/// else (other fields, other values, non-JSON, oversized) is refused.
+/// else (other fields, other values, non-JSON, oversized) is refused. An optional
+/// `"hearth_id"` is accepted and ignored here (see [`parse_command_with_id`]).
 pub fn parse_command(payload: &[u8]) -> Option<Command> {
+    parse_command_with_id(payload).map(|(c, _)| c)
+}
+
+/// [`parse_command`], with the command's `"hearth_id"` (1-64 printable ASCII characters)
+/// when it carries one.
+pub fn parse_command_with_id(payload: &[u8]) -> Option<(Command, Option<String>)> {
     if payload.len() > MAX_COMMAND_BYTES {
         return None;
     }
     let body: CommandBody = serde_json::from_slice(payload).ok()?;
-    match body.state.to_ascii_uppercase().as_str() {
-        "ON" => Some(Command::On),
-        "OFF" => Some(Command::Off),
-        "TOGGLE" => Some(Command::Toggle),
-        _ => None,
+    if let Some(id) = &body.hearth_id {
+        if id.is_empty() || id.len() > MAX_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+    }
+    let c = match body.state.to_ascii_uppercase().as_str() {
+        "ON" => Command::On,
+        "OFF" => Command::Off,
+        "TOGGLE" => Command::Toggle,
+        _ => return None,
+    };
+    Some((c, body.hearth_id))
+}
+
+/// The ids of the last `cap` commands applied: a redelivered command (same id) is
+/// recognised and applied once.
+#[derive(Debug)]
+pub struct IdempotencyWindow {
+    cap: usize,
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl IdempotencyWindow {
+    /// A window remembering `cap` ids (at least one).
+    pub fn new(cap: usize) -> IdempotencyWindow {
+        IdempotencyWindow {
+            cap: cap.max(1),
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Records `id`; false when it is already in the window (a redelivery). The oldest
+    /// id leaves the window once `cap` are held.
+    pub fn first_time(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
+
+    /// The remembered ids, oldest first.
+    pub fn ids(&self) -> Vec<String> {
+        self.order.iter().cloned().collect()
     }
 }
 
@@ -181,7 +249,7 @@ pub fn state_payload(on: bool) -> String {
 }
 
 /// Live counters and state of a switch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ActuatorStats {
     /// Messages received on the command topic.
     pub commands_received: AtomicU64,
@@ -189,13 +257,44 @@ pub struct ActuatorStats {
     pub commands_applied: AtomicU64,
     /// Commands refused (bad payload, or the queue was full).
     pub commands_refused: AtomicU64,
+    /// Redelivered commands (an id already applied) ignored by the idempotency window.
+    pub commands_duplicate: AtomicU64,
     /// Home Assistant discovery announcements sent.
     pub discovery_announcements: AtomicU64,
     /// Current state.
     pub on: AtomicBool,
+    /// Ids of the last commands applied (the idempotency window).
+    applied: Mutex<IdempotencyWindow>,
+}
+
+impl Default for ActuatorStats {
+    fn default() -> Self {
+        ActuatorStats {
+            commands_received: AtomicU64::new(0),
+            commands_applied: AtomicU64::new(0),
+            commands_refused: AtomicU64::new(0),
+            commands_duplicate: AtomicU64::new(0),
+            discovery_announcements: AtomicU64::new(0),
+            on: AtomicBool::new(false),
+            applied: Mutex::new(IdempotencyWindow::new(IDEMPOTENCY_WINDOW)),
+        }
+    }
 }
 
 impl ActuatorStats {
+    /// Ids of the last [`IDEMPOTENCY_WINDOW`] commands applied, oldest first.
+    pub fn applied_ids(&self) -> Vec<String> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner()).ids()
+    }
+
+    /// Records `id` as applied; false if it already was (a redelivery).
+    fn first_time(&self, id: &str) -> bool {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_time(id)
+    }
+
     /// `"ON"` or `"OFF"`.
     pub fn state(&self) -> &'static str {
         if self.on.load(Ordering::SeqCst) {
@@ -273,6 +372,7 @@ pub async fn start_actuator(cfg: ActuatorConfig) -> Result<ActuatorHandle, Error
         &client_id,
         &cfg.availability_topic(),
     )?
+    .persistent_session(true)
     .connect()?;
     let conn = Connection::new(eventloop, format!("actuator {}", cfg.name));
     let stats = Arc::new(ActuatorStats::default());
@@ -358,7 +458,7 @@ async fn worker(
     while let Some(w) = rx.recv().await {
         let res = match w {
             Work::Announce => announce(&cfg, &client, &stats).await,
-            Work::Command(payload) => match parse_command(&payload) {
+            Work::Command(payload) => match parse_command_with_id(&payload) {
                 None => {
                     add(&stats.commands_refused, 1);
                     tracing::warn!(
@@ -368,7 +468,12 @@ async fn worker(
                     );
                     Ok(())
                 }
-                Some(c) => {
+                Some((_, Some(id))) if !stats.first_time(&id) => {
+                    add(&stats.commands_duplicate, 1);
+                    tracing::info!(name = %cfg.name, hearth_id = %id, "redelivered command ignored");
+                    Ok(())
+                }
+                Some((c, id)) => {
                     let on = match c {
                         Command::On => true,
                         Command::Off => false,
@@ -376,7 +481,12 @@ async fn worker(
                     };
                     stats.on.store(on, Ordering::SeqCst);
                     add(&stats.commands_applied, 1);
-                    tracing::info!(name = %cfg.name, state = stats.state(), "switched");
+                    tracing::info!(
+                        name = %cfg.name,
+                        state = stats.state(),
+                        hearth_id = id.as_deref().unwrap_or("-"),
+                        "switched"
+                    );
                     client
                         .publish(
                             state_topic.as_str(),
@@ -440,6 +550,40 @@ mod tests {
         }
         let big = format!(r#"{{"state":"ON"{}}}"#, " ".repeat(300));
         assert_eq!(parse_command(big.as_bytes()), None);
+    }
+
+    #[test]
+    fn command_ids() {
+        assert_eq!(
+            parse_command_with_id(br#"{"state":"ON","hearth_id":"h1-7"}"#),
+            Some((Command::On, Some("h1-7".into())))
+        );
+        assert_eq!(
+            parse_command_with_id(br#"{"state":"OFF"}"#),
+            Some((Command::Off, None))
+        );
+        for bad in [
+            &br#"{"state":"ON","hearth_id":""}"#[..],
+            br#"{"state":"ON","hearth_id":"a b"}"#,
+            br#"{"state":"ON","hearth_id":7}"#,
+        ] {
+            assert_eq!(parse_command_with_id(bad), None);
+        }
+        let long = format!(r#"{{"state":"ON","hearth_id":"{}"}}"#, "x".repeat(65));
+        assert_eq!(parse_command_with_id(long.as_bytes()), None);
+    }
+
+    #[test]
+    fn idempotency_window_applies_each_id_once_and_forgets_the_oldest() {
+        let mut w = IdempotencyWindow::new(3);
+        assert!(w.first_time("a"));
+        assert!(!w.first_time("a"), "a redelivery is recognised");
+        assert!(w.first_time("b") && w.first_time("c"));
+        assert!(!w.first_time("b"));
+        // A fourth id pushes `a` out of the window.
+        assert!(w.first_time("d"));
+        assert!(w.first_time("a"));
+        assert!(!w.first_time("d") && !w.first_time("c"));
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub struct ClientSettings {
     pub last_will: Option<String>,
     /// PEM file of the CA certificates trusted for `mqtts://`.
     pub ca_file: Option<PathBuf>,
+    /// A persistent session (`clean_session = false`): the broker keeps the client's
+    /// subscriptions and queues its QoS 1 messages while it is away, and rumqttc
+    /// re-sends unacknowledged publishes when the broker still has the session. Needs a
+    /// stable client id. Off by default (clean session).
+    pub persistent_session: bool,
 }
 
 impl ClientSettings {
@@ -59,6 +64,7 @@ impl ClientSettings {
             request_capacity: DEFAULT_REQUEST_CAPACITY,
             last_will: None,
             ca_file: None,
+            persistent_session: false,
         }
     }
 
@@ -92,17 +98,24 @@ impl ClientSettings {
         self
     }
 
+    /// Asks for a persistent session (`clean_session = false`) when `on`.
+    pub fn persistent_session(mut self, on: bool) -> Self {
+        self.persistent_session = on;
+        self
+    }
+
     /// Checks what can be checked without a network: URL and CA file agree, the CA file
     /// loads. Call it while validating a configuration, so problems exit with 64.
     pub fn check(&self) -> Result<(), Error> {
         check_tls(&self.url, self.ca_file.as_deref()).map(|_| ())
     }
 
-    /// rumqttc options (clean session) for these settings.
+    /// rumqttc options for these settings (clean session unless
+    /// [`ClientSettings::persistent_session`]).
     pub fn options(&self) -> Result<MqttOptions, Error> {
         let mut o = MqttOptions::new(self.client_id.clone(), self.url.host.clone(), self.url.port);
         o.set_keep_alive(self.keep_alive)
-            .set_clean_session(true)
+            .set_clean_session(!self.persistent_session)
             .set_max_packet_size(self.max_packet_size, self.max_packet_size)
             .set_request_channel_capacity(self.request_capacity);
         if let Some(u) = &self.url.username {
@@ -205,6 +218,12 @@ mod tests {
         assert!(will.retain);
         assert_eq!(o.max_packet_size(), 4096);
         assert!(matches!(o.transport(), Transport::Tcp));
+        assert!(o.clean_session());
+        let o = s.persistent_session(true).options().unwrap();
+        assert!(
+            !o.clean_session(),
+            "a persistent session asks for clean_session = false"
+        );
     }
 
     #[test]

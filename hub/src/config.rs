@@ -9,6 +9,14 @@
 //! admin_token = "..."                       # needed with `coordinator`
 //! follow_models = []                        # models announced on MQTT (empty = all)
 //!
+//! [delivery]                                # commands: see `crate::delivery`
+//! persistent_session = true                 # clean_session = false for the hub's clients
+//! hold_offline = true                       # hold commands while their actuator is offline
+//! max_held_per_actuator = 100
+//! hold_expiry_secs = 600
+//! command_ids = true                        # "hearth_id" in every command
+//! state_file = "/var/lib/hearth/hub-outbox.jsonl"   # optional; in memory when absent
+//!
 //! [broker]                                  # embedded broker (the default) ...
 //! listen = "127.0.0.1:1883"                 # port 0 = pick a free port
 //! # url = "mqtts://mosquitto.lan"           # ... or an external broker instead
@@ -28,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use hearth_edge::{ClientSettings, MqttUrl};
 
+use crate::delivery::DeliveryConfig;
 use crate::error::Error;
 
 /// Default embedded broker address.
@@ -65,6 +74,8 @@ pub struct Config {
     pub follow_models: Vec<String>,
     /// Seconds to wait for the broker connection at start-up.
     pub connect_timeout_secs: u64,
+    /// Command delivery: sessions, holding for offline actuators, the outbox file.
+    pub delivery: DeliveryConfig,
     /// The MQTT broker: embedded (default) or external.
     pub broker: BrokerConfig,
 }
@@ -80,6 +91,7 @@ impl Default for Config {
             admin_token: None,
             follow_models: Vec::new(),
             connect_timeout_secs: 10,
+            delivery: DeliveryConfig::default(),
             broker: BrokerConfig::default(),
         }
     }
@@ -279,8 +291,16 @@ impl Config {
 # username = \"hearth-hub\"              # or user:password@ in the URL, not both
 # password = \"change-me\"
 ";
-        let (top, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
-        format!("# Hearth hub configuration (defaults)\n{top}{optional}{broker}{external}")
+        let state_file = "\
+# state_file = \"/var/lib/hearth/hub-outbox.jsonl\"  # outbox kept across restarts (memory only if absent)
+
+";
+        let (rest, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
+        let (top, delivery) = rest.split_at(rest.find("[delivery]").unwrap_or(rest.len()));
+        format!(
+            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{broker}{external}",
+            delivery.trim_end()
+        )
     }
 
     /// Checks values serde cannot: names, URLs, limits, token presence.
@@ -350,6 +370,7 @@ impl Config {
                 ));
             }
         }
+        self.delivery.validate().map_err(Error::Config)?;
         if !(1..=300).contains(&self.connect_timeout_secs) {
             return bad("connect_timeout_secs must be within 1..=300".into());
         }
@@ -368,6 +389,20 @@ mod tests {
         assert_eq!(back, Config::default());
         back.validate().unwrap();
         assert!(text.contains("listen = \"127.0.0.1:1883\""), "{text}");
+        assert!(
+            text.contains("[delivery]\npersistent_session = true"),
+            "{text}"
+        );
+        // Uncommenting the documented keys gives a valid configuration.
+        let all = text.replace("# state_file", "state_file");
+        let c = Config::from_toml(&all).unwrap();
+        assert!(c.delivery.state_file.is_some());
+        let c = Config::from_toml("[delivery]\nhold_expiry_secs = 0\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("hold_expiry_secs"));
     }
 
     #[test]

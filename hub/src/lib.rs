@@ -4,6 +4,8 @@
 //!   (`mqtt://` or `mqtts://`, URL rules and client options from `hearth-edge`).
 //! - [`router`]: privacy guard on event topics, rules → actuator commands (QoS 1),
 //!   registry updates, refresh requests.
+//! - [`delivery`]: the command outbox (persisted, held while an actuator is offline,
+//!   bounded, expiring, ids for deduplication) and its own MQTT connection.
 //! - [`rules`]: the rules file. [`registry`]: devices. [`metrics`]: counters + Prometheus text.
 //! - [`federation`]: `refresh` (coordinator `Admin.StartRound`) and model announcements.
 //! - [`http`]: `/metrics`, `/devices`, `/healthz` (axum).
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod federation;
 pub mod http;
@@ -36,6 +39,7 @@ use tokio::task::JoinHandle;
 pub use hearth_edge::broker;
 
 pub use config::{BrokerConfig, Config};
+pub use delivery::DeliveryConfig;
 pub use error::Error;
 pub use federation::{refresh, start_round, RoundInfo, RoundPhase};
 pub use metrics::{DropReason, InvalidKind, Metrics};
@@ -174,10 +178,10 @@ async fn subscriber_loop(
     mut conn: Connection,
     client: AsyncClient,
     router: Router,
+    filters: Vec<String>,
     mut shutdown: watch::Receiver<bool>,
     mut ready: Option<oneshot::Sender<()>>,
 ) {
-    let filters = router::subscriptions();
     loop {
         let polled = tokio::select! {
             _ = stopped(&mut shutdown) => break,
@@ -326,8 +330,10 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             .max_packet_size(max_packet)
             .request_capacity(REQUEST_CAPACITY)
             .ca_file(ca_file.clone())
+            .persistent_session(config.delivery.persistent_session)
             .connect()
     };
+    let outbox = delivery::Outbox::open(&config.delivery, metrics.clone())?;
 
     // Two connections: the subscriber routes, the publisher sends; awaiting a publish
     // never stalls the loop that drains incoming messages.
@@ -340,6 +346,20 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         metrics.clone(),
         Some(pub_ready_tx),
     ));
+
+    // Commands have their own connection, owned by the delivery task.
+    let (cmd_client, cmd_el) = client("cmd")?;
+    let cmd_conn = Connection::new(cmd_el, "hub commands");
+    let cmd_status = cmd_conn.status();
+    let (cmd_ready_tx, cmd_ready) = oneshot::channel();
+    let (commands, cmd_task) = delivery::spawn(
+        outbox,
+        &config.delivery,
+        cmd_conn,
+        cmd_client,
+        shutdown_rx.clone(),
+        cmd_ready_tx,
+    );
 
     let (sub_client, sub_el) = client("sub")?;
     let sub_conn = Connection::new(sub_el, "hub subscriber");
@@ -355,7 +375,8 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         rules: rules.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
-        publisher: publisher.clone(),
+        commands,
+        actuator_base: config.actuator_base.clone(),
         refresh: refresh_target.clone(),
         refresh_gate: Arc::new(Semaphore::new(1)),
     };
@@ -364,14 +385,18 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         sub_conn,
         sub_client,
         router,
+        router::subscriptions(&rules, &config.actuator_base),
         shutdown_rx.clone(),
         Some(sub_ready_tx),
     ));
 
-    let mut tasks: Vec<(&'static str, JoinHandle<()>)> = vec![("mqtt subscriber", sub_task)];
+    let mut tasks: Vec<(&'static str, JoinHandle<()>)> = vec![
+        ("mqtt subscriber", sub_task),
+        ("command delivery", cmd_task),
+    ];
     let both_ready = async {
-        let (a, b) = tokio::join!(pub_ready, sub_ready);
-        a.is_ok() && b.is_ok()
+        let (a, b, c) = tokio::join!(pub_ready, sub_ready, cmd_ready);
+        a.is_ok() && b.is_ok() && c.is_ok()
     };
     let ok = matches!(
         tokio::time::timeout(connect_timeout, both_ready).await,
@@ -386,6 +411,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         let why = sub_status
             .last_error()
             .or_else(|| pub_status.last_error())
+            .or_else(|| cmd_status.last_error())
             .unwrap_or_else(|| "no answer".into());
         return Err(Error::Broker(format!(
             "cannot connect and subscribe to the MQTT broker at {public_url} within {connect_timeout:?}: {why}"
@@ -395,7 +421,11 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let status = http::Status {
         metrics: metrics.clone(),
         registry: registry.clone(),
-        links: vec![("subscriber", sub_status), ("publisher", pub_status)],
+        links: vec![
+            ("subscriber", sub_status),
+            ("publisher", pub_status),
+            ("commands", cmd_status),
+        ],
         broker_running: broker
             .clone()
             .map(|b| Arc::new(move || b.is_running()) as Arc<dyn Fn() -> bool + Send + Sync>),

@@ -99,8 +99,20 @@ pub struct Metrics {
     pub events_routed: AtomicU64,
     /// Rule firings suppressed by a cooldown.
     pub cooldown_suppressed: AtomicU64,
-    /// Actuator commands handed to the MQTT client (QoS 1).
+    /// Actuator commands handed to the MQTT client (QoS 1; again when re-sent).
     pub commands_published: AtomicU64,
+    /// Actuator commands the broker acknowledged (they left the outbox).
+    pub commands_acked: AtomicU64,
+    /// Commands held because their actuator was offline.
+    pub commands_held: AtomicU64,
+    /// Held commands acknowledged by the broker after their actuator came back.
+    pub commands_delivered_late: AtomicU64,
+    /// Held commands dropped because they grew older than the expiry.
+    pub commands_expired: AtomicU64,
+    /// Held commands dropped because their actuator's queue was full.
+    pub commands_dropped_over_cap: AtomicU64,
+    /// Commands in the outbox not yet sent (a gauge).
+    pub commands_waiting: AtomicU64,
     /// Actuator commands the MQTT client refused (connection gone).
     pub commands_failed: AtomicU64,
     /// Valid refresh requests received on `hearth/federation/refresh`.
@@ -160,7 +172,7 @@ impl Metrics {
     /// Prometheus text exposition format 0.0.4.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::with_capacity(2048);
-        let simple: [(&str, &str, &AtomicU64); 10] = [
+        let simple: [(&str, &str, &AtomicU64); 15] = [
             (
                 "events_received_total",
                 "Messages received on hearth/+/event/+ topics.",
@@ -180,6 +192,31 @@ impl Metrics {
                 "commands_published_total",
                 "Actuator commands published (QoS 1).",
                 &self.commands_published,
+            ),
+            (
+                "commands_acked_total",
+                "Actuator commands acknowledged by the broker.",
+                &self.commands_acked,
+            ),
+            (
+                "commands_held_total",
+                "Commands held while their actuator was offline.",
+                &self.commands_held,
+            ),
+            (
+                "commands_delivered_late_total",
+                "Held commands delivered after their actuator came back.",
+                &self.commands_delivered_late,
+            ),
+            (
+                "commands_expired_total",
+                "Held commands dropped as too old.",
+                &self.commands_expired,
+            ),
+            (
+                "commands_dropped_over_cap_total",
+                "Held commands dropped because the actuator's queue was full.",
+                &self.commands_dropped_over_cap,
             ),
             (
                 "commands_failed_total",
@@ -217,6 +254,13 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE hearth_hub_{name} counter");
             let _ = writeln!(out, "hearth_hub_{name} {}", Metrics::get(c));
         }
+        out.push_str("# HELP hearth_hub_commands_waiting Commands waiting in the outbox.\n");
+        out.push_str("# TYPE hearth_hub_commands_waiting gauge\n");
+        let _ = writeln!(
+            out,
+            "hearth_hub_commands_waiting {}",
+            Metrics::get(&self.commands_waiting)
+        );
         out.push_str("# HELP hearth_hub_events_dropped_total Event payloads dropped by the privacy guard, by reason.\n");
         out.push_str("# TYPE hearth_hub_events_dropped_total counter\n");
         for r in DropReason::ALL {

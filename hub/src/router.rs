@@ -3,8 +3,10 @@
 //! - `hearth/<device>/event/<name>`: the privacy guard ([`Event::parse`]: size limit and
 //!   schema) first; invalid payloads are dropped, counted and logged with topic and reason
 //!   only (never the payload). Valid events update the registry and are matched against
-//!   the rules; firing rules publish their command at QoS 1.
+//!   the rules; firing rules hand their command to [`crate::delivery`] (outbox, QoS 1).
 //! - `hearth/<device>/meta`, `hearth/<device>/availability`: the registry.
+//! - `<actuator_base>/<actuator>/availability` of every actuator the rules name: the
+//!   delivery task holds that actuator's commands while it is offline.
 //! - `hearth/federation/refresh`: starts a federated round on the coordinator.
 
 use std::sync::Arc;
@@ -13,9 +15,10 @@ use std::time::Instant;
 use hearth_proto::mqtt::{
     parse_event_topic, valid_name, DeviceMeta, Event, RefreshRequest, REFRESH_TOPIC, ROOT,
 };
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::Publish;
 use tokio::sync::Semaphore;
 
+use crate::delivery::{self, parse_availability};
 use crate::federation;
 use crate::metrics::{DropReason, InvalidKind, Metrics};
 use crate::registry::{Availability, Registry};
@@ -26,14 +29,26 @@ pub const MAX_META_BYTES: usize = 4096;
 /// Largest accepted refresh request payload.
 pub const MAX_REFRESH_BYTES: usize = 1024;
 
-/// Topic filters the hub subscribes to.
-pub fn subscriptions() -> [String; 4] {
-    [
+/// Topic filters the hub subscribes to: Hearth's own, and the availability topic of
+/// every actuator `rules` name (`<actuator_base>/<actuator>/availability`).
+pub fn subscriptions(rules: &RuleSet, actuator_base: &str) -> Vec<String> {
+    let mut v = vec![
         format!("{ROOT}/+/event/+"),
         format!("{ROOT}/+/meta"),
         format!("{ROOT}/+/availability"),
         REFRESH_TOPIC.to_string(),
-    ]
+    ];
+    for r in rules.rules() {
+        let t = availability_topic(actuator_base, &r.actuator);
+        if !v.contains(&t) {
+            v.push(t);
+        }
+    }
+    v
+}
+
+fn availability_topic(actuator_base: &str, actuator: &str) -> String {
+    format!("{actuator_base}/{actuator}/availability")
 }
 
 /// Where refresh requests go.
@@ -48,9 +63,11 @@ pub struct Router {
     pub(crate) rules: Arc<RuleSet>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
-    /// Client of the publishing connection (a separate connection from the subscriber,
-    /// so awaiting a publish can never block the loop that drains the subscription).
-    pub(crate) publisher: AsyncClient,
+    /// The delivery task (its own connection, so awaiting a publish can never block the
+    /// loop that drains the subscription).
+    pub(crate) commands: delivery::Sender,
+    /// Commands go to `<actuator_base>/<actuator>/set`.
+    pub(crate) actuator_base: String,
     pub(crate) refresh: Option<RefreshTarget>,
     /// One refresh in flight at a time.
     pub(crate) refresh_gate: Arc<Semaphore>,
@@ -73,6 +90,17 @@ impl Router {
         if topic == REFRESH_TOPIC {
             self.handle_refresh(p);
             return;
+        }
+        if let Some(actuator) = topic
+            .strip_prefix(self.actuator_base.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_suffix("/availability"))
+        {
+            if self.rules.rules().iter().any(|r| r.actuator == actuator) {
+                return self
+                    .handle_actuator_availability(topic, actuator, &p.payload)
+                    .await;
+            }
         }
         let Some(rest) = topic.strip_prefix(ROOT).and_then(|r| r.strip_prefix('/')) else {
             return;
@@ -126,18 +154,29 @@ impl Router {
                 .fetch_add(suppressed, std::sync::atomic::Ordering::Relaxed);
         }
         for r in fired {
-            match self
-                .publisher
-                .publish(r.topic.as_str(), QoS::AtLeastOnce, false, r.payload.clone())
+            if self
+                .commands
+                .command(&r.actuator, &r.topic, &r.payload)
                 .await
             {
-                Ok(()) => {
-                    Metrics::inc(&self.metrics.commands_published);
-                    tracing::debug!(rule = %r.name, topic = %r.topic, device, class = %ev.class, "rule fired");
-                }
-                Err(e) => {
-                    Metrics::inc(&self.metrics.commands_failed);
-                    tracing::warn!(rule = %r.name, topic = %r.topic, error = %e, "command not published");
+                tracing::debug!(rule = %r.name, topic = %r.topic, device, class = %ev.class, "rule fired");
+            } else {
+                Metrics::inc(&self.metrics.commands_failed);
+                tracing::warn!(rule = %r.name, topic = %r.topic, "command not queued: delivery stopped");
+            }
+        }
+    }
+
+    async fn handle_actuator_availability(&self, topic: &str, actuator: &str, payload: &[u8]) {
+        match parse_availability(payload) {
+            Some(online) => self.commands.availability(actuator, online).await,
+            None => {
+                let n = self.metrics.invalid_message(InvalidKind::Availability);
+                if should_log(n) {
+                    tracing::warn!(
+                        topic,
+                        "availability must be `online`, `offline` or {{\"state\":\"online\"}}"
+                    );
                 }
             }
         }
@@ -254,8 +293,16 @@ mod tests {
 
     #[test]
     fn subscription_filters() {
-        let s = subscriptions();
+        let rules = RuleSet::parse(
+            "[[rule]]\nname = \"a\"\n[rule.when]\n[rule.then]\nactuator = \"living room/lamp\"\npayload = { state = \"ON\" }\n\
+             [[rule]]\nname = \"b\"\n[rule.when]\n[rule.then]\nactuator = \"living room/lamp\"\npayload = { state = \"OFF\" }\n",
+            "t",
+            "z2m",
+        )
+        .unwrap();
+        let s = subscriptions(&rules, "z2m");
         assert_eq!(s[0], "hearth/+/event/+");
         assert_eq!(s[3], "hearth/federation/refresh");
+        assert_eq!(&s[4..], ["z2m/living room/lamp/availability"]);
     }
 }

@@ -3,10 +3,14 @@
 //! configuration, 69 for an unavailable port or coordinator). Child processes are killed by
 //! PID when dropped; every wait is bounded.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{free_port, Proc};
 
 use hearth_edge::broker::BrokerSettings;
 use hearth_proto::v1::admin_client::AdminClient;
@@ -16,30 +20,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 const BIN: &str = env!("CARGO_BIN_EXE_hearth-hub");
 const ADMIN: &str = "cli-test-admin-token-0123456789";
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A child process killed (by its PID) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// Waits (bounded) for the exit status.
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "no exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 fn hub() -> Command {
     let mut c = Command::new(BIN);
@@ -82,14 +62,6 @@ fn run(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -165,7 +137,7 @@ fn bad_flags_and_configs_exit_64() {
 
 #[test]
 fn unavailable_coordinator_or_broker_port_exits_69() {
-    let url = format!("http://127.0.0.1:{}", closed_port());
+    let url = format!("http://127.0.0.1:{}", free_port());
     let o = run(&[
         "refresh",
         "digits",
@@ -195,7 +167,7 @@ fn unavailable_coordinator_or_broker_port_exits_69() {
 
     // An external broker nobody answers for.
     std::fs::write(&cfg, "connect_timeout_secs = 1\n").unwrap();
-    let broker = format!("mqtt://127.0.0.1:{}", closed_port());
+    let broker = format!("mqtt://127.0.0.1:{}", free_port());
     let o = run(&["--config", cfg.to_str().unwrap(), "--broker", &broker]);
     assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
 }
@@ -286,7 +258,9 @@ async fn routes_through_an_external_broker_and_stops_on_sigterm() {
         }
     };
     assert_eq!(topic, "zigbee2mqtt/porch_light/set");
-    assert_eq!(payload, br#"{"state":"ON"}"#);
+    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["state"], "ON");
+    assert!(v["hearth_id"].is_string(), "{v}");
 
     // SIGTERM: a clean stop, exit 0.
     let killed = Command::new("kill")

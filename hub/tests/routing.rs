@@ -144,11 +144,24 @@ fn event(class: &str, score: f32) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The next command, with its `hearth_id` checked and removed.
 async fn next(rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) -> (String, Vec<u8>) {
-    timeout(WAIT, rx.recv())
+    let (topic, payload) = timeout(WAIT, rx.recv())
         .await
         .expect("a command in time")
-        .expect("listener alive")
+        .expect("listener alive");
+    (topic, without_id(&payload))
+}
+
+/// A command payload without its `hearth_id` (which must be there).
+fn without_id(payload: &[u8]) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(payload).expect("a JSON command");
+    let id = v
+        .as_object_mut()
+        .and_then(|o| o.remove("hearth_id"))
+        .expect("the command carries a hearth_id");
+    assert!(id.as_str().is_some_and(|s| !s.is_empty()), "{id}");
+    serde_json::to_vec(&v).unwrap()
 }
 
 /// A kettle in the kitchen: the `kettle` rule toggles the kitchen fan on every one.

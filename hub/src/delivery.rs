@@ -1,0 +1,790 @@
+//! Command delivery: every actuator command goes through an outbox that survives a
+//! restart of the hub (and of the embedded broker inside it), is held while its actuator is
+//! offline, and leaves the outbox only once the broker has acknowledged it (QoS 1 PubAck).
+//!
+//! - **Ids.** Each command carries `"hearth_id":"<hub start, hex ms>-<n>"`, added to the
+//!   rule's JSON object. Hearth's virtual actuator keeps an idempotency window of these ids,
+//!   so a command delivered twice (re-sent after a crash, redelivered by the broker) is
+//!   applied once. Zigbee2MQTT ignores keys no converter claims (it logs "No converter
+//!   available for 'hearth_id'"); `command_ids = false` leaves payloads exactly as the rule
+//!   wrote them for homes that prefer a quiet Z2M log, at the price of that deduplication.
+//! - **Availability.** The hub subscribes to `<actuator_base>/<actuator>/availability` for
+//!   every actuator the rules name. Both forms Zigbee2MQTT publishes are understood: plain
+//!   `online`/`offline` (Hearth's actuator, Z2M's legacy form) and `{"state":"online"}`.
+//!   An actuator that has reported availability once is *tracked* (remembered in the
+//!   outbox file): its commands are held while it is offline, and after a hub restart it
+//!   counts as offline until it says `online` again — the embedded broker forgets retained
+//!   messages and sessions when its process dies, so the actuator may not have resubscribed
+//!   yet. Actuators that never report availability get their commands at once.
+//! - **Bounds.** At most `max_held_per_actuator` commands wait per actuator (the oldest is
+//!   dropped beyond it); a command older than `hold_expiry_secs` is dropped instead of
+//!   being replayed hours later. Counted: held, delivered late, expired, dropped over cap.
+//! - **Persistence.** The outbox is a journal of JSON lines (`add`, `done`, `seen`)
+//!   appended with one `write` per change — in the kernel's page cache at once, so a
+//!   SIGKILL loses nothing — and compacted by writing a fresh file and renaming it over
+//!   the old one (atomic). Without `state_file` the outbox lives in memory only.
+//! - **Sending.** One task owns the outbox and a dedicated MQTT connection
+//!   (`<client_id>-cmd`, persistent session by default): it sends at most
+//!   [`MAX_IN_FLIGHT`] unacknowledged commands, maps rumqttc's packet ids back to command
+//!   ids, and re-sends what the broker had not acknowledged when it answers a reconnect
+//!   without the old session.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hearth_edge::{stopped, Connection};
+use rumqttc::{AsyncClient, Event as MqttEvent, Outgoing, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::Metrics;
+
+/// Most unacknowledged commands on the command connection (below rumqttc's inflight limit).
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Default per-actuator bound of held commands.
+pub const DEFAULT_MAX_HELD: usize = 100;
+/// Default age after which a held command is dropped rather than delivered.
+pub const DEFAULT_HOLD_EXPIRY_SECS: u64 = 600;
+/// The JSON key carrying a command's id.
+pub const ID_FIELD: &str = "hearth_id";
+/// Capacity of the channel from the router to the delivery task.
+const CHANNEL: usize = 1024;
+/// How often held commands are checked for expiry.
+const TICK: Duration = Duration::from_secs(1);
+
+/// `[delivery]` in the hub's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Persistent MQTT sessions (`clean_session = false`) for the hub's clients, so a broker
+    /// that keeps sessions (Mosquitto) queues what they miss while they are away.
+    pub persistent_session: bool,
+    /// Hold commands while their actuator reports itself offline.
+    pub hold_offline: bool,
+    /// Most commands held per actuator; the oldest is dropped beyond it.
+    pub max_held_per_actuator: usize,
+    /// Held commands older than this are dropped, not delivered.
+    pub hold_expiry_secs: u64,
+    /// Add `"hearth_id"` to every command (deduplicated by Hearth's actuator).
+    pub command_ids: bool,
+    /// Outbox journal; the outbox is in memory only (lost on restart) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            persistent_session: true,
+            hold_offline: true,
+            max_held_per_actuator: DEFAULT_MAX_HELD,
+            hold_expiry_secs: DEFAULT_HOLD_EXPIRY_SECS,
+            command_ids: true,
+            state_file: None,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// Checks the bounds; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=100_000).contains(&self.max_held_per_actuator) {
+            return Err("delivery.max_held_per_actuator must be within 1..=100000".into());
+        }
+        if !(1..=7 * 86_400).contains(&self.hold_expiry_secs) {
+            return Err("delivery.hold_expiry_secs must be within 1..=604800 (7 days)".into());
+        }
+        if self
+            .state_file
+            .as_ref()
+            .is_some_and(|p| p.file_name().is_none())
+        {
+            return Err("delivery.state_file must name a file".into());
+        }
+        Ok(())
+    }
+}
+
+/// One actuator command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique id (also inside the payload when ids are on).
+    pub id: String,
+    /// Actuator name (as in the rule).
+    pub actuator: String,
+    /// `<base>/<actuator>/set`.
+    pub topic: String,
+    /// JSON payload as published.
+    pub payload: String,
+    /// When the rule fired, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// The rule's JSON object with `"hearth_id":"<id>"` added (rules render non-empty objects).
+pub fn with_id(payload: &[u8], id: &str) -> String {
+    let text = String::from_utf8_lossy(payload);
+    match text.trim_end().strip_suffix('}') {
+        Some(head) if text.trim_start().starts_with('{') => {
+            let sep = if head.trim_end().ends_with('{') {
+                ""
+            } else {
+                ","
+            };
+            format!("{head}{sep}\"{ID_FIELD}\":\"{id}\"}}")
+        }
+        _ => text.into_owned(),
+    }
+}
+
+/// Parses an availability payload: `online`/`offline` or `{"state":"online"}`.
+pub fn parse_availability(payload: &[u8]) -> Option<bool> {
+    #[derive(Deserialize)]
+    struct Json {
+        state: String,
+    }
+    let word = match payload {
+        b"online" | b"offline" => payload.to_vec(),
+        _ => serde_json::from_slice::<Json>(payload)
+            .ok()?
+            .state
+            .into_bytes(),
+    };
+    match word.as_slice() {
+        b"online" => Some(true),
+        b"offline" => Some(false),
+        _ => None,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A journal line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Op {
+    Add(Command),
+    Done(String),
+    Seen(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    cmd: Command,
+    sent: bool,
+    held: bool,
+}
+
+/// The outbox: commands not yet acknowledged by the broker, in firing order, and the
+/// availability of the actuators that report it. Synchronous; owned by one task.
+#[derive(Debug)]
+pub struct Outbox {
+    entries: VecDeque<Entry>,
+    /// Tracked actuators and whether they are online now.
+    online: HashMap<String, bool>,
+    hold: bool,
+    cap: usize,
+    expiry_ms: u64,
+    metrics: Arc<Metrics>,
+    journal: Option<(PathBuf, File)>,
+    journal_lines: usize,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("outbox {}: {e}", path.display()))
+}
+
+impl Outbox {
+    /// An outbox in memory.
+    pub fn in_memory(cfg: &DeliveryConfig, metrics: Arc<Metrics>) -> Outbox {
+        Outbox {
+            entries: VecDeque::new(),
+            online: HashMap::new(),
+            hold: cfg.hold_offline,
+            cap: cfg.max_held_per_actuator,
+            expiry_ms: cfg.hold_expiry_secs.saturating_mul(1000),
+            metrics,
+            journal: None,
+            journal_lines: 0,
+        }
+    }
+
+    /// Opens the outbox of `cfg.state_file` (in memory without one): replays the journal
+    /// (tracked actuators start offline; every command not acknowledged is to be sent
+    /// again) and compacts it.
+    pub fn open(cfg: &DeliveryConfig, metrics: Arc<Metrics>) -> std::io::Result<Outbox> {
+        let mut o = Outbox::in_memory(cfg, metrics);
+        let Some(path) = cfg.state_file.clone() else {
+            return Ok(o);
+        };
+        match File::open(&path) {
+            Ok(f) => {
+                for line in BufReader::new(f).lines() {
+                    let line = line.map_err(|e| io_err(&path, e))?;
+                    // A torn last line (killed mid-write) is skipped.
+                    match serde_json::from_str::<Op>(&line) {
+                        Ok(Op::Add(cmd)) => o.entries.push_back(Entry {
+                            cmd,
+                            sent: false,
+                            held: true,
+                        }),
+                        Ok(Op::Done(id)) => o.entries.retain(|e| e.cmd.id != id),
+                        Ok(Op::Seen(a)) => {
+                            o.online.insert(a, false);
+                        }
+                        Err(_) => {
+                            tracing::warn!(file = %path.display(), "skipped a damaged outbox line")
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path, e)),
+        }
+        o.compact(path)?;
+        if !o.entries.is_empty() {
+            tracing::info!(
+                commands = o.entries.len(),
+                "outbox: undelivered commands from before the restart"
+            );
+        }
+        o.update_gauge();
+        Ok(o)
+    }
+
+    /// Rewrites the journal with only the live state (temporary file, fsync, rename).
+    fn compact(&mut self, path: PathBuf) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut text = String::new();
+        let mut lines = 0;
+        let mut tracked: Vec<&String> = self.online.keys().collect();
+        tracked.sort();
+        let ops = tracked
+            .into_iter()
+            .map(|a| Op::Seen(a.clone()))
+            .chain(self.entries.iter().map(|e| Op::Add(e.cmd.clone())));
+        for op in ops {
+            text.push_str(&serde_json::to_string(&op).expect("journal line serialises"));
+            text.push('\n');
+            lines += 1;
+        }
+        let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        let f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        self.journal = Some((path, f));
+        self.journal_lines = lines;
+        Ok(())
+    }
+
+    fn log(&mut self, op: &Op) {
+        let Some((path, f)) = &mut self.journal else {
+            return;
+        };
+        let mut line = serde_json::to_string(op).expect("journal line serialises");
+        line.push('\n');
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            tracing::error!(file = %path.display(), "cannot write the outbox journal: {e}");
+            return;
+        }
+        self.journal_lines += 1;
+        if self.journal_lines > 2 * self.entries.len() + self.online.len() + 1000 {
+            let path = path.clone();
+            if let Err(e) = self.compact(path) {
+                tracing::error!("cannot compact the outbox journal: {e}");
+            }
+        }
+    }
+
+    fn update_gauge(&self) {
+        let held = self.entries.iter().filter(|e| !e.sent).count() as u64;
+        self.metrics
+            .commands_waiting
+            .store(held, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether commands for `actuator` may be sent now.
+    pub fn releasable(&self, actuator: &str) -> bool {
+        !self.hold || self.online.get(actuator).copied().unwrap_or(true)
+    }
+
+    /// Commands waiting or in flight.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the outbox is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Ids of the commands not yet sent, in order.
+    pub fn waiting(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| !e.sent)
+            .map(|e| e.cmd.id.clone())
+            .collect()
+    }
+
+    /// Records `cmd` (journal first). Held if its actuator is offline; beyond the
+    /// per-actuator bound the oldest waiting command of that actuator is dropped.
+    pub fn submit(&mut self, cmd: Command) {
+        self.log(&Op::Add(cmd.clone()));
+        let held = !self.releasable(&cmd.actuator);
+        if held {
+            Metrics::inc(&self.metrics.commands_held);
+            tracing::debug!(hearth_id = %cmd.id, actuator = %cmd.actuator, "held: actuator offline");
+        }
+        let waiting = self
+            .entries
+            .iter()
+            .filter(|e| !e.sent && e.cmd.actuator == cmd.actuator)
+            .count();
+        if waiting >= self.cap {
+            if let Some(i) = self
+                .entries
+                .iter()
+                .position(|e| !e.sent && e.cmd.actuator == cmd.actuator)
+            {
+                let old = self.entries.remove(i).expect("index in range");
+                Metrics::inc(&self.metrics.commands_dropped_over_cap);
+                tracing::warn!(actuator = %old.cmd.actuator, hearth_id = %old.cmd.id, cap = self.cap, "outbox full for this actuator: oldest command dropped");
+                self.log(&Op::Done(old.cmd.id));
+            }
+        }
+        self.entries.push_back(Entry {
+            cmd,
+            sent: false,
+            held,
+        });
+        self.update_gauge();
+    }
+
+    /// Records an actuator's availability (it is tracked from now on).
+    pub fn set_availability(&mut self, actuator: &str, online: bool) {
+        match self.online.insert(actuator.to_string(), online) {
+            None => self.log(&Op::Seen(actuator.to_string())),
+            Some(was) if was != online => {}
+            Some(_) => return,
+        }
+        tracing::info!(
+            actuator,
+            online,
+            "actuator availability{}",
+            if online { "" } else { ": holding its commands" }
+        );
+        if !online {
+            for e in self
+                .entries
+                .iter_mut()
+                .filter(|e| !e.sent && e.cmd.actuator == actuator)
+            {
+                if !e.held {
+                    e.held = true;
+                    Metrics::inc(&self.metrics.commands_held);
+                }
+            }
+        }
+    }
+
+    /// Drops waiting commands older than the expiry at `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        let expiry = self.expiry_ms;
+        let old: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|e| !e.sent && now_ms.saturating_sub(e.cmd.at_ms) > expiry)
+            .map(|e| e.cmd.id.clone())
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        self.entries
+            .retain(|e| e.sent || now_ms.saturating_sub(e.cmd.at_ms) <= expiry);
+        for id in old {
+            Metrics::inc(&self.metrics.commands_expired);
+            tracing::warn!(hearth_id = %id, "held command expired");
+            self.log(&Op::Done(id));
+        }
+        self.update_gauge();
+    }
+
+    /// The next command to send (marked in flight), in firing order, skipping actuators
+    /// that are offline and dropping expired commands on the way.
+    pub fn next_ready(&mut self, now_ms: u64) -> Option<Command> {
+        self.expire(now_ms);
+        let i = self
+            .entries
+            .iter()
+            .position(|e| !e.sent && self.releasable(&e.cmd.actuator))?;
+        let e = &mut self.entries[i];
+        e.sent = true;
+        let cmd = e.cmd.clone();
+        self.update_gauge();
+        Some(cmd)
+    }
+
+    /// Puts an in-flight command back (the client refused it, or the broker lost the session).
+    pub fn unsend(&mut self, id: &str) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.cmd.id == id) {
+            e.sent = false;
+        }
+        self.update_gauge();
+    }
+
+    /// Every in-flight command is to be sent again.
+    pub fn unsend_all(&mut self) {
+        for e in &mut self.entries {
+            e.sent = false;
+        }
+        self.update_gauge();
+    }
+
+    /// The broker acknowledged `id`: it leaves the outbox.
+    pub fn acked(&mut self, id: &str) {
+        let Some(i) = self.entries.iter().position(|e| e.cmd.id == id) else {
+            return;
+        };
+        let e = self.entries.remove(i).expect("index in range");
+        Metrics::inc(&self.metrics.commands_acked);
+        if e.held {
+            Metrics::inc(&self.metrics.commands_delivered_late);
+        }
+        tracing::debug!(hearth_id = %id, actuator = %e.cmd.actuator, late = e.held, "command acknowledged by the broker");
+        self.log(&Op::Done(id.to_string()));
+    }
+}
+
+/// What the router hands to the delivery task.
+#[derive(Debug)]
+pub(crate) enum Msg {
+    Command(Command),
+    Availability(String, bool),
+}
+
+/// The router's side: makes command ids and queues commands for the delivery task.
+#[derive(Debug, Clone)]
+pub(crate) struct Sender {
+    tx: mpsc::Sender<Msg>,
+    ids: bool,
+    prefix: String,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sender {
+    /// Queues a command for `actuator` (waits while the delivery task is busy).
+    pub(crate) async fn command(&self, actuator: &str, topic: &str, payload: &[u8]) -> bool {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{n}", self.prefix);
+        let payload = if self.ids {
+            with_id(payload, &id)
+        } else {
+            String::from_utf8_lossy(payload).into_owned()
+        };
+        let cmd = Command {
+            id,
+            actuator: actuator.to_string(),
+            topic: topic.to_string(),
+            payload,
+            at_ms: now_ms(),
+        };
+        self.tx.send(Msg::Command(cmd)).await.is_ok()
+    }
+
+    /// Passes on an actuator's availability.
+    pub(crate) async fn availability(&self, actuator: &str, online: bool) {
+        let _ = self
+            .tx
+            .send(Msg::Availability(actuator.to_string(), online))
+            .await;
+    }
+}
+
+/// The delivery task's state besides the outbox: command ids awaiting a packet id, and
+/// packet ids awaiting their PubAck.
+#[derive(Debug, Default)]
+struct InFlight {
+    unassigned: VecDeque<String>,
+    by_pkid: HashMap<u16, String>,
+}
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.unassigned.len() + self.by_pkid.len()
+    }
+}
+
+/// Starts the delivery task on `conn`/`client`; the returned sender is the router's.
+/// `ready` fires at the first ConnAck.
+pub(crate) fn spawn(
+    outbox: Outbox,
+    cfg: &DeliveryConfig,
+    conn: Connection,
+    client: AsyncClient,
+    shutdown: watch::Receiver<bool>,
+    ready: oneshot::Sender<()>,
+) -> (Sender, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    let sender = Sender {
+        tx,
+        ids: cfg.command_ids,
+        prefix: format!("{:x}", now_ms()),
+        seq: Arc::default(),
+    };
+    let task = tokio::spawn(run(outbox, conn, client, rx, shutdown, ready));
+    (sender, task)
+}
+
+fn pump(outbox: &mut Outbox, flight: &mut InFlight, client: &AsyncClient, up: bool) {
+    if !up {
+        return;
+    }
+    while flight.len() < MAX_IN_FLIGHT {
+        let Some(cmd) = outbox.next_ready(now_ms()) else {
+            return;
+        };
+        match client.try_publish(cmd.topic.as_str(), QoS::AtLeastOnce, false, cmd.payload) {
+            Ok(()) => {
+                Metrics::inc(&outbox.metrics.commands_published);
+                flight.unassigned.push_back(cmd.id);
+            }
+            Err(e) => {
+                tracing::debug!("command not queued now: {e}");
+                outbox.unsend(&cmd.id);
+                return;
+            }
+        }
+    }
+}
+
+async fn run(
+    mut outbox: Outbox,
+    mut conn: Connection,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Msg>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut flight = InFlight::default();
+    let status = conn.status();
+    let mut tick = tokio::time::interval(TICK);
+    let mut router_gone = false;
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown), if !router_gone => router_gone = true,
+            msg = rx.recv(), if !router_gone => match msg {
+                Some(Msg::Command(cmd)) => {
+                    tracing::debug!(hearth_id = %cmd.id, actuator = %cmd.actuator, "command queued");
+                    outbox.submit(cmd);
+                }
+                Some(Msg::Availability(a, on)) => outbox.set_availability(&a, on),
+                None => router_gone = true,
+            },
+            ev = conn.poll() => match ev {
+                None => break,
+                Some(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                    if !ack.session_present {
+                        // rumqttc dropped what it had not sent or seen acknowledged.
+                        flight = InFlight::default();
+                        outbox.unsend_all();
+                    }
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Some(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
+                    if !flight.by_pkid.contains_key(&pkid) {
+                        if let Some(id) = flight.unassigned.pop_front() {
+                            flight.by_pkid.insert(pkid, id);
+                        }
+                    }
+                }
+                Some(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(id) = flight.by_pkid.remove(&ack.pkid) {
+                        outbox.acked(&id);
+                    }
+                }
+                Some(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
+                Some(_) => {}
+            },
+            _ = tick.tick() => outbox.expire(now_ms()),
+        }
+        if router_gone && flight.len() == 0 {
+            // Nothing more will come and nothing is in flight: disconnect (what waits
+            // stays in the outbox file for the next start).
+            conn.disconnect(&client, Duration::from_millis(500)).await;
+            break;
+        }
+        pump(&mut outbox, &mut flight, &client, status.is_up());
+    }
+    let waiting = outbox.waiting().len();
+    if waiting > 0 {
+        tracing::info!(
+            commands = waiting,
+            "delivery stopped with commands waiting in the outbox"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path) -> DeliveryConfig {
+        DeliveryConfig {
+            max_held_per_actuator: 3,
+            hold_expiry_secs: 10,
+            state_file: Some(dir.join("outbox.jsonl")),
+            ..DeliveryConfig::default()
+        }
+    }
+
+    fn cmd(id: &str, actuator: &str, at_ms: u64) -> Command {
+        Command {
+            id: id.into(),
+            actuator: actuator.into(),
+            topic: format!("z2m/{actuator}/set"),
+            payload: with_id(br#"{"state":"ON"}"#, id),
+            at_ms,
+        }
+    }
+
+    fn drain(o: &mut Outbox, now: u64) -> Vec<String> {
+        std::iter::from_fn(|| o.next_ready(now))
+            .map(|c| c.id)
+            .collect()
+    }
+
+    #[test]
+    fn ids_and_availability_payloads() {
+        assert_eq!(
+            with_id(br#"{"state":"ON"}"#, "a-1"),
+            r#"{"state":"ON","hearth_id":"a-1"}"#
+        );
+        assert_eq!(with_id(b"{}", "a-1"), r#"{"hearth_id":"a-1"}"#);
+        let v: serde_json::Value =
+            serde_json::from_str(&with_id(br#"{"state":"ON","brightness":3}"#, "x")).unwrap();
+        assert_eq!(v["hearth_id"], "x");
+        assert_eq!(parse_availability(b"online"), Some(true));
+        assert_eq!(parse_availability(br#"{"state":"offline"}"#), Some(false));
+        assert_eq!(parse_availability(b"ONLINE"), None);
+        assert_eq!(parse_availability(br#"{"state":"gone"}"#), None);
+    }
+
+    #[test]
+    fn held_while_offline_released_in_order_when_online() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let mut o = Outbox::open(&cfg(dir.path()), m.clone()).unwrap();
+        // Untracked actuators are not held.
+        o.submit(cmd("u1", "plug", 0));
+        assert_eq!(drain(&mut o, 0), ["u1"]);
+        o.set_availability("lamp", false);
+        for id in ["l1", "l2"] {
+            o.submit(cmd(id, "lamp", 0));
+        }
+        o.submit(cmd("u2", "plug", 0));
+        assert_eq!(drain(&mut o, 0), ["u2"], "the lamp's commands wait");
+        assert_eq!(Metrics::get(&m.commands_held), 2);
+        o.set_availability("lamp", true);
+        o.submit(cmd("l3", "lamp", 0));
+        assert_eq!(drain(&mut o, 0), ["l1", "l2", "l3"]);
+        for id in ["u1", "u2", "l1", "l2", "l3"] {
+            o.acked(id);
+        }
+        assert!(o.is_empty());
+        assert_eq!(Metrics::get(&m.commands_acked), 5);
+        assert_eq!(Metrics::get(&m.commands_delivered_late), 2);
+
+        // Holding off: nothing waits for availability.
+        let mut free = Outbox::in_memory(
+            &DeliveryConfig {
+                hold_offline: false,
+                ..DeliveryConfig::default()
+            },
+            Arc::new(Metrics::new()),
+        );
+        free.set_availability("lamp", false);
+        free.submit(cmd("f1", "lamp", 0));
+        assert_eq!(drain(&mut free, 0), ["f1"]);
+    }
+
+    #[test]
+    fn cap_drops_the_oldest_and_expiry_drops_stale_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let mut o = Outbox::open(&cfg(dir.path()), m.clone()).unwrap();
+        o.set_availability("lamp", false);
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            o.submit(cmd(id, "lamp", 1000 * i as u64));
+        }
+        assert_eq!(o.waiting(), ["b", "c", "d"], "cap 3: the oldest went");
+        assert_eq!(Metrics::get(&m.commands_dropped_over_cap), 1);
+        // At 12.5 s, `b` (1 s) and `c` (2 s) are older than 10 s.
+        o.expire(12_500);
+        assert_eq!(o.waiting(), ["d"]);
+        assert_eq!(Metrics::get(&m.commands_expired), 2);
+        o.set_availability("lamp", true);
+        // Expiry applies on release too.
+        assert!(o.next_ready(13_001).is_none());
+        assert_eq!(Metrics::get(&m.commands_expired), 3);
+        assert_eq!(Metrics::get(&m.commands_waiting), 0);
+    }
+
+    #[test]
+    fn the_outbox_survives_a_restart_and_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        {
+            let mut o = Outbox::open(&c, Arc::new(Metrics::new())).unwrap();
+            o.set_availability("lamp", true);
+            for id in ["a", "b", "c"] {
+                o.submit(cmd(id, "lamp", now_ms()));
+            }
+            assert_eq!(drain(&mut o, now_ms()), ["a", "b", "c"]);
+            o.acked("a");
+            // `b` and `c` are in flight, not acknowledged, when the hub dies.
+        }
+        let path = c.state_file.clone().unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"add":{"id":"tor"#).unwrap();
+        drop(f);
+        let m = Arc::new(Metrics::new());
+        let mut o = Outbox::open(&c, m.clone()).unwrap();
+        assert_eq!(o.waiting(), ["b", "c"]);
+        // A tracked actuator counts as offline after a restart until it says online.
+        assert!(!o.releasable("lamp"));
+        assert!(o.next_ready(now_ms()).is_none());
+        o.set_availability("lamp", true);
+        assert_eq!(drain(&mut o, now_ms()), ["b", "c"]);
+        o.acked("b");
+        o.acked("c");
+        assert_eq!(Metrics::get(&m.commands_delivered_late), 2);
+        let o = Outbox::open(&c, m).unwrap();
+        assert!(o.is_empty());
+        // Compacted: one `seen` line, no acknowledged commands.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+}
