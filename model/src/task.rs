@@ -325,13 +325,23 @@ impl TaskSpec {
     }
 
     /// The task named `task`: a path to a task file (it ends in `.toml` or names an existing
-    /// file), else the name of a vendored set, `<data_dir>/<task>/task.toml`.
+    /// file), else the name of a set in `data_dir`, `<data_dir>/<task>/task.toml`. For a
+    /// vendored set (plaid, faces, digits) whose directory has no task file (a data directory
+    /// vendored before task files), the task file built into Hearth is used, its data read
+    /// from `<data_dir>/<task>/` as before.
     pub fn resolve(task: &str, data_dir: &Path) -> Result<TaskSpec, TaskError> {
         let direct = Path::new(task);
         if task.ends_with(".toml") || direct.is_file() {
             return TaskSpec::from_file(direct);
         }
-        TaskSpec::from_file(&data_dir.join(task).join("task.toml"))
+        let file = data_dir.join(task).join("task.toml");
+        match task.parse::<crate::data::Task>() {
+            Ok(builtin) if !file.exists() => Ok(TaskSpec {
+                path: file,
+                ..builtin.spec()
+            }),
+            _ => TaskSpec::from_file(&file),
+        }
     }
 
     /// Parses and validates task-file text; `path` locates the data files and names errors.
