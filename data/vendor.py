@@ -10,7 +10,11 @@ check their sha256 against the pinned values below, convert, and write:
   data/plaid/{classes.txt,train.csv,test.csv}   sktime 1.2.0, PLAID_{TRAIN,TEST}.ts (raw, variable length)
   data/digits/{classes.txt,train.csv,test.csv}  scikit-learn 1.9.1, digits.csv.gz (1437 / 360 split)
   data/faces/{classes.txt,train.csv,test.csv}   scikit-image 0.26.0, lfw_subset.npy (150 / 50 split)
+  data/gunpoint/GunPoint_{TRAIN,TEST}.ts        sktime 1.2.0, verbatim (read by data/gunpoint/task.toml)
+  data/basicmotions/BasicMotions_{TRAIN,TEST}.ts  sktime 1.2.0, verbatim (read by data/basicmotions/task.toml)
   data/provenance.json                          package, version, member path and sha256 per set
+
+The task files (data/<set>/task.toml) are written by hand, not by this script.
 
 Python 3.11 standard library only (numpy is not needed). Deterministic: every run writes the same
 bytes (fixed seeds, decimal rounding, sorted keys, no timestamps). Nothing here is used at run time.
@@ -51,6 +55,15 @@ MEMBERS = {
                     "40deb3bc6bd1e1aa0e6db6e6bfd3cecc4a23bf57f6a6d6ab90fb75e4a2c72344"),
     "plaid_test": ("sktime", "sktime/datasets/data/PLAID/PLAID_TEST.ts",
                    "aa6da0dc1461e8d374e068a940ce37d1b0bb1a9844596d818920c8af696d656d"),
+    # Copied verbatim: Hearth reads .ts directly (model/src/formats/ts.rs).
+    "gunpoint_train": ("sktime", "sktime/datasets/data/GunPoint/GunPoint_TRAIN.ts",
+                       "f842401779fd9800d247d8b33121a1a4643710a19b24917dbdd9a060ca8630d5"),
+    "gunpoint_test": ("sktime", "sktime/datasets/data/GunPoint/GunPoint_TEST.ts",
+                      "79332750788a6227b325b96bd0d70130c8eb707b9731f8d7dec62b7a7d36017e"),
+    "basicmotions_train": ("sktime", "sktime/datasets/data/BasicMotions/BasicMotions_TRAIN.ts",
+                           "8dc43cc6306cb679c888c01e26f91772ac4441a916da43bac8b79734a538b9d6"),
+    "basicmotions_test": ("sktime", "sktime/datasets/data/BasicMotions/BasicMotions_TEST.ts",
+                          "79213102bc6fca1a398ad98ce1185dff0208fa3d1465e687f48288946b0ff8dc"),
     "digits": ("scikit-learn", "sklearn/datasets/data/digits.csv.gz",
                "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"),
     # Same hash as scikit-image's own skimage/data/_registry.py entry for data/lfw_subset.npy.
@@ -281,22 +294,40 @@ def vendor_faces() -> dict:
             "row_order": "seeded random permutation"}
 
 
+def vendor_verbatim(name: str) -> dict:
+    """Copies the set's pinned members unchanged into data/<name>/ (file name = member's)."""
+    out = DATA / name
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for key in (f"{name}_train", f"{name}_test"):
+        path = MEMBERS[key][1]
+        (out / Path(path).name).write_bytes(member(key))
+        files.append(Path(path).name)
+    return {"files_written": files, "conversion": "none (verbatim copy)"}
+
+
+VERBATIM = ("gunpoint", "basicmotions")
+CONVERTED_FILES = ("classes.txt", "train.csv", "test.csv")
+
+
 def main() -> None:
     sets = {"plaid": vendor_plaid(), "digits": vendor_digits(), "faces": vendor_faces()}
+    sets.update({name: vendor_verbatim(name) for name in VERBATIM})
     prov = {}
     for name, info in sets.items():
+        written = info.get("files_written", CONVERTED_FILES)
         keys = [k for k in MEMBERS if k == name or k.startswith(name + "_")]
         package = MEMBERS[keys[0]][0]
         prov[name] = {
             "package": package, "version": PACKAGES[package], "registry": "PyPI",
             "members": {MEMBERS[k][1]: MEMBERS[k][2] for k in keys},
             "files": {f: hashlib.sha256((DATA / name / f).read_bytes()).hexdigest()
-                      for f in ("classes.txt", "train.csv", "test.csv")},
+                      for f in written},
             **info,
         }
     (DATA / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
-    for name in sets:
-        for f in ("classes.txt", "train.csv", "test.csv"):
+    for name, info in sets.items():
+        for f in info.get("files_written", CONVERTED_FILES):
             p = DATA / name / f
             print(f"{p.relative_to(DATA.parent)}: {p.stat().st_size} bytes", file=sys.stderr)
 

@@ -1,5 +1,6 @@
 //! `hearth-compress`: compress an ONNX model with a recipe and print the measurement table;
-//! `hearth-compress train <task>` trains Hearth's baseline MLP for a data set.
+//! `hearth-compress train <task>` trains the model a task file asks for. `--task <task.toml>`
+//! (or `--data <dir>` holding one) gives the data for fine-tuning and measurement.
 //! Exit status 64 (EX_USAGE) on bad arguments or a recipe that cannot apply.
 #![forbid(unsafe_code)]
 
@@ -8,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use hearth_compress::measure;
 use hearth_compress::pipeline::{default_measure_options, Context};
 use hearth_compress::{recipe, table, CompressError};
-use hearth_model::{train, Split, Task, TrainConfig};
+use hearth_model::{train, Dataset, Split, TaskSpec, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,10 +35,14 @@ struct Cli {
 struct CompressArgs {
     /// Input ONNX model (Hearth's own or imported, e.g. data/models/face_detection_front_128x128_barracuda.onnx).
     input: Option<PathBuf>,
-    /// Data set directory (data/plaid, data/faces, data/digits): train split for fine-tuning and
-    /// calibration, test split for accuracy / agreement inputs.
-    #[arg(long)]
+    /// Data set directory holding a task.toml (data/plaid, data/gunpoint, …): the same as
+    /// `--task <dir>/task.toml`.
+    #[arg(long, conflicts_with = "task")]
     data: Option<PathBuf>,
+    /// Task file: its train split for fine-tuning and calibration, its test split for accuracy
+    /// and agreement inputs (the model must be a model of that task).
+    #[arg(long)]
+    task: Option<PathBuf>,
     /// Recipe: a .toml file or an inline string (see below).
     #[arg(long)]
     recipe: Option<String>,
@@ -57,14 +62,15 @@ struct CompressArgs {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Train Hearth's baseline MLP for a data set and write it as ONNX.
+    /// Train the model a task file asks for and write it as ONNX.
     Train {
-        /// plaid | faces | digits
-        task: Task,
+        /// A task file (path to a .toml), or the name of a set in --data-dir
+        /// (`<data-dir>/<name>/task.toml`: plaid, faces, digits, gunpoint, basicmotions).
+        task: String,
         /// Output ONNX file.
         #[arg(short = 'o', long)]
         output: PathBuf,
-        /// Directory holding the data sets.
+        /// Directory holding the data sets (for a task given by name).
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
         /// Hidden widths, comma separated (default: the shipped spec of the task).
@@ -86,26 +92,16 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     CompressError::Usage(msg.into()).into()
 }
 
-/// `data/plaid` → (`data`, plaid).
-fn split_data_dir(dir: &Path) -> anyhow::Result<(PathBuf, Task)> {
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| usage(format!("--data {}: not a directory name", dir.display())))?;
-    let task: Task = name.parse().map_err(|_| {
-        usage(format!(
-            "--data {}: the directory must be named after a data set (plaid, faces, digits)",
-            dir.display()
-        ))
-    })?;
-    let root = dir
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    Ok((root, task))
+/// Loads a task file; any problem with it or its data is a usage error (exit 64).
+fn load_task(path: &Path) -> anyhow::Result<(TaskSpec, Dataset, Dataset)> {
+    let spec = TaskSpec::from_file(path).map_err(|e| usage(e.to_string()))?;
+    let load = |split| spec.load(split).map_err(|e| usage(e.to_string()));
+    let (train_set, test_set) = (load(Split::Train)?, load(Split::Test)?);
+    Ok((spec, train_set, test_set))
 }
 
 fn cmd_train(
-    task: Task,
+    task: &str,
     output: &Path,
     data_dir: &Path,
     hidden: Option<Vec<usize>>,
@@ -113,9 +109,14 @@ fn cmd_train(
     lr: f32,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let train_set = task.load(data_dir, Split::Train)?;
-    let test_set = task.load(data_dir, Split::Test)?;
-    let mut spec = task.default_spec();
+    let path = if task.ends_with(".toml") || Path::new(task).is_file() {
+        PathBuf::from(task)
+    } else {
+        data_dir.join(task).join("task.toml")
+    };
+    let (task_spec, train_set, test_set) = load_task(&path)?;
+    let task = &task_spec.name;
+    let mut spec = task_spec.mlp_spec();
     if let Some(h) = hidden {
         if h.contains(&0) {
             return Err(usage("--hidden widths must be > 0"));
@@ -164,18 +165,20 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
     if fixed > 0 {
         eprintln!("note: gave {fixed} ConstantOfShape node(s) an explicit f32 zero value (tract)");
     }
-    let (train_set, eval_set) = match &a.data {
-        Some(dir) => {
-            let (root, task) = split_data_dir(dir)?;
+    let task_file = a.task.or_else(|| a.data.map(|dir| dir.join("task.toml")));
+    let (train_set, eval_set) = match &task_file {
+        Some(path) => {
+            let (spec, train_set, test_set) = load_task(path)?;
             if let Some(t) = model.task() {
-                if t != task.to_string() {
-                    return Err(usage(format!("the model is a {t} model, --data is {task}")));
+                if t != spec.name {
+                    return Err(usage(format!(
+                        "the model is a {t} model, {} is the {} task",
+                        path.display(),
+                        spec.name
+                    )));
                 }
             }
-            (
-                Some(task.load(&root, Split::Train)?),
-                Some(task.load(&root, Split::Test)?),
-            )
+            (Some(train_set), Some(test_set))
         }
         None => (None, None),
     };
@@ -231,7 +234,7 @@ fn main() -> ExitCode {
             epochs,
             lr,
             seed,
-        }) => cmd_train(task, &output, &data_dir, hidden, epochs, lr, seed),
+        }) => cmd_train(&task, &output, &data_dir, hidden, epochs, lr, seed),
         None => cmd_compress(cli.compress),
     };
     match result {

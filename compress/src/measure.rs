@@ -537,7 +537,7 @@ mod tests {
         }
         pruned.set_weights(&w).unwrap();
         let ds = Dataset {
-            task: Task::Digits,
+            task: "digits".into(),
             classes: Task::Digits.classes(),
             input_len: 64,
             x: (0..64 * 8).map(|i| (i % 13) as f32 / 13.0).collect(),
@@ -566,7 +566,7 @@ mod tests {
         assert_eq!(r[0], 0.0);
         assert!((r[15] - 1.0).abs() < 1e-6);
         let ds = Dataset {
-            task: Task::Faces,
+            task: "faces".into(),
             classes: Task::Faces.classes(),
             input_len: 4,
             x: img,

@@ -296,12 +296,70 @@ fn blazeface_int8_qoperator_runs_integer_convs() {
     assert!(!kernels.is_empty() && kernels.iter().all(|k| k.is_integer()));
 }
 
+/// Data sets Hearth does not convert (sktime's `.ts` files as they are), by their task files
+/// alone: `train` by path and by name, then a recipe given only `--task`, and a model of
+/// another task refused.
+#[test]
+fn new_tasks_train_and_compress_from_their_task_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for (task, by) in [
+        ("gunpoint", "data/gunpoint/task.toml"),
+        ("basicmotions", "basicmotions"),
+    ] {
+        let model = dir.path().join(format!("{task}.onnx"));
+        let m = model.to_str().unwrap();
+        let (code, stdout, stderr) = run(&["train", by, "-o", m, "--epochs", "200"]);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert!(stdout.contains(&format!("trained {task}")), "{stdout}");
+        let loaded = OnnxModel::load(&model).unwrap();
+        assert_eq!(loaded.task(), Some(task));
+        let file = format!("data/{task}/task.toml");
+        let out = dir.path().join(format!("{task}.int8.onnx"));
+        let recipe = "prune:0.5;finetune:20;quant:int8-per-channel;export:int8-qoperator";
+        let args = [
+            m,
+            "--task",
+            &file,
+            "--recipe",
+            recipe,
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        let (code, stdout, stderr) = run(&[&args[..], &["--latency-runs", "3"]].concat());
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let rows = parse_table(&stdout);
+        let (acc0, last) = (rows[0].accuracy.unwrap(), rows.last().unwrap());
+        eprintln!(
+            "{task}: accuracy {acc0} -> {:?} ({} -> {} bytes)",
+            last.accuracy, rows[0].bytes, last.bytes
+        );
+        assert!(acc0 >= 0.85, "{task}: {acc0}");
+        assert!(last.accuracy.unwrap() >= acc0 - 0.05, "{task}: {last:?}");
+        assert!(out.exists());
+        // The model names its task: another task's data is refused.
+        let other = [
+            "--task",
+            "data/faces/task.toml",
+            "--recipe",
+            "quant:int8",
+            "-o",
+        ];
+        let x = dir.path().join("x.onnx");
+        let (code, _, stderr) = run(&[&[m][..], &other, &[x.to_str().unwrap()]].concat());
+        assert_eq!(code, 64, "{stderr}");
+        assert!(stderr.contains(&format!("is a {task} model")), "{stderr}");
+    }
+}
+
 #[test]
 fn usage_errors_exit_64() {
     let blaze = "data/models/face_detection_front_128x128_barracuda.onnx";
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.onnx");
     let out = out.to_str().unwrap();
+    let bad_task = dir.path().join("task.toml");
+    let text = std::fs::read_to_string(workspace().join("data/gunpoint/task.toml")).unwrap();
+    std::fs::write(&bad_task, text.replace("hidden = [32]", "hidden = [0]")).unwrap();
     for (args, needle) in [
         (
             vec![blaze, "--recipe", "prune:1.5", "-o", out],
@@ -342,7 +400,31 @@ fn usage_errors_exit_64() {
                 "-o",
                 out,
             ],
-            "named after a data set",
+            "data/nope/task.toml",
+        ),
+        (
+            vec![
+                blaze,
+                "--task",
+                bad_task.to_str().unwrap(),
+                "--recipe",
+                "quant:int8",
+                "-o",
+                out,
+            ],
+            "field `model.hidden`",
+        ),
+        (
+            vec![
+                blaze,
+                "--task",
+                "data/gunpoint/task.toml",
+                "--data",
+                "data/faces",
+                "-o",
+                out,
+            ],
+            "cannot be used with",
         ),
         (vec!["--no-such-flag"], "unexpected argument"),
     ] {

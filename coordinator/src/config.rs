@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -114,7 +113,8 @@ pub struct RoundDefaults {
 pub struct ModelConfig {
     /// Model name used on the wire (`[a-z0-9_-]`).
     pub name: String,
-    /// Task: `plaid`, `faces` or `digits`.
+    /// Task: a task file (`path/to/task.toml`) or the name of a set in `data_dir`
+    /// (`<data_dir>/<name>/task.toml`: `plaid`, `faces`, `digits`, `gunpoint`, …).
     pub task: String,
     /// ONNX file for version 1; when absent a fresh MLP is built from the task's default spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,9 +517,9 @@ impl Config {
             if !seen.insert(m.name.as_str()) {
                 return bad(format!("model[{i}].name {:?} is listed twice", m.name));
             }
-            if hearth_model::Task::from_str(&m.task).is_err() {
+            if let Err(e) = hearth_model::TaskSpec::resolve(&m.task, &self.data_dir) {
                 return bad(format!(
-                    "model[{i}] ({}): unknown task {:?} (expected plaid, faces or digits)",
+                    "model[{i}] ({}): unknown task {:?}: {e}",
                     m.name, m.task
                 ));
             }
@@ -760,6 +760,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("round.max_clients"));
+        // A task file by path (here a data set added by configuration alone) is a task.
+        let mut c = valid();
+        let gunpoint = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/gunpoint/task.toml");
+        c.models[0].task = gunpoint.into();
+        c.validate().unwrap();
         let mut c = valid();
         c.models[0].task = "cats".into();
         assert!(c

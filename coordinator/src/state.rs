@@ -4,11 +4,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hearth_model::{Dataset, OnnxModel, Split, Task, Weights};
+use hearth_model::{Dataset, OnnxModel, Split, TaskSpec, Weights};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
@@ -129,17 +128,18 @@ impl Coordinator {
         let mut eval_sets = HashMap::new();
         let mut loaded: HashMap<String, Arc<Dataset>> = HashMap::new();
         for m in &config.models {
-            let task = parse_task(m)?;
+            let task = parse_task(m, &config.data_dir)?;
             if m.eval {
                 let ds = match loaded.get(&m.task) {
                     Some(ds) => ds.clone(),
                     None => {
-                        let dir = config.data_dir.clone();
+                        let spec = task.clone();
                         let ds = blocking(move || {
-                            task.load(&dir, Split::Test).map_err(|e| {
+                            spec.load(Split::Test).map_err(|e| {
                                 Error::Init(format!(
-                                    "cannot load held-out set of {task} from {}: {e}",
-                                    dir.display()
+                                    "cannot load held-out set of {} from {}: {e}",
+                                    spec.name,
+                                    spec.path.display()
                                 ))
                             })
                         })
@@ -323,9 +323,9 @@ impl Coordinator {
     }
 }
 
-fn parse_task(m: &ModelConfig) -> Result<Task, Error> {
-    Task::from_str(&m.task)
-        .map_err(|_| Error::Init(format!("model {}: unknown task {:?}", m.name, m.task)))
+fn parse_task(m: &ModelConfig, data_dir: &std::path::Path) -> Result<TaskSpec, Error> {
+    TaskSpec::resolve(&m.task, data_dir)
+        .map_err(|e| Error::Init(format!("model {}: unknown task {:?}: {e}", m.name, m.task)))
 }
 
 /// Held-out accuracy of `model`, or `None` (logged) when evaluation fails.
@@ -343,7 +343,7 @@ pub(crate) fn evaluate(name: &str, model: &OnnxModel, ds: &Dataset) -> Option<f3
 async fn ensure_initial_version(
     store: &Store,
     m: &ModelConfig,
-    task: Task,
+    task: TaskSpec,
     eval: Option<Arc<Dataset>>,
 ) -> Result<(), Error> {
     if store.latest_version(&m.name)?.is_some() {
@@ -357,7 +357,7 @@ async fn ensure_initial_version(
                 (OnnxModel::from_bytes(&bytes)?, bytes)
             }
             None => {
-                let model = OnnxModel::build_mlp(&task.default_spec(), cfg.seed);
+                let model = OnnxModel::build_mlp(&task.mlp_spec(), cfg.seed);
                 let bytes = model.to_bytes();
                 (model, bytes)
             }

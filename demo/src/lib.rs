@@ -33,6 +33,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A group's task file is missing or invalid.
+    #[error("task file: {0}")]
+    Task(#[from] hearth_model::TaskError),
     /// The coordinator failed to start or to stop.
     #[error("coordinator: {0}")]
     Coordinator(#[from] hearth_coordinator::Error),
@@ -116,8 +119,9 @@ cooldown_secs = 0
 pub struct AgentGroup {
     /// Device name prefix (`<prefix>-<i>`).
     pub prefix: String,
-    /// `plaid`, `faces` or `digits`.
-    pub task: hearth_model::Task,
+    /// The task: a task file, or the name of a set in the data directory (`plaid`, `faces`,
+    /// `digits`, `gunpoint`, `basicmotions`, …); the federated model is named after the task.
+    pub task: String,
     /// Number of agents (each owns one non-IID share of the train split).
     pub count: usize,
 }
@@ -150,12 +154,12 @@ impl HomeOptions {
             groups: vec![
                 AgentGroup {
                     prefix: "plug".into(),
-                    task: hearth_model::Task::Plaid,
+                    task: "plaid".into(),
                     count: 3,
                 },
                 AgentGroup {
                     prefix: "door-cam".into(),
-                    task: hearth_model::Task::Faces,
+                    task: "faces".into(),
                     count: 3,
                 },
             ],
@@ -175,8 +179,8 @@ pub struct Home {
     pub hub: HubHandle,
     /// The porch light.
     pub light: ActuatorHandle,
-    /// Every agent, in group order.
-    pub agents: Vec<(String, hearth_model::Task, AgentHandle)>,
+    /// Every agent, in group order: device name, model (task) name, handle.
+    pub agents: Vec<(String, String, AgentHandle)>,
     /// Admin token of the coordinator.
     pub admin_token: String,
     models: Vec<String>,
@@ -216,6 +220,13 @@ impl Home {
             .map(|i| token(&format!("enroll{i}")))
             .collect();
 
+        // One federated model per group, named after its task file's task.
+        let names = opts
+            .groups
+            .iter()
+            .map(|g| Ok(hearth_model::TaskSpec::resolve(&g.task, &opts.data_dir)?.name))
+            .collect::<Result<Vec<String>>>()?;
+
         // Coordinator.
         let mut cc = hearth_coordinator::Config {
             db_path: opts.state_dir.join("coordinator.db"),
@@ -227,9 +238,10 @@ impl Home {
         cc.models = opts
             .groups
             .iter()
-            .map(|g| hearth_coordinator::ModelConfig {
-                name: g.task.to_string(),
-                task: g.task.to_string(),
+            .zip(&names)
+            .map(|(g, name)| hearth_coordinator::ModelConfig {
+                name: name.clone(),
+                task: g.task.clone(),
                 init: None,
                 eval: true,
                 seed: 7,
@@ -271,7 +283,7 @@ impl Home {
 
         let mut agents = Vec::new();
         let mut tokens = enroll.into_iter();
-        for g in &opts.groups {
+        for (g, name) in opts.groups.iter().zip(&names) {
             for i in 0..g.count {
                 let device = format!("{}-{}", g.prefix, i + 1);
                 let cfg = hearth_agent::Config {
@@ -279,7 +291,7 @@ impl Home {
                     mqtt: mqtt.clone(),
                     coordinator: Some(coordinator.endpoint()),
                     enrollment_token: tokens.next(),
-                    task: g.task,
+                    task: g.task.clone(),
                     data_dir: opts.data_dir.clone(),
                     partition: Partition {
                         index: i,
@@ -294,10 +306,10 @@ impl Home {
                 let h = hearth_agent::start(cfg)
                     .await
                     .map_err(device_error(&device))?;
-                agents.push((device, g.task, h));
+                agents.push((device, name.clone(), h));
             }
         }
-        let models = opts.groups.iter().map(|g| g.task.to_string()).collect();
+        let models = names;
         let agent_stats = agents.iter().map(|(_, _, a)| a.stats()).collect();
         let home = Home {
             coordinator,
@@ -365,10 +377,9 @@ impl Home {
             let behind: Vec<String> = self
                 .agents
                 .iter()
-                .filter(|(_, task, h)| {
+                .filter(|(_, model, h)| {
                     let v = h.stats().model_version.load(Ordering::Relaxed);
-                    want.iter()
-                        .any(|(m, need)| *m == task.to_string() && v < *need)
+                    want.iter().any(|(m, need)| m == model && v < *need)
                 })
                 .map(|(d, _, h)| format!("{d} ({})", h.model_tag()))
                 .collect();

@@ -190,13 +190,16 @@ async fn join_within(mut t: JoinHandle<()>, limit: Duration, what: &str) -> Resu
 /// Loads the device's data share and the model to start from (CPU and disk work).
 fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
     let state = StateDir::open(&config.state_dir)?;
-    let full = config.task.load(&config.data_dir, Split::Train)?;
+    let task = config.task_spec()?;
+    let full = task
+        .load(Split::Train)
+        .map_err(hearth_model::ModelError::from)?;
     let p = &config.partition;
     let data = full.partition(p.index, p.count, p.alpha, p.seed);
     if data.is_empty() {
         return Err(Error::Config(format!(
             "partition {}/{} of {} is empty",
-            p.index, p.count, config.task
+            p.index, p.count, task.name
         )));
     }
     let name = config.model_name();
@@ -226,9 +229,9 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
 
     // Bootstrap: the shipped architecture, trained on this device's own samples.
     let spec = MlpSpec {
-        task: config.task.to_string(),
+        task: task.name.clone(),
         input_len: data.input_len,
-        hidden: config.task.default_spec().hidden,
+        hidden: task.mlp_spec().hidden,
         classes: data.classes.clone(),
     };
     let mut onnx = OnnxModel::build_mlp(&spec, p.seed);

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hearth_model::Task;
+use hearth_model::TaskSpec;
 use hearth_proto::mqtt::valid_name;
 use serde::{Deserialize, Serialize};
 
@@ -49,11 +49,12 @@ pub struct Config {
     pub coordinator: Option<String>,
     /// One-time enrollment token (only needed until credentials are stored).
     pub enrollment_token: Option<String>,
-    /// Task the device senses: `plaid`, `faces` or `digits`.
-    pub task: Task,
+    /// Task the device senses: a task file (`path/to/task.toml`) or the name of a set in
+    /// `data_dir` (`<data_dir>/<name>/task.toml`: `plaid`, `faces`, `digits`, `gunpoint`, …).
+    pub task: String,
     /// Federated model name; defaults to the task name.
     pub model: Option<String>,
-    /// Root of the vendored data sets (`<data_dir>/<task>/train.csv`, ...).
+    /// Root of the vendored data sets (`<data_dir>/<task>/task.toml`, ...).
     pub data_dir: PathBuf,
     /// The device's own share of the train split.
     pub partition: Partition,
@@ -82,7 +83,7 @@ impl Default for Config {
             mqtt_ca_file: None,
             coordinator: None,
             enrollment_token: None,
-            task: Task::Faces,
+            task: "faces".into(),
             model: None,
             data_dir: PathBuf::from("data"),
             partition: Partition::default(),
@@ -121,25 +122,30 @@ impl Config {
              # enrollment_token = \"...\"                  # one-time, until credentials are stored\n\
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
-             # event_name = \"detection\"                  # faces: detection, plaid: appliance, digits: digit\n\
+             # event_name = \"detection\"                  # defaults to the task file's `event`\n\
              # initial_model = \"models/faces.onnx\"\n\n{body}"
         )
     }
 
-    /// Federated model name (defaults to the task name).
-    pub fn model_name(&self) -> String {
-        self.model.clone().unwrap_or_else(|| self.task.to_string())
+    /// The task file ([`TaskSpec::resolve`]: `task` as a path, or `<data_dir>/<task>/task.toml`).
+    pub fn task_spec(&self) -> Result<TaskSpec, Error> {
+        TaskSpec::resolve(&self.task, &self.data_dir)
+            .map_err(|e| Error::Config(format!("task: {e}")))
     }
 
-    /// Event name (defaults per task).
+    /// Federated model name (defaults to the task file's name).
+    pub fn model_name(&self) -> String {
+        self.model.clone().unwrap_or_else(|| {
+            self.task_spec()
+                .map_or_else(|_| self.task.clone(), |s| s.name)
+        })
+    }
+
+    /// Event name (defaults to the task file's `event`).
     pub fn event_name(&self) -> String {
         self.event_name.clone().unwrap_or_else(|| {
-            match self.task {
-                Task::Faces => "detection",
-                Task::Plaid => "appliance",
-                Task::Digits => "digit",
-            }
-            .to_string()
+            self.task_spec()
+                .map_or_else(|_| self.task.clone(), |s| s.event)
         })
     }
 
@@ -174,6 +180,7 @@ impl Config {
             tonic::transport::Endpoint::from_shared(url.to_string())
                 .map_err(|e| Error::Config(format!("coordinator `{url}`: {e}")))?;
         }
+        self.task_spec()?;
         if let Some(t) = &self.enrollment_token {
             if t.trim().is_empty() {
                 return bad("enrollment_token is empty".into());
@@ -249,7 +256,7 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.task, Task::Plaid);
+        assert_eq!(c.task, "plaid");
         assert_eq!(c.event_name(), "appliance");
         assert_eq!(c.model_name(), "plaid");
         assert_eq!(c.partition.count, 4);
@@ -259,7 +266,8 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         assert!(Config::from_toml_str("devise = \"x\"").is_err());
-        assert!(Config::from_toml_str("task = \"audio\"").is_err());
+        let audio = Config::from_toml_str("task = \"audio\"").unwrap();
+        assert!(matches!(audio.validate(), Err(Error::Config(e)) if e.contains("audio/task.toml")));
         type Mutation = Box<dyn Fn(&mut Config)>;
         let cases: Vec<Mutation> = vec![
             Box::new(|c| c.device = "a/b".into()),

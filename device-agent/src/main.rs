@@ -39,7 +39,7 @@ struct Overrides {
     /// Device name (one MQTT topic level).
     #[arg(long)]
     device: Option<String>,
-    /// Task: plaid, faces or digits.
+    /// Task: a task file (.toml) or the name of a set in the data directory.
     #[arg(long)]
     task: Option<String>,
     /// Broker URL: mqtt://[user[:password]@]host[:port] or mqtts://… (with --mqtt-ca-file).
@@ -120,9 +120,7 @@ impl Overrides {
             c.device = v;
         }
         if let Some(v) = self.task {
-            c.task = v
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--task {v}: {e:?}"))?;
+            c.task = v;
         }
         if let Some(v) = self.mqtt {
             c.mqtt = v;

@@ -14,11 +14,11 @@ use hearth_proto::mqtt::{DeviceMeta, Event, MAX_EVENT_BYTES};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn config(device: &str, task: Task, port: u16, state: &std::path::Path, limit: u64) -> Config {
+fn config(device: &str, task: &str, port: u16, state: &std::path::Path, limit: u64) -> Config {
     Config {
         device: device.into(),
         mqtt: format!("mqtt://127.0.0.1:{port}"),
-        task,
+        task: task.into(),
         data_dir: data_dir(),
         partition: Partition {
             index: 1,
@@ -71,7 +71,7 @@ async fn faces_agent_publishes_valid_events_meta_and_availability() {
     let mut sub = Sub::connect(port, "watcher", &["hearth/door-cam/#"]).await;
 
     let limit = 40;
-    let agent = hearth_agent::start(config("door-cam", Task::Faces, port, state.path(), limit))
+    let agent = hearth_agent::start(config("door-cam", "faces", port, state.path(), limit))
         .await
         .expect("agent starts");
     assert_eq!(agent.model_tag(), "faces@0");
@@ -147,7 +147,7 @@ async fn plaid_agent_runs_the_stored_global_model() {
     let state = tempfile::tempdir().unwrap();
     let cfg = Config {
         min_event_score: 0.4,
-        ..config("kitchen-plug", Task::Plaid, port, state.path(), 25)
+        ..config("kitchen-plug", "plaid", port, state.path(), 25)
     };
 
     // A global model version 5 persisted by an earlier run of this device.
@@ -206,15 +206,63 @@ async fn plaid_agent_runs_the_stored_global_model() {
     agent.shutdown().await.unwrap();
 }
 
+/// A data set Hearth does not convert, by its task file alone: BasicMotions (6 IMU channels,
+/// sktime's `.ts` files as they are). The model is named after the task, the events after the
+/// task file's `event`, the classes come from the file, and no reading leaves the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_a_task_given_by_its_task_file() {
+    let port = start_broker();
+    let state = tempfile::tempdir().unwrap();
+    let mut sub = Sub::connect(port, "watcher", &["hearth/wrist/#"]).await;
+    let task = data_dir().join("basicmotions/task.toml");
+    let limit = 12;
+    let agent = hearth_agent::start(config(
+        "wrist",
+        task.to_str().unwrap(),
+        port,
+        state.path(),
+        limit,
+    ))
+    .await
+    .expect("agent starts");
+    assert_eq!(agent.model_tag(), "basicmotions@0");
+    let classes = ["standing", "running", "walking", "badminton"];
+    assert_eq!(agent.classes(), classes);
+    let events = collect_events(&mut sub, "hearth/wrist/event/activity", limit as usize).await;
+    for (ev, len, text) in &events {
+        assert!(*len <= MAX_EVENT_BYTES);
+        assert!(longest_number_run(text) <= 2, "numbers in {text}");
+        assert!(classes.contains(&ev.class.as_str()), "{}", ev.class);
+        assert_eq!(ev.model, "basicmotions@0");
+    }
+    agent.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_is_refused_before_anything_starts() {
     let state = tempfile::tempdir().unwrap();
-    let mut cfg = config("bad/name", Task::Faces, 1883, state.path(), 1);
+    let mut cfg = config("bad/name", "faces", 1883, state.path(), 1);
     assert!(matches!(
         hearth_agent::start(cfg.clone()).await,
         Err(hearth_agent::Error::Config(_))
     ));
     cfg.device = "ok".into();
+    // A task file with a bad field: refused as configuration, naming the file and the field.
+    let bad = state.path().join("task.toml");
+    let text = std::fs::read_to_string(data_dir().join("gunpoint/task.toml")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("hidden = [32]", "hidden = []\nwidth = 3"),
+    )
+    .unwrap();
+    cfg.task = bad.to_str().unwrap().into();
+    match hearth_agent::start(cfg.clone()).await {
+        Err(hearth_agent::Error::Config(e)) => {
+            assert!(e.contains("task.toml") && e.contains("width"), "{e}")
+        }
+        other => panic!("accepted a bad task file: {:?}", other.err()),
+    }
+    cfg.task = "faces".into();
     cfg.data_dir = state.path().join("no-such-dir");
     assert!(hearth_agent::start(cfg).await.is_err());
 }

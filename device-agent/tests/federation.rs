@@ -13,7 +13,6 @@ use common::{data_dir, start_broker, Sub};
 use hearth_agent::state::StateDir;
 use hearth_agent::{AgentHandle, Config, Partition};
 use hearth_coordinator::{Config as CoordConfig, ModelConfig, RoundDefaults};
-use hearth_model::Task;
 use hearth_proto::mqtt::Event;
 use hearth_proto::v1::admin_client::AdminClient;
 use hearth_proto::v1::{RoundState, RoundStatusRequest, StartRoundRequest};
@@ -44,7 +43,7 @@ fn agent_config(
         mqtt: format!("mqtt://127.0.0.1:{port}"),
         coordinator: Some(coord.into()),
         enrollment_token: token.map(str::to_string),
-        task: Task::Faces,
+        task: "faces".into(),
         data_dir: data_dir(),
         partition: Partition {
             index,

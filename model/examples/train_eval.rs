@@ -58,10 +58,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         c.predict(x)?;
     }
     println!("predict latency {:?}", t.elapsed() / reps);
-    let raw: Vec<f32> = (0..500).map(|i| (i as f32 * 0.2).sin() * 3.0).collect();
+    let raw = vec![(0..500)
+        .map(|i| (i as f32 * 0.2).sin() * 3.0)
+        .collect::<Vec<f32>>()];
+    let spec = task.spec();
     let t = Instant::now();
     for _ in 0..reps {
-        std::hint::black_box(task.preprocess(std::hint::black_box(&raw)));
+        std::hint::black_box(spec.preprocess(std::hint::black_box(&raw)))?;
     }
     println!(
         "preprocess latency (500 raw values) {:?}",

@@ -1,8 +1,10 @@
-//! The vendored data sets (`data/<set>/{classes.txt,train.csv,test.csv}`), their
-//! preprocessing (shared by training and on-device inference) and non-IID client partitions.
+//! Data sets in memory ([`Dataset`]), non-IID client partitions, resampling, and the vendored
+//! tasks by name ([`Task`], a compatibility layer over their task files; a task's classes,
+//! preprocessing and model are defined by its task file, see [`crate::task`]).
 
 use crate::error::ModelError;
 use crate::onnx::MlpSpec;
+use crate::task::TaskSpec;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -10,29 +12,6 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-
-/// Number of points a raw PLAID current waveform is resampled to (linear interpolation
-/// spanning the first to the last raw sample).
-pub const PLAID_LEN: usize = 256;
-
-/// Fixed current scale (amperes) of the PLAID level feature: the 99th percentile of |x| over
-/// every raw sample of the train split (166.5 A, `data/README.md`).
-///
-/// A preprocessing parameter, not a statistic computed at run time: a device sees one series
-/// at a time and must transform it exactly as training did, so the value is fixed in code.
-pub const PLAID_SCALE: f32 = 166.5;
-
-/// Reference length for the PLAID series-length feature `ln(n / PLAID_REF_LEN)`.
-pub const PLAID_REF_LEN: f32 = 256.0;
-
-/// Number of DFT magnitude bins of the PLAID features (`PLAID_LEN / 2 + 1`).
-pub const PLAID_BINS: usize = PLAID_LEN / 2 + 1;
-
-/// Length of the PLAID model input: shape (z-normalised waveform), level, length, spectrum.
-pub const PLAID_INPUT_LEN: usize = PLAID_LEN + 2 + PLAID_BINS;
-
-/// Maximum pixel value of the 8×8 digits (scikit-learn's digits are 0–16).
-pub const DIGITS_MAX: f32 = 16.0;
 
 /// Which split of a data set to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,7 +22,7 @@ pub enum Split {
     Test,
 }
 
-/// The tasks Hearth ships models for.
+/// The tasks whose data Hearth vendors (see the `impl` for how they map to task files).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
@@ -55,22 +34,20 @@ pub enum Task {
     Digits,
 }
 
-const PLAID_CLASSES: [&str; 11] = [
-    "air_conditioner",
-    "compact_fluorescent_lamp",
-    "fan",
-    "fridge",
-    "hairdryer",
-    "heater",
-    "incandescent_light_bulb",
-    "laptop",
-    "microwave",
-    "vacuum",
-    "washing_machine",
-];
-const FACES_CLASSES: [&str; 2] = ["none", "person"];
+/// The shipped task files, embedded so that the enum works without a data directory.
+const PLAID_TOML: &str = include_str!("../../data/plaid/task.toml");
+const FACES_TOML: &str = include_str!("../../data/faces/task.toml");
+const DIGITS_TOML: &str = include_str!("../../data/digits/task.toml");
 
+/// The vendored tasks, as a thin compatibility layer over their task files
+/// (`data/<name>/task.toml`, parsed by [`TaskSpec`]): every property — classes, input length,
+/// preprocessing, model size — comes from the file; nothing task-specific is in code. New
+/// code takes a [`TaskSpec`] (any task file); the enum remains for the configurations and
+/// tests that name a vendored set.
 impl Task {
+    /// Every vendored task.
+    pub const ALL: [Task; 3] = [Task::Plaid, Task::Faces, Task::Digits];
+
     /// Directory name under `data/` (also the `Display` form).
     pub fn name(self) -> &'static str {
         match self {
@@ -80,183 +57,48 @@ impl Task {
         }
     }
 
-    /// The class labels of this task, in class-id order (matches `data/<set>/classes.txt`).
+    /// The task file shipped with Hearth (`data/<name>/task.toml`, embedded at build time;
+    /// data paths resolve under `data/<name>/` of the source tree).
+    pub fn spec(self) -> TaskSpec {
+        let text = match self {
+            Task::Plaid => PLAID_TOML,
+            Task::Faces => FACES_TOML,
+            Task::Digits => DIGITS_TOML,
+        };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data")
+            .join(self.name())
+            .join("task.toml");
+        // The embedded files are checked by this crate's tests (`task_files.rs`).
+        TaskSpec::from_toml_str(text, &path).expect("the shipped task files are valid")
+    }
+
+    /// The class labels of this task, in class-id order.
     pub fn classes(self) -> Vec<String> {
-        match self {
-            Task::Plaid => PLAID_CLASSES.iter().map(|s| s.to_string()).collect(),
-            Task::Faces => FACES_CLASSES.iter().map(|s| s.to_string()).collect(),
-            Task::Digits => (0..10).map(|d| format!("digit_{d}")).collect(),
-        }
+        self.spec().classes
     }
 
     /// Length of the preprocessed input vector.
     pub fn input_len(self) -> usize {
-        match self {
-            Task::Plaid => PLAID_INPUT_LEN,
-            Task::Faces => 25 * 25,
-            Task::Digits => 64,
-        }
+        self.spec().input_len()
     }
 
-    /// Reads `data_dir/<set>/` (`classes.txt` and the split's CSV) and preprocesses every sample.
+    /// Reads the split through `data_dir/<name>/task.toml` and preprocesses every sample.
     pub fn load(self, data_dir: &Path, split: Split) -> Result<Dataset, ModelError> {
-        let dir = data_dir.join(self.name());
-        let classes_path = dir.join("classes.txt");
-        let classes: Vec<String> = std::fs::read_to_string(&classes_path)
-            .map_err(|e| ModelError::Data(format!("{}: {e}", classes_path.display())))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        if classes != self.classes() {
-            return Err(ModelError::Data(format!(
-                "{}: classes {classes:?} differ from the {self} model's {:?}",
-                classes_path.display(),
-                self.classes()
-            )));
-        }
-        let file = dir.join(match split {
-            Split::Train => "train.csv",
-            Split::Test => "test.csv",
-        });
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| ModelError::Data(format!("{}: {e}", file.display())))?;
-        let input_len = self.input_len();
-        let mut x = Vec::new();
-        let mut y = Vec::new();
-        let mut raw = Vec::new();
-        for (lineno, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let bad = |what: String| {
-                ModelError::Data(format!("{}:{}: {what}", file.display(), lineno + 1))
-            };
-            let mut fields = line.split(',');
-            let label: u32 = fields
-                .next()
-                .unwrap_or("")
-                .trim()
-                .parse()
-                .map_err(|e| bad(format!("label: {e}")))?;
-            if label as usize >= classes.len() {
-                return Err(bad(format!("label {label} out of range")));
-            }
-            raw.clear();
-            for f in fields {
-                let v: f32 = f
-                    .trim()
-                    .parse()
-                    .map_err(|e| bad(format!("value {f:?}: {e}")))?;
-                if !v.is_finite() {
-                    return Err(bad(format!("non-finite value {f:?}")));
-                }
-                raw.push(v);
-            }
-            if raw.is_empty() {
-                return Err(bad("no values".into()));
-            }
-            if self != Task::Plaid && raw.len() != input_len {
-                return Err(bad(format!("{} values, expected {input_len}", raw.len())));
-            }
-            x.extend(self.preprocess(&raw));
-            y.push(label);
-        }
-        if y.is_empty() {
-            return Err(ModelError::Data(format!("{}: no samples", file.display())));
-        }
-        Ok(Dataset {
-            task: self,
-            classes,
-            input_len,
-            x,
-            y,
-        })
+        Ok(TaskSpec::resolve(self.name(), data_dir)?.load(split)?)
     }
 
-    /// Turns one raw sample into the model input.
-    ///
-    /// PLAID ([`plaid_features`]): the series resampled to [`PLAID_LEN`] points and
-    /// z-normalised, its log RMS level relative to [`PLAID_SCALE`], its log length, and the
-    /// log magnitudes of its DFT.
-    /// Faces: already grey levels in [0, 1] (clamped). Digits: divided by [`DIGITS_MAX`].
-    /// Image inputs of the wrong length are truncated or zero-padded to the model input.
-    pub fn preprocess(self, raw: &[f32]) -> Vec<f32> {
-        match self {
-            Task::Plaid => plaid_features(raw),
-            Task::Faces | Task::Digits => {
-                let div = if self == Task::Digits {
-                    DIGITS_MAX
-                } else {
-                    1.0
-                };
-                let mut out: Vec<f32> = raw
-                    .iter()
-                    .take(self.input_len())
-                    .map(|&v| (v / div).clamp(0.0, 1.0))
-                    .collect();
-                out.resize(self.input_len(), 0.0);
-                out
-            }
-        }
+    /// Turns one raw single-channel sample into the model input (the task file's chain).
+    pub fn preprocess(self, raw: &[f32]) -> Result<Vec<f32>, ModelError> {
+        self.spec()
+            .preprocess(&[raw.to_vec()])
+            .map_err(|e| ModelError::Data(format!("{self}: {e}")))
     }
 
-    /// The MLP Hearth ships for this task.
+    /// The MLP the task file asks for.
     pub fn default_spec(self) -> MlpSpec {
-        let hidden = match self {
-            Task::Plaid => vec![64],
-            Task::Faces => vec![32],
-            Task::Digits => vec![32],
-        };
-        MlpSpec {
-            task: self.to_string(),
-            input_len: self.input_len(),
-            hidden,
-            classes: self.classes(),
-        }
+        self.spec().mlp_spec()
     }
-}
-
-/// The PLAID model input for a raw current series `x[0..n)` ([`PLAID_INPUT_LEN`] values),
-/// the recipe recommended by the preprocessing study in `data/README.md` (test accuracy of a
-/// 64-unit MLP: 0.67, against 0.40 for the resampled series divided by a constant):
-/// 1. `r` = `x` linearly resampled to [`PLAID_LEN`] points;
-/// 2. `z = (r - mean(r)) / (std(r) + 1e-8)` (population std): the waveform's shape;
-/// 3. `ln(rms(r) / PLAID_SCALE + 1e-6)`: its level, over six orders of magnitude;
-/// 4. `ln(n / PLAID_REF_LEN)`: the raw length (the archive's series length carries signal);
-/// 5. `ln(1 + |DFT(z)[k]|)` for `k = 0..PLAID_BINS` (unnormalised): its harmonics.
-///
-/// Every constant is fixed in code, so a device computes the same input from one series.
-pub fn plaid_features(x: &[f32]) -> Vec<f32> {
-    let r: Vec<f64> = resample(x, PLAID_LEN).into_iter().map(f64::from).collect();
-    let len = r.len() as f64;
-    let mean = r.iter().sum::<f64>() / len;
-    let sd = (r.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / len).sqrt();
-    let z: Vec<f64> = r.iter().map(|v| (v - mean) / (sd + 1e-8)).collect();
-    let rms = (r.iter().map(|v| v * v).sum::<f64>() / len).sqrt();
-    let mut out: Vec<f32> = Vec::with_capacity(PLAID_INPUT_LEN);
-    out.extend(z.iter().map(|&v| v as f32));
-    out.push((rms / f64::from(PLAID_SCALE) + 1e-6).ln() as f32);
-    out.push((x.len().max(1) as f64 / f64::from(PLAID_REF_LEN)).ln() as f32);
-    // Real DFT by direct summation over a twiddle table (256 × 129 multiply-adds, ~µs).
-    let (cos, sin): (Vec<f64>, Vec<f64>) = (0..PLAID_LEN)
-        .map(|j| {
-            let a = 2.0 * std::f64::consts::PI * j as f64 / PLAID_LEN as f64;
-            (a.cos(), a.sin())
-        })
-        .unzip();
-    for k in 0..PLAID_BINS {
-        let (mut re, mut im) = (0.0f64, 0.0f64);
-        for (j, &v) in z.iter().enumerate() {
-            let t = (j * k) % PLAID_LEN;
-            re += v * cos[t];
-            im -= v * sin[t];
-        }
-        out.push((1.0 + (re * re + im * im).sqrt()).ln() as f32);
-    }
-    out
 }
 
 /// Linear interpolation of `x` onto `len` points spanning its first to last sample.
@@ -298,8 +140,8 @@ impl FromStr for Task {
 /// A preprocessed data set held in memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
-    /// The task it belongs to.
-    pub task: Task,
+    /// The name of the task it belongs to.
+    pub task: String,
     /// Class labels by class id.
     pub classes: Vec<String>,
     /// Length of each (preprocessed) sample.
@@ -333,7 +175,7 @@ impl Dataset {
             x.extend_from_slice(self.sample(i));
         }
         Dataset {
-            task: self.task,
+            task: self.task.clone(),
             classes: self.classes.clone(),
             input_len: self.input_len,
             x,
@@ -474,7 +316,7 @@ mod tests {
 
     fn synthetic(n: usize, classes: usize) -> Dataset {
         Dataset {
-            task: Task::Digits,
+            task: "digits".into(),
             classes: (0..classes).map(|c| format!("digit_{c}")).collect(),
             input_len: 2,
             x: (0..n * 2).map(|v| v as f32).collect(),
@@ -502,38 +344,6 @@ mod tests {
         assert_eq!(r[0], x[0]);
         assert!((r[127] - x[299]).abs() < 1e-6);
         assert_eq!(resample(&[3.0], 4), vec![3.0; 4]);
-    }
-
-    #[test]
-    fn preprocess_scales() {
-        // A constant series: zero shape, level ln(1 + 1e-6), length ln(512/256), flat spectrum.
-        let p = Task::Plaid.preprocess(&[PLAID_SCALE; 512]);
-        assert_eq!(p.len(), PLAID_INPUT_LEN);
-        assert!(p[..PLAID_LEN].iter().all(|&v| v == 0.0));
-        assert!(p[PLAID_LEN].abs() < 1e-5);
-        assert!((p[PLAID_LEN + 1] - 2f32.ln()).abs() < 1e-6);
-        assert!(p[PLAID_LEN + 2..].iter().all(|&v| v.abs() < 1e-6));
-        // A pure tone of 4 cycles: unit-variance shape, all energy in DFT bin 4 (|X| = 256/√2·√2).
-        let tone: Vec<f32> = (0..1000)
-            .map(|i| 3.0 * (2.0 * std::f32::consts::PI * 4.0 * i as f32 / 999.0).sin())
-            .collect();
-        let p = Task::Plaid.preprocess(&tone);
-        let spec = &p[PLAID_LEN + 2..];
-        let peak = (0..PLAID_BINS)
-            .max_by(|&a, &b| spec[a].total_cmp(&spec[b]))
-            .unwrap();
-        assert_eq!(peak, 4);
-        assert!(
-            (spec[4] - (1.0 + 128.0 * 2f32.sqrt()).ln()).abs() < 0.1,
-            "{}",
-            spec[4]
-        );
-        let var = p[..PLAID_LEN].iter().map(|v| v * v).sum::<f32>() / PLAID_LEN as f32;
-        assert!((var - 1.0).abs() < 1e-3);
-        assert!(Task::Plaid.preprocess(&[]).iter().all(|v| v.is_finite()));
-        let d = Task::Digits.preprocess(&[16.0; 64]);
-        assert!(d.iter().all(|&v| v == 1.0));
-        assert_eq!(Task::Faces.preprocess(&[0.5; 625]).len(), 625);
     }
 
     #[test]

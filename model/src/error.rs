@@ -21,6 +21,9 @@ pub enum ModelError {
     /// A data set file is missing or malformed.
     #[error("data: {0}")]
     Data(String),
+    /// A task file is unreadable or invalid, or its data is malformed (names file and field).
+    #[error("task: {0}")]
+    Task(#[from] crate::task::TaskError),
     /// An update byte stream is malformed or the codec configuration is invalid.
     #[error("codec: {0}")]
     Codec(String),

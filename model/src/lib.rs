@@ -14,9 +14,11 @@ pub mod bytes;
 pub mod data;
 pub mod dense;
 pub mod error;
+pub mod formats;
 pub mod infer;
 pub mod onnx;
 pub mod quant;
+pub mod task;
 pub mod tensor;
 pub mod train;
 pub mod update;
@@ -29,6 +31,7 @@ pub use onnx::{MlpSpec, OnnxModel};
 pub use quant::{
     dequantize, quantize_affine, quantize_stochastic, quantize_symmetric, QuantParams,
 };
+pub use task::{TaskError, TaskSpec};
 pub use tensor::{axpy, l2_norm, num_params, sub, Tensor, Weights};
 pub use train::{train, DistillTarget, FakeQuant, TrainConfig, TrainReport};
 pub use update::{clip_l2, decode_update, encode_update, CodecConfig};

@@ -784,7 +784,7 @@ mod tests {
             y.push(u32::from(a * b > 0.0));
         }
         let ds = Dataset {
-            task: Task::Faces,
+            task: "faces".into(),
             classes: spec.classes.clone(),
             input_len: 2,
             x,
@@ -927,7 +927,7 @@ mod tests {
         let chain = linear_chain_model(22);
         assert!(!chain.weights().contains_key("fc0.bias"));
         let ds = Dataset {
-            task: Task::Digits,
+            task: "digits".into(),
             classes: (0..4).map(|i| format!("digit_{i}")).collect(),
             input_len: 5,
             x: x.clone(),
@@ -966,7 +966,7 @@ mod tests {
         let x: Vec<f32> = (0..n * 5).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let y: Vec<u32> = (0..n).map(|i| (i % 4) as u32).collect();
         let ds = Dataset {
-            task: Task::Digits,
+            task: "digits".into(),
             classes: (0..4).map(|i| format!("digit_{i}")).collect(),
             input_len: 5,
             x,
@@ -1057,7 +1057,7 @@ mod tests {
         }
         // Training updates the float master weights (not on the grid) through the hook.
         let ds = Dataset {
-            task: Task::Digits,
+            task: "digits".into(),
             classes: (0..4).map(|i| format!("digit_{i}")).collect(),
             input_len: 5,
             x,

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hearth_demo::{default_data_dir, AgentGroup, Home, HomeOptions, PORCH_LIGHT};
-use hearth_model::Task;
 use hearth_proto::mqtt::{Event, MAX_EVENT_BYTES};
 use hearth_tests::{eventually, longest_number_run, Observer};
 
@@ -14,7 +13,7 @@ fn faces_home(dir: &std::path::Path) -> HomeOptions {
     let mut o = HomeOptions::demo(default_data_dir(), dir.to_path_buf());
     o.groups = vec![AgentGroup {
         prefix: "door-cam".into(),
-        task: Task::Faces,
+        task: "faces".into(),
         count: 3,
     }];
     o.replay_rate_hz = 50.0;

@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
 /// The event name an agent of `task` publishes under (`hearth/<device>/event/<name>`).
 fn event_name(task: Task) -> String {
     hearth_agent::Config {
-        task,
+        task: task.to_string(),
         ..hearth_agent::Config::default()
     }
     .event_name()
