@@ -317,7 +317,7 @@ impl Aggregation {
 impl ModelConfig {
     /// Bytes of one decoded f32 update of this model (4 × parameters), from the `init` file
     /// or the task's default MLP.
-    pub fn update_bytes(&self) -> Result<u64, String> {
+    pub fn update_bytes(&self, data_dir: &std::path::Path) -> Result<u64, String> {
         let params = match &self.init {
             Some(p) => {
                 let bytes =
@@ -327,9 +327,9 @@ impl ModelConfig {
                 hearth_model::num_params(&model.weights())
             }
             None => {
-                let task = hearth_model::Task::from_str(&self.task)
-                    .map_err(|_| format!("unknown task {:?}", self.task))?;
-                let spec = task.default_spec();
+                let spec = hearth_model::TaskSpec::resolve(&self.task, data_dir)
+                    .map_err(|e| format!("unknown task {:?}: {e}", self.task))?
+                    .mlp_spec();
                 let mut widths = vec![spec.input_len];
                 widths.extend(&spec.hidden);
                 widths.push(spec.classes.len());
@@ -540,7 +540,7 @@ impl Config {
             };
             a.validate(&section, self.max_update_norm).or_else(bad)?;
             let model_bytes = if a.combine.keeps_updates() {
-                m.update_bytes()
+                m.update_bytes(&self.data_dir)
                     .map_err(|e| ConfigError::Invalid(format!("model[{i}] ({}): {e}", m.name)))?
             } else {
                 0
@@ -727,7 +727,10 @@ mod tests {
     fn robust_methods_need_their_updates_to_fit_the_memory_limit() {
         // digits: (64 + 1)·32 + (32 + 1)·10 = 2410 parameters, 9640 bytes per update.
         let digits = Config::default().models[2].clone();
-        assert_eq!(digits.update_bytes().unwrap(), 9640);
+        assert_eq!(
+            digits.update_bytes(&Config::default().data_dir).unwrap(),
+            9640
+        );
         let mut c = valid();
         c.models = vec![digits];
         c.model_aggregation.insert(
