@@ -2,13 +2,16 @@
 //!
 //! - The `hearth-hub` binary with its embedded broker is SIGKILLed three times mid-stream
 //!   (about 1 s down each) while an agent publishes 20 events/s; one rule turns every
-//!   person event into a command for the `lamp` actuator (Hearth's virtual switch,
+//!   person event into a command for the `porch_light` actuator (Hearth's virtual switch,
 //!   in-process). The embedded broker forgets sessions and retained messages with its
 //!   process, so delivery rests on the hub's persisted outbox holding commands until the
 //!   lamp says `online` again.
 //! - The same against Debian's Mosquitto on a free loopback port, restarted mid-stream
 //!   (SIGTERM, so it writes its persistence file: `persistence true` in the temporary
 //!   `mosquitto.conf`), resting on persistent sessions (`clean_session = false`).
+//!
+//! `HEARTH_TEST_HOLD=false` and `HEARTH_TEST_PERSISTENT=false` switch the two mechanisms
+//! off, to see these tests fail without them.
 //!
 //! Both require that every command the hub logged (`command queued`, written after the
 //! command is in the outbox journal) was applied by the lamp, none twice. Child processes
@@ -23,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_listening, Proc};
+use common::{free_port, wait_listening, Proc, RULES};
 use hearth_agent::actuator::{start_actuator, ActuatorConfig, ActuatorHandle, ActuatorStats};
 use hearth_edge::{ClientSettings, Connection, MqttUrl};
 use rumqttc::{AsyncClient, QoS};
@@ -33,17 +36,6 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const WAIT: Duration = Duration::from_secs(20);
 /// Events per second from the agent.
 const RATE: u64 = 20;
-
-const RULES: &str = r#"
-[[rule]]
-name = "lamp on when someone is at the door"
-[rule.when]
-device = "door-cam"
-class = "person"
-[rule.then]
-actuator = "lamp"
-payload = { state = "ON" }
-"#;
 
 /// A home under test: its directory, the hub's logs, the lamp, the agent.
 struct Home {
@@ -84,8 +76,9 @@ impl Home {
         let hold = std::env::var("HEARTH_TEST_HOLD").unwrap_or_else(|_| "true".into());
         let cfg = format!(
             "client_id = \"delivery-hub\"\nrules = \"{}\"\n\n[delivery]\nhold_offline = {hold}\n\
-             state_file = \"{}\"\n\n[broker]\n{broker}\n",
+             persistent_session = {}\nstate_file = \"{}\"\n\n[broker]\n{broker}\n",
             self.path("rules.toml").display(),
+            persistent(),
             self.path("outbox.jsonl").display(),
         );
         std::fs::write(self.path("hub.toml"), cfg).unwrap();
@@ -135,14 +128,17 @@ impl Home {
 
     /// Starts the lamp and waits until the hub has seen it online (the outbox remembers it).
     async fn start_lamp(&mut self) -> Arc<ActuatorStats> {
-        let lamp = start_actuator(ActuatorConfig::new("lamp", &self.url()))
-            .await
-            .unwrap();
+        let lamp = start_actuator(ActuatorConfig {
+            persistent_session: persistent(),
+            ..ActuatorConfig::new("porch_light", &self.url())
+        })
+        .await
+        .unwrap();
         let stats = lamp.stats();
         self.lamp = Some(lamp);
         let journal = self.path("outbox.jsonl");
         wait_for("the hub to track the lamp's availability", || {
-            std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(r#"{"seen":"lamp"}"#))
+            std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(r#"{"seen":"porch_light"}"#))
         })
         .await;
         stats
@@ -231,6 +227,12 @@ impl Home {
             l.shutdown().await.unwrap();
         }
     }
+}
+
+/// Persistent sessions for the hub and the lamp (`HEARTH_TEST_PERSISTENT=false` turns them
+/// off, to see the Mosquitto test fail without them).
+fn persistent() -> bool {
+    std::env::var("HEARTH_TEST_PERSISTENT").map_or(true, |v| v != "false")
 }
 
 async fn publish_event(client: &AsyncClient, n: u64) -> bool {
