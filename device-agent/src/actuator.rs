@@ -53,6 +53,9 @@ pub struct ActuatorConfig {
     pub client_id: Option<String>,
     /// Home Assistant discovery prefix.
     pub discovery_prefix: String,
+    /// Persistent MQTT session (`clean_session = false`): a broker that keeps sessions
+    /// queues the switch's commands while it is away.
+    pub persistent_session: bool,
 }
 
 impl Default for ActuatorConfig {
@@ -64,6 +67,7 @@ impl Default for ActuatorConfig {
             ca_file: None,
             client_id: None,
             discovery_prefix: "homeassistant".into(),
+            persistent_session: true,
         }
     }
 }
@@ -372,7 +376,7 @@ pub async fn start_actuator(cfg: ActuatorConfig) -> Result<ActuatorHandle, Error
         &client_id,
         &cfg.availability_topic(),
     )?
-    .persistent_session(true)
+    .persistent_session(cfg.persistent_session)
     .connect()?;
     let conn = Connection::new(eventloop, format!("actuator {}", cfg.name));
     let stats = Arc::new(ActuatorStats::default());

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{free_port, Proc};
+use common::{free_port, Proc, RULES};
 
 use hearth_edge::broker::BrokerSettings;
 use hearth_proto::v1::admin_client::AdminClient;
@@ -171,18 +171,6 @@ fn unavailable_coordinator_or_broker_port_exits_69() {
     let o = run(&["--config", cfg.to_str().unwrap(), "--broker", &broker]);
     assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
 }
-
-const RULES: &str = r#"
-[[rule]]
-name = "porch light"
-[rule.when]
-device = "door-cam"
-class = "person"
-min_score = 0.8
-[rule.then]
-actuator = "porch_light"
-payload = { state = "ON" }
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_through_an_external_broker_and_stops_on_sigterm() {

@@ -6,6 +6,19 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+/// One rule: a person at the door (score ≥ 0.8) turns the porch light on.
+pub const RULES: &str = r#"
+[[rule]]
+name = "porch light"
+[rule.when]
+device = "door-cam"
+class = "person"
+min_score = 0.8
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON" }
+"#;
+
 /// A child process killed (SIGKILL, by its PID) and reaped when dropped.
 pub struct Proc(pub Child);
 
