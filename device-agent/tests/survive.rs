@@ -474,3 +474,31 @@ async fn a_round_that_fails_at_its_deadline_rolls_the_residual_back() {
     assert!(log.contains("outcome=Failed"), "{log}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_killed_after_its_first_chunk_resumes_where_it_stopped() {
+    let mut h = Home::new(2).await;
+    let s = &h.agent;
+    let mut a = s.spawn("first", Some("chunk"));
+    a.wait_log("federation worker paused", LIMIT).await;
+    a.kill();
+    let part = s
+        .state()
+        .load_download(MODEL)
+        .unwrap()
+        .expect("partial download");
+    assert_eq!(part.meta.version, 1);
+    assert_eq!(part.bytes.len(), hearth_proto::CHUNK_SIZE);
+    assert!(part.meta.size_bytes > part.bytes.len() as u64);
+
+    let a2 = s.spawn("second", None);
+    wait_for("version 1 stored", LIMIT, || s.model_at(1)).await;
+    assert_eq!(s.state().load_download(MODEL).unwrap(), None);
+    let log = a2.kill();
+    let resumed = format!(
+        "resuming the model download version=1 offset={}",
+        part.bytes.len()
+    );
+    assert!(log.contains(&resumed), "{log}");
+    h.stop().await;
+}
