@@ -37,7 +37,7 @@ use tonic::{Code, Status};
 
 use crate::agent::Shared;
 use crate::inference::Loaded;
-use crate::state::{sha256_hex, Credentials, FedState, ModelMeta, PendingUpdate};
+use crate::state::{sha256_hex, Credentials, FedState, ModelMeta, PendingUpdate, StateDir};
 use crate::stats::add;
 use crate::{Error, RpcCode};
 
@@ -56,8 +56,9 @@ const LATE_UPLOAD_WINDOW: Duration = Duration::from_secs(15);
 /// Wait before trying again to settle a pending update when the coordinator is unreachable.
 const SETTLE_RETRY: Duration = Duration::from_secs(10);
 /// Test hook: `HEARTH_TEST_PAUSE_AT=ack` parks the federation worker right after the
-/// coordinator acknowledged an upload and before the agent records it, so that a test can
-/// SIGKILL the process at exactly that point. Inert unless set.
+/// coordinator acknowledged an upload and before the agent records it, `=chunk` after the
+/// first chunk of a model download, so that a test can SIGKILL the process at exactly that
+/// point. Inert unless set.
 const TEST_PAUSE_ENV: &str = "HEARTH_TEST_PAUSE_AT";
 
 async fn test_pause(point: &str) {
@@ -565,7 +566,13 @@ impl Worker {
         if cur.global && cur.version == version {
             return Ok(cur);
         }
-        let (meta, bytes) = fetch_model(&mut self.client, &self.shared.model_name, version).await?;
+        let (meta, bytes) = fetch_model(
+            &mut self.client,
+            &self.shared.state,
+            &self.shared.model_name,
+            version,
+        )
+        .await?;
         add(&self.shared.stats.bytes_downloaded, bytes.len() as u64);
         if let Some(want) = sha256.filter(|s| !s.is_empty()) {
             if !want.eq_ignore_ascii_case(&meta.sha256) {
@@ -888,8 +895,14 @@ impl Download {
     }
 }
 
-/// One `FetchModel` call from the current offset until the stream ends.
-async fn fetch_pass(client: &mut FedClient, model: &str, dl: &mut Download) -> Result<(), Error> {
+/// One `FetchModel` call from the current offset until the stream ends; every chunk is
+/// appended to the download recorded in the state directory, so a restart resumes it.
+async fn fetch_pass(
+    client: &mut FedClient,
+    state: &StateDir,
+    model: &str,
+    dl: &mut Download,
+) -> Result<(), Error> {
     let req = FetchModelRequest {
         model: model.to_string(),
         version: dl.version,
@@ -901,7 +914,20 @@ async fn fetch_pass(client: &mut FedClient, model: &str, dl: &mut Download) -> R
         .map_err(rpc_error)?
         .into_inner();
     while let Some(c) = stream.message().await.map_err(rpc_error)? {
+        let (fresh, before) = (dl.total.is_none(), dl.buf.len());
         dl.absorb(model, c)?;
+        if fresh {
+            state.begin_download(&ModelMeta {
+                model: model.to_string(),
+                version: dl.version,
+                sha256: dl.sha256.clone().unwrap_or_default(),
+                size_bytes: dl.total.unwrap_or_default(),
+            })?;
+        }
+        state.append_download(model, &dl.buf[before..])?;
+        if before == 0 && !dl.complete() {
+            test_pause("chunk").await;
+        }
         if dl.complete() {
             break;
         }
@@ -913,18 +939,35 @@ async fn fetch_pass(client: &mut FedClient, model: &str, dl: &mut Download) -> R
 /// after an error, and verifies the size and SHA-256 of the whole file.
 async fn fetch_model(
     client: &mut FedClient,
+    state: &StateDir,
     model: &str,
     version: u64,
 ) -> Result<(ModelMeta, Vec<u8>), Error> {
-    let mut dl = Download {
-        version,
-        ..Download::default()
+    let mut dl = match state.load_download(model)? {
+        Some(p) if version != 0 && p.meta.version == version => {
+            tracing::info!(
+                version,
+                offset = p.bytes.len(),
+                "resuming the model download"
+            );
+            Download {
+                version,
+                total: Some(p.meta.size_bytes),
+                sha256: Some(p.meta.sha256),
+                buf: p.bytes,
+            }
+        }
+        _ => Download {
+            version,
+            ..Download::default()
+        },
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut attempt = 0;
     while !dl.complete() {
         attempt += 1;
-        let res = tokio::time::timeout(FETCH_TIMEOUT, fetch_pass(client, model, &mut dl)).await;
+        let res =
+            tokio::time::timeout(FETCH_TIMEOUT, fetch_pass(client, state, model, &mut dl)).await;
         let err = match res {
             Ok(Ok(())) if dl.complete() => break,
             Ok(Ok(())) => Error::Protocol(format!(
@@ -933,7 +976,10 @@ async fn fetch_model(
                 dl.total
             )),
             Ok(Err(e @ Error::Rpc { .. })) if !e.is_transient() => return Err(e),
-            Ok(Err(e @ Error::Integrity(_))) => return Err(e),
+            Ok(Err(e @ Error::Integrity(_))) => {
+                state.clear_download(model)?;
+                return Err(e);
+            }
             Ok(Err(e)) => e,
             Err(_) => Error::Protocol(format!("fetch timed out after {FETCH_TIMEOUT:?}")),
         };
@@ -948,6 +994,7 @@ async fn fetch_model(
         tokio::time::sleep(backoff.next_wait()).await;
     }
     let sha = sha256_hex(&dl.buf);
+    state.clear_download(model)?;
     if Some(&sha) != dl.sha256.as_ref() {
         return Err(Error::Integrity(format!(
             "downloaded model has sha256 {sha}, announced {:?}",

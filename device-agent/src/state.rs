@@ -33,6 +33,15 @@ pub struct ModelMeta {
     pub size_bytes: u64,
 }
 
+/// A model download in progress (see [`StateDir::load_download`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialDownload {
+    /// Version, announced size and digest.
+    pub meta: ModelMeta,
+    /// The bytes received so far.
+    pub bytes: Vec<u8>,
+}
+
 /// How many joined round ids are remembered per model.
 const MAX_ROUNDS_KEPT: usize = 256;
 const RESIDUAL_MAGIC: &[u8; 8] = b"HRESID01";
@@ -292,6 +301,55 @@ impl StateDir {
     /// Stores the federation state of model `name`: one file, replaced atomically.
     pub fn save_federation(&self, name: &str, s: &FedState) -> Result<(), Error> {
         self.write_atomic(&format!("federation-{name}.bin"), &s.encode(), false)
+    }
+
+    /// The download of model `name` in progress, if any: its version, size, digest and the
+    /// bytes received so far (a torn tail is caught by the digest check at the end).
+    pub fn load_download(&self, name: &str) -> Result<Option<PartialDownload>, Error> {
+        let Some(meta) = self.read_json::<ModelMeta>(&format!("download-{name}.json"))? else {
+            return Ok(None);
+        };
+        let bytes = self
+            .read_opt(&format!("download-{name}.part"))?
+            .unwrap_or_default();
+        if bytes.len() as u64 > meta.size_bytes {
+            return Ok(None);
+        }
+        Ok(Some(PartialDownload { meta, bytes }))
+    }
+
+    /// Starts recording the download of `meta` (its size and digest are the announced ones).
+    pub fn begin_download(&self, meta: &ModelMeta) -> Result<(), Error> {
+        self.write_atomic(&format!("download-{}.part", meta.model), b"", false)?;
+        let b = serde_json::to_vec_pretty(meta).expect("meta serialises");
+        self.write_atomic(&format!("download-{}.json", meta.model), &b, false)
+    }
+
+    /// Appends received bytes to the download of model `name`.
+    pub fn append_download(&self, name: &str, bytes: &[u8]) -> Result<(), Error> {
+        use std::io::Write;
+        let p = self.path(&format!("download-{name}.part"));
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&p, e))
+    }
+
+    /// Forgets the download of model `name` (finished or unusable).
+    pub fn clear_download(&self, name: &str) -> Result<(), Error> {
+        for f in [
+            format!("download-{name}.json"),
+            format!("download-{name}.part"),
+        ] {
+            let p = self.path(&f);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(p, e)),
+            }
+        }
+        Ok(())
     }
 
     /// The committed error-feedback residual of model `name`.

@@ -7,7 +7,9 @@
 //! the device and completes, the residual on disk is the one that belongs to the update the
 //! coordinator aggregated (the published version is the base plus that very payload), and a
 //! resumed upload does not train again. A round that fails at its deadline rolls the
-//! residual back to the one before the round.
+//! residual back to the one before the round; a round task that arrives while the agent
+//! trains is handled afterwards; a model download killed after its first chunk resumes at
+//! the byte it reached.
 #![cfg(unix)]
 
 mod common;
@@ -320,6 +322,15 @@ impl Home {
         self.coord = Some(start_coordinator(cfg, self.addr).await);
     }
 
+    /// A home whose agent holds version 1 and trains for a round just opened (one client).
+    async fn training(epochs: u32, deadline_secs: u32) -> (Home, Agent, Weights, u64) {
+        let h = Home::new(epochs).await;
+        let (mut a, v1) = h.first_run(None).await;
+        let round = start_round(&h.url, 1, deadline_secs).await;
+        a.wait_log("local training", LIMIT).await;
+        (h, a, v1, round)
+    }
+
     /// Starts the agent and waits until it has enrolled and holds global version 1.
     async fn first_run(&self, pause_at: Option<&str>) -> (Agent, Weights) {
         let a = self.agent.spawn("first", pause_at);
@@ -389,11 +400,8 @@ async fn killed_right_after_the_ack_resumes_without_training_and_commits_the_res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_training_trains_again_and_the_round_counts_one_update() {
-    let mut h = Home::new(3000).await;
+    let (mut h, a, _, round) = Home::training(3000, 120).await;
     let s = &h.agent;
-    let (mut a, _) = h.first_run(None).await;
-    let round = start_round(&h.url, 1, 120).await;
-    a.wait_log("local training", LIMIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = a.kill();
     assert!(
@@ -423,11 +431,8 @@ async fn killed_during_training_trains_again_and_the_round_counts_one_update() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_retrying_through_an_outage_resumes_the_same_bytes() {
-    let mut h = Home::new(150).await;
-    let (mut a, v1) = h.first_run(None).await;
-    let round = start_round(&h.url, 1, 120).await;
     // The coordinator goes down while the agent trains.
-    a.wait_log("local training", LIMIT).await;
+    let (mut h, mut a, v1, round) = Home::training(150, 120).await;
     h.stop().await;
     // It keeps re-sending past the ~6 s the old five attempts lasted.
     a.wait_log("attempt=6", LIMIT).await;
@@ -472,5 +477,61 @@ async fn a_round_that_fails_at_its_deadline_rolls_the_residual_back() {
     assert_eq!(f.joined, vec![r1, r2]);
     let log = a.kill();
     assert!(log.contains("outcome=Failed"), "{log}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_killed_after_its_first_chunk_resumes_where_it_stopped() {
+    let mut h = Home::new(2).await;
+    let s = &h.agent;
+    let mut a = s.spawn("first", Some("chunk"));
+    a.wait_log("federation worker paused", LIMIT).await;
+    a.kill();
+    let part = s
+        .state()
+        .load_download(MODEL)
+        .unwrap()
+        .expect("partial download");
+    assert_eq!(part.meta.version, 1);
+    assert_eq!(part.bytes.len(), hearth_proto::CHUNK_SIZE);
+    assert!(part.meta.size_bytes > part.bytes.len() as u64);
+
+    let a2 = s.spawn("second", None);
+    wait_for("version 1 stored", LIMIT, || s.model_at(1)).await;
+    assert_eq!(s.state().load_download(MODEL).unwrap(), None);
+    let log = a2.kill();
+    let resumed = format!(
+        "resuming the model download version=1 offset={}",
+        part.bytes.len()
+    );
+    assert!(log.contains(&resumed), "{log}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_task_arriving_during_training_is_queued_not_lost() {
+    // Round 1 fails at its deadline while the agent still trains for it; round 2 opens then.
+    let (mut h, a, _, r1) = Home::training(8000, 2).await;
+    let s = &h.agent;
+    let deadline = Instant::now() + LIMIT;
+    while round_status(&h.url, r1).await.state != RoundState::Failed as i32 {
+        assert!(Instant::now() < deadline, "round 1 did not fail");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r2 = start_round(&h.url, 1, 120).await;
+    assert!(
+        !a.log().contains("local update ready"),
+        "training ended first"
+    );
+    let f = wait_for("round 2 settled", Duration::from_secs(120), || {
+        let f = s.fed();
+        (f.pending.is_none() && !f.joined.is_empty()).then_some(f)
+    })
+    .await;
+    assert_eq!(f.joined, vec![r2]);
+    let st = round_status(&h.url, r2).await;
+    assert_eq!((st.state, st.updates), (RoundState::Completed as i32, 1));
+    let log = a.kill();
+    assert!(log.contains("outcome=CountedOut"), "{log}");
     h.stop().await;
 }
