@@ -173,9 +173,21 @@ pub fn now_ms() -> u64 {
 #[serde(rename_all = "lowercase")]
 enum Op {
     Add(Command),
+    /// Dropped (over the cap) or expired: never sent again.
     Done(String),
+    /// Acknowledged by the broker at `at_ms`.
+    Acked {
+        id: String,
+        at_ms: u64,
+    },
     Seen(String),
 }
+
+/// Commands the broker acknowledged this long before the last journal entry are sent again
+/// after a restart. A PubAck from the *embedded* broker is not durable: the broker dies with
+/// the hub, so a command acknowledged just before a SIGKILL may never have reached its
+/// actuator. Re-sending is safe: actuators drop repeated command ids (idempotency window).
+pub const REDELIVER_ACKED_MS: u64 = 2_000;
 
 #[derive(Debug)]
 struct Entry {
@@ -228,16 +240,25 @@ impl Outbox {
         };
         match File::open(&path) {
             Ok(f) => {
+                let mut acked: HashMap<String, u64> = HashMap::new();
+                let mut last_ms = 0;
                 for line in BufReader::new(f).lines() {
                     let line = line.map_err(|e| io_err(&path, e))?;
                     // A torn last line (killed mid-write) is skipped.
                     match serde_json::from_str::<Op>(&line) {
-                        Ok(Op::Add(cmd)) => o.entries.push_back(Entry {
-                            cmd,
-                            sent: false,
-                            held: true,
-                        }),
+                        Ok(Op::Add(cmd)) => {
+                            last_ms = last_ms.max(cmd.at_ms);
+                            o.entries.push_back(Entry {
+                                cmd,
+                                sent: false,
+                                held: true,
+                            })
+                        }
                         Ok(Op::Done(id)) => o.entries.retain(|e| e.cmd.id != id),
+                        Ok(Op::Acked { id, at_ms }) => {
+                            last_ms = last_ms.max(at_ms);
+                            acked.insert(id, at_ms);
+                        }
                         Ok(Op::Seen(a)) => {
                             o.online.insert(a, false);
                         }
@@ -246,6 +267,13 @@ impl Outbox {
                         }
                     }
                 }
+                // Acknowledged long enough before the end: delivered. The last moments' acks
+                // may have died with an embedded broker: those go out again.
+                o.entries.retain(|e| {
+                    acked
+                        .get(&e.cmd.id)
+                        .is_none_or(|&at| at + REDELIVER_ACKED_MS >= last_ms)
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path, e)),
@@ -460,8 +488,13 @@ impl Outbox {
         self.update_gauge();
     }
 
-    /// The broker acknowledged `id`: it leaves the outbox.
+    /// The broker acknowledged `id`: it leaves the outbox (the journal keeps the time, see
+    /// [`REDELIVER_ACKED_MS`]).
     pub fn acked(&mut self, id: &str) {
+        self.acked_at(id, now_ms());
+    }
+
+    fn acked_at(&mut self, id: &str, at_ms: u64) {
         let Some(i) = self.entries.iter().position(|e| e.cmd.id == id) else {
             return;
         };
@@ -471,7 +504,10 @@ impl Outbox {
             Metrics::inc(&self.metrics.commands_delivered_late);
         }
         tracing::debug!(hearth_id = %id, actuator = %e.cmd.actuator, late = e.held, "command acknowledged by the broker");
-        self.log(&Op::Done(id.to_string()));
+        self.log(&Op::Acked {
+            id: id.to_string(),
+            at_ms,
+        });
     }
 }
 
@@ -756,14 +792,19 @@ mod tests {
     fn the_outbox_survives_a_restart_and_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
+        let now = now_ms();
         {
             let mut o = Outbox::open(&c, Arc::new(Metrics::new())).unwrap();
             o.set_availability("lamp", true);
             for id in ["a", "b", "c"] {
-                o.submit(cmd(id, "lamp", now_ms()));
+                o.submit(cmd(id, "lamp", now - 5_000));
             }
-            assert_eq!(drain(&mut o, now_ms()), ["a", "b", "c"]);
-            o.acked("a");
+            o.submit(cmd("d", "fan", now));
+            assert_eq!(drain(&mut o, now), ["a", "b", "c", "d"]);
+            // `a` was acknowledged long before the end: delivered. `d` just before the hub
+            // died: its (embedded) broker may have died with it before delivering.
+            o.acked_at("a", now - 4_000);
+            o.acked_at("d", now);
             // `b` and `c` are in flight, not acknowledged, when the hub dies.
         }
         let path = c.state_file.clone().unwrap();
@@ -772,18 +813,22 @@ mod tests {
         drop(f);
         let m = Arc::new(Metrics::new());
         let mut o = Outbox::open(&c, m.clone()).unwrap();
-        assert_eq!(o.waiting(), ["b", "c"]);
-        // A tracked actuator counts as offline after a restart until it says online.
+        assert_eq!(o.waiting(), ["b", "c", "d"]);
+        // A tracked actuator counts as offline after a restart until it says online; the
+        // untracked fan's command goes out at once.
         assert!(!o.releasable("lamp"));
-        assert!(o.next_ready(now_ms()).is_none());
+        assert_eq!(drain(&mut o, now_ms()), ["d"]);
         o.set_availability("lamp", true);
         assert_eq!(drain(&mut o, now_ms()), ["b", "c"]);
-        o.acked("b");
-        o.acked("c");
-        assert_eq!(Metrics::get(&m.commands_delivered_late), 2);
+        for id in ["b", "c", "d"] {
+            o.acked_at(id, now - 10_000);
+        }
+        assert_eq!(Metrics::get(&m.commands_delivered_late), 3);
+        // The torn line is gone after compaction; the journal now holds one `seen` line, the
+        // three commands and their acknowledgements, all old enough to count as delivered.
+        drop(o);
         let o = Outbox::open(&c, m).unwrap();
-        assert!(o.is_empty());
-        // Compacted: one `seen` line, no acknowledged commands.
+        assert!(o.is_empty(), "{:?}", o.waiting());
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
     }
