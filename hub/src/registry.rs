@@ -1,10 +1,10 @@
 //! Device registry: what the hub knows about each device from its retained `meta`,
 //! its `availability` (last will) and the events it sends.
 
+use crate::delivery::now_ms;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hearth_proto::mqtt::DeviceMeta;
 
@@ -62,13 +62,6 @@ pub struct DeviceInfo {
 #[derive(Debug, Default)]
 pub struct Registry {
     devices: RwLock<HashMap<String, DeviceInfo>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Registry {
