@@ -36,6 +36,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Address the binary listens on (ignored by [`crate::run`], which takes a bound listener).
     pub listen: String,
+    /// Address of the Prometheus endpoint (`GET /metrics`, HTTP/1.1); empty = not served.
+    pub metrics_listen: String,
     /// Directory of the sled database (created if missing).
     pub db_path: PathBuf,
     /// Directory holding the data sets (`<data_dir>/<task>/test.csv`) used for evaluation.
@@ -373,6 +375,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:50051".into(),
+            metrics_listen: String::new(),
             db_path: "hearth-coordinator.db".into(),
             data_dir: "data".into(),
             admin_token: String::new(),
@@ -431,6 +434,14 @@ impl Config {
     /// Checks every value; the message names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "metrics_listen {:?} is not an address like 127.0.0.1:9464 (empty turns it off)",
+                self.metrics_listen
+            ));
+        }
         if self.admin_token.len() < 16 {
             return bad("admin_token must be set and at least 16 characters long \
                  (set it in the file or with --admin-token / HEARTH_ADMIN_TOKEN)"

@@ -7,12 +7,14 @@
 //! - [`robust`]: median, trimmed mean and Krum over a round's kept updates.
 //! - [`optimizer`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
+//! - [`metrics`]: counters for Prometheus; every refusal is logged and counted there.
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
 pub mod config;
+pub mod metrics;
 pub mod optimizer;
 pub mod robust;
 pub mod rounds;

@@ -99,14 +99,28 @@ pub enum UploadOutcome {
     },
 }
 
-fn refused(reason: impl Into<String>, rec: &RoundRecord) -> UploadOutcome {
-    UploadOutcome::Refused {
-        reason: reason.into(),
-        updates: rec.updates,
-    }
-}
-
 impl Coordinator {
+    /// A refused upload, logged and counted under `code` (see [`crate::metrics::Metrics::reject`]).
+    fn refuse(
+        &self,
+        code: &'static str,
+        reason: impl Into<String>,
+        rec: &RoundRecord,
+        client: &str,
+    ) -> UploadOutcome {
+        let reason = reason.into();
+        self.metrics.reject(
+            "upload",
+            code,
+            client,
+            &format_args!("round {}: {reason}", rec.id),
+        );
+        UploadOutcome::Refused {
+            reason,
+            updates: rec.updates,
+        }
+    }
+
     fn round_lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
         self.round_locks
             .lock()
@@ -279,12 +293,14 @@ impl Coordinator {
             .round(up.round_id)?
             .ok_or(RoundError::UnknownRound(up.round_id))?;
         if rec.model != up.model {
-            return Ok(refused(
+            return Ok(self.refuse(
+                "wrong_model",
                 format!(
                     "round {} is for model {:?}, not {:?}",
                     rec.id, rec.model, up.model
                 ),
                 &rec,
+                &up.client_id,
             ));
         }
         if self.store.marker(rec.id, &up.client_id)?.is_some() {
@@ -293,19 +309,31 @@ impl Coordinator {
             });
         }
         if rec.state != RoundState::Open {
-            return Ok(refused(format!("round {} is not open", rec.id), &rec));
+            return Ok(self.refuse(
+                "round_not_open",
+                format!("round {} is not open", rec.id),
+                &rec,
+                &up.client_id,
+            ));
         }
         if up.base_version != rec.base_version {
-            return Ok(refused(
+            return Ok(self.refuse(
+                "wrong_base",
                 format!(
                     "update is against version {}, the round's base is {}",
                     up.base_version, rec.base_version
                 ),
                 &rec,
+                &up.client_id,
             ));
         }
         if up.num_samples == 0 {
-            return Ok(refused("num_samples must be > 0", &rec));
+            return Ok(self.refuse(
+                "zero_samples",
+                "num_samples must be > 0",
+                &rec,
+                &up.client_id,
+            ));
         }
         let global = self.global_weights(&rec.model, rec.base_version).await?;
         let max_norm = self.config.max_update_norm;
@@ -340,8 +368,7 @@ impl Coordinator {
                 (Arc::new(u), kept)
             }
             Err(reason) => {
-                tracing::warn!(client = %up.client_id, round = rec.id, %reason, "update refused");
-                return Ok(refused(reason, &rec));
+                return Ok(self.refuse("invalid_update", reason, &rec, &up.client_id));
             }
         };
         let weight_samples = up.num_samples.min(self.config.max_client_samples);
@@ -376,6 +403,10 @@ impl Coordinator {
                     client = %up.client_id, round = now.id, updates = now.updates,
                     bytes = payload.len(), "update accepted"
                 );
+                self.metrics.inc(
+                    "hearth_coordinator_updates_accepted_total",
+                    crate::metrics::labels(&[("model", &now.model)]),
+                );
                 if now.updates >= now.max_clients {
                     let me = self.clone();
                     let id = now.id;
@@ -386,10 +417,17 @@ impl Coordinator {
                 })
             }
             AcceptOutcome::Duplicate(r) => Ok(UploadOutcome::Duplicate { updates: r.updates }),
-            AcceptOutcome::NotOpen(r) => Ok(refused(format!("round {} is not open", r.id), &r)),
-            AcceptOutcome::Full(r) => Ok(refused(
+            AcceptOutcome::NotOpen(r) => Ok(self.refuse(
+                "round_not_open",
+                format!("round {} is not open", r.id),
+                &r,
+                &up.client_id,
+            )),
+            AcceptOutcome::Full(r) => Ok(self.refuse(
+                "round_full",
                 format!("round {} already has {} updates", r.id, r.updates),
                 &r,
+                &up.client_id,
             )),
             AcceptOutcome::NotFound => Err(RoundError::UnknownRound(up.round_id)),
         }
@@ -431,6 +469,10 @@ impl Coordinator {
                         model = %meta.model, round = id, version = meta.version,
                         accuracy = ?meta.eval_accuracy, updates = rec.updates,
                         "round completed, version published"
+                    );
+                    self.metrics.inc(
+                        "hearth_coordinator_versions_published_total",
+                        crate::metrics::labels(&[("model", &meta.model)]),
                     );
                     self.publish(Event::Published(meta));
                 }

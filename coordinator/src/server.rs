@@ -23,11 +23,49 @@ const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 struct Prepared {
     coord: Arc<Coordinator>,
     stop: Arc<watch::Sender<bool>>,
+    metrics: Option<TcpListener>,
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` turns true.
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use axum::http::header;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        crate::metrics::PROMETHEUS_CONTENT_TYPE,
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    let shutdown = async move { crate::state::stopped(&mut stop).await };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!(error = %e, "metrics endpoint stopped");
+    }
 }
 
 async fn prepare(config: Config) -> Result<Prepared, Error> {
     config.validate()?;
     let (stop, stop_rx) = watch::channel(false);
+    let metrics = if config.metrics_listen.is_empty() {
+        None
+    } else {
+        Some(TcpListener::bind(&config.metrics_listen).await?)
+    };
     let coord = Coordinator::new(config, stop_rx).await?;
     let resumed = coord.resume_rounds().await?;
     if resumed > 0 {
@@ -36,6 +74,7 @@ async fn prepare(config: Config) -> Result<Prepared, Error> {
     Ok(Prepared {
         coord,
         stop: Arc::new(stop),
+        metrics,
     })
 }
 
@@ -44,9 +83,23 @@ async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let Prepared { coord, stop } = p;
+    let Prepared {
+        coord,
+        stop,
+        metrics,
+    } = p;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening");
+    let metrics_task = metrics.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "metrics at http://{a}/metrics");
+        }
+        tokio::spawn(serve_metrics(
+            l,
+            coord.metrics().clone(),
+            coord.shutdown_signal(),
+        ))
+    });
     let svc = Services::new(coord.clone());
     let stop_on_signal = stop.clone();
     let signal = async move {
@@ -68,6 +121,9 @@ async fn serve(
     stop.send_replace(true);
     let grace = Duration::from_secs(coord.config().shutdown_grace_secs.max(1));
     coord.join_tasks(grace).await;
+    if let Some(t) = metrics_task {
+        let _ = tokio::time::timeout(grace, t).await;
+    }
     let flushed = coord.store().flush().await;
     drop(coord);
     served?;
@@ -91,6 +147,7 @@ pub async fn run(
 #[derive(Debug)]
 pub struct CoordinatorHandle {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     coord: Arc<Coordinator>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), Error>>,
@@ -100,6 +157,11 @@ impl CoordinatorHandle {
     /// Address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Address of the Prometheus endpoint, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://addr`, for tonic clients.
@@ -130,12 +192,14 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<CoordinatorH
     let addr = listener.local_addr()?;
     let p = prepare(config).await?;
     let coord = p.coord.clone();
+    let metrics_addr = p.metrics.as_ref().and_then(|l| l.local_addr().ok());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(p, listener, async move {
         let _ = rx.await;
     }));
     Ok(CoordinatorHandle {
         addr,
+        metrics_addr,
         coord,
         stop: Some(tx),
         task,

@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ModelConfig};
+use crate::metrics::Metrics;
 use crate::store::{now_unix_ms, ClientRecord, RoundRecord, Store, StoreError, VersionMeta};
 use crate::Error;
 
@@ -81,6 +82,7 @@ pub struct Coordinator {
     pub(crate) global_cache: Mutex<HashMap<String, (u64, Arc<Weights>)>>,
     pub(crate) tasks: Mutex<JoinSet<()>>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -165,12 +167,18 @@ impl Coordinator {
             global_cache: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             shutdown,
+            metrics: Arc::new(Metrics::default()),
         }))
     }
 
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The counters (rejections, accepted updates, published versions).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The store.

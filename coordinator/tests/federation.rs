@@ -34,6 +34,7 @@ fn config(db: &Path) -> Config {
         admin_token: ADMIN.into(),
         enrollment_tokens: TOKENS.iter().map(|t| t.to_string()).collect(),
         max_update_bytes: 256 * 1024,
+        metrics_listen: "127.0.0.1:0".into(),
         models: vec![
             ModelConfig {
                 name: "digits".into(),
@@ -54,6 +55,25 @@ fn config(db: &Path) -> Config {
     };
     c.round.deadline_secs = 300;
     c
+}
+
+/// `GET /metrics` over a plain HTTP/1.0 connection; the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .expect("metrics answered in time")
+        .unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,6 +297,18 @@ async fn enroll_fetch_round_publish_and_refusals() {
     assert!(!ack.accepted && ack.reason.contains("base"), "{ack:?}");
     let ack = upload(&ch, &a, "digits", id, 1, 0, &p1).await.unwrap();
     assert!(!ack.accepted, "{ack:?}");
+    // Each refusal above was counted, and a Prometheus scraper reads the count over HTTP.
+    let refused = server.coordinator().metrics().rejections("invalid_update");
+    assert!(refused >= 4, "{refused} refusals counted");
+    assert_eq!(server.coordinator().metrics().rejections("wrong_base"), 1);
+    assert_eq!(server.coordinator().metrics().rejections("zero_samples"), 1);
+    let text = scrape(server.metrics_addr().expect("metrics_listen is set")).await;
+    assert!(
+        text.contains(&format!(
+            "hearth_coordinator_rejections_total{{call=\"upload\",reason=\"invalid_update\"}} {refused}"
+        )),
+        "{text}"
+    );
     // Oversized (declared over the limit), lying about the size, bad checksum, no header.
     let big = vec![1u8; 256 * 1024 + 1];
     let e = upload(&ch, &a, "digits", id, 1, 10, &big)
