@@ -8,6 +8,10 @@
 //! graphs), [`package`] (Hearth's compact sparse/low-bit package) and [`measure`] (size,
 //! parameters, non-zeros, accuracy or agreement, latency).
 //!
+//! Every recipe starts with [`normalise`]: graphs as exporters write them (weights in
+//! `Constant` nodes, unfused BatchNormalization, Identity chains) are rewritten to the form the
+//! steps expect, checked in tract to give the same outputs.
+//!
 //! The CLI chains steps (distillation, pruning, low-rank, fine-tuning, quantization, mixed
 //! precision, QAT, export) on an ONNX model — Hearth's own classifiers or imported graphs such
 //! as BlazeFace — and measures the original and every step: [`pipeline`], [`recipe`],
@@ -20,6 +24,7 @@ pub mod distill;
 pub mod lowrank;
 pub mod measure;
 pub mod mixed;
+pub mod normalise;
 pub mod package;
 pub mod prune;
 pub mod qconv;
@@ -55,7 +60,7 @@ pub use quant::{
 
 pub use error::CompressError;
 pub use pipeline::{Artefact, Context, Row, State};
-pub use recipe::{parse_inline, parse_recipe_arg, parse_toml, Step, SYNTAX};
+pub use recipe::{parse_inline, parse_recipe_arg, parse_toml, Recipe, Step, SYNTAX};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::time::Duration;
@@ -73,18 +78,45 @@ fn bar(label: &str) -> ProgressBar {
     pb
 }
 
-/// Runs `steps` on `model`: measures the original, applies each step (with a progress bar on
-/// stderr), measures the deployed model after each, and returns the table rows and the final
-/// artefact (per the last export step; float ONNX by default).
+/// Inputs the normalisation check compares on: up to this many calibration inputs, plus as
+/// many reproducible random ones.
+const NORMALISE_CHECK_INPUTS: usize = 4;
+
+/// The inputs [`normalise::check_equivalence`] runs: the first calibration samples (when the
+/// train split fits the model's input) and reproducible uniform [-1, 1] inputs.
+fn normalise_check_inputs(model: &hearth_model::OnnxModel, ctx: &Context) -> Vec<Vec<f32>> {
+    let Ok(shape) = measure::input_shape(model) else {
+        return Vec::new();
+    };
+    let mut inputs = Vec::new();
+    if let Some(ds) = &ctx.train {
+        let n = ds.len().min(NORMALISE_CHECK_INPUTS);
+        let idx: Vec<usize> = (0..n).collect();
+        if let Ok(v) = measure::adapt_inputs(&ds.subset(&idx), &shape) {
+            inputs.extend(v);
+        }
+    }
+    inputs.extend(normalise::probe_inputs(
+        &shape,
+        NORMALISE_CHECK_INPUTS,
+        ctx.seed,
+    ));
+    inputs
+}
+
+/// Runs `recipe` on `model`: measures the original, normalises the graph ([`normalise`]:
+/// checked to give the same outputs, a row of its own), applies each step on the normalised
+/// model (with a progress bar on stderr), measures the deployed model after each against the
+/// original, and returns the table rows and the final artefact (per the last export step;
+/// float ONNX by default). A step that would change nothing is an error
+/// ([`CompressError::NoOp`]) unless the recipe allows it, and is then skipped.
 pub fn run(
     model: &hearth_model::OnnxModel,
-    steps: &[Step],
+    recipe: &Recipe,
     ctx: &Context,
 ) -> Result<(Vec<Row>, Artefact), CompressError> {
-    pipeline::check_applicable(model, steps, ctx)?;
-    let mut state = State::new(model.clone());
     let pb = bar("measure original");
-    let original = state.artefact(ctx)?;
+    let original = State::new(model.clone()).artefact(ctx)?;
     let m0 = pipeline::measure_artefact(&original, model, ctx)?;
     pb.finish_and_clear();
     let mut rows = vec![Row {
@@ -92,9 +124,51 @@ pub fn run(
         m: m0,
         note: String::new(),
     }];
-    let mut artefact = original;
-    for (i, step) in steps.iter().enumerate() {
-        let pb = bar(&format!("[{}/{}] {step}", i + 1, steps.len()));
+
+    let pb = bar("normalise");
+    let (normalised, report) = normalise::normalise(model)?;
+    let inputs = normalise_check_inputs(model, ctx);
+    let eq = normalise::check_equivalence(model, &normalised, &inputs)?;
+    if !eq.ok() {
+        return Err(CompressError::Normalise(format!(
+            "max |Δ| {:.3e} > tolerance {:.3e} over {} inputs ({report})",
+            eq.max_abs_diff,
+            eq.tolerance(),
+            eq.inputs
+        )));
+    }
+    pipeline::check_applicable(&normalised, recipe, ctx)?;
+    let mut state = State::new(normalised);
+    let mut artefact = state.artefact(ctx)?;
+    let m = pipeline::measure_artefact(&artefact, model, ctx)?;
+    pb.finish_and_clear();
+    rows.push(Row {
+        label: "normalise".into(),
+        m,
+        note: format!(
+            "{report}; max |Δ| {:.2e} on {} inputs",
+            eq.max_abs_diff, eq.inputs
+        ),
+    });
+
+    for (i, step) in recipe.iter().enumerate() {
+        let allowed = recipe.noop_allowed(i);
+        if let Some(reason) = pipeline::noop_reason(&state, step) {
+            if !allowed {
+                return Err(CompressError::NoOp {
+                    step: i + 1,
+                    kind: step.kind(),
+                    reason,
+                });
+            }
+            rows.push(Row {
+                label: format!("{step}?"),
+                m: rows.last().expect("rows").m.clone(),
+                note: format!("skipped: {reason}"),
+            });
+            continue;
+        }
+        let pb = bar(&format!("[{}/{}] {step}", i + 1, recipe.len()));
         let progress = |done: u64, total: u64| {
             pb.set_length(total.max(1));
             pb.set_position(done);
@@ -106,12 +180,21 @@ pub fn run(
                 source,
             }
         })?;
-        pb.set_message(format!("[{}/{}] measure", i + 1, steps.len()));
-        artefact = state.artefact(ctx).map_err(|source| CompressError::Step {
+        pb.set_message(format!("[{}/{}] measure", i + 1, recipe.len()));
+        let next = state.artefact(ctx).map_err(|source| CompressError::Step {
             step: i + 1,
             kind: step.kind(),
             source,
         })?;
+        if !allowed && pipeline::must_change_artefact(step) && next.bytes == artefact.bytes {
+            pb.finish_and_clear();
+            return Err(CompressError::NoOp {
+                step: i + 1,
+                kind: step.kind(),
+                reason: format!("the model is byte-identical to the one before it ({note})"),
+            });
+        }
+        artefact = next;
         let m = pipeline::measure_artefact(&artefact, model, ctx)?;
         pb.finish_and_clear();
         rows.push(Row {

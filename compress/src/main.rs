@@ -1,12 +1,13 @@
 //! `hearth-compress`: compress an ONNX model with a recipe and print the measurement table;
 //! `hearth-compress train <task>` trains the model a task file asks for. `--task <task.toml>`
 //! (or `--data <dir>` holding one) gives the data for fine-tuning and measurement.
-//! Exit status 64 (EX_USAGE) on bad arguments or a recipe that cannot apply.
+//! Exit status 64 (EX_USAGE) on bad arguments, a recipe that cannot apply, a step that would
+//! change nothing, or an op tract cannot run (named before any step runs).
 #![forbid(unsafe_code)]
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use hearth_compress::measure;
+use hearth_compress::{measure, normalise};
 use hearth_compress::pipeline::{default_measure_options, Context};
 use hearth_compress::{recipe, table, CompressError};
 use hearth_model::{train, Dataset, Split, TaskSpec, TrainConfig};
@@ -58,6 +59,10 @@ struct CompressArgs {
     /// Seed of student initialisation and training shuffles.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Input shape, comma separated (e.g. 1,3,48,192), for models whose input dimensions the
+    /// exporter left symbolic (otherwise symbolic dimensions are taken as 1).
+    #[arg(long, value_delimiter = ',')]
+    input_shape: Option<Vec<usize>>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,9 +166,29 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
     }
     let raw = hearth_model::OnnxModel::load(&input)
         .map_err(|e| usage(format!("{}: {e}", input.display())))?;
-    let (model, fixed) = measure::fix_constant_of_shape(&raw)?;
+    let (mut model, fixed) = measure::fix_constant_of_shape(&raw)?;
     if fixed > 0 {
         eprintln!("note: gave {fixed} ConstantOfShape node(s) an explicit f32 zero value (tract)");
+    }
+    if let Some(shape) = &a.input_shape {
+        if shape.is_empty() || shape.contains(&0) {
+            return Err(usage("--input-shape dimensions must be >= 1"));
+        }
+        model = normalise::pin_input_shape(&model, shape).map_err(|e| usage(e.to_string()))?;
+    }
+    // Ops tract cannot run are named before any step (exit 64).
+    let missing = normalise::unsupported_ops(&model);
+    if !missing.is_empty() {
+        let ops: Vec<String> = missing
+            .iter()
+            .map(|(op, node)| format!("{op} (node {node:?})"))
+            .collect();
+        return Err(CompressError::Unsupported(format!(
+            "{}: tract cannot run op {}; nothing was compressed",
+            input.display(),
+            ops.join(", ")
+        ))
+        .into());
     }
     let task_file = a.task.or_else(|| a.data.map(|dir| dir.join("task.toml")));
     let (train_set, eval_set) = match &task_file {
@@ -182,7 +207,13 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let mut opts = default_measure_options(&model, a.latency_runs)?;
+    let mut opts = default_measure_options(&model, a.latency_runs).map_err(|e| {
+        CompressError::Unsupported(format!(
+            "{}: tract cannot run this model ({e}); if its input has symbolic dimensions, \
+             pass --input-shape",
+            input.display()
+        ))
+    })?;
     opts.max_agreement_samples = a.agreement_samples.max(1);
     let ctx = Context {
         train: train_set,
@@ -202,9 +233,10 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
                 "raw values"
             },
             outs.join(", "),
-            ctx.eval
-                .as_ref()
-                .map_or(1, |d| d.len().min(ctx.measure.max_agreement_samples))
+            ctx.eval.as_ref().map_or(
+                ctx.measure.max_agreement_samples.clamp(1, measure::PROBE_INPUTS),
+                |d| d.len().min(ctx.measure.max_agreement_samples)
+            )
         );
     }
     print!("{}", table::render(&rows));

@@ -36,6 +36,9 @@ pub struct Agreement {
     pub outputs: Vec<String>,
 }
 
+/// Inputs compared when no evaluation set is given (zeros, then uniform [-1, 1]).
+pub const PROBE_INPUTS: usize = 8;
+
 /// What [`measure`] reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Measurement {
@@ -471,8 +474,8 @@ pub fn measure(
 /// - `bytes`, `params`, `nonzeros` from the ONNX file;
 /// - `accuracy` when `eval` is given and the model's input takes its samples as they are
 ///   (Hearth classifiers; tract batch plan);
-/// - `agreement` with `reference` on the `eval` samples ([`adapt_inputs`]; zeros when no set
-///   is given);
+/// - `agreement` with `reference` on the `eval` samples ([`adapt_inputs`]; without a set, on
+///   [`PROBE_INPUTS`] inputs: zeros, then reproducible uniform [-1, 1] values);
 /// - latency on the first eval sample (or zeros).
 pub fn measure_with(
     model: &OnnxModel,
@@ -489,7 +492,12 @@ pub fn measure_with(
             v.truncate(opts.max_agreement_samples.max(1));
             v
         }
-        None => vec![vec![0.0; runner.input_len()]],
+        // Zeros, then reproducible uniform [-1, 1] inputs (what "no data" is compared on).
+        None => crate::normalise::probe_inputs(
+            runner.input_shape(),
+            opts.max_agreement_samples.clamp(1, PROBE_INPUTS),
+            0,
+        ),
     };
     let accuracy = match eval {
         Some(ds) if ds.input_len == runner.input_len() => {

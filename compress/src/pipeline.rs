@@ -82,6 +82,32 @@ pub fn weight_names(model: &OnnxModel) -> Vec<String> {
     }
 }
 
+/// Why `step` would change nothing on `state`, found before it runs (`None`: it has work).
+pub fn noop_reason(state: &State, step: &Step) -> Option<String> {
+    match step {
+        Step::Prune { .. } | Step::Quant { .. } if weight_names(&state.model).is_empty() => Some(
+            "no weight tensors found (no f32 Gemm weight or initializer of rank >= 2)".into(),
+        ),
+        Step::Export {
+            format: ExportFormat::Int8QOperator,
+        } if !is_mlp(&state.model) && qconv::conv_site_count(&state.model) == 0 => {
+            Some("no Conv to quantize (no Conv with constant f32 weights)".into())
+        }
+        _ => None,
+    }
+}
+
+/// True when a step whose artefact is byte-identical to the one before it changed nothing
+/// (every step but `export:float`, which only names the default format).
+pub fn must_change_artefact(step: &Step) -> bool {
+    !matches!(
+        step,
+        Step::Export {
+            format: ExportFormat::Float
+        }
+    )
+}
+
 /// Rejects (before any work) recipes whose steps cannot apply to this model or data:
 /// steps that need a Gemm/Relu classifier on another graph, training steps without data.
 pub fn check_applicable(
@@ -89,6 +115,7 @@ pub fn check_applicable(
     steps: &[Step],
     ctx: &Context,
 ) -> Result<(), CompressError> {
+    // Runs on the normalised model (weights as initializers, BatchNorms folded).
     let structure = model.dense_layers().err();
     for (i, s) in steps.iter().enumerate() {
         if let (true, Some(e)) = (s.needs_mlp(), &structure) {

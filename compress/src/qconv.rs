@@ -328,6 +328,17 @@ pub fn plan_matmul_kernels(model: &OnnxModel) -> Result<Vec<MatMulKernel>, Model
     kernels_of(&plan)
 }
 
+/// Number of float `Conv` nodes with constant weights: what [`export_int8_conv`] rewrites.
+pub fn conv_site_count(model: &OnnxModel) -> usize {
+    let weights = model.weights();
+    let consts: HashSet<&str> = weights.keys().map(String::as_str).collect();
+    model
+        .proto()
+        .graph
+        .as_ref()
+        .map_or(0, |g| conv_sites(g, &consts).len())
+}
+
 /// Number of `QLinearConv` nodes in `model`'s graph.
 pub fn qlinear_conv_count(model: &OnnxModel) -> usize {
     model.proto().graph.as_ref().map_or(0, |g| {

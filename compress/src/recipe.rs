@@ -199,6 +199,36 @@ impl fmt::Display for Step {
     }
 }
 
+/// A parsed recipe: the steps, and per step whether it may change nothing (`allow_noop`).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Recipe {
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// Per step: true when the recipe accepts that the step changes nothing (`kind?` inline,
+    /// `allow_noop = true`); a step that changes nothing is otherwise an error (exit 64).
+    pub allow_noop: Vec<bool>,
+}
+
+impl Recipe {
+    /// A recipe of `steps`, none of which may be a no-op.
+    pub fn new(steps: Vec<Step>) -> Recipe {
+        let allow_noop = vec![false; steps.len()];
+        Recipe { steps, allow_noop }
+    }
+
+    /// Whether step `i` (0-based) may change nothing.
+    pub fn noop_allowed(&self, i: usize) -> bool {
+        self.allow_noop.get(i).copied().unwrap_or(false)
+    }
+}
+
+impl std::ops::Deref for Recipe {
+    type Target = [Step];
+    fn deref(&self) -> &[Step] {
+        &self.steps
+    }
+}
+
 /// The syntax, as printed by `--help` and documented in compress/README.md.
 pub const SYNTAX: &str = "\
 RECIPE: a TOML file (a list of [[step]] tables with `kind = \"...\"` plus the keys below)
@@ -215,6 +245,10 @@ or an inline string: steps separated by ';', each `kind[:value][,key=value...]`
   mixed-precision:size=<bytes>|acc=<floor>      per-layer scheme search (int8/int4/int2 per channel)
   qat:*epochs=2,lr=0.005                        quantization-aware fine-tune
   export:*format=float|int8-qoperator|package   (default float; must be last)
+Every recipe starts with `normalise` (Constant nodes to initializers, BatchNorm folded, constant
+sub-graphs folded, Identity/no-op Cast/Reshape removed; outputs checked against the original).
+A step that changes nothing (no weight tensors, no Conv to quantize, ...) is an error (exit 64)
+unless marked: `quant?:int8` inline, or `allow_noop=true` (TOML `allow_noop = true`).
 Example: \"distill:T=4,alpha=0.7;prune:0.8;finetune:3;quant:int4-per-channel;export:package\"";
 
 type Args = BTreeMap<String, String>;
@@ -503,8 +537,9 @@ fn build_step(
 }
 
 /// Parses an inline recipe: `kind[:value][,key=value...]` steps separated by `;`.
-pub fn parse_inline(s: &str) -> Result<Vec<Step>, CompressError> {
+pub fn parse_inline(s: &str) -> Result<Recipe, CompressError> {
     let mut steps = Vec::new();
+    let mut allow_noop = Vec::new();
     for (i, part) in s.split(';').map(str::trim).enumerate() {
         if part.is_empty() {
             continue;
@@ -530,13 +565,38 @@ pub fn parse_inline(s: &str) -> Result<Vec<Step>, CompressError> {
                 None => return Err(bad(i, kind, format!("expected key=value, got {item:?}"))),
             }
         }
+        let (kind, noop) = take_allow_noop(steps.len(), kind, &mut args)?;
         steps.push(build_step(steps.len(), kind, value, args)?);
+        allow_noop.push(noop);
     }
-    validate(steps)
+    validate(Recipe {
+        steps,
+        allow_noop,
+    })
+}
+
+/// Strips the no-op marker from a step: a `?` after the kind or an `allow_noop` key.
+fn take_allow_noop<'a>(
+    i: usize,
+    kind: &'a str,
+    args: &mut Args,
+) -> Result<(&'a str, bool), CompressError> {
+    let kind = kind.trim();
+    let (kind, mark) = match kind.strip_suffix('?') {
+        Some(k) => (k.trim_end(), true),
+        None => (kind, false),
+    };
+    let key = match args.remove("allow_noop") {
+        None => false,
+        Some(v) => v
+            .parse::<bool>()
+            .map_err(|e| bad(i, kind, format!("allow_noop={v:?}: {e}")))?,
+    };
+    Ok((kind, mark || key))
 }
 
 /// Parses a TOML recipe: `[[step]]` tables with `kind` and the same keys as the inline form.
-pub fn parse_toml(text: &str) -> Result<Vec<Step>, CompressError> {
+pub fn parse_toml(text: &str) -> Result<Recipe, CompressError> {
     let doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| CompressError::Recipe(format!("TOML: {e}")))?;
@@ -550,6 +610,7 @@ pub fn parse_toml(text: &str) -> Result<Vec<Step>, CompressError> {
         _ => return Err(CompressError::Recipe("no [[step]] tables".into())),
     };
     let mut steps = Vec::new();
+    let mut allow_noop = Vec::new();
     for (i, v) in list.into_iter().enumerate() {
         let toml::Value::Table(t) = v else {
             return Err(CompressError::Recipe(format!(
@@ -586,12 +647,18 @@ pub fn parse_toml(text: &str) -> Result<Vec<Step>, CompressError> {
         let kind = kind.ok_or_else(|| {
             CompressError::Recipe(format!("step {}: missing kind = \"...\"", i + 1))
         })?;
-        steps.push(build_step(i, &kind, None, args)?);
+        let (kind, noop) = take_allow_noop(i, &kind, &mut args)?;
+        steps.push(build_step(i, kind, None, args)?);
+        allow_noop.push(noop);
     }
-    validate(steps)
+    validate(Recipe {
+        steps,
+        allow_noop,
+    })
 }
 
-fn validate(steps: Vec<Step>) -> Result<Vec<Step>, CompressError> {
+fn validate(recipe: Recipe) -> Result<Recipe, CompressError> {
+    let steps = &recipe.steps;
     if steps.is_empty() {
         return Err(CompressError::Recipe("the recipe has no steps".into()));
     }
@@ -613,11 +680,11 @@ fn validate(steps: Vec<Step>) -> Result<Vec<Step>, CompressError> {
             )));
         }
     }
-    Ok(steps)
+    Ok(recipe)
 }
 
 /// A recipe argument: a path to an existing `.toml` file, or an inline recipe.
-pub fn parse_recipe_arg(arg: &str) -> Result<Vec<Step>, CompressError> {
+pub fn parse_recipe_arg(arg: &str) -> Result<Recipe, CompressError> {
     let path = std::path::Path::new(arg);
     if arg.ends_with(".toml") || path.is_file() {
         let text = std::fs::read_to_string(path)
@@ -714,5 +781,17 @@ format = "package"
             QuantScheme::PowerOfTwo { bits: 4 }
         );
         assert!(parse_inline("mixed-precision:acc=0.9;qat:1").is_ok());
+    }
+
+    #[test]
+    fn marks_steps_that_may_change_nothing() {
+        let r = parse_inline("prune?:0.1;quant:int8,allow_noop=true;export:package").unwrap();
+        assert_eq!(r.allow_noop, vec![true, true, false]);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].kind(), "prune");
+        let t = parse_toml("[[step]]\nkind = \"quant\"\nscheme = \"int8\"\nallow_noop = true\n").unwrap();
+        assert_eq!(t.allow_noop, vec![true]);
+        assert!(parse_inline("quant:int8,allow_noop=maybe").is_err());
+        assert_eq!(parse_inline("quant:int8").unwrap().allow_noop, vec![false]);
     }
 }
