@@ -227,10 +227,10 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
     if let Some(outs) = &ctx.measure.agreement_outputs {
         println!(
             "agreement: {} of the outputs {} vs the original, {} eval inputs",
-            if ctx.measure.transform == measure::OutputTransform::Sigmoid {
-                "sigmoid"
-            } else {
-                "raw values"
+            match ctx.measure.transform {
+                measure::OutputTransform::Sigmoid => "sigmoid",
+                measure::OutputTransform::Probability => "probabilities (score > 0.5)",
+                measure::OutputTransform::Identity => "raw values",
             },
             outs.join(", "),
             ctx.eval.as_ref().map_or(

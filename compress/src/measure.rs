@@ -28,7 +28,7 @@ pub struct Agreement {
     /// Share of samples on which both models decide the same: the argmax over the compared
     /// values (a classifier's predicted class) for [`OutputTransform::Identity`]; whether the
     /// largest value exceeds 0.5 (a detector's "object present") for
-    /// [`OutputTransform::Sigmoid`].
+    /// [`OutputTransform::Sigmoid`] and [`OutputTransform::Probability`].
     pub decision_agreement: f32,
     /// Number of inputs compared.
     pub samples: usize,
@@ -63,6 +63,9 @@ pub enum OutputTransform {
     Identity,
     /// Compare `1 / (1 + e^-x)` (detector score logits → probabilities).
     Sigmoid,
+    /// The outputs are probabilities already (a graph ending in Sigmoid): compared as they
+    /// are, decided like [`OutputTransform::Sigmoid`] (some value above 0.5).
+    Probability,
 }
 
 /// Options of [`measure_with`].
@@ -174,13 +177,16 @@ pub fn count_params(model: &OnnxModel) -> (usize, usize) {
     (params, nonzeros)
 }
 
-/// A tract plan for an arbitrary single-input f32 model, fixed to batch 1: symbolic or
-/// unknown input dimensions are set to 1. Returns every output.
+/// A tract plan for an arbitrary f32 model, fixed to batch 1: symbolic or unknown input
+/// dimensions are set to 1; inputs after the first (recurrent state) are fed zeros. Returns
+/// every output.
 #[derive(Clone)]
 pub struct GenericRunner {
     plan: Arc<TypedRunnableModel>,
     input_shape: Vec<usize>,
     output_names: Vec<String>,
+    /// Zeros for the inputs after the first ([`extra_inputs`]).
+    state: Vec<tract_onnx::prelude::Tensor>,
 }
 
 impl std::fmt::Debug for GenericRunner {
@@ -203,47 +209,93 @@ pub struct NamedOutput {
     pub data: Vec<f32>,
 }
 
+/// Batch-1 dimensions of a graph input (symbolic or unknown dimensions as 1) and its ONNX
+/// element type.
+fn value_shape(vi: &pb::ValueInfoProto) -> Result<(Vec<usize>, i32), ModelError> {
+    use pb::tensor_shape_proto::dimension::Value;
+    let name = &vi.name;
+    let (dims, elem) = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => (
+            t.shape
+                .as_ref()
+                .map(|s| s.dim.clone())
+                .ok_or_else(|| ModelError::Onnx(format!("input {name} has no shape")))?,
+            t.elem_type,
+        ),
+        None => return Err(ModelError::Onnx(format!("input {name} has no type"))),
+    };
+    Ok((
+        dims.iter()
+            .map(|d| match d.value {
+                Some(Value::DimValue(v)) if v > 0 => v as usize,
+                _ => 1,
+            })
+            .collect(),
+        elem,
+    ))
+}
+
 /// The batch-1 input shape of the model's first non-initializer input.
 pub fn input_shape(model: &OnnxModel) -> Result<Vec<usize>, ModelError> {
-    use pb::tensor_shape_proto::dimension::Value;
     let name = model
         .input_name()
         .ok_or_else(|| ModelError::Onnx("graph has no data input".into()))?;
     let g = model.proto().graph.as_ref().expect("graph");
     let vi = g.input.iter().find(|i| i.name == name).expect("input");
-    let dims = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(pb::type_proto::Value::TensorType(t)) => t
-            .shape
-            .as_ref()
-            .map(|s| s.dim.clone())
-            .ok_or_else(|| ModelError::Onnx(format!("input {name} has no shape")))?,
-        None => return Err(ModelError::Onnx(format!("input {name} has no type"))),
-    };
-    Ok(dims
-        .iter()
-        .map(|d| match d.value {
-            Some(Value::DimValue(v)) if v > 0 => v as usize,
-            _ => 1,
-        })
-        .collect())
+    Ok(value_shape(vi)?.0)
+}
+
+/// The model's other non-initializer inputs (e.g. a recurrent model's state), by name with
+/// their batch-1 shapes: [`GenericRunner`] feeds them zeros. Only f32 ones are supported.
+pub fn extra_inputs(model: &OnnxModel) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    let g = model.proto().graph.as_ref().expect("graph");
+    let inits: std::collections::HashSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut out = Vec::new();
+    for vi in g.input.iter().filter(|i| !inits.contains(i.name.as_str())).skip(1) {
+        let (shape, elem) = value_shape(vi)?;
+        if elem != DataType::Float as i32 {
+            return Err(ModelError::Onnx(format!(
+                "input {} is not f32 (ONNX type {elem}): only the first input is data, further \
+                 inputs must be f32 state (fed zeros)",
+                vi.name
+            )));
+        }
+        out.push((vi.name.clone(), shape));
+    }
+    Ok(out)
 }
 
 impl GenericRunner {
     /// Loads and optimises the model with its input fixed to batch 1.
     pub fn new(model: &OnnxModel) -> Result<GenericRunner, ModelError> {
         let input_shape = input_shape(model)?;
+        let extra = extra_inputs(model)?;
         let g = model.proto().graph.as_ref().expect("graph");
         let output_names = g.output.iter().map(|o| o.name.clone()).collect();
-        let plan = tract_onnx::onnx()
+        let mut m = tract_onnx::onnx()
             .model_for_proto_model(model.proto())
             .and_then(|m| m.with_input_fact(0, f32::fact(&input_shape).into()))
-            .and_then(|m| m.into_optimized())
+            .map_err(ModelError::tract)?;
+        for (k, (_, shape)) in extra.iter().enumerate() {
+            m = m
+                .with_input_fact(k + 1, f32::fact(shape).into())
+                .map_err(ModelError::tract)?;
+        }
+        let plan = m
+            .into_optimized()
             .and_then(|m| m.into_runnable())
+            .map_err(ModelError::tract)?;
+        let state = extra
+            .iter()
+            .map(|(_, shape)| tract_onnx::prelude::Tensor::zero::<f32>(shape))
+            .collect::<TractResult<Vec<_>>>()
             .map_err(ModelError::tract)?;
         Ok(GenericRunner {
             plan,
             input_shape,
             output_names,
+            state,
         })
     }
 
@@ -273,7 +325,9 @@ impl GenericRunner {
         }
         let t = tract_onnx::prelude::Tensor::from_shape(&self.input_shape, input)
             .map_err(ModelError::tract)?;
-        let out = self.plan.run(tvec!(t.into())).map_err(ModelError::tract)?;
+        let mut inputs: TVec<TValue> = tvec!(t.into());
+        inputs.extend(self.state.iter().map(|z| z.clone().into()));
+        let out = self.plan.run(inputs).map_err(ModelError::tract)?;
         out.iter()
             .enumerate()
             .map(|(i, v)| {
@@ -357,7 +411,7 @@ pub fn adapt_inputs(ds: &Dataset, shape: &[usize]) -> Result<Vec<Vec<f32>>, Mode
 
 fn transform(v: f32, t: OutputTransform) -> f32 {
     match t {
-        OutputTransform::Identity => v,
+        OutputTransform::Identity | OutputTransform::Probability => v,
         OutputTransform::Sigmoid => 1.0 / (1.0 + (-v).exp()),
     }
 }
@@ -413,7 +467,7 @@ pub fn agreement(
         count += a.len();
         let same = match t {
             OutputTransform::Identity => argmax(&a) == argmax(&b),
-            OutputTransform::Sigmoid => {
+            OutputTransform::Sigmoid | OutputTransform::Probability => {
                 let hit = |v: &[f32]| v.iter().any(|&p| p > 0.5);
                 hit(&a) == hit(&b)
             }

@@ -21,7 +21,7 @@
 //! fails when it exceeds [`tolerance`]. [`unsupported_ops`] lists the ops tract has no
 //! translation for, so the CLI can name them before any step runs.
 
-use crate::measure::{input_shape, GenericRunner};
+use crate::measure::{extra_inputs, input_shape, GenericRunner};
 use hearth_model::error::ModelError;
 use hearth_model::onnx::{f32_initializer, initializer_data, raw_initializer, InitValues};
 use hearth_model::tensor::Tensor as HTensor;
@@ -139,6 +139,11 @@ pub fn tensor_facts(model: &OnnxModel) -> Result<HashMap<String, TensorFact>, Mo
         .model_for_proto_model(model.proto())
         .and_then(|m| m.with_input_fact(0, f32::fact(&shape).into()))
         .map_err(ModelError::tract)?;
+    for (k, (_, s)) in extra_inputs(model)?.iter().enumerate() {
+        m = m
+            .with_input_fact(k + 1, f32::fact(s).into())
+            .map_err(ModelError::tract)?;
+    }
     let _ = m.analyse(false);
     let mut facts = HashMap::new();
     for node in m.nodes() {

@@ -507,8 +507,33 @@ pub fn measure_artefact(
     Ok(m)
 }
 
-/// Measurement options for `model`: classifiers compare every output as is; a detector with
-/// several outputs compares the per-anchor score outputs (last dimension 1) after a sigmoid.
+/// True when tensor `name` is a Sigmoid's output, possibly through shape-only ops.
+fn ends_in_sigmoid(model: &OnnxModel, name: &str) -> bool {
+    let Some(g) = model.proto().graph.as_ref() else {
+        return false;
+    };
+    let mut cur = name.to_string();
+    for _ in 0..=g.node.len() {
+        let Some(n) = g.node.iter().find(|n| n.output.first() == Some(&cur)) else {
+            return false;
+        };
+        match n.op_type.as_str() {
+            "Sigmoid" => return true,
+            "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" | "Identity" => {
+                match n.input.first() {
+                    Some(i) => cur = i.clone(),
+                    None => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Measurement options for `model`: classifiers compare every output as is; a model with
+/// several outputs compares the per-anchor score outputs (last dimension 1): after a sigmoid
+/// (detector logits), or as they are when the graph computes the sigmoid itself.
 pub fn default_measure_options(
     model: &OnnxModel,
     latency_runs: usize,
@@ -527,8 +552,12 @@ pub fn default_measure_options(
                 .map(|o| o.name.clone())
                 .collect();
             if !scores.is_empty() {
+                opts.transform = if scores.iter().all(|o| ends_in_sigmoid(model, o)) {
+                    OutputTransform::Probability
+                } else {
+                    OutputTransform::Sigmoid
+                };
                 opts.agreement_outputs = Some(scores);
-                opts.transform = OutputTransform::Sigmoid;
             }
         }
     }
