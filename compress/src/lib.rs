@@ -131,7 +131,7 @@ pub fn run(
     let eq = normalise::check_equivalence(model, &normalised, &inputs)?;
     if !eq.ok() {
         return Err(CompressError::Normalise(format!(
-            "max |Δ| {:.3e} > tolerance {:.3e} over {} inputs ({report})",
+            "max abs diff {:.3e} > tolerance {:.3e} over {} inputs ({report})",
             eq.max_abs_diff,
             eq.tolerance(),
             eq.inputs
@@ -146,7 +146,7 @@ pub fn run(
         label: "normalise".into(),
         m,
         note: format!(
-            "{report}; max |Δ| {:.2e} on {} inputs",
+            "{report}; max abs diff {:.2e} on {} inputs",
             eq.max_abs_diff, eq.inputs
         ),
     });

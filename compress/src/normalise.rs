@@ -6,14 +6,16 @@
 //! 1. `Constant` nodes → initializers (PaddlePaddle's paddle2onnx and older PyTorch exporters
 //!    store every weight this way, so a step looking at initializers sees no weight at all);
 //! 2. constant sub-graphs fold: a node whose inputs all come from initializers is replaced by
-//!    the values tract computes for its outputs during analysis;
+//!    the values tract computes for its outputs during analysis (unless that grows the file:
+//!    a `ConstantOfShape` or `Expand` stays);
 //! 3. `BatchNormalization` folds into the preceding `Conv` (per output channel) or `Gemm`
 //!    (per output column) when that node's constant weights feed only the BN;
 //! 4. `Identity`, no-op `Cast` (to the type it already has) and no-op `Reshape` (to the shape
-//!    it already has) go, and `Reshape → Reshape` chains collapse to the last one;
+//!    it already has; only when the input shape is fixed, as shapes are analysed at batch 1)
+//!    go, and `Reshape → Reshape` chains collapse to the last one;
 //! 5. nodes and initializers nothing reads go;
-//! 6. shapes: graph outputs whose dimensions the exporter left symbolic get the dimensions
-//!    tract infers for the (batch-1, or `--input-shape`) input.
+//! 6. shapes: when the input shape is fixed (by the exporter or `--input-shape`), graph
+//!    outputs whose dimensions the exporter left symbolic get the dimensions tract infers.
 //!
 //! Types and shapes of intermediate tensors come from tract's analysis of the graph with its
 //! input fixed ([`tensor_facts`]). [`check_equivalence`] runs the original and the normalised
@@ -434,6 +436,9 @@ fn constants_to_initializers(g: &mut pb::GraphProto) -> usize {
     count
 }
 
+/// A folded node may produce up to this many values even from fewer input values.
+const FOLD_MIN_GROWTH: usize = 64;
+
 /// Ops never folded (random, or with sub-graphs).
 fn foldable(op: &str) -> bool {
     !matches!(
@@ -456,6 +461,11 @@ fn fold_constants(model: &OnnxModel) -> Result<(OnnxModel, usize), ModelError> {
     let mut proto = model.proto().clone();
     let g = proto.graph.as_mut().expect("graph");
     let mut consts: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    let mut sizes: HashMap<String, usize> = g
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.iter().product::<i64>().max(1) as usize))
+        .collect();
     let mut count = 0;
     let mut keep = Vec::with_capacity(g.node.len());
     let mut new_inits = Vec::new();
@@ -470,11 +480,23 @@ fn fold_constants(model: &OnnxModel) -> Result<(OnnxModel, usize), ModelError> {
             && foldable(&n.op_type)
             && !outs.is_empty())
         .then(|| {
+            let vals: Vec<Arc<Tensor>> = outs
+                .iter()
+                .map(|o| facts.get(o.as_str())?.value.clone())
+                .collect::<Option<_>>()?;
+            // Folding must not grow the file (e.g. ConstantOfShape, Expand).
+            let in_len: usize = n
+                .input
+                .iter()
+                .filter_map(|i| sizes.get(i))
+                .sum::<usize>()
+                .max(FOLD_MIN_GROWTH);
+            if vals.iter().map(|v| v.len()).sum::<usize>() > in_len {
+                return None;
+            }
             outs.iter()
-                .map(|o| {
-                    let v = facts.get(o.as_str())?.value.clone()?;
-                    tensor_proto(o, &v)
-                })
+                .zip(&vals)
+                .map(|(o, v)| tensor_proto(o, v))
                 .collect()
         })
         .flatten();
@@ -482,6 +504,10 @@ fn fold_constants(model: &OnnxModel) -> Result<(OnnxModel, usize), ModelError> {
             Some(vs) => {
                 for v in vs {
                     consts.insert(v.name.clone());
+                    sizes.insert(
+                        v.name.clone(),
+                        v.dims.iter().product::<i64>().max(1) as usize,
+                    );
                     new_inits.push(v);
                 }
                 count += 1;
@@ -655,6 +681,7 @@ fn remove_identities(g: &mut pb::GraphProto) -> usize {
 fn remove_noop_casts_reshapes(
     g: &mut pb::GraphProto,
     facts: &HashMap<String, TensorFact>,
+    input_fixed: bool,
 ) -> (usize, usize) {
     let (mut casts, mut reshapes) = (0, 0);
     let consts: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
@@ -679,7 +706,9 @@ fn remove_noop_casts_reshapes(
                 }
             }
             "Reshape" => {
-                if same_shape
+                // Shapes are analysed at batch 1: only trusted when the input is fixed.
+                if input_fixed
+                    && same_shape
                     && !consts.contains(&inp)
                     && (Graph { g: &mut *g }).bypass(i, &inp, &out)
                 {
@@ -784,6 +813,24 @@ fn infer_output_shapes(g: &mut pb::GraphProto, facts: &HashMap<String, TensorFac
     count
 }
 
+/// True when every dimension of the data input is a fixed number (no symbolic batch).
+fn input_is_concrete(model: &OnnxModel) -> bool {
+    use pb::tensor_shape_proto::dimension::Value;
+    let Some(name) = model.input_name() else {
+        return false;
+    };
+    let g = model.proto().graph.as_ref().expect("graph");
+    g.input.iter().any(|i| {
+        i.name == name
+            && matches!(
+                i.r#type.as_ref().and_then(|t| t.value.as_ref()),
+                Some(pb::type_proto::Value::TensorType(t)) if t.shape.as_ref().is_some_and(|s| {
+                    s.dim.iter().all(|d| matches!(d.value, Some(Value::DimValue(v)) if v > 0))
+                })
+            )
+    })
+}
+
 fn rebuild(proto: &pb::ModelProto) -> Result<OnnxModel, ModelError> {
     OnnxModel::from_bytes(&proto.encode_to_vec())
 }
@@ -805,14 +852,17 @@ pub fn normalise(model: &OnnxModel) -> Result<(OnnxModel, NormaliseReport), Mode
     let facts = tensor_facts(&m)?;
     let mut proto = m.proto().clone();
     let g = proto.graph.as_mut().expect("graph");
-    let (casts, reshapes) = remove_noop_casts_reshapes(g, &facts);
+    let fixed = input_is_concrete(&m);
+    let (casts, reshapes) = remove_noop_casts_reshapes(g, &facts, fixed);
     r.casts = casts;
     r.reshapes = reshapes;
     r.dead_nodes = remove_dead(g);
     let m = rebuild(&proto)?;
     let facts = tensor_facts(&m)?;
     let mut proto = m.proto().clone();
-    r.shapes = infer_output_shapes(proto.graph.as_mut().expect("graph"), &facts);
+    if fixed {
+        r.shapes = infer_output_shapes(proto.graph.as_mut().expect("graph"), &facts);
+    }
     if !r.changed() {
         return Ok((model.clone(), r));
     }

@@ -69,14 +69,16 @@ pub fn is_mlp(model: &OnnxModel) -> bool {
 }
 
 /// Names of the weight tensors pruning and quantization act on: the Gemm weights of an MLP,
-/// every f32 initializer of rank >= 2 (conv kernels, matrices) otherwise. Biases stay f32.
+/// otherwise every f32 initializer with at least two dimensions above 1 (conv kernels,
+/// matrices). Biases and per-channel vectors, including ones an exporter reshaped to
+/// `[1, C, 1, 1]` for a broadcast `Add`, stay f32.
 pub fn weight_names(model: &OnnxModel) -> Vec<String> {
     match prune::gemm_weight_names(model) {
         Ok(n) => n,
         Err(_) => model
             .weights()
             .into_iter()
-            .filter(|(_, t)| t.shape.len() >= 2 && t.len() > 1)
+            .filter(|(_, t)| t.shape.iter().filter(|&&d| d > 1).count() >= 2)
             .map(|(n, _)| n)
             .collect(),
     }
