@@ -973,6 +973,23 @@ mod tests {
     }
 
     #[test]
+    fn the_equivalence_check_sees_changed_outputs() {
+        let m = OnnxModel::build_mlp(&Task::Digits.default_spec(), 1);
+        let inputs = probe_inputs(&[1, 64], 4, 0);
+        let same = check_equivalence(&m, &m, &inputs).unwrap();
+        assert_eq!(same.max_abs_diff, 0.0);
+        assert!(same.ok());
+        let mut changed = m.clone();
+        let mut w = m.weights();
+        for v in w.get_mut("fc1.weight").unwrap().data.iter_mut() {
+            *v *= 3.0;
+        }
+        changed.set_weights(&w).unwrap();
+        let eq = check_equivalence(&m, &changed, &inputs).unwrap();
+        assert!(!eq.ok(), "{eq:?}");
+    }
+
+    #[test]
     fn tolerance_is_relative_above_one() {
         assert_eq!(tolerance(0.5), REL_TOL);
         assert_eq!(tolerance(100.0), 100.0 * REL_TOL);
