@@ -7,8 +7,8 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use hearth_compress::{measure, normalise};
 use hearth_compress::pipeline::{default_measure_options, Context};
+use hearth_compress::{measure, normalise};
 use hearth_compress::{recipe, table, CompressError};
 use hearth_model::{train, Dataset, Split, TaskSpec, TrainConfig};
 use std::path::{Path, PathBuf};
@@ -234,7 +234,9 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
             },
             outs.join(", "),
             ctx.eval.as_ref().map_or(
-                ctx.measure.max_agreement_samples.clamp(1, measure::PROBE_INPUTS),
+                ctx.measure
+                    .max_agreement_samples
+                    .clamp(1, measure::PROBE_INPUTS),
                 |d| d.len().min(ctx.measure.max_agreement_samples)
             )
         );

@@ -252,7 +252,12 @@ pub fn extra_inputs(model: &OnnxModel) -> Result<Vec<(String, Vec<usize>)>, Mode
     let inits: std::collections::HashSet<&str> =
         g.initializer.iter().map(|t| t.name.as_str()).collect();
     let mut out = Vec::new();
-    for vi in g.input.iter().filter(|i| !inits.contains(i.name.as_str())).skip(1) {
+    for vi in g
+        .input
+        .iter()
+        .filter(|i| !inits.contains(i.name.as_str()))
+        .skip(1)
+    {
         let (shape, elem) = value_shape(vi)?;
         if elem != DataType::Float as i32 {
             return Err(ModelError::Onnx(format!(

@@ -375,7 +375,12 @@ impl Graph<'_> {
             .initializer
             .iter()
             .map(|t| t.name.as_str())
-            .chain(self.g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)))
+            .chain(
+                self.g
+                    .node
+                    .iter()
+                    .flat_map(|n| n.output.iter().map(String::as_str)),
+            )
             .chain(self.g.input.iter().map(|i| i.name.as_str()))
             .collect();
         (0..)
@@ -399,7 +404,11 @@ impl Graph<'_> {
             return true;
         }
         // The output is a graph output: the producer of `inp` writes `out` directly.
-        let produced = self.g.node.iter().any(|n| n.output.iter().any(|o| o == inp));
+        let produced = self
+            .g
+            .node
+            .iter()
+            .any(|n| n.output.iter().any(|o| o == inp));
         if !produced || self.is_output(inp) || self.is_input(inp) {
             return false;
         }
@@ -464,42 +473,42 @@ fn fold_constants(model: &OnnxModel) -> Result<(OnnxModel, usize), ModelError> {
     let mut sizes: HashMap<String, usize> = g
         .initializer
         .iter()
-        .map(|t| (t.name.clone(), t.dims.iter().product::<i64>().max(1) as usize))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.dims.iter().product::<i64>().max(1) as usize,
+            )
+        })
         .collect();
     let mut count = 0;
     let mut keep = Vec::with_capacity(g.node.len());
     let mut new_inits = Vec::new();
     for n in std::mem::take(&mut g.node) {
-        let all_const = n
-            .input
-            .iter()
-            .all(|i| i.is_empty() || consts.contains(i));
+        let all_const = n.input.iter().all(|i| i.is_empty() || consts.contains(i));
         let outs: Vec<&String> = n.output.iter().filter(|o| !o.is_empty()).collect();
-        let values: Option<Vec<pb::TensorProto>> = (all_const
-            && !n.input.is_empty()
-            && foldable(&n.op_type)
-            && !outs.is_empty())
-        .then(|| {
-            let vals: Vec<Arc<Tensor>> = outs
-                .iter()
-                .map(|o| facts.get(o.as_str())?.value.clone())
-                .collect::<Option<_>>()?;
-            // Folding must not grow the file (e.g. ConstantOfShape, Expand).
-            let in_len: usize = n
-                .input
-                .iter()
-                .filter_map(|i| sizes.get(i))
-                .sum::<usize>()
-                .max(FOLD_MIN_GROWTH);
-            if vals.iter().map(|v| v.len()).sum::<usize>() > in_len {
-                return None;
-            }
-            outs.iter()
-                .zip(&vals)
-                .map(|(o, v)| tensor_proto(o, v))
-                .collect()
-        })
-        .flatten();
+        let values: Option<Vec<pb::TensorProto>> =
+            (all_const && !n.input.is_empty() && foldable(&n.op_type) && !outs.is_empty())
+                .then(|| {
+                    let vals: Vec<Arc<Tensor>> = outs
+                        .iter()
+                        .map(|o| facts.get(o.as_str())?.value.clone())
+                        .collect::<Option<_>>()?;
+                    // Folding must not grow the file (e.g. ConstantOfShape, Expand).
+                    let in_len: usize = n
+                        .input
+                        .iter()
+                        .filter_map(|i| sizes.get(i))
+                        .sum::<usize>()
+                        .max(FOLD_MIN_GROWTH);
+                    if vals.iter().map(|v| v.len()).sum::<usize>() > in_len {
+                        return None;
+                    }
+                    outs.iter()
+                        .zip(&vals)
+                        .map(|(o, v)| tensor_proto(o, v))
+                        .collect()
+                })
+                .flatten();
         match values {
             Some(vs) => {
                 for v in vs {

@@ -88,7 +88,7 @@ pub fn weight_names(model: &OnnxModel) -> Vec<String> {
 pub fn noop_reason(state: &State, step: &Step) -> Option<String> {
     match step {
         Step::Prune { .. } | Step::Quant { .. } if weight_names(&state.model).is_empty() => Some(
-            "no weight tensors found (no f32 Gemm weight or initializer of rank >= 2)".into(),
+            "no weight tensors found (no f32 Gemm weight, no f32 initializer with two dimensions above 1)".into(),
         ),
         Step::Export {
             format: ExportFormat::Int8QOperator,
@@ -521,12 +521,10 @@ fn ends_in_sigmoid(model: &OnnxModel, name: &str) -> bool {
         };
         match n.op_type.as_str() {
             "Sigmoid" => return true,
-            "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" | "Identity" => {
-                match n.input.first() {
-                    Some(i) => cur = i.clone(),
-                    None => return false,
-                }
-            }
+            "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" | "Identity" => match n.input.first() {
+                Some(i) => cur = i.clone(),
+                None => return false,
+            },
             _ => return false,
         }
     }

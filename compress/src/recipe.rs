@@ -569,10 +569,7 @@ pub fn parse_inline(s: &str) -> Result<Recipe, CompressError> {
         steps.push(build_step(steps.len(), kind, value, args)?);
         allow_noop.push(noop);
     }
-    validate(Recipe {
-        steps,
-        allow_noop,
-    })
+    validate(Recipe { steps, allow_noop })
 }
 
 /// Strips the no-op marker from a step: a `?` after the kind or an `allow_noop` key.
@@ -651,10 +648,7 @@ pub fn parse_toml(text: &str) -> Result<Recipe, CompressError> {
         steps.push(build_step(i, kind, None, args)?);
         allow_noop.push(noop);
     }
-    validate(Recipe {
-        steps,
-        allow_noop,
-    })
+    validate(Recipe { steps, allow_noop })
 }
 
 fn validate(recipe: Recipe) -> Result<Recipe, CompressError> {
@@ -789,7 +783,8 @@ format = "package"
         assert_eq!(r.allow_noop, vec![true, true, false]);
         assert_eq!(r.len(), 3);
         assert_eq!(r[0].kind(), "prune");
-        let t = parse_toml("[[step]]\nkind = \"quant\"\nscheme = \"int8\"\nallow_noop = true\n").unwrap();
+        let t = parse_toml("[[step]]\nkind = \"quant\"\nscheme = \"int8\"\nallow_noop = true\n")
+            .unwrap();
         assert_eq!(t.allow_noop, vec![true]);
         assert!(parse_inline("quant:int8,allow_noop=maybe").is_err());
         assert_eq!(parse_inline("quant:int8").unwrap().allow_noop, vec![false]);

@@ -143,7 +143,12 @@ fn constant_weight_model_compresses_like_any_other() {
     let labels: Vec<&str> = rows.iter().map(|r| r.step.as_str()).collect();
     assert_eq!(
         labels,
-        ["original", "normalise", "quant sym8/channel", "export package"]
+        [
+            "original",
+            "normalise",
+            "quant sym8/channel",
+            "export package"
+        ]
     );
     let (orig, norm, quant, pkg) = (&rows[0], &rows[1], &rows[2], &rows[3]);
     assert_eq!(orig.params, 0, "Constant-node weights are not initializers");
@@ -166,7 +171,10 @@ fn constant_weight_model_compresses_like_any_other() {
     let decoded = hearth_compress::package::decode_package(&std::fs::read(&out).unwrap()).unwrap();
     let r = GenericRunner::new(&decoded).unwrap();
     assert_eq!(r.input_shape(), &PADDLE_CLS_SHAPE);
-    assert_eq!(r.run(&vec![0.1; r.input_len()]).unwrap()[0].shape, vec![1, 2]);
+    assert_eq!(
+        r.run(&vec![0.1; r.input_len()]).unwrap()[0].shape,
+        vec![1, 2]
+    );
 }
 
 /// An f32 initializer.
@@ -259,7 +267,9 @@ fn steps_that_change_nothing_exit_64_with_the_reason() {
         value_info("y", &[1, 8]),
     );
     // A MatMul weight but no Conv (and not a Gemm/Relu classifier).
-    let w: Vec<f32> = (0..64 * 10).map(|i| ((i % 7) as f32 - 3.0) / 10.0).collect();
+    let w: Vec<f32> = (0..64 * 10)
+        .map(|i| ((i % 7) as f32 - 3.0) / 10.0)
+        .collect();
     let matmul = write_model(
         dir.path(),
         "matmul",
@@ -470,7 +480,11 @@ fn batchnorm_folds_into_gemm_and_conv() {
         value_info("x", &[1, 6]),
         vec![
             gemm,
-            node("BatchNormalization", &["g", "g.s", "g.b", "g.m", "g.v"], "y"),
+            node(
+                "BatchNormalization",
+                &["g", "g.s", "g.b", "g.m", "g.v"],
+                "y",
+            ),
         ],
         inits,
         value_info("y", &[1, ch as i64]),
@@ -484,7 +498,11 @@ fn batchnorm_folds_into_gemm_and_conv() {
         value_info("x", &[1, 2, 5, 5]),
         vec![
             node("Conv", &["x", "cw"], "c"),
-            node("BatchNormalization", &["c", "c.s", "c.b", "c.m", "c.v"], "y"),
+            node(
+                "BatchNormalization",
+                &["c", "c.s", "c.b", "c.m", "c.v"],
+                "y",
+            ),
         ],
         inits,
         value_info("y", &[1, ch as i64, 3, 3]),
