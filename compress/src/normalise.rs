@@ -150,8 +150,11 @@ pub fn tensor_facts(model: &OnnxModel) -> Result<HashMap<String, TensorFact>, Mo
     let mut facts = HashMap::new();
     for node in m.nodes() {
         for (ix, out) in node.outputs.iter().enumerate() {
-            let Some(label) = m.outlet_label(OutletId::new(node.id, ix)) else {
-                continue;
+            // Sources and constants are named after their tensor but carry no outlet label.
+            let label = match m.outlet_label(OutletId::new(node.id, ix)) {
+                Some(l) => l,
+                None if ix == 0 => node.name.as_str(),
+                None => continue,
             };
             let f = &out.fact;
             let onnx_type = f

@@ -516,3 +516,55 @@ fn batchnorm_folds_into_gemm_and_conv() {
         assert!(eq.max_abs_diff < 1e-5, "{}: {eq:?}", path.display());
     }
 }
+
+/// Identity, a Cast to the type the tensor has, a Reshape to the shape it has and a
+/// Reshape → Reshape chain all go, with the same outputs.
+#[test]
+fn identity_noop_cast_and_reshape_chains_go() {
+    let shape = |name: &str, v: &[i64]| {
+        hearth_model::onnx::raw_initializer(
+            name,
+            &[v.len()],
+            DataType::Int64,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+    };
+    let mut cast = node("Cast", &["x"], "c");
+    cast.attribute.push(pb::AttributeProto {
+        name: "to".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: DataType::Float as i64,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        "chains",
+        value_info("x", &[1, 4]),
+        vec![
+            node("Identity", &["x"], "i"),
+            cast,
+            node("Reshape", &["c", "s14"], "r0"),
+            node("Reshape", &["r0", "s22"], "r1"),
+            node("Reshape", &["r1", "s41"], "r2"),
+            node("Relu", &["r2"], "y"),
+        ],
+        vec![
+            shape("s14", &[1, 4]),
+            shape("s22", &[2, 2]),
+            shape("s41", &[4, 1]),
+        ],
+        value_info("y", &[4, 1]),
+    );
+    let m = OnnxModel::load(&path).unwrap();
+    let (n, r) = normalise(&m).unwrap();
+    eprintln!("{r}");
+    assert_eq!(r.casts, 1, "{r}");
+    assert!(r.reshapes >= 2, "{r}");
+    assert_eq!(r.identities, 1, "{r}");
+    assert_eq!(op_count(&n, "Cast"), 0);
+    assert_eq!(op_count(&n, "Identity"), 0);
+    assert_eq!(op_count(&n, "Reshape"), 1);
+    let eq = check_equivalence(&m, &n, &probe_inputs(&[1, 4], 4, 1)).unwrap();
+    assert_eq!(eq.max_abs_diff, 0.0);
+}
