@@ -727,7 +727,19 @@ fn remove_noop_casts_reshapes(
                     reshapes += 1;
                     continue;
                 }
-                // Reshape(Reshape(x)) → Reshape(x) when the inner result has no other reader.
+                // Reshape(Reshape(x)) → Reshape(x) when the inner result has no other reader
+                // and the outer target shape is a constant without 0 ("copy the input's
+                // dimension", which would then copy from x instead).
+                let outer_fixed = n.input.get(1).is_some_and(|s| {
+                    g.initializer.iter().any(|t| {
+                        &t.name == s
+                            && matches!(initializer_data(t), Some((_, _, InitValues::Int(v))) if !v.contains(&0))
+                    })
+                });
+                if !outer_fixed {
+                    i += 1;
+                    continue;
+                }
                 let graph = Graph { g: &mut *g };
                 let inner = graph
                     .g
