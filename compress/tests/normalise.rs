@@ -568,3 +568,45 @@ fn identity_noop_cast_and_reshape_chains_go() {
     let eq = check_equivalence(&m, &n, &probe_inputs(&[1, 4], 4, 1)).unwrap();
     assert_eq!(eq.max_abs_diff, 0.0);
 }
+
+/// The normalised graph is checked against the original before any step: a BatchNorm whose
+/// folding changes the outputs beyond tolerance (here the original loses precision: it adds
+/// a bias of 1e6 to inputs in [-1, 1] and subtracts it again in f32) stops the run, exit 1,
+/// nothing written.
+#[test]
+fn outputs_changed_by_normalisation_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        "bn_far",
+        value_info("x", &[1, 1, 2, 2]),
+        vec![
+            node("Conv", &["x", "w", "b"], "c"),
+            node("BatchNormalization", &["c", "s", "bb", "m", "v"], "y"),
+        ],
+        vec![
+            init("w", &[1, 1, 1, 1], &[1.0]),
+            init("b", &[1], &[1e6]),
+            init("s", &[1], &[1.0]),
+            init("bb", &[1], &[0.0]),
+            init("m", &[1], &[1e6]),
+            init("v", &[1], &[1.0]),
+        ],
+        value_info("y", &[1, 1, 2, 2]),
+    );
+    let out = dir.path().join("out.onnx");
+    let (code, stdout, stderr) = run(&[
+        path.to_str().unwrap(),
+        "--recipe",
+        "quant:int8-per-channel",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("normalisation changed the outputs")
+            && stderr.contains("1 BatchNorm folded"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
