@@ -223,6 +223,8 @@ fn provision_cmd(
 ) -> Result<(), Error> {
     let cfg = store_config(cli)?;
     let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?;
+    // The hub's own login exists too (Mosquitto needs its entry before the hub connects).
+    store.ensure_hub(&cfg.actuator_base)?;
     let p = store.provision(name, role, &cfg.actuator_base, rotate)?;
     let url = match (mqtt_url, &cfg.broker) {
         (Some(u), _) => hearth_edge::MqttUrl::parse(u)?,

@@ -88,7 +88,8 @@ async fn start_hub(rules: &str, tweak: impl FnOnce(&mut Config)) -> Home {
     };
     cfg.mqtt_auth.dir = dir.path().join("mqtt");
     tweak(&mut cfg);
-    let embedded = matches!(cfg.broker, BrokerConfig::Embedded { .. });
+    let embedded =
+        matches!(cfg.broker, BrokerConfig::Embedded { .. }) && !cfg.mqtt_auth.allow_anonymous;
     let hub = timeout(Duration::from_secs(15), hearth_hub::start(cfg))
         .await
         .expect("hub starts in time")
