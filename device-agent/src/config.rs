@@ -281,7 +281,7 @@ mod tests {
             Box::new(|c| c.mqtt = "http://x:1".into()),
             Box::new(|c| c.mqtt = "mqtts://x".into()),
             Box::new(|c| c.mqtt_ca_file = Some("/nonexistent/ca.pem".into())),
-            Box::new(|c| c.mqtt_password_file = Some("/nonexistent/pw".into())),
+            Box::new(|c| c.mqtt_password_file = Some("/etc/hearth/mqtt.password".into())),
             Box::new(|c| c.coordinator = Some("ftp://x".into())),
             Box::new(|c| c.partition.index = 3),
             Box::new(|c| c.partition.alpha = 0.0),

@@ -116,16 +116,17 @@ impl ClientSettings {
     }
 
     /// Checks what can be checked without a network: URL and CA file agree, the CA file
-    /// loads. Call it while validating a configuration, so problems exit with 64.
+    /// loads, a password file goes with a URL that names a user and carries no password.
+    /// Call it while validating a configuration, so problems exit with 64. (The password
+    /// file itself is read when connecting: a secret may be installed after the config.)
     pub fn check(&self) -> Result<(), Error> {
         check_tls(&self.url, self.ca_file.as_deref())?;
-        self.password().map(|_| ())
+        self.check_password_source()
     }
 
-    /// The password: from the URL, or read from [`ClientSettings::password_file`].
-    pub fn password(&self) -> Result<Option<String>, Error> {
+    fn check_password_source(&self) -> Result<(), Error> {
         let Some(path) = &self.password_file else {
-            return Ok(self.url.password.clone());
+            return Ok(());
         };
         if self.url.username.is_none() {
             return Err(Error::Settings(format!(
@@ -142,6 +143,15 @@ impl ClientSettings {
                 path.display()
             )));
         }
+        Ok(())
+    }
+
+    /// The password: from the URL, or read from [`ClientSettings::password_file`].
+    pub fn password(&self) -> Result<Option<String>, Error> {
+        let Some(path) = &self.password_file else {
+            return Ok(self.url.password.clone());
+        };
+        self.check_password_source()?;
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::Settings(format!("cannot read password file {}: {e}", path.display()))
         })?;
@@ -285,21 +295,23 @@ mod tests {
             (login.username.as_str(), login.password.as_str()),
             ("kitchen", "s3cret")
         );
-        for (u, f) in [
-            ("mqtt://h", p.clone()),
-            ("mqtt://k:pw@h", p.clone()),
-            ("mqtt://k@h", dir.path().join("missing")),
-        ] {
+        for (u, f) in [("mqtt://h", p.clone()), ("mqtt://k:pw@h", p.clone())] {
             let e = ClientSettings::new(url(u), "x")
                 .password_file(Some(f))
                 .check()
                 .unwrap_err();
             assert!(e.is_config(), "{u}: {e}");
         }
+        // The file is read when connecting (a configuration check does not need it yet).
+        let missing = ClientSettings::new(url("mqtt://k@h"), "x")
+            .password_file(Some(dir.path().join("missing")));
+        missing.check().unwrap();
+        let e = missing.options().unwrap_err();
+        assert!(e.is_config() && e.to_string().contains("cannot read"), "{e}");
         std::fs::write(&p, "\n").unwrap();
         let e = ClientSettings::new(url("mqtt://k@h"), "x")
             .password_file(Some(p))
-            .check()
+            .options()
             .unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
     }
