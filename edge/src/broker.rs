@@ -112,7 +112,11 @@ impl Credentials {
             }
         };
         if !ok {
-            tracing::warn!(client_id, user, "MQTT login refused: unknown user or wrong password");
+            tracing::warn!(
+                client_id,
+                user,
+                "MQTT login refused: unknown user or wrong password"
+            );
         }
         ok
     }
@@ -566,7 +570,11 @@ mod tests {
         let a = b.addr();
         assert_eq!(connack(a, Some(("kitchen", "right"))), Some(0));
         assert_eq!(connack(a, None), None, "no credentials");
-        assert_eq!(connack(a, Some(("kitchen", "wrong"))), None, "wrong password");
+        assert_eq!(
+            connack(a, Some(("kitchen", "wrong"))),
+            None,
+            "wrong password"
+        );
         assert_eq!(connack(a, Some(("garage", "right"))), None, "unknown user");
         // A user added while the broker runs can connect at once.
         pw.set("garage", "other").unwrap();

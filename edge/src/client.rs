@@ -307,7 +307,10 @@ mod tests {
             .password_file(Some(dir.path().join("missing")));
         missing.check().unwrap();
         let e = missing.options().unwrap_err();
-        assert!(e.is_config() && e.to_string().contains("cannot read"), "{e}");
+        assert!(
+            e.is_config() && e.to_string().contains("cannot read"),
+            "{e}"
+        );
         std::fs::write(&p, "\n").unwrap();
         let e = ClientSettings::new(url("mqtt://k@h"), "x")
             .password_file(Some(p))

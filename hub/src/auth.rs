@@ -186,7 +186,10 @@ impl CredentialStore {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            match line.split_once(' ').map(|(n, r)| (n, Role::parse(r.trim()))) {
+            match line
+                .split_once(' ')
+                .map(|(n, r)| (n, Role::parse(r.trim())))
+            {
                 Some((n, Some(r))) if valid_name(n) => {
                     out.insert(n.to_string(), r);
                 }
@@ -449,7 +452,8 @@ mod tests {
         assert!(v.verify(&old, now).unwrap_err().contains("too long ago"));
         // Through JSON, as on the wire.
         let r = sign_refresh(key, "plaid");
-        let back: RefreshRequest = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        let back: RefreshRequest =
+            serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(v.verify(&back, now), Ok(()));
     }
 
@@ -474,18 +478,33 @@ mod tests {
             .unwrap()
             .verify("kitchen", &p.password));
         for bad in ["federation", HUB_USER, "a/b", "+", ""] {
-            assert!(s.provision(bad, Role::Device, "z2m", false).is_err(), "{bad}");
+            assert!(
+                s.provision(bad, Role::Device, "z2m", false).is_err(),
+                "{bad}"
+            );
         }
         s.provision("lamp", Role::Actuator, "z2m", false).unwrap();
         s.provision("me", Role::Admin, "z2m", false).unwrap();
         let acl = std::fs::read_to_string(s.acl_path()).unwrap();
-        assert!(acl.contains("user kitchen\ntopic write hearth/kitchen/#\n"), "{acl}");
+        assert!(
+            acl.contains("user kitchen\ntopic write hearth/kitchen/#\n"),
+            "{acl}"
+        );
         assert!(acl.contains("user lamp\n") && acl.contains("topic read z2m/lamp/set\n"));
         assert!(acl.contains("topic write z2m/+/set\n"));
         assert!(acl.contains("user me\ntopic read #\ntopic write hearth/federation/refresh\n"));
         // Only the hub's and admins' sections mention the refresh topic or `+/set`.
-        let kitchen = acl.split("user kitchen").nth(1).unwrap().split("\n\n").next().unwrap();
-        assert!(!kitchen.contains("refresh") && !kitchen.contains("/set"), "{kitchen}");
+        let kitchen = acl
+            .split("user kitchen")
+            .nth(1)
+            .unwrap()
+            .split("\n\n")
+            .next()
+            .unwrap();
+        assert!(
+            !kitchen.contains("refresh") && !kitchen.contains("/set"),
+            "{kitchen}"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;

@@ -273,9 +273,11 @@ impl TryFrom<BrokerToml> for BrokerConfig {
                     || t.password_file.is_some()
                     || t.ca_file.is_some()
                 {
-                    return Err("`username`, `password`, `password_file` and `ca_file` need an \
+                    return Err(
+                        "`username`, `password`, `password_file` and `ca_file` need an \
                                 external broker `url`"
-                        .into());
+                            .into(),
+                    );
                 }
                 Ok(BrokerConfig::Embedded {
                     listen: t
@@ -432,9 +434,11 @@ impl Config {
         }
         if let BrokerConfig::Embedded { .. } = self.broker {
             if self.mqtt_auth.refresh == RefreshAuth::BrokerAcl {
-                return bad("mqtt_auth.refresh = \"broker_acl\" needs an external broker with ACLs \
+                return bad(
+                    "mqtt_auth.refresh = \"broker_acl\" needs an external broker with ACLs \
                             (the embedded broker has none): use \"signed\""
-                    .into());
+                        .into(),
+                );
             }
         }
         if let Some(url) = &self.coordinator {

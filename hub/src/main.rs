@@ -271,7 +271,9 @@ fn provision_cmd(
 
 fn refresh_request_cmd(cli: &Cli, model: &str) -> Result<(), Error> {
     if !hearth_proto::mqtt::valid_name(model) {
-        return Err(Error::Config(format!("`{model}` is not a valid model name")));
+        return Err(Error::Config(format!(
+            "`{model}` is not a valid model name"
+        )));
     }
     let cfg = store_config(cli)?;
     let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?;
@@ -300,7 +302,13 @@ fn main() -> ExitCode {
             role,
             rotate,
             mqtt_url,
-        }) => Some(provision_cmd(&cli, name, *role, *rotate, mqtt_url.as_deref())),
+        }) => Some(provision_cmd(
+            &cli,
+            name,
+            *role,
+            *rotate,
+            mqtt_url.as_deref(),
+        )),
         Some(Command::RefreshRequest { model }) => Some(refresh_request_cmd(&cli, model)),
         _ => None,
     };

@@ -272,7 +272,11 @@ impl Router {
             RefreshGuard::Off => Some("MQTT refresh requests are off (mqtt_auth.refresh)"),
         };
         if let Some(reason) = refused {
-            let n = self.metrics.refresh_unauthorized.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let n = self
+                .metrics
+                .refresh_unauthorized
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
             if should_log(n) {
                 tracing::warn!(topic = REFRESH_TOPIC, model = %req.model, reason, "refresh request refused: not authorised");
             }

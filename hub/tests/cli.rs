@@ -104,13 +104,22 @@ fn provision_device_issues_credentials_and_refresh_request_signs() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let pw_file = store.join("devices/kitchen-plug.password");
     assert!(out.contains(pw_file.to_str().unwrap()), "{out}");
-    assert!(out.contains("mqtt = \"mqtts://kitchen-plug@hub.lan:8883\""), "{out}");
+    assert!(
+        out.contains("mqtt = \"mqtts://kitchen-plug@hub.lan:8883\""),
+        "{out}"
+    );
     let pw = std::fs::read_to_string(&pw_file).unwrap();
-    assert!(!out.contains(pw.trim()), "the password is not printed: {out}");
+    assert!(
+        !out.contains(pw.trim()),
+        "the password is not printed: {out}"
+    );
     let f = hearth_edge::passwd::PasswordFile::load(&store.join("passwd")).unwrap();
     assert!(f.verify("kitchen-plug", pw.trim()));
     let acl = std::fs::read_to_string(store.join("acl")).unwrap();
-    assert!(acl.contains("user kitchen-plug\ntopic write hearth/kitchen-plug/#"), "{acl}");
+    assert!(
+        acl.contains("user kitchen-plug\ntopic write hearth/kitchen-plug/#"),
+        "{acl}"
+    );
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777;
@@ -126,7 +135,13 @@ fn provision_device_issues_credentials_and_refresh_request_signs() {
         let o = run(&[&["--credentials-dir", d][..], args].concat());
         assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
     }
-    let o = run(&["--credentials-dir", d, "provision-device", "kitchen-plug", "--rotate"]);
+    let o = run(&[
+        "--credentials-dir",
+        d,
+        "provision-device",
+        "kitchen-plug",
+        "--rotate",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_ne!(std::fs::read_to_string(&pw_file).unwrap(), pw);
 

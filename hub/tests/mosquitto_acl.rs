@@ -49,8 +49,10 @@ cooldown_secs = 0
 "#;
 
 fn event(class: &str) -> Vec<u8> {
-    format!(r#"{{"class":"{class}","score":0.99,"model":"door-cam@1","ts":"2026-11-30T20:00:00Z"}}"#)
-        .into_bytes()
+    format!(
+        r#"{{"class":"{class}","score":0.99,"model":"door-cam@1","ts":"2026-11-30T20:00:00Z"}}"#
+    )
+    .into_bytes()
 }
 
 /// The broker's TLS files, signed by a fresh CA; returns the CA file.
@@ -58,8 +60,12 @@ fn certificates(dir: &Path) -> PathBuf {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "hearth test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name
+        .push(DnType::CommonName, "hearth test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
@@ -163,7 +169,10 @@ impl Client {
     }
 
     /// Publications received until `until` matches one (returned last), bounded.
-    async fn until(&mut self, mut until: impl FnMut(&str, &[u8]) -> bool) -> Vec<(String, Vec<u8>)> {
+    async fn until(
+        &mut self,
+        mut until: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Vec<(String, Vec<u8>)> {
         let mut got = Vec::new();
         timeout(WAIT, async {
             loop {
@@ -262,7 +271,10 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
     let m = hub.metrics();
 
     let mut admin = Client::connect(port, &ca, "admin", &admin_pw).await;
-    assert_eq!(admin.subscribe("#").await, SubscribeReasonCode::Success(QoS::AtLeastOnce));
+    assert_eq!(
+        admin.subscribe("#").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
     let mut light = Client::connect(port, &ca, "porch_light", &light_pw).await;
     assert_eq!(
         light.subscribe(&format!("{BASE}/porch_light/set")).await,
@@ -274,7 +286,8 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
 
     // Legitimate: the camera's event reaches the hub, the rule's command (published by the
     // hub) reaches the light.
-    a.publish("hearth/door-cam/event/detection", event("person")).await;
+    a.publish("hearth/door-cam/event/detection", event("person"))
+        .await;
     let got = light.until(|t, _| t.ends_with("/set")).await;
     let cmd: serde_json::Value = serde_json::from_slice(&got[0].1).unwrap();
     assert_eq!(cmd["state"], "ON", "{cmd}");
@@ -285,8 +298,14 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
     let denied: [(&str, Vec<u8>); 4] = [
         ("hearth/garden-cam/event/detection", event("person")),
         ("hearth/garden-cam/availability", b"offline".to_vec()),
-        ("zigbee2mqtt/porch_light/set", br#"{"state":"OFF"}"#.to_vec()),
-        ("hearth/federation/refresh", br#"{"model":"faces"}"#.to_vec()),
+        (
+            "zigbee2mqtt/porch_light/set",
+            br#"{"state":"OFF"}"#.to_vec(),
+        ),
+        (
+            "hearth/federation/refresh",
+            br#"{"model":"faces"}"#.to_vec(),
+        ),
     ];
     for (i, (topic, payload)) in denied.iter().enumerate() {
         a.publish(topic, payload.clone()).await;
@@ -294,14 +313,24 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
         a.publish(&barrier, "b").await;
         let seen = admin.until(|t, _| t == barrier).await;
         let leaked: Vec<_> = seen.iter().filter(|(t, _)| t == topic).collect();
-        assert!(leaked.is_empty(), "door-cam published on {topic}: {leaked:?}\n{}", logs());
+        assert!(
+            leaked.is_empty(),
+            "door-cam published on {topic}: {leaked:?}\n{}",
+            logs()
+        );
     }
     // The hub saw none of it: no event from garden-cam, no refresh, one command only; the
     // light got no OFF.
-    assert!(hub.registry().get("garden-cam").is_none_or(|d| d.events == 0));
+    assert!(hub
+        .registry()
+        .get("garden-cam")
+        .is_none_or(|d| d.events == 0));
     assert_eq!(Metrics::get(&m.refresh_requests), 0);
     assert_eq!(Metrics::get(&m.commands_published), 1);
-    assert_eq!(light.within(Duration::from_millis(300)).await, Vec::<String>::new());
+    assert_eq!(
+        light.within(Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
 
     // Subscriptions beyond its own topics: everything, another device's topics, another's
     // commands, the refresh topic. Mosquitto 2.0 grants some of these in the SUBACK and then
@@ -328,13 +357,21 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
     }
     // Traffic on every one of those topics, from those allowed to publish it: the other
     // camera's event, the hub's command (fired by door-cam's own event), an admin's refresh.
-    b.publish("hearth/garden-cam/event/detection", event("cat")).await;
-    a.publish("hearth/door-cam/event/detection", event("person")).await;
+    b.publish("hearth/garden-cam/event/detection", event("cat"))
+        .await;
+    a.publish("hearth/door-cam/event/detection", event("person"))
+        .await;
     admin
-        .publish("hearth/federation/refresh", br#"{"model":"faces"}"#.to_vec())
+        .publish(
+            "hearth/federation/refresh",
+            br#"{"model":"faces"}"#.to_vec(),
+        )
         .await;
     light.until(|t, _| t.ends_with("/set")).await;
-    let mut want = vec!["hearth/garden-cam/event/detection", "hearth/federation/refresh"];
+    let mut want = vec![
+        "hearth/garden-cam/event/detection",
+        "hearth/federation/refresh",
+    ];
     admin
         .until(|t, _| {
             want.retain(|w| *w != t);
@@ -361,10 +398,17 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
 
     // The actuator cannot command itself or others either, nor act as a camera.
     light
-        .publish("zigbee2mqtt/porch_light/set", br#"{"state":"OFF"}"#.to_vec())
+        .publish(
+            "zigbee2mqtt/porch_light/set",
+            br#"{"state":"OFF"}"#.to_vec(),
+        )
         .await;
-    light.publish("hearth/door-cam/event/detection", event("forged")).await;
-    light.publish("zigbee2mqtt/porch_light", br#"{"state":"ON"}"#.to_vec()).await;
+    light
+        .publish("hearth/door-cam/event/detection", event("forged"))
+        .await;
+    light
+        .publish("zigbee2mqtt/porch_light", br#"{"state":"ON"}"#.to_vec())
+        .await;
     let seen = admin.until(|t, _| t == "zigbee2mqtt/porch_light").await;
     let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
     assert!(
@@ -372,12 +416,24 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
             .all(|(_, p)| !text(p).contains("OFF") && !text(p).contains("forged")),
         "{seen:?}"
     );
-    assert_eq!(light.within(Duration::from_millis(300)).await, Vec::<String>::new());
+    assert_eq!(
+        light.within(Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
 
     // Mosquitto's own account agrees: every one of those publishes was denied by the ACL.
     let l = logs();
-    assert_eq!(l.matches("Denied PUBLISH from acl-test-door-cam").count(), 4, "{l}");
-    assert_eq!(l.matches("Denied PUBLISH from acl-test-porch_light").count(), 2, "{l}");
+    assert_eq!(
+        l.matches("Denied PUBLISH from acl-test-door-cam").count(),
+        4,
+        "{l}"
+    );
+    assert_eq!(
+        l.matches("Denied PUBLISH from acl-test-porch_light")
+            .count(),
+        2,
+        "{l}"
+    );
     assert_eq!(l.matches("Denied PUBLISH from acl-hub").count(), 0, "{l}");
     hub.shutdown().await;
 }

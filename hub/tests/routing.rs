@@ -515,7 +515,11 @@ async fn refresh_requests_are_counted_and_fail_without_a_coordinator() {
         Metrics::get(&m.refresh_unauthorized) == 2 && m.invalid_messages(InvalidKind::Refresh) == 1
     })
     .await;
-    assert_eq!(Metrics::get(&m.refresh_requests), 0, "nothing unsigned got through");
+    assert_eq!(
+        Metrics::get(&m.refresh_requests),
+        0,
+        "nothing unsigned got through"
+    );
     // Signed with the hub's key (what `hearth-hub refresh-request` prints for an admin):
     // accepted, then fails at the unreachable coordinator.
     let key = home.hub.credentials().unwrap().refresh_key().unwrap();
@@ -525,7 +529,10 @@ async fn refresh_requests_are_counted_and_fail_without_a_coordinator() {
     assert_eq!(Metrics::get(&m.refresh_requests), 1);
     // The same signed request seen on the broker and published again: a replay.
     refresh(signed).await;
-    wait_until("replay refused", || Metrics::get(&m.refresh_unauthorized) == 3).await;
+    wait_until("replay refused", || {
+        Metrics::get(&m.refresh_unauthorized) == 3
+    })
+    .await;
     assert_eq!(Metrics::get(&m.refresh_requests), 1);
     assert!(home
         .hub
@@ -567,11 +574,20 @@ async fn the_embedded_broker_refuses_clients_without_valid_credentials() {
     let cam = home.hub.provision("door-cam", Role::Device).unwrap();
     assert!(connects(addr, Some((&cam.user, &cam.password))).await);
     assert!(!connects(addr, None).await, "no credentials");
-    assert!(!connects(addr, Some((&cam.user, "guess"))).await, "wrong password");
-    assert!(!connects(addr, Some(("intruder", &cam.password))).await, "unknown user");
-    let hub_pw = std::fs::read_to_string(home.hub.credentials().unwrap().hub_password_path())
-        .unwrap();
-    assert!(!connects(addr, Some(("door-cam", hub_pw.trim()))).await, "another's password");
+    assert!(
+        !connects(addr, Some((&cam.user, "guess"))).await,
+        "wrong password"
+    );
+    assert!(
+        !connects(addr, Some(("intruder", &cam.password))).await,
+        "unknown user"
+    );
+    let hub_pw =
+        std::fs::read_to_string(home.hub.credentials().unwrap().hub_password_path()).unwrap();
+    assert!(
+        !connects(addr, Some(("door-cam", hub_pw.trim()))).await,
+        "another's password"
+    );
 
     // A rotated password replaces the old one at once.
     let rotated = home.hub.provision("door-cam", Role::Device).unwrap();

@@ -134,7 +134,10 @@ async fn hub_drops_raw_payloads_on_event_topics() {
     url.username = Some("door-cam-1".into());
     url.password = Some("guessed".into());
     let guessed = Observer::connect(&url.to_url_with_password(), "rogue-guess").await;
-    assert!(guessed.is_err(), "a client with a guessed password connected");
+    assert!(
+        guessed.is_err(),
+        "a client with a guessed password connected"
+    );
 
     // A provisioned device that tries to ship its samples on a topic the person rule listens
     // to: an extra field carrying the image, a small extra field, and a payload that is not
