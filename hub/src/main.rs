@@ -257,13 +257,16 @@ fn provision_cmd(
          device settings (agent TOML; the actuator's are `mqtt` and `password_file`):\n  \
          mqtt = \"{url}\"\n  \
          mqtt_password_file = \"/etc/hearth/mqtt.password\"{ca}\n\
-         Mosquitto: {} and {} updated; reload it (systemctl reload mosquitto).\n\
+         Mosquitto: {} and {} updated; reload it (systemctl reload mosquitto). The hub logs \
+         in to it as `{}` with the password in {}.\n\
          The embedded broker reads {} again at the next login.",
         p.user,
         p.role,
         p.password_file.display(),
         store.passwd_path().display(),
         store.acl_path().display(),
+        hearth_hub::auth::HUB_USER,
+        store.hub_password_path().display(),
         store.passwd_path().display(),
     );
     Ok(())
