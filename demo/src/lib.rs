@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hearth_agent::actuator::{ActuatorConfig, ActuatorHandle};
 use hearth_agent::{AgentHandle, AgentStats, Partition};
 use hearth_edge::{ClientSettings, MqttUrl};
-use hearth_hub::{BrokerConfig, HubHandle};
+use hearth_hub::{BrokerConfig, HubHandle, Role};
 use hearth_proto::v1::admin_client::AdminClient;
 use hearth_proto::v1::{
     ListVersionsRequest, ModelVersion, RoundState, RoundStatus, RoundStatusRequest,
@@ -267,28 +267,45 @@ impl Home {
             what: format!("writing {}", rules_path.display()),
             source,
         })?;
-        let hc = hearth_hub::Config {
+        // Its credential store under the state directory: the broker requires logins, and
+        // every device below gets its own, provisioned here as `hearth-hub provision-device`
+        // would.
+        let mut hc = hearth_hub::Config {
             broker: BrokerConfig::embedded(SocketAddr::from(([127, 0, 0, 1], 0))),
             rules: Some(rules_path),
             coordinator: Some(coordinator.endpoint()),
             admin_token: Some(admin_token.clone()),
             ..Default::default()
         };
+        hc.mqtt_auth.dir = opts.state_dir.join("mqtt");
         let hub = hearth_hub::start(hc).await?;
-        let mqtt = hub.mqtt_url();
+        // `mqtt://<name>@host:port` and the file with its password.
+        let login = |name: &str, role: Role| -> Result<(String, PathBuf)> {
+            let p = hub.provision(name, role)?;
+            let mut url =
+                MqttUrl::parse(&hub.mqtt_url()).map_err(|e| Error::Mqtt(e.to_string()))?;
+            url.username = Some(p.user);
+            Ok((url.to_string(), p.password_file))
+        };
 
-        let light = hearth_agent::actuator::start_actuator(ActuatorConfig::new(PORCH_LIGHT, &mqtt))
-            .await
-            .map_err(device_error(PORCH_LIGHT))?;
+        let (light_url, light_pw) = login(PORCH_LIGHT, Role::Actuator)?;
+        let light = hearth_agent::actuator::start_actuator(ActuatorConfig {
+            password_file: Some(light_pw),
+            ..ActuatorConfig::new(PORCH_LIGHT, &light_url)
+        })
+        .await
+        .map_err(device_error(PORCH_LIGHT))?;
 
         let mut agents = Vec::new();
         let mut tokens = enroll.into_iter();
         for (g, name) in opts.groups.iter().zip(&names) {
             for i in 0..g.count {
                 let device = format!("{}-{}", g.prefix, i + 1);
+                let (mqtt, mqtt_password_file) = login(&device, Role::Device)?;
                 let cfg = hearth_agent::Config {
                     device: device.clone(),
-                    mqtt: mqtt.clone(),
+                    mqtt,
+                    mqtt_password_file: Some(mqtt_password_file),
                     coordinator: Some(coordinator.endpoint()),
                     enrollment_token: tokens.next(),
                     task: g.task.clone(),
@@ -399,8 +416,16 @@ impl Home {
         }
     }
 
-    /// Asks for a federated refresh of `model` the way a user would, over MQTT
-    /// (`hearth/federation/refresh`), and waits for the round to complete and every agent of
+    /// `mqtt://<name>:<password>@host:port` of the hub's broker for a newly provisioned
+    /// principal `name` with `role` (for observers and tools in tests).
+    pub fn client_url(&self, name: &str, role: Role) -> Result<String> {
+        let p = self.hub.provision(name, role)?;
+        Ok(self.hub.client_url(&p))
+    }
+
+    /// Asks for a federated refresh of `model` the way an admin would, over MQTT
+    /// (`hearth/federation/refresh`, signed with the hub's refresh key as
+    /// `hearth-hub refresh-request` does, from an admin login), and waits for the round to complete and every agent of
     /// the model to hot-swap the new version. Returns the final round status.
     pub async fn refresh_over_mqtt(&self, model: &str, limit: Duration) -> Result<RoundStatus> {
         let before = self
@@ -408,16 +433,20 @@ impl Home {
             .await?
             .map(|r| r.round_id)
             .unwrap_or(0);
-        let url = MqttUrl::parse(&self.hub.mqtt_url()).map_err(|e| Error::Mqtt(e.to_string()))?;
+        let url = MqttUrl::parse(&self.client_url("demo-admin", Role::Admin)?)
+            .map_err(|e| Error::Mqtt(e.to_string()))?;
+        let key = self
+            .hub
+            .credentials()
+            .ok_or_else(|| Error::Mqtt("the hub keeps no credential store".into()))?
+            .refresh_key()?;
         let (client, mut el) = ClientSettings::new(url, token("refresh"))
             .keep_alive(Duration::from_secs(5))
             .request_capacity(10)
             .connect()
             .map_err(|e| Error::Mqtt(e.to_string()))?;
-        let body = serde_json::to_vec(&hearth_proto::mqtt::RefreshRequest {
-            model: model.into(),
-        })
-        .expect("a refresh request serialises");
+        let body = serde_json::to_vec(&hearth_hub::auth::sign_refresh(&key, model))
+            .expect("a refresh request serialises");
         client
             .publish(
                 hearth_proto::mqtt::REFRESH_TOPIC,

@@ -49,6 +49,9 @@ pub struct ActuatorConfig {
     pub mqtt: String,
     /// PEM file of the CA trusted for an `mqtts://` broker.
     pub ca_file: Option<std::path::PathBuf>,
+    /// File holding the MQTT password of the URL's user (`hearth-hub provision-device
+    /// <name> --role actuator`).
+    pub password_file: Option<std::path::PathBuf>,
     /// MQTT client id (default `hearth-actuator-<name>`).
     pub client_id: Option<String>,
     /// Home Assistant discovery prefix.
@@ -65,6 +68,7 @@ impl Default for ActuatorConfig {
             base: "zigbee2mqtt".into(),
             mqtt: "mqtt://127.0.0.1:1883".into(),
             ca_file: None,
+            password_file: None,
             client_id: None,
             discovery_prefix: "homeassistant".into(),
             persistent_session: true,
@@ -110,6 +114,7 @@ impl ActuatorConfig {
             "check",
             &self.availability_topic(),
         )?
+        .password_file(self.password_file.clone())
         .check()?;
         Ok(())
     }
@@ -377,6 +382,7 @@ pub async fn start_actuator(cfg: ActuatorConfig) -> Result<ActuatorHandle, Error
         &cfg.availability_topic(),
     )?
     .persistent_session(cfg.persistent_session)
+    .password_file(cfg.password_file.clone())
     .connect()?;
     let conn = Connection::new(eventloop, format!("actuator {}", cfg.name));
     let stats = Arc::new(ActuatorStats::default());

@@ -278,6 +278,7 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         &format!("hearth-agent-{device}"),
         &availability_topic(&device),
     )?
+    .password_file(config.mqtt_password_file.clone())
     .connect()?;
     let conn = Connection::new(eventloop, format!("agent {device}"));
     let shared = Arc::new(Shared {

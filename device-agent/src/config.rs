@@ -45,6 +45,10 @@ pub struct Config {
     /// PEM file of the CA trusted for an `mqtts://` broker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_ca_file: Option<PathBuf>,
+    /// File holding the MQTT password of the URL's user (what `hearth-hub provision-device`
+    /// issued); the URL then names the user only: `mqtt://<device>@hub:1883`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_password_file: Option<PathBuf>,
     /// Coordinator URL (`http://host:port`); absent or empty = inference only.
     pub coordinator: Option<String>,
     /// One-time enrollment token (only needed until credentials are stored).
@@ -81,6 +85,7 @@ impl Default for Config {
             device: "agent".into(),
             mqtt: "mqtt://127.0.0.1:1883".into(),
             mqtt_ca_file: None,
+            mqtt_password_file: None,
             coordinator: None,
             enrollment_token: None,
             task: "faces".into(),
@@ -119,6 +124,7 @@ impl Config {
              # Optional:\n\
              # coordinator = \"http://127.0.0.1:50051\"   # enables federated learning\n\
              # mqtt_ca_file = \"/etc/hearth/ca.pem\"     # CA of the broker, for mqtt = \"mqtts://…\"\n\
+             # mqtt_password_file = \"/etc/hearth/mqtt.password\"  # with mqtt = \"mqtt://<device>@hub\"\n\
              # enrollment_token = \"...\"                  # one-time, until credentials are stored\n\
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
@@ -170,6 +176,7 @@ impl Config {
             .and_then(|u| {
                 hearth_edge::ClientSettings::new(u, "check")
                     .ca_file(self.mqtt_ca_file.clone())
+                    .password_file(self.mqtt_password_file.clone())
                     .check()
             })
             .map_err(|e| Error::Config(format!("mqtt: {e}")))?;
@@ -274,6 +281,7 @@ mod tests {
             Box::new(|c| c.mqtt = "http://x:1".into()),
             Box::new(|c| c.mqtt = "mqtts://x".into()),
             Box::new(|c| c.mqtt_ca_file = Some("/nonexistent/ca.pem".into())),
+            Box::new(|c| c.mqtt_password_file = Some("/etc/hearth/mqtt.password".into())),
             Box::new(|c| c.coordinator = Some("ftp://x".into())),
             Box::new(|c| c.partition.index = 3),
             Box::new(|c| c.partition.alpha = 0.0),

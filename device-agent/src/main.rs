@@ -48,6 +48,9 @@ struct Overrides {
     /// CA certificate file (PEM) trusted for an mqtts:// broker.
     #[arg(long)]
     mqtt_ca_file: Option<PathBuf>,
+    /// File holding the MQTT password of the URL's user (from `hearth-hub provision-device`).
+    #[arg(long)]
+    mqtt_password_file: Option<PathBuf>,
     /// Coordinator URL, http://host:port ("" disables federation).
     #[arg(long)]
     coordinator: Option<String>,
@@ -108,6 +111,9 @@ enum Cmd {
         /// CA certificate file (PEM) trusted for an mqtts:// broker.
         #[arg(long)]
         ca_file: Option<PathBuf>,
+        /// File holding the MQTT password of the URL's user.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
         /// MQTT client id.
         #[arg(long)]
         client_id: Option<String>,
@@ -127,6 +133,9 @@ impl Overrides {
         }
         if let Some(v) = self.mqtt_ca_file {
             c.mqtt_ca_file = Some(v);
+        }
+        if let Some(v) = self.mqtt_password_file {
+            c.mqtt_password_file = Some(v);
         }
         if let Some(v) = self.coordinator {
             c.coordinator = Some(v);
@@ -204,6 +213,7 @@ fn main() -> ExitCode {
             base,
             mqtt,
             ca_file,
+            password_file,
             client_id,
         }) => {
             let c = ActuatorConfig {
@@ -211,6 +221,7 @@ fn main() -> ExitCode {
                 base,
                 mqtt,
                 ca_file,
+                password_file,
                 client_id,
                 ..ActuatorConfig::default()
             };

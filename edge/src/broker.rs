@@ -8,6 +8,13 @@
 //! only, and rumqttd has no per-topic ACLs: production homes use an external Mosquitto with
 //! TLS and ACLs instead (the hub's `[broker] url = "mqtts://…"`).
 //!
+//! **Credentials.** With [`BrokerSettings::password_file`] set, every client must log in
+//! with a user name and password found in that Mosquitto-format file ([`crate::passwd`]);
+//! a client without credentials or with wrong ones gets no CONNACK, its connection is closed.
+//! The file is read again whenever it changes (size or modification time), so a device
+//! provisioned while the broker runs can connect at once. The start-up probe logs in with a
+//! random credential known only to this process.
+//!
 //! **The port race.** rumqttd binds its listener itself and only *logs* a bind failure, and
 //! it cannot be handed a bound socket nor report the port it chose for port 0. So a free
 //! port is found first (bind port 0, read it, release it), and between that and rumqttd's
@@ -23,12 +30,15 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
 
+use crate::passwd::PasswordFile;
 use crate::Error;
 
 /// Start-up attempts on fresh ports before giving up (port 0 only).
@@ -49,6 +59,9 @@ pub struct BrokerSettings {
     pub segment_size: usize,
     /// Segments kept per filter (memory per filter ≤ size × count).
     pub segment_count: usize,
+    /// Mosquitto-format password file every client must log in against; `None` lets any
+    /// client connect without credentials (tests of a closed loopback only).
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for BrokerSettings {
@@ -61,6 +74,7 @@ impl Default for BrokerSettings {
             // Events are tiny: keep the per-filter commit log small.
             segment_size: 1024 * 1024,
             segment_count: 4,
+            password_file: None,
         }
     }
 }
@@ -75,9 +89,67 @@ impl BrokerSettings {
     }
 }
 
-/// The rumqttd configuration for `settings`, listening on `addr` (a concrete port).
+/// The credential check of the embedded broker: the password file (re-read when it changes)
+/// and the start-up probe's one-off credential.
+struct Credentials {
+    path: PathBuf,
+    probe: (String, String),
+    cache: Mutex<Option<(FileStamp, PasswordFile)>>,
+}
+
+type FileStamp = (Option<SystemTime>, u64);
+
+impl Credentials {
+    fn check(&self, client_id: &str, user: &str, password: &str) -> bool {
+        if user == self.probe.0 {
+            return password == self.probe.1;
+        }
+        let ok = match self.current() {
+            Ok(f) => f.verify(user, password),
+            Err(e) => {
+                tracing::error!(error = %e, "password file unreadable: refusing every client");
+                false
+            }
+        };
+        if !ok {
+            tracing::warn!(
+                client_id,
+                user,
+                "MQTT login refused: unknown user or wrong password"
+            );
+        }
+        ok
+    }
+
+    fn current(&self) -> Result<PasswordFile, Error> {
+        let meta = std::fs::metadata(&self.path)?;
+        let stamp = (meta.modified().ok(), meta.len());
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, f)) = cache.as_ref() {
+            if *s == stamp {
+                return Ok(f.clone());
+            }
+        }
+        let f = PasswordFile::load(&self.path)?;
+        *cache = Some((stamp, f.clone()));
+        Ok(f)
+    }
+}
+
+/// The rumqttd configuration for `settings`, listening on `addr` (a concrete port), without
+/// authentication (see [`rumqttd_config_with_probe`]).
 pub fn rumqttd_config(settings: &BrokerSettings, addr: SocketAddr) -> rumqttd::Config {
-    let connections = ConnectionSettings {
+    rumqttd_config_with_probe(settings, addr, None)
+}
+
+/// The rumqttd configuration; with a password file in `settings`, clients must log in
+/// against it (or with `probe`, the start-up probe's credential).
+fn rumqttd_config_with_probe(
+    settings: &BrokerSettings,
+    addr: SocketAddr,
+    probe: Option<(String, String)>,
+) -> rumqttd::Config {
+    let mut connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: settings.max_payload,
         max_inflight_count: settings.max_inflight,
@@ -85,6 +157,19 @@ pub fn rumqttd_config(settings: &BrokerSettings, addr: SocketAddr) -> rumqttd::C
         external_auth: None,
         dynamic_filters: true,
     };
+    if let Some(path) = &settings.password_file {
+        let creds = Arc::new(Credentials {
+            path: path.clone(),
+            probe: probe.unwrap_or_else(|| {
+                // No probe: a credential nobody can present.
+                (String::new(), crate::passwd::generate_password())
+            }),
+            cache: Mutex::new(None),
+        });
+        connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            std::future::ready(creds.check(&client_id, &user, &pass))
+        });
+    }
     let server = ServerSettings {
         name: "hearth-v4".into(),
         listen: addr,
@@ -215,8 +300,16 @@ fn start_once(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Started, String> {
-    let broker = rumqttd::Broker::new(rumqttd_config(settings, addr));
     let nonce: u64 = rand::thread_rng().gen();
+    let probe_login = (
+        format!("hearth-probe-{nonce:016x}"),
+        crate::passwd::generate_password(),
+    );
+    let broker = rumqttd::Broker::new(rumqttd_config_with_probe(
+        settings,
+        addr,
+        Some(probe_login.clone()),
+    ));
     // Two client ids: a second connection with the link's id would take its session over.
     let link_id = format!("hearth-probe-link-{nonce:016x}");
     let client_id = format!("hearth-probe-{nonce:016x}");
@@ -238,7 +331,7 @@ fn start_once(
     let target = loopback_if_unspecified(addr);
     let deadline = Instant::now() + timeout;
     loop {
-        match probe(target, &client_id, &topic) {
+        match probe(target, &client_id, &probe_login, &topic) {
             Ok(mut session) => {
                 let ours = delivered(&mut rx, &topic, Instant::now() + Duration::from_secs(1));
                 // A clean goodbye, so the probe does not show up as an error in the log.
@@ -285,9 +378,15 @@ enum Probe {
     Foreign(String),
 }
 
-/// CONNECT → CONNACK (accepted) → PUBLISH QoS 1 on `topic` → PUBACK (MQTT 3.1.1); returns
-/// the open session (the caller disconnects it once it knows where the message went).
-fn probe(addr: SocketAddr, client_id: &str, topic: &str) -> Result<TcpStream, Probe> {
+/// CONNECT (with `login`) → CONNACK (accepted) → PUBLISH QoS 1 on `topic` → PUBACK (MQTT
+/// 3.1.1); returns the open session (the caller disconnects it once it knows where the
+/// message went).
+fn probe(
+    addr: SocketAddr,
+    client_id: &str,
+    login: &(String, String),
+    topic: &str,
+) -> Result<TcpStream, Probe> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
         .map_err(Probe::NotListening)?;
     let io = |e: std::io::Error| Probe::Foreign(format!("no MQTT answer: {e}"));
@@ -295,10 +394,14 @@ fn probe(addr: SocketAddr, client_id: &str, topic: &str) -> Result<TcpStream, Pr
         .map_err(io)?;
     s.set_write_timeout(Some(Duration::from_millis(1000)))
         .map_err(io)?;
-    let mut connect = vec![0x10, (10 + 2 + client_id.len()) as u8];
-    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
-    connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(client_id.as_bytes());
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 10];
+    for s in [client_id, &login.0, &login.1] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    assert!(body.len() < 128, "probe CONNECT fits a one-byte length");
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend_from_slice(&body);
     s.write_all(&connect).map_err(io)?;
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).map_err(io)?;
@@ -423,6 +526,63 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("another MQTT broker answers"), "{e}");
+    }
+
+    /// CONNECT with optional credentials over a raw socket: the CONNACK return code, or
+    /// `None` when the broker closes the connection without one.
+    fn connack(addr: SocketAddr, login: Option<(&str, &str)>) -> Option<u8> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let flags = if login.is_some() { 0xC2 } else { 0x02 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 10, 0, 4];
+        body.extend_from_slice(b"test");
+        if let Some((u, p)) = login {
+            for x in [u, p] {
+                body.extend_from_slice(&(x.len() as u16).to_be_bytes());
+                body.extend_from_slice(x.as_bytes());
+            }
+        }
+        let mut pkt = vec![0x10, body.len() as u8];
+        pkt.extend_from_slice(&body);
+        s.write_all(&pkt).unwrap();
+        let mut ack = [0u8; 4];
+        match s.read_exact(&mut ack) {
+            Ok(()) if ack[0] == 0x20 => Some(ack[3]),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn with_a_password_file_only_known_users_with_their_password_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passwd");
+        let mut pw = PasswordFile::default();
+        pw.set("kitchen", "right").unwrap();
+        pw.save(&file).unwrap();
+        let b = start(
+            &BrokerSettings {
+                password_file: Some(file.clone()),
+                ..BrokerSettings::on(local0())
+            },
+            T,
+        )
+        .unwrap();
+        let a = b.addr();
+        assert_eq!(connack(a, Some(("kitchen", "right"))), Some(0));
+        assert_eq!(connack(a, None), None, "no credentials");
+        assert_eq!(
+            connack(a, Some(("kitchen", "wrong"))),
+            None,
+            "wrong password"
+        );
+        assert_eq!(connack(a, Some(("garage", "right"))), None, "unknown user");
+        // A user added while the broker runs can connect at once.
+        pw.set("garage", "other").unwrap();
+        pw.save(&file).unwrap();
+        assert_eq!(connack(a, Some(("garage", "other"))), Some(0));
+        // Without a password file anyone connects (the library default, for closed tests).
+        let open = start(&BrokerSettings::on(local0()), T).unwrap();
+        assert_eq!(connack(open.addr(), None), Some(0));
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct ClientSettings {
     pub last_will: Option<String>,
     /// PEM file of the CA certificates trusted for `mqtts://`.
     pub ca_file: Option<PathBuf>,
+    /// File holding the password of the URL's user (first line, surrounding whitespace
+    /// ignored): credentials stay out of configuration files and command lines.
+    pub password_file: Option<PathBuf>,
     /// A persistent session (`clean_session = false`): the broker keeps the client's
     /// subscriptions and queues its QoS 1 messages while it is away, and rumqttc
     /// re-sends unacknowledged publishes when the broker still has the session. Needs a
@@ -64,6 +67,7 @@ impl ClientSettings {
             request_capacity: DEFAULT_REQUEST_CAPACITY,
             last_will: None,
             ca_file: None,
+            password_file: None,
             persistent_session: false,
         }
     }
@@ -98,6 +102,13 @@ impl ClientSettings {
         self
     }
 
+    /// The file holding the password of the URL's user (the URL must name a user and carry
+    /// no password of its own).
+    pub fn password_file(mut self, path: Option<PathBuf>) -> Self {
+        self.password_file = path;
+        self
+    }
+
     /// Asks for a persistent session (`clean_session = false`) when `on`.
     pub fn persistent_session(mut self, on: bool) -> Self {
         self.persistent_session = on;
@@ -105,9 +116,53 @@ impl ClientSettings {
     }
 
     /// Checks what can be checked without a network: URL and CA file agree, the CA file
-    /// loads. Call it while validating a configuration, so problems exit with 64.
+    /// loads, a password file goes with a URL that names a user and carries no password.
+    /// Call it while validating a configuration, so problems exit with 64. (The password
+    /// file itself is read when connecting: a secret may be installed after the config.)
     pub fn check(&self) -> Result<(), Error> {
-        check_tls(&self.url, self.ca_file.as_deref()).map(|_| ())
+        check_tls(&self.url, self.ca_file.as_deref())?;
+        self.check_password_source()
+    }
+
+    fn check_password_source(&self) -> Result<(), Error> {
+        let Some(path) = &self.password_file else {
+            return Ok(());
+        };
+        if self.url.username.is_none() {
+            return Err(Error::Settings(format!(
+                "a password file ({}) is configured but the broker URL {} names no user",
+                path.display(),
+                self.url
+            )));
+        }
+        if self.url.password.is_some() {
+            return Err(Error::Settings(format!(
+                "the broker URL {} carries a password and a password file ({}) is configured: \
+                 give one of them",
+                self.url,
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The password: from the URL, or read from [`ClientSettings::password_file`].
+    pub fn password(&self) -> Result<Option<String>, Error> {
+        let Some(path) = &self.password_file else {
+            return Ok(self.url.password.clone());
+        };
+        self.check_password_source()?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Settings(format!("cannot read password file {}: {e}", path.display()))
+        })?;
+        let pw = text.lines().next().unwrap_or("").trim();
+        if pw.is_empty() {
+            return Err(Error::Settings(format!(
+                "password file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Some(pw.to_string()))
     }
 
     /// rumqttc options for these settings (clean session unless
@@ -119,7 +174,7 @@ impl ClientSettings {
             .set_max_packet_size(self.max_packet_size, self.max_packet_size)
             .set_request_channel_capacity(self.request_capacity);
         if let Some(u) = &self.url.username {
-            o.set_credentials(u.clone(), self.url.password.clone().unwrap_or_default());
+            o.set_credentials(u.clone(), self.password()?.unwrap_or_default());
         }
         if let Some(topic) = &self.last_will {
             o.set_last_will(LastWill::new(topic, "offline", QoS::AtLeastOnce, true));
@@ -224,6 +279,44 @@ mod tests {
             !o.clean_session(),
             "a persistent session asks for clean_session = false"
         );
+    }
+
+    #[test]
+    fn password_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kitchen.password");
+        std::fs::write(&p, "  s3cret  \n").unwrap();
+        let o = ClientSettings::new(url("mqtt://kitchen@h"), "x")
+            .password_file(Some(p.clone()))
+            .options()
+            .unwrap();
+        let login = o.credentials().unwrap();
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("kitchen", "s3cret")
+        );
+        for (u, f) in [("mqtt://h", p.clone()), ("mqtt://k:pw@h", p.clone())] {
+            let e = ClientSettings::new(url(u), "x")
+                .password_file(Some(f))
+                .check()
+                .unwrap_err();
+            assert!(e.is_config(), "{u}: {e}");
+        }
+        // The file is read when connecting (a configuration check does not need it yet).
+        let missing = ClientSettings::new(url("mqtt://k@h"), "x")
+            .password_file(Some(dir.path().join("missing")));
+        missing.check().unwrap();
+        let e = missing.options().unwrap_err();
+        assert!(
+            e.is_config() && e.to_string().contains("cannot read"),
+            "{e}"
+        );
+        std::fs::write(&p, "\n").unwrap();
+        let e = ClientSettings::new(url("mqtt://k@h"), "x")
+            .password_file(Some(p))
+            .options()
+            .unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! Feature `mqtt` (default) gates the MQTT modules; `broker` adds the embedded broker.
 //! - [`broker`] (feature `broker`): the embedded rumqttd configuration and a start-up that
 //!   survives losing its port to someone else.
+//! - [`passwd`] (feature `auth`, part of `broker`): Mosquitto password files (`$7$` hashes),
+//!   generated passwords, private files written by rename.
 //! - [`process`]: SIGINT/SIGTERM, tracing initialisation, command-line parsing with the
 //!   house exit codes (64 bad usage, 69 unavailable).
 #![forbid(unsafe_code)]
@@ -23,6 +25,8 @@ pub mod client;
 #[cfg(feature = "mqtt")]
 pub mod connection;
 mod error;
+#[cfg(feature = "auth")]
+pub mod passwd;
 pub mod process;
 #[cfg(feature = "mqtt")]
 pub mod url;

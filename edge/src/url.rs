@@ -209,6 +209,21 @@ impl MqttUrl {
         }
     }
 
+    /// The URL *with* its password (percent-encoded), for handing to a client that parses
+    /// it back; never for a log or a message (use [`std::fmt::Display`] there).
+    pub fn to_url_with_password(&self) -> String {
+        match (&self.username, &self.password) {
+            (Some(u), Some(p)) => format!(
+                "{}://{}:{}@{}",
+                self.scheme(),
+                encode(u),
+                encode(p),
+                self.host_port()
+            ),
+            _ => self.to_string(),
+        }
+    }
+
     /// Combines the URL's credentials with separately configured ones by Hearth's one rule:
     /// **credentials come from the URL or from the separate fields, never from both**
     /// (giving both is a configuration error, so there is no silent precedence), and a
@@ -338,6 +353,14 @@ mod tests {
         ] {
             assert!(MqttUrl::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn url_with_password_parses_back() {
+        let u = MqttUrl::parse("mqtt://k%40x:p%3Aw%40d@[::1]:1999").unwrap();
+        let back = MqttUrl::parse(&u.to_url_with_password()).unwrap();
+        assert_eq!(back, u);
+        assert_eq!(back.password.as_deref(), Some("p:w@d"));
     }
 
     #[test]

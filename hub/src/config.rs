@@ -17,12 +17,18 @@
 //! command_ids = true                        # "hearth_id" in every command
 //! state_file = "/var/lib/hearth/hub-outbox.jsonl"   # optional; in memory when absent
 //!
+//! [mqtt_auth]                               # see `crate::auth`
+//! dir = "hearth-credentials"                # credential store: passwd, acl, keys (created 0750)
+//! allow_anonymous = false                   # embedded broker: clients must log in
+//! refresh = "signed"                        # MQTT refresh requests: "signed", "broker_acl", "off"
+//!
 //! [broker]                                  # embedded broker (the default) ...
 //! listen = "127.0.0.1:1883"                 # port 0 = pick a free port
 //! # url = "mqtts://mosquitto.lan"           # ... or an external broker instead
 //! # ca_file = "/etc/hearth/ca.pem"          # CA trusted for mqtts:// (required with it)
 //! # username = "hearth-hub"                 # credentials: here or in the URL, not both
 //! # password = "..."
+//! # password_file = "/etc/hearth/hub.password"   # instead of `password`
 //! ```
 //!
 //! Broker URLs follow [`hearth_edge::url`] (the same rules as the agent's). Credentials come
@@ -76,6 +82,8 @@ pub struct Config {
     pub connect_timeout_secs: u64,
     /// Command delivery: sessions, holding for offline actuators, the outbox file.
     pub delivery: DeliveryConfig,
+    /// MQTT credentials: the store, the embedded broker's login rule, refresh authorisation.
+    pub mqtt_auth: MqttAuthConfig,
     /// The MQTT broker: embedded (default) or external.
     pub broker: BrokerConfig,
 }
@@ -92,7 +100,49 @@ impl Default for Config {
             follow_models: Vec::new(),
             connect_timeout_secs: 10,
             delivery: DeliveryConfig::default(),
+            mqtt_auth: MqttAuthConfig::default(),
             broker: BrokerConfig::default(),
+        }
+    }
+}
+
+/// How refresh requests on `hearth/federation/refresh` are authorised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshAuth {
+    /// Only requests signed with the refresh key (`<dir>/refresh.key`, HMAC-SHA256, fresh,
+    /// not replayed): holds on any broker, including the embedded one without ACLs.
+    Signed,
+    /// Any well-formed request: the broker's ACL decides who may publish it (Mosquitto with
+    /// `deploy/mosquitto/`'s ACLs; refused with the embedded broker, which has none).
+    BrokerAcl,
+    /// MQTT refresh requests are ignored (the CLI `hearth-hub refresh` still works).
+    Off,
+}
+
+/// `[mqtt_auth]`: MQTT credentials (see [`crate::auth`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttAuthConfig {
+    /// The credential store: `passwd` (the embedded broker's logins, Mosquitto's
+    /// `password_file`), `acl`, the hub's password, the refresh key, issued passwords.
+    pub dir: PathBuf,
+    /// Let clients connect to the embedded broker without credentials. Never in a home: any
+    /// process that reaches the port could then publish as any device.
+    pub allow_anonymous: bool,
+    /// How refresh requests over MQTT are authorised.
+    pub refresh: RefreshAuth,
+}
+
+/// Default credential store directory (relative to the working directory).
+pub const DEFAULT_CREDENTIALS_DIR: &str = "hearth-credentials";
+
+impl Default for MqttAuthConfig {
+    fn default() -> Self {
+        MqttAuthConfig {
+            dir: PathBuf::from(DEFAULT_CREDENTIALS_DIR),
+            allow_anonymous: false,
+            refresh: RefreshAuth::Signed,
         }
     }
 }
@@ -119,6 +169,8 @@ pub enum BrokerConfig {
         username: Option<String>,
         /// Password for `username`.
         password: Option<String>,
+        /// File holding the password (instead of `password`).
+        password_file: Option<PathBuf>,
         /// PEM file of the CA that signed the broker's certificate (required for `mqtts://`).
         ca_file: Option<PathBuf>,
     },
@@ -150,6 +202,7 @@ impl BrokerConfig {
             url: url.into(),
             username: None,
             password: None,
+            password_file: None,
             ca_file: None,
         }
     }
@@ -188,6 +241,8 @@ struct BrokerToml {
     #[serde(skip_serializing_if = "Option::is_none")]
     password: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    password_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<PathBuf>,
 }
 
@@ -208,13 +263,20 @@ impl TryFrom<BrokerToml> for BrokerConfig {
                     url,
                     username: t.username,
                     password: t.password,
+                    password_file: t.password_file,
                     ca_file: t.ca_file,
                 })
             }
             None => {
-                if t.username.is_some() || t.password.is_some() || t.ca_file.is_some() {
+                if t.username.is_some()
+                    || t.password.is_some()
+                    || t.password_file.is_some()
+                    || t.ca_file.is_some()
+                {
                     return Err(
-                        "`username`, `password` and `ca_file` need an external broker `url`".into(),
+                        "`username`, `password`, `password_file` and `ca_file` need an \
+                                external broker `url`"
+                            .into(),
                     );
                 }
                 Ok(BrokerConfig::Embedded {
@@ -246,11 +308,13 @@ impl From<BrokerConfig> for BrokerToml {
                 url,
                 username,
                 password,
+                password_file,
                 ca_file,
             } => BrokerToml {
                 url: Some(url),
                 username,
                 password,
+                password_file,
                 ca_file,
                 ..BrokerToml::default()
             },
@@ -290,15 +354,22 @@ impl Config {
 # ca_file = \"/etc/hearth/ca.pem\"       # CA of the broker's certificate (mqtts:// only)
 # username = \"hearth-hub\"              # or user:password@ in the URL, not both
 # password = \"change-me\"
+# password_file = \"/etc/hearth/hub.password\"  # instead of `password`
 ";
         let state_file = "\
 # state_file = \"/var/lib/hearth/hub-outbox.jsonl\"  # outbox kept across restarts (memory only if absent)
 
 ";
         let (rest, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
+        let (rest, auth) = rest.split_at(rest.find("[mqtt_auth]").unwrap_or(rest.len()));
         let (top, delivery) = rest.split_at(rest.find("[delivery]").unwrap_or(rest.len()));
+        let auth_note = "\
+# The credential store (created on first start; `hearth-hub provision-device` adds devices).
+# refresh: \"signed\" (admins sign requests with <dir>/refresh.key), \"broker_acl\"
+# (Mosquitto's ACL decides; external broker only) or \"off\".
+";
         format!(
-            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{broker}{external}",
+            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{auth_note}{auth}{broker}{external}",
             delivery.trim_end()
         )
     }
@@ -346,11 +417,28 @@ impl Config {
                     ));
                 }
             }
-            BrokerConfig::External { ca_file, .. } => {
+            BrokerConfig::External {
+                ca_file,
+                password_file,
+                ..
+            } => {
                 let url = self.broker.external_url()?.expect("external broker");
                 ClientSettings::new(url, &self.client_id)
                     .ca_file(ca_file.clone())
+                    .password_file(password_file.clone())
                     .check()?;
+            }
+        }
+        if self.mqtt_auth.dir.as_os_str().is_empty() {
+            return bad("mqtt_auth.dir must not be empty".into());
+        }
+        if let BrokerConfig::Embedded { .. } = self.broker {
+            if self.mqtt_auth.refresh == RefreshAuth::BrokerAcl {
+                return bad(
+                    "mqtt_auth.refresh = \"broker_acl\" needs an external broker with ACLs \
+                            (the embedded broker has none): use \"signed\""
+                        .into(),
+                );
             }
         }
         if let Some(url) = &self.coordinator {

@@ -9,11 +9,14 @@
 //! - [`rules`]: the rules file. [`registry`]: devices. [`metrics`]: counters + Prometheus text.
 //! - [`federation`]: `refresh` (coordinator `Admin.StartRound`) and model announcements.
 //! - [`http`]: `/metrics`, `/devices`, `/healthz` (axum).
+//! - [`auth`]: the MQTT credential store (Mosquitto password file and ACLs, the hub's own
+//!   login, provisioning) and signed refresh requests.
 //!
 //! Entry points: [`run`] (config → bind → serve until a shutdown future resolves) and
 //! [`start`] (the same start-up, returning a [`HubHandle`]).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod error;
@@ -38,7 +41,8 @@ use tokio::task::JoinHandle;
 /// The embedded broker (rumqttd), from the edge layer.
 pub use hearth_edge::broker;
 
-pub use config::{BrokerConfig, Config};
+pub use auth::{CredentialStore, Provisioned, Role};
+pub use config::{BrokerConfig, Config, MqttAuthConfig, RefreshAuth};
 pub use delivery::DeliveryConfig;
 pub use error::Error;
 pub use federation::{refresh, start_round, RoundInfo, RoundPhase};
@@ -46,7 +50,7 @@ pub use metrics::{DropReason, InvalidKind, Metrics};
 pub use registry::{Availability, DeviceInfo, Registry};
 pub use rules::{RuleSet, RulesError};
 
-use router::{RefreshTarget, Router};
+use router::{RefreshGuard, RefreshTarget, Router};
 
 /// Capacity of each MQTT client's request channel.
 const REQUEST_CAPACITY: usize = 1024;
@@ -74,6 +78,8 @@ pub struct HubHandle {
     pub_task: JoinHandle<()>,
     broker: Option<Arc<EmbeddedBroker>>,
     status: http::Status,
+    credentials: Option<CredentialStore>,
+    actuator_base: String,
 }
 
 impl std::fmt::Debug for HubHandle {
@@ -106,6 +112,29 @@ impl HubHandle {
     /// The hub's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The credential store (`None` when neither the embedded broker's logins nor signed
+    /// refreshes need one).
+    pub fn credentials(&self) -> Option<&CredentialStore> {
+        self.credentials.as_ref()
+    }
+
+    /// Issues MQTT credentials for `name` (see [`CredentialStore::provision`]); with the
+    /// embedded broker they work at once.
+    pub fn provision(&self, name: &str, role: Role) -> Result<Provisioned, Error> {
+        let store = self.credentials.as_ref().ok_or_else(|| {
+            Error::Config("this hub keeps no credential store (mqtt_auth)".into())
+        })?;
+        store.provision(name, role, &self.actuator_base, true)
+    }
+
+    /// `mqtt://user:password@host:port` (or `mqtts://`) for `p`, to hand to a client.
+    pub fn client_url(&self, p: &Provisioned) -> String {
+        let mut u = self.mqtt_url.clone();
+        u.username = Some(p.user.clone());
+        u.password = Some(p.password.clone());
+        u.to_url_with_password()
     }
 
     /// The device registry.
@@ -253,18 +282,40 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         None => RuleSet::empty(),
     });
     let connect_timeout = Duration::from_secs(config.connect_timeout_secs);
+    let embedded = matches!(config.broker, BrokerConfig::Embedded { .. });
+    let auth = &config.mqtt_auth;
+    let signed_refresh = auth.refresh == RefreshAuth::Signed && config.coordinator.is_some();
+    let credentials = if (embedded && !auth.allow_anonymous) || signed_refresh {
+        Some(CredentialStore::open(&auth.dir)?)
+    } else {
+        None
+    };
 
     // Broker.
-    let (url, mqtt_addr, ca_file, max_packet, broker) = match &config.broker {
+    let (url, mqtt_addr, ca_file, password_file, max_packet, broker) = match &config.broker {
         BrokerConfig::Embedded {
             listen,
             max_connections,
             max_payload_bytes,
         } => {
+            let login = match (&credentials, auth.allow_anonymous) {
+                (Some(store), false) => Some((
+                    store.ensure_hub(&config.actuator_base)?,
+                    store.passwd_path(),
+                )),
+                _ => {
+                    tracing::warn!(
+                        "mqtt_auth.allow_anonymous: the embedded broker accepts clients without \
+                         credentials; anything that reaches its port can publish as any device"
+                    );
+                    None
+                }
+            };
             let settings = BrokerSettings {
                 listen: *listen,
                 max_connections: *max_connections,
                 max_payload: *max_payload_bytes,
+                password_file: login.as_ref().map(|(_, p)| p.clone()),
                 ..BrokerSettings::default()
             };
             let b = tokio::task::spawn_blocking(move || {
@@ -277,13 +328,24 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
                 tls: false,
                 host: addr.ip().to_string(),
                 port: addr.port(),
-                username: None,
-                password: None,
+                username: login.as_ref().map(|_| auth::HUB_USER.to_string()),
+                password: login.map(|(pw, _)| pw),
             };
             // Broker packet limit plus room for the fixed header and topic.
-            (url, addr, None, max_payload_bytes + 1024, Some(Arc::new(b)))
+            (
+                url,
+                addr,
+                None,
+                None,
+                max_payload_bytes + 1024,
+                Some(Arc::new(b)),
+            )
         }
-        BrokerConfig::External { ca_file, .. } => {
+        BrokerConfig::External {
+            ca_file,
+            password_file,
+            ..
+        } => {
             let url = config.broker.external_url()?.expect("external broker");
             let resolved = tokio::time::timeout(
                 connect_timeout,
@@ -294,8 +356,26 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             .map_err(|e| Error::Broker(format!("cannot resolve {}: {e}", url.host)))?
             .next()
             .ok_or_else(|| Error::Broker(format!("{} has no address", url.host)))?;
-            (url, resolved, ca_file.clone(), EXTERNAL_MAX_PACKET, None)
+            (
+                url,
+                resolved,
+                ca_file.clone(),
+                password_file.clone(),
+                EXTERNAL_MAX_PACKET,
+                None,
+            )
         }
+    };
+    let refresh_guard = match auth.refresh {
+        RefreshAuth::Signed => match &credentials {
+            Some(store) => {
+                RefreshGuard::Signed(Arc::new(auth::RefreshVerifier::new(&store.refresh_key()?)))
+            }
+            // No coordinator: nothing a refresh could start; refuse them all.
+            None => RefreshGuard::Off,
+        },
+        RefreshAuth::BrokerAcl => RefreshGuard::BrokerAcl,
+        RefreshAuth::Off => RefreshGuard::Off,
     };
     let public_url = MqttUrl {
         username: None,
@@ -330,6 +410,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             .max_packet_size(max_packet)
             .request_capacity(REQUEST_CAPACITY)
             .ca_file(ca_file.clone())
+            .password_file(password_file.clone())
             .persistent_session(config.delivery.persistent_session)
             .connect()
     };
@@ -378,6 +459,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         commands,
         actuator_base: config.actuator_base.clone(),
         refresh: refresh_target.clone(),
+        refresh_guard,
         refresh_gate: Arc::new(Semaphore::new(1)),
     };
     let (sub_ready_tx, sub_ready) = oneshot::channel();
@@ -469,6 +551,8 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         pub_task,
         broker,
         status,
+        credentials,
+        actuator_base: config.actuator_base.clone(),
     })
 }
 

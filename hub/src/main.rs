@@ -36,6 +36,9 @@ struct Cli {
     /// Serve /metrics, /devices and /healthz on this address (overrides the configuration).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The MQTT credential store directory (overrides `[mqtt_auth] dir`).
+    #[arg(long, global = true)]
+    credentials_dir: Option<PathBuf>,
     /// Print the default configuration as TOML and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -56,6 +59,32 @@ enum Command {
         #[arg(long, env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
     },
+    /// Issue MQTT credentials for a device: a generated password (written 0600 to
+    /// `<credentials dir>/devices/<name>.password`), its entry in the Mosquitto password file
+    /// the embedded broker also uses, and its ACL entries (`<credentials dir>/acl`). Prints
+    /// what the device needs. With Mosquitto, reload it afterwards.
+    ProvisionDevice {
+        /// Device name: its MQTT user and topic level (`hearth/<name>/…`).
+        name: String,
+        /// What it may do: `device` (an agent), `actuator` (a Zigbee2MQTT-style switch) or
+        /// `admin` (reads everything, may request refreshes).
+        #[arg(long, value_enum, default_value = "device")]
+        role: hearth_hub::Role,
+        /// Issue a new password for an already provisioned name.
+        #[arg(long)]
+        rotate: bool,
+        /// Broker URL the device connects to, for the printed settings
+        /// (default: from the configuration).
+        #[arg(long)]
+        mqtt_url: Option<String>,
+    },
+    /// Print a refresh request for `hearth/federation/refresh`, signed with the hub's refresh
+    /// key (admins only: the key is in the credential store), valid for 5 minutes, once:
+    /// `mosquitto_pub -t hearth/federation/refresh -m "$(hearth-hub refresh-request plaid)"`.
+    RefreshRequest {
+        /// Model name.
+        model: String,
+    },
 }
 
 /// The configuration from file + flags, validated (rules loaded too, so a bad rules file
@@ -70,12 +99,14 @@ fn load_config(cli: &Cli) -> Result<Config, Error> {
             BrokerConfig::External {
                 username,
                 password,
+                password_file,
                 ca_file,
                 ..
             } => BrokerConfig::External {
                 url: url.clone(),
                 username,
                 password,
+                password_file,
                 ca_file,
             },
             BrokerConfig::Embedded { .. } => BrokerConfig::external(url.clone()),
@@ -96,6 +127,9 @@ fn load_config(cli: &Cli) -> Result<Config, Error> {
     }
     if let Some(m) = cli.metrics_listen {
         cfg.metrics_listen = Some(m);
+    }
+    if let Some(d) = &cli.credentials_dir {
+        cfg.mqtt_auth.dir = d.clone();
     }
     cfg.validate()?;
     if let Some(r) = &cfg.rules {
@@ -168,6 +202,92 @@ async fn refresh_cmd(
     }
 }
 
+/// The configuration file (or defaults) with `--credentials-dir`, for the credential commands.
+fn store_config(cli: &Cli) -> Result<Config, Error> {
+    let mut cfg = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &cli.credentials_dir {
+        cfg.mqtt_auth.dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+fn provision_cmd(
+    cli: &Cli,
+    name: &str,
+    role: hearth_hub::Role,
+    rotate: bool,
+    mqtt_url: Option<&str>,
+) -> Result<(), Error> {
+    let cfg = store_config(cli)?;
+    let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?;
+    // The hub's own login exists too (Mosquitto needs its entry before the hub connects).
+    store.ensure_hub(&cfg.actuator_base)?;
+    let p = store.provision(name, role, &cfg.actuator_base, rotate)?;
+    let url = match (mqtt_url, &cfg.broker) {
+        (Some(u), _) => hearth_edge::MqttUrl::parse(u)?,
+        (None, BrokerConfig::External { .. }) => cfg.broker.external_url()?.expect("external"),
+        (None, BrokerConfig::Embedded { listen, .. }) => hearth_edge::MqttUrl {
+            tls: false,
+            host: if listen.ip().is_unspecified() {
+                "<this hub's address>".into()
+            } else {
+                listen.ip().to_string()
+            },
+            port: listen.port(),
+            username: None,
+            password: None,
+        },
+    };
+    let url = hearth_edge::MqttUrl {
+        username: Some(p.user.clone()),
+        password: None,
+        ..url
+    };
+    let ca = if url.tls {
+        "\n  mqtt_ca_file = \"/etc/hearth/ca.pem\"        # the CA of the broker's certificate"
+    } else {
+        ""
+    };
+    println!(
+        "provisioned `{}` as {:?}\n\
+         password file: {} (mode 0600; copy it to the device, e.g. /etc/hearth/mqtt.password)\n\
+         device settings (agent TOML; the actuator's are `mqtt` and `password_file`):\n  \
+         mqtt = \"{url}\"\n  \
+         mqtt_password_file = \"/etc/hearth/mqtt.password\"{ca}\n\
+         Mosquitto: {} and {} updated; reload it (systemctl reload mosquitto). The hub logs \
+         in to it as `{}` with the password in {}.\n\
+         The embedded broker reads {} again at the next login.",
+        p.user,
+        p.role,
+        p.password_file.display(),
+        store.passwd_path().display(),
+        store.acl_path().display(),
+        hearth_hub::auth::HUB_USER,
+        store.hub_password_path().display(),
+        store.passwd_path().display(),
+    );
+    Ok(())
+}
+
+fn refresh_request_cmd(cli: &Cli, model: &str) -> Result<(), Error> {
+    if !hearth_proto::mqtt::valid_name(model) {
+        return Err(Error::Config(format!(
+            "`{model}` is not a valid model name"
+        )));
+    }
+    let cfg = store_config(cli)?;
+    let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?;
+    let req = hearth_hub::auth::sign_refresh(&store.refresh_key()?, model);
+    println!(
+        "{}",
+        serde_json::to_string(&req).expect("a refresh request serialises")
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli: Cli = match parse_args() {
         Ok(c) => c,
@@ -179,6 +299,31 @@ fn main() -> ExitCode {
     }
     // rumqttd logs clean disconnects as errors: silenced unless RUST_LOG asks for it.
     init_tracing("info,rumqttd=off");
+    let credential_cmd = match &cli.command {
+        Some(Command::ProvisionDevice {
+            name,
+            role,
+            rotate,
+            mqtt_url,
+        }) => Some(provision_cmd(
+            &cli,
+            name,
+            *role,
+            *rotate,
+            mqtt_url.as_deref(),
+        )),
+        Some(Command::RefreshRequest { model }) => Some(refresh_request_cmd(&cli, model)),
+        _ => None,
+    };
+    if let Some(r) = credential_cmd {
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hearth-hub: {e}");
+                exit_code(&e)
+            }
+        };
+    }
     let rt = match runtime("hearth-hub", Some(2)) {
         Ok(rt) => rt,
         Err(code) => return code,

@@ -117,6 +117,9 @@ pub struct Metrics {
     pub commands_failed: AtomicU64,
     /// Valid refresh requests received on `hearth/federation/refresh`.
     pub refresh_requests: AtomicU64,
+    /// Refresh requests refused because no admin signed them (or the signature was stale,
+    /// replayed or wrong).
+    pub refresh_unauthorized: AtomicU64,
     /// Refresh requests the coordinator did not accept (or could not be reached).
     pub refresh_failures: AtomicU64,
     /// Model publications announced on `hearth/federation/model/<name>`.
@@ -172,7 +175,7 @@ impl Metrics {
     /// Prometheus text exposition format 0.0.4.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::with_capacity(2048);
-        let simple: [(&str, &str, &AtomicU64); 15] = [
+        let simple: [(&str, &str, &AtomicU64); 16] = [
             (
                 "events_received_total",
                 "Messages received on hearth/+/event/+ topics.",
@@ -232,6 +235,11 @@ impl Metrics {
                 "refresh_failures_total",
                 "Refresh requests that failed.",
                 &self.refresh_failures,
+            ),
+            (
+                "refresh_unauthorized_total",
+                "Refresh requests refused: not signed by an admin, stale or replayed.",
+                &self.refresh_unauthorized,
             ),
             (
                 "models_announced_total",

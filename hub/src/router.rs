@@ -7,7 +7,8 @@
 //! - `hearth/<device>/meta`, `hearth/<device>/availability`: the registry.
 //! - `<actuator_base>/<actuator>/availability` of every actuator the rules name: the
 //!   delivery task holds that actuator's commands while it is offline.
-//! - `hearth/federation/refresh`: starts a federated round on the coordinator.
+//! - `hearth/federation/refresh`: starts a federated round on the coordinator, if the
+//!   request is authorised ([`RefreshGuard`]: signed by an admin by default).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,6 +59,17 @@ pub struct RefreshTarget {
     pub token: String,
 }
 
+/// Which refresh requests the router obeys.
+#[derive(Debug, Clone)]
+pub enum RefreshGuard {
+    /// Only requests signed with the refresh key, fresh and not replayed.
+    Signed(Arc<crate::auth::RefreshVerifier>),
+    /// Any well-formed request (the broker's ACL restricts who may publish one).
+    BrokerAcl,
+    /// None.
+    Off,
+}
+
 /// Routes incoming messages.
 pub struct Router {
     pub(crate) rules: Arc<RuleSet>,
@@ -69,6 +81,7 @@ pub struct Router {
     /// Commands go to `<actuator_base>/<actuator>/set`.
     pub(crate) actuator_base: String,
     pub(crate) refresh: Option<RefreshTarget>,
+    pub(crate) refresh_guard: RefreshGuard,
     /// One refresh in flight at a time.
     pub(crate) refresh_gate: Arc<Semaphore>,
 }
@@ -252,6 +265,22 @@ impl Router {
         };
         if !valid_name(&req.model) {
             return invalid("invalid model name");
+        }
+        let refused = match &self.refresh_guard {
+            RefreshGuard::Signed(v) => v.verify(&req, crate::auth::now_ms()).err(),
+            RefreshGuard::BrokerAcl => None,
+            RefreshGuard::Off => Some("MQTT refresh requests are off (mqtt_auth.refresh)"),
+        };
+        if let Some(reason) = refused {
+            let n = self
+                .metrics
+                .refresh_unauthorized
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if should_log(n) {
+                tracing::warn!(topic = REFRESH_TOPIC, model = %req.model, reason, "refresh request refused: not authorised");
+            }
+            return;
         }
         Metrics::inc(&self.metrics.refresh_requests);
         let Some(target) = self.refresh.clone() else {

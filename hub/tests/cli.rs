@@ -21,8 +21,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_hearth-hub");
 const ADMIN: &str = "cli-test-admin-token-0123456789";
 const WAIT: Duration = Duration::from_secs(15);
 
+/// Runs in a fresh directory of its own: the default credential store is relative.
 fn hub() -> Command {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let cwd = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "hub-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&cwd).unwrap();
     let mut c = Command::new(BIN);
+    c.current_dir(cwd);
     c.env_remove("HEARTH_HUB_CONFIG")
         .env_remove("HEARTH_ADMIN_TOKEN")
         .env("RUST_LOG", "warn");
@@ -76,6 +85,76 @@ fn default_config_parses_back_as_a_valid_config() {
         text.contains("ca_file"),
         "the mqtts option is documented: {text}"
     );
+}
+
+#[test]
+fn provision_device_issues_credentials_and_refresh_request_signs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mqtt");
+    let d = store.to_str().unwrap();
+    let o = run(&[
+        "--credentials-dir",
+        d,
+        "provision-device",
+        "kitchen-plug",
+        "--mqtt-url",
+        "mqtts://hub.lan",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let pw_file = store.join("devices/kitchen-plug.password");
+    assert!(out.contains(pw_file.to_str().unwrap()), "{out}");
+    assert!(
+        out.contains("mqtt = \"mqtts://kitchen-plug@hub.lan:8883\""),
+        "{out}"
+    );
+    let pw = std::fs::read_to_string(&pw_file).unwrap();
+    assert!(
+        !out.contains(pw.trim()),
+        "the password is not printed: {out}"
+    );
+    let f = hearth_edge::passwd::PasswordFile::load(&store.join("passwd")).unwrap();
+    assert!(f.verify("kitchen-plug", pw.trim()));
+    let acl = std::fs::read_to_string(store.join("acl")).unwrap();
+    assert!(
+        acl.contains("user kitchen-plug\ntopic write hearth/kitchen-plug/#"),
+        "{acl}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // Once only, unless rotated; reserved and malformed names are refused.
+    for args in [
+        &["provision-device", "kitchen-plug"][..],
+        &["provision-device", "federation"][..],
+        &["provision-device", "a/b"][..],
+        &["provision-device", "x", "--role", "root"][..],
+    ] {
+        let o = run(&[&["--credentials-dir", d][..], args].concat());
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+    }
+    let o = run(&[
+        "--credentials-dir",
+        d,
+        "provision-device",
+        "kitchen-plug",
+        "--rotate",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(std::fs::read_to_string(&pw_file).unwrap(), pw);
+
+    // An admin's signed refresh request, checked with the store's key.
+    let o = run(&["--credentials-dir", d, "refresh-request", "plaid"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let req: hearth_proto::mqtt::RefreshRequest = serde_json::from_slice(&o.stdout).unwrap();
+    let key = hearth_hub::CredentialStore::open(&store)
+        .unwrap()
+        .refresh_key()
+        .unwrap();
+    let v = hearth_hub::auth::RefreshVerifier::new(&key);
+    assert_eq!(v.verify(&req, hearth_hub::auth::now_ms()), Ok(()));
 }
 
 #[test]

@@ -45,12 +45,23 @@ struct Home {
     lamp: Option<ActuatorHandle>,
     agent: Option<tokio::task::JoinHandle<u64>>,
     stop_agent: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Passwords of the lamp and the agent, provisioned in the hub's credential store.
+    lamp_pw: String,
+    agent_pw: String,
 }
 
 impl Home {
     fn new(port: u16) -> Home {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+        let store = hearth_hub::CredentialStore::open(&dir.path().join("mqtt")).unwrap();
+        let base = "zigbee2mqtt";
+        let lamp = store
+            .provision("porch_light", hearth_hub::Role::Actuator, base, false)
+            .unwrap();
+        let agent = store
+            .provision("door-cam", hearth_hub::Role::Device, base, false)
+            .unwrap();
         Home {
             dir,
             port,
@@ -58,6 +69,8 @@ impl Home {
             lamp: None,
             agent: None,
             stop_agent: None,
+            lamp_pw: lamp.password,
+            agent_pw: agent.password,
         }
     }
 
@@ -76,10 +89,12 @@ impl Home {
         let hold = std::env::var("HEARTH_TEST_HOLD").unwrap_or_else(|_| "true".into());
         let cfg = format!(
             "client_id = \"delivery-hub\"\nrules = \"{}\"\n\n[delivery]\nhold_offline = {hold}\n\
-             persistent_session = {}\nstate_file = \"{}\"\n\n[broker]\n{broker}\n",
+             persistent_session = {}\nstate_file = \"{}\"\n\n[mqtt_auth]\ndir = \"{}\"\n\n\
+             [broker]\n{broker}\n",
             self.path("rules.toml").display(),
             persistent(),
             self.path("outbox.jsonl").display(),
+            self.path("mqtt").display(),
         );
         std::fs::write(self.path("hub.toml"), cfg).unwrap();
         let log = self.path(&format!("hub-{}.log", self.runs));
@@ -122,15 +137,16 @@ impl Home {
             .collect()
     }
 
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+    /// The broker URL with `user`'s credentials.
+    fn url(&self, user: &str, password: &str) -> String {
+        format!("mqtt://{user}:{password}@127.0.0.1:{}", self.port)
     }
 
     /// Starts the lamp (same client id every time: its session is its own).
     async fn run_lamp(&mut self) -> Arc<ActuatorStats> {
         let lamp = start_actuator(ActuatorConfig {
             persistent_session: persistent(),
-            ..ActuatorConfig::new("porch_light", &self.url())
+            ..ActuatorConfig::new("porch_light", &self.url("porch_light", &self.lamp_pw))
         })
         .await
         .unwrap();
@@ -153,7 +169,7 @@ impl Home {
     /// An agent publishing a person at the door RATE times a second until stopped; it
     /// returns how many events it handed to its client.
     fn start_agent(&mut self) {
-        let url = MqttUrl::parse(&self.url()).unwrap();
+        let url = MqttUrl::parse(&self.url("door-cam", &self.agent_pw)).unwrap();
         let (client, el) = ClientSettings::new(url, "delivery-agent")
             .request_capacity(1024)
             .connect()

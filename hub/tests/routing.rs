@@ -1,13 +1,15 @@
 //! End-to-end tests of the hub on loopback: embedded rumqttd on a free port, real rumqttc
 //! clients publishing events and listening for actuator commands. Every wait is bounded.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hearth_hub::{
-    Availability, BrokerConfig, Config, DropReason, Error, HubHandle, InvalidKind, Metrics,
+    Availability, BrokerConfig, Config, DropReason, Error, HubHandle, InvalidKind, Metrics, Role,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +57,24 @@ struct Home {
     _dir: tempfile::TempDir,
 }
 
+/// The test clients' login on each embedded broker (by port): `start_hub` provisions an
+/// admin for the test's own clients, which `listener` and `publisher` use.
+static LOGINS: Mutex<Option<HashMap<u16, (String, String)>>> = Mutex::new(None);
+
+fn login(addr: SocketAddr) -> Option<(String, String)> {
+    LOGINS.lock().unwrap().as_ref()?.get(&addr.port()).cloned()
+}
+
+impl Home {
+    /// `mqtt://user:password@…` of this hub's embedded broker for a new admin principal
+    /// (for a second hub that uses it as its external broker).
+    fn external_url(&self, via: Option<SocketAddr>) -> String {
+        let p = self.hub.provision(&uid("other-hub"), Role::Admin).unwrap();
+        let addr = via.unwrap_or(self.hub.mqtt_addr());
+        format!("mqtt://{}:{}@{addr}", p.user, p.password)
+    }
+}
+
 async fn start_hub(rules: &str, tweak: impl FnOnce(&mut Config)) -> Home {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().join("rules.toml");
@@ -66,11 +86,22 @@ async fn start_hub(rules: &str, tweak: impl FnOnce(&mut Config)) -> Home {
         broker: BrokerConfig::embedded("127.0.0.1:0".parse().unwrap()),
         ..Config::default()
     };
+    cfg.mqtt_auth.dir = dir.path().join("mqtt");
     tweak(&mut cfg);
+    let embedded =
+        matches!(cfg.broker, BrokerConfig::Embedded { .. }) && !cfg.mqtt_auth.allow_anonymous;
     let hub = timeout(Duration::from_secs(15), hearth_hub::start(cfg))
         .await
         .expect("hub starts in time")
         .expect("hub starts");
+    if embedded {
+        let p = hub.provision("tester", Role::Admin).unwrap();
+        LOGINS
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(hub.mqtt_addr().port(), (p.user, p.password));
+    }
     Home { hub, _dir: dir }
 }
 
@@ -81,6 +112,9 @@ async fn listener(
 ) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
     let mut o = MqttOptions::new(uid("listener"), addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(10));
+    if let Some((u, p)) = login(addr) {
+        o.set_credentials(u, p);
+    }
     let (client, mut el) = AsyncClient::new(o, 64);
     client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -115,6 +149,9 @@ async fn listener(
 async fn publisher(addr: SocketAddr) -> AsyncClient {
     let mut o = MqttOptions::new(uid("agent"), addr.ip().to_string(), addr.port());
     o.set_max_packet_size(64 * 1024, 64 * 1024);
+    if let Some((u, p)) = login(addr) {
+        o.set_credentials(u, p);
+    }
     let (client, mut el) = AsyncClient::new(o, 256);
     tokio::spawn(async move {
         for _ in 0..100_000 {
@@ -457,34 +494,129 @@ async fn refresh_requests_are_counted_and_fail_without_a_coordinator() {
         c.admin_token = Some("secret".into());
     })
     .await;
+    // A device with valid MQTT credentials, but no admin: it cannot sign.
     let agent = publisher(home.hub.mqtt_addr()).await;
-    agent
-        .publish(
-            "hearth/federation/refresh",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"model":"plaid"}"#,
-        )
-        .await
-        .unwrap();
-    agent
-        .publish(
-            "hearth/federation/refresh",
-            QoS::AtLeastOnce,
-            false,
-            "plaid",
-        )
-        .await
-        .unwrap();
+    let refresh = |body: Vec<u8>| {
+        let agent = agent.clone();
+        async move {
+            agent
+                .publish("hearth/federation/refresh", QoS::AtLeastOnce, false, body)
+                .await
+                .unwrap()
+        }
+    };
     let m = home.hub.metrics();
+    // Unsigned (what any client could publish before), signed with a wrong key, and junk.
+    refresh(br#"{"model":"plaid"}"#.to_vec()).await;
+    let forged = hearth_hub::auth::sign_refresh(b"a key the device made up itself!", "plaid");
+    refresh(serde_json::to_vec(&forged).unwrap()).await;
+    refresh(b"plaid".to_vec()).await;
+    wait_until("refusals counted", || {
+        Metrics::get(&m.refresh_unauthorized) == 2 && m.invalid_messages(InvalidKind::Refresh) == 1
+    })
+    .await;
+    assert_eq!(
+        Metrics::get(&m.refresh_requests),
+        0,
+        "nothing unsigned got through"
+    );
+    // Signed with the hub's key (what `hearth-hub refresh-request` prints for an admin):
+    // accepted, then fails at the unreachable coordinator.
+    let key = home.hub.credentials().unwrap().refresh_key().unwrap();
+    let signed = serde_json::to_vec(&hearth_hub::auth::sign_refresh(&key, "plaid")).unwrap();
+    refresh(signed.clone()).await;
     wait_until("refresh failure", || Metrics::get(&m.refresh_failures) == 1).await;
     assert_eq!(Metrics::get(&m.refresh_requests), 1);
-    assert_eq!(m.invalid_messages(InvalidKind::Refresh), 1);
+    // The same signed request seen on the broker and published again: a replay.
+    refresh(signed).await;
+    wait_until("replay refused", || {
+        Metrics::get(&m.refresh_unauthorized) == 3
+    })
+    .await;
+    assert_eq!(Metrics::get(&m.refresh_requests), 1);
+    assert!(home
+        .hub
+        .render_metrics()
+        .contains("hearth_hub_refresh_unauthorized_total 3"));
     let t = std::time::Instant::now();
     timeout(WAIT, home.hub.shutdown())
         .await
         .expect("shutdown in time");
     assert!(t.elapsed() < Duration::from_secs(4));
+}
+
+/// Whether a client logging in with `login` gets a CONNACK from the broker at `addr`.
+async fn connects(addr: SocketAddr, login: Option<(&str, &str)>) -> bool {
+    let mut o = MqttOptions::new(uid("login"), addr.ip().to_string(), addr.port());
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    let (_c, mut el) = AsyncClient::new(o, 8);
+    let r = timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(a))) => {
+                    return a.code == rumqttc::ConnectReturnCode::Success
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    r.expect("an answer or a closed connection in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_refuses_clients_without_valid_credentials() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    let cam = home.hub.provision("door-cam", Role::Device).unwrap();
+    assert!(connects(addr, Some((&cam.user, &cam.password))).await);
+    assert!(!connects(addr, None).await, "no credentials");
+    assert!(
+        !connects(addr, Some((&cam.user, "guess"))).await,
+        "wrong password"
+    );
+    assert!(
+        !connects(addr, Some(("intruder", &cam.password))).await,
+        "unknown user"
+    );
+    let hub_pw =
+        std::fs::read_to_string(home.hub.credentials().unwrap().hub_password_path()).unwrap();
+    assert!(
+        !connects(addr, Some(("door-cam", hub_pw.trim()))).await,
+        "another's password"
+    );
+
+    // A rotated password replaces the old one at once.
+    let rotated = home.hub.provision("door-cam", Role::Device).unwrap();
+    assert!(!connects(addr, Some((&cam.user, &cam.password))).await);
+    assert!(connects(addr, Some((&rotated.user, &rotated.password))).await);
+
+    // Nothing from a client without credentials reaches the hub: its event never arrives.
+    let mut o = MqttOptions::new(uid("rogue"), addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (rogue, mut el) = AsyncClient::new(o, 8);
+    rogue
+        .publish(
+            "hearth/door-cam/event/detection",
+            QoS::AtLeastOnce,
+            false,
+            event("person", 0.99),
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let _ = timeout(Duration::from_millis(500), el.poll()).await;
+    }
+    assert_eq!(Metrics::get(&home.hub.metrics().events_received), 0);
+
+    // `allow_anonymous` is the only way to open the embedded broker.
+    let open = start_hub("", |c| c.mqtt_auth.allow_anonymous = true).await;
+    assert!(connects(open.hub.mqtt_addr(), None).await);
+    open.hub.shutdown().await;
+    home.hub.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,7 +654,7 @@ async fn run_stops_on_shutdown_and_external_broker_works() {
     // Hub A (no rules) provides the broker; hub B (the rules) uses it as an external
     // broker via run(): commands on A's broker can only come from B.
     let a = start_hub("", |_| {}).await;
-    let url = a.hub.mqtt_url();
+    let url = a.external_url(None);
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
@@ -587,7 +719,7 @@ async fn stale_retained_events_are_not_routed_on_subscribe() {
     .await;
     let (_l, mut rx) = listener(addr, "zigbee2mqtt/+/set").await;
     let b = start_hub(RULES, |c| {
-        c.broker = BrokerConfig::external(a.hub.mqtt_url())
+        c.broker = BrokerConfig::external(a.external_url(None))
     })
     .await;
     barrier(&agent, &mut rx).await;
@@ -678,7 +810,7 @@ async fn healthz_follows_the_mqtt_connection_and_the_hub_reconnects() {
     let a = start_hub("", |_| {}).await;
     let mut proxy = Proxy::start(a.hub.mqtt_addr()).await;
     let b = start_hub(RULES, |c| {
-        c.broker = BrokerConfig::external(format!("mqtt://{}", proxy.addr));
+        c.broker = BrokerConfig::external(a.external_url(Some(proxy.addr)));
     })
     .await;
     let status = b.hub.metrics_addr().unwrap();

@@ -5,7 +5,13 @@
 //! - `hearth/<device>/meta`: [`DeviceMeta`], retained.
 //! - `hearth/<device>/availability`: `online` / `offline`, retained, last will.
 //! - `<base>/<actuator>/set`: Zigbee2MQTT-style command, `<base>/<actuator>`: state, retained.
-//! - `hearth/federation/refresh`: [`RefreshRequest`]; `hearth/federation/model/<name>`: [`ModelAnnouncement`], retained.
+//! - `hearth/federation/refresh`: [`RefreshRequest`] (signed by an admin); `hearth/federation/model/<name>`: [`ModelAnnouncement`], retained.
+//!
+//! Who may publish what (enforced by Mosquitto's ACLs in production, see `deploy/mosquitto/`):
+//! a device only under `hearth/<its name>/…` (an actuator also its own `<base>/<name>` state
+//! and availability), only the hub on `<base>/<actuator>/set` and
+//! `hearth/federation/model/…`, only admins on `hearth/federation/refresh`. `federation` is
+//! therefore not a device name ([`reserved_name`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -108,9 +114,40 @@ pub struct DeviceMeta {
 }
 
 /// Body of a refresh request on [`REFRESH_TOPIC`].
+///
+/// The hub accepts only requests an admin signed (its default, `[mqtt_auth] refresh =
+/// "signed"`): `mac` is the hex HMAC-SHA256, under the hub's refresh key, of
+/// `hearth-refresh-v1\n<model>\n<ts>\n<nonce>`; `ts` (Unix milliseconds) must be recent and
+/// `nonce` unseen, so a request seen on the broker cannot be replayed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RefreshRequest {
     pub model: String,
+    /// Unix time of signing, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    /// Random, unique per request (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Hex HMAC-SHA256 over the model, `ts` and `nonce`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl RefreshRequest {
+    /// An unsigned request for `model`.
+    pub fn unsigned(model: impl Into<String>) -> RefreshRequest {
+        RefreshRequest {
+            model: model.into(),
+            ts: None,
+            nonce: None,
+            mac: None,
+        }
+    }
+
+    /// The bytes the `mac` covers.
+    pub fn signed_text(model: &str, ts: u64, nonce: &str) -> String {
+        format!("hearth-refresh-v1\n{model}\n{ts}\n{nonce}")
+    }
 }
 
 /// Retained announcement at `hearth/federation/model/<name>`.
@@ -150,6 +187,12 @@ pub fn parse_event_topic(topic: &str) -> Option<(&str, &str)> {
         }
         _ => None,
     }
+}
+
+/// Names no device may take: `federation` (its topics would be `hearth/federation/…`) and
+/// the hub's own MQTT user.
+pub fn reserved_name(s: &str) -> bool {
+    s == "federation" || s == "hearth-hub"
 }
 
 /// A device or actuator name usable as one MQTT topic level and as a Home

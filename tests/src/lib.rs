@@ -25,16 +25,26 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// Connects to the broker at `addr`, subscribes to `#` and returns once subscribed.
-    pub async fn start(addr: std::net::SocketAddr, id: &str) -> Observer {
-        let url = MqttUrl::parse(&format!("mqtt://{addr}")).expect("a loopback broker URL");
+    /// Connects to the broker at `url` (`mqtt://user:password@host:port`), subscribes to `#`
+    /// and returns once subscribed; panics if it cannot.
+    pub async fn start(url: &str, id: &str) -> Observer {
+        Observer::connect(url, id)
+            .await
+            .unwrap_or_else(|e| panic!("observer {id}: {e}"))
+    }
+
+    /// [`Observer::start`], returning why it could not connect and subscribe within 5 s
+    /// (e.g. the broker refused its credentials).
+    pub async fn connect(url: &str, id: &str) -> Result<Observer, String> {
+        let url = MqttUrl::parse(url).map_err(|e| e.to_string())?;
         let (client, el) = ClientSettings::new(url, id)
             .keep_alive(Duration::from_secs(5))
             .max_packet_size(1 << 20)
             .request_capacity(100)
             .connect()
-            .expect("observer client options");
+            .map_err(|e| e.to_string())?;
         let mut conn = Connection::new(el, format!("observer {id}"));
+        let status = conn.status();
         client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -57,11 +67,16 @@ impl Observer {
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), rx)
-            .await
-            .expect("observer subscribed in time")
-            .expect("observer task alive");
-        Observer { seen, client, task }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(())) => Ok(Observer { seen, client, task }),
+            _ => {
+                task.abort();
+                Err(format!(
+                    "not subscribed within 5 s (last error: {})",
+                    status.last_error().unwrap_or_else(|| "none".into())
+                ))
+            }
+        }
     }
 
     /// A copy of everything seen so far.

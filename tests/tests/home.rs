@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hearth_demo::{default_data_dir, AgentGroup, Home, HomeOptions, PORCH_LIGHT};
+use hearth_hub::Role;
 use hearth_proto::mqtt::{Event, MAX_EVENT_BYTES};
 use hearth_tests::{eventually, longest_number_run, Observer};
 
@@ -26,7 +27,11 @@ async fn event_reaches_actuator_and_federated_round_improves_model() {
     let home = Home::start(&faces_home(dir.path()))
         .await
         .expect("home starts");
-    let observer = Observer::start(home.hub.mqtt_addr(), "test-observer").await;
+    let observer = Observer::start(
+        &home.client_url("test-observer", Role::Admin).unwrap(),
+        "test-observer",
+    )
+    .await;
 
     // Federated round, requested over MQTT like a user would.
     let v1 = home.versions("faces").await.unwrap();
@@ -119,13 +124,27 @@ async fn hub_drops_raw_payloads_on_event_topics() {
     let mut opts = faces_home(dir.path());
     opts.groups[0].count = 1;
     let home = Home::start(&opts).await.expect("home starts");
-    let observer = Observer::start(home.hub.mqtt_addr(), "rogue-device").await;
     let metrics = home.hub.metrics();
-    let dropped_before = metrics.events_dropped_total();
 
-    // A device that tries to ship its samples on a topic the person rule listens to: an extra
-    // field carrying the image, a small extra field, and a payload that is not JSON.
+    // A client without credentials, or with a made-up password, does not even get a session
+    // on the hub's broker: it cannot publish as any device.
+    let anonymous = Observer::connect(&home.hub.mqtt_url(), "rogue-anonymous").await;
+    assert!(anonymous.is_err(), "a client without credentials connected");
+    let mut url = hearth_edge::MqttUrl::parse(&home.hub.mqtt_url()).unwrap();
+    url.username = Some("door-cam-1".into());
+    url.password = Some("guessed".into());
+    let guessed = Observer::connect(&url.to_url_with_password(), "rogue-guess").await;
+    assert!(
+        guessed.is_err(),
+        "a client with a guessed password connected"
+    );
+
+    // A provisioned device that tries to ship its samples on a topic the person rule listens
+    // to: an extra field carrying the image, a small extra field, and a payload that is not
+    // JSON. Its login gets it onto the broker; the privacy guard still drops every one.
     let rogue = "door-cam-9";
+    let observer = Observer::start(&home.client_url(rogue, Role::Device).unwrap(), rogue).await;
+    let dropped_before = metrics.events_dropped_total();
     let topic = format!("hearth/{rogue}/event/detection");
     let pixels: Vec<String> = (0..625)
         .map(|i| format!("{:.3}", i as f32 / 625.0))
