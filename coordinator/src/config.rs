@@ -69,6 +69,8 @@ pub struct Config {
     /// them (median, trimmed mean, Krum): `max_clients × 4 × parameters` must fit, checked for
     /// each such model at start-up and for every `StartRound`.
     pub max_round_memory_mb: u64,
+    /// Per-client call rate limit (`[rate_limit]`, see [`crate::ratelimit`]).
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
     /// Round defaults (used when a `StartRound` field is 0) and the task sent to clients.
     pub round: RoundDefaults,
     /// Aggregation of every model that has no entry in `model_aggregation`.
@@ -149,8 +151,15 @@ pub enum ServerOptimizer {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Combine {
-    /// Weighted mean, folded into a running sum (O(model) memory).
+    /// The default: a round with at least `robust_from_clients` updates at close takes the
+    /// coordinate-wise trimmed mean (at least one value dropped on each side), a smaller one
+    /// the weighted mean. The round keeps its updates when `max_clients × 4 × parameters` fits
+    /// `max_round_memory_mb` (so the round-relative bounds apply too); otherwise it is the
+    /// running-sum mean with the bounds learnt from earlier rounds.
     #[default]
+    Auto,
+    /// Weighted mean, folded into a running sum (O(model) memory): plain FedAvg, whatever the
+    /// round's size.
     Mean,
     /// Coordinate-wise median (keeps the updates).
     Median,
@@ -163,14 +172,17 @@ pub enum Combine {
 }
 
 impl Combine {
-    /// Whether the method needs every decoded update of the round (not just the running sum).
+    /// Whether the method always needs every decoded update of the round (not just the
+    /// running sum). `Auto` keeps them when they fit the memory bound (decided per round by
+    /// [`Aggregation::keeps_for_round`]).
     pub fn keeps_updates(self) -> bool {
-        !matches!(self, Combine::Mean)
+        !matches!(self, Combine::Mean | Combine::Auto)
     }
 
     /// The name used in the config file.
     pub fn as_str(self) -> &'static str {
         match self {
+            Combine::Auto => "auto",
             Combine::Mean => "mean",
             Combine::Median => "median",
             Combine::TrimmedMean => "trimmed_mean",
@@ -200,8 +212,21 @@ pub struct Aggregation {
     /// FedAdam/FedYogi adaptivity τ.
     #[serde(serialize_with = "short_f32")]
     pub tau: f32,
-    /// `mean`, `median`, `trimmed_mean` or `krum`.
+    /// `auto` (default), `mean`, `median`, `trimmed_mean` or `krum`.
     pub combine: Combine,
+    /// `combine = "auto"` takes the trimmed mean when a round closes with at least this many
+    /// updates (0 = never; otherwise >= 3).
+    pub robust_from_clients: u32,
+    /// Adaptive per-client norm bound: an update whose L2 norm exceeds this multiple of the
+    /// median norm is scaled down to it (0 = off). The median is the round's own when the round
+    /// keeps its updates, else that of the updates accepted in the model's last rounds.
+    #[serde(serialize_with = "short_f32")]
+    pub norm_bound_factor: f32,
+    /// Sample-count cap relative to the round: a client's weight is at most this multiple of
+    /// the median reported sample count (the round's own, or the last rounds'; 0 = off), on top
+    /// of `max_client_samples`.
+    #[serde(serialize_with = "short_f32")]
+    pub sample_cap_factor: f32,
     /// Fraction β of values dropped on each side by `trimmed_mean`, in [0, 0.5).
     #[serde(serialize_with = "short_f32")]
     pub trim_fraction: f32,
@@ -224,7 +249,10 @@ impl Default for Aggregation {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
-            combine: Combine::Mean,
+            combine: Combine::Auto,
+            robust_from_clients: 5,
+            norm_bound_factor: 3.0,
+            sample_cap_factor: 3.0,
             trim_fraction: 0.1,
             krum_byzantine: 1,
             krum_select: 1,
@@ -261,6 +289,22 @@ impl Aggregation {
         if self.krum_select == 0 {
             return Err(format!("{section}.krum_select must be >= 1"));
         }
+        if self.robust_from_clients > 0 && self.robust_from_clients < 3 {
+            return Err(format!(
+                "{section}.robust_from_clients must be 0 (never) or >= 3 (the trimmed mean \
+                 drops one value on each side)"
+            ));
+        }
+        for (key, v) in [
+            ("norm_bound_factor", self.norm_bound_factor),
+            ("sample_cap_factor", self.sample_cap_factor),
+        ] {
+            if !(v.is_finite() && (v == 0.0 || v >= 1.0)) {
+                return Err(format!(
+                    "{section}.{key} must be 0 (off) or a finite number >= 1"
+                ));
+            }
+        }
         if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
             return Err(format!("{section}.clip_norm must be a finite number >= 0"));
         }
@@ -271,6 +315,24 @@ impl Aggregation {
             ));
         }
         Ok(())
+    }
+
+    /// Whether a round of up to `max_clients` updates of `model_bytes` each keeps its decoded
+    /// updates: always for the methods that need them, for `auto` when they fit
+    /// `memory_limit_bytes` (else the round uses the running sum).
+    pub fn keeps_for_round(
+        &self,
+        max_clients: u32,
+        model_bytes: u64,
+        memory_limit_bytes: u64,
+    ) -> bool {
+        match self.combine {
+            Combine::Mean => false,
+            Combine::Auto => {
+                u64::from(max_clients).saturating_mul(model_bytes) <= memory_limit_bytes
+            }
+            _ => true,
+        }
     }
 
     /// Checks a round's client bounds against the method: Krum needs `min_clients >= 2f + 3`
@@ -388,6 +450,7 @@ impl Default for Config {
             max_update_norm: 50.0,
             max_client_samples: 1_000_000,
             max_round_memory_mb: 256,
+            rate_limit: crate::ratelimit::RateLimitConfig::default(),
             round: RoundDefaults::default(),
             aggregation: Aggregation::default(),
             model_aggregation: BTreeMap::new(),
@@ -475,6 +538,7 @@ impl Config {
         if self.max_round_memory_mb == 0 || self.max_round_memory_mb > 1 << 20 {
             return bad("max_round_memory_mb must be in 1..=1048576".into());
         }
+        self.rate_limit.validate().or_else(bad)?;
         let r = &self.round;
         if r.min_clients == 0 {
             return bad("round.min_clients must be >= 1".into());
