@@ -730,7 +730,7 @@ mod tests {
         let p = c.aggregation_for("plaid");
         assert_eq!(
             (p.optimizer, p.combine),
-            (ServerOptimizer::FedAvgM, Combine::Mean)
+            (ServerOptimizer::FedAvgM, Combine::Auto)
         );
         assert_eq!(p.momentum, 0.5);
         let back = Config::from_toml_str(&c.to_toml()).unwrap();
@@ -738,8 +738,14 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.aggregation, Aggregation::default());
         assert_eq!(d.aggregation.optimizer, ServerOptimizer::FedAvg);
-        assert_eq!(d.aggregation.combine, Combine::Mean);
+        assert_eq!(d.aggregation.combine, Combine::Auto);
+        assert_eq!(d.aggregation.robust_from_clients, 5);
+        assert_eq!(d.aggregation.norm_bound_factor, 3.0);
+        assert_eq!(d.aggregation.sample_cap_factor, 3.0);
         assert_eq!(d.aggregation.clip_norm, 0.0);
+        // An explicit choice wins: "mean" is plain FedAvg.
+        let m = Config::from_toml_str("[aggregation]\ncombine = \"mean\"\n").unwrap();
+        assert_eq!(m.aggregation.combine, Combine::Mean);
     }
 
     #[test]
@@ -752,7 +758,16 @@ mod tests {
             c.aggregation.krum_select = select;
         };
         type Change<'a> = &'a dyn Fn(&mut Config);
-        let cases: [(Change, &str); 7] = [
+        let cases: [(Change, &str); 10] = [
+            (
+                &|c| c.aggregation.robust_from_clients = 2,
+                "aggregation.robust_from_clients",
+            ),
+            (
+                &|c| c.aggregation.norm_bound_factor = 0.5,
+                "aggregation.norm_bound_factor",
+            ),
+            (&|c| c.rate_limit.burst = 0, "rate_limit.burst"),
             (
                 &|c| c.aggregation.trim_fraction = 0.5,
                 "aggregation.trim_fraction",
@@ -824,9 +839,14 @@ mod tests {
             e.contains("max_clients (109)") && e.contains("max_round_memory_mb (1 MiB"),
             "{e}"
         );
-        // The running mean keeps no updates: no limit applies.
+        // The running mean keeps no updates: no limit applies; `auto` keeps them only when
+        // they fit, so it is never refused.
         c.model_aggregation.clear();
         c.validate().unwrap();
+        let a = &c.aggregation;
+        assert_eq!(a.combine, Combine::Auto);
+        assert!(a.keeps_for_round(108, 9640, c.round_memory_limit()));
+        assert!(!a.keeps_for_round(109, 9640, c.round_memory_limit()));
     }
 
     #[test]

@@ -349,4 +349,52 @@ mod tests {
         // 1.0 (weight 3), 1.5, 1.2 → (3 + 1.5 + 1.2) / 5
         assert!((vals(&avg)[0] - 1.14).abs() < 1e-6, "{avg:?}");
     }
+
+    #[test]
+    fn round_bounds_clip_to_a_multiple_of_the_median_norm_and_cap_weights() {
+        let a = Aggregation::default();
+        // Norms 1, 2, 3 and 100 (median 2.5, bound 7.5); weights 10, 20, 30 and 1e6 (median 25,
+        // cap 75).
+        let mut ups = vec![u(&[1.0]), u(&[2.0]), u(&[-3.0]), u(&[-100.0])];
+        for (i, w) in [10.0, 20.0, 30.0, 1e6].into_iter().enumerate() {
+            ups[i].1 = w;
+        }
+        let note = bound_round(&a, &mut ups, &[1.0, 2.0, 3.0, 100.0]);
+        assert!(
+            note.contains("1 clipped to 7.5") && note.contains("capped at 75"),
+            "{note}"
+        );
+        assert!((vals(&ups[3].0)[0] + 7.5).abs() < 1e-5, "{ups:?}");
+        assert_eq!(ups[3].1, 75.0);
+        assert_eq!((vals(&ups[2].0), ups[2].1), (&[-3.0][..], 30.0));
+        // Off, or fewer than three updates: nothing changes.
+        let off = Aggregation {
+            norm_bound_factor: 0.0,
+            sample_cap_factor: 0.0,
+            ..Aggregation::default()
+        };
+        let mut same = vec![u(&[1.0]), u(&[2.0]), u(&[-100.0])];
+        assert!(bound_round(&off, &mut same, &[1.0, 2.0, 100.0]).is_empty());
+        assert_eq!(vals(&same[2].0), &[-100.0]);
+        let mut two = vec![u(&[1.0]), u(&[-100.0])];
+        assert!(bound_round(&a, &mut two, &[1.0, 100.0]).is_empty());
+    }
+
+    #[test]
+    fn auto_takes_the_trimmed_mean_from_five_updates() {
+        let a = Aggregation::default();
+        let four = [u(&[1.0]), u(&[2.0]), u(&[3.0]), u(&[-94.0])];
+        let (m, how) = combine(&a, &four).unwrap();
+        assert_eq!((vals(&m), how.as_str()), (&[-22.0][..], "mean of 4"));
+        // Five: β = 0.1 would trim nothing; auto drops at least one on each side.
+        let five = [u(&[1.0]), u(&[2.0]), u(&[3.0]), u(&[4.0]), u(&[-95.0])];
+        let (m, how) = combine(&a, &five).unwrap();
+        assert_eq!(vals(&m), &[2.0]);
+        assert!(how.starts_with("trimmed mean (1 dropped"), "{how}");
+        let never = Aggregation {
+            robust_from_clients: 0,
+            ..Aggregation::default()
+        };
+        assert_eq!(vals(&combine(&never, &five).unwrap().0), &[-17.0]);
+    }
 }
