@@ -151,9 +151,9 @@ pub enum ServerOptimizer {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Combine {
-    /// The default: a round with at least `robust_from_clients` updates at close takes the
-    /// coordinate-wise trimmed mean (at least one value dropped on each side), a smaller one
-    /// the weighted mean. The round keeps its updates when `max_clients × 4 × parameters` fits
+    /// The default: a round with at least `robust_from_clients` updates at close takes
+    /// multi-Krum leaving out the `krum_byzantine` updates farthest from the others (the rest
+    /// averaged by weight), a smaller one the weighted mean. The round keeps its updates when `max_clients × 4 × parameters` fits
     /// `max_round_memory_mb` (so the round-relative bounds apply too); otherwise it is the
     /// running-sum mean with the bounds learnt from earlier rounds.
     #[default]
@@ -214,8 +214,8 @@ pub struct Aggregation {
     pub tau: f32,
     /// `auto` (default), `mean`, `median`, `trimmed_mean` or `krum`.
     pub combine: Combine,
-    /// `combine = "auto"` takes the trimmed mean when a round closes with at least this many
-    /// updates (0 = never; otherwise >= 3).
+    /// `combine = "auto"` takes multi-Krum (n − `krum_byzantine` updates kept) when a round
+    /// closes with at least this many updates (0 = never; otherwise >= 2·krum_byzantine + 3).
     pub robust_from_clients: u32,
     /// Adaptive per-client norm bound: an update whose L2 norm exceeds this multiple of the
     /// median norm is scaled down to it (0 = off). The median is the round's own when the round
@@ -230,7 +230,8 @@ pub struct Aggregation {
     /// Fraction β of values dropped on each side by `trimmed_mean`, in [0, 0.5).
     #[serde(serialize_with = "short_f32")]
     pub trim_fraction: f32,
-    /// Attackers `krum` assumes (f); rounds need at least 2f + 3 updates.
+    /// Attackers `krum` (and `auto` from `robust_from_clients` updates) assumes (f); rounds need
+    /// at least 2f + 3 updates.
     pub krum_byzantine: u32,
     /// Updates `krum` averages (m; 1 = Krum, more = multi-Krum).
     pub krum_select: u32,
@@ -289,10 +290,15 @@ impl Aggregation {
         if self.krum_select == 0 {
             return Err(format!("{section}.krum_select must be >= 1"));
         }
-        if self.robust_from_clients > 0 && self.robust_from_clients < 3 {
+        let krum_min = 2 * self.krum_byzantine + 3;
+        if self.combine == Combine::Auto
+            && self.robust_from_clients > 0
+            && self.robust_from_clients < krum_min
+        {
             return Err(format!(
-                "{section}.robust_from_clients must be 0 (never) or >= 3 (the trimmed mean \
-                 drops one value on each side)"
+                "{section}.robust_from_clients must be 0 (never) or >= {krum_min} (multi-Krum \
+                 with krum_byzantine = {} needs 2f + 3 updates)",
+                self.krum_byzantine
             ));
         }
         for (key, v) in [

@@ -222,18 +222,24 @@ pub fn bound_round(a: &Aggregation, updates: &mut [Weighted], raw_norms: &[f64])
 }
 
 /// The round's pseudo-gradient from its kept updates under `a.combine`, with a short
-/// description. [`Combine::Auto`] takes the trimmed mean (⌊β·n⌋ but at least one value
-/// dropped on each side, unweighted, so a sample count buys nothing) from
-/// `robust_from_clients` updates on, else the weighted mean; [`Combine::Mean`] over kept
-/// updates is the weighted mean.
+/// description. [`Combine::Auto`] takes multi-Krum with f = `krum_byzantine` selecting
+/// n − f (the f updates farthest from their neighbours are left out, the rest averaged by
+/// their capped weights) from `robust_from_clients` updates on, else the weighted mean;
+/// [`Combine::Mean`] over kept updates is the weighted mean.
 pub fn combine(a: &Aggregation, updates: &[Weighted]) -> Result<(Weights, String), AggregateError> {
     let n = updates.len();
+    let f = a.krum_byzantine as usize;
     match a.combine {
-        Combine::Auto if a.robust_from_clients > 0 && n >= a.robust_from_clients as usize => {
-            let k = ((f64::from(a.trim_fraction) * n as f64).floor() as usize).max(1);
+        Combine::Auto
+            if a.robust_from_clients > 0
+                && n >= a.robust_from_clients as usize
+                && n >= 2 * f + 3 =>
+        {
+            let (mean, chosen) = krum(updates, f, n - f)?;
+            let left: Vec<usize> = (0..n).filter(|i| !chosen.contains(i)).collect();
             Ok((
-                trimmed_mean_count(updates, k)?,
-                format!("trimmed mean ({k} dropped on each side) of {n}"),
+                mean,
+                format!("multi-Krum (f = {f}, update(s) {left:?} left out) of {n}"),
             ))
         }
         Combine::Auto | Combine::Mean => Ok((weighted_mean(updates)?, format!("mean of {n}"))),
@@ -381,16 +387,19 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_the_trimmed_mean_from_five_updates() {
+    fn auto_takes_multi_krum_from_five_updates() {
         let a = Aggregation::default();
         let four = [u(&[1.0]), u(&[2.0]), u(&[3.0]), u(&[-94.0])];
         let (m, how) = combine(&a, &four).unwrap();
         assert_eq!((vals(&m), how.as_str()), (&[-22.0][..], "mean of 4"));
-        // Five: β = 0.1 would trim nothing; auto drops at least one on each side.
-        let five = [u(&[1.0]), u(&[2.0]), u(&[3.0]), u(&[4.0]), u(&[-95.0])];
+        // Five: the one farthest from its neighbours is left out, the rest averaged.
+        let five = [u(&[1.0]), u(&[2.0]), u(&[-95.0]), u(&[3.0]), u(&[4.0])];
         let (m, how) = combine(&a, &five).unwrap();
-        assert_eq!(vals(&m), &[2.0]);
-        assert!(how.starts_with("trimmed mean (1 dropped"), "{how}");
+        assert_eq!(vals(&m), &[2.5]);
+        assert!(
+            how.starts_with("multi-Krum (f = 1, update(s) [2] left out)"),
+            "{how}"
+        );
         let never = Aggregation {
             robust_from_clients: 0,
             ..Aggregation::default()

@@ -417,7 +417,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The defaults against one attacker (sign-flipped ×20, claiming 10⁹ samples): a round of five
-/// takes the trimmed mean; a round of four keeps its updates and bounds them against its own
+/// takes multi-Krum (the attacker left out); a round of four keeps its updates and bounds them against its own
 /// medians (norm ≤ 3 × the median norm, weight ≤ 3 × the median sample count) before the
 /// weighted mean; a `mean` round (running sum) bounds them against the medians of the last
 /// rounds. The published models are checked against those bounds computed here.
@@ -440,12 +440,12 @@ async fn default_bounds_and_auto_robust_limit_a_poisoned_client() {
     let ch = channel(server.local_addr()).await;
     let clients = enroll_all(&ch).await;
 
-    // Five updates: the trimmed mean (one dropped on each side) stays near the honest mean.
+    // Five updates: multi-Krum leaves the attacker out, the result is the honest mean.
     let (g, got, honest, _) = poisoned_round(&ch, &clients, "auto5").await;
     let refs: Vec<(&[u8], u64)> = honest.iter().map(|p| (p.as_slice(), 1)).collect();
     let err = max_abs_diff(&got, &fedavg(&g, &refs));
     let s = status(&ch, "auto5", 0).await;
-    assert!(s.detail.contains("trimmed mean (1 dropped"), "{s:?}");
+    assert!(s.detail.contains("multi-Krum (f = 1, update(s) ["), "{s:?}");
     assert!(err < 0.005, "auto with five updates: {err}");
 
     // Four updates (three honest, the attacker): bounded against the round's own medians.

@@ -20,9 +20,9 @@ use rand::SeedableRng;
 
 const MODEL: &str = "digits";
 const CLIENTS: usize = 8;
-const ROUNDS: u64 = 6;
-/// Index of the malicious client.
-const ATTACKER: usize = 3;
+const ROUNDS: u64 = 8;
+/// Index of the malicious client (its share is the smallest: 102 of 1437 samples).
+const ATTACKER: usize = 6;
 /// What the attacker claims.
 const LIE: u64 = 1_000_000;
 /// Dirichlet concentration of the label skew across clients.
@@ -222,6 +222,7 @@ async fn defaults_hold_accuracy_under_a_poisoned_client_that_wrecks_plain_fedavg
         &test,
     )
     .await;
+    assert_eq!(defended.attack_scales, vec![SCALE; ROUNDS as usize]);
     let clean_plain = run(
         lifted(config(&db("clean-plain"), plain())),
         Attack::None,
@@ -260,7 +261,7 @@ async fn defaults_hold_accuracy_under_a_poisoned_client_that_wrecks_plain_fedavg
         defended.details.last().unwrap(),
         wrecked.details.last().unwrap(),
     );
-    assert_eq!(defended.attack_scales, vec![SCALE; ROUNDS as usize]);
+
     assert!(
         clean.accuracy > 0.85,
         "the clean run learns: {}",
@@ -281,7 +282,7 @@ async fn defaults_hold_accuracy_under_a_poisoned_client_that_wrecks_plain_fedavg
             clean_plain.accuracy
         );
         assert!(
-            r.details.iter().all(|d| d.contains("trimmed mean")),
+            r.details.iter().all(|d| d.contains("multi-Krum (f = 1")),
             "{:?}",
             r.details
         );
