@@ -306,8 +306,8 @@ async fn enroll_fetch_round_publish_and_refusals() {
             refused,
             m.rejections("norm_bound")
         ),
-        (1, 2, 1),
-        "junk, wrong shape and NaN, above the hard bound"
+        (2, 1, 1),
+        "junk and the wrong shape do not decode, NaN is invalid, one is above the hard bound"
     );
     assert_eq!(server.coordinator().metrics().rejections("wrong_base"), 1);
     assert_eq!(server.coordinator().metrics().rejections("zero_samples"), 1);
