@@ -203,7 +203,7 @@ impl Coordinator {
             tracing::warn!(
                 model = %req.model, max_clients = max,
                 "the round's updates do not fit max_round_memory_mb: plain mean with the bounds \
-                 learnt from earlier rounds, no trimmed mean"
+                 learnt from earlier rounds, no multi-Krum"
             );
         }
         let (norm_bound, sample_cap) = self.learnt_bounds(&req.model)?;
