@@ -100,7 +100,9 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // Uploads the round refuses.
     let huge = encode(&delta(&g, 1.0, 5.0), 8, 2);
-    let refused: [(&str, u64, u64, u64, &[u8], &str); 6] = [
+    // (model, round, base version, samples, payload, what the refusal says)
+    type Refused<'a> = (&'a str, u64, u64, u64, &'a [u8], &'a str);
+    let refused: [Refused; 6] = [
         ("digits", open.round_id, 7, 10, &ok, "against version 7"),
         ("digits", open.round_id, 1, 10, &huge, "exceeds the bound"),
         (
