@@ -69,6 +69,8 @@ pub struct Config {
     /// them (median, trimmed mean, Krum): `max_clients × 4 × parameters` must fit, checked for
     /// each such model at start-up and for every `StartRound`.
     pub max_round_memory_mb: u64,
+    /// Per-client call rate limit (`[rate_limit]`, see [`crate::ratelimit`]).
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
     /// Round defaults (used when a `StartRound` field is 0) and the task sent to clients.
     pub round: RoundDefaults,
     /// Aggregation of every model that has no entry in `model_aggregation`.
@@ -149,8 +151,15 @@ pub enum ServerOptimizer {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Combine {
-    /// Weighted mean, folded into a running sum (O(model) memory).
+    /// The default: a round with at least `robust_from_clients` updates at close takes
+    /// multi-Krum leaving out the `krum_byzantine` updates farthest from the others (the rest
+    /// averaged by weight), a smaller one the weighted mean. The round keeps its updates when `max_clients × 4 × parameters` fits
+    /// `max_round_memory_mb` (so the round-relative bounds apply too); otherwise it is the
+    /// running-sum mean with the bounds learnt from earlier rounds.
     #[default]
+    Auto,
+    /// Weighted mean, folded into a running sum (O(model) memory): plain FedAvg, whatever the
+    /// round's size.
     Mean,
     /// Coordinate-wise median (keeps the updates).
     Median,
@@ -163,14 +172,17 @@ pub enum Combine {
 }
 
 impl Combine {
-    /// Whether the method needs every decoded update of the round (not just the running sum).
+    /// Whether the method always needs every decoded update of the round (not just the
+    /// running sum). `Auto` keeps them when they fit the memory bound (decided per round by
+    /// [`Aggregation::keeps_for_round`]).
     pub fn keeps_updates(self) -> bool {
-        !matches!(self, Combine::Mean)
+        !matches!(self, Combine::Mean | Combine::Auto)
     }
 
     /// The name used in the config file.
     pub fn as_str(self) -> &'static str {
         match self {
+            Combine::Auto => "auto",
             Combine::Mean => "mean",
             Combine::Median => "median",
             Combine::TrimmedMean => "trimmed_mean",
@@ -200,12 +212,26 @@ pub struct Aggregation {
     /// FedAdam/FedYogi adaptivity τ.
     #[serde(serialize_with = "short_f32")]
     pub tau: f32,
-    /// `mean`, `median`, `trimmed_mean` or `krum`.
+    /// `auto` (default), `mean`, `median`, `trimmed_mean` or `krum`.
     pub combine: Combine,
+    /// `combine = "auto"` takes multi-Krum (n − `krum_byzantine` updates kept) when a round
+    /// closes with at least this many updates (0 = never; otherwise >= 2·krum_byzantine + 3).
+    pub robust_from_clients: u32,
+    /// Adaptive per-client norm bound: an update whose L2 norm exceeds this multiple of the
+    /// median norm is scaled down to it (0 = off). The median is the round's own when the round
+    /// keeps its updates, else that of the updates accepted in the model's last rounds.
+    #[serde(serialize_with = "short_f32")]
+    pub norm_bound_factor: f32,
+    /// Sample-count cap relative to the round: a client's weight is at most this multiple of
+    /// the median reported sample count (the round's own, or the last rounds'; 0 = off), on top
+    /// of `max_client_samples`.
+    #[serde(serialize_with = "short_f32")]
+    pub sample_cap_factor: f32,
     /// Fraction β of values dropped on each side by `trimmed_mean`, in [0, 0.5).
     #[serde(serialize_with = "short_f32")]
     pub trim_fraction: f32,
-    /// Attackers `krum` assumes (f); rounds need at least 2f + 3 updates.
+    /// Attackers `krum` (and `auto` from `robust_from_clients` updates) assumes (f); rounds need
+    /// at least 2f + 3 updates.
     pub krum_byzantine: u32,
     /// Updates `krum` averages (m; 1 = Krum, more = multi-Krum).
     pub krum_select: u32,
@@ -224,7 +250,10 @@ impl Default for Aggregation {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
-            combine: Combine::Mean,
+            combine: Combine::Auto,
+            robust_from_clients: 5,
+            norm_bound_factor: 3.0,
+            sample_cap_factor: 3.0,
             trim_fraction: 0.1,
             krum_byzantine: 1,
             krum_select: 1,
@@ -261,6 +290,27 @@ impl Aggregation {
         if self.krum_select == 0 {
             return Err(format!("{section}.krum_select must be >= 1"));
         }
+        let krum_min = 2 * self.krum_byzantine + 3;
+        if self.combine == Combine::Auto
+            && self.robust_from_clients > 0
+            && self.robust_from_clients < krum_min
+        {
+            return Err(format!(
+                "{section}.robust_from_clients must be 0 (never) or >= {krum_min} (multi-Krum \
+                 with krum_byzantine = {} needs 2f + 3 updates)",
+                self.krum_byzantine
+            ));
+        }
+        for (key, v) in [
+            ("norm_bound_factor", self.norm_bound_factor),
+            ("sample_cap_factor", self.sample_cap_factor),
+        ] {
+            if !(v.is_finite() && (v == 0.0 || v >= 1.0)) {
+                return Err(format!(
+                    "{section}.{key} must be 0 (off) or a finite number >= 1"
+                ));
+            }
+        }
         if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
             return Err(format!("{section}.clip_norm must be a finite number >= 0"));
         }
@@ -271,6 +321,24 @@ impl Aggregation {
             ));
         }
         Ok(())
+    }
+
+    /// Whether a round of up to `max_clients` updates of `model_bytes` each keeps its decoded
+    /// updates: always for the methods that need them, for `auto` when they fit
+    /// `memory_limit_bytes` (else the round uses the running sum).
+    pub fn keeps_for_round(
+        &self,
+        max_clients: u32,
+        model_bytes: u64,
+        memory_limit_bytes: u64,
+    ) -> bool {
+        match self.combine {
+            Combine::Mean => false,
+            Combine::Auto => {
+                u64::from(max_clients).saturating_mul(model_bytes) <= memory_limit_bytes
+            }
+            _ => true,
+        }
     }
 
     /// Checks a round's client bounds against the method: Krum needs `min_clients >= 2f + 3`
@@ -388,6 +456,7 @@ impl Default for Config {
             max_update_norm: 50.0,
             max_client_samples: 1_000_000,
             max_round_memory_mb: 256,
+            rate_limit: crate::ratelimit::RateLimitConfig::default(),
             round: RoundDefaults::default(),
             aggregation: Aggregation::default(),
             model_aggregation: BTreeMap::new(),
@@ -475,6 +544,7 @@ impl Config {
         if self.max_round_memory_mb == 0 || self.max_round_memory_mb > 1 << 20 {
             return bad("max_round_memory_mb must be in 1..=1048576".into());
         }
+        self.rate_limit.validate().or_else(bad)?;
         let r = &self.round;
         if r.min_clients == 0 {
             return bad("round.min_clients must be >= 1".into());
@@ -666,7 +736,7 @@ mod tests {
         let p = c.aggregation_for("plaid");
         assert_eq!(
             (p.optimizer, p.combine),
-            (ServerOptimizer::FedAvgM, Combine::Mean)
+            (ServerOptimizer::FedAvgM, Combine::Auto)
         );
         assert_eq!(p.momentum, 0.5);
         let back = Config::from_toml_str(&c.to_toml()).unwrap();
@@ -674,8 +744,14 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.aggregation, Aggregation::default());
         assert_eq!(d.aggregation.optimizer, ServerOptimizer::FedAvg);
-        assert_eq!(d.aggregation.combine, Combine::Mean);
+        assert_eq!(d.aggregation.combine, Combine::Auto);
+        assert_eq!(d.aggregation.robust_from_clients, 5);
+        assert_eq!(d.aggregation.norm_bound_factor, 3.0);
+        assert_eq!(d.aggregation.sample_cap_factor, 3.0);
         assert_eq!(d.aggregation.clip_norm, 0.0);
+        // An explicit choice wins: "mean" is plain FedAvg.
+        let m = Config::from_toml_str("[aggregation]\ncombine = \"mean\"\n").unwrap();
+        assert_eq!(m.aggregation.combine, Combine::Mean);
     }
 
     #[test]
@@ -688,7 +764,16 @@ mod tests {
             c.aggregation.krum_select = select;
         };
         type Change<'a> = &'a dyn Fn(&mut Config);
-        let cases: [(Change, &str); 7] = [
+        let cases: [(Change, &str); 10] = [
+            (
+                &|c| c.aggregation.robust_from_clients = 2,
+                "aggregation.robust_from_clients",
+            ),
+            (
+                &|c| c.aggregation.norm_bound_factor = 0.5,
+                "aggregation.norm_bound_factor",
+            ),
+            (&|c| c.rate_limit.burst = 0, "rate_limit.burst"),
             (
                 &|c| c.aggregation.trim_fraction = 0.5,
                 "aggregation.trim_fraction",
@@ -760,9 +845,14 @@ mod tests {
             e.contains("max_clients (109)") && e.contains("max_round_memory_mb (1 MiB"),
             "{e}"
         );
-        // The running mean keeps no updates: no limit applies.
+        // The running mean keeps no updates: no limit applies; `auto` keeps them only when
+        // they fit, so it is never refused.
         c.model_aggregation.clear();
         c.validate().unwrap();
+        let a = &c.aggregation;
+        assert_eq!(a.combine, Combine::Auto);
+        assert!(a.keeps_for_round(108, 9640, c.round_memory_limit()));
+        assert!(!a.keeps_for_round(109, 9640, c.round_memory_limit()));
     }
 
     #[test]

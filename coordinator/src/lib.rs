@@ -7,6 +7,7 @@
 //! - [`robust`]: median, trimmed mean and Krum over a round's kept updates.
 //! - [`optimizer`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
+//! - [`ratelimit`]: per-client token buckets (bounded table) the gRPC edge consults.
 //! - [`metrics`]: counters for Prometheus; every refusal is logged and counted there.
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
@@ -16,6 +17,7 @@ pub mod aggregate;
 pub mod config;
 pub mod metrics;
 pub mod optimizer;
+pub mod ratelimit;
 pub mod robust;
 pub mod rounds;
 pub mod server;

@@ -4,6 +4,11 @@
 //! memory is `updates × model`; the round's `max_clients` bounds it (see
 //! [`crate::config::Aggregation::check_round`]). They are CPU work: callers run them on the
 //! blocking pool.
+//!
+//! [`bound_round`] applies the round-relative defences to kept updates before they are
+//! combined: norms above `norm_bound_factor ×` the round's median norm are scaled down to it,
+//! weights above `sample_cap_factor ×` the round's median weight are capped. With every update
+//! in hand the bounds come from the round itself (from round 1 on, no history needed).
 
 use hearth_model::{Tensor, Weights};
 
@@ -76,6 +81,17 @@ pub fn trimmed_mean(updates: &[Weighted], beta: f32) -> Result<Weights, Aggregat
             updates.len()
         )));
     }
+    trimmed_mean_count(updates, k)
+}
+
+/// Coordinate-wise mean after dropping the `k` smallest and `k` largest values (2k < n).
+pub fn trimmed_mean_count(updates: &[Weighted], k: usize) -> Result<Weights, AggregateError> {
+    if 2 * k >= updates.len() {
+        return Err(AggregateError::Robust(format!(
+            "trimming {k} on each side leaves nothing of {} updates",
+            updates.len()
+        )));
+    }
     coordinatewise(updates, |sorted| {
         let kept = &sorted[k..sorted.len() - k];
         (kept.iter().map(|&v| f64::from(v)).sum::<f64>() / kept.len() as f64) as f32
@@ -131,14 +147,102 @@ pub fn krum(
     Ok((sum.finish()?, order))
 }
 
-/// The round's pseudo-gradient from its kept updates under `a.combine` (not for
-/// [`Combine::Mean`], which uses the running sum), with a short description.
+/// Weighted mean Σ wᵢ·Δᵢ / Σ wᵢ of kept updates.
+pub fn weighted_mean(updates: &[Weighted]) -> Result<Weights, AggregateError> {
+    let mut sum = Aggregate::new(template(updates)?);
+    for (u, w) in updates {
+        sum.fold(u, *w)?;
+    }
+    sum.finish()
+}
+
+/// The median of `values` (mean of the two middle ones for an even count); `None` when empty.
+pub fn median_of(values: &mut [f64]) -> Option<f64> {
+    let n = values.len();
+    if n == 0 {
+        return None;
+    }
+    values.sort_unstable_by(f64::total_cmp);
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+/// Fewest values a median bound is learnt from: with three, one attacker cannot move the
+/// median beyond the honest values (with two it could double it).
+pub const MIN_FOR_MEDIAN: usize = 3;
+
+/// Applies the round-relative bounds of `a` to kept `updates` in place: `raw_norms[i]` is the
+/// L2 norm update i arrived with (its marker's), the bound `norm_bound_factor × median`; the
+/// weight cap is `sample_cap_factor × median weight`. Needs [`MIN_FOR_MEDIAN`] updates.
+/// Returns a description of what changed (empty when nothing did).
+pub fn bound_round(a: &Aggregation, updates: &mut [Weighted], raw_norms: &[f64]) -> String {
+    let mut notes = Vec::new();
+    if updates.len() < MIN_FOR_MEDIAN {
+        return String::new();
+    }
+    let positive: Vec<f64> = raw_norms.iter().copied().filter(|n| *n > 0.0).collect();
+    if a.norm_bound_factor > 0.0 && positive.len() >= MIN_FOR_MEDIAN {
+        let bound =
+            f64::from(a.norm_bound_factor) * median_of(&mut positive.clone()).unwrap_or(0.0);
+        let mut clipped = 0;
+        for (u, _) in updates.iter_mut() {
+            let norm = f64::from(hearth_model::l2_norm(u));
+            if crate::aggregate::clip_update(u, norm, bound as f32) {
+                clipped += 1;
+            }
+        }
+        if clipped > 0 {
+            notes.push(format!(
+                "{clipped} clipped to {bound:.4} ({} × the median norm)",
+                a.norm_bound_factor
+            ));
+        }
+    }
+    if a.sample_cap_factor > 0.0 {
+        let mut weights: Vec<f64> = updates.iter().map(|(_, w)| *w).collect();
+        let cap = f64::from(a.sample_cap_factor) * median_of(&mut weights).unwrap_or(0.0);
+        let mut capped = 0;
+        for (_, w) in updates.iter_mut() {
+            if *w > cap && cap > 0.0 {
+                *w = cap;
+                capped += 1;
+            }
+        }
+        if capped > 0 {
+            notes.push(format!(
+                "{capped} weight(s) capped at {cap:.0} ({} × the median sample count)",
+                a.sample_cap_factor
+            ));
+        }
+    }
+    notes.join(", ")
+}
+
+/// The round's pseudo-gradient from its kept updates under `a.combine`, with a short
+/// description. [`Combine::Auto`] takes multi-Krum with f = `krum_byzantine` selecting
+/// n − f (the f updates farthest from their neighbours are left out, the rest averaged by
+/// their capped weights) from `robust_from_clients` updates on, else the weighted mean;
+/// [`Combine::Mean`] over kept updates is the weighted mean.
 pub fn combine(a: &Aggregation, updates: &[Weighted]) -> Result<(Weights, String), AggregateError> {
     let n = updates.len();
+    let f = a.krum_byzantine as usize;
     match a.combine {
-        Combine::Mean => Err(AggregateError::Robust(
-            "the mean is folded into the running sum, not combined from kept updates".into(),
-        )),
+        Combine::Auto
+            if a.robust_from_clients > 0
+                && n >= a.robust_from_clients as usize
+                && n >= 2 * f + 3 =>
+        {
+            let (mean, chosen) = krum(updates, f, n - f)?;
+            let left: Vec<usize> = (0..n).filter(|i| !chosen.contains(i)).collect();
+            Ok((
+                mean,
+                format!("multi-Krum (f = {f}, update(s) {left:?} left out) of {n}"),
+            ))
+        }
+        Combine::Auto | Combine::Mean => Ok((weighted_mean(updates)?, format!("mean of {n}"))),
         Combine::Median => Ok((median(updates)?, format!("median of {n}"))),
         Combine::TrimmedMean => Ok((
             trimmed_mean(updates, a.trim_fraction)?,
@@ -250,5 +354,56 @@ mod tests {
         let (avg, _) = krum(&ups, 1, 3).unwrap();
         // 1.0 (weight 3), 1.5, 1.2 → (3 + 1.5 + 1.2) / 5
         assert!((vals(&avg)[0] - 1.14).abs() < 1e-6, "{avg:?}");
+    }
+
+    #[test]
+    fn round_bounds_clip_to_a_multiple_of_the_median_norm_and_cap_weights() {
+        let a = Aggregation::default();
+        // Norms 1, 2, 3 and 100 (median 2.5, bound 7.5); weights 10, 20, 30 and 1e6 (median 25,
+        // cap 75).
+        let mut ups = vec![u(&[1.0]), u(&[2.0]), u(&[-3.0]), u(&[-100.0])];
+        for (i, w) in [10.0, 20.0, 30.0, 1e6].into_iter().enumerate() {
+            ups[i].1 = w;
+        }
+        let note = bound_round(&a, &mut ups, &[1.0, 2.0, 3.0, 100.0]);
+        assert!(
+            note.contains("1 clipped to 7.5") && note.contains("capped at 75"),
+            "{note}"
+        );
+        assert!((vals(&ups[3].0)[0] + 7.5).abs() < 1e-5, "{ups:?}");
+        assert_eq!(ups[3].1, 75.0);
+        assert_eq!((vals(&ups[2].0), ups[2].1), (&[-3.0][..], 30.0));
+        // Off, or fewer than three updates: nothing changes.
+        let off = Aggregation {
+            norm_bound_factor: 0.0,
+            sample_cap_factor: 0.0,
+            ..Aggregation::default()
+        };
+        let mut same = vec![u(&[1.0]), u(&[2.0]), u(&[-100.0])];
+        assert!(bound_round(&off, &mut same, &[1.0, 2.0, 100.0]).is_empty());
+        assert_eq!(vals(&same[2].0), &[-100.0]);
+        let mut two = vec![u(&[1.0]), u(&[-100.0])];
+        assert!(bound_round(&a, &mut two, &[1.0, 100.0]).is_empty());
+    }
+
+    #[test]
+    fn auto_takes_multi_krum_from_five_updates() {
+        let a = Aggregation::default();
+        let four = [u(&[1.0]), u(&[2.0]), u(&[3.0]), u(&[-94.0])];
+        let (m, how) = combine(&a, &four).unwrap();
+        assert_eq!((vals(&m), how.as_str()), (&[-22.0][..], "mean of 4"));
+        // Five: the one farthest from its neighbours is left out, the rest averaged.
+        let five = [u(&[1.0]), u(&[2.0]), u(&[-95.0]), u(&[3.0]), u(&[4.0])];
+        let (m, how) = combine(&a, &five).unwrap();
+        assert_eq!(vals(&m), &[2.5]);
+        assert!(
+            how.starts_with("multi-Krum (f = 1, update(s) [2] left out)"),
+            "{how}"
+        );
+        let never = Aggregation {
+            robust_from_clients: 0,
+            ..Aggregation::default()
+        };
+        assert_eq!(vals(&combine(&never, &five).unwrap().0), &[-17.0]);
     }
 }

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_model::{OnnxModel, Weights};
+use hearth_model::OnnxModel;
 
 use crate::aggregate::{
-    clip_update, validate_update, weights_from_bytes, weights_to_bytes, Aggregate,
+    clip_update, validate_update, weights_from_bytes, weights_to_bytes, Aggregate, AggregateError,
 };
+use crate::config::Combine;
 use crate::optimizer::{self, ServerState};
 use crate::robust::{self, Weighted};
 use crate::state::{blocking_task, evaluate, sha256_hex, stopped, Coordinator, Event};
@@ -19,6 +20,9 @@ use crate::store::{
     VersionMeta,
 };
 use crate::Error;
+
+/// Completed rounds whose accepted updates a new round's adaptive bounds are learnt from.
+pub const HISTORY_ROUNDS: usize = 3;
 
 /// Parameters of `StartRound` (0 = configured default).
 #[derive(Clone, Debug, Default)]
@@ -190,10 +194,19 @@ impl Coordinator {
             .ok_or_else(|| Error::Internal(format!("model {} has no version", req.model)))?;
         let global = self.global_weights(&req.model, base.version).await?;
         let model_fp32_bytes = 4 * hearth_model::num_params(&global) as u64;
-        self.config
-            .aggregation_for(&req.model)
-            .check_round(min, max, model_fp32_bytes, self.config.round_memory_limit())
+        let agg = self.config.aggregation_for(&req.model);
+        let limit = self.config.round_memory_limit();
+        agg.check_round(min, max, model_fp32_bytes, limit)
             .map_err(RoundError::Invalid)?;
+        let keep_updates = agg.keeps_for_round(max, model_fp32_bytes, limit);
+        if agg.combine == Combine::Auto && !keep_updates {
+            tracing::warn!(
+                model = %req.model, max_clients = max,
+                "the round's updates do not fit max_round_memory_mb: plain mean with the bounds \
+                 learnt from earlier rounds, no multi-Krum"
+            );
+        }
+        let (norm_bound, sample_cap) = self.learnt_bounds(&req.model)?;
         let now = now_unix_ms();
         let proto = RoundRecord {
             id: 0,
@@ -220,6 +233,9 @@ impl Coordinator {
             model_fp32_bytes,
             eval_accuracy: None,
             detail: String::new(),
+            keep_updates,
+            norm_bound,
+            sample_cap,
         };
         let (rec, created) = self.store.open_round(&proto)?;
         if created {
@@ -227,12 +243,55 @@ impl Coordinator {
             tracing::info!(
                 model = %rec.model, round = rec.id, base = rec.base_version,
                 min = rec.min_clients, max = rec.max_clients, reason = %rec.reason,
-                "round opened"
+                keep_updates = rec.keep_updates, norm_bound = rec.norm_bound,
+                sample_cap = rec.sample_cap, "round opened"
             );
             self.spawn_deadline(rec.id, rec.deadline_unix_ms);
             self.publish(Event::RoundOpened(rec.clone()));
         }
         Ok(rec)
+    }
+
+    /// The adaptive bounds a new round of `model` starts with, learnt from the updates accepted
+    /// in its last [`HISTORY_ROUNDS`] completed rounds: (`norm_bound_factor` × their median
+    /// raw norm, `sample_cap_factor` × their median reported sample count); 0 = none (a factor
+    /// of 0, or fewer than three updates to learn from).
+    ///
+    /// Why from earlier rounds: a round that folds updates into the running sum as they arrive
+    /// must bound each one before the others are known, and a bound fixed when the round opens
+    /// is the same for every client, survives a restart (it is stored in the round) and cannot
+    /// be moved by anything uploaded during the round. The median over several rounds' updates
+    /// is not moved by a minority of attackers. A round that keeps its updates is bounded again
+    /// at close against its own median ([`robust::bound_round`]).
+    fn learnt_bounds(&self, model: &str) -> Result<(f32, u64), Error> {
+        let a = self.config.aggregation_for(model);
+        if a.norm_bound_factor <= 0.0 && a.sample_cap_factor <= 0.0 {
+            return Ok((0.0, 0));
+        }
+        let markers = self.store.recent_markers(model, HISTORY_ROUNDS)?;
+        let mut norms: Vec<f64> = markers
+            .iter()
+            .map(|m| m.norm)
+            .filter(|n| *n > 0.0)
+            .collect();
+        let mut samples: Vec<f64> = markers
+            .iter()
+            .map(|m| m.reported_samples.max(m.num_samples) as f64)
+            .collect();
+        let norm_bound = if a.norm_bound_factor > 0.0 && norms.len() >= robust::MIN_FOR_MEDIAN {
+            robust::median_of(&mut norms)
+                .map_or(0.0, |m| (f64::from(a.norm_bound_factor) * m) as f32)
+        } else {
+            0.0
+        };
+        let sample_cap = if a.sample_cap_factor > 0.0 && samples.len() >= robust::MIN_FOR_MEDIAN {
+            robust::median_of(&mut samples).map_or(0, |m| {
+                (f64::from(a.sample_cap_factor) * m).ceil().max(1.0) as u64
+            })
+        } else {
+            0
+        };
+        Ok((norm_bound, sample_cap))
     }
 
     /// Status of round `id` of `model`, or of the model's latest round when `id` is 0.
@@ -338,40 +397,58 @@ impl Coordinator {
         let global = self.global_weights(&rec.model, rec.base_version).await?;
         let max_norm = self.config.max_update_norm;
         let agg = self.config.aggregation_for(&rec.model);
-        let (clip, keep) = (agg.clip_norm, agg.combine.keeps_updates());
+        let keep = rec.keep_updates || agg.combine.keeps_updates();
+        // The tighter of the fixed server bound and the one learnt from earlier rounds.
+        let clip = [agg.clip_norm, rec.norm_bound]
+            .into_iter()
+            .filter(|b| *b > 0.0)
+            .reduce(f32::min)
+            .unwrap_or(0.0);
         let payload = Arc::new(up.payload);
         let decoded = {
             let (payload, global) = (payload.clone(), global.clone());
             blocking_task(move || {
                 let mut update = hearth_model::decode_update(&payload)
-                    .map_err(|e| format!("undecodable update: {e}"))?;
-                let norm = validate_update(&update, &global, max_norm)
-                    .map_err(|e| format!("invalid update: {e}"))?;
+                    .map_err(|e| ("undecodable", format!("undecodable update: {e}")))?;
+                let norm = validate_update(&update, &global, max_norm).map_err(|e| {
+                    let code = match e {
+                        AggregateError::Norm { .. } => "norm_bound",
+                        _ => "invalid_update",
+                    };
+                    (code, format!("invalid update: {e}"))
+                })?;
                 let clipped = clip_update(&mut update, norm, clip);
                 let kept = keep.then(|| weights_to_bytes(&update));
-                Ok::<(Weights, Option<Vec<u8>>, Option<f64>), String>((
-                    update,
-                    kept,
-                    clipped.then_some(norm),
-                ))
+                Ok::<_, (&'static str, String)>((update, kept, norm, clipped))
             })
             .await?
         };
-        let (update, kept) = match decoded {
-            Ok((u, kept, clipped)) => {
-                if let Some(norm) = clipped {
+        let (update, kept, norm) = match decoded {
+            Ok((u, kept, norm, clipped)) => {
+                if clipped {
                     tracing::info!(
                         client = %up.client_id, round = rec.id, norm, bound = clip,
                         "update clipped to the server bound"
                     );
                 }
-                (Arc::new(u), kept)
+                (Arc::new(u), kept, norm)
             }
-            Err(reason) => {
-                return Ok(self.refuse("invalid_update", reason, &rec, &up.client_id));
+            Err((code, reason)) => {
+                return Ok(self.refuse(code, reason, &rec, &up.client_id));
             }
         };
-        let weight_samples = up.num_samples.min(self.config.max_client_samples);
+        let cap = if rec.sample_cap > 0 {
+            rec.sample_cap
+        } else {
+            u64::MAX
+        };
+        let weight_samples = up.num_samples.min(self.config.max_client_samples).min(cap);
+        if weight_samples < up.num_samples {
+            tracing::info!(
+                client = %up.client_id, round = rec.id, reported = up.num_samples,
+                weight = weight_samples, "sample count capped"
+            );
+        }
         let marker = UpdateMarker {
             client_id: up.client_id.clone(),
             num_samples: weight_samples,
@@ -380,6 +457,7 @@ impl Coordinator {
             payload_bytes: payload.len() as u64,
             train_loss: up.train_loss,
             accepted_unix_ms: now_unix_ms(),
+            norm,
         };
         let lock = self.round_lock(rec.id);
         let _guard = lock.lock().await;
@@ -504,7 +582,8 @@ impl Coordinator {
         let lr = a
             .server_learning_rate
             .unwrap_or(self.config.server_learning_rate);
-        let kept = if a.combine.keeps_updates() {
+        let keeps = rec.keep_updates || a.combine.keeps_updates();
+        let kept = if keeps {
             self.store.kept_updates(rec.id)?
         } else {
             Vec::new()
@@ -517,15 +596,22 @@ impl Coordinator {
         let (bytes, acc, state, how) = blocking_task(move || {
             let mut model = OnnxModel::from_bytes(&base)?;
             let mut w = model.weights();
-            let (delta, how) = if a.combine.keeps_updates() && kept.len() == updates {
-                let ups = kept
+            let (delta, how) = if keeps && kept.len() == updates {
+                let norms: Vec<f64> = kept.iter().map(|(m, _)| m.norm).collect();
+                let mut ups = kept
                     .into_iter()
                     .map(|(m, b)| weights_from_bytes(&b).map(|w| (w, m.num_samples as f64)))
                     .collect::<Result<Vec<Weighted>, _>>()
                     .map_err(internal)?;
-                robust::combine(&a, &ups).map_err(internal)?
+                let bounded = robust::bound_round(&a, &mut ups, &norms);
+                let (delta, how) = robust::combine(&a, &ups).map_err(internal)?;
+                if bounded.is_empty() {
+                    (delta, how)
+                } else {
+                    (delta, format!("{how} ({bounded})"))
+                }
             } else {
-                if a.combine.keeps_updates() {
+                if keeps {
                     tracing::warn!(
                         model = %name, kept = kept.len(), updates,
                         "not every update was kept (the config changed mid-round?): using the mean"

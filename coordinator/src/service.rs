@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ratelimit::RateLimiter;
 use crate::rounds::{RoundError, StartRound, Upload, UploadOutcome};
 use crate::state::{sha256_hex, stopped, AuthError, Coordinator, EnrollError, Event};
 use crate::store::{RoundRecord, RoundState, VersionMeta};
@@ -23,12 +24,61 @@ use crate::store::{RoundRecord, RoundState, VersionMeta};
 #[derive(Clone, Debug)]
 pub struct Services {
     coord: Arc<Coordinator>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl Services {
     /// Services over `coord`.
     pub fn new(coord: Arc<Coordinator>) -> Self {
-        Services { coord }
+        let limiter = Arc::new(RateLimiter::new(&coord.config().rate_limit));
+        Services { coord, limiter }
+    }
+
+    /// Charges one call to a rate-limit bucket: the client's when it authenticated, else the
+    /// peer address's (failed guesses are limited too, and nobody drains a client's bucket by
+    /// sending its id with a wrong key). Over the limit: `ResourceExhausted`, counted.
+    fn limit<T>(
+        &self,
+        req: &Request<T>,
+        call: &'static str,
+        client: Option<&str>,
+    ) -> Result<(), Status> {
+        let key = match client {
+            Some(id) => format!("client:{id}"),
+            None => format!(
+                "peer:{}",
+                req.remote_addr()
+                    .map_or("unknown".into(), |a| a.ip().to_string())
+            ),
+        };
+        self.limiter.check(&key).map_err(|wait| {
+            let rl = &self.coord.config().rate_limit;
+            let detail = format!(
+                "over {} calls a minute (burst {}); retry in {:.1} s",
+                rl.calls_per_minute,
+                rl.burst,
+                wait.as_secs_f64()
+            );
+            self.coord
+                .metrics()
+                .reject(call, "rate_limited", &key, &detail);
+            Status::resource_exhausted(detail)
+        })
+    }
+
+    /// [`Services::client`], rate limited (by client id, or by peer address when it fails)
+    /// and a failure counted.
+    fn limited_client<T>(&self, req: &Request<T>, call: &'static str) -> Result<String, Status> {
+        match self.client(req) {
+            Ok(id) => self.limit(req, call, Some(&id)).map(|()| id),
+            Err(e) => {
+                self.limit(req, call, None)?;
+                self.coord
+                    .metrics()
+                    .reject(call, "bad_credentials", "", &e.message());
+                Err(e)
+            }
+        }
     }
 
     fn client<T>(&self, req: &Request<T>) -> Result<String, Status> {
@@ -139,16 +189,22 @@ impl Enrollment for Services {
         &self,
         req: Request<v1::EnrollRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
+        self.limit(&req, "enroll", None)?;
         let r = req.into_inner();
+        let metrics = self.coord.metrics();
         match self.coord.enroll(&r.token, &r.device_name) {
             Ok((client_id, client_key)) => Ok(Response::new(v1::EnrollResponse {
                 client_id,
                 client_key,
             })),
-            Err(EnrollError::Token) => {
-                Err(Status::permission_denied(EnrollError::Token.to_string()))
+            Err(e @ EnrollError::Token) => {
+                metrics.reject("enroll", "bad_token", "", &e);
+                Err(Status::permission_denied(e.to_string()))
             }
-            Err(e @ EnrollError::DeviceName) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ EnrollError::DeviceName) => {
+                metrics.reject("enroll", "bad_device_name", "", &e);
+                Err(Status::invalid_argument(e.to_string()))
+            }
             Err(EnrollError::Store(e)) => Err(internal(e)),
         }
     }
@@ -222,8 +278,17 @@ impl Federation for Services {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        if self.client(&req).is_err() {
-            self.admin(&req)?;
+        match self.client(&req) {
+            Ok(id) => self.limit(&req, "subscribe", Some(&id))?,
+            Err(e) => {
+                if self.admin(&req).is_err() {
+                    self.limit(&req, "subscribe", None)?;
+                    self.coord
+                        .metrics()
+                        .reject("subscribe", "bad_credentials", "", &e.message());
+                    return Err(e);
+                }
+            }
         }
         let wanted = req.into_inner().models;
         let models: BTreeSet<String> = if wanted.is_empty() {
@@ -290,7 +355,7 @@ impl Federation for Services {
         &self,
         req: Request<v1::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
-        self.client(&req)?;
+        self.limited_client(&req, "fetch")?;
         let r = req.into_inner();
         if !self.coord.has_model(&r.model) {
             return Err(Status::not_found(format!("unknown model {:?}", r.model)));
@@ -357,7 +422,7 @@ impl Federation for Services {
         &self,
         req: Request<Streaming<v1::UpdateChunk>>,
     ) -> Result<Response<v1::UploadAck>, Status> {
-        let client_id = self.client(&req)?;
+        let client_id = self.limited_client(&req, "upload")?;
         let cfg = self.coord.config();
         let limit = Duration::from_secs(cfg.upload_timeout_secs);
         let max = cfg.max_update_bytes;

@@ -128,6 +128,17 @@ pub struct RoundRecord {
     pub eval_accuracy: Option<f32>,
     /// Human-readable outcome.
     pub detail: String,
+    /// Whether the round keeps its decoded updates (robust methods; `auto` when they fit the
+    /// memory bound).
+    #[serde(default)]
+    pub keep_updates: bool,
+    /// Adaptive norm bound learnt from the model's last rounds when this one opened: updates
+    /// above it are scaled down to it as they arrive (0 = none).
+    #[serde(default)]
+    pub norm_bound: f32,
+    /// Sample-count cap learnt from the model's last rounds when this one opened (0 = none).
+    #[serde(default)]
+    pub sample_cap: u64,
 }
 
 /// The record kept per accepted (round, client) update, which makes uploads idempotent.
@@ -148,6 +159,10 @@ pub struct UpdateMarker {
     pub train_loss: f32,
     /// Acceptance time.
     pub accepted_unix_ms: u64,
+    /// L2 norm of the decoded update as received, before any clipping (0 in markers written
+    /// before it was recorded).
+    #[serde(default)]
+    pub norm: f64,
 }
 
 /// Result of [`Store::accept_update`].
@@ -433,6 +448,46 @@ impl Store {
         Ok(self.sums.get(id.to_be_bytes())?)
     }
 
+    /// Markers of the updates accepted in the model's last `rounds` completed rounds, newest
+    /// round first (what the adaptive bounds of the next round are learnt from).
+    pub fn recent_markers(
+        &self,
+        model: &str,
+        rounds: usize,
+    ) -> Result<Vec<UpdateMarker>, StoreError> {
+        let mut out = Vec::new();
+        let mut seen = 0;
+        for kv in self.model_rounds.scan_prefix(model_prefix(model)).rev() {
+            if seen >= rounds {
+                break;
+            }
+            let (k, _) = kv?;
+            let id = u64_from(&k[k.len() - 8..])?;
+            if self
+                .round(id)?
+                .is_some_and(|r| r.state == RoundState::Completed)
+            {
+                seen += 1;
+                out.extend(self.markers(id)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every tree's keys and values, by tree name: a full copy of the stored state, for
+    /// checking that an operation changed nothing (tests, audits). Reads the whole database.
+    pub fn snapshot(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Vec<(IVec, IVec)>>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for name in self.db.tree_names() {
+            let tree = self.db.open_tree(&name)?;
+            let kvs = tree.iter().collect::<Result<Vec<_>, _>>()?;
+            out.insert(String::from_utf8_lossy(&name).into_owned(), kvs);
+        }
+        Ok(out)
+    }
+
     /// Accepted-update markers of a round.
     pub fn markers(&self, id: u64) -> Result<Vec<UpdateMarker>, StoreError> {
         self.markers
@@ -648,6 +703,9 @@ mod tests {
             model_fp32_bytes: 40,
             eval_accuracy: None,
             detail: String::new(),
+            keep_updates: true,
+            norm_bound: 0.0,
+            sample_cap: 0,
         }
     }
 
@@ -660,6 +718,7 @@ mod tests {
             payload_bytes: 10,
             train_loss: 0.5,
             accepted_unix_ms: 1,
+            norm: 1.0,
         }
     }
 

@@ -63,12 +63,15 @@ fn config(db: &Path, aggregation: &[(&str, Aggregation)]) -> Config {
     c
 }
 
+/// An explicit method with the adaptive bounds off, so the method alone is measured.
 fn combine(c: Combine) -> Aggregation {
     Aggregation {
         combine: c,
         trim_fraction: 0.2,
         krum_byzantine: 1,
         krum_select: 2,
+        norm_bound_factor: 0.0,
+        sample_cap_factor: 0.0,
         ..Aggregation::default()
     }
 }
@@ -143,12 +146,12 @@ async fn robust_methods_resist_a_poisoned_client_that_wrecks_fedavg() {
     let dir = tempfile::tempdir().unwrap();
     let clipped = Aggregation {
         clip_norm: CLIP,
-        ..Aggregation::default()
+        ..combine(Combine::Mean)
     };
     let cfg = config(
         &dir.path().join("db"),
         &[
-            ("fedavg", Aggregation::default()),
+            ("fedavg", combine(Combine::Mean)),
             ("median", combine(Combine::Median)),
             ("trimmed", combine(Combine::TrimmedMean)),
             ("krum", combine(Combine::Krum)),
@@ -222,10 +225,7 @@ async fn optimizer_state_and_kept_updates_survive_a_restart() {
         tau: 0.01,
         ..Aggregation::default()
     };
-    let median = Aggregation {
-        combine: Combine::Median,
-        ..Aggregation::default()
-    };
+    let median = combine(Combine::Median);
     let cfg = config(
         &db,
         &[
@@ -347,4 +347,174 @@ fn second_step(a: &Aggregation, x1: &Weights, d1: &Weights, d2: &Weights, kept: 
         };
         (f64::from(x) + lr * step) as f32
     })
+}
+
+/// Opens a round of `name` on `base` for `uploads.len()` clients (client i sends
+/// `uploads[i]`), waits for it to complete and returns its status.
+async fn full_round(
+    ch: &Channel,
+    clients: &[Creds],
+    name: &str,
+    base: u64,
+    uploads: &[(Vec<u8>, u64)],
+) -> hearth_proto::v1::RoundStatus {
+    let n = uploads.len() as u32;
+    let r = start_round(ch, name, n, n, 300).await;
+    assert_eq!(r.base_version, base);
+    for (i, (p, samples)) in uploads.iter().enumerate() {
+        let ack = upload(ch, &clients[i], name, r.round_id, base, *samples, p)
+            .await
+            .unwrap();
+        assert!(ack.accepted, "{name} client {i}: {ack:?}");
+    }
+    wait_state(ch, name, r.round_id, RoundState::Completed).await
+}
+
+/// Three honest payloads near one direction (seeds `s`..) and a sign-flipped ×20 attack on it.
+fn honest_and_attack(g: &Weights, s: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let base = delta(g, 0.5 + s as f32, 0.02);
+    let honest = (0..4)
+        .map(|i| {
+            let d = add(&base, &delta(g, 1.0 + i as f32, 0.002), 1.0);
+            encode(&d, 8, 40 + s + i)
+        })
+        .collect();
+    (honest, encode(&add(&base, &base, -21.0), 8, 99 + s))
+}
+
+/// x + Σ wᵢ·clip(dᵢ, bound)/Σ wᵢ in f64, clipping as the coordinator does (bound 0 = none).
+fn bounded_mean(x: &Weights, ups: &[(Weights, f64)], bound: f32) -> Weights {
+    let total: f64 = ups.iter().map(|u| u.1).sum();
+    let scaled: Vec<(Weights, f64)> = ups
+        .iter()
+        .map(|(d, w)| {
+            let n = norm(d);
+            let s = if bound > 0.0 && n > f64::from(bound) {
+                (f64::from(bound) / n) as f32
+            } else {
+                1.0
+            };
+            (map_weights(d, |_, _, v| v * s), *w)
+        })
+        .collect();
+    map_weights(x, |k, i, v| {
+        let s: f64 = scaled
+            .iter()
+            .map(|(d, w)| w * f64::from(d[k].data[i]))
+            .sum();
+        (f64::from(v) + s / total) as f32
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The defaults against one attacker (sign-flipped ×20, claiming 10⁹ samples): a round of five
+/// takes multi-Krum (the attacker left out); a round of four keeps its updates and bounds them against its own
+/// medians (norm ≤ 3 × the median norm, weight ≤ 3 × the median sample count) before the
+/// weighted mean; a `mean` round (running sum) bounds them against the medians of the last
+/// rounds. The published models are checked against those bounds computed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_bounds_and_auto_robust_limit_a_poisoned_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = Aggregation {
+        combine: Combine::Mean,
+        ..Aggregation::default()
+    };
+    let cfg = config(
+        &dir.path().join("db"),
+        &[
+            ("auto5", Aggregation::default()),
+            ("auto4", Aggregation::default()),
+            ("history", history),
+        ],
+    );
+    let server = start(cfg, listener().await).await.unwrap();
+    let ch = channel(server.local_addr()).await;
+    let clients = enroll_all(&ch).await;
+
+    // Five updates: multi-Krum leaves the attacker out, the result is the honest mean.
+    let (g, got, honest, _) = poisoned_round(&ch, &clients, "auto5").await;
+    let refs: Vec<(&[u8], u64)> = honest.iter().map(|p| (p.as_slice(), 1)).collect();
+    let err = max_abs_diff(&got, &fedavg(&g, &refs));
+    let s = status(&ch, "auto5", 0).await;
+    assert!(s.detail.contains("multi-Krum (f = 1, update(s) ["), "{s:?}");
+    assert!(err < 0.005, "auto with five updates: {err}");
+
+    // Four updates (three honest, the attacker): bounded against the round's own medians.
+    let g = global(&ch, &clients[0], "auto4", 1).await;
+    let (honest, attack) = honest_and_attack(&g, 0);
+    let mut uploads: Vec<(Vec<u8>, u64)> = honest[..3]
+        .iter()
+        .map(|p| (p.clone(), HONEST_SAMPLES))
+        .collect();
+    uploads.push((attack, CLAIMED_SAMPLES));
+    let s = full_round(&ch, &clients, "auto4", 1, &uploads).await;
+    let ds: Vec<Weights> = uploads
+        .iter()
+        .map(|(p, _)| decode_update(p).unwrap())
+        .collect();
+    let bound = (3.0 * median(ds.iter().map(norm).collect())) as f32;
+    assert!(
+        norm(&ds[3]) > 5.0 * f64::from(bound),
+        "the attack is far above the bound"
+    );
+    let cap = 3.0 * HONEST_SAMPLES as f64;
+    let weighted: Vec<(Weights, f64)> = ds
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.clone(), if i == 3 { cap } else { HONEST_SAMPLES as f64 }))
+        .collect();
+    let got = global(&ch, &clients[0], "auto4", 2).await;
+    let err = max_abs_diff(&got, &bounded_mean(&g, &weighted, bound));
+    assert!(err < 1e-5, "round-bounded mean differs by {err}: {s:?}");
+    assert!(
+        s.detail.contains("1 clipped") && s.detail.contains("capped at 30"),
+        "{s:?}"
+    );
+
+    // The running sum: round 1 (four honest) teaches the bounds, round 2 applies them.
+    let g1 = global(&ch, &clients[0], "history", 1).await;
+    let (honest1, _) = honest_and_attack(&g1, 0);
+    let first: Vec<(Vec<u8>, u64)> = honest1
+        .iter()
+        .map(|p| (p.clone(), HONEST_SAMPLES))
+        .collect();
+    full_round(&ch, &clients, "history", 1, &first).await;
+    let learnt = (3.0
+        * median(
+            first
+                .iter()
+                .map(|(p, _)| norm(&decode_update(p).unwrap()))
+                .collect(),
+        )) as f32;
+    let g2 = global(&ch, &clients[0], "history", 2).await;
+    let (honest2, attack2) = honest_and_attack(&g2, 10);
+    let mut second: Vec<(Vec<u8>, u64)> = honest2[..3]
+        .iter()
+        .map(|p| (p.clone(), HONEST_SAMPLES))
+        .collect();
+    second.push((attack2, CLAIMED_SAMPLES));
+    let s = full_round(&ch, &clients, "history", 2, &second).await;
+    assert!(s.detail.contains("mean of 4"), "{s:?}");
+    let ds: Vec<(Weights, f64)> = second
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| {
+            let w = if i == 3 { cap } else { HONEST_SAMPLES as f64 };
+            (decode_update(p).unwrap(), w)
+        })
+        .collect();
+    assert!(norm(&ds[3].0) > 5.0 * f64::from(learnt));
+    let got = global(&ch, &clients[0], "history", 3).await;
+    let err = max_abs_diff(&got, &bounded_mean(&g2, &ds, learnt));
+    assert!(err < 1e-5, "history-bounded mean differs by {err}: {s:?}");
+    server.shutdown().await.unwrap();
 }

@@ -31,7 +31,8 @@ const TOKENS: [&str; 5] = [
 /// Updates acknowledged before the kill; the rest come after the restart.
 const BEFORE_KILL: usize = 3;
 
-/// Writes the coordinator's config into `dir` (state in `dir/state`); returns its path.
+/// Writes the coordinator's config into `dir` (state in `dir/state`); returns its path. The
+/// running sum is what is checked, so the round is plain FedAvg (`combine = "mean"`).
 fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("coordinator.toml");
     let tokens: Vec<String> = TOKENS.iter().map(|t| format!("{t:?}")).collect();
@@ -39,6 +40,7 @@ fn write_config(dir: &Path) -> PathBuf {
         "db_path = {db:?}\ndata_dir = {data:?}\nadmin_token = {ADMIN:?}\n\
          enrollment_tokens = [{tokens}]\n\
          [round]\nmin_clients = {n}\nmax_clients = {n}\ndeadline_secs = 600\n\
+         [aggregation]\ncombine = \"mean\"\n\
          [[model]]\nname = {MODEL:?}\ntask = \"digits\"\neval = false\nseed = 7\n",
         db = dir.join("state").join("coordinator.db"),
         data = data_dir(),

@@ -298,8 +298,17 @@ async fn enroll_fetch_round_publish_and_refusals() {
     let ack = upload(&ch, &a, "digits", id, 1, 0, &p1).await.unwrap();
     assert!(!ack.accepted, "{ack:?}");
     // Each refusal above was counted, and a Prometheus scraper reads the count over HTTP.
-    let refused = server.coordinator().metrics().rejections("invalid_update");
-    assert!(refused >= 4, "{refused} refusals counted");
+    let m = server.coordinator().metrics();
+    let refused = m.rejections("invalid_update");
+    assert_eq!(
+        (
+            m.rejections("undecodable"),
+            refused,
+            m.rejections("norm_bound")
+        ),
+        (2, 1, 1),
+        "junk and the wrong shape do not decode, NaN is invalid, one is above the hard bound"
+    );
     assert_eq!(server.coordinator().metrics().rejections("wrong_base"), 1);
     assert_eq!(server.coordinator().metrics().rejections("zero_samples"), 1);
     let text = scrape(server.metrics_addr().expect("metrics_listen is set")).await;
