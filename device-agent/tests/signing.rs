@@ -83,6 +83,19 @@ impl Hostile {
         }))
         .await;
     }
+
+    /// Like `publish`, but the announcement names only the version (no digest, size or
+    /// signature): what the agent takes is decided by the download alone.
+    async fn publish_bare(&self, o: Offer) {
+        let version = o.version;
+        self.offer(version, o);
+        self.announce(federation_event::Event::Published(ModelPublished {
+            model: MODEL.into(),
+            version,
+            ..ModelPublished::default()
+        }))
+        .await;
+    }
 }
 
 #[tonic::async_trait]
@@ -238,8 +251,14 @@ fn refused(a: &AgentHandle) -> (u64, u64, u64, u64) {
 
 /// Waits for the next refusal, then checks it was counted under the expected reason and
 /// that the agent still serves `tag` (and keeps classifying samples with it).
-async fn expect_refusal(a: &AgentHandle, before: (u64, u64, u64, u64), reason: usize, tag: &str) {
-    wait_until("a refusal", || refused(a).0 > before.0).await;
+async fn expect_refusal(
+    what: &str,
+    a: &AgentHandle,
+    before: (u64, u64, u64, u64),
+    reason: usize,
+    tag: &str,
+) {
+    wait_until(&format!("the refusal of {what}"), || refused(a).0 > before.0).await;
     let now = refused(a);
     let mut want = before;
     want.0 += 1;
@@ -248,7 +267,10 @@ async fn expect_refusal(a: &AgentHandle, before: (u64, u64, u64, u64), reason: u
         2 => want.2 += 1,
         _ => want.3 += 1,
     }
-    assert_eq!(now, want, "refusals (total, signature, digest, lineage)");
+    assert_eq!(
+        now, want,
+        "{what}: refusals (total, signature, digest, lineage)"
+    );
     assert_eq!(a.model_tag(), tag, "the current model stays");
     let replayed = a.stats().samples_replayed.load(Ordering::Relaxed);
     wait_until("inference goes on", || {
@@ -305,34 +327,37 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
     assert!(!stored.signature.is_empty());
 
     // (a) Tampered bytes under the genuine digest and signature: the bytes do not hash to
-    // the signed digest.
+    // the signed digest (announced without a digest, and with the genuine one).
     let mut tampered = signed(&key, MODEL, 2, 1, &v2);
     let mid = tampered.bytes.len() / 2;
     tampered.bytes[mid] ^= 0x40;
     let before = refused(&a);
+    hostile.publish_bare(tampered.clone()).await;
+    expect_refusal("tampered bytes, bare announcement", &a, before, 2, "digits@1").await;
+    let before = refused(&a);
     hostile.publish(tampered.clone()).await;
-    expect_refusal(&a, before, 2, "digits@1").await;
+    expect_refusal("tampered bytes", &a, before, 2, "digits@1").await;
     // … and with the digest recomputed for the tampered bytes: the signature fails.
     tampered.sha256 = sha_hex(&tampered.bytes);
     let before = refused(&a);
     hostile.publish(tampered).await;
-    expect_refusal(&a, before, 1, "digits@1").await;
+    expect_refusal("tampered bytes with their own digest", &a, before, 1, "digits@1").await;
 
     // (b) Signed by another key.
     let before = refused(&a);
     hostile.publish(signed(&stranger, MODEL, 2, 1, &v2)).await;
-    expect_refusal(&a, before, 1, "digits@1").await;
+    expect_refusal("a foreign key", &a, before, 1, "digits@1").await;
 
     // (c) Validly signed for another model name, served as this one.
     let before = refused(&a);
     hostile.publish(signed(&key, "faces", 2, 1, &v2)).await;
-    expect_refusal(&a, before, 1, "digits@1").await;
+    expect_refusal("another model name", &a, before, 1, "digits@1").await;
     // (c) An old version's genuine signature relabelled as a newer version.
     let mut relabelled = signed(&key, MODEL, 1, 0, &v1);
     relabelled.version = 2;
     let before = refused(&a);
     hostile.publish(relabelled).await;
-    expect_refusal(&a, before, 1, "digits@1").await;
+    expect_refusal("a relabelled old version", &a, before, 1, "digits@1").await;
 
     // The honest version 2 still gets through after all that.
     hostile.publish(signed(&key, MODEL, 2, 1, &v2)).await;
@@ -360,13 +385,13 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
             topk_fraction: 1.0,
         }))
         .await;
-    expect_refusal(&a, before, 3, "digits@2").await;
+    expect_refusal("a replayed old version", &a, before, 3, "digits@2").await;
     assert_eq!(a.stats().local_trainings.load(Ordering::Relaxed), 0);
 
     // A fork: validly signed version 3 whose parent is older than the version in use.
     let before = refused(&a);
     hostile.publish(signed(&key, MODEL, 3, 0, &v3)).await;
-    expect_refusal(&a, before, 3, "digits@2").await;
+    expect_refusal("a fork", &a, before, 3, "digits@2").await;
 
     // Through every refusal the stored model stayed the last good one.
     let (stored, bytes) = StateDir::open(state.path())
@@ -433,6 +458,6 @@ async fn credentials_without_a_pinned_key_stop_federation_until_one_is_configure
     hostile
         .publish(signed(&stranger, MODEL, 2, 1, &model_bytes(2)))
         .await;
-    expect_refusal(&a, before, 1, "digits@1").await;
+    expect_refusal("the enrolment key", &a, before, 1, "digits@1").await;
     a.shutdown().await.unwrap();
 }
