@@ -1262,6 +1262,56 @@ mod tests {
     }
 
     #[test]
+    fn model_checks_signature_digest_and_lineage() {
+        use hearth_proto::signing::ModelSigner;
+        let signer = ModelSigner::from_secret(&[5u8; 32]);
+        let key = ModelVerifier::from_bytes(&signer.public_key()).unwrap();
+        let bytes = b"model bytes";
+        let case = |version: u64, parent: u64, name: &str| {
+            let sig = signer.sign(&ModelStatement::for_bytes(name, version, parent, bytes));
+            let meta = ModelMeta {
+                model: "faces".into(),
+                version,
+                sha256: sha256_hex(bytes),
+                size_bytes: bytes.len() as u64,
+                ..ModelMeta::default()
+            };
+            let signed = Signed {
+                sha256: sha256_hex(bytes),
+                parent,
+                signature: sig.to_vec(),
+            };
+            (meta, signed)
+        };
+        let reason = |current: u64, (meta, signed): &(ModelMeta, Signed)| {
+            check_model(&key, "faces", current, meta, signed, (None, None)).map_err(|e| e.0)
+        };
+        // Successors of the version in use, including ones that skip missed versions.
+        assert_eq!(reason(0, &case(1, 0, "faces")), Ok(()));
+        assert_eq!(reason(3, &case(4, 3, "faces")), Ok(()));
+        assert_eq!(reason(3, &case(6, 5, "faces")), Ok(()));
+        // Not newer (a replay), parent not older than the version, a fork below the current.
+        assert_eq!(reason(4, &case(4, 3, "faces")), Err(Refusal::Lineage));
+        assert_eq!(reason(4, &case(2, 1, "faces")), Err(Refusal::Lineage));
+        assert_eq!(reason(0, &case(3, 3, "faces")), Err(Refusal::Lineage));
+        assert_eq!(reason(3, &case(5, 2, "faces")), Err(Refusal::Lineage));
+        // Another model's signature, an unsigned model, a digest that is not the bytes'.
+        assert_eq!(reason(0, &case(1, 0, "plaid")), Err(Refusal::Signature));
+        let (meta, mut signed) = case(1, 0, "faces");
+        signed.signature.clear();
+        assert_eq!(reason(0, &(meta, signed)), Err(Refusal::Signature));
+        let (mut meta, signed) = case(1, 0, "faces");
+        meta.sha256 = sha256_hex(b"other bytes");
+        assert_eq!(reason(0, &(meta, signed)), Err(Refusal::Digest));
+        // The announcement must match too.
+        let (meta, signed) = case(1, 0, "faces");
+        let r = check_model(&key, "faces", 0, &meta, &signed, (Some("00"), None));
+        assert_eq!(r.map_err(|e| e.0), Err(Refusal::Digest));
+        let r = check_model(&key, "faces", 0, &meta, &signed, (None, Some(3)));
+        assert_eq!(r.map_err(|e| e.0), Err(Refusal::Digest));
+    }
+
+    #[test]
     fn statuses_become_domain_errors() {
         let e = rpc_error(Status::permission_denied("bad key"));
         assert!(
