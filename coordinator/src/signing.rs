@@ -61,7 +61,11 @@ pub fn load_or_create(path: &Path, store: &Store, models: &[String]) -> Result<M
             let signer = ModelSigner::from_secret(&secret);
             write_new(path, hex_encode(&secret).as_bytes(), true)?;
             let public = hex_encode(&signer.public_key());
-            write_new(&public_key_path(path), format!("{public}\n").as_bytes(), false)?;
+            write_new(
+                &public_key_path(path),
+                format!("{public}\n").as_bytes(),
+                false,
+            )?;
             tracing::info!(
                 file = %path.display(), public_key = %public,
                 "created the model signing key (agents pin its public half at enrolment)"
@@ -126,9 +130,13 @@ fn write_new(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error> {
 
 /// Signs `meta` (its model, version, parent version and recorded digest) in place.
 pub(crate) fn sign(signer: &ModelSigner, meta: &mut VersionMeta) -> Result<(), Error> {
-    let s =
-        ModelStatement::with_hex_digest(&meta.model, meta.version, meta.parent_version, &meta.sha256)
-            .map_err(|e| Error::Internal(format!("cannot sign {}: {e}", meta.model)))?;
+    let s = ModelStatement::with_hex_digest(
+        &meta.model,
+        meta.version,
+        meta.parent_version,
+        &meta.sha256,
+    )
+    .map_err(|e| Error::Internal(format!("cannot sign {}: {e}", meta.model)))?;
     meta.signature = hex_encode(&signer.sign(&s));
     Ok(())
 }
@@ -146,9 +154,9 @@ pub(crate) fn sign_unsigned(
         for mut meta in store.versions(m)? {
             let version = meta.version;
             if meta.signature.is_empty() {
-                let bytes = store.model_bytes(m, version)?.ok_or_else(|| {
-                    init(format!("bytes of {m} version {version} are missing"))
-                })?;
+                let bytes = store
+                    .model_bytes(m, version)?
+                    .ok_or_else(|| init(format!("bytes of {m} version {version} are missing")))?;
                 let digest = crate::state::sha256_hex(&bytes);
                 if !digest.eq_ignore_ascii_case(&meta.sha256) {
                     return Err(init(format!(

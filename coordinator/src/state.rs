@@ -134,12 +134,14 @@ impl Coordinator {
         let key_path = config.signing_key_path();
         let names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
         let st = store.clone();
-        let signer = Arc::new(blocking(move || {
-            let signer = crate::signing::load_or_create(&key_path, &st, &names)?;
-            crate::signing::sign_unsigned(&signer, &st, &names)?;
-            Ok(signer)
-        })
-        .await?);
+        let signer = Arc::new(
+            blocking(move || {
+                let signer = crate::signing::load_or_create(&key_path, &st, &names)?;
+                crate::signing::sign_unsigned(&signer, &st, &names)?;
+                Ok(signer)
+            })
+            .await?,
+        );
         let mut eval_sets = HashMap::new();
         let mut loaded: HashMap<String, Arc<Dataset>> = HashMap::new();
         for m in &config.models {

@@ -55,7 +55,11 @@ async fn fetch_signed(
     let (mut bytes, mut lineage) = (Vec::new(), None);
     while let Some(chunk) = s.message().await.unwrap() {
         let this = (chunk.parent_version, chunk.signature.clone());
-        assert_eq!(*lineage.get_or_insert(this.clone()), this, "every chunk signs alike");
+        assert_eq!(
+            *lineage.get_or_insert(this.clone()),
+            this,
+            "every chunk signs alike"
+        );
         bytes.extend_from_slice(&chunk.data);
     }
     let (parent, sig) = lineage.expect("at least one chunk");

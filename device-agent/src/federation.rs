@@ -989,7 +989,10 @@ fn check_model(
         if !want.eq_ignore_ascii_case(&meta.sha256) {
             return Err((
                 Refusal::Digest,
-                format!("announced sha256 {want} but the download has {}", meta.sha256),
+                format!(
+                    "announced sha256 {want} but the download has {}",
+                    meta.sha256
+                ),
             ));
         }
     }

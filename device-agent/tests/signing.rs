@@ -258,7 +258,10 @@ async fn expect_refusal(
     reason: usize,
     tag: &str,
 ) {
-    wait_until(&format!("the refusal of {what}"), || refused(a).0 > before.0).await;
+    wait_until(&format!("the refusal of {what}"), || {
+        refused(a).0 > before.0
+    })
+    .await;
     let now = refused(a);
     let mut want = before;
     want.0 += 1;
@@ -308,10 +311,7 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
         .load_credentials()
         .unwrap()
         .unwrap();
-    assert_eq!(
-        creds.model_signing_key,
-        Some(hex_encode(&key.public_key()))
-    );
+    assert_eq!(creds.model_signing_key, Some(hex_encode(&key.public_key())));
 
     let (v1, v2, v3) = (model_bytes(1), model_bytes(2), model_bytes(3));
     // An honest version 1 is taken.
@@ -333,7 +333,14 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
     tampered.bytes[mid] ^= 0x40;
     let before = refused(&a);
     hostile.publish_bare(tampered.clone()).await;
-    expect_refusal("tampered bytes, bare announcement", &a, before, 2, "digits@1").await;
+    expect_refusal(
+        "tampered bytes, bare announcement",
+        &a,
+        before,
+        2,
+        "digits@1",
+    )
+    .await;
     let before = refused(&a);
     hostile.publish(tampered.clone()).await;
     expect_refusal("tampered bytes", &a, before, 2, "digits@1").await;
@@ -341,7 +348,14 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
     tampered.sha256 = sha_hex(&tampered.bytes);
     let before = refused(&a);
     hostile.publish(tampered).await;
-    expect_refusal("tampered bytes with their own digest", &a, before, 1, "digits@1").await;
+    expect_refusal(
+        "tampered bytes with their own digest",
+        &a,
+        before,
+        1,
+        "digits@1",
+    )
+    .await;
 
     // (b) Signed by another key.
     let before = refused(&a);
@@ -451,7 +465,9 @@ async fn credentials_without_a_pinned_key_stop_federation_until_one_is_configure
         !hostile.subscribers.lock().unwrap().is_empty()
     })
     .await;
-    hostile.publish(signed(&key, MODEL, 1, 0, &model_bytes(1))).await;
+    hostile
+        .publish(signed(&key, MODEL, 1, 0, &model_bytes(1)))
+        .await;
     wait_until("version 1", || a.model_tag() == "digits@1").await;
     // A version signed with the key handed out at enrolment is not the pinned one.
     let before = refused(&a);

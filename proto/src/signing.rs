@@ -1,4 +1,4 @@
-//! Model signatures (feature `signing`): the coordinator signs every published model version
+//! Model signatures: the coordinator signs every published model version
 //! with its ed25519 key; agents verify it against the key they pinned at enrolment.
 //!
 //! What is signed is a [`ModelStatement`] — model name, version, parent version and the SHA-256
