@@ -1124,12 +1124,14 @@ async fn fetch_pass(
         let (fresh, before) = (dl.total.is_none(), dl.buf.len());
         dl.absorb(model, c)?;
         if fresh {
+            let (parent, signature) = dl.signed.clone().unwrap_or_default();
             state.begin_download(&ModelMeta {
                 model: model.to_string(),
                 version: dl.version,
                 sha256: dl.sha256.clone().unwrap_or_default(),
                 size_bytes: dl.total.unwrap_or_default(),
-                ..ModelMeta::default()
+                parent_version: parent,
+                signature: hex::encode(signature),
             })?;
         }
         state.append_download(model, &dl.buf[before..])?;
@@ -1163,7 +1165,12 @@ async fn fetch_model(
                 version,
                 total: Some(p.meta.size_bytes),
                 sha256: Some(p.meta.sha256),
-                signed: None,
+                // What the first chunk carried (a download that was complete when the agent
+                // stopped is checked without another chunk).
+                signed: Some((
+                    p.meta.parent_version,
+                    hex::decode(&p.meta.signature).unwrap_or_default(),
+                )),
                 buf: p.bytes,
             }
         }
