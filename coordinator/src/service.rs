@@ -149,7 +149,6 @@ impl Enrollment for Services {
                 client_id,
                 client_key,
                 model_signing_key: self.coord.model_signing_key().to_vec(),
-                ..Default::default()
             })),
             Err(EnrollError::Token) => {
                 Err(Status::permission_denied(EnrollError::Token.to_string()))

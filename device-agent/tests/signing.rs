@@ -44,12 +44,15 @@ struct Offer {
     bytes: Vec<u8>,
 }
 
+/// Where a subscription's events go.
+type EventTx = mpsc::Sender<Result<FederationEvent, Status>>;
+
 /// The hostile coordinator's shared state.
 #[derive(Clone, Default)]
 struct Hostile {
     enroll_key: Vec<u8>,
     offers: Arc<Mutex<HashMap<u64, Offer>>>,
-    subscribers: Arc<Mutex<Vec<mpsc::Sender<Result<FederationEvent, Status>>>>>,
+    subscribers: Arc<Mutex<Vec<EventTx>>>,
     subscribe_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
