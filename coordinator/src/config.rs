@@ -40,6 +40,11 @@ pub struct Config {
     pub metrics_listen: String,
     /// Directory of the sled database (created if missing).
     pub db_path: PathBuf,
+    /// File of the ed25519 key every published model version is signed with (hex, mode
+    /// 0600; created on first start, its public half written to `<file>.pub`). Default:
+    /// `<db_path>.signing-key`, beside the database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
     /// Directory holding the data sets (`<data_dir>/<task>/test.csv`) used for evaluation.
     pub data_dir: PathBuf,
     /// Secret expected as `authorization: Bearer <admin_token>` on admin calls.
@@ -445,6 +450,7 @@ impl Default for Config {
             listen: "127.0.0.1:50051".into(),
             metrics_listen: String::new(),
             db_path: "hearth-coordinator.db".into(),
+            signing_key_file: None,
             data_dir: "data".into(),
             admin_token: String::new(),
             enrollment_tokens: Vec::new(),
@@ -492,6 +498,15 @@ impl Config {
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
+        })
+    }
+
+    /// The model-signing key file: `signing_key_file`, or `<db_path>.signing-key`.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key_file.clone().unwrap_or_else(|| {
+            let mut s = self.db_path.as_os_str().to_os_string();
+            s.push(".signing-key");
+            PathBuf::from(s)
         })
     }
 

@@ -8,6 +8,7 @@
 //! - [`optimizer`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
 //! - [`ratelimit`]: per-client token buckets (bounded table) the gRPC edge consults.
+//! - [`signing`]: the model-signing key; every published version is signed with it.
 //! - [`metrics`]: counters for Prometheus; every refusal is logged and counted there.
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
@@ -22,6 +23,7 @@ pub mod robust;
 pub mod rounds;
 pub mod server;
 pub mod service;
+pub mod signing;
 pub mod state;
 pub mod store;
 

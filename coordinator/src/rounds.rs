@@ -635,11 +635,13 @@ impl Coordinator {
             Ok::<_, Error>((model.to_bytes(), acc, next.to_bytes(), how))
         })
         .await??;
-        let version = self
+        // The version this one succeeds (rounds of a model run one at a time: its base).
+        let parent = self
             .store
             .latest_version(&rec.model)?
-            .map_or(1, |v| v.version + 1);
-        let meta = VersionMeta {
+            .map_or(0, |v| v.version);
+        let version = parent + 1;
+        let mut meta = VersionMeta {
             model: rec.model.clone(),
             version,
             sha256: sha256_hex(&bytes),
@@ -647,7 +649,10 @@ impl Coordinator {
             eval_accuracy: acc,
             created_unix_ms: now_unix_ms(),
             from_round: rec.id,
+            parent_version: parent,
+            signature: String::new(),
         };
+        crate::signing::sign(&self.signer, &mut meta)?;
         let detail = format!("{how} ({} samples)", rec.total_samples);
         self.store
             .complete_round(rec.id, &meta, &bytes, Some(&state), &detail)?;

@@ -167,6 +167,8 @@ fn wire_published(v: &VersionMeta) -> v1::ModelPublished {
         version: v.version,
         sha256: v.sha256.clone(),
         size_bytes: v.size_bytes,
+        parent_version: v.parent_version,
+        signature: hex::decode(&v.signature).unwrap_or_default(),
     }
 }
 
@@ -178,6 +180,8 @@ fn wire_version(v: &VersionMeta) -> v1::ModelVersion {
         eval_accuracy: v.eval_accuracy.unwrap_or(-1.0),
         created_unix_ms: v.created_unix_ms,
         from_round: v.from_round,
+        parent_version: v.parent_version,
+        signature: hex::decode(&v.signature).unwrap_or_default(),
     }
 }
 
@@ -196,6 +200,7 @@ impl Enrollment for Services {
             Ok((client_id, client_key)) => Ok(Response::new(v1::EnrollResponse {
                 client_id,
                 client_key,
+                model_signing_key: self.coord.model_signing_key().to_vec(),
             })),
             Err(e @ EnrollError::Token) => {
                 metrics.reject("enroll", "bad_token", "", &e);
@@ -386,6 +391,7 @@ impl Federation for Services {
             + Duration::from_secs(self.coord.config().fetch_timeout_secs);
         let (tx, rx) = mpsc::channel(4);
         let mut stop = self.coord.shutdown_signal();
+        let signature = hex::decode(&meta.signature).unwrap_or_default();
         tokio::spawn(async move {
             let mut offset = r.offset as usize;
             // At least one chunk (empty when resuming at the very end) so the client learns
@@ -399,6 +405,8 @@ impl Federation for Services {
                     sha256: meta.sha256.clone(),
                     offset: offset as u64,
                     data: bytes[offset..end].to_vec(),
+                    parent_version: meta.parent_version,
+                    signature: signature.clone(),
                 };
                 let sent = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)).await;
                 match sent {
@@ -605,6 +613,8 @@ mod tests {
             eval_accuracy: None,
             created_unix_ms: 0,
             from_round: 0,
+            parent_version: v - 1,
+            signature: String::new(),
         })
     }
 

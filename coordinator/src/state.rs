@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
+use hearth_proto::signing::ModelSigner;
+
 use crate::config::{Config, ModelConfig};
 use crate::metrics::Metrics;
 use crate::store::{now_unix_ms, ClientRecord, RoundRecord, Store, StoreError, VersionMeta};
@@ -83,6 +85,8 @@ pub struct Coordinator {
     pub(crate) tasks: Mutex<JoinSet<()>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Signs every published version (`crate::signing`).
+    pub(crate) signer: Arc<ModelSigner>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -127,6 +131,17 @@ impl Coordinator {
                 tracing::info!("seeded an enrollment token from the config");
             }
         }
+        let key_path = config.signing_key_path();
+        let names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+        let st = store.clone();
+        let signer = Arc::new(
+            blocking(move || {
+                let signer = crate::signing::load_or_create(&key_path, &st, &names)?;
+                crate::signing::sign_unsigned(&signer, &st, &names)?;
+                Ok(signer)
+            })
+            .await?,
+        );
         let mut eval_sets = HashMap::new();
         let mut loaded: HashMap<String, Arc<Dataset>> = HashMap::new();
         for m in &config.models {
@@ -154,7 +169,8 @@ impl Coordinator {
                 tracing::info!(model = %m.name, samples = ds.len(), "held-out set loaded");
                 eval_sets.insert(m.name.clone(), ds);
             }
-            ensure_initial_version(&store, m, task, eval_sets.get(&m.name).cloned()).await?;
+            ensure_initial_version(&store, &signer, m, task, eval_sets.get(&m.name).cloned())
+                .await?;
         }
         store.flush().await?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
@@ -168,6 +184,7 @@ impl Coordinator {
             tasks: Mutex::new(JoinSet::new()),
             shutdown,
             metrics: Arc::new(Metrics::default()),
+            signer,
         }))
     }
 
@@ -179,6 +196,11 @@ impl Coordinator {
     /// The counters (rejections, accepted updates, published versions).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The public key every published version is signed with (agents pin it at enrolment).
+    pub fn model_signing_key(&self) -> [u8; 32] {
+        self.signer.public_key()
     }
 
     /// The store.
@@ -350,6 +372,7 @@ pub(crate) fn evaluate(name: &str, model: &OnnxModel, ds: &Dataset) -> Option<f3
 
 async fn ensure_initial_version(
     store: &Store,
+    signer: &ModelSigner,
     m: &ModelConfig,
     task: TaskSpec,
     eval: Option<Arc<Dataset>>,
@@ -374,7 +397,7 @@ async fn ensure_initial_version(
         Ok((bytes, acc))
     })
     .await?;
-    let meta = VersionMeta {
+    let mut meta = VersionMeta {
         model: m.name.clone(),
         version: 1,
         sha256: sha256_hex(&bytes),
@@ -382,7 +405,10 @@ async fn ensure_initial_version(
         eval_accuracy: acc,
         created_unix_ms: now_unix_ms(),
         from_round: 0,
+        parent_version: 0,
+        signature: String::new(),
     };
+    crate::signing::sign(signer, &mut meta)?;
     store.put_version(&meta, &bytes)?;
     tracing::info!(model = %m.name, size = bytes.len(), accuracy = ?acc, "created version 1");
     Ok(())

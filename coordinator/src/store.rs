@@ -61,6 +61,14 @@ pub struct VersionMeta {
     pub created_unix_ms: u64,
     /// Round that produced it (0 for the initial model).
     pub from_round: u64,
+    /// The version this one succeeds (the latest when it was published; 0 for the first).
+    #[serde(default)]
+    pub parent_version: u64,
+    /// Hex ed25519 signature of (model, version, parent_version, sha256) with the
+    /// coordinator's key (`crate::signing`); empty only in records from before signing,
+    /// which are signed at start-up.
+    #[serde(default)]
+    pub signature: String,
 }
 
 /// Round lifecycle state.
@@ -336,6 +344,23 @@ impl Store {
                 }
                 versions.insert(key.as_slice(), enc(meta))?;
                 blobs.insert(key.as_slice(), onnx)?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Replaces the metadata of an existing version (its bytes stay). Fails if it is missing.
+    pub fn update_version_meta(&self, meta: &VersionMeta) -> Result<(), StoreError> {
+        let key = version_key(&meta.model, meta.version);
+        self.versions
+            .transaction(|versions| {
+                if versions.get(&key)?.is_none() {
+                    return abort(StoreError::Conflict(format!(
+                        "version {} of {} does not exist",
+                        meta.version, meta.model
+                    )));
+                }
+                versions.insert(key.as_slice(), enc(meta))?;
                 Ok(())
             })
             .map_err(tx_err)
@@ -813,6 +838,8 @@ mod tests {
             eval_accuracy: Some(0.5),
             created_unix_ms: 1,
             from_round: 1,
+            parent_version: 1,
+            signature: String::new(),
         };
         let done = s
             .complete_round(1, &meta, b"abc", Some(&b"state"[..]), "ok")
@@ -860,6 +887,8 @@ mod tests {
                     eval_accuracy: None,
                     created_unix_ms: v,
                     from_round: 0,
+                    parent_version: 0,
+                    signature: String::new(),
                 };
                 s.put_version(&meta, &[v as u8]).unwrap();
             }

@@ -53,6 +53,11 @@ pub struct Config {
     pub coordinator: Option<String>,
     /// One-time enrollment token (only needed until credentials are stored).
     pub enrollment_token: Option<String>,
+    /// The coordinator's model-signing public key (64 hex characters, the content of its
+    /// `<signing key>.pub`), pinned out of band. When set it wins over the key the coordinator
+    /// gave at enrolment; either way the agent runs only models signed with the pinned key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_signing_key: Option<String>,
     /// Task the device senses: a task file (`path/to/task.toml`) or the name of a set in
     /// `data_dir` (`<data_dir>/<name>/task.toml`: `plaid`, `faces`, `digits`, `gunpoint`, …).
     pub task: String,
@@ -88,6 +93,7 @@ impl Default for Config {
             mqtt_password_file: None,
             coordinator: None,
             enrollment_token: None,
+            model_signing_key: None,
             task: "faces".into(),
             model: None,
             data_dir: PathBuf::from("data"),
@@ -126,6 +132,7 @@ impl Config {
              # mqtt_ca_file = \"/etc/hearth/ca.pem\"     # CA of the broker, for mqtt = \"mqtts://…\"\n\
              # mqtt_password_file = \"/etc/hearth/mqtt.password\"  # with mqtt = \"mqtt://<device>@hub\"\n\
              # enrollment_token = \"...\"                  # one-time, until credentials are stored\n\
+             # model_signing_key = \"<64 hex>\"           # pin the coordinator's key (else: from enrolment)\n\
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
              # event_name = \"detection\"                  # defaults to the task file's `event`\n\
@@ -188,6 +195,10 @@ impl Config {
                 .map_err(|e| Error::Config(format!("coordinator `{url}`: {e}")))?;
         }
         self.task_spec()?;
+        if let Some(k) = &self.model_signing_key {
+            hearth_proto::signing::ModelVerifier::from_hex(k)
+                .map_err(|e| Error::Config(format!("model_signing_key: {e}")))?;
+        }
         if let Some(t) = &self.enrollment_token {
             if t.trim().is_empty() {
                 return bad("enrollment_token is empty".into());
@@ -289,6 +300,8 @@ mod tests {
             Box::new(|c| c.min_event_score = 1.5),
             Box::new(|c| c.event_name = Some("a b".into())),
             Box::new(|c| c.model = Some("".into())),
+            Box::new(|c| c.model_signing_key = Some("12ab".into())),
+            Box::new(|c| c.model_signing_key = Some("zz".repeat(32))),
         ];
         for (i, f) in cases.iter().enumerate() {
             let mut c = Config::default();

@@ -3,6 +3,11 @@
 //! and rounds: local training on the device's own share, clipped delta,
 //! compressed with error feedback, uploaded idempotently.
 //!
+//! Every downloaded model is checked before it is stored or used ([`check_model`]): its
+//! signature verifies with the coordinator key pinned at enrolment (or in the config), its
+//! bytes hash to the signed digest, and its signed lineage succeeds the version in use.
+//! A refused model is counted and logged; the current one stays.
+//!
 //! A round's update survives crashes: once trained it is saved with the residual it
 //! would leave ([`PendingUpdate`]) before the first byte is sent, re-sent unchanged until
 //! the round's deadline (and after a restart, without retraining), and its residual is
@@ -21,6 +26,7 @@ use hearth_model::{
     clip_l2, encode_update, l2_norm, sub, train, CodecConfig, Dataset, OnnxModel, Tensor,
     TrainConfig, Weights,
 };
+use hearth_proto::signing::{ModelStatement, ModelVerifier};
 use hearth_proto::v1::enrollment_client::EnrollmentClient;
 use hearth_proto::v1::federation_client::FederationClient;
 use hearth_proto::v1::{
@@ -39,7 +45,7 @@ use crate::agent::Shared;
 use crate::inference::Loaded;
 use crate::state::{sha256_hex, Credentials, FedState, ModelMeta, PendingUpdate, StateDir};
 use crate::stats::add;
-use crate::{Error, RpcCode};
+use crate::{Config, Error, RpcCode};
 
 /// Largest model the agent accepts to download.
 pub const MAX_MODEL_BYTES: u64 = 64 * 1024 * 1024;
@@ -168,6 +174,14 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Recei
             return;
         }
     };
+    let verifier = match pinned_key(&shared.config, &creds) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("federation disabled: {e}");
+            return;
+        }
+    };
+    tracing::info!(key = %verifier.to_hex(), "models must be signed with this coordinator key");
     let auth = match Auth::new(&creds) {
         Ok(a) => a,
         Err(e) => {
@@ -178,11 +192,45 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Recei
     let client = FederationClient::with_interceptor(channel, auth)
         .max_decoding_message_size(2 * CHUNK_SIZE + 4096);
     let (tx, rx) = mpsc::channel(64);
-    let worker = tokio::spawn(Worker::new(shared.clone(), client.clone()).run(rx, stop.clone()));
+    let worker =
+        tokio::spawn(Worker::new(shared.clone(), client.clone(), verifier).run(rx, stop.clone()));
     subscribe_loop(&shared, client, tx, &mut stop).await;
     if let Err(e) = worker.await {
         tracing::warn!("federation worker ended abnormally: {e}");
     }
+}
+
+/// The key every model must be signed with: `model_signing_key` from the config (pinned out
+/// of band) wins over the one the coordinator gave at enrolment. Credentials from before
+/// model signing hold none: without a configured key such an agent runs no federation (it
+/// could only trust whatever it is sent) and says how to fix it.
+fn pinned_key(config: &Config, c: &Credentials) -> Result<ModelVerifier, Error> {
+    let enrolled = c
+        .model_signing_key
+        .as_deref()
+        .map(ModelVerifier::from_hex)
+        .transpose()
+        .map_err(|e| Error::State(format!("credentials.json: model_signing_key: {e}")))?;
+    if let Some(hex) = &config.model_signing_key {
+        let k = ModelVerifier::from_hex(hex)
+            .map_err(|e| Error::Config(format!("model_signing_key: {e}")))?;
+        if enrolled.as_ref().is_some_and(|e| *e != k) {
+            tracing::warn!(
+                "the configured model_signing_key differs from the key the coordinator gave at \
+                 enrolment: the configured one is pinned"
+            );
+        }
+        return Ok(k);
+    }
+    enrolled.ok_or_else(|| {
+        Error::Config(
+            "no coordinator model-signing key is pinned (the stored credentials predate model \
+             signing, or the coordinator sent none): re-enrol (remove credentials.json from the \
+             state directory and set a fresh enrollment_token) or set model_signing_key to the \
+             coordinator's public key (its <signing key>.pub)"
+                .into(),
+        )
+    })
 }
 
 /// Stored credentials for `url`, or a fresh enrollment with the configured token.
@@ -220,10 +268,19 @@ async fn credentials(
                         "enrollment returned an empty identity".into(),
                     ));
                 }
+                let model_signing_key = if r.model_signing_key.is_empty() {
+                    None
+                } else {
+                    let k = ModelVerifier::from_bytes(&r.model_signing_key).map_err(|e| {
+                        Error::Protocol(format!("enrollment returned a bad signing key: {e}"))
+                    })?;
+                    Some(k.to_hex())
+                };
                 let c = Credentials {
                     coordinator: url.to_string(),
                     client_id: r.client_id,
                     client_key: r.client_key,
+                    model_signing_key,
                 };
                 shared.state.save_credentials(&c)?;
                 tracing::info!(client_id = %c.client_id, "enrolled with the coordinator");
@@ -327,6 +384,8 @@ enum Outcome {
 struct Worker {
     shared: Arc<Shared>,
     client: FedClient,
+    /// The pinned coordinator key every model must be signed with.
+    verifier: ModelVerifier,
     fed: FedState,
     /// Newest global version the coordinator announced.
     latest: u64,
@@ -335,7 +394,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, client: FedClient) -> Worker {
+    fn new(shared: Arc<Shared>, client: FedClient, verifier: ModelVerifier) -> Worker {
         let fed = match shared.state.load_federation(&shared.model_name) {
             Ok(f) => f,
             Err(e) => {
@@ -354,6 +413,7 @@ impl Worker {
         Worker {
             shared,
             client,
+            verifier,
             fed,
             latest: 0,
             settle_at,
@@ -566,7 +626,7 @@ impl Worker {
         if cur.global && cur.version == version {
             return Ok(cur);
         }
-        let (meta, bytes) = fetch_model(
+        let (meta, bytes, signed) = fetch_model(
             &mut self.client,
             &self.shared.state,
             &self.shared.model_name,
@@ -574,21 +634,17 @@ impl Worker {
         )
         .await?;
         add(&self.shared.stats.bytes_downloaded, bytes.len() as u64);
-        if let Some(want) = sha256.filter(|s| !s.is_empty()) {
-            if !want.eq_ignore_ascii_case(&meta.sha256) {
-                return Err(Error::Integrity(format!(
-                    "announced sha256 {want} but the download has {}",
-                    meta.sha256
-                )));
-            }
-        }
-        if let Some(want) = size.filter(|s| *s > 0) {
-            if want != meta.size_bytes {
-                return Err(Error::Integrity(format!(
-                    "announced {want} bytes but downloaded {}",
-                    meta.size_bytes
-                )));
-            }
+        // Nothing downloaded is stored or used before it verifies.
+        let current = if cur.global { cur.version } else { 0 };
+        if let Err((reason, detail)) = check_model(
+            &self.verifier,
+            &self.shared.model_name,
+            current,
+            &meta,
+            &signed,
+            (sha256, size),
+        ) {
+            return Err(self.refuse(reason, meta.version, &cur.tag(), &detail));
         }
         let shared = self.shared.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<Loaded, Error> {
@@ -611,6 +667,31 @@ impl Worker {
             }
         }
         Ok(loaded)
+    }
+
+    /// Counts and logs a refused model; the one in use (`keeping`) stays.
+    fn refuse(&self, reason: Refusal, version: u64, keeping: &str, detail: &str) -> Error {
+        let s = &self.shared.stats;
+        add(&s.models_refused, 1);
+        add(
+            match reason {
+                Refusal::Signature => &s.models_refused_signature,
+                Refusal::Digest => &s.models_refused_digest,
+                Refusal::Lineage => &s.models_refused_lineage,
+            },
+            1,
+        );
+        let total = s.models_refused.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            model = %self.shared.model_name, version, reason = reason.as_str(),
+            refused_total = total, %keeping,
+            "refused a downloaded model: {detail}"
+        );
+        Error::Integrity(format!(
+            "model {} v{version} refused ({}): {detail}",
+            self.shared.model_name,
+            reason.as_str()
+        ))
     }
 
     async fn on_round(&mut self, t: RoundTask) -> Result<(), Error> {
@@ -833,12 +914,129 @@ async fn upload(
     }
 }
 
+/// Why a downloaded model was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Unsigned, or the signature does not verify with the pinned key over this model name,
+    /// version, parent and digest.
+    Signature,
+    /// The bytes do not hash to the signed digest (or differ from the announced digest/size).
+    Digest,
+    /// Validly signed, but not a successor of the version in use.
+    Lineage,
+}
+
+impl Refusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Signature => "signature",
+            Refusal::Digest => "digest",
+            Refusal::Lineage => "lineage",
+        }
+    }
+}
+
+/// What the coordinator said about a download: the announced digest (the one signed), the
+/// signed parent version and the signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Signed {
+    sha256: String,
+    parent: u64,
+    signature: Vec<u8>,
+}
+
+/// The checks a downloaded model passes before it is stored or used, in order:
+/// 1. it is signed, and the signature verifies with the pinned `key` over (`model` — the name
+///    this agent asked for —, the version, the signed parent, the announced digest): a model
+///    signed by another key, for another model name, or relabelled as another version fails;
+/// 2. its bytes hash to that signed digest (and match what `ModelPublished` announced);
+/// 3. lineage: it is strictly newer than `current` (the global version in use, 0 for none),
+///    so an older version, however validly signed, is a replay; its signed parent is older
+///    than it; and the parent is `current` or later — the agent can account for it: versions
+///    form one chain in which each names its predecessor, so a parent ≥ `current` means the
+///    model in use is an ancestor (versions in between were merely missed), while a parent
+///    older than `current` is a fork away from it.
+fn check_model(
+    key: &ModelVerifier,
+    model: &str,
+    current: u64,
+    meta: &ModelMeta,
+    signed: &Signed,
+    announced: (Option<&str>, Option<u64>),
+) -> Result<(), (Refusal, String)> {
+    let v = meta.version;
+    if signed.signature.is_empty() {
+        return Err((Refusal::Signature, "the model is not signed".into()));
+    }
+    let statement = ModelStatement::with_hex_digest(model, v, signed.parent, &signed.sha256)
+        .map_err(|e| (Refusal::Digest, e.to_string()))?;
+    key.verify(&statement, &signed.signature).map_err(|e| {
+        (
+            Refusal::Signature,
+            format!("{e} (as {model} version {v}, parent {})", signed.parent),
+        )
+    })?;
+    if !meta.sha256.eq_ignore_ascii_case(&signed.sha256) {
+        return Err((
+            Refusal::Digest,
+            format!(
+                "the bytes hash to {} but the signed digest is {}",
+                meta.sha256, signed.sha256
+            ),
+        ));
+    }
+    if let Some(want) = announced.0.filter(|s| !s.is_empty()) {
+        if !want.eq_ignore_ascii_case(&meta.sha256) {
+            return Err((
+                Refusal::Digest,
+                format!(
+                    "announced sha256 {want} but the download has {}",
+                    meta.sha256
+                ),
+            ));
+        }
+    }
+    if let Some(want) = announced.1.filter(|s| *s > 0) {
+        if want != meta.size_bytes {
+            return Err((
+                Refusal::Digest,
+                format!("announced {want} bytes but downloaded {}", meta.size_bytes),
+            ));
+        }
+    }
+    if v <= current {
+        return Err((
+            Refusal::Lineage,
+            format!("version {v} is not newer than the version in use, {current} (a replay)"),
+        ));
+    }
+    if signed.parent >= v {
+        return Err((
+            Refusal::Lineage,
+            format!("its signed parent {} is not older than it", signed.parent),
+        ));
+    }
+    if current > 0 && signed.parent < current {
+        return Err((
+            Refusal::Lineage,
+            format!(
+                "its signed parent {} is older than the version in use, {current}: \
+                 it does not descend from it",
+                signed.parent
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Download progress of one model version, kept across resumed attempts.
 #[derive(Default)]
 struct Download {
     version: u64,
     total: Option<u64>,
     sha256: Option<String>,
+    /// Signed parent and signature, as the chunks of this download carry them.
+    signed: Option<(u64, Vec<u8>)>,
     buf: Vec<u8>,
 }
 
@@ -875,6 +1073,15 @@ impl Download {
             None => self.sha256 = Some(c.sha256.to_ascii_lowercase()),
             Some(s) if !s.eq_ignore_ascii_case(&c.sha256) => {
                 return Err(Error::Integrity("digest changed during the fetch".into()))
+            }
+            Some(_) => {}
+        }
+        match &self.signed {
+            None => self.signed = Some((c.parent_version, c.signature.clone())),
+            Some((p, s)) if *p != c.parent_version || *s != c.signature => {
+                return Err(Error::Integrity(
+                    "signature changed during the fetch".into(),
+                ))
             }
             Some(_) => {}
         }
@@ -917,11 +1124,14 @@ async fn fetch_pass(
         let (fresh, before) = (dl.total.is_none(), dl.buf.len());
         dl.absorb(model, c)?;
         if fresh {
+            let (parent, signature) = dl.signed.clone().unwrap_or_default();
             state.begin_download(&ModelMeta {
                 model: model.to_string(),
                 version: dl.version,
                 sha256: dl.sha256.clone().unwrap_or_default(),
                 size_bytes: dl.total.unwrap_or_default(),
+                parent_version: parent,
+                signature: hex::encode(signature),
             })?;
         }
         state.append_download(model, &dl.buf[before..])?;
@@ -936,13 +1146,14 @@ async fn fetch_pass(
 }
 
 /// Fetches `version` (0 = latest) in chunks, resuming from the last byte received
-/// after an error, and verifies the size and SHA-256 of the whole file.
+/// after an error. Returns the bytes, their description (with their own SHA-256) and what
+/// the coordinator announced and signed; [`check_model`] decides whether they are used.
 async fn fetch_model(
     client: &mut FedClient,
     state: &StateDir,
     model: &str,
     version: u64,
-) -> Result<(ModelMeta, Vec<u8>), Error> {
+) -> Result<(ModelMeta, Vec<u8>, Signed), Error> {
     let mut dl = match state.load_download(model)? {
         Some(p) if version != 0 && p.meta.version == version => {
             tracing::info!(
@@ -954,6 +1165,12 @@ async fn fetch_model(
                 version,
                 total: Some(p.meta.size_bytes),
                 sha256: Some(p.meta.sha256),
+                // What the first chunk carried (a download that was complete when the agent
+                // stopped is checked without another chunk).
+                signed: Some((
+                    p.meta.parent_version,
+                    hex::decode(&p.meta.signature).unwrap_or_default(),
+                )),
                 buf: p.bytes,
             }
         }
@@ -995,19 +1212,21 @@ async fn fetch_model(
     }
     let sha = sha256_hex(&dl.buf);
     state.clear_download(model)?;
-    if Some(&sha) != dl.sha256.as_ref() {
-        return Err(Error::Integrity(format!(
-            "downloaded model has sha256 {sha}, announced {:?}",
-            dl.sha256
-        )));
-    }
+    let (parent, signature) = dl.signed.unwrap_or_default();
     let meta = ModelMeta {
         model: model.to_string(),
         version: dl.version,
         sha256: sha,
         size_bytes: dl.buf.len() as u64,
+        parent_version: parent,
+        signature: hex::encode(&signature),
     };
-    Ok((meta, dl.buf))
+    let signed = Signed {
+        sha256: dl.sha256.unwrap_or_default(),
+        parent,
+        signature,
+    };
+    Ok((meta, dl.buf, signed))
 }
 
 #[cfg(test)]
@@ -1022,6 +1241,7 @@ mod tests {
             sha256: sha.into(),
             offset,
             data: data.to_vec(),
+            ..ModelChunk::default()
         }
     }
 
@@ -1049,6 +1269,56 @@ mod tests {
         dl.absorb("faces", chunk(3, b"de", 5, "aa")).unwrap();
         assert!(dl.complete());
         assert_eq!(dl.buf, b"abcde");
+    }
+
+    #[test]
+    fn model_checks_signature_digest_and_lineage() {
+        use hearth_proto::signing::ModelSigner;
+        let signer = ModelSigner::from_secret(&[5u8; 32]);
+        let key = ModelVerifier::from_bytes(&signer.public_key()).unwrap();
+        let bytes = b"model bytes";
+        let case = |version: u64, parent: u64, name: &str| {
+            let sig = signer.sign(&ModelStatement::for_bytes(name, version, parent, bytes));
+            let meta = ModelMeta {
+                model: "faces".into(),
+                version,
+                sha256: sha256_hex(bytes),
+                size_bytes: bytes.len() as u64,
+                ..ModelMeta::default()
+            };
+            let signed = Signed {
+                sha256: sha256_hex(bytes),
+                parent,
+                signature: sig.to_vec(),
+            };
+            (meta, signed)
+        };
+        let reason = |current: u64, (meta, signed): &(ModelMeta, Signed)| {
+            check_model(&key, "faces", current, meta, signed, (None, None)).map_err(|e| e.0)
+        };
+        // Successors of the version in use, including ones that skip missed versions.
+        assert_eq!(reason(0, &case(1, 0, "faces")), Ok(()));
+        assert_eq!(reason(3, &case(4, 3, "faces")), Ok(()));
+        assert_eq!(reason(3, &case(6, 5, "faces")), Ok(()));
+        // Not newer (a replay), parent not older than the version, a fork below the current.
+        assert_eq!(reason(4, &case(4, 3, "faces")), Err(Refusal::Lineage));
+        assert_eq!(reason(4, &case(2, 1, "faces")), Err(Refusal::Lineage));
+        assert_eq!(reason(0, &case(3, 3, "faces")), Err(Refusal::Lineage));
+        assert_eq!(reason(3, &case(5, 2, "faces")), Err(Refusal::Lineage));
+        // Another model's signature, an unsigned model, a digest that is not the bytes'.
+        assert_eq!(reason(0, &case(1, 0, "plaid")), Err(Refusal::Signature));
+        let (meta, mut signed) = case(1, 0, "faces");
+        signed.signature.clear();
+        assert_eq!(reason(0, &(meta, signed)), Err(Refusal::Signature));
+        let (mut meta, signed) = case(1, 0, "faces");
+        meta.sha256 = sha256_hex(b"other bytes");
+        assert_eq!(reason(0, &(meta, signed)), Err(Refusal::Digest));
+        // The announcement must match too.
+        let (meta, signed) = case(1, 0, "faces");
+        let r = check_model(&key, "faces", 0, &meta, &signed, (Some("00"), None));
+        assert_eq!(r.map_err(|e| e.0), Err(Refusal::Digest));
+        let r = check_model(&key, "faces", 0, &meta, &signed, (None, Some(3)));
+        assert_eq!(r.map_err(|e| e.0), Err(Refusal::Digest));
     }
 
     #[test]

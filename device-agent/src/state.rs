@@ -22,15 +22,25 @@ pub struct Credentials {
     pub coordinator: String,
     pub client_id: String,
     pub client_key: String,
+    /// The coordinator's model-signing public key (hex) received at enrolment: the key every
+    /// model must be signed with. Absent in credentials from before model signing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_signing_key: Option<String>,
 }
 
 /// Description of a persisted model file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelMeta {
     pub model: String,
     pub version: u64,
     pub sha256: String,
     pub size_bytes: u64,
+    /// Signed lineage: the version this one succeeds.
+    #[serde(default)]
+    pub parent_version: u64,
+    /// The coordinator's signature (hex) it was verified with before it was stored.
+    #[serde(default)]
+    pub signature: String,
 }
 
 /// A model download in progress (see [`StateDir::load_download`]).
@@ -431,6 +441,8 @@ mod tests {
             version: 3,
             sha256: sha256_hex(&bytes),
             size_bytes: bytes.len() as u64,
+            parent_version: 2,
+            signature: "ab".repeat(64),
         };
         s.save_model(&meta, &bytes).unwrap();
         let (m, b) = s.load_model("faces").unwrap().unwrap();
@@ -443,6 +455,7 @@ mod tests {
             coordinator: "http://127.0.0.1:50051".into(),
             client_id: "c1".into(),
             client_key: "k".into(),
+            model_signing_key: Some("cd".repeat(32)),
         };
         s.save_credentials(&c).unwrap();
         assert_eq!(s.load_credentials().unwrap(), Some(c));

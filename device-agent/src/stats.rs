@@ -38,6 +38,16 @@ pub struct AgentStats {
     pub model_version: AtomicU64,
     /// MQTT (re)connections acknowledged by the broker.
     pub mqtt_connects: AtomicU64,
+    /// Downloaded models refused (the current one kept): the sum of the three below.
+    pub models_refused: AtomicU64,
+    /// … unsigned, or the signature does not verify with the pinned coordinator key (wrong
+    /// key, another model name, version or parent than signed).
+    pub models_refused_signature: AtomicU64,
+    /// … the bytes do not hash to the signed (or announced) digest or size.
+    pub models_refused_digest: AtomicU64,
+    /// … validly signed but not a successor of the model in use (not newer: a replay; or its
+    /// signed parent is older than the version in use).
+    pub models_refused_lineage: AtomicU64,
 }
 
 /// A plain copy of [`AgentStats`] at one instant.
@@ -58,6 +68,10 @@ pub struct StatsSnapshot {
     pub models_loaded: u64,
     pub model_version: u64,
     pub mqtt_connects: u64,
+    pub models_refused: u64,
+    pub models_refused_signature: u64,
+    pub models_refused_digest: u64,
+    pub models_refused_lineage: u64,
 }
 
 impl AgentStats {
@@ -80,6 +94,10 @@ impl AgentStats {
             models_loaded: r(&self.models_loaded),
             model_version: r(&self.model_version),
             mqtt_connects: r(&self.mqtt_connects),
+            models_refused: r(&self.models_refused),
+            models_refused_signature: r(&self.models_refused_signature),
+            models_refused_digest: r(&self.models_refused_digest),
+            models_refused_lineage: r(&self.models_refused_lineage),
         }
     }
 }

@@ -174,6 +174,7 @@ async fn plaid_agent_runs_the_stored_global_model() {
                 version: 5,
                 sha256: sha256_hex(&bytes),
                 size_bytes: bytes.len() as u64,
+                ..ModelMeta::default()
             },
             &bytes,
         )

@@ -4,11 +4,14 @@
 //!   from `proto/hearth/federation.proto` at build time by protox + tonic-prost-build.
 //! - [`mqtt`]: the JSON messages Hearth puts on MQTT topics, with their validation
 //!   (the hub's privacy guard uses it to refuse anything that is not a small event).
+//! - [`signing`]: the model-signature scheme shared by the coordinator,
+//!   which signs every published version, and the agent, which verifies it.
 //!
 //! Wire types stay at the edges; the crates convert them to domain types.
 #![forbid(unsafe_code)]
 
 pub mod mqtt;
+pub mod signing;
 
 /// Generated gRPC types and services for `hearth.v1`.
 #[allow(clippy::all, missing_docs)]
