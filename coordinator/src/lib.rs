@@ -14,6 +14,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod optimizer;
 pub mod robust;

@@ -568,6 +568,8 @@ async fn stalled_upload_times_out() {
         .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded);
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Logged and counted.
+    assert_eq!(h.coordinator().metrics().rejections("timeout"), 1);
     drop(tx);
     assert_eq!(status(&ch, "digits", r.round_id).await.updates, 0);
     h.shutdown().await.unwrap();
