@@ -133,9 +133,7 @@ pub fn builder(
     l: &Limits,
     upload_timeout: Duration,
     metrics: Arc<Metrics>,
-) -> tonic::transport::Server<
-    tower_layer::Stack<CallTimeoutLayer, tower_layer::Identity>,
-> {
+) -> tonic::transport::Server<tower_layer::Stack<CallTimeoutLayer, tower_layer::Identity>> {
     let keepalive = Duration::from_secs(l.keepalive_interval_secs);
     tonic::transport::Server::builder()
         .max_concurrent_streams(l.max_streams_per_connection)

@@ -97,7 +97,10 @@ async fn connection_cap_holds_newcomers_until_one_closes() {
         .unwrap()
         .connect_lazy();
     let blocked = tokio::time::timeout(Duration::from_millis(1500), versions(&ch, "digits")).await;
-    assert!(blocked.is_err(), "a third connection was served: {blocked:?}");
+    assert!(
+        blocked.is_err(),
+        "a third connection was served: {blocked:?}"
+    );
     assert!(h.coordinator().metrics().rejections("connection_cap") >= 1);
     // One closes: the waiting connection is accepted and its call answered.
     drop(first);
@@ -123,7 +126,9 @@ async fn streams_per_connection_are_capped() {
     let (tx, rx) = tokio::sync::mpsc::channel::<UpdateChunk>(1);
     let payload = [7u8; 100];
     tx.send(UpdateChunk {
-        part: Some(update_chunk::Part::Header(header("digits", 1, 1, 5, &payload))),
+        part: Some(update_chunk::Part::Header(header(
+            "digits", 1, 1, 5, &payload,
+        ))),
     })
     .await
     .unwrap();

@@ -14,7 +14,6 @@ use hearth_proto::v1::{federation_client::FederationClient, FetchModelRequest};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hearth-coordinator");
 const ENROLL: &str = "enrol-secret-token-5f3a9c";
-const ADMIN_TOKEN: &str = "admin-secret-token-8e21d4b7";
 const WRONG: &str = "wrong-secret-token-77c1e0";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +42,7 @@ async fn tokens_and_keys_never_appear_in_the_log() {
         .arg(&p)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
-        .env("HEARTH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("HEARTH_ADMIN_TOKEN", ADMIN)
         .env("RUST_LOG", "trace")
         .env("NO_COLOR", "1")
         .stdout(std::fs::File::create(&out).unwrap())
@@ -52,7 +51,14 @@ async fn tokens_and_keys_never_appear_in_the_log() {
         .unwrap();
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(30), "not listening");
+        let exited = child.try_wait().unwrap();
+        if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!(
+                "not listening ({exited:?}):\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let ch = channel(([127, 0, 0, 1], port).into()).await;
@@ -113,7 +119,7 @@ async fn tokens_and_keys_never_appear_in_the_log() {
     assert!(log.contains("refused") || log.contains("WARN"), "{log}");
     for (what, secret) in [
         ("enrollment token", ENROLL),
-        ("admin token", ADMIN_TOKEN),
+        ("admin token", ADMIN),
         ("client key", c.key.as_str()),
         ("wrong token", WRONG),
     ] {

@@ -265,7 +265,10 @@ mod tests {
         let text = format!("{c:?} {c:#?}");
         assert!(!text.contains("broker-pass-77"), "{text}");
         assert!(!text.contains("enrol-secret-42"), "{text}");
-        assert!(text.contains("<redacted>") && text.contains("127.0.0.1:1883"), "{text}");
+        assert!(
+            text.contains("<redacted>") && text.contains("127.0.0.1:1883"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -492,7 +492,11 @@ mod tests {
                 .unwrap()
                 .permissions()
                 .mode();
-            assert_eq!(mode & 0o077, 0, "credentials written through a stale temporary");
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "credentials written through a stale temporary"
+            );
         }
     }
 

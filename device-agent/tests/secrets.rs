@@ -144,8 +144,16 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
             log.len()
         );
     }
-    for (path, want) in [(state.join("credentials.json"), 0o600), (state.clone(), 0o700)] {
+    for (path, want) in [
+        (state.join("credentials.json"), 0o600),
+        (state.clone(), 0o700),
+    ] {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & 0o077, 0, "{} is {mode:o}, want {want:o}", path.display());
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{} is {mode:o}, want {want:o}",
+            path.display()
+        );
     }
 }

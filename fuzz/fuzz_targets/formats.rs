@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, rest)) = data.split_first() else { return };
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
     let path = Path::new("fuzz");
     match which % 5 {
         0 => {
@@ -28,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             if let Ok(t) = std::str::from_utf8(rest) {
-                let opts = csv::CsvOptions { header: false, label_column: String::new() };
+                let opts = csv::CsvOptions {
+                    header: false,
+                    label_column: String::new(),
+                };
                 let _ = csv::parse(t, path, &opts);
             }
         }

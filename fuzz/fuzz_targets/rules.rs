@@ -8,9 +8,15 @@ use libfuzzer_sys::fuzz_target;
 use std::time::Instant;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(rules) = RuleSet::parse(text, "fuzz.toml", "zigbee2mqtt") else { return };
-    let ev = Event::parse(br#"{"class":"motion","score":0.9,"model":"m@1","ts":"2026-01-01T00:00:00Z"}"#)
-        .expect("fixed event");
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(rules) = RuleSet::parse(text, "fuzz.toml", "zigbee2mqtt") else {
+        return;
+    };
+    let ev = Event::parse(
+        br#"{"class":"motion","score":0.9,"model":"m@1","ts":"2026-01-01T00:00:00Z"}"#,
+    )
+    .expect("fixed event");
     let _ = rules.dispatch("dev1", "motion", &ev, Instant::now(), |_| {});
 });

@@ -8,7 +8,9 @@ use hearth_coordinator::optimizer::ServerState;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, rest)) = data.split_first() else { return };
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
     match which % 4 {
         0 => {
             let _ = Aggregate::from_bytes(rest);

@@ -8,14 +8,20 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let Ok(spec) = TaskSpec::from_toml_str(text, Path::new("/nonexistent/fuzz/task.toml")) else {
         return;
     };
     let _ = spec.mlp_spec();
     let channels = spec.channels().min(16);
     let raw: Vec<Vec<f32>> = (0..channels)
-        .map(|c| (0..64).map(|i| (i as f32 * 0.37 + c as f32).sin()).collect())
+        .map(|c| {
+            (0..64)
+                .map(|i| (i as f32 * 0.37 + c as f32).sin())
+                .collect()
+        })
         .collect();
     let _ = spec.preprocess(&raw);
 });

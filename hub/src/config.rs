@@ -88,7 +88,10 @@ impl std::fmt::Debug for Config {
             .field("rules", &self.rules)
             .field("metrics_listen", &self.metrics_listen)
             .field("coordinator", &self.coordinator)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("follow_models", &self.follow_models)
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("delivery", &self.delivery)
