@@ -142,13 +142,20 @@ async fn streams_per_connection_are_capped() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    versions(&ch, "digits").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), versions(&ch, "digits"))
+        .await
+        .expect("answered once the stream is free")
+        .unwrap();
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(1200),
         "the second call ran beside the first: {waited:?}"
     );
-    let e = stalled.await.unwrap().unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(10), stalled)
+        .await
+        .expect("the stalled upload was not cut")
+        .unwrap()
+        .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded);
     drop(tx);
     h.shutdown().await.unwrap();
