@@ -559,7 +559,8 @@ async fn stalled_upload_times_out() {
     .await
     .unwrap();
     let started = std::time::Instant::now();
-    let call = FederationClient::new(ch.clone()).upload_update(with_client(
+    let mut fed = FederationClient::new(ch.clone());
+    let call = fed.upload_update(with_client(
         tokio_stream::wrappers::ReceiverStream::new(rx),
         &a,
     ));

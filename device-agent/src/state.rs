@@ -469,7 +469,7 @@ mod tests {
             client_key: "k".into(),
         };
         s.save_credentials(&c).unwrap();
-        assert_eq!(s.load_credentials().unwrap(), Some(c));
+        assert_eq!(s.load_credentials().unwrap(), Some(c.clone()));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
