@@ -30,8 +30,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The whole coordinator configuration.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// The whole coordinator configuration. Its `Debug` output redacts the admin and enrollment
+/// tokens.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the binary listens on (ignored by [`crate::run`], which takes a bound listener).
@@ -76,6 +77,8 @@ pub struct Config {
     pub max_round_memory_mb: u64,
     /// Per-client call rate limit (`[rate_limit]`, see [`crate::ratelimit`]).
     pub rate_limit: crate::ratelimit::RateLimitConfig,
+    /// Limits on connections, streams, message sizes and call times (`[limits]`).
+    pub limits: crate::limits::Limits,
     /// Round defaults (used when a `StartRound` field is 0) and the task sent to clients.
     pub round: RoundDefaults,
     /// Aggregation of every model that has no entry in `model_aggregation`.
@@ -444,6 +447,44 @@ impl Default for RoundDefaults {
     }
 }
 
+/// Stands in for a secret in `Debug` output: says whether it is set, never what it is.
+struct Redacted(bool);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0 { "<redacted>" } else { "<empty>" })
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("db_path", &self.db_path)
+            .field("data_dir", &self.data_dir)
+            .field("admin_token", &Redacted(!self.admin_token.is_empty()))
+            .field(
+                "enrollment_tokens",
+                &format_args!("[{} redacted]", self.enrollment_tokens.len()),
+            )
+            .field("max_update_bytes", &self.max_update_bytes)
+            .field("upload_timeout_secs", &self.upload_timeout_secs)
+            .field("fetch_timeout_secs", &self.fetch_timeout_secs)
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("server_learning_rate", &self.server_learning_rate)
+            .field("max_update_norm", &self.max_update_norm)
+            .field("max_client_samples", &self.max_client_samples)
+            .field("max_round_memory_mb", &self.max_round_memory_mb)
+            .field("limits", &self.limits)
+            .field("round", &self.round)
+            .field("aggregation", &self.aggregation)
+            .field("model_aggregation", &self.model_aggregation)
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -463,6 +504,7 @@ impl Default for Config {
             max_client_samples: 1_000_000,
             max_round_memory_mb: 256,
             rate_limit: crate::ratelimit::RateLimitConfig::default(),
+            limits: crate::limits::Limits::default(),
             round: RoundDefaults::default(),
             aggregation: Aggregation::default(),
             model_aggregation: BTreeMap::new(),
@@ -560,6 +602,7 @@ impl Config {
             return bad("max_round_memory_mb must be in 1..=1048576".into());
         }
         self.rate_limit.validate().or_else(bad)?;
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         let r = &self.round;
         if r.min_clients == 0 {
             return bad("round.min_clients must be >= 1".into());
@@ -690,6 +733,19 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_redacts_tokens() {
+        let c = Config {
+            admin_token: "admin-secret-0123456789".into(),
+            enrollment_tokens: vec!["enrol-secret-42".into()],
+            ..Config::default()
+        };
+        let text = format!("{c:?} {c:#?}");
+        assert!(!text.contains("admin-secret-0123456789"), "{text}");
+        assert!(!text.contains("enrol-secret-42"), "{text}");
+        assert!(text.contains("<redacted>") && text.contains("max_update_bytes"));
+    }
 
     fn valid() -> Config {
         Config {

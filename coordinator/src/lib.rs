@@ -16,6 +16,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod optimizer;
 pub mod ratelimit;

@@ -6,19 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_proto::v1::{
-    admin_server::AdminServer, enrollment_server::EnrollmentServer,
-    federation_server::FederationServer,
-};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::limits;
 use crate::service::Services;
 use crate::{Config, Coordinator, Error};
-
-/// Largest gRPC message the services decode (upload chunks are `CHUNK_SIZE`, 64 KiB).
-const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 struct Prepared {
     coord: Arc<Coordinator>,
@@ -108,15 +101,15 @@ async fn serve(
         // Ends subscriptions and timers so connections can close.
         stop_on_signal.send_replace(true);
     };
-    let served = tonic::transport::Server::builder()
-        .add_service(
-            EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            FederationServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(AdminServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+    let (cfg, metrics) = (coord.config(), coord.metrics().clone());
+    let (enrollment, federation, admin) = limits::services(svc, &cfg.limits);
+    let upload_limit = Duration::from_secs(cfg.upload_timeout_secs);
+    let incoming = limits::incoming(listener, cfg.limits.max_connections, metrics.clone());
+    let served = limits::builder(&cfg.limits, upload_limit, metrics)
+        .add_service(enrollment)
+        .add_service(federation)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, signal)
         .await;
     stop.send_replace(true);
     let grace = Duration::from_secs(coord.config().shutdown_grace_secs.max(1));

@@ -360,7 +360,7 @@ impl Federation for Services {
         &self,
         req: Request<v1::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
-        self.limited_client(&req, "fetch")?;
+        let client_id = self.limited_client(&req, "fetch")?;
         let r = req.into_inner();
         if !self.coord.has_model(&r.model) {
             return Err(Status::not_found(format!("unknown model {:?}", r.model)));
@@ -392,6 +392,7 @@ impl Federation for Services {
         let (tx, rx) = mpsc::channel(4);
         let mut stop = self.coord.shutdown_signal();
         let signature = hex::decode(&meta.signature).unwrap_or_default();
+        let metrics = self.coord.metrics().clone();
         tokio::spawn(async move {
             let mut offset = r.offset as usize;
             // At least one chunk (empty when resuming at the very end) so the client learns
@@ -413,6 +414,7 @@ impl Federation for Services {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(_) => {
+                        metrics.reject("fetch", "timeout", &client_id, &"fetch stream too slow");
                         let _ = tx.try_send(Err(Status::deadline_exceeded("fetch took too long")));
                         return;
                     }
@@ -431,13 +433,9 @@ impl Federation for Services {
         req: Request<Streaming<v1::UpdateChunk>>,
     ) -> Result<Response<v1::UploadAck>, Status> {
         let client_id = self.limited_client(&req, "upload")?;
-        let cfg = self.coord.config();
-        let limit = Duration::from_secs(cfg.upload_timeout_secs);
-        let max = cfg.max_update_bytes;
-        let stream = req.into_inner();
-        let (header, payload) = tokio::time::timeout(limit, read_upload(stream, max))
-            .await
-            .map_err(|_| Status::deadline_exceeded("upload took too long"))??;
+        let max = self.coord.config().max_update_bytes;
+        // `upload_timeout_secs` bounds the whole call (`limits::CallTimeoutLayer`).
+        let (header, payload) = read_upload(req.into_inner(), max).await?;
         let up = Upload {
             client_id,
             model: header.model,

@@ -264,9 +264,22 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Creates `path` (and its parents) if needed and restricts it to its owner (0700).
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`. The directory holds enrollment tokens
+    /// and client key digests, so it is made private to the coordinator's user (0700).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        private_dir(path).map_err(sled::Error::Io)?;
         let db = sled::Config::new().path(path).open()?;
         Self::from_db(db)
     }
@@ -745,6 +758,26 @@ mod tests {
             accepted_unix_ms: 1,
             norm: 1.0,
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn database_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        // An existing directory open to others is tightened, a new one created private.
+        std::fs::create_dir(&db).unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Store::open(&db).unwrap();
+        s.seed_token("tok-123456", 1).unwrap();
+        drop(s);
+        let mode = std::fs::metadata(&db).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "database readable by others: {mode:o}");
+        let fresh = dir.path().join("a/b/db");
+        drop(Store::open(&fresh).unwrap());
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "new database readable by others: {mode:o}");
     }
 
     #[test]

@@ -568,15 +568,19 @@ async fn stalled_upload_times_out() {
     .await
     .unwrap();
     let started = std::time::Instant::now();
-    let e = FederationClient::new(ch.clone())
-        .upload_update(with_client(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &a,
-        ))
+    let mut fed = FederationClient::new(ch.clone());
+    let call = fed.upload_update(with_client(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        &a,
+    ));
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
         .await
+        .expect("the stalled upload was not cut")
         .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded);
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Logged and counted.
+    assert_eq!(h.coordinator().metrics().rejections("timeout"), 1);
     drop(tx);
     assert_eq!(status(&ch, "digits", r.round_id).await.updates, 0);
     h.shutdown().await.unwrap();

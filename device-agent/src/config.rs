@@ -34,7 +34,8 @@ impl Default for Partition {
 }
 
 /// Configuration of one device agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Its `Debug` output redacts the enrollment token and the broker URL's password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Device name: one MQTT topic level (`[A-Za-z0-9_-]`, ≤ 64 chars).
@@ -82,6 +83,32 @@ pub struct Config {
     /// Epochs of on-device training used to bootstrap a model when neither the
     /// state directory nor `initial_model` provides one.
     pub bootstrap_epochs: u32,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("device", &self.device)
+            .field("mqtt", &hearth_edge::url::redact(&self.mqtt))
+            .field("mqtt_ca_file", &self.mqtt_ca_file)
+            .field("coordinator", &self.coordinator)
+            .field(
+                "enrollment_token",
+                &self.enrollment_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("task", &self.task)
+            .field("model", &self.model)
+            .field("data_dir", &self.data_dir)
+            .field("partition", &self.partition)
+            .field("replay_rate_hz", &self.replay_rate_hz)
+            .field("replay_limit", &self.replay_limit)
+            .field("event_name", &self.event_name)
+            .field("min_event_score", &self.min_event_score)
+            .field("state_dir", &self.state_dir)
+            .field("initial_model", &self.initial_model)
+            .field("bootstrap_epochs", &self.bootstrap_epochs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -245,6 +272,22 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = Config {
+            mqtt: "mqtt://dev:broker-pass-77@127.0.0.1:1883".into(),
+            enrollment_token: Some("enrol-secret-42".into()),
+            ..Config::default()
+        };
+        let text = format!("{c:?} {c:#?}");
+        assert!(!text.contains("broker-pass-77"), "{text}");
+        assert!(!text.contains("enrol-secret-42"), "{text}");
+        assert!(
+            text.contains("<redacted>") && text.contains("127.0.0.1:1883"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn defaults_are_valid_and_round_trip() {

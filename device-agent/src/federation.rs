@@ -160,6 +160,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Recei
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .connect_lazy(),
         Err(e) => {
             tracing::error!(coordinator = %url, "federation disabled: {e}");
@@ -190,7 +191,8 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Recei
         }
     };
     let client = FederationClient::with_interceptor(channel, auth)
-        .max_decoding_message_size(2 * CHUNK_SIZE + 4096);
+        .max_decoding_message_size(2 * CHUNK_SIZE + 4096)
+        .max_encoding_message_size(2 * CHUNK_SIZE + 4096);
     let (tx, rx) = mpsc::channel(64);
     let worker =
         tokio::spawn(Worker::new(shared.clone(), client.clone(), verifier).run(rx, stop.clone()));
@@ -249,7 +251,9 @@ async fn credentials(
     let token = shared.config.enrollment_token.clone().ok_or_else(|| {
         Error::Config("no stored credentials and no enrollment_token configured".into())
     })?;
-    let mut client = EnrollmentClient::new(channel);
+    let mut client = EnrollmentClient::new(channel)
+        .max_decoding_message_size(64 * 1024)
+        .max_encoding_message_size(64 * 1024);
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let req = EnrollRequest {
@@ -314,9 +318,13 @@ async fn subscribe_loop(
         let req = SubscribeRequest {
             models: vec![shared.model_name.clone()],
         };
+        // The stream may live for days (HTTP/2 keepalive finds a dead coordinator); opening
+        // it must not hang.
         let res = tokio::select! {
             _ = stopped(stop) => return,
-            r = client.subscribe(req) => r,
+            r = tokio::time::timeout(ENROLL_TIMEOUT, client.subscribe(req)) => {
+                r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("subscribe timed out")))
+            }
         };
         match res {
             Ok(resp) => {

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// Identity obtained at enrollment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Identity obtained at enrollment (`Debug` leaves the key out).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     /// Coordinator URL the identity belongs to.
     pub coordinator: String,
@@ -26,6 +26,16 @@ pub struct Credentials {
     /// model must be signed with. Absent in credentials from before model signing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_signing_key: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("coordinator", &self.coordinator)
+            .field("client_id", &self.client_id)
+            .field("client_key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Description of a persisted model file.
@@ -198,8 +208,15 @@ pub fn sha256_hex(b: &[u8]) -> String {
 
 impl StateDir {
     /// Opens (creating if needed) a state directory.
+    /// It holds the device's credentials, so it is made private to the agent's user (0700).
     pub fn open(root: &Path) -> Result<StateDir, Error> {
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(root, e))?;
+        }
         Ok(StateDir {
             root: root.to_path_buf(),
         })
@@ -237,6 +254,13 @@ impl StateDir {
         #[cfg(not(unix))]
         let _ = private;
         let mut f = opts.open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // `mode` only applies to a new file: a stale temporary keeps its mode otherwise.
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(&tmp, e))?;
+        }
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(f);
@@ -458,7 +482,7 @@ mod tests {
             model_signing_key: Some("cd".repeat(32)),
         };
         s.save_credentials(&c).unwrap();
-        assert_eq!(s.load_credentials().unwrap(), Some(c));
+        assert_eq!(s.load_credentials().unwrap(), Some(c.clone()));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -467,6 +491,25 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o077, 0, "credentials readable by others");
+            let mode = std::fs::metadata(dir.path().join("nested"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "state directory open to others");
+            // A stale temporary left world-readable by a crash does not leak the next write.
+            let tmp = dir.path().join("nested/.credentials.json.tmp");
+            std::fs::write(&tmp, b"stale").unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+            s.save_credentials(&c).unwrap();
+            let mode = std::fs::metadata(dir.path().join("nested/credentials.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "credentials written through a stale temporary"
+            );
         }
     }
 

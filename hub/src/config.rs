@@ -56,8 +56,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Largest MQTT payload the embedded broker accepts (events themselves are capped far lower).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
-/// The hub's configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The hub's configuration. `Debug` redacts the admin token and broker passwords.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// MQTT client id prefix; the hub opens `<client_id>-sub` and `<client_id>-pub`.
@@ -86,6 +86,58 @@ pub struct Config {
     pub mqtt_auth: MqttAuthConfig,
     /// The MQTT broker: embedded (default) or external.
     pub broker: BrokerConfig,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("client_id", &self.client_id)
+            .field("actuator_base", &self.actuator_base)
+            .field("rules", &self.rules)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("coordinator", &self.coordinator)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("follow_models", &self.follow_models)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("delivery", &self.delivery)
+            .field("broker", &self.broker)
+            .field("mqtt_auth", &self.mqtt_auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerConfig::Embedded {
+                listen,
+                max_connections,
+                max_payload_bytes,
+            } => f
+                .debug_struct("Embedded")
+                .field("listen", listen)
+                .field("max_connections", max_connections)
+                .field("max_payload_bytes", max_payload_bytes)
+                .finish(),
+            BrokerConfig::External {
+                url,
+                username,
+                password,
+                password_file,
+                ca_file,
+            } => f
+                .debug_struct("External")
+                .field("url", &hearth_edge::url::redact(url))
+                .field("username", username)
+                .field("password", &password.as_ref().map(|_| "<redacted>"))
+                .field("password_file", password_file)
+                .field("ca_file", ca_file)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -147,8 +199,8 @@ impl Default for MqttAuthConfig {
     }
 }
 
-/// Where the MQTT broker is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where the MQTT broker is. `Debug` redacts passwords.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "BrokerToml", into = "BrokerToml")]
 pub enum BrokerConfig {
     /// rumqttd inside the hub process (zero setup; see [`crate::broker`] for its limits).
@@ -469,6 +521,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let mut c = Config {
+            admin_token: Some("admin-secret-0123456789".into()),
+            ..Config::default()
+        };
+        let embedded = format!("{c:?}");
+        assert!(!embedded.contains("admin-secret-0123456789"), "{embedded}");
+        c.broker = BrokerConfig::External {
+            url: "mqtt://hub:url-pass-55@127.0.0.1:1883".into(),
+            username: None,
+            password: Some("field-pass-66".into()),
+            password_file: None,
+            ca_file: None,
+        };
+        let text = format!("{c:?} {c:#?}");
+        for secret in ["admin-secret-0123456789", "url-pass-55", "field-pass-66"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("127.0.0.1:1883"), "{text}");
+    }
 
     #[test]
     fn defaults_round_trip_through_toml() {

@@ -247,6 +247,14 @@ impl<'a> Reader<'a> {
         if count > n {
             return Err(err(format!("{count} positions in {n} values")));
         }
+        // Every gap takes at least one byte: a count beyond the bytes left is refused before
+        // anything is allocated.
+        if count > self.remaining() {
+            return Err(err(format!(
+                "{count} positions in {} bytes",
+                self.remaining()
+            )));
+        }
         let mut out = Vec::with_capacity(count);
         let mut next = 0usize;
         for _ in 0..count {
@@ -370,6 +378,8 @@ mod tests {
         b.put_gaps([5]);
         assert!(Reader::new(&b).gaps(1, 5).is_err());
         assert!(Reader::new(&b).gaps(6, 5).is_err());
+        // A count the bytes cannot hold is refused before allocating.
+        assert!(Reader::new(&[0, 0]).gaps(1 << 40, usize::MAX).is_err());
         assert!(Reader::new(&[0xff, 0xfe]).str(2, "name").is_err());
         assert!(Reader::new(&[1]).finish().is_err());
         assert!(Reader::new(b"XXXX").expect(b"HUPD", "an update").is_err());

@@ -23,8 +23,10 @@ const MAGIC: &[u8; 4] = b"HUPD";
 const VERSION: u8 = 1;
 const DENSE: u8 = 0;
 const TOPK: u8 = 1;
-/// Refuse to decode tensors larger than this many elements (256 Mi) or deeper than 8 dims.
-const MAX_ELEMENTS: usize = 1 << 28;
+/// Refuse to decode updates holding more than this many elements in total (16 Mi, 64 MiB
+/// decoded) or tensors deeper than 8 dims. A top-k tensor's size is only declared, so the
+/// bound is on the sum: a few bytes must not make the decoder allocate gigabytes.
+pub const MAX_ELEMENTS: usize = 1 << 24;
 const MAX_DIMS: usize = 8;
 
 /// Settings of [`encode_update`].
@@ -204,9 +206,11 @@ pub fn decode_update(bytes: &[u8]) -> Result<Weights, ModelError> {
     // Every tensor takes at least 8 bytes, which bounds the count by the input size.
     let count = r.usize("tensor count", bytes.len() / 8)?;
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut budget = MAX_ELEMENTS;
     for _ in 0..count {
-        let (name, shape) = r.header(MAX_DIMS, MAX_ELEMENTS)?;
+        let (name, shape) = r.header(MAX_DIMS, budget)?;
         let n = shape.iter().product::<usize>();
+        budget -= n;
         let encoding = r.u8()?;
         let bits = r.u8()?;
         if !(matches!(bits, 2..=8) || bits == 32) {
@@ -518,5 +522,91 @@ mod tests {
         assert!((l2_norm(&d) - before).abs() < 1e-6);
         assert_eq!(clip_l2(&mut d, 0.5), before);
         assert!((l2_norm(&d) - 0.5).abs() < 1e-4);
+    }
+
+    /// A random small update: 1–4 tensors of random shapes (some empty), values over a few
+    /// orders of magnitude.
+    fn random_delta(rng: &mut StdRng) -> Weights {
+        let mut w = Weights::new();
+        for t in 0..rng.gen_range(1..5) {
+            let shape: Vec<usize> = (0..rng.gen_range(0..4))
+                .map(|_| rng.gen_range(0..9))
+                .collect();
+            let n = shape.iter().product();
+            let scale = 10f32.powi(rng.gen_range(-4..3));
+            let data = (0..n).map(|_| rng.gen_range(-1.0..1.0) * scale).collect();
+            w.insert(format!("t{t}"), Tensor::new(shape, data));
+        }
+        w
+    }
+
+    #[test]
+    fn property_round_trip_over_random_updates() {
+        let mut rng = StdRng::seed_from_u64(0xc0dec);
+        for _ in 0..300 {
+            let d = random_delta(&mut rng);
+            let bits = [2, 3, 4, 5, 6, 7, 8, 32][rng.gen_range(0..8)];
+            let cfg = CodecConfig {
+                bits,
+                topk_fraction: rng.gen_range(0.01..=1.0),
+            };
+            let mut residual = Weights::new();
+            let bytes = encode_update(&d, &mut residual, &cfg, &mut rng).unwrap();
+            let sent = decode_update(&bytes).unwrap();
+            // Error feedback is exact: what was sent plus what is kept is the delta.
+            for (name, t) in &d {
+                assert_eq!(sent[name].shape, t.shape);
+                let r = &residual[name];
+                for ((s, r), v) in sent[name].data.iter().zip(&r.data).zip(&t.data) {
+                    assert!((s + r - v).abs() <= 1e-5 * v.abs().max(1.0), "{name}");
+                }
+            }
+            if bits == 32 && cfg.topk_fraction >= 1.0 {
+                assert_eq!(sent, d);
+            }
+        }
+    }
+
+    #[test]
+    fn property_arbitrary_bytes_never_panic() {
+        let mut rng = StdRng::seed_from_u64(0xbad);
+        let d = delta(11);
+        let mut res = Weights::new();
+        let cfg = CodecConfig {
+            bits: 4,
+            topk_fraction: 0.2,
+        };
+        let good = encode_update(&d, &mut res, &cfg, &mut rng).unwrap();
+        for _ in 0..2000 {
+            // Random bytes after the magic, and the real update with a few bytes changed.
+            let mut b = b"HUPD\x01".to_vec();
+            b.extend((0..rng.gen_range(0..64)).map(|_| rng.gen::<u8>()));
+            let _ = decode_update(&b);
+            let mut b = good.clone();
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..b.len());
+                b[i] = rng.gen();
+            }
+            let _ = decode_update(&b);
+        }
+    }
+
+    #[test]
+    fn declared_sizes_are_bounded_in_total() {
+        // Regression: many top-k tensors that each declare 2^24 values but send none made
+        // a few dozen bytes decode into gigabytes of zeros.
+        let mut b = Vec::new();
+        b.put_bytes(MAGIC);
+        b.put_u8(VERSION);
+        b.put_varint(4);
+        for i in 0..4 {
+            b.put_header(&format!("t{i}"), &[MAX_ELEMENTS / 2]);
+            b.put_u8(TOPK);
+            b.put_u8(8);
+            b.put_f32(1.0);
+            b.put_varint(0);
+        }
+        let e = decode_update(&b).unwrap_err().to_string();
+        assert!(e.contains("exceeds"), "{e}");
     }
 }

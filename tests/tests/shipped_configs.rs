@@ -126,3 +126,82 @@ fn a_rule_on_a_class_no_task_has_is_reported() {
     assert!(unreachable(&rules.rules()[0]).is_some());
     assert!(matches!(rules.rules()[0].class, Pattern::Exact(_)));
 }
+
+/// `key=value` settings of a unit file's `[Service]` section (repeated keys concatenated).
+fn service_settings(text: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+    let mut in_service = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service && !line.starts_with('#') {
+            if let Some((k, v)) = line.split_once('=') {
+                out.entry(k.trim().into())
+                    .or_default()
+                    .push(v.trim().into());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn systemd_units_run_hardened_as_a_dedicated_user() {
+    let required: &[(&str, &str)] = &[
+        ("User", "hearth"),
+        ("Group", "hearth"),
+        ("StateDirectory", "hearth"),
+        ("StateDirectoryMode", "0700"),
+        ("ConfigurationDirectory", "hearth"),
+        ("ReadWritePaths", "/var/lib/hearth"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("AmbientCapabilities", ""),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("SystemCallFilter", "@system-service"),
+        ("SystemCallArchitectures", "native"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("ProtectClock", "yes"),
+        ("ProtectHostname", "yes"),
+        ("ProtectProc", "invisible"),
+        ("RestrictNamespaces", "yes"),
+        ("RestrictRealtime", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("LockPersonality", "yes"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("PrivateMounts", "yes"),
+        ("RemoveIPC", "yes"),
+        ("UMask", "0077"),
+    ];
+    let dir = repo().join("deploy/systemd");
+    let mut units = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("service") {
+            continue;
+        }
+        units += 1;
+        let s = service_settings(&std::fs::read_to_string(&path).unwrap());
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        for (k, want) in required {
+            let got = s.get(*k).map(|v| v.as_slice()).unwrap_or_default();
+            assert!(
+                got.iter().any(|v| v == want),
+                "{name}: {k}={want} missing (has {got:?})"
+            );
+        }
+        // Writable: the state directory only; no capabilities; never root.
+        assert_eq!(s["ReadWritePaths"], vec!["/var/lib/hearth"], "{name}");
+        assert!(!s.contains_key("ReadWriteDirectories"), "{name}");
+        assert_eq!(s["CapabilityBoundingSet"], vec![""], "{name}");
+        assert_ne!(s["User"], vec!["root"], "{name} must not run as root");
+    }
+    assert_eq!(units, 3, "every binary ships a unit");
+}

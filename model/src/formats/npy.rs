@@ -24,8 +24,13 @@ pub fn read(path: &Path) -> Result<NpyArray, FormatError> {
 pub fn read_npz(path: &Path, key: &str) -> Result<NpyArray, FormatError> {
     let bytes = read_bytes(path)?;
     let err = |m: String| FormatError::new(path, None, m);
-    let member = zip_member(&bytes, &format!("{key}.npy")).map_err(err)?;
-    parse(member).map_err(|m| err(format!("{key}.npy: {m}")))
+    parse_npz(&bytes, key).map_err(err)
+}
+
+/// The array `key` of an `.npz` archive held in memory (stored members only).
+pub fn parse_npz(bytes: &[u8], key: &str) -> Result<NpyArray, String> {
+    let member = zip_member(bytes, &format!("{key}.npy"))?;
+    parse(member).map_err(|m| format!("{key}.npy: {m}"))
 }
 
 fn u16_at(b: &[u8], at: usize) -> Result<u16, String> {
