@@ -7,15 +7,19 @@
 //! - [`robust`]: median, trimmed mean and Krum over a round's kept updates.
 //! - [`optimizer`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
+//! - [`pki`]: the coordinator's CA: server certificate, client certificates from CSRs.
 //! - [`metrics`]: counters for Prometheus; every refusal is logged and counted there.
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
+//! - [`client`]: TLS channels to a coordinator, for the CLI subcommands and tests.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod optimizer;
+pub mod pki;
 pub mod robust;
 pub mod rounds;
 pub mod server;
@@ -47,6 +51,9 @@ pub enum Error {
     /// gRPC transport failure.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Certificate authority failure.
+    #[error("PKI: {0}")]
+    Pki(#[from] pki::PkiError),
     /// Start-up failure (models, data sets).
     #[error("start-up: {0}")]
     Init(String),

@@ -31,27 +31,71 @@ impl Services {
         Services { coord }
     }
 
-    fn client<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let md = req.metadata();
-        let id = md.get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok());
-        let key = md.get(CLIENT_KEY_HEADER).and_then(|v| v.to_str().ok());
-        self.coord
-            .authenticate_client(id, key)
-            .map(|c| c.client_id)
-            .map_err(auth_status)
+    /// The calling client's id: from its certificate with TLS (identity = the certificate's
+    /// CN, which must be the certificate issued to an enrolled, unrevoked client), from the
+    /// shared-key metadata in insecure mode. Refusals are logged and counted.
+    fn client<T>(&self, call: &'static str, req: &Request<T>) -> Result<String, Status> {
+        let r = if self.coord.pki().is_some() {
+            let certs = req.peer_certs();
+            let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| &c[..]);
+            self.coord.authenticate_cert(leaf)
+        } else {
+            let md = req.metadata();
+            let id = md.get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok());
+            let key = md.get(CLIENT_KEY_HEADER).and_then(|v| v.to_str().ok());
+            self.coord.authenticate_client(id, key)
+        };
+        r.map(|c| c.client_id)
+            .map_err(|e| self.auth_refused(call, "", e))
     }
 
-    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    fn admin<T>(&self, call: &'static str, req: &Request<T>) -> Result<(), Status> {
         let v = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.coord.authenticate_admin(v).map_err(auth_status)
+        self.coord
+            .authenticate_admin(v)
+            .map_err(|e| self.auth_refused(call, "admin", e))
+    }
+
+    /// Counts and logs a refused call; revoked clients get PermissionDenied, the rest
+    /// Unauthenticated.
+    fn auth_refused(&self, call: &'static str, who: &str, e: AuthError) -> Status {
+        let who = match &e {
+            AuthError::NotEnrolled(id) | AuthError::Revoked(id) => id.as_str(),
+            _ => who,
+        };
+        self.coord.metrics().reject(call, e.reason(), who, &e);
+        match e {
+            AuthError::Revoked(_) => Status::permission_denied(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        }
     }
 }
 
-fn auth_status(e: AuthError) -> Status {
-    Status::unauthenticated(e.to_string())
+/// Resolves when `client` (if any) has been revoked; pending forever otherwise.
+async fn revoked(coord: &Coordinator, client: Option<&str>, rx: &mut watch::Receiver<u64>) {
+    let Some(client) = client else {
+        return std::future::pending().await;
+    };
+    loop {
+        if coord.is_revoked(client) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Ends `call`'s open stream of a revoked client: counted, logged, PermissionDenied.
+fn revoked_status(coord: &Coordinator, call: &'static str, client: Option<&str>) -> Status {
+    let e = AuthError::Revoked(client.unwrap_or_default().to_string());
+    coord
+        .metrics()
+        .reject(call, e.reason(), client.unwrap_or_default(), &e);
+    Status::permission_denied(e.to_string())
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -140,16 +184,25 @@ impl Enrollment for Services {
         req: Request<v1::EnrollRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
         let r = req.into_inner();
-        match self.coord.enroll(&r.token, &r.device_name) {
-            Ok((client_id, client_key)) => Ok(Response::new(v1::EnrollResponse {
-                client_id,
-                client_key,
+        match self.coord.enroll(&r.token, &r.device_name, &r.csr_pem) {
+            Ok(e) => Ok(Response::new(v1::EnrollResponse {
+                client_id: e.client_id,
+                client_key: e.client_key,
+                client_cert_pem: e.cert_pem,
+                ca_cert_pem: e.ca_pem,
             })),
-            Err(EnrollError::Token) => {
-                Err(Status::permission_denied(EnrollError::Token.to_string()))
-            }
-            Err(e @ EnrollError::DeviceName) => Err(Status::invalid_argument(e.to_string())),
             Err(EnrollError::Store(e)) => Err(internal(e)),
+            Err(e) => {
+                self.coord
+                    .metrics()
+                    .reject("enroll", e.reason(), &r.device_name, &e);
+                Err(match e {
+                    EnrollError::DeviceName | EnrollError::Csr(_) => {
+                        Status::invalid_argument(e.to_string())
+                    }
+                    _ => Status::permission_denied(e.to_string()),
+                })
+            }
         }
     }
 }
@@ -222,9 +275,13 @@ impl Federation for Services {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        if self.client(&req).is_err() {
-            self.admin(&req)?;
-        }
+        // The hub follows announcements with the admin credential; agents with their own.
+        let client = if req.metadata().contains_key("authorization") {
+            self.admin("subscribe", &req)?;
+            None
+        } else {
+            Some(self.client("subscribe", &req)?)
+        };
         let wanted = req.into_inner().models;
         let models: BTreeSet<String> = if wanted.is_empty() {
             self.coord.model_names().into_iter().collect()
@@ -245,7 +302,9 @@ impl Federation for Services {
         let (tx, rx) = mpsc::channel(64);
         let coord = self.coord.clone();
         let mut stop = coord.shutdown_signal();
+        let mut revocations = coord.revocations();
         self.coord.spawn_task(async move {
+            let client = client.as_deref();
             for e in &first {
                 if let Some(w) = sub.wire(e) {
                     if !send(&tx, w, &mut stop).await {
@@ -259,6 +318,10 @@ impl Federation for Services {
                     e = live.recv() => e,
                     _ = tx.closed() => return,
                     _ = stopped(&mut stop) => return,
+                    _ = revoked(&coord, client, &mut revocations) => {
+                        let _ = tx.try_send(Err(revoked_status(&coord, "subscribe", client)));
+                        return;
+                    }
                 };
                 let batch = match e {
                     Ok(e) => vec![e],
@@ -290,7 +353,7 @@ impl Federation for Services {
         &self,
         req: Request<v1::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
-        self.client(&req)?;
+        let client = self.client("fetch_model", &req)?;
         let r = req.into_inner();
         if !self.coord.has_model(&r.model) {
             return Err(Status::not_found(format!("unknown model {:?}", r.model)));
@@ -321,6 +384,8 @@ impl Federation for Services {
             + Duration::from_secs(self.coord.config().fetch_timeout_secs);
         let (tx, rx) = mpsc::channel(4);
         let mut stop = self.coord.shutdown_signal();
+        let mut revocations = self.coord.revocations();
+        let coord = self.coord.clone();
         tokio::spawn(async move {
             let mut offset = r.offset as usize;
             // At least one chunk (empty when resuming at the very end) so the client learns
@@ -335,7 +400,13 @@ impl Federation for Services {
                     offset: offset as u64,
                     data: bytes[offset..end].to_vec(),
                 };
-                let sent = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)).await;
+                let sent = tokio::select! {
+                    s = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)) => s,
+                    _ = revoked(&coord, Some(client.as_str()), &mut revocations) => {
+                        let _ = tx.try_send(Err(revoked_status(&coord, "fetch_model", Some(client.as_str()))));
+                        return;
+                    }
+                };
                 match sent {
                     Ok(true) => {}
                     Ok(false) => return,
@@ -357,7 +428,7 @@ impl Federation for Services {
         &self,
         req: Request<Streaming<v1::UpdateChunk>>,
     ) -> Result<Response<v1::UploadAck>, Status> {
-        let client_id = self.client(&req)?;
+        let client_id = self.client("upload", &req)?;
         let cfg = self.coord.config();
         let limit = Duration::from_secs(cfg.upload_timeout_secs);
         let max = cfg.max_update_bytes;
@@ -471,7 +542,7 @@ impl Admin for Services {
         &self,
         req: Request<v1::StartRoundRequest>,
     ) -> Result<Response<v1::RoundStatus>, Status> {
-        self.admin(&req)?;
+        self.admin("start_round", &req)?;
         let r = req.into_inner();
         let rec = self
             .coord
@@ -491,7 +562,7 @@ impl Admin for Services {
         &self,
         req: Request<v1::RoundStatusRequest>,
     ) -> Result<Response<v1::RoundStatus>, Status> {
-        self.admin(&req)?;
+        self.admin("round_status", &req)?;
         let r = req.into_inner();
         let rec = self
             .coord
@@ -504,7 +575,7 @@ impl Admin for Services {
         &self,
         req: Request<v1::ListVersionsRequest>,
     ) -> Result<Response<v1::ListVersionsResponse>, Status> {
-        self.admin(&req)?;
+        self.admin("list_versions", &req)?;
         let model = req.into_inner().model;
         if !self.coord.has_model(&model) {
             return Err(Status::not_found(format!("unknown model {model:?}")));
@@ -520,10 +591,49 @@ impl Admin for Services {
         &self,
         req: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
-        self.admin(&req)?;
-        let uses = req.into_inner().uses;
-        let token = self.coord.create_token(uses).map_err(internal)?;
-        Ok(Response::new(v1::CreateTokenResponse { token }))
+        self.admin("create_token", &req)?;
+        let r = req.into_inner();
+        if !r.device_name.is_empty()
+            && (r.device_name.chars().count() > 128 || r.device_name.chars().any(char::is_control))
+        {
+            return Err(Status::invalid_argument(
+                "device_name must be 1-128 printable characters",
+            ));
+        }
+        let ttl = (r.ttl_secs > 0).then(|| Duration::from_secs(r.ttl_secs));
+        let t = self
+            .coord
+            .create_token(r.uses, &r.device_name, ttl)
+            .map_err(internal)?;
+        Ok(Response::new(v1::CreateTokenResponse {
+            token: t.token,
+            expires_unix_ms: t.expires_unix_ms,
+            ca_sha256: self
+                .coord
+                .pki()
+                .map(|p| p.ca_sha256().to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_device(
+        &self,
+        req: Request<v1::RevokeDeviceRequest>,
+    ) -> Result<Response<v1::RevokeDeviceResponse>, Status> {
+        self.admin("revoke", &req)?;
+        let device = req.into_inner().device;
+        if device.is_empty() {
+            return Err(Status::invalid_argument(
+                "device must be a device name or client id",
+            ));
+        }
+        let client_ids = self.coord.revoke(&device).map_err(internal)?;
+        if client_ids.is_empty() {
+            return Err(Status::not_found(format!(
+                "no client is enrolled as {device:?}"
+            )));
+        }
+        Ok(Response::new(v1::RevokeDeviceResponse { client_ids }))
     }
 }
 

@@ -15,13 +15,24 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// Identity obtained at enrollment.
+/// Identity obtained at enrollment (stored in `credentials.json`, mode 0600).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     /// Coordinator URL the identity belongs to.
     pub coordinator: String,
     pub client_id: String,
+    /// Insecure (`http://`) coordinators: the shared key sent with every call.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_key: String,
+    /// TLS: the client certificate the coordinator's CA issued (CN = `client_id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert_pem: String,
+    /// TLS: the private key generated on this device for `cert_pem`; it never leaves it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_pem: String,
+    /// TLS: the coordinator's CA certificate (as returned at enrolment).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ca_pem: String,
 }
 
 /// Description of a persisted model file.
@@ -443,6 +454,9 @@ mod tests {
             coordinator: "http://127.0.0.1:50051".into(),
             client_id: "c1".into(),
             client_key: "k".into(),
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+            ca_pem: String::new(),
         };
         s.save_credentials(&c).unwrap();
         assert_eq!(s.load_credentials().unwrap(), Some(c));
