@@ -600,7 +600,7 @@ impl Admin for Services {
                 "device_name must be 1-128 printable characters",
             ));
         }
-        let ttl = (r.ttl_secs > 0).then(|| Duration::from_secs(r.ttl_secs));
+        let ttl = (r.ttl_secs > 0).then_some(Duration::from_secs(r.ttl_secs));
         let t = self
             .coord
             .create_token(r.uses, &r.device_name, ttl)
