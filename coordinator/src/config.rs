@@ -53,6 +53,20 @@ pub struct Config {
     /// One-time enrollment tokens seeded into the store on start-up (each allows one enrollment;
     /// a token that was used is not re-seeded on restart).
     pub enrollment_tokens: Vec<String>,
+    /// Lifetime of tokens made by `enroll-token` / `CreateEnrollmentToken` without a TTL, seconds.
+    pub enrollment_token_ttl_secs: u64,
+    /// Plaintext gRPC with shared-key client credentials, for local demos and tests only.
+    /// Off (the default): TLS with the coordinator's own CA, client certificates for agents.
+    pub insecure: bool,
+    /// Directory of the CA (`ca.pem`, `ca.key` mode 0600) and the server certificate; default:
+    /// `pki` beside `db_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pki_dir: Option<PathBuf>,
+    /// Names (DNS names or IP addresses) the server certificate is issued for; the host of
+    /// `listen` is added when it is a specific address.
+    pub tls_names: Vec<String>,
+    /// Lifetime of the client certificates issued at enrolment, days.
+    pub client_cert_days: u32,
     /// Largest accepted update payload in bytes.
     pub max_update_bytes: u64,
     /// Time limit for one `UploadUpdate` call (whole stream), seconds.
@@ -495,6 +509,11 @@ impl Default for Config {
             data_dir: "data".into(),
             admin_token: String::new(),
             enrollment_tokens: Vec::new(),
+            enrollment_token_ttl_secs: 24 * 3600,
+            insecure: false,
+            pki_dir: None,
+            tls_names: vec!["localhost".into(), "127.0.0.1".into()],
+            client_cert_days: 365,
             max_update_bytes: 16 * 1024 * 1024,
             upload_timeout_secs: 60,
             fetch_timeout_secs: 120,
@@ -552,6 +571,31 @@ impl Config {
         })
     }
 
+    /// The PKI directory: `pki_dir`, or `pki` beside the database.
+    pub fn pki_dir(&self) -> PathBuf {
+        match &self.pki_dir {
+            Some(d) => d.clone(),
+            None => self
+                .db_path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("pki"),
+        }
+    }
+
+    /// The names of the server certificate: `tls_names` plus `listen`'s host when it is a
+    /// specific address (not 0.0.0.0 / ::).
+    pub fn server_names(&self) -> Vec<String> {
+        let mut names = self.tls_names.clone();
+        if let Ok(a) = self.listen.parse::<std::net::SocketAddr>() {
+            let ip = a.ip();
+            if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+                names.push(ip.to_string());
+            }
+        }
+        names
+    }
+
     /// The configuration as TOML (what `--print-default-config` prints for the defaults).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises to TOML")
@@ -575,6 +619,27 @@ impl Config {
         }
         if self.db_path.as_os_str().is_empty() {
             return bad("db_path must not be empty".into());
+        }
+        if self.enrollment_token_ttl_secs == 0 {
+            return bad("enrollment_token_ttl_secs must be >= 1".into());
+        }
+        if !self.insecure {
+            if self.tls_names.is_empty() {
+                return bad("tls_names must name at least one host (e.g. \"localhost\")".into());
+            }
+            if let Some(n) = self.tls_names.iter().find(|n| {
+                n.is_empty()
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:*".contains(&b))
+            }) {
+                return bad(format!(
+                    "tls_names entry {n:?} is not a host name or IP address"
+                ));
+            }
+            if self.client_cert_days == 0 || self.client_cert_days > 3650 {
+                return bad("client_cert_days must be in 1..=3650".into());
+            }
         }
         for (i, t) in self.enrollment_tokens.iter().enumerate() {
             if t.len() < 8 {

@@ -9,16 +9,20 @@
 //! - [`state`] / [`rounds`]: the domain (enrollment, auth, round lifecycle, crash recovery).
 //! - [`ratelimit`]: per-client token buckets (bounded table) the gRPC edge consults.
 //! - [`signing`]: the model-signing key; every published version is signed with it.
+//! - [`pki`]: the coordinator's CA: server certificate, client certificates from CSRs.
 //! - [`metrics`]: counters for Prometheus; every refusal is logged and counted there.
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
+//! - [`client`]: TLS channels to a coordinator, for the CLI subcommands and tests.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod client;
 pub mod config;
 pub mod limits;
 pub mod metrics;
 pub mod optimizer;
+pub mod pki;
 pub mod ratelimit;
 pub mod robust;
 pub mod rounds;
@@ -52,6 +56,9 @@ pub enum Error {
     /// gRPC transport failure.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Certificate authority failure.
+    #[error("PKI: {0}")]
+    Pki(#[from] pki::PkiError),
     /// Start-up failure (models, data sets).
     #[error("start-up: {0}")]
     Init(String),

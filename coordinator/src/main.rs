@@ -1,6 +1,7 @@
 //! `hearth-coordinator`: loads and validates the config (exit 64 on a bad one), binds the
 //! listener (exit 69 if that fails), then serves until SIGINT/SIGTERM and drains within
-//! `shutdown_grace_secs`.
+//! `shutdown_grace_secs`. The `enroll-token` and `revoke` subcommands call the running
+//! coordinator's Admin API over TLS (the database is locked by it).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -20,11 +21,18 @@ use hearth_edge::{EXIT_UNAVAILABLE as EXIT_BIND, EXIT_USAGE as EXIT_CONFIG};
 /// FedAvg sum, publishes each new version (evaluated on the held-out set) and keeps all state in
 /// a sled database so a restart resumes open rounds.
 ///
+/// gRPC runs over TLS with the coordinator's own CA (created in `pki_dir`, default `pki/`
+/// beside the database); agents enrol with a one-time token made by `enroll-token`, get a
+/// client certificate for a key they generate, and are cut off by `revoke`. `--insecure`
+/// (or `insecure = true`) serves plaintext for local demos only.
+///
 /// The config file is TOML; every key has a default (see --print-default-config). The admin
 /// token may come from HEARTH_ADMIN_TOKEN instead of the file. Log level: RUST_LOG (default info).
 #[derive(Parser, Debug)]
 #[command(name = "hearth-coordinator", version, about, long_about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file (defaults are used for missing keys, or for everything if omitted).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -39,9 +47,157 @@ struct Cli {
         value_name = "TOKEN"
     )]
     admin_token: Option<String>,
+    /// Serve plaintext gRPC with shared-key client credentials (local demos only).
+    #[arg(long)]
+    insecure: bool,
     /// Print the built-in default configuration as TOML and exit.
     #[arg(long)]
     print_default_config: bool,
+}
+
+/// Subcommands that talk to a running coordinator (same config file: they read `listen`,
+/// `admin_token` and the CA certificate in `pki_dir`).
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Make a one-time enrollment token for one device and print it with what the device
+    /// needs: the CA certificate to copy to it and the command to run there.
+    EnrollToken {
+        /// Device name the token is for (the agent's `device`).
+        #[arg(long, value_name = "NAME")]
+        device: String,
+        /// How long the token stays valid (e.g. 30m, 24h, 7d).
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke every client enrolled under a device name (or one client id): its next call is
+    /// refused and its open streams end.
+    Revoke {
+        /// Device name (or client id).
+        device: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Where the running coordinator is.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// Coordinator URL (default: from `listen`, `https://` unless insecure).
+    #[arg(long, value_name = "URL")]
+    coordinator: Option<String>,
+    /// CA certificate to trust (default: `ca.pem` in the PKI directory).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+/// Exit code of a call the coordinator refused.
+const EXIT_REFUSED: u8 = 1;
+
+/// Runs a subcommand; `Err((code, message))` on failure.
+async fn admin_command(config: &Config, cmd: &Command) -> Result<(), (u8, String)> {
+    use hearth_coordinator::client::connect;
+    use hearth_proto::v1::admin_client::AdminClient;
+    let target = match cmd {
+        Command::EnrollToken { target, .. } | Command::Revoke { target, .. } => target,
+    };
+    let url = match &target.coordinator {
+        Some(u) => u.clone(),
+        None => {
+            let a: std::net::SocketAddr = config.listen.parse().map_err(|_| {
+                (
+                    EXIT_CONFIG,
+                    format!("invalid listen address {:?}", config.listen),
+                )
+            })?;
+            let host = if a.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                a.ip().to_string()
+            };
+            let scheme = if config.insecure { "http" } else { "https" };
+            format!("{scheme}://{host}:{}", a.port())
+        }
+    };
+    let ca_path = target
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| config.pki_dir().join(hearth_coordinator::pki::CA_CERT_FILE));
+    let ca = if url.starts_with("https://") {
+        Some(std::fs::read_to_string(&ca_path).map_err(|e| {
+            (
+                EXIT_CONFIG,
+                format!("cannot read the CA certificate {}: {e}", ca_path.display()),
+            )
+        })?)
+    } else {
+        None
+    };
+    let channel = connect(&url, ca.as_deref(), None).await.map_err(|e| {
+        (
+            EXIT_BIND,
+            format!("cannot reach the coordinator at {url}: {e}"),
+        )
+    })?;
+    let mut admin = AdminClient::new(channel);
+    fn auth<T>(m: T, token: &str) -> Result<tonic::Request<T>, (u8, String)> {
+        hearth_coordinator::client::with_admin(m, token)
+            .ok_or((EXIT_CONFIG, "admin_token is not valid metadata".to_string()))
+    }
+    let token = config.admin_token.as_str();
+    let refused = |s: tonic::Status| (EXIT_REFUSED, format!("refused: {}", s.message()));
+    match cmd {
+        Command::EnrollToken { device, ttl, .. } => {
+            let r = admin
+                .create_enrollment_token(auth(
+                    hearth_proto::v1::CreateTokenRequest {
+                        uses: 1,
+                        device_name: device.clone(),
+                        ttl_secs: ttl.as_secs().max(1),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let expires = std::time::UNIX_EPOCH + Duration::from_millis(r.expires_unix_ms);
+            println!("token: {}", r.token);
+            println!("device: {device}");
+            println!("expires: {}", humantime::format_rfc3339_seconds(expires));
+            if ca.is_some() {
+                println!("ca_file: {}", ca_path.display());
+                println!("ca_sha256: {}", r.ca_sha256);
+                println!(
+                    "On the device: copy {} there (check its sha256 with `sha256sum`: the DER                      fingerprint above is `openssl x509 -in ca.pem -outform der | sha256sum`), then run
+                       hearth-agent --config agent.toml enroll --token {} --ca-file ca.pem",
+                    ca_path.display(),
+                    r.token
+                );
+            } else {
+                println!(
+                    "On the device: hearth-agent --config agent.toml enroll --token {}",
+                    r.token
+                );
+            }
+        }
+        Command::Revoke { device, .. } => {
+            let r = admin
+                .revoke_device(auth(
+                    hearth_proto::v1::RevokeDeviceRequest {
+                        device: device.clone(),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            for id in r.client_ids {
+                println!("revoked: {id}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -54,6 +210,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(t) = &cli.admin_token {
         config.admin_token = t.clone();
+    }
+    if cli.insecure {
+        config.insecure = true;
     }
     config.validate()?;
     config
@@ -86,6 +245,15 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    if let Some(cmd) = &cli.command {
+        return match rt.block_on(admin_command(&config, cmd)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((code, msg)) => {
+                eprintln!("hearth-coordinator: {msg}");
+                ExitCode::from(code)
+            }
+        };
+    }
     let code = rt.block_on(async move {
         let signal = match shutdown_signal() {
             Ok(s) => s,

@@ -1,5 +1,6 @@
 //! Serving: validates the config, builds the [`Coordinator`] (store, models, resumed rounds) and
-//! runs the tonic server on a bound listener until the shutdown future resolves, then drains.
+//! runs the tonic server (TLS with the coordinator's CA unless `insecure`) on a bound listener
+//! until the shutdown future resolves, then drains.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -105,7 +106,11 @@ async fn serve(
     let (enrollment, federation, admin) = limits::services(svc, &cfg.limits);
     let upload_limit = Duration::from_secs(cfg.upload_timeout_secs);
     let incoming = limits::incoming(listener, cfg.limits.max_connections, metrics.clone());
-    let served = limits::builder(&cfg.limits, upload_limit, metrics)
+    let mut builder = limits::builder(&cfg.limits, upload_limit, metrics);
+    if let Some(tls) = tls_config(&coord) {
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
         .add_service(enrollment)
         .add_service(federation)
         .add_service(admin)
@@ -123,6 +128,21 @@ async fn serve(
     flushed?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// TLS with the coordinator's server certificate; client certificates of its CA are verified
+/// when presented but optional at this layer (Enroll needs none), and every Federation call
+/// requires one (`Services::client`). `None` in insecure mode.
+fn tls_config(coord: &Coordinator) -> Option<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let pki = coord.pki()?;
+    let (cert, key) = pki.server_identity();
+    Some(
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(pki.ca_pem()))
+            .client_auth_optional(true),
+    )
 }
 
 /// Runs the coordinator on `listener` until `shutdown` resolves, then drains and returns.
@@ -157,9 +177,19 @@ impl CoordinatorHandle {
         self.metrics_addr
     }
 
-    /// `http://addr`, for tonic clients.
+    /// `https://addr` (`http://addr` in insecure mode), for tonic clients.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.coord.pki().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The CA certificate clients trust (`None` in insecure mode).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.coord.pki().map(|p| p.ca_pem())
     }
 
     /// The running coordinator (for in-process inspection).

@@ -69,39 +69,81 @@ impl Services {
     /// [`Services::client`], rate limited (by client id, or by peer address when it fails)
     /// and a failure counted.
     fn limited_client<T>(&self, req: &Request<T>, call: &'static str) -> Result<String, Status> {
-        match self.client(req) {
+        // `client` logs and counts a refusal itself.
+        match self.client(call, req) {
             Ok(id) => self.limit(req, call, Some(&id)).map(|()| id),
             Err(e) => {
                 self.limit(req, call, None)?;
-                self.coord
-                    .metrics()
-                    .reject(call, "bad_credentials", "", &e.message());
                 Err(e)
             }
         }
     }
 
-    fn client<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let md = req.metadata();
-        let id = md.get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok());
-        let key = md.get(CLIENT_KEY_HEADER).and_then(|v| v.to_str().ok());
-        self.coord
-            .authenticate_client(id, key)
-            .map(|c| c.client_id)
-            .map_err(auth_status)
+    /// The calling client's id: from its certificate with TLS (identity = the certificate's
+    /// CN, which must be the certificate issued to an enrolled, unrevoked client), from the
+    /// shared-key metadata in insecure mode. Refusals are logged and counted.
+    fn client<T>(&self, call: &'static str, req: &Request<T>) -> Result<String, Status> {
+        let r = if self.coord.pki().is_some() {
+            let certs = req.peer_certs();
+            let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| &c[..]);
+            self.coord.authenticate_cert(leaf)
+        } else {
+            let md = req.metadata();
+            let id = md.get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok());
+            let key = md.get(CLIENT_KEY_HEADER).and_then(|v| v.to_str().ok());
+            self.coord.authenticate_client(id, key)
+        };
+        r.map(|c| c.client_id)
+            .map_err(|e| self.auth_refused(call, "", e))
     }
 
-    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    fn admin<T>(&self, call: &'static str, req: &Request<T>) -> Result<(), Status> {
         let v = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.coord.authenticate_admin(v).map_err(auth_status)
+        self.coord
+            .authenticate_admin(v)
+            .map_err(|e| self.auth_refused(call, "admin", e))
+    }
+
+    /// Counts and logs a refused call; revoked clients get PermissionDenied, the rest
+    /// Unauthenticated.
+    fn auth_refused(&self, call: &'static str, who: &str, e: AuthError) -> Status {
+        let who = match &e {
+            AuthError::NotEnrolled(id) | AuthError::Revoked(id) => id.as_str(),
+            _ => who,
+        };
+        self.coord.metrics().reject(call, e.reason(), who, &e);
+        match e {
+            AuthError::Revoked(_) => Status::permission_denied(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        }
     }
 }
 
-fn auth_status(e: AuthError) -> Status {
-    Status::unauthenticated(e.to_string())
+/// Resolves when `client` (if any) has been revoked; pending forever otherwise.
+async fn revoked(coord: &Coordinator, client: Option<&str>, rx: &mut watch::Receiver<u64>) {
+    let Some(client) = client else {
+        return std::future::pending().await;
+    };
+    loop {
+        if coord.is_revoked(client) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Ends `call`'s open stream of a revoked client: counted, logged, PermissionDenied.
+fn revoked_status(coord: &Coordinator, call: &'static str, client: Option<&str>) -> Status {
+    let e = AuthError::Revoked(client.unwrap_or_default().to_string());
+    coord
+        .metrics()
+        .reject(call, e.reason(), client.unwrap_or_default(), &e);
+    Status::permission_denied(e.to_string())
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -195,22 +237,26 @@ impl Enrollment for Services {
     ) -> Result<Response<v1::EnrollResponse>, Status> {
         self.limit(&req, "enroll", None)?;
         let r = req.into_inner();
-        let metrics = self.coord.metrics();
-        match self.coord.enroll(&r.token, &r.device_name) {
-            Ok((client_id, client_key)) => Ok(Response::new(v1::EnrollResponse {
-                client_id,
-                client_key,
+        match self.coord.enroll(&r.token, &r.device_name, &r.csr_pem) {
+            Ok(e) => Ok(Response::new(v1::EnrollResponse {
+                client_id: e.client_id,
+                client_key: e.client_key,
+                client_cert_pem: e.cert_pem,
+                ca_cert_pem: e.ca_pem,
                 model_signing_key: self.coord.model_signing_key().to_vec(),
             })),
-            Err(e @ EnrollError::Token) => {
-                metrics.reject("enroll", "bad_token", "", &e);
-                Err(Status::permission_denied(e.to_string()))
-            }
-            Err(e @ EnrollError::DeviceName) => {
-                metrics.reject("enroll", "bad_device_name", "", &e);
-                Err(Status::invalid_argument(e.to_string()))
-            }
             Err(EnrollError::Store(e)) => Err(internal(e)),
+            Err(e) => {
+                self.coord
+                    .metrics()
+                    .reject("enroll", e.reason(), &r.device_name, &e);
+                Err(match e {
+                    EnrollError::DeviceName | EnrollError::Csr(_) => {
+                        Status::invalid_argument(e.to_string())
+                    }
+                    _ => Status::permission_denied(e.to_string()),
+                })
+            }
         }
     }
 }
@@ -283,18 +329,13 @@ impl Federation for Services {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        match self.client(&req) {
-            Ok(id) => self.limit(&req, "subscribe", Some(&id))?,
-            Err(e) => {
-                if self.admin(&req).is_err() {
-                    self.limit(&req, "subscribe", None)?;
-                    self.coord
-                        .metrics()
-                        .reject("subscribe", "bad_credentials", "", &e.message());
-                    return Err(e);
-                }
-            }
-        }
+        // The hub follows announcements with the admin credential; agents with their own.
+        let client = if req.metadata().contains_key("authorization") {
+            self.admin("subscribe", &req)?;
+            None
+        } else {
+            Some(self.limited_client(&req, "subscribe")?)
+        };
         let wanted = req.into_inner().models;
         let models: BTreeSet<String> = if wanted.is_empty() {
             self.coord.model_names().into_iter().collect()
@@ -315,7 +356,9 @@ impl Federation for Services {
         let (tx, rx) = mpsc::channel(64);
         let coord = self.coord.clone();
         let mut stop = coord.shutdown_signal();
+        let mut revocations = coord.revocations();
         self.coord.spawn_task(async move {
+            let client = client.as_deref();
             for e in &first {
                 if let Some(w) = sub.wire(e) {
                     if !send(&tx, w, &mut stop).await {
@@ -329,6 +372,10 @@ impl Federation for Services {
                     e = live.recv() => e,
                     _ = tx.closed() => return,
                     _ = stopped(&mut stop) => return,
+                    _ = revoked(&coord, client, &mut revocations) => {
+                        let _ = tx.try_send(Err(revoked_status(&coord, "subscribe", client)));
+                        return;
+                    }
                 };
                 let batch = match e {
                     Ok(e) => vec![e],
@@ -360,7 +407,7 @@ impl Federation for Services {
         &self,
         req: Request<v1::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
-        let client_id = self.limited_client(&req, "fetch")?;
+        let client = self.limited_client(&req, "fetch")?;
         let r = req.into_inner();
         if !self.coord.has_model(&r.model) {
             return Err(Status::not_found(format!("unknown model {:?}", r.model)));
@@ -393,6 +440,8 @@ impl Federation for Services {
         let mut stop = self.coord.shutdown_signal();
         let signature = hex::decode(&meta.signature).unwrap_or_default();
         let metrics = self.coord.metrics().clone();
+        let mut revocations = self.coord.revocations();
+        let coord = self.coord.clone();
         tokio::spawn(async move {
             let mut offset = r.offset as usize;
             // At least one chunk (empty when resuming at the very end) so the client learns
@@ -409,12 +458,18 @@ impl Federation for Services {
                     parent_version: meta.parent_version,
                     signature: signature.clone(),
                 };
-                let sent = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)).await;
+                let sent = tokio::select! {
+                    s = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)) => s,
+                    _ = revoked(&coord, Some(client.as_str()), &mut revocations) => {
+                        let _ = tx.try_send(Err(revoked_status(&coord, "fetch_model", Some(client.as_str()))));
+                        return;
+                    }
+                };
                 match sent {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(_) => {
-                        metrics.reject("fetch", "timeout", &client_id, &"fetch stream too slow");
+                        metrics.reject("fetch", "timeout", &client, &"fetch stream too slow");
                         let _ = tx.try_send(Err(Status::deadline_exceeded("fetch took too long")));
                         return;
                     }
@@ -542,7 +597,7 @@ impl Admin for Services {
         &self,
         req: Request<v1::StartRoundRequest>,
     ) -> Result<Response<v1::RoundStatus>, Status> {
-        self.admin(&req)?;
+        self.admin("start_round", &req)?;
         let r = req.into_inner();
         let rec = self
             .coord
@@ -562,7 +617,7 @@ impl Admin for Services {
         &self,
         req: Request<v1::RoundStatusRequest>,
     ) -> Result<Response<v1::RoundStatus>, Status> {
-        self.admin(&req)?;
+        self.admin("round_status", &req)?;
         let r = req.into_inner();
         let rec = self
             .coord
@@ -575,7 +630,7 @@ impl Admin for Services {
         &self,
         req: Request<v1::ListVersionsRequest>,
     ) -> Result<Response<v1::ListVersionsResponse>, Status> {
-        self.admin(&req)?;
+        self.admin("list_versions", &req)?;
         let model = req.into_inner().model;
         if !self.coord.has_model(&model) {
             return Err(Status::not_found(format!("unknown model {model:?}")));
@@ -591,10 +646,49 @@ impl Admin for Services {
         &self,
         req: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
-        self.admin(&req)?;
-        let uses = req.into_inner().uses;
-        let token = self.coord.create_token(uses).map_err(internal)?;
-        Ok(Response::new(v1::CreateTokenResponse { token }))
+        self.admin("create_token", &req)?;
+        let r = req.into_inner();
+        if !r.device_name.is_empty()
+            && (r.device_name.chars().count() > 128 || r.device_name.chars().any(char::is_control))
+        {
+            return Err(Status::invalid_argument(
+                "device_name must be 1-128 printable characters",
+            ));
+        }
+        let ttl = (r.ttl_secs > 0).then_some(Duration::from_secs(r.ttl_secs));
+        let t = self
+            .coord
+            .create_token(r.uses, &r.device_name, ttl)
+            .map_err(internal)?;
+        Ok(Response::new(v1::CreateTokenResponse {
+            token: t.token,
+            expires_unix_ms: t.expires_unix_ms,
+            ca_sha256: self
+                .coord
+                .pki()
+                .map(|p| p.ca_sha256().to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_device(
+        &self,
+        req: Request<v1::RevokeDeviceRequest>,
+    ) -> Result<Response<v1::RevokeDeviceResponse>, Status> {
+        self.admin("revoke", &req)?;
+        let device = req.into_inner().device;
+        if device.is_empty() {
+            return Err(Status::invalid_argument(
+                "device must be a device name or client id",
+            ));
+        }
+        let client_ids = self.coord.revoke(&device).map_err(internal)?;
+        if client_ids.is_empty() {
+            return Err(Status::not_found(format!(
+                "no client is enrolled as {device:?}"
+            )));
+        }
+        Ok(Response::new(v1::RevokeDeviceResponse { client_ids }))
     }
 }
 

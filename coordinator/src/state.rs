@@ -1,5 +1,7 @@
 //! The coordinator's shared state and its domain operations that are not about rounds:
-//! start-up of the served models (version 1, held-out sets), enrollment and authentication,
+//! start-up of the served models (version 1, held-out sets), the PKI, enrollment (CSR →
+//! client certificate), authentication (client certificate or, insecure, shared key),
+//! revocation,
 //! model lookup, the event broadcast and the tracker of background tasks.
 
 use std::collections::HashMap;
@@ -17,7 +19,10 @@ use hearth_proto::signing::ModelSigner;
 
 use crate::config::{Config, ModelConfig};
 use crate::metrics::Metrics;
-use crate::store::{now_unix_ms, ClientRecord, RoundRecord, Store, StoreError, VersionMeta};
+use crate::pki::Pki;
+use crate::store::{
+    now_unix_ms, ClientRecord, RoundRecord, Store, StoreError, TokenRecord, VersionMeta,
+};
 use crate::Error;
 
 /// Something subscribers are told about.
@@ -38,6 +43,28 @@ pub enum AuthError {
     /// Credentials wrong.
     #[error("invalid credentials")]
     Invalid,
+    /// TLS: the call came without a client certificate.
+    #[error("no client certificate: this call needs the certificate issued at enrolment (hearth-agent enroll --token ...)")]
+    NoCertificate,
+    /// TLS: a certificate of this CA, but not the one issued last to an enrolled client.
+    #[error("client certificate {0:?} is not enrolled here (or was replaced)")]
+    NotEnrolled(String),
+    /// The client was revoked.
+    #[error("client {0} was revoked")]
+    Revoked(String),
+}
+
+impl AuthError {
+    /// The metrics reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "no_credentials",
+            AuthError::Invalid => "bad_credentials",
+            AuthError::NoCertificate => "no_client_cert",
+            AuthError::NotEnrolled(_) => "not_enrolled",
+            AuthError::Revoked(_) => "revoked",
+        }
+    }
 }
 
 /// Enrollment failures.
@@ -46,12 +73,57 @@ pub enum EnrollError {
     /// Token unknown or used up.
     #[error("enrollment token unknown or already used")]
     Token,
+    /// Token expired.
+    #[error("enrollment token expired; make a new one (hearth-coordinator enroll-token)")]
+    TokenExpired,
+    /// Token made for another device.
+    #[error("enrollment token was issued for device {0:?}")]
+    TokenDevice(String),
     /// Bad device name.
     #[error("device_name must be 1-128 printable characters")]
     DeviceName,
+    /// TLS: no usable certificate signing request.
+    #[error("certificate signing request: {0}")]
+    Csr(String),
     /// Storage failure.
     #[error(transparent)]
     Store(StoreError),
+}
+
+impl EnrollError {
+    /// The metrics reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EnrollError::Token => "bad_token",
+            EnrollError::TokenExpired => "token_expired",
+            EnrollError::TokenDevice(_) => "token_device",
+            EnrollError::DeviceName => "bad_device_name",
+            EnrollError::Csr(_) => "bad_csr",
+            EnrollError::Store(_) => "storage",
+        }
+    }
+}
+
+/// A new client identity.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// Client id (the CN of its certificate).
+    pub client_id: String,
+    /// Insecure mode: the shared key; empty with TLS.
+    pub client_key: String,
+    /// TLS: the client certificate (PEM); empty in insecure mode.
+    pub cert_pem: String,
+    /// TLS: the CA certificate (PEM).
+    pub ca_pem: String,
+}
+
+/// A token made by [`Coordinator::create_token`].
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// The token.
+    pub token: String,
+    /// Expiry, Unix ms.
+    pub expires_unix_ms: u64,
 }
 
 /// Hex sha256.
@@ -87,6 +159,10 @@ pub struct Coordinator {
     pub(crate) metrics: Arc<Metrics>,
     /// Signs every published version (`crate::signing`).
     pub(crate) signer: Arc<ModelSigner>,
+    /// The CA and server identity; `None` in insecure mode.
+    pub(crate) pki: Option<Arc<Pki>>,
+    /// Bumped at every revocation, so open streams re-check their client.
+    pub(crate) revocations: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -126,6 +202,19 @@ impl Coordinator {
     pub async fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Self>, Error> {
         let path = config.db_path.clone();
         let store = blocking(move || Ok(Store::open(&path)?)).await?;
+        let pki = if config.insecure {
+            tracing::warn!("insecure = true: plaintext gRPC, shared-key client credentials");
+            None
+        } else {
+            let (dir, names) = (config.pki_dir(), config.server_names());
+            let pki = blocking(move || {
+                Pki::load_or_create(&dir, &names)
+                    .map_err(|e| Error::Init(format!("PKI in {}: {e}", dir.display())))
+            })
+            .await?;
+            tracing::info!(ca = %pki.ca_path().display(), ca_sha256 = pki.ca_sha256(), "TLS with the coordinator CA");
+            Some(Arc::new(pki))
+        };
         for t in &config.enrollment_tokens {
             if store.seed_token(t, 1)? {
                 tracing::info!("seeded an enrollment token from the config");
@@ -185,6 +274,8 @@ impl Coordinator {
             shutdown,
             metrics: Arc::new(Metrics::default()),
             signer,
+            pki,
+            revocations: watch::channel(0).0,
         }))
     }
 
@@ -201,6 +292,16 @@ impl Coordinator {
     /// The public key every published version is signed with (agents pin it at enrolment).
     pub fn model_signing_key(&self) -> [u8; 32] {
         self.signer.public_key()
+    }
+
+    /// The CA and server identity (`None` in insecure mode).
+    pub fn pki(&self) -> Option<&Arc<Pki>> {
+        self.pki.as_ref()
+    }
+
+    /// A receiver that changes at every revocation.
+    pub fn revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
     }
 
     /// The store.
@@ -256,8 +357,15 @@ impl Coordinator {
 
     // ------------------------------------------------------------ auth
 
-    /// Trades a one-time token for a new client identity; returns (client_id, client_key).
-    pub fn enroll(&self, token: &str, device_name: &str) -> Result<(String, String), EnrollError> {
+    /// Trades a one-time token for a new client identity. With TLS, `csr_pem` (a CSR for a key
+    /// made on the device) is required and a client certificate with CN = client id is issued;
+    /// in insecure mode a shared key is issued instead.
+    pub fn enroll(
+        &self,
+        token: &str,
+        device_name: &str,
+        csr_pem: &str,
+    ) -> Result<Enrolled, EnrollError> {
         if device_name.is_empty()
             || device_name.chars().count() > 128
             || device_name.chars().any(char::is_control)
@@ -265,31 +373,112 @@ impl Coordinator {
             return Err(EnrollError::DeviceName);
         }
         let client_id = format!("c-{}", random_hex(12));
-        let key = random_hex(32);
-        let rec = ClientRecord {
+        let mut out = Enrolled {
+            client_id: client_id.clone(),
+            client_key: String::new(),
+            cert_pem: String::new(),
+            ca_pem: String::new(),
+        };
+        let mut rec = ClientRecord {
             client_id: client_id.clone(),
             device_name: device_name.to_string(),
-            key_sha256: sha256_hex(key.as_bytes()),
+            key_sha256: String::new(),
             enrolled_unix_ms: now_unix_ms(),
+            cert_sha256: String::new(),
+            revoked_unix_ms: None,
         };
+        match &self.pki {
+            Some(pki) => {
+                if csr_pem.trim().is_empty() {
+                    return Err(EnrollError::Csr(
+                        "required over TLS (the agent makes its key and sends a CSR)".into(),
+                    ));
+                }
+                // A token must be usable before anything is signed.
+                self.check_token(token, device_name, rec.enrolled_unix_ms)?;
+                let days = u64::from(self.config.client_cert_days);
+                let cert = pki
+                    .sign_client(csr_pem, &client_id, Duration::from_secs(days * 86_400))
+                    .map_err(|e| EnrollError::Csr(e.to_string()))?;
+                let der = crate::pki::pem_to_der(&cert)
+                    .ok_or_else(|| EnrollError::Csr("issued certificate unreadable".into()))?;
+                rec.cert_sha256 = crate::pki::fingerprint(&der);
+                out.cert_pem = cert;
+                out.ca_pem = pki.ca_pem().to_string();
+            }
+            None => {
+                let key = random_hex(32);
+                rec.key_sha256 = sha256_hex(key.as_bytes());
+                out.client_key = key;
+            }
+        }
         match self.store.enroll(token, &rec) {
             Ok(()) => {
                 tracing::info!(%client_id, device_name, "client enrolled");
-                Ok((client_id, key))
+                Ok(out)
             }
-            Err(StoreError::TokenRejected) => Err(EnrollError::Token),
-            Err(e) => Err(EnrollError::Store(e)),
+            Err(e) => Err(token_error(e)),
         }
     }
 
-    /// Makes a new enrollment token allowing `uses` enrollments (0 means 1).
-    pub fn create_token(&self, uses: u32) -> Result<String, StoreError> {
-        let token = format!("hearth-{}", random_hex(16));
-        self.store.seed_token(&token, uses.max(1))?;
-        Ok(token)
+    /// Refuses an unknown, used, expired or other-device token early (the store checks again
+    /// atomically when it consumes it).
+    fn check_token(&self, token: &str, device: &str, now_ms: u64) -> Result<(), EnrollError> {
+        match self.store.token(token).map_err(EnrollError::Store)? {
+            None => Err(EnrollError::Token),
+            Some(t) if t.uses == 0 => Err(EnrollError::Token),
+            Some(t) if t.expires_unix_ms != 0 && now_ms >= t.expires_unix_ms => {
+                Err(EnrollError::TokenExpired)
+            }
+            Some(t) if !t.device.is_empty() && t.device != device => {
+                Err(EnrollError::TokenDevice(t.device))
+            }
+            Some(_) => Ok(()),
+        }
     }
 
-    /// Checks a client's id and key.
+    /// Makes a new enrollment token allowing `uses` enrollments (0 means 1), for `device`
+    /// only when not empty, valid for `ttl` (`None`: `enrollment_token_ttl_secs`).
+    pub fn create_token(
+        &self,
+        uses: u32,
+        device: &str,
+        ttl: Option<Duration>,
+    ) -> Result<NewToken, StoreError> {
+        let ttl = ttl.unwrap_or_else(|| Duration::from_secs(self.config.enrollment_token_ttl_secs));
+        let token = format!("hearth-{}", random_hex(16));
+        let expires_unix_ms = now_unix_ms().saturating_add(ttl.as_millis() as u64);
+        self.store.add_token(
+            &token,
+            &TokenRecord {
+                uses: uses.max(1),
+                expires_unix_ms,
+                device: device.to_string(),
+            },
+        )?;
+        Ok(NewToken {
+            token,
+            expires_unix_ms,
+        })
+    }
+
+    /// Revokes every client enrolled as `device` (device name or client id); open streams
+    /// of those clients end. Returns their ids (empty: nothing matched).
+    pub fn revoke(&self, device: &str) -> Result<Vec<String>, StoreError> {
+        let ids = self.store.revoke(device, now_unix_ms())?;
+        if !ids.is_empty() {
+            tracing::warn!(device, clients = ?ids, "revoked");
+            self.revocations.send_modify(|g| *g += 1);
+        }
+        Ok(ids)
+    }
+
+    /// Whether `client_id` is revoked (or unknown).
+    pub fn is_revoked(&self, client_id: &str) -> bool {
+        !matches!(self.store.client(client_id), Ok(Some(r)) if r.revoked_unix_ms.is_none())
+    }
+
+    /// Checks a client's id and key (insecure mode).
     pub fn authenticate_client(
         &self,
         client_id: Option<&str>,
@@ -305,11 +494,35 @@ impl Coordinator {
             .flatten()
             .ok_or(AuthError::Invalid)?;
         let digest = sha256_hex(key.as_bytes());
-        if constant_time_eq(digest.as_bytes(), rec.key_sha256.as_bytes()) {
-            Ok(rec)
-        } else {
-            Err(AuthError::Invalid)
+        if !constant_time_eq(digest.as_bytes(), rec.key_sha256.as_bytes()) {
+            return Err(AuthError::Invalid);
         }
+        if rec.revoked_unix_ms.is_some() {
+            return Err(AuthError::Revoked(rec.client_id));
+        }
+        Ok(rec)
+    }
+
+    /// Checks a client certificate (DER) the TLS layer already verified against the CA: its
+    /// CN names an enrolled client, it is the certificate issued to that client, and the client
+    /// is not revoked.
+    pub fn authenticate_cert(&self, der: Option<&[u8]>) -> Result<ClientRecord, AuthError> {
+        let der = der.ok_or(AuthError::NoCertificate)?;
+        let id = crate::pki::common_name(der).unwrap_or_default();
+        let rec = self
+            .store
+            .client(&id)
+            .ok()
+            .flatten()
+            .ok_or_else(|| AuthError::NotEnrolled(id.clone()))?;
+        let fp = crate::pki::fingerprint(der);
+        if !constant_time_eq(fp.as_bytes(), rec.cert_sha256.as_bytes()) {
+            return Err(AuthError::NotEnrolled(id));
+        }
+        if rec.revoked_unix_ms.is_some() {
+            return Err(AuthError::Revoked(rec.client_id));
+        }
+        Ok(rec)
     }
 
     /// Checks the value of an `authorization` header against the admin token.
@@ -416,4 +629,14 @@ async fn ensure_initial_version(
 
 fn read_init(p: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(p).map_err(|e| Error::Init(format!("cannot read {}: {e}", p.display())))
+}
+
+/// The domain error of a refused token.
+fn token_error(e: StoreError) -> EnrollError {
+    match e {
+        StoreError::TokenRejected => EnrollError::Token,
+        StoreError::TokenExpired => EnrollError::TokenExpired,
+        StoreError::TokenDevice(d) => EnrollError::TokenDevice(d),
+        e => EnrollError::Store(e),
+    }
 }

@@ -23,6 +23,12 @@ pub enum StoreError {
     /// The enrollment token is unknown or used up.
     #[error("enrollment token unknown or already used")]
     TokenRejected,
+    /// The enrollment token's lifetime is over.
+    #[error("enrollment token expired")]
+    TokenExpired,
+    /// The enrollment token was made for another device name.
+    #[error("enrollment token was issued for device {0:?}")]
+    TokenDevice(String),
     /// The operation does not apply to the current state (e.g. completing a closed round).
     #[error("{0}")]
     Conflict(String),
@@ -38,10 +44,40 @@ pub struct ClientRecord {
     pub client_id: String,
     /// Human name given at enrollment.
     pub device_name: String,
-    /// Hex sha256 of the client key (the key itself is never stored).
+    /// Hex sha256 of the client key (the key itself is never stored); insecure mode only.
     pub key_sha256: String,
     /// Enrollment time.
     pub enrolled_unix_ms: u64,
+    /// Hex sha256 of the DER of the client certificate issued at enrolment (TLS); only that
+    /// certificate authenticates the client.
+    #[serde(default)]
+    pub cert_sha256: String,
+    /// When the client was revoked; a revoked client is refused on every call.
+    #[serde(default)]
+    pub revoked_unix_ms: Option<u64>,
+}
+
+/// An enrollment token: uses left, expiry and the device it is for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenRecord {
+    /// Enrollments left.
+    pub uses: u32,
+    /// Expiry (Unix ms); 0 = never (tokens from the config file).
+    pub expires_unix_ms: u64,
+    /// Device name the token enrolls; empty = any.
+    pub device: String,
+}
+
+/// A token value: JSON, or the 4-byte use count written before tokens carried an expiry.
+fn token_dec(v: &[u8]) -> Result<TokenRecord, StoreError> {
+    if let Ok(b) = <[u8; 4]>::try_from(v) {
+        return Ok(TokenRecord {
+            uses: u32::from_be_bytes(b),
+            expires_unix_ms: 0,
+            device: String::new(),
+        });
+    }
+    dec(v)
 }
 
 /// Metadata of one stored model version.
@@ -313,28 +349,81 @@ impl Store {
     /// Adds `token` with `uses` enrollments unless the token is already known (used or not),
     /// so tokens from the config file are not revived after being used. Returns whether it was added.
     pub fn seed_token(&self, token: &str, uses: u32) -> Result<bool, StoreError> {
-        let r =
-            self.tokens
-                .compare_and_swap(token, None::<&[u8]>, Some(&uses.to_be_bytes()[..]))?;
+        self.add_token(
+            token,
+            &TokenRecord {
+                uses,
+                expires_unix_ms: 0,
+                device: String::new(),
+            },
+        )
+    }
+
+    /// Adds `token` unless it is already known. Returns whether it was added.
+    pub fn add_token(&self, token: &str, rec: &TokenRecord) -> Result<bool, StoreError> {
+        let r = self
+            .tokens
+            .compare_and_swap(token, None::<&[u8]>, Some(enc(rec)))?;
         Ok(r.is_ok())
     }
 
-    /// Consumes one use of `token` and records `client` atomically.
+    /// The token's record, if known.
+    pub fn token(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens.get(token)?.map(|v| token_dec(&v)).transpose()
+    }
+
+    /// Consumes one use of `token` and records `client` atomically; refuses a token that is
+    /// unknown, used up, expired at `client.enrolled_unix_ms` or made for another device.
     pub fn enroll(&self, token: &str, client: &ClientRecord) -> Result<(), StoreError> {
         (&self.tokens, &self.clients)
             .transaction(|(tokens, clients)| {
-                let uses = match tokens.get(token)? {
-                    Some(v) if v.len() == 4 => u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
-                    _ => return abort(StoreError::TokenRejected),
+                let mut rec = match tokens.get(token)? {
+                    Some(v) => token_dec(&v).map_err(ConflictableTransactionError::Abort)?,
+                    None => return abort(StoreError::TokenRejected),
                 };
-                if uses == 0 {
+                if rec.uses == 0 {
                     return abort(StoreError::TokenRejected);
                 }
-                tokens.insert(token, &(uses - 1).to_be_bytes()[..])?;
+                if rec.expires_unix_ms != 0 && client.enrolled_unix_ms >= rec.expires_unix_ms {
+                    return abort(StoreError::TokenExpired);
+                }
+                if !rec.device.is_empty() && rec.device != client.device_name {
+                    return abort(StoreError::TokenDevice(rec.device.clone()));
+                }
+                rec.uses -= 1;
+                tokens.insert(token, enc(&rec))?;
                 clients.insert(client.client_id.as_bytes(), enc(client))?;
                 Ok(())
             })
             .map_err(tx_err)
+    }
+
+    /// Marks every client enrolled under device name `device` (or with client id `device`)
+    /// revoked at `now_ms`, in one transaction; returns their ids (already revoked ones too).
+    pub fn revoke(&self, device: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        for kv in self.clients.iter() {
+            let (k, v) = kv?;
+            let rec: ClientRecord = dec(&v)?;
+            if rec.device_name == device || rec.client_id == device {
+                ids.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        self.clients
+            .transaction(|clients| {
+                for id in &ids {
+                    if let Some(v) = clients.get(id.as_bytes())? {
+                        let mut rec: ClientRecord = tx_dec(&v)?;
+                        if rec.revoked_unix_ms.is_none() {
+                            rec.revoked_unix_ms = Some(now_ms);
+                            clients.insert(id.as_bytes(), enc(&rec))?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        Ok(ids)
     }
 
     /// The client with this id.
@@ -790,6 +879,8 @@ mod tests {
             device_name: "d".into(),
             key_sha256: "k".into(),
             enrolled_unix_ms: 1,
+            cert_sha256: String::new(),
+            revoked_unix_ms: None,
         };
         s.enroll("tok-123456", &c).unwrap();
         assert!(matches!(
@@ -806,6 +897,41 @@ mod tests {
             Err(StoreError::TokenRejected)
         ));
         assert_eq!(s.client("c1").unwrap().unwrap(), c);
+    }
+
+    #[test]
+    fn tokens_expire_are_bound_to_a_device_and_clients_are_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let tok = |exp, dev: &str| TokenRecord {
+            uses: 1,
+            expires_unix_ms: exp,
+            device: dev.into(),
+        };
+        let client = |id: &str, dev: &str, at| ClientRecord {
+            client_id: id.into(),
+            device_name: dev.into(),
+            key_sha256: String::new(),
+            enrolled_unix_ms: at,
+            cert_sha256: "f".into(),
+            revoked_unix_ms: None,
+        };
+        s.add_token("t-expiring", &tok(100, "")).unwrap();
+        assert!(matches!(
+            s.enroll("t-expiring", &client("c1", "d", 100)),
+            Err(StoreError::TokenExpired)
+        ));
+        s.enroll("t-expiring", &client("c1", "d", 99)).unwrap();
+        s.add_token("t-lamp", &tok(0, "lamp")).unwrap();
+        assert!(matches!(
+            s.enroll("t-lamp", &client("c2", "plug", 1)),
+            Err(StoreError::TokenDevice(_))
+        ));
+        s.enroll("t-lamp", &client("c2", "lamp", 1)).unwrap();
+        assert_eq!(s.revoke("lamp", 5).unwrap(), vec!["c2".to_string()]);
+        assert_eq!(s.client("c2").unwrap().unwrap().revoked_unix_ms, Some(5));
+        assert_eq!(s.client("c1").unwrap().unwrap().revoked_unix_ms, None);
+        assert!(s.revoke("nobody", 5).unwrap().is_empty());
     }
 
     #[test]

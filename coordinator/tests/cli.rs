@@ -144,3 +144,140 @@ fn serves_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// Kills and reaps the child on drop.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `hearth-coordinator enroll-token` and `revoke` against the running binary, over TLS with
+/// the admin credential: the token enrols a device by CSR, the revocation refuses its next call.
+#[cfg(unix)]
+#[test]
+fn enroll_token_and_revoke_subcommands_talk_to_the_running_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &p,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndb_path = {db:?}\ndata_dir = {data:?}\n\
+             [[model]]\nname = \"digits\"\ntask = \"digits\"\neval = false\n",
+            db = dir.path().join("db"),
+        ),
+    )
+    .unwrap();
+    const ADMIN: &str = "cli-test-admin-token-123";
+    let _server = Running(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&p)
+            .env("HEARTH_ADMIN_TOKEN", ADMIN)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "not listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cli = |args: &[&str], admin: &str| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&p)
+            .args(args)
+            .env("HEARTH_ADMIN_TOKEN", admin)
+            .output()
+            .unwrap()
+    };
+    // Without the right admin credential: refused.
+    let out = cli(
+        &["enroll-token", "--device", "kitchen"],
+        "not-the-admin-token-0000",
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused"));
+
+    let out = cli(
+        &["enroll-token", "--device", "kitchen", "--ttl", "1h"],
+        ADMIN,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+            .unwrap_or_else(|| panic!("{k} missing from {text}"))
+            .to_string()
+    };
+    let token = field("token");
+    let ca_file = field("ca_file");
+    assert!(text.contains("hearth-agent --config agent.toml enroll --token"));
+    let ca = std::fs::read_to_string(&ca_file).unwrap();
+    let der = hearth_coordinator::pki::pem_to_der(&ca).unwrap();
+    assert_eq!(
+        field("ca_sha256"),
+        hearth_coordinator::pki::fingerprint(&der)
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let (id, cert, key) = rt.block_on(async {
+        let ch = hearth_coordinator::client::connect(&url, Some(&ca), None)
+            .await
+            .unwrap();
+        let (key_pem, csr_pem) = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap();
+            (key.serialize_pem(), csr.pem().unwrap())
+        };
+        let r = hearth_proto::v1::enrollment_client::EnrollmentClient::new(ch)
+            .enroll(hearth_proto::v1::EnrollRequest {
+                token: token.clone(),
+                device_name: "kitchen".into(),
+                csr_pem,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (r.client_id, r.client_cert_pem, key_pem)
+    });
+    let subscribe = || {
+        rt.block_on(async {
+            let ch = hearth_coordinator::client::connect(&url, Some(&ca), Some((&cert, &key)))
+                .await
+                .unwrap();
+            hearth_proto::v1::federation_client::FederationClient::new(ch)
+                .subscribe(hearth_proto::v1::SubscribeRequest::default())
+                .await
+                .map(|_| ())
+        })
+    };
+    subscribe().unwrap();
+
+    let out = cli(&["revoke", "kitchen"], ADMIN);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("revoked: {id}")
+    );
+    let e = subscribe().unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Revoking a device nobody enrolled as fails.
+    let out = cli(&["revoke", "nobody"], ADMIN);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}

@@ -37,7 +37,7 @@ fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("coordinator.toml");
     let tokens: Vec<String> = TOKENS.iter().map(|t| format!("{t:?}")).collect();
     let text = format!(
-        "db_path = {db:?}\ndata_dir = {data:?}\nadmin_token = {ADMIN:?}\n\
+        "db_path = {db:?}\ndata_dir = {data:?}\nadmin_token = {ADMIN:?}\ninsecure = true\n\
          enrollment_tokens = [{tokens}]\n\
          [round]\nmin_clients = {n}\nmax_clients = {n}\ndeadline_secs = 600\n\
          [aggregation]\ncombine = \"mean\"\n\

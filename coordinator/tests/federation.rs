@@ -51,6 +51,8 @@ fn config(db: &Path) -> Config {
                 seed: 3,
             },
         ],
+        // Plaintext with shared-key credentials: TLS is covered by tests/tls.rs.
+        insecure: true,
         ..Config::default()
     };
     c.round.deadline_secs = 300;
@@ -93,7 +95,13 @@ async fn enroll_fetch_round_publish_and_refusals() {
     assert_eq!(reuse.code(), Code::PermissionDenied);
     // A token minted by the admin works once.
     let minted = AdminClient::new(ch.clone())
-        .create_enrollment_token(with_admin(CreateTokenRequest { uses: 1 }, ADMIN))
+        .create_enrollment_token(with_admin(
+            CreateTokenRequest {
+                uses: 1,
+                ..Default::default()
+            },
+            ADMIN,
+        ))
         .await
         .unwrap()
         .into_inner()

@@ -27,6 +27,7 @@ fn config(db: &std::path::Path) -> Config {
             eval: false,
             seed: 7,
         }],
+        insecure: true,
         ..Config::default()
     }
 }
@@ -43,6 +44,7 @@ async fn oversized_messages_are_refused_and_counted() {
         .enroll(EnrollRequest {
             token: "enroll-token-1".into(),
             device_name: "x".repeat(300 * 1024),
+            ..Default::default()
         })
         .await
         .unwrap_err();

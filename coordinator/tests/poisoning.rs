@@ -46,6 +46,7 @@ fn config(db: &std::path::Path, aggregation: Aggregation) -> Config {
             eval: false,
             seed: 3,
         }],
+        insecure: true,
         ..Config::default()
     };
     c.round.local_epochs = 2;

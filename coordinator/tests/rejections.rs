@@ -35,6 +35,7 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
         admin_token: ADMIN.into(),
         enrollment_tokens: TOKENS.iter().map(|t| t.to_string()).collect(),
         models: vec![model("digits"), model("other")],
+        insecure: true,
         ..Config::default()
     };
     cfg.rate_limit.calls_per_minute = 60;

@@ -28,7 +28,7 @@ async fn tokens_and_keys_never_appear_in_the_log() {
     std::fs::write(
         &p,
         format!(
-            "db_path = {db:?}\ndata_dir = {data:?}\nenrollment_tokens = [{ENROLL:?}]\n\
+            "db_path = {db:?}\ndata_dir = {data:?}\ninsecure = true\nenrollment_tokens = [{ENROLL:?}]\n\
              [[model]]\nname = \"digits\"\ntask = \"digits\"\neval = false\n",
             db = dir.path().join("db"),
             data = data_dir(),

@@ -30,6 +30,7 @@ fn config(db: &Path) -> Config {
             eval: false,
             seed: 3,
         }],
+        insecure: true,
         ..Config::default()
     }
 }
@@ -99,6 +100,7 @@ async fn published_versions_are_signed_with_the_enrolment_key() {
         .enroll(EnrollRequest {
             token: "sign-token-1".into(),
             device_name: "plug".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -24,6 +24,8 @@ async fn a_task_file_model_is_built_and_evaluated_on_its_held_out_split() {
             eval: true,
             seed: 1,
         }],
+        // Plaintext with shared-key credentials: TLS is covered by tests/tls.rs.
+        insecure: true,
         ..Config::default()
     };
     let server = start(cfg, listener().await).await.unwrap();

@@ -260,6 +260,12 @@ impl Home {
                 source,
             })?;
         let coordinator = hearth_coordinator::start(cc, listener).await?;
+        // TLS with the coordinator's CA (created in <state_dir>/pki): the agents and the hub
+        // trust its certificate; agents enrol by CSR and call with their client certificate.
+        let ca_file = coordinator
+            .coordinator()
+            .pki()
+            .map(|p| p.ca_path().to_path_buf());
 
         // Hub with the embedded broker.
         let rules_path = opts.state_dir.join("rules.toml");
@@ -274,6 +280,7 @@ impl Home {
             broker: BrokerConfig::embedded(SocketAddr::from(([127, 0, 0, 1], 0))),
             rules: Some(rules_path),
             coordinator: Some(coordinator.endpoint()),
+            coordinator_ca_file: ca_file.clone(),
             admin_token: Some(admin_token.clone()),
             ..Default::default()
         };
@@ -307,6 +314,7 @@ impl Home {
                     mqtt,
                     mqtt_password_file: Some(mqtt_password_file),
                     coordinator: Some(coordinator.endpoint()),
+                    coordinator_ca_file: ca_file.clone(),
                     enrollment_token: tokens.next(),
                     task: g.task.clone(),
                     data_dir: opts.data_dir.clone(),
@@ -348,7 +356,13 @@ impl Home {
     }
 
     async fn admin(&self) -> Result<AdminClient<tonic::transport::Channel>> {
-        Ok(AdminClient::connect(self.coordinator.endpoint()).await?)
+        let ch = hearth_coordinator::client::connect(
+            &self.coordinator.endpoint(),
+            self.coordinator.ca_pem(),
+            None,
+        )
+        .await?;
+        Ok(AdminClient::new(ch))
     }
 
     fn authed<T>(&self, msg: T) -> tonic::Request<T> {

@@ -50,8 +50,14 @@ pub struct Config {
     /// issued); the URL then names the user only: `mqtt://<device>@hub:1883`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_password_file: Option<PathBuf>,
-    /// Coordinator URL (`http://host:port`); absent or empty = inference only.
+    /// Coordinator URL: `https://host:port` (TLS, with `coordinator_ca_file`), or
+    /// `http://host:port` for a coordinator run with `insecure = true`; absent or empty =
+    /// inference only.
     pub coordinator: Option<String>,
+    /// PEM file of the coordinator's CA (its `pki/ca.pem`), trusted for an `https://`
+    /// coordinator; needed until enrolment stores the CA in the state directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator_ca_file: Option<PathBuf>,
     /// One-time enrollment token (only needed until credentials are stored).
     pub enrollment_token: Option<String>,
     /// The coordinator's model-signing public key (64 hex characters, the content of its
@@ -119,6 +125,7 @@ impl Default for Config {
             mqtt_ca_file: None,
             mqtt_password_file: None,
             coordinator: None,
+            coordinator_ca_file: None,
             enrollment_token: None,
             model_signing_key: None,
             task: "faces".into(),
@@ -155,7 +162,8 @@ impl Config {
         format!(
             "# Hearth device agent configuration (defaults).\n\
              # Optional:\n\
-             # coordinator = \"http://127.0.0.1:50051\"   # enables federated learning\n\
+             # coordinator = \"https://127.0.0.1:50051\"  # enables federated learning\n\
+             # coordinator_ca_file = \"/etc/hearth/coordinator-ca.pem\"  # the coordinator's pki/ca.pem\n\
              # mqtt_ca_file = \"/etc/hearth/ca.pem\"     # CA of the broker, for mqtt = \"mqtts://…\"\n\
              # mqtt_password_file = \"/etc/hearth/mqtt.password\"  # with mqtt = \"mqtt://<device>@hub\"\n\
              # enrollment_token = \"...\"                  # one-time, until credentials are stored\n\
@@ -216,7 +224,15 @@ impl Config {
             .map_err(|e| Error::Config(format!("mqtt: {e}")))?;
         if let Some(url) = self.coordinator_url() {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return bad(format!("coordinator `{url}`: expected http://host:port"));
+                return bad(format!("coordinator `{url}`: expected https://host:port"));
+            }
+            if let Some(p) = &self.coordinator_ca_file {
+                if !p.is_file() {
+                    return bad(format!(
+                        "coordinator_ca_file {} does not exist (copy the coordinator's pki/ca.pem)",
+                        p.display()
+                    ));
+                }
             }
             tonic::transport::Endpoint::from_shared(url.to_string())
                 .map_err(|e| Error::Config(format!("coordinator `{url}`: {e}")))?;

@@ -38,14 +38,15 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, watch};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use crate::agent::Shared;
+use crate::config::Config;
 use crate::inference::Loaded;
 use crate::state::{sha256_hex, Credentials, FedState, ModelMeta, PendingUpdate, StateDir};
 use crate::stats::add;
-use crate::{Config, Error, RpcCode};
+use crate::{Error, RpcCode};
 
 /// Largest model the agent accepts to download.
 pub const MAX_MODEL_BYTES: u64 = 64 * 1024 * 1024;
@@ -88,33 +89,163 @@ fn instant_at(unix_ms: u64) -> tokio::time::Instant {
 
 type FedClient = FederationClient<InterceptedService<Channel, Auth>>;
 
-/// Adds the enrolled identity to every federation call.
+/// Adds the enrolled identity to every federation call of an insecure (`http://`)
+/// coordinator; over TLS the client certificate is the identity and nothing is added.
 #[derive(Clone)]
 struct Auth {
-    id: MetadataValue<Ascii>,
-    key: MetadataValue<Ascii>,
+    id_key: Option<(MetadataValue<Ascii>, MetadataValue<Ascii>)>,
 }
 
 impl Auth {
     fn new(c: &Credentials) -> Result<Auth, Error> {
+        if c.client_key.is_empty() {
+            return Ok(Auth { id_key: None });
+        }
         let v = |s: &str| {
             MetadataValue::try_from(s)
                 .map_err(|_| Error::Protocol("credentials are not valid metadata".into()))
         };
         Ok(Auth {
-            id: v(&c.client_id)?,
-            key: v(&c.client_key)?,
+            id_key: Some((v(&c.client_id)?, v(&c.client_key)?)),
         })
     }
 }
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        req.metadata_mut().insert(CLIENT_ID_HEADER, self.id.clone());
-        req.metadata_mut()
-            .insert(CLIENT_KEY_HEADER, self.key.clone());
+        if let Some((id, key)) = &self.id_key {
+            req.metadata_mut().insert(CLIENT_ID_HEADER, id.clone());
+            req.metadata_mut().insert(CLIENT_KEY_HEADER, key.clone());
+        }
         Ok(req)
     }
+}
+
+fn is_tls(url: &str) -> bool {
+    url.starts_with("https://")
+}
+
+/// The CA trusted for an `https://` coordinator: `coordinator_ca_file`, else the CA stored at
+/// enrolment.
+fn trusted_ca(config: &Config, creds: Option<&Credentials>) -> Result<Option<String>, Error> {
+    if let Some(p) = &config.coordinator_ca_file {
+        return std::fs::read_to_string(p)
+            .map(Some)
+            .map_err(|e| Error::io(p, e));
+    }
+    Ok(creds.map(|c| c.ca_pem.clone()).filter(|c| !c.is_empty()))
+}
+
+/// A lazily connecting channel to `url`: over TLS trusting `ca` and presenting the client
+/// certificate of `creds` when given; plaintext for `http://`.
+fn channel(url: &str, ca: Option<&str>, creds: Option<&Credentials>) -> Result<Channel, Error> {
+    let bad = |e: tonic::transport::Error| Error::Config(format!("coordinator `{url}`: {e}"));
+    let mut ep = Endpoint::from_shared(url.to_string())
+        .map_err(bad)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if is_tls(url) {
+        let ca = ca.ok_or_else(|| {
+            Error::Config(format!(
+                "coordinator `{url}` uses TLS: set coordinator_ca_file to the coordinator's CA \
+                 certificate (its pki/ca.pem)"
+            ))
+        })?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(c) = creds.filter(|c| !c.cert_pem.is_empty()) {
+            tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+        }
+        ep = ep.tls_config(tls).map_err(bad)?;
+    }
+    Ok(ep.connect_lazy())
+}
+
+/// A new key pair made on this device (ECDSA P-256) and a certificate signing request for
+/// it; returns (key PEM, CSR PEM).
+fn key_and_csr(device: &str) -> Result<(String, String), Error> {
+    let fail = |e: rcgen::Error| Error::Protocol(format!("cannot make the device key: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, device);
+    let csr = params.serialize_request(&key).map_err(fail)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(fail)?))
+}
+
+/// One enrolment call: trades `token` for an identity. Over TLS the key is generated here and
+/// only a CSR leaves the device; the coordinator returns the certificate.
+async fn enroll_once(
+    url: &str,
+    ca: Option<&str>,
+    token: &str,
+    device: &str,
+) -> Result<Credentials, Error> {
+    let tls = is_tls(url);
+    let (key_pem, csr_pem) = if tls {
+        key_and_csr(device)?
+    } else {
+        (String::new(), String::new())
+    };
+    let mut client = EnrollmentClient::new(channel(url, ca, None)?)
+        .max_decoding_message_size(64 * 1024)
+        .max_encoding_message_size(64 * 1024);
+    let req = EnrollRequest {
+        token: token.to_string(),
+        device_name: device.to_string(),
+        csr_pem,
+    };
+    let r = tokio::time::timeout(ENROLL_TIMEOUT, client.enroll(req))
+        .await
+        .map_err(|_| Error::Unavailable(format!("enrolment at {url} timed out")))?
+        .map_err(rpc_error)?
+        .into_inner();
+    let complete = if tls {
+        !r.client_cert_pem.is_empty()
+    } else {
+        !r.client_key.is_empty()
+    };
+    if r.client_id.is_empty() || !complete {
+        return Err(Error::Protocol(
+            "enrollment returned an empty identity".into(),
+        ));
+    }
+    let model_signing_key = if r.model_signing_key.is_empty() {
+        None
+    } else {
+        let k = ModelVerifier::from_bytes(&r.model_signing_key)
+            .map_err(|e| Error::Protocol(format!("enrollment returned a bad signing key: {e}")))?;
+        Some(k.to_hex())
+    };
+    Ok(Credentials {
+        coordinator: url.to_string(),
+        client_id: r.client_id,
+        client_key: r.client_key,
+        model_signing_key,
+        cert_pem: r.client_cert_pem,
+        key_pem,
+        ca_pem: if r.ca_cert_pem.is_empty() {
+            ca.unwrap_or_default().to_string()
+        } else {
+            r.ca_cert_pem
+        },
+    })
+}
+
+/// `hearth-agent enroll`: enrols once with `token` at the configured coordinator and stores
+/// the credentials (key, certificate, CA) in the state directory, replacing any before.
+pub async fn enroll(config: &Config, token: &str) -> Result<Credentials, Error> {
+    let url = config
+        .coordinator_url()
+        .ok_or_else(|| Error::Config("no coordinator configured".into()))?;
+    let state = crate::state::StateDir::open(&config.state_dir)?;
+    let ca = trusted_ca(config, None)?;
+    let c = enroll_once(url, ca.as_deref(), token, &config.device).await?;
+    state.save_credentials(&c)?;
+    Ok(c)
 }
 
 /// The gRPC edge of the agent: a tonic status becomes a domain [`Error`] here, so no wire
@@ -154,20 +285,7 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 
 /// Runs the federation client until shutdown.
 pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Receiver<bool>) {
-    let channel = match Endpoint::from_shared(url.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
-        Err(e) => {
-            tracing::error!(coordinator = %url, "federation disabled: {e}");
-            return;
-        }
-    };
-    let creds = match credentials(&shared, channel.clone(), &url, &mut stop).await {
+    let creds = match credentials(&shared, &url, &mut stop).await {
         Ok(Some(c)) => c,
         Ok(None) => return,
         Err(e) => {
@@ -183,10 +301,13 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String, mut stop: watch::Recei
         }
     };
     tracing::info!(key = %verifier.to_hex(), "models must be signed with this coordinator key");
-    let auth = match Auth::new(&creds) {
-        Ok(a) => a,
+    let connected = trusted_ca(&shared.config, Some(&creds))
+        .and_then(|ca| channel(&url, ca.as_deref(), Some(&creds)))
+        .and_then(|ch| Ok((ch, Auth::new(&creds)?)));
+    let (channel, auth) = match connected {
+        Ok(c) => c,
         Err(e) => {
-            tracing::error!("federation disabled: {e}");
+            tracing::error!(coordinator = %url, "federation disabled: {e}");
             return;
         }
     };
@@ -235,15 +356,15 @@ fn pinned_key(config: &Config, c: &Credentials) -> Result<ModelVerifier, Error> 
     })
 }
 
-/// Stored credentials for `url`, or a fresh enrollment with the configured token.
+/// Stored credentials for `url`, or a fresh enrollment with the configured token (retried
+/// while the coordinator is unreachable).
 async fn credentials(
     shared: &Shared,
-    channel: Channel,
     url: &str,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<Credentials>, Error> {
     if let Some(c) = shared.state.load_credentials()? {
-        if c.coordinator == url {
+        if c.coordinator == url && (c.cert_pem.is_empty() != is_tls(url)) {
             return Ok(Some(c));
         }
         tracing::info!(old = %c.coordinator, new = %url, "stored credentials are for another coordinator");
@@ -251,53 +372,21 @@ async fn credentials(
     let token = shared.config.enrollment_token.clone().ok_or_else(|| {
         Error::Config("no stored credentials and no enrollment_token configured".into())
     })?;
-    let mut client = EnrollmentClient::new(channel)
-        .max_decoding_message_size(64 * 1024)
-        .max_encoding_message_size(64 * 1024);
+    let ca = trusted_ca(&shared.config, None)?;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        let req = EnrollRequest {
-            token: token.clone(),
-            device_name: shared.config.device.clone(),
-        };
         let res = tokio::select! {
             _ = stopped(stop) => return Ok(None),
-            r = tokio::time::timeout(ENROLL_TIMEOUT, client.enroll(req)) => r,
+            r = enroll_once(url, ca.as_deref(), &token, &shared.config.device) => r,
         };
         match res {
-            Ok(Ok(resp)) => {
-                let r = resp.into_inner();
-                if r.client_id.is_empty() || r.client_key.is_empty() {
-                    return Err(Error::Protocol(
-                        "enrollment returned an empty identity".into(),
-                    ));
-                }
-                let model_signing_key = if r.model_signing_key.is_empty() {
-                    None
-                } else {
-                    let k = ModelVerifier::from_bytes(&r.model_signing_key).map_err(|e| {
-                        Error::Protocol(format!("enrollment returned a bad signing key: {e}"))
-                    })?;
-                    Some(k.to_hex())
-                };
-                let c = Credentials {
-                    coordinator: url.to_string(),
-                    client_id: r.client_id,
-                    client_key: r.client_key,
-                    model_signing_key,
-                };
+            Ok(c) => {
                 shared.state.save_credentials(&c)?;
-                tracing::info!(client_id = %c.client_id, "enrolled with the coordinator");
+                tracing::info!(client_id = %c.client_id, tls = is_tls(url), "enrolled with the coordinator");
                 return Ok(Some(c));
             }
-            Ok(Err(s)) => {
-                let e = rpc_error(s);
-                if !e.is_transient() {
-                    return Err(e);
-                }
-                tracing::warn!("enrollment: {e}");
-            }
-            Err(_) => tracing::warn!("enrollment timed out"),
+            Err(e) if e.is_transient() => tracing::warn!("enrollment: {e}"),
+            Err(e) => return Err(e),
         }
         if !pause(backoff.next_wait(), stop).await {
             return Ok(None);

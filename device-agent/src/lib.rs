@@ -8,7 +8,8 @@
 //!
 //! The crate also hosts a virtual Zigbee2MQTT-style switch ([`actuator`]).
 //!
-//! Entry points: [`start`] / [`run`] for the agent, [`actuator::start_actuator`] /
+//! Entry points: [`start`] / [`run`] for the agent (which enrols itself at start when it has a
+//! token and no credentials), [`enroll`] for an explicit enrolment, [`actuator::start_actuator`] /
 //! [`actuator::run_actuator`] for the switch.
 #![forbid(unsafe_code)]
 
@@ -25,5 +26,5 @@ pub mod stats;
 pub use agent::{run, start, AgentHandle};
 pub use config::{Config, Partition};
 pub use error::{Error, RpcCode};
-pub use federation::MAX_MODEL_BYTES;
+pub use federation::{enroll, MAX_MODEL_BYTES};
 pub use stats::{AgentStats, StatsSnapshot};

@@ -51,9 +51,12 @@ struct Overrides {
     /// File holding the MQTT password of the URL's user (from `hearth-hub provision-device`).
     #[arg(long)]
     mqtt_password_file: Option<PathBuf>,
-    /// Coordinator URL, http://host:port ("" disables federation).
+    /// Coordinator URL, https://host:port (http:// for an insecure one; "" disables federation).
     #[arg(long)]
     coordinator: Option<String>,
+    /// CA certificate (PEM) of an https:// coordinator (its pki/ca.pem).
+    #[arg(long)]
+    coordinator_ca_file: Option<PathBuf>,
     /// One-time enrollment token.
     #[arg(long, env = "HEARTH_ENROLLMENT_TOKEN", hide_env_values = true)]
     enrollment_token: Option<String>,
@@ -97,6 +100,18 @@ struct Overrides {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Enrol with the coordinator once and exit: generate this device's key, send a
+    /// certificate signing request with the one-time token (from `hearth-coordinator
+    /// enroll-token`) and store the issued certificate in the state directory.
+    Enroll {
+        /// One-time enrollment token.
+        #[arg(long, env = "HEARTH_ENROLLMENT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The coordinator's CA certificate (its pki/ca.pem, copied to this device); overrides
+        /// `coordinator_ca_file`.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+    },
     /// Run a virtual Zigbee2MQTT-style switch.
     Actuator {
         /// Switch name (one topic level).
@@ -139,6 +154,9 @@ impl Overrides {
         }
         if let Some(v) = self.coordinator {
             c.coordinator = Some(v);
+        }
+        if let Some(v) = self.coordinator_ca_file {
+            c.coordinator_ca_file = Some(v);
         }
         if let Some(v) = self.enrollment_token {
             c.enrollment_token = Some(v);
@@ -229,6 +247,18 @@ fn main() -> ExitCode {
                 .map(|()| Mode::Actuator(c))
                 .map_err(anyhow::Error::from)
         }
+        Some(Cmd::Enroll { token, ca_file }) => {
+            let mut o = cli.overrides;
+            o.coordinator_ca_file = ca_file.or(o.coordinator_ca_file);
+            agent_config(cli.config, o).and_then(|c| {
+                if c.coordinator_url().is_none() {
+                    anyhow::bail!(
+                        "enroll needs a coordinator URL (config `coordinator` or --coordinator)"
+                    );
+                }
+                Ok(Mode::Enroll(c, token))
+            })
+        }
         None => agent_config(cli.config, cli.overrides).map(Mode::Agent),
     };
     let mode = match mode {
@@ -243,6 +273,28 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    if let Mode::Enroll(c, token) = &mode {
+        return match rt.block_on(hearth_agent::enroll(c, token)) {
+            Ok(creds) => {
+                println!(
+                    "enrolled {} as client {} at {}; credentials in {}",
+                    c.device,
+                    creds.client_id,
+                    creds.coordinator,
+                    c.state_dir.join("credentials.json").display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hearth-agent: enrolment failed: {e}");
+                ExitCode::from(if e.is_transient() {
+                    hearth_edge::EXIT_UNAVAILABLE
+                } else {
+                    1
+                })
+            }
+        };
+    }
     match rt.block_on(serve(mode)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -255,6 +307,8 @@ fn main() -> ExitCode {
 /// What the command line asked for.
 enum Mode {
     Agent(Config),
+    /// `enroll --token`: the config and the token.
+    Enroll(Config, String),
     Actuator(ActuatorConfig),
 }
 
@@ -266,6 +320,7 @@ enum Running {
 /// Phase 2: start.
 async fn start(mode: Mode) -> anyhow::Result<Running> {
     match mode {
+        Mode::Enroll(..) => anyhow::bail!("enroll runs on its own"),
         Mode::Agent(c) => {
             let device = c.device.clone();
             let h = hearth_agent::start(c)

@@ -15,17 +15,29 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// Identity obtained at enrollment (`Debug` leaves the key out).
+/// Identity obtained at enrollment (stored in `credentials.json`, mode 0600; `Debug` leaves
+/// the secrets out).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     /// Coordinator URL the identity belongs to.
     pub coordinator: String,
     pub client_id: String,
+    /// Insecure (`http://`) coordinators: the shared key sent with every call.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_key: String,
     /// The coordinator's model-signing public key (hex) received at enrolment: the key every
     /// model must be signed with. Absent in credentials from before model signing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_signing_key: Option<String>,
+    /// TLS: the client certificate the coordinator's CA issued (CN = `client_id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert_pem: String,
+    /// TLS: the private key generated on this device for `cert_pem`; it never leaves it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_pem: String,
+    /// TLS: the coordinator's CA certificate (as returned at enrolment).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ca_pem: String,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -34,6 +46,10 @@ impl std::fmt::Debug for Credentials {
             .field("coordinator", &self.coordinator)
             .field("client_id", &self.client_id)
             .field("client_key", &"<redacted>")
+            .field("model_signing_key", &self.model_signing_key)
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .field("ca_pem", &self.ca_pem)
             .finish()
     }
 }
@@ -480,6 +496,9 @@ mod tests {
             client_id: "c1".into(),
             client_key: "k".into(),
             model_signing_key: Some("cd".repeat(32)),
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+            ca_pem: String::new(),
         };
         s.save_credentials(&c).unwrap();
         assert_eq!(s.load_credentials().unwrap(), Some(c.clone()));

@@ -193,3 +193,77 @@ async fn agent_binary_with_flag_overrides_publishes_events_then_stops_on_sigterm
     .await
     .expect("offline published");
 }
+
+/// `hearth-agent enroll --token … --ca-file …` against a TLS coordinator: the key is made on
+/// the device, the issued certificate lands in credentials.json (0600) and names the client;
+/// the token is one-time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_subcommand_gets_a_client_certificate_by_csr() {
+    let db = tempfile::tempdir().unwrap();
+    let cfg = hearth_coordinator::Config {
+        db_path: db.path().join("coord.db"),
+        data_dir: common::data_dir(),
+        admin_token: "admin-secret-token-0123456789".into(),
+        enrollment_tokens: vec!["token-enroll-cli-01".into()],
+        models: vec![hearth_coordinator::ModelConfig {
+            name: "faces".into(),
+            task: "faces".into(),
+            init: None,
+            eval: false,
+            seed: 1,
+        }],
+        ..hearth_coordinator::Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coord = hearth_coordinator::start(cfg, listener).await.unwrap();
+    let dev = tempfile::tempdir().unwrap();
+    let ca = dev.path().join("ca.pem");
+    std::fs::write(&ca, coord.ca_pem().unwrap()).unwrap();
+    let state = dev.path().join("state");
+    let run = |token: &str| {
+        let mut c = Command::new(BIN);
+        c.args(["--device", "porch-cam", "--coordinator", &coord.endpoint()])
+            .arg("--data-dir")
+            .arg(common::data_dir())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["enroll", "--token", token, "--ca-file"])
+            .arg(&ca)
+            .env_remove("HEARTH_ENROLLMENT_TOKEN");
+        // The binary's own enrolment timeout (15 s) bounds this call.
+        async move {
+            tokio::task::spawn_blocking(move || c.output().unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let out = run("token-enroll-cli-01").await;
+    assert!(out.status.success(), "{out:?}");
+    let path = state.join("credentials.json");
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let id = creds["client_id"].as_str().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+    let der = hearth_coordinator::pki::pem_to_der(creds["cert_pem"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        hearth_coordinator::pki::common_name(&der).as_deref(),
+        Some(id)
+    );
+    assert!(creds["key_pem"].as_str().unwrap().contains("PRIVATE KEY"));
+    assert!(creds.get("client_key").is_none(), "no shared key over TLS");
+    let rec = coord.coordinator().store().client(id).unwrap().unwrap();
+    assert_eq!(rec.device_name, "porch-cam");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "credentials readable by others");
+    }
+    // The token was used up: a second enrolment is refused with a clear message.
+    let again = run("token-enroll-cli-01").await;
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already used"),
+        "{again:?}"
+    );
+    coord.shutdown().await.unwrap();
+}

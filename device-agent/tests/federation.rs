@@ -42,6 +42,8 @@ fn agent_config(
         device: device.into(),
         mqtt: format!("mqtt://127.0.0.1:{port}"),
         coordinator: Some(coord.into()),
+        // The coordinator's CA: its pki/ beside the database (see `two_agents_…`).
+        coordinator_ca_file: Some(ca_file(state)),
         enrollment_token: token.map(str::to_string),
         task: "faces".into(),
         data_dir: data_dir(),
@@ -58,6 +60,12 @@ fn agent_config(
         bootstrap_epochs: 1,
         ..Config::default()
     }
+}
+
+/// Where each test copies the coordinator's CA certificate for the agent of `state`: a
+/// home user copies `pki/ca.pem` to the device the same way.
+fn ca_file(state: &Path) -> std::path::PathBuf {
+    state.with_extension("ca.pem")
 }
 
 /// `msg` with the admin bearer token.
@@ -108,9 +116,13 @@ async fn two_agents_complete_a_round_and_hot_swap_the_new_version() {
         .await
         .expect("coordinator starts");
     let url = coord.endpoint();
+    assert!(url.starts_with("https://"));
 
     let sa = tempfile::tempdir().unwrap();
     let sb = tempfile::tempdir().unwrap();
+    for s in [&sa, &sb] {
+        std::fs::write(ca_file(s.path()), coord.ca_pem().unwrap()).unwrap();
+    }
     let mut events = Sub::connect(port, "watcher", &["hearth/+/event/#"]).await;
     let a = hearth_agent::start(agent_config(
         "cam-a",
@@ -151,7 +163,10 @@ async fn two_agents_complete_a_round_and_hot_swap_the_new_version() {
         .expect("events from the fetched model");
 
     // An operator starts a round.
-    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let ch = hearth_coordinator::client::connect(&url, coord.ca_pem(), None)
+        .await
+        .unwrap();
+    let mut admin = AdminClient::new(ch);
     let round = admin
         .start_round(authed(StartRoundRequest {
             model: "faces".into(),
@@ -214,7 +229,14 @@ async fn two_agents_complete_a_round_and_hot_swap_the_new_version() {
     let (meta, _) = st.load_model("faces").unwrap().expect("stored model");
     assert_eq!(meta.version, 2);
     assert!(st.load_residual("faces").unwrap().is_some());
-    assert!(st.load_credentials().unwrap().is_some());
+    let creds = st.load_credentials().unwrap().unwrap();
+    // Enrolled by CSR at start: a certificate of the coordinator's CA, no shared key.
+    assert!(creds.client_key.is_empty() && !creds.key_pem.is_empty());
+    let der = hearth_coordinator::pki::pem_to_der(&creds.cert_pem).unwrap();
+    assert_eq!(
+        hearth_coordinator::pki::common_name(&der),
+        Some(creds.client_id.clone())
+    );
     assert_eq!(st.load_rounds("faces").unwrap(), vec![round.round_id]);
 
     a.shutdown().await.unwrap();

@@ -54,6 +54,7 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
                 eval: false,
                 seed: 1,
             }],
+            insecure: true,
             ..CoordConfig::default()
         },
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -111,6 +111,7 @@ impl Enrollment for Hostile {
             client_id: "c-hostile".into(),
             client_key: "k".repeat(64),
             model_signing_key: self.enroll_key.clone(),
+            ..Default::default()
         }))
     }
 }
@@ -444,6 +445,9 @@ async fn credentials_without_a_pinned_key_stop_federation_until_one_is_configure
             client_id: "c-old".into(),
             client_key: "k".repeat(64),
             model_signing_key: None,
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            ca_pem: String::new(),
         })
         .unwrap();
     let a = hearth_agent::start(agent_config(port, &url, state.path(), None))

@@ -5,7 +5,8 @@
 //! actuator_base = "zigbee2mqtt"
 //! rules = "/etc/hearth/rules.toml"          # optional
 //! metrics_listen = "127.0.0.1:9464"         # optional
-//! coordinator = "http://127.0.0.1:50051"    # optional
+//! coordinator = "https://127.0.0.1:50051"   # optional
+//! coordinator_ca_file = "/var/lib/hearth/pki/ca.pem"  # the coordinator's CA, for https://
 //! admin_token = "..."                       # needed with `coordinator`
 //! follow_models = []                        # models announced on MQTT (empty = all)
 //!
@@ -70,9 +71,13 @@ pub struct Config {
     /// Address of the Prometheus text endpoint (`GET /metrics`); off when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Coordinator gRPC URL (`http://host:port`); refresh requests and model announcements need it.
+    /// Coordinator gRPC URL (`https://host:port`, or `http://` for an insecure one); refresh
+    /// requests and model announcements need it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
+    /// The coordinator's CA certificate (its `pki/ca.pem`), for an `https://` coordinator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator_ca_file: Option<PathBuf>,
     /// Admin bearer token for the coordinator.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
@@ -148,6 +153,7 @@ impl Default for Config {
             rules: None,
             metrics_listen: None,
             coordinator: None,
+            coordinator_ca_file: None,
             admin_token: None,
             follow_models: Vec::new(),
             connect_timeout_secs: 10,
@@ -375,6 +381,17 @@ impl From<BrokerConfig> for BrokerToml {
 }
 
 impl Config {
+    /// The coordinator's CA certificate (PEM) from `coordinator_ca_file`, if set.
+    pub fn coordinator_ca(&self) -> Result<Option<String>, Error> {
+        self.coordinator_ca_file
+            .as_ref()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))
+            })
+            .transpose()
+    }
+
     /// Parses a TOML document (missing fields take their defaults).
     pub fn from_toml(text: &str) -> Result<Config, Error> {
         toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
@@ -396,7 +413,8 @@ impl Config {
         let optional = "\
 # rules = \"/etc/hearth/rules.toml\"
 # metrics_listen = \"127.0.0.1:9464\"
-# coordinator = \"http://127.0.0.1:50051\"
+# coordinator = \"https://127.0.0.1:50051\"
+# coordinator_ca_file = \"/var/lib/hearth/pki/ca.pem\"
 # admin_token = \"change-me\"
 
 ";
@@ -501,6 +519,12 @@ impl Config {
             }
             if self.admin_token.as_deref().is_none_or(str::is_empty) {
                 return bad("`coordinator` is set but `admin_token` is missing".into());
+            }
+            // The file itself is read at start (a missing one is a configuration error there).
+            if url.starts_with("https://") && self.coordinator_ca_file.is_none() {
+                return bad(format!(
+                    "coordinator `{url}` uses TLS: set coordinator_ca_file to its pki/ca.pem"
+                ));
             }
         }
         for m in &self.follow_models {

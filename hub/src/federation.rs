@@ -92,11 +92,26 @@ impl From<hearth_proto::v1::RoundStatus> for RoundInfo {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, Error> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| Error::Coordinator(format!("invalid coordinator URL `{url}`: {e}")))?
+/// An endpoint for `url`; `https://` trusts `ca_pem` (the coordinator's CA).
+fn endpoint(url: &str, ca_pem: Option<&str>) -> Result<Endpoint, Error> {
+    let bad = |e: tonic::transport::Error| {
+        Error::Coordinator(format!("invalid coordinator URL `{url}`: {e}"))
+    };
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(bad)?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    if !url.starts_with("https://") {
+        return Ok(ep);
+    }
+    let ca = ca_pem.ok_or_else(|| {
+        Error::Coordinator(format!(
+            "coordinator `{url}` uses TLS: its CA certificate (coordinator_ca_file) is needed"
+        ))
+    })?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    ep.tls_config(tls).map_err(bad)
 }
 
 fn with_bearer<T>(msg: T, token: &str) -> Result<tonic::Request<T>, Error> {
@@ -112,14 +127,21 @@ fn status_error(s: tonic::Status) -> Error {
 }
 
 /// Asks the coordinator to start a round for `model` (reason `"cli"`).
-pub async fn refresh(coordinator_url: &str, token: &str, model: &str) -> Result<RoundInfo, Error> {
-    start_round(coordinator_url, token, model, "cli").await
+/// `ca_pem` is the coordinator's CA certificate, needed for an `https://` URL.
+pub async fn refresh(
+    coordinator_url: &str,
+    ca_pem: Option<&str>,
+    token: &str,
+    model: &str,
+) -> Result<RoundInfo, Error> {
+    start_round(coordinator_url, ca_pem, token, model, "cli").await
 }
 
 /// `Admin.StartRound` with the admin bearer token; `reason` is `cli`, `mqtt`, `schedule` or `drift`.
 /// Bounded by [`REFRESH_TIMEOUT`].
 pub async fn start_round(
     coordinator_url: &str,
+    ca_pem: Option<&str>,
     token: &str,
     model: &str,
     reason: &str,
@@ -129,7 +151,7 @@ pub async fn start_round(
             "`{model}` is not a valid model name"
         )));
     }
-    let ep = endpoint(coordinator_url)?.timeout(REFRESH_TIMEOUT);
+    let ep = endpoint(coordinator_url, ca_pem)?.timeout(REFRESH_TIMEOUT);
     let req = with_bearer(
         StartRoundRequest {
             model: model.to_string(),
@@ -174,6 +196,7 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 /// delivered something) until `shutdown` turns true.
 pub(crate) async fn follow(
     url: String,
+    ca_pem: Option<String>,
     token: String,
     models: Vec<String>,
     mqtt: AsyncClient,
@@ -185,7 +208,7 @@ pub(crate) async fn follow(
         if *shutdown.borrow() {
             return;
         }
-        let session = follow_once(&url, &token, &models, &mqtt, &metrics);
+        let session = follow_once(&url, ca_pem.as_deref(), &token, &models, &mqtt, &metrics);
         let got_any = tokio::select! {
             _ = shutdown.changed() => return,
             r = session => match r {
@@ -212,12 +235,13 @@ pub(crate) async fn follow(
 /// One subscription; returns how many events it handled (and the error that ended it).
 async fn follow_once(
     url: &str,
+    ca_pem: Option<&str>,
     token: &str,
     models: &[String],
     mqtt: &AsyncClient,
     metrics: &Metrics,
 ) -> Result<u64, (u64, Error)> {
-    let ep = endpoint(url)
+    let ep = endpoint(url, ca_pem)
         .map_err(|e| (0, e))?
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
@@ -301,7 +325,7 @@ mod tests {
             .unwrap()
             .port();
         let t = Instant::now();
-        let e = refresh(&format!("http://127.0.0.1:{port}"), "tok", "plaid")
+        let e = refresh(&format!("http://127.0.0.1:{port}"), None, "tok", "plaid")
             .await
             .unwrap_err();
         assert!(
@@ -318,13 +342,15 @@ mod tests {
 
     #[tokio::test]
     async fn refresh_refuses_bad_inputs_without_network() {
-        let e = refresh("http://127.0.0.1:1", "tok", "a/b")
+        let e = refresh("http://127.0.0.1:1", None, "tok", "a/b")
             .await
             .unwrap_err();
         assert!(e.to_string().contains("not a valid model name"), "{e}");
-        let e = refresh("not a url", "tok", "plaid").await.unwrap_err();
+        let e = refresh("not a url", None, "tok", "plaid")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("invalid coordinator URL"), "{e}");
-        let e = refresh("http://127.0.0.1:1", "bad\ntoken", "plaid")
+        let e = refresh("http://127.0.0.1:1", None, "bad\ntoken", "plaid")
             .await
             .unwrap_err();
         assert!(e.to_string().contains("invalid characters"), "{e}");

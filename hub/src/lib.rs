@@ -448,6 +448,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let refresh_target = match (&config.coordinator, &config.admin_token) {
         (Some(url), Some(token)) => Some(RefreshTarget {
             url: url.clone(),
+            ca_pem: config.coordinator_ca()?,
             token: token.clone(),
         }),
         _ => None,
@@ -523,6 +524,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             "federation follower",
             tokio::spawn(federation::follow(
                 t.url,
+                t.ca_pem,
                 t.token,
                 config.follow_models.clone(),
                 publisher.clone(),

@@ -55,6 +55,9 @@ enum Command {
         /// Coordinator URL (default: from the configuration).
         #[arg(long)]
         coordinator: Option<String>,
+        /// The coordinator's CA certificate, for https:// (default: from the configuration).
+        #[arg(long)]
+        coordinator_ca_file: Option<PathBuf>,
         /// Admin token (default: from the configuration).
         #[arg(long, env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
@@ -149,6 +152,7 @@ async fn refresh_cmd(
     cli: &Cli,
     model: &str,
     coordinator: Option<String>,
+    ca_file: Option<PathBuf>,
     token: Option<String>,
 ) -> ExitCode {
     let file_cfg = match &cli.config {
@@ -177,7 +181,22 @@ async fn refresh_cmd(
         eprintln!("hearth-hub refresh: `{model}` is not a valid model name");
         return ExitCode::from(EXIT_USAGE);
     }
-    match hearth_hub::refresh(&url, &token, model).await {
+    let ca_file = ca_file.or_else(|| {
+        file_cfg
+            .as_ref()
+            .and_then(|c| c.coordinator_ca_file.clone())
+    });
+    let ca = match ca_file
+        .map(|p| std::fs::read_to_string(&p).map_err(|e| (p, e)))
+        .transpose()
+    {
+        Ok(c) => c,
+        Err((p, e)) => {
+            eprintln!("hearth-hub refresh: cannot read {}: {e}", p.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match hearth_hub::refresh(&url, ca.as_deref(), &token, model).await {
         Ok(r) => {
             println!(
                 "round {} for {} is {} (base version {}, clients {}..{}){}",
@@ -331,6 +350,7 @@ fn main() -> ExitCode {
     if let Some(Command::Refresh {
         model,
         coordinator,
+        coordinator_ca_file,
         admin_token,
     }) = &cli.command
     {
@@ -338,6 +358,7 @@ fn main() -> ExitCode {
             &cli,
             model,
             coordinator.clone(),
+            coordinator_ca_file.clone(),
             admin_token.clone(),
         ));
     }

@@ -56,6 +56,8 @@ fn availability_topic(actuator_base: &str, actuator: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct RefreshTarget {
     pub url: String,
+    /// The coordinator's CA certificate (PEM), for an `https://` URL.
+    pub ca_pem: Option<String>,
     pub token: String,
 }
 
@@ -296,7 +298,15 @@ impl Router {
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match federation::start_round(&target.url, &target.token, &req.model, "mqtt").await {
+            match federation::start_round(
+                &target.url,
+                target.ca_pem.as_deref(),
+                &target.token,
+                &req.model,
+                "mqtt",
+            )
+            .await
+            {
                 Ok(info) => tracing::info!(
                     model = %info.model, round = info.round_id, state = %info.state,
                     "refresh: round started"

@@ -360,14 +360,17 @@ fn coordinator_config(db: &Path) -> hearth_coordinator::Config {
 }
 
 /// `hearth-hub refresh digits --coordinator <url> --admin-token <token>`, off the runtime.
-async fn refresh(url: &str, token: &str) -> Output {
+async fn refresh(url: &str, ca_file: &Path, token: &str) -> Output {
     let (url, token) = (url.to_string(), token.to_string());
+    let ca = ca_file.to_string_lossy().into_owned();
     tokio::task::spawn_blocking(move || {
         run(&[
             "refresh",
             "digits",
             "--coordinator",
             &url,
+            "--coordinator-ca-file",
+            &ca,
             "--admin-token",
             &token,
         ])
@@ -389,14 +392,25 @@ async fn refresh_opens_a_round_on_a_real_coordinator() {
             let _ = stop_rx.await;
         },
     ));
-    let url = format!("http://{addr}");
-    let out = refresh(&url, ADMIN).await;
+    // TLS: the coordinator's CA is created in pki/ beside the database.
+    let url = format!("https://{addr}");
+    let ca_file = db.path().join("pki").join("ca.pem");
+    let start = std::time::Instant::now();
+    while !ca_file.exists() {
+        assert!(start.elapsed() < WAIT, "no CA certificate");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = refresh(&url, &ca_file, ADMIN).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("for digits is open"), "{said}");
 
     // The coordinator agrees: the latest round of the model is open.
-    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let ca = std::fs::read_to_string(&ca_file).unwrap();
+    let ch = hearth_coordinator::client::connect(&url, Some(&ca), None)
+        .await
+        .unwrap();
+    let mut admin = AdminClient::new(ch);
     let mut req = tonic::Request::new(RoundStatusRequest {
         model: "digits".into(),
         round_id: 0,
@@ -412,7 +426,7 @@ async fn refresh_opens_a_round_on_a_real_coordinator() {
     );
 
     // A wrong token is refused: exit 69 with the coordinator's answer.
-    let out = refresh(&url, "wrong-token-0123456789").await;
+    let out = refresh(&url, &ca_file, "wrong-token-0123456789").await;
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
 
     stop_tx.send(()).unwrap();

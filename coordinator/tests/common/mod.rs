@@ -66,6 +66,7 @@ pub async fn enroll(ch: &Channel, token: &str, name: &str) -> Result<Creds, Stat
         .enroll(EnrollRequest {
             token: token.into(),
             device_name: name.into(),
+            ..EnrollRequest::default()
         })
         .await?
         .into_inner();
@@ -301,4 +302,57 @@ pub async fn wait_state(ch: &Channel, model: &str, round: u64, want: RoundState)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("round {round} did not reach {want:?}");
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// A client identity issued by the coordinator's CA: (client id, certificate PEM, key PEM).
+#[derive(Clone, Debug)]
+pub struct TlsCreds {
+    pub id: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A TLS channel to the coordinator of `h`, trusting its CA and presenting `id` if given.
+pub async fn tls_channel(
+    h: &hearth_coordinator::CoordinatorHandle,
+    id: Option<&TlsCreds>,
+) -> Result<Channel, tonic::transport::Error> {
+    hearth_coordinator::client::connect(
+        &h.endpoint(),
+        h.ca_pem(),
+        id.map(|c| (c.cert_pem.as_str(), c.key_pem.as_str())),
+    )
+    .await
+}
+
+/// A fresh key and a CSR for it, as an agent makes them: (key PEM, CSR PEM).
+pub fn key_and_csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (key.serialize_pem(), csr)
+}
+
+/// Enrols over TLS by CSR (`ch` needs no client certificate).
+pub async fn enroll_tls(ch: &Channel, token: &str, name: &str) -> Result<TlsCreds, Status> {
+    let (key_pem, csr_pem) = key_and_csr();
+    let r = EnrollmentClient::new(ch.clone())
+        .enroll(EnrollRequest {
+            token: token.into(),
+            device_name: name.into(),
+            csr_pem,
+        })
+        .await?
+        .into_inner();
+    assert!(r.client_key.is_empty(), "no shared key over TLS");
+    Ok(TlsCreds {
+        id: r.client_id,
+        cert_pem: r.client_cert_pem,
+        key_pem,
+    })
 }
