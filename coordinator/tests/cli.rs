@@ -1,8 +1,12 @@
 //! The `hearth-coordinator` binary: default config printing, exit code 64 on a bad config,
 //! and a real start-up followed by SIGTERM and a graceful exit.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hearth-coordinator");
 
@@ -91,11 +95,7 @@ fn serves_and_stops_on_sigterm() {
     let p = dir.path().join("c.toml");
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
     // Pick a free port, release it, and hand it to the binary.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         &p,
         format!(
@@ -163,11 +163,7 @@ fn enroll_token_and_revoke_subcommands_talk_to_the_running_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         &p,
         format!(

@@ -52,14 +52,6 @@ fn write_config(dir: &Path) -> PathBuf {
 }
 
 /// A free loopback port (bound, read and released; the binary binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A coordinator process started by this test; killed and reaped on drop.
 struct Coordinator {
     child: Child,

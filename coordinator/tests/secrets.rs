@@ -20,11 +20,7 @@ const WRONG: &str = "wrong-secret-token-77c1e0";
 async fn tokens_and_keys_never_appear_in_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         &p,
         format!(
