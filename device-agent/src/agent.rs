@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hearth_edge::{stopped, Connection};
-use hearth_model::{train, Dataset, MlpSpec, OnnxModel, Split, TrainConfig};
-use hearth_proto::mqtt::{availability_topic, event_topic, meta_topic, DeviceMeta, Event};
+use hearth_model::{train, Dataset, MlpSpec, OnnxModel, Split, TaskSpec, TrainConfig};
+use hearth_proto::mqtt::{
+    availability_topic, event_topic, feedback_topic, meta_topic, DeviceMeta, Event, Feedback,
+};
 use rumqttc::{AsyncClient, Packet, QoS};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::inference::{Loaded, ModelSlot};
 use crate::mqtt;
+use crate::samples::{Labelled, SampleStore};
 use crate::state::StateDir;
 use crate::stats::{add, AgentStats};
 use crate::{federation, Config, Error};
@@ -33,6 +36,20 @@ pub(crate) struct Shared {
     pub stats: Arc<AgentStats>,
     pub state: StateDir,
     pub mqtt: AsyncClient,
+    /// The task file (preprocessing of live windows).
+    pub task: TaskSpec,
+    /// The samples behind recent events (`[store] enabled`).
+    pub samples: Option<Arc<SampleStore>>,
+}
+
+/// What became of one verdict.
+pub(crate) enum Published {
+    /// Handed to the MQTT client.
+    Sent,
+    /// Below `min_event_score`, or inference failed (counted).
+    Skipped,
+    /// Stopping, or the MQTT client is gone.
+    Closed,
 }
 
 impl Shared {
@@ -68,6 +85,155 @@ impl Shared {
             )
             .await?;
         self.publish_meta().await
+    }
+
+    /// Classifies one preprocessed sample off the runtime and publishes the verdict — an
+    /// [`Event`], checked as the hub checks it — on the device's event topic. The only path
+    /// from a sample to MQTT: the sample itself is never published.
+    pub(crate) async fn publish_verdict(
+        &self,
+        input: Vec<f32>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Published {
+        let cfg = &self.config;
+        let model = self.slot.current();
+        let store = self.samples.clone();
+        let min_score = cfg.min_event_score;
+        let id = format!("{:016x}", rand::random::<u64>());
+        // Inference, and keeping the sample behind a published verdict, off the runtime.
+        let verdict = tokio::task::spawn_blocking(move || {
+            let mut ev = model.verdict(&input, SystemTime::now())?;
+            if ev.score < min_score {
+                return Ok::<_, Error>((ev, false));
+            }
+            ev.id = Some(id);
+            let mut kept = false;
+            if let (Some(store), Some(id)) = (store, &ev.id) {
+                let class = model.classes().iter().position(|c| *c == ev.class);
+                match store.insert(id, &input, class.unwrap_or(0) as u16) {
+                    Ok(()) => kept = true,
+                    Err(e) => tracing::warn!("sample not kept: {e}"),
+                }
+            }
+            Ok((ev, kept))
+        })
+        .await;
+        let ev = match verdict {
+            Ok(Ok((ev, kept))) => {
+                if kept {
+                    add(&self.stats.samples_stored, 1);
+                }
+                ev
+            }
+            Ok(Err(e)) => {
+                add(&self.stats.inference_errors, 1);
+                tracing::warn!("inference failed: {e}");
+                return Published::Skipped;
+            }
+            Err(e) => {
+                add(&self.stats.inference_errors, 1);
+                tracing::warn!("inference task failed: {e}");
+                return Published::Skipped;
+            }
+        };
+        if ev.score < cfg.min_event_score {
+            add(&self.stats.events_suppressed, 1);
+            return Published::Skipped;
+        }
+        let payload = ev.to_json();
+        // The same check the hub applies: size, schema and field contents.
+        if let Err(e) = Event::parse(&payload) {
+            add(&self.stats.inference_errors, 1);
+            tracing::warn!("refusing to publish an invalid event: {e}");
+            return Published::Skipped;
+        }
+        let topic = event_topic(&cfg.device, &cfg.event_name());
+        tokio::select! {
+            _ = stopped(stop) => Published::Closed,
+            r = self.mqtt.publish(topic, QoS::AtLeastOnce, false, payload) => match r {
+                Ok(()) => {
+                    add(&self.stats.events_published, 1);
+                    Published::Sent
+                }
+                Err(e) => {
+                    tracing::warn!("MQTT client closed: {e}");
+                    Published::Closed
+                }
+            }
+        }
+    }
+
+    /// The device's training set: its own share plus every sample the home labelled
+    /// through feedback (disk work: call off the async runtime).
+    pub(crate) fn training_data(&self) -> Arc<Dataset> {
+        let Some(store) = &self.samples else {
+            return self.data.clone();
+        };
+        let labelled = match store.labelled() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("labelled samples not read: {e}");
+                return self.data.clone();
+            }
+        };
+        let mut d = (*self.data).clone();
+        let mut n = 0;
+        for s in labelled {
+            match s.label {
+                Some(l) if s.input.len() == d.input_len && usize::from(l) < d.classes.len() => {
+                    d.x.extend_from_slice(&s.input);
+                    d.y.push(u32::from(l));
+                    n += 1;
+                }
+                _ => {}
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                labelled = n,
+                own = self.data.len(),
+                "training with the home's labels"
+            );
+        }
+        Arc::new(d)
+    }
+
+    /// Applies a feedback message (`hearth/<device>/feedback`): labels the stored sample
+    /// behind the event it names. Counted either way; never publishes anything.
+    async fn feedback(&self, payload: Vec<u8>) {
+        let refuse = |why: String| {
+            add(&self.stats.feedback_refused, 1);
+            tracing::warn!("feedback refused: {why}");
+        };
+        let f = match Feedback::parse(&payload) {
+            Ok(f) => f,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let Some(class) = self
+            .slot
+            .current()
+            .classes()
+            .iter()
+            .position(|c| *c == f.label)
+        else {
+            return refuse(format!("{:?} is not one of the model's classes", f.label));
+        };
+        let Some(store) = self.samples.clone() else {
+            return refuse("the sample store is disabled ([store] enabled = false)".into());
+        };
+        let event = f.event.clone();
+        let r = tokio::task::spawn_blocking(move || store.label(&event, class as u16)).await;
+        match r {
+            Ok(Ok(Labelled::Applied)) => {
+                add(&self.stats.feedback_applied, 1);
+                tracing::debug!(event = %f.event, label = %f.label, "sample labelled");
+            }
+            Ok(Ok(Labelled::UnknownEvent)) => {
+                refuse(format!("no stored sample behind event {}", f.event))
+            }
+            Ok(Err(e)) => refuse(e.to_string()),
+            Err(e) => refuse(e.to_string()),
+        }
     }
 
     /// Records `l` as the model in use.
@@ -188,8 +354,24 @@ async fn join_within(mut t: JoinHandle<()>, limit: Duration, what: &str) -> Resu
 }
 
 /// Loads the device's data share and the model to start from (CPU and disk work).
-fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
+type Prepared = (
+    Dataset,
+    Loaded,
+    StateDir,
+    TaskSpec,
+    Option<Arc<SampleStore>>,
+);
+
+fn prepare(config: &Config) -> Result<Prepared, Error> {
     let state = StateDir::open(&config.state_dir)?;
+    let samples = if config.store.enabled {
+        Some(Arc::new(SampleStore::open(
+            &config.state_dir,
+            config.store.clone(),
+        )?))
+    } else {
+        None
+    };
     let task = config.task_spec()?;
     let full = task
         .load(Split::Train)
@@ -211,7 +393,7 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
             {
                 Ok(l) => {
                     tracing::info!(model = %l.tag(), engine = %l.engine(), "loaded the stored global model");
-                    return Ok((data, l, state));
+                    return Ok((data, l, state, task, samples));
                 }
                 Err(e) => tracing::warn!("ignoring the stored model: {e}"),
             }
@@ -224,7 +406,7 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
         let l = Loaded::new(&name, 0, false, OnnxModel::load(path)?)?;
         l.check_compatible(&data)?;
         tracing::info!(path = %path.display(), engine = %l.engine(), "loaded the initial model");
-        return Ok((data, l, state));
+        return Ok((data, l, state, task, samples));
     }
 
     // Bootstrap: the shipped architecture, trained on this device's own samples.
@@ -251,7 +433,7 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
     }
     let l = Loaded::new(&name, 0, false, onnx)?;
     l.check_compatible(&data)?;
-    Ok((data, l, state))
+    Ok((data, l, state, task, samples))
 }
 
 /// Starts an agent: validates the configuration, loads its data share and model,
@@ -259,7 +441,8 @@ fn prepare(config: &Config) -> Result<(Dataset, Loaded, StateDir), Error> {
 pub async fn start(config: Config) -> Result<AgentHandle, Error> {
     config.validate()?;
     let cfg = config.clone();
-    let (data, loaded, state) = tokio::task::spawn_blocking(move || prepare(&cfg)).await??;
+    let (data, loaded, state, task, samples) =
+        tokio::task::spawn_blocking(move || prepare(&cfg)).await??;
     let stats = Arc::new(AgentStats::default());
     stats
         .model_version
@@ -289,13 +472,19 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         stats,
         state,
         mqtt: client,
+        task,
+        samples,
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (mqtt_stop_tx, mqtt_stop_rx) = oneshot::channel();
     let mqtt_task = tokio::spawn(mqtt_loop(conn, shared.clone(), mqtt_stop_rx));
     let (done_tx, done_rx) = watch::channel(false);
-    let replay = tokio::spawn(replay_loop(shared.clone(), stop_rx.clone(), done_tx));
+    let replay = if shared.config.source.windowing().is_some() {
+        tokio::spawn(crate::live::run(shared.clone(), stop_rx.clone(), done_tx))
+    } else {
+        tokio::spawn(replay_loop(shared.clone(), stop_rx.clone(), done_tx))
+    };
     let federation = shared.config.coordinator_url().map(|url| {
         tokio::spawn(federation::run(
             shared.clone(),
@@ -329,8 +518,24 @@ pub async fn run(
 /// every (re)connect.
 async fn mqtt_loop(mut conn: Connection, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     let avail = availability_topic(&shared.config.device);
+    let feedback = feedback_topic(&shared.config.device);
     while let Some(ev) = conn.poll_until(&mut stop).await {
+        if let rumqttc::Event::Incoming(Packet::Publish(p)) = &ev {
+            if p.topic == feedback {
+                let s = shared.clone();
+                let payload = p.payload.to_vec();
+                tokio::spawn(async move { s.feedback(payload).await });
+            }
+            continue;
+        }
         if let rumqttc::Event::Incoming(Packet::ConnAck(_)) = ev {
+            // Feedback from the home (clean session: again after every reconnect).
+            if let Err(e) = shared
+                .mqtt
+                .try_subscribe(feedback.clone(), QoS::AtLeastOnce)
+            {
+                tracing::warn!("cannot subscribe to {feedback}: {e}");
+            }
             add(&shared.stats.mqtt_connects, 1);
             tracing::info!(broker = %hearth_edge::url::redact(&shared.config.mqtt), "MQTT connected");
             let s = shared.clone();
@@ -354,7 +559,6 @@ async fn replay_loop(
 ) {
     let cfg = &shared.config;
     let n = shared.data.len();
-    let topic = event_topic(&cfg.device, &cfg.event_name());
     let mut ticker = (cfg.replay_rate_hz > 0.0).then(|| {
         let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / cfg.replay_rate_hz));
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -371,47 +575,12 @@ async fn replay_loop(
         } else if *stop.borrow() {
             break;
         }
-        let model = shared.slot.current();
-        let data = shared.data.clone();
         let idx = (i % n as u64) as usize;
         i += 1;
         add(&shared.stats.samples_replayed, 1);
-        let verdict =
-            tokio::task::spawn_blocking(move || model.verdict(data.sample(idx), SystemTime::now()))
-                .await;
-        let ev = match verdict {
-            Ok(Ok(ev)) => ev,
-            Ok(Err(e)) => {
-                add(&shared.stats.inference_errors, 1);
-                tracing::warn!("inference failed: {e}");
-                continue;
-            }
-            Err(e) => {
-                add(&shared.stats.inference_errors, 1);
-                tracing::warn!("inference task failed: {e}");
-                continue;
-            }
-        };
-        if ev.score < cfg.min_event_score {
-            add(&shared.stats.events_suppressed, 1);
-            continue;
-        }
-        let payload = ev.to_json();
-        // The same check the hub applies: size, schema and field contents.
-        if let Err(e) = Event::parse(&payload) {
-            add(&shared.stats.inference_errors, 1);
-            tracing::warn!("refusing to publish an invalid event: {e}");
-            continue;
-        }
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            r = shared.mqtt.publish(topic.clone(), QoS::AtLeastOnce, false, payload) => match r {
-                Ok(()) => add(&shared.stats.events_published, 1),
-                Err(e) => {
-                    tracing::warn!("MQTT client closed: {e}");
-                    break;
-                }
-            }
+        let input = shared.data.sample(idx).to_vec();
+        if let Published::Closed = shared.publish_verdict(input, &mut stop).await {
+            break;
         }
     }
     tracing::info!(samples = i, "replay finished");

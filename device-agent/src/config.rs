@@ -6,6 +6,8 @@ use hearth_model::TaskSpec;
 use hearth_proto::mqtt::valid_name;
 use serde::{Deserialize, Serialize};
 
+use crate::samples::StoreConfig;
+use crate::source::SourceConfig;
 use crate::Error;
 
 /// Which non-IID share of the TRAIN split this device owns (its local data).
@@ -89,6 +91,10 @@ pub struct Config {
     /// Epochs of on-device training used to bootstrap a model when neither the
     /// state directory nor `initial_model` provides one.
     pub bootstrap_epochs: u32,
+    /// Where samples come from: `replay` (the default), `mqtt` or `command` ([`SourceConfig`]).
+    pub source: SourceConfig,
+    /// The on-device sample store behind feedback (`[store]`: bounds, on/off).
+    pub store: StoreConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -113,6 +119,8 @@ impl std::fmt::Debug for Config {
             .field("state_dir", &self.state_dir)
             .field("initial_model", &self.initial_model)
             .field("bootstrap_epochs", &self.bootstrap_epochs)
+            .field("source", &self.source)
+            .field("store", &self.store)
             .finish_non_exhaustive()
     }
 }
@@ -139,6 +147,8 @@ impl Default for Config {
             state_dir: PathBuf::from("state"),
             initial_model: None,
             bootstrap_epochs: 10,
+            source: SourceConfig::Replay,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -237,7 +247,23 @@ impl Config {
             tonic::transport::Endpoint::from_shared(url.to_string())
                 .map_err(|e| Error::Config(format!("coordinator `{url}`: {e}")))?;
         }
-        self.task_spec()?;
+        let task = self.task_spec()?;
+        self.source
+            .validate(task.input.channels(), task.input.length())
+            .map_err(Error::Config)?;
+        self.store.validate().map_err(Error::Config)?;
+        if let crate::source::SourceConfig::Mqtt(m) = &self.source {
+            if let Some(u) = &m.url {
+                hearth_edge::MqttUrl::parse(u)
+                    .and_then(|u| {
+                        hearth_edge::ClientSettings::new(u, "check")
+                            .ca_file(m.ca_file.clone())
+                            .password_file(m.password_file.clone())
+                            .check()
+                    })
+                    .map_err(|e| Error::Config(format!("source.url: {e}")))?;
+            }
+        }
         if let Some(k) = &self.model_signing_key {
             hearth_proto::signing::ModelVerifier::from_hex(k)
                 .map_err(|e| Error::Config(format!("model_signing_key: {e}")))?;

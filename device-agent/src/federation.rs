@@ -837,13 +837,14 @@ impl Worker {
             "joining round: local training"
         );
         let base = self.obtain(t.base_version, None, None).await?;
-        let data = self.shared.data.clone();
+        // The device's share plus the samples the home labelled (feedback).
+        let shared = self.shared.clone();
         let residual = self.fed.residual.clone();
         let seed = round_seed(&self.shared.config.device, t.round_id);
         let task = t.clone();
         add(&self.shared.stats.local_trainings, 1);
         let update = tokio::task::spawn_blocking(move || {
-            local_update(&base.onnx, &data, &task, residual, seed)
+            local_update(&base.onnx, &shared.training_data(), &task, residual, seed)
         })
         .await??;
         tracing::info!(

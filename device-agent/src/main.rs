@@ -112,6 +112,9 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
     },
+    /// Empty the on-device sample store (the samples behind recent events and the labels the
+    /// home gave them, `<state_dir>/samples`) and exit. Stop the agent first.
+    Wipe,
     /// Run a virtual Zigbee2MQTT-style switch.
     Actuator {
         /// Switch name (one topic level).
@@ -259,6 +262,20 @@ fn main() -> ExitCode {
                 Ok(Mode::Enroll(c, token))
             })
         }
+        Some(Cmd::Wipe) => {
+            // Only the state directory matters: a broken task file must not keep data around.
+            (|| -> anyhow::Result<Mode> {
+                let mut c = match cli.config {
+                    Some(p) => Config::load(&p)?,
+                    None => Config::default(),
+                };
+                cli.overrides.apply(&mut c)?;
+                if c.state_dir.as_os_str().is_empty() {
+                    anyhow::bail!("state_dir must not be empty");
+                }
+                Ok(Mode::Wipe(c.state_dir))
+            })()
+        }
         None => agent_config(cli.config, cli.overrides).map(Mode::Agent),
     };
     let mode = match mode {
@@ -268,6 +285,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+
+    if let Mode::Wipe(dir) = &mode {
+        return match hearth_agent::samples::SampleStore::wipe(dir) {
+            Ok(n) => {
+                println!(
+                    "wiped {n} stored samples from {}",
+                    hearth_agent::samples::SampleStore::path(dir).display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hearth-agent: wipe failed (is the agent still running?): {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
 
     let rt = match runtime("hearth-agent", Some(2)) {
         Ok(rt) => rt,
@@ -309,6 +342,8 @@ enum Mode {
     Agent(Config),
     /// `enroll --token`: the config and the token.
     Enroll(Config, String),
+    /// `wipe`: the state directory whose sample store is emptied.
+    Wipe(PathBuf),
     Actuator(ActuatorConfig),
 }
 
@@ -320,7 +355,7 @@ enum Running {
 /// Phase 2: start.
 async fn start(mode: Mode) -> anyhow::Result<Running> {
     match mode {
-        Mode::Enroll(..) => anyhow::bail!("enroll runs on its own"),
+        Mode::Enroll(..) | Mode::Wipe(..) => anyhow::bail!("enroll and wipe run on their own"),
         Mode::Agent(c) => {
             let device = c.device.clone();
             let h = hearth_agent::start(c)

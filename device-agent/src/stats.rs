@@ -48,6 +48,23 @@ pub struct AgentStats {
     /// … validly signed but not a successor of the model in use (not newer: a replay; or its
     /// signed parent is older than the version in use).
     pub models_refused_lineage: AtomicU64,
+    /// Live source: readings accepted into the window loop.
+    pub readings: AtomicU64,
+    /// Live source: messages or lines without the reading (field absent or null, empty line).
+    pub readings_missing: AtomicU64,
+    /// Live source: readings that were not a finite number, not JSON, too long, or had the
+    /// wrong number of channels.
+    pub readings_malformed: AtomicU64,
+    /// Live source: readings dropped because the window loop lagged behind.
+    pub readings_dropped: AtomicU64,
+    /// Live source: windows classified.
+    pub windows: AtomicU64,
+    /// Samples kept in the on-device store behind an event.
+    pub samples_stored: AtomicU64,
+    /// Feedback messages that labelled a stored sample.
+    pub feedback_applied: AtomicU64,
+    /// Feedback refused: malformed, an unknown class, or no stored sample behind the event.
+    pub feedback_refused: AtomicU64,
 }
 
 /// A plain copy of [`AgentStats`] at one instant.
@@ -72,6 +89,14 @@ pub struct StatsSnapshot {
     pub models_refused_signature: u64,
     pub models_refused_digest: u64,
     pub models_refused_lineage: u64,
+    pub readings: u64,
+    pub readings_missing: u64,
+    pub readings_malformed: u64,
+    pub readings_dropped: u64,
+    pub windows: u64,
+    pub samples_stored: u64,
+    pub feedback_applied: u64,
+    pub feedback_refused: u64,
 }
 
 impl AgentStats {
@@ -98,6 +123,14 @@ impl AgentStats {
             models_refused_signature: r(&self.models_refused_signature),
             models_refused_digest: r(&self.models_refused_digest),
             models_refused_lineage: r(&self.models_refused_lineage),
+            readings: r(&self.readings),
+            readings_missing: r(&self.readings_missing),
+            readings_malformed: r(&self.readings_malformed),
+            readings_dropped: r(&self.readings_dropped),
+            windows: r(&self.windows),
+            samples_stored: r(&self.samples_stored),
+            feedback_applied: r(&self.feedback_applied),
+            feedback_refused: r(&self.feedback_refused),
         }
     }
 }

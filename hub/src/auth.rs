@@ -18,7 +18,9 @@
 //! topics of `ARCHITECTURE.md`'s table: a device writes only `hearth/<name>/…` and reads its
 //! own topics and model announcements; an actuator also its own `<base>/<name>` state and
 //! availability, reading its `<base>/<name>/set`; only the hub writes `<base>/+/set` and model
-//! announcements; only admins write `hearth/federation/refresh`.
+//! announcements; only admins write `hearth/federation/refresh`; admins (a user, Home
+//! Assistant) also write `hearth/<device>/feedback`, the labels a device reads from its own
+//! subtree.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -342,7 +344,10 @@ pub fn acl_text(roles: &BTreeMap<String, Role>, base: &str) -> String {
                 }
             }
             Role::Admin => {
-                s += &format!("topic read #\ntopic write {ROOT}/federation/refresh\n");
+                s += &format!(
+                    "topic read #\ntopic write {ROOT}/federation/refresh\n\
+                     topic write {ROOT}/+/feedback\n"
+                );
             }
         }
         s += "\n";
@@ -492,7 +497,10 @@ mod tests {
         );
         assert!(acl.contains("user lamp\n") && acl.contains("topic read z2m/lamp/set\n"));
         assert!(acl.contains("topic write z2m/+/set\n"));
-        assert!(acl.contains("user me\ntopic read #\ntopic write hearth/federation/refresh\n"));
+        assert!(acl.contains(
+            "user me\ntopic read #\ntopic write hearth/federation/refresh\n\
+             topic write hearth/+/feedback\n"
+        ));
         // Only the hub's and admins' sections mention the refresh topic or `+/set`.
         let kitchen = acl
             .split("user kitchen")

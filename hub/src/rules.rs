@@ -523,6 +523,7 @@ cooldown_secs = 10
             score,
             model: "door-cam@1".into(),
             ts: "2026-01-01T00:00:00Z".into(),
+            id: None,
         }
     }
 

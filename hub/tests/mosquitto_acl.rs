@@ -421,6 +421,35 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
         Vec::<String>::new()
     );
 
+    // Labels from the home: an admin (a user, Home Assistant) corrects door-cam's verdicts on
+    // `hearth/door-cam/feedback`, which door-cam reads; another device cannot label them.
+    b.publish(
+        "hearth/door-cam/feedback",
+        br#"{"event":"0123456789abcdef","label":"cat"}"#.to_vec(),
+    )
+    .await;
+    b.publish("hearth/garden-cam/barrier/fb", "b").await;
+    let seen = admin
+        .until(|t, _| t == "hearth/garden-cam/barrier/fb")
+        .await;
+    assert!(
+        seen.iter().all(|(t, _)| t != "hearth/door-cam/feedback"),
+        "garden-cam labelled door-cam's samples: {seen:?}"
+    );
+    let fb = br#"{"event":"0123456789abcdef","label":"person"}"#;
+    admin.publish("hearth/door-cam/feedback", fb.to_vec()).await;
+    let got = a.until(|t, _| t == "hearth/door-cam/feedback").await;
+    let feedback: Vec<_> = got
+        .iter()
+        .filter(|(t, _)| t == "hearth/door-cam/feedback")
+        .collect();
+    assert_eq!(feedback.len(), 1, "{got:?}");
+    assert_eq!(
+        feedback[0].1,
+        fb.to_vec(),
+        "the admin's feedback, not garden-cam's"
+    );
+
     // Mosquitto's own account agrees: every one of those publishes was denied by the ACL.
     let l = logs();
     assert_eq!(
@@ -432,6 +461,11 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
         l.matches("Denied PUBLISH from acl-test-porch_light")
             .count(),
         2,
+        "{l}"
+    );
+    assert_eq!(
+        l.matches("Denied PUBLISH from acl-test-garden-cam").count(),
+        1,
         "{l}"
     );
     assert_eq!(l.matches("Denied PUBLISH from acl-hub").count(), 0, "{l}");

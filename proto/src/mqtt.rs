@@ -41,6 +41,10 @@ pub struct Event {
     pub model: String,
     /// RFC 3339 timestamp.
     pub ts: String,
+    /// The event's id on this device (`[A-Za-z0-9_-]`, ≤ 64): a [`Feedback`] naming it labels
+    /// the sample behind it, which the device keeps (and never publishes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Why an event payload was refused.
@@ -89,12 +93,46 @@ impl Event {
                 return Err(EventError::BadField(name));
             }
         }
+        if let Some(id) = &self.id {
+            if !valid_name(id) {
+                return Err(EventError::BadField("id"));
+            }
+        }
         Ok(())
     }
 
     /// Serialises to the JSON payload.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("event serialises")
+    }
+}
+
+/// A correction of a verdict, published by a user or Home Assistant (an admin login) on
+/// `hearth/<device>/feedback`: the sample behind event `event` is of class `label`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    /// The event's `id`.
+    pub event: String,
+    /// The right class (one of the device's classes).
+    pub label: String,
+}
+
+impl Feedback {
+    /// Parses and checks a feedback payload (size, schema, field contents).
+    pub fn parse(payload: &[u8]) -> Result<Feedback, EventError> {
+        if payload.len() > MAX_EVENT_BYTES {
+            return Err(EventError::TooLarge(payload.len()));
+        }
+        let f: Feedback =
+            serde_json::from_slice(payload).map_err(|e| EventError::Schema(e.to_string()))?;
+        if !valid_name(&f.event) {
+            return Err(EventError::BadField("event"));
+        }
+        if !field_ok(&f.label) {
+            return Err(EventError::BadField("label"));
+        }
+        Ok(f)
     }
 }
 
@@ -163,6 +201,10 @@ pub struct ModelAnnouncement {
 pub fn event_topic(device: &str, name: &str) -> String {
     format!("{ROOT}/{device}/event/{name}")
 }
+/// `hearth/<device>/feedback`: [`Feedback`] for the device (written by admins).
+pub fn feedback_topic(device: &str) -> String {
+    format!("{ROOT}/{device}/feedback")
+}
 /// `hearth/<device>/meta`
 pub fn meta_topic(device: &str) -> String {
     format!("{ROOT}/{device}/meta")
@@ -214,6 +256,31 @@ mod tests {
             score: 0.93,
             model: "door-cam@7".into(),
             ts: "2026-11-24T18:00:00.000Z".into(),
+            id: None,
+        }
+    }
+
+    #[test]
+    fn ids_and_feedback() {
+        let mut e = ev();
+        e.id = Some("a1b2c3d4e5f60718".into());
+        assert_eq!(Event::parse(&e.to_json()).unwrap(), e);
+        assert!(!String::from_utf8(ev().to_json()).unwrap().contains("id"));
+        e.id = Some("a/b".into());
+        assert_eq!(Event::parse(&e.to_json()), Err(EventError::BadField("id")));
+        let f = Feedback::parse(br#"{"event":"a1b2","label":"microwave"}"#).unwrap();
+        assert_eq!((f.event.as_str(), f.label.as_str()), ("a1b2", "microwave"));
+        for bad in [
+            &br#"{"event":"a1b2","label":"x","samples":[1,2]}"#[..],
+            br#"{"event":"a/b","label":"x"}"#,
+            br#"{"event":"a1","label":""}"#,
+            br#"{"label":"x"}"#,
+        ] {
+            assert!(
+                Feedback::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
