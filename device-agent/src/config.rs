@@ -367,6 +367,69 @@ mod tests {
     }
 
     #[test]
+    fn parses_live_sources_and_store_bounds() {
+        let c = Config::from_toml_str(
+            r#"
+            task = "plaid"
+            [source]
+            kind = "mqtt"
+            convention = "tasmota"
+            device = "washer"
+            field = "ENERGY.Current"
+            windowing = { window = 256, hop = 64, rate_hz = 2.0 }
+            [store]
+            max_samples = 100
+            max_mb = 1.5
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let SourceConfig::Mqtt(m) = &c.source else {
+            panic!("{:?}", c.source)
+        };
+        assert_eq!(m.topic().unwrap(), "tele/washer/SENSOR");
+        assert_eq!(m.field(), "ENERGY.Current");
+        assert_eq!(c.store.max_samples, 100);
+        let back = Config::from_toml_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let cmd = Config::from_toml_str(
+            "task = \"basicmotions\"\n[source]\nkind = \"command\"\nprogram = \"/usr/bin/imu\"\n",
+        )
+        .unwrap();
+        let data = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data"));
+        let cmd = Config {
+            data_dir: data.clone(),
+            ..cmd
+        };
+        cmd.validate().unwrap();
+        // Bad sources and bounds are configuration errors naming the field.
+        for (text, field) in [
+            // PLAID has no fixed length: the window must be given.
+            ("task = \"plaid\"\n[source]\nkind = \"mqtt\"\ndevice = \"p\"\n", "window"),
+            // GunPoint takes 150 samples.
+            ("task = \"gunpoint\"\n[source]\nkind = \"command\"\nprogram = \"x\"\nwindowing = { window = 100 }\n", "window"),
+            ("task = \"gunpoint\"\n[source]\nkind = \"mqtt\"\ntopic = \"a/#\"\n", "topic"),
+            ("task = \"gunpoint\"\n[source]\nkind = \"mqtt\"\n", "device"),
+            ("task = \"basicmotions\"\n[source]\nkind = \"mqtt\"\ndevice = \"w\"\n", "channels"),
+            ("task = \"gunpoint\"\n[source]\nkind = \"command\"\nprogram = \"x\"\nwindowing = { hop = 0 }\n", "hop"),
+            ("task = \"gunpoint\"\n[source]\nkind = \"command\"\nprogram = \"x\"\nwindowing = { rate_hz = -1.0 }\n", "rate_hz"),
+            ("task = \"gunpoint\"\n[source]\nkind = \"command\"\nprogram = \" \"\n", "program"),
+            ("task = \"gunpoint\"\n[store]\nmax_samples = 0\n", "max_samples"),
+            ("task = \"gunpoint\"\n[store]\nmax_mb = 0.0\n", "max_mb"),
+        ] {
+            let c = Config {
+                data_dir: data.clone(),
+                ..Config::from_toml_str(text).unwrap()
+            };
+            match c.validate() {
+                Err(Error::Config(e)) => assert!(e.contains(field), "{field}: {e}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(Config::from_toml_str("[source]\nkind = \"camera\"\n").is_err());
+    }
+
+    #[test]
     fn rejects_bad_values() {
         assert!(Config::from_toml_str("devise = \"x\"").is_err());
         let audio = Config::from_toml_str("task = \"audio\"").unwrap();

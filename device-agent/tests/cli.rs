@@ -267,3 +267,41 @@ async fn enroll_subcommand_gets_a_client_certificate_by_csr() {
     );
     coord.shutdown().await.unwrap();
 }
+
+#[test]
+fn wipe_empties_the_sample_store() {
+    use hearth_agent::samples::{SampleStore, StoreConfig};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SampleStore::open(dir.path(), StoreConfig::default()).unwrap();
+        for i in 0..3u16 {
+            s.insert(&format!("ev{i}"), &[1.0, 2.0], i).unwrap();
+        }
+        s.flush().unwrap();
+    }
+    let out = Command::new(BIN)
+        .args(["--state-dir"])
+        .arg(dir.path())
+        .arg("wipe")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("wiped 3 stored samples"), "{stdout}");
+    assert!(!SampleStore::path(dir.path()).exists());
+    let s = SampleStore::open(dir.path(), StoreConfig::default()).unwrap();
+    assert!(s.is_empty());
+    drop(s);
+    // Wiping an empty store is fine too.
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("wipe")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
