@@ -85,7 +85,7 @@ impl Sample {
     }
 
     fn decode(b: &[u8]) -> Result<Sample, Error> {
-        if b.len() < 5 || b[0] != RECORD_V1 || (b.len() - 5) % 4 != 0 {
+        if b.len() < 5 || b[0] != RECORD_V1 || !(b.len() - 5).is_multiple_of(4) {
             return Err(Error::Integrity("sample store: malformed record".into()));
         }
         let label = u16::from_le_bytes([b[1], b[2]]);

@@ -75,7 +75,7 @@ async fn round_on(set: &str, count: usize, floor: f32) -> (f32, f32) {
     }];
     o.replay_rate_hz = 20.0;
     let home = Home::start(&o).await.expect("home starts from a task file");
-    assert_eq!(home.models(), [spec.name.clone()]);
+    assert_eq!(home.models(), std::slice::from_ref(&spec.name));
     for (d, _, a) in &home.agents {
         assert_eq!(
             a.classes(),
