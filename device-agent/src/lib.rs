@@ -17,6 +17,7 @@
 pub mod actuator;
 mod agent;
 pub mod config;
+pub mod distill;
 mod error;
 mod federation;
 pub mod inference;

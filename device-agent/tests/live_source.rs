@@ -63,13 +63,29 @@ fn argmax(p: &[f32]) -> usize {
         .0
 }
 
-/// Every numeric token of a payload (JSON numbers and numbers inside strings).
+/// Every number a payload carries: JSON numbers, strings that are a number, every element of
+/// arrays and objects; a payload that is not JSON counts as one string.
 fn numbers_in(payload: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(payload)
-        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == 'E'))
-        .filter(|t| t.parse::<f64>().is_ok())
-        .map(str::to_string)
-        .collect()
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Number(n) => out.push(n.to_string()),
+            serde_json::Value::String(s) if s.trim().parse::<f64>().is_ok() => {
+                out.push(s.trim().to_string())
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(v) => walk(&v, &mut out),
+        Err(_) => walk(
+            &serde_json::Value::String(String::from_utf8_lossy(payload).into_owned()),
+            &mut out,
+        ),
+    }
+    out
 }
 
 /// No payload outside `source_topic` carries any of `readings` (as the number they are), and
