@@ -129,6 +129,8 @@ impl Loaded {
             score: score.clamp(0.0, 1.0),
             model: self.tag(),
             ts: humantime::format_rfc3339_millis(at).to_string(),
+            id: None,
+            kind: None,
         };
         ev.validate()
             .map_err(|e| Error::Protocol(format!("refusing to publish an invalid event: {e}")))?;
