@@ -49,8 +49,8 @@ use serde::{Deserialize, Serialize};
 use hearth_edge::{ClientSettings, MqttUrl};
 
 use crate::delivery::DeliveryConfig;
-use crate::rules::engine::RulesEngineConfig;
 use crate::error::Error;
+use crate::rules::engine::RulesEngineConfig;
 
 /// Default embedded broker address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";

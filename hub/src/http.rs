@@ -82,17 +82,31 @@ pub(crate) fn render_status(s: &Status) -> String {
     }
     out.push_str("# HELP hearth_hub_mqtt_connected Whether each of the hub's MQTT connections is up (1) or down (0).
 ");
-    out.push_str("# TYPE hearth_hub_mqtt_connected gauge
-");
+    out.push_str(
+        "# TYPE hearth_hub_mqtt_connected gauge
+",
+    );
     for (name, l) in &s.links {
-        let _ = writeln!(out, "hearth_hub_mqtt_connected{{link=\"{name}\"}} {}", u8::from(l.is_up()));
+        let _ = writeln!(
+            out,
+            "hearth_hub_mqtt_connected{{link=\"{name}\"}} {}",
+            u8::from(l.is_up())
+        );
     }
     if let Some(running) = &s.broker_running {
-        out.push_str("# HELP hearth_hub_embedded_broker_running Whether the embedded broker thread runs.
-");
-        out.push_str("# TYPE hearth_hub_embedded_broker_running gauge
-");
-        let _ = writeln!(out, "hearth_hub_embedded_broker_running {}", u8::from(running()));
+        out.push_str(
+            "# HELP hearth_hub_embedded_broker_running Whether the embedded broker thread runs.
+",
+        );
+        out.push_str(
+            "# TYPE hearth_hub_embedded_broker_running gauge
+",
+        );
+        let _ = writeln!(
+            out,
+            "hearth_hub_embedded_broker_running {}",
+            u8::from(running())
+        );
     }
     out
 }
@@ -106,15 +120,13 @@ fn history_query(q: Option<&str>) -> (Option<String>, usize) {
         while i < b.len() {
             match b[i] {
                 b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() => {
-                    match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                        Ok(v) => {
-                            out.push(v);
-                            i += 2;
-                        }
-                        Err(_) => out.push(b'%'),
+                b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
                     }
-                }
+                    Err(_) => out.push(b'%'),
+                },
                 c => out.push(c),
             }
             i += 1;

@@ -523,7 +523,11 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     };
     let refresh_gate = Arc::new(Semaphore::new(1));
     let refresh_fn: rules::engine::RefreshFn = {
-        let (target, gate, metrics) = (refresh_target.clone(), refresh_gate.clone(), metrics.clone());
+        let (target, gate, metrics) = (
+            refresh_target.clone(),
+            refresh_gate.clone(),
+            metrics.clone(),
+        );
         Arc::new(move |model: &str| {
             Metrics::inc(&metrics.refresh_requests);
             router::start_refresh(target.clone(), &gate, &metrics, model, "rule")

@@ -381,10 +381,12 @@ fn rules_test_cmd(
     let now = hearth_hub::delivery::now_ms();
     for s in states {
         let Some((d, json)) = s.split_once('=') else {
-            return Err(Error::Config(format!("--state `{s}`: expected DEVICE=JSON")));
+            return Err(Error::Config(format!(
+                "--state `{s}`: expected DEVICE=JSON"
+            )));
         };
-        let doc: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
-            .map_err(|e| Error::Config(format!("--state `{s}`: {e}")))?;
+        let doc: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(json).map_err(|e| Error::Config(format!("--state `{s}`: {e}")))?;
         // Known for a day: `for_secs` conditions hold.
         st.set_state(d, &doc, now.saturating_sub(86_400_000));
     }
@@ -398,15 +400,18 @@ fn rules_test_cmd(
     for r in rules.rules() {
         let mut f = EventFields::new(device, name, &ev, event.as_bytes());
         f.rule = &r.name;
-        let verdict = r.explain_event(&f).and_then(|()| {
-            r.conditions_hold(&env, rules.settings(), Some(ev.score), true)
-        });
+        let verdict = r
+            .explain_event(&f)
+            .and_then(|()| r.conditions_hold(&env, rules.settings(), Some(ev.score), true));
         match verdict {
             Ok(()) => {
                 fired += 1;
                 let mut extra = String::new();
                 if !r.debounce.is_zero() {
-                    extra = format!(" (after {}s without another trigger)", r.debounce.as_secs_f64());
+                    extra = format!(
+                        " (after {}s without another trigger)",
+                        r.debounce.as_secs_f64()
+                    );
                 }
                 println!("FIRES {:?} (line {}){extra}", r.name, r.line);
                 print_steps(&r.plan(&f, String::new()).steps);
@@ -421,7 +426,14 @@ fn rules_test_cmd(
 fn rules_check_cmd(cli: &Cli, file: &std::path::Path) -> Result<(), Error> {
     let rules = hearth_hub::RuleSet::load(file, &rules_base(cli, &None)?)?;
     for r in rules.rules() {
-        println!("{:?} (line {}): {} trigger, {} condition(s), {} action(s)", r.name, r.line, r.trigger_kind(), r.conditions.len(), r.actions.len());
+        println!(
+            "{:?} (line {}): {} trigger, {} condition(s), {} action(s)",
+            r.name,
+            r.line,
+            r.trigger_kind(),
+            r.conditions.len(),
+            r.actions.len()
+        );
     }
     println!("{}: {} rules, valid", file.display(), rules.len());
     Ok(())
@@ -439,7 +451,9 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
         .split_once("\r\n\r\n")
         .ok_or_else(|| std::io::Error::other("malformed HTTP answer"))?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_string()));
+        return Err(std::io::Error::other(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
     }
     Ok(rest.to_string())
 }
@@ -472,7 +486,9 @@ fn rules_history_cmd(cli: &Cli, rule: Option<&str>, limit: usize, json: bool) ->
                 }
             }
             let body = http_get(addr, &q).map_err(|e| {
-                Error::Io(std::io::Error::other(format!("{open_err}; and the hub at {addr}: {e}")))
+                Error::Io(std::io::Error::other(format!(
+                    "{open_err}; and the hub at {addr}: {e}"
+                )))
             })?;
             serde_json::from_str(&body)
                 .map_err(|e| Error::Io(std::io::Error::other(format!("hub answered: {e}"))))?
@@ -487,7 +503,14 @@ fn rules_history_cmd(cli: &Cli, rule: Option<&str>, limit: usize, json: bool) ->
         let (d, t) = (secs / 86_400, secs % 86_400);
         println!(
             "#{} day {} {:02}:{:02}:{:02}.{:03} UTC {:?} ({})",
-            f.seq, d, t / 3600, t / 60 % 60, t % 60, f.at_ms % 1000, f.rule, f.trigger
+            f.seq,
+            d,
+            t / 3600,
+            t / 60 % 60,
+            t % 60,
+            f.at_ms % 1000,
+            f.rule,
+            f.trigger
         );
         for c in &f.commands {
             if c.after_secs > 0.0 {

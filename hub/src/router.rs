@@ -44,7 +44,11 @@ pub fn subscriptions(rules: &RuleSet, actuator_base: &str) -> Vec<String> {
     let mut extra: Vec<String> = rules
         .watched_availability()
         .map(|a| availability_topic(actuator_base, a))
-        .chain(rules.watched_state().map(|d| format!("{actuator_base}/{d}")))
+        .chain(
+            rules
+                .watched_state()
+                .map(|d| format!("{actuator_base}/{d}")),
+        )
         .collect();
     extra.sort();
     extra.dedup();

@@ -17,7 +17,11 @@ const WAIT: Duration = Duration::from_secs(5);
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 fn uid(p: &str) -> String {
-    format!("{p}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{p}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A hub on a free port (anonymous clients allowed: these tests are about rules) with the
@@ -50,7 +54,10 @@ async fn commands(addr: SocketAddr) -> Rx {
     let mut o = MqttOptions::new(uid("listener"), addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(10));
     let (client, mut el) = AsyncClient::new(o, 64);
-    client.subscribe("zigbee2mqtt/+/set", QoS::AtLeastOnce).await.unwrap();
+    client
+        .subscribe("zigbee2mqtt/+/set", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -104,13 +111,21 @@ fn event(class: &str, score: f32, id: &str, kind: &str) -> String {
 }
 
 async fn next(rx: &mut Rx) -> (String, serde_json::Value, Instant) {
-    timeout(WAIT, rx.recv()).await.expect("a command in time").expect("listener alive")
+    timeout(WAIT, rx.recv())
+        .await
+        .expect("a command in time")
+        .expect("listener alive")
 }
 
 /// Barrier: a `ping` event fires the `barrier` rule (to `zigbee2mqtt/barrier/set`) and its
 /// command arrives after everything published before it was routed. Returns what came first.
 async fn until_barrier(agent: &AsyncClient, rx: &mut Rx) -> Vec<(String, serde_json::Value)> {
-    publish(agent, "hearth/probe/event/ping", &event("ping", 1.0, "b", "new")).await;
+    publish(
+        agent,
+        "hearth/probe/event/ping",
+        &event("ping", 1.0, "b", "new"),
+    )
+    .await;
     let mut before = Vec::new();
     loop {
         let (t, v, _) = next(rx).await;
@@ -133,10 +148,15 @@ payload = { state = "TOGGLE" }
 
 async fn metrics_text(hub: &HubHandle) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(hub.metrics_addr().unwrap()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(hub.metrics_addr().unwrap())
+        .await
+        .unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
     let mut out = String::new();
-    timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     out
 }
 
@@ -171,10 +191,20 @@ payload = {{ state = "OFF", event_id = "{{{{ id }}}}" }}
     let agent = publisher(hub.mqtt_addr()).await;
 
     // `end` of a track does not match `type = "new"`.
-    publish(&agent, "hearth/door-cam/event/detection", &event("person", 0.93, "t-1", "end")).await;
+    publish(
+        &agent,
+        "hearth/door-cam/event/detection",
+        &event("person", 0.93, "t-1", "end"),
+    )
+    .await;
     assert!(until_barrier(&agent, &mut rx).await.is_empty());
 
-    publish(&agent, "hearth/door-cam/event/detection", &event("person", 0.93, "t-2", "new")).await;
+    publish(
+        &agent,
+        "hearth/door-cam/event/detection",
+        &event("person", 0.93, "t-2", "new"),
+    )
+    .await;
     let (t1, v1, at1) = next(&mut rx).await;
     assert_eq!(t1, "zigbee2mqtt/porch_light/set");
     assert_eq!(v1["event_id"], "t-2");
@@ -185,11 +215,24 @@ payload = {{ state = "OFF", event_id = "{{{{ id }}}}" }}
     assert_eq!(t2, "zigbee2mqtt/hall_light/set");
     assert_eq!(v2["brightness"], 40);
     let (t3, v3, at3) = next(&mut rx).await;
-    assert_eq!((t3.as_str(), &v3["state"], &v3["event_id"]), ("zigbee2mqtt/porch_light/set", &serde_json::json!("OFF"), &serde_json::json!("t-2")));
+    assert_eq!(
+        (t3.as_str(), &v3["state"], &v3["event_id"]),
+        (
+            "zigbee2mqtt/porch_light/set",
+            &serde_json::json!("OFF"),
+            &serde_json::json!("t-2")
+        )
+    );
     let gap = at3 - at1;
-    assert!(gap >= Duration::from_millis(350), "the delay held the last command back: {gap:?}");
+    assert!(
+        gap >= Duration::from_millis(350),
+        "the delay held the last command back: {gap:?}"
+    );
     let history = hub.rules_history(None, 10);
-    let f = history.iter().find(|f| f.rule == "welcome \"home\"").expect("recorded");
+    let f = history
+        .iter()
+        .find(|f| f.rule == "welcome \"home\"")
+        .expect("recorded");
     assert_eq!(f.commands.len(), 3);
     assert!((f.commands[2].after_secs - 0.4).abs() < 1e-9);
     hub.shutdown().await;
@@ -253,13 +296,28 @@ payload = {{ state = "ON" }}
     // Same state again (volume only): no firing. A person at once: the tv has not been on
     // for 1 s yet.
     publish(&agent, "zigbee2mqtt/tv", r#"{"state":"ON","volume":11}"#).await;
-    publish(&agent, "hearth/cam/event/detection", &event("person", 0.95, "p1", "new")).await;
+    publish(
+        &agent,
+        "hearth/cam/event/detection",
+        &event("person", 0.95, "p1", "new"),
+    )
+    .await;
     assert!(until_barrier(&agent, &mut rx).await.is_empty());
     tokio::time::sleep(Duration::from_millis(1100).saturating_sub(tv_on.elapsed())).await;
     // Score below the condition's minimum: nothing; then one above it: fires.
-    publish(&agent, "hearth/cam/event/detection", &event("person", 0.85, "p2", "new")).await;
+    publish(
+        &agent,
+        "hearth/cam/event/detection",
+        &event("person", 0.85, "p2", "new"),
+    )
+    .await;
     assert!(until_barrier(&agent, &mut rx).await.is_empty());
-    publish(&agent, "hearth/cam/event/detection", &event("person", 0.95, "p3", "new")).await;
+    publish(
+        &agent,
+        "hearth/cam/event/detection",
+        &event("person", 0.95, "p3", "new"),
+    )
+    .await;
     let before = until_barrier(&agent, &mut rx).await;
     assert_eq!(before.len(), 1, "{before:?}");
     assert_eq!(before[0].0, "zigbee2mqtt/pause/set");
@@ -274,7 +332,12 @@ payload = {{ state = "ON" }}
     assert_eq!(before[0].1["who"], "door-cam-2");
     // The tv off: the condition fails again.
     publish(&agent, "zigbee2mqtt/tv", r#"{"state":"OFF"}"#).await;
-    publish(&agent, "hearth/cam/event/detection", &event("person", 0.95, "p4", "new")).await;
+    publish(
+        &agent,
+        "hearth/cam/event/detection",
+        &event("person", 0.95, "p4", "new"),
+    )
+    .await;
     assert!(until_barrier(&agent, &mut rx).await.is_empty());
     hub.shutdown().await;
 }
@@ -283,10 +346,16 @@ payload = {{ state = "ON" }}
 async fn time_and_interval_triggers() {
     let dir = tempfile::tempdir().unwrap();
     // A time trigger 2 s from now (UTC, the default offset); not within a minute's end.
-    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     if now % 60 > 50 {
         tokio::time::sleep(Duration::from_secs(61 - now % 60)).await;
-        now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
     }
     let at = (now + 2) % 86_400;
     let rules = format!(
@@ -363,7 +432,12 @@ payload = {{ state = "ON" }}
     let agent = publisher(hub.mqtt_addr()).await;
 
     for id in ["m1", "m2", "m3", "m4"] {
-        publish(&agent, "hearth/hall-pir/event/motion", &event("motion", 0.9, id, "update")).await;
+        publish(
+            &agent,
+            "hearth/hall-pir/event/motion",
+            &event("motion", 0.9, id, "update"),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let last = Instant::now();
@@ -376,11 +450,19 @@ payload = {{ state = "ON" }}
     assert!(until_barrier(&agent, &mut rx).await.is_empty());
 
     for id in ["d1", "d2", "d3"] {
-        publish(&agent, "hearth/doorbell/event/ring", &event("ring", 1.0, id, "new")).await;
+        publish(
+            &agent,
+            "hearth/doorbell/event/ring",
+            &event("ring", 1.0, id, "new"),
+        )
+        .await;
     }
     let before = until_barrier(&agent, &mut rx).await;
     assert_eq!(before.len(), 1, "cooldown: {before:?}");
-    assert_eq!(hearth_hub::Metrics::get(&hub.metrics().cooldown_suppressed), 2);
+    assert_eq!(
+        hearth_hub::Metrics::get(&hub.metrics().cooldown_suppressed),
+        2
+    );
     hub.shutdown().await;
 }
 
@@ -395,7 +477,10 @@ async fn hot_reload_takes_good_files_and_keeps_the_last_good_rules() {
     let door = |id: &'static str| event("person", 0.9, id, "new");
 
     publish(&agent, "hearth/door-cam/event/detection", &door("a")).await;
-    assert_eq!(until_barrier(&agent, &mut rx).await[0].0, "zigbee2mqtt/porch_light/set");
+    assert_eq!(
+        until_barrier(&agent, &mut rx).await[0].0,
+        "zigbee2mqtt/porch_light/set"
+    );
 
     // A good change: the door now turns on the hall light (and availability of the new
     // actuator is followed: `hall_light` offline holds its commands).
@@ -406,22 +491,42 @@ async fn hot_reload_takes_good_files_and_keeps_the_last_good_rules() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     publish(&agent, "hearth/door-cam/event/detection", &door("b")).await;
-    assert_eq!(until_barrier(&agent, &mut rx).await[0].0, "zigbee2mqtt/hall_light/set");
+    assert_eq!(
+        until_barrier(&agent, &mut rx).await[0].0,
+        "zigbee2mqtt/hall_light/set"
+    );
 
     // A bad change (an unknown field on line 8): refused, counted, last good rules stay.
-    std::fs::write(&path, one.replace("porch_light", "hall_light").replace("payload", "paylod")).unwrap();
+    std::fs::write(
+        &path,
+        one.replace("porch_light", "hall_light")
+            .replace("payload", "paylod"),
+    )
+    .unwrap();
     let t0 = Instant::now();
     while hub.rules_reloads().1 < 1 {
         assert!(t0.elapsed() < WAIT, "no refused reload");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     publish(&agent, "hearth/door-cam/event/detection", &door("c")).await;
-    assert_eq!(until_barrier(&agent, &mut rx).await[0].0, "zigbee2mqtt/hall_light/set");
+    assert_eq!(
+        until_barrier(&agent, &mut rx).await[0].0,
+        "zigbee2mqtt/hall_light/set"
+    );
     let e = hub.reload_rules().unwrap_err().to_string();
-    assert!(e.contains("rules.toml") && e.contains("unknown field `paylod`") && e.contains("line 8"), "{e}");
+    assert!(
+        e.contains("rules.toml") && e.contains("unknown field `paylod`") && e.contains("line 8"),
+        "{e}"
+    );
     let m = metrics_text(&hub).await;
-    assert!(m.contains("hearth_hub_rules_reloads_total{result=\"ok\"} 1\n"), "{m}");
-    assert!(m.contains("hearth_hub_rules_reloads_total{result=\"error\"} 2\n"), "{m}");
+    assert!(
+        m.contains("hearth_hub_rules_reloads_total{result=\"ok\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("hearth_hub_rules_reloads_total{result=\"error\"} 2\n"),
+        "{m}"
+    );
     assert_eq!(hub.rules().len(), 2);
     hub.shutdown().await;
 }
@@ -436,17 +541,34 @@ async fn history_survives_a_restart_and_metrics_count_firings() {
         let hub = start(dir.path(), &rules, set).await;
         let mut rx = commands(hub.mqtt_addr()).await;
         let agent = publisher(hub.mqtt_addr()).await;
-        publish(&agent, "hearth/door-cam/event/detection", &event("person", 0.9, "first", "new")).await;
+        publish(
+            &agent,
+            "hearth/door-cam/event/detection",
+            &event("person", 0.9, "first", "new"),
+        )
+        .await;
         assert_eq!(until_barrier(&agent, &mut rx).await.len(), 1);
         let t0 = Instant::now();
         loop {
             let m = metrics_text(&hub).await;
             if m.contains("hearth_hub_event_to_command_seconds_count 2\n") {
-                assert!(m.contains("hearth_hub_rules_fired_total{rule=\"door\"} 1\n"), "{m}");
-                assert!(m.contains("hearth_hub_rules_fired_total{rule=\"barrier\"} 1\n"), "{m}");
-                assert!(m.contains("hearth_hub_mqtt_connected{link=\"subscriber\"} 1\n"), "{m}");
+                assert!(
+                    m.contains("hearth_hub_rules_fired_total{rule=\"door\"} 1\n"),
+                    "{m}"
+                );
+                assert!(
+                    m.contains("hearth_hub_rules_fired_total{rule=\"barrier\"} 1\n"),
+                    "{m}"
+                );
+                assert!(
+                    m.contains("hearth_hub_mqtt_connected{link=\"subscriber\"} 1\n"),
+                    "{m}"
+                );
                 assert!(m.contains("hearth_hub_embedded_broker_running 1\n"), "{m}");
-                assert!(m.contains("hearth_hub_event_to_command_seconds_bucket{le=\"+Inf\"} 2\n"), "{m}");
+                assert!(
+                    m.contains("hearth_hub_event_to_command_seconds_bucket{le=\"+Inf\"} 2\n"),
+                    "{m}"
+                );
                 break;
             }
             assert!(t0.elapsed() < WAIT, "latency not observed: {m}");
@@ -458,7 +580,11 @@ async fn history_survives_a_restart_and_metrics_count_firings() {
     let h = hub.rules_history(Some("door"), 10);
     assert_eq!(h.len(), 1, "{h:?}");
     assert_eq!(h[0].trigger, "event hearth/door-cam/event/detection");
-    assert!(h[0].commands[0].payload.contains("\"id\":\"first\""), "{:?}", h[0]);
+    assert!(
+        h[0].commands[0].payload.contains("\"id\":\"first\""),
+        "{:?}",
+        h[0]
+    );
     assert_eq!(hub.rules_history(None, 10).len(), 2);
     hub.shutdown().await;
 }

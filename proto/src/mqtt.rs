@@ -248,7 +248,8 @@ mod tests {
 
     #[test]
     fn optional_id_and_track_type() {
-        let raw = br#"{"id":"t-1","type":"new","class":"person","score":0.9,"model":"m@1","ts":"t"}"#;
+        let raw =
+            br#"{"id":"t-1","type":"new","class":"person","score":0.9,"model":"m@1","ts":"t"}"#;
         let e = Event::parse(raw).unwrap();
         assert_eq!(e.id.as_deref(), Some("t-1"));
         assert_eq!(e.kind.as_deref(), Some("new"));

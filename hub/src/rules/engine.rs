@@ -223,7 +223,9 @@ impl Engine {
     /// Prometheus text: firings per rule, reloads, rules in force, history.
     pub fn render_prometheus(&self, out: &mut String) {
         let rules = self.current();
-        out.push_str("# HELP hearth_hub_rules_fired_total Rule firings since the hub started, by rule.\n");
+        out.push_str(
+            "# HELP hearth_hub_rules_fired_total Rule firings since the hub started, by rule.\n",
+        );
         out.push_str("# TYPE hearth_hub_rules_fired_total counter\n");
         for r in rules.rules() {
             let mut name = String::with_capacity(r.name.len());
@@ -235,18 +237,38 @@ impl Engine {
                     c => name.push(c),
                 }
             }
-            let _ = writeln!(out, "hearth_hub_rules_fired_total{{rule=\"{name}\"}} {}", r.fired());
+            let _ = writeln!(
+                out,
+                "hearth_hub_rules_fired_total{{rule=\"{name}\"}} {}",
+                r.fired()
+            );
         }
         out.push_str("# HELP hearth_hub_rules_loaded Rules in force.\n# TYPE hearth_hub_rules_loaded gauge\n");
         let _ = writeln!(out, "hearth_hub_rules_loaded {}", rules.len());
         out.push_str("# HELP hearth_hub_rules_reloads_total Rules file reloads, by result (error: the last good rules stayed).\n");
         out.push_str("# TYPE hearth_hub_rules_reloads_total counter\n");
-        let _ = writeln!(out, "hearth_hub_rules_reloads_total{{result=\"ok\"}} {}", self.reloads.load(Ordering::Relaxed));
-        let _ = writeln!(out, "hearth_hub_rules_reloads_total{{result=\"error\"}} {}", self.reload_failures.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "hearth_hub_rules_reloads_total{{result=\"ok\"}} {}",
+            self.reloads.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "hearth_hub_rules_reloads_total{{result=\"error\"}} {}",
+            self.reload_failures.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP hearth_hub_rules_history_written_total Firings written to the history.\n# TYPE hearth_hub_rules_history_written_total counter\n");
-        let _ = writeln!(out, "hearth_hub_rules_history_written_total {}", self.history.written.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "hearth_hub_rules_history_written_total {}",
+            self.history.written.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP hearth_hub_rules_history_dropped_total Firings not written: the history writer was behind.\n# TYPE hearth_hub_rules_history_dropped_total counter\n");
-        let _ = writeln!(out, "hearth_hub_rules_history_dropped_total {}", self.history.dropped.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "hearth_hub_rules_history_dropped_total {}",
+            self.history.dropped.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -284,7 +306,11 @@ impl Executor {
         }
     }
 
-    pub(crate) fn set_subscriber(&self, client: rumqttc::AsyncClient, filters: Arc<Mutex<Vec<String>>>) {
+    pub(crate) fn set_subscriber(
+        &self,
+        client: rumqttc::AsyncClient,
+        filters: Arc<Mutex<Vec<String>>>,
+    ) {
         *self.subs.lock().unwrap_or_else(|p| p.into_inner()) = Some((client, filters));
     }
 
@@ -367,9 +393,14 @@ impl Executor {
         let Some((client, filters)) = guard.as_ref() else {
             return;
         };
-        let wanted = crate::router::subscriptions(&self.engine.current(), &self.engine.actuator_base);
+        let wanted =
+            crate::router::subscriptions(&self.engine.current(), &self.engine.actuator_base);
         let mut have = filters.lock().unwrap_or_else(|p| p.into_inner());
-        let new: Vec<String> = wanted.iter().filter(|t| !have.contains(t)).cloned().collect();
+        let new: Vec<String> = wanted
+            .iter()
+            .filter(|t| !have.contains(t))
+            .cloned()
+            .collect();
         if new.is_empty() {
             return;
         }
@@ -382,7 +413,12 @@ impl Executor {
         }
     }
 
-    async fn carry_out(self: &Arc<Self>, rules: &Arc<RuleSet>, fired: Fired<'_>, received: Option<Instant>) {
+    async fn carry_out(
+        self: &Arc<Self>,
+        rules: &Arc<RuleSet>,
+        fired: Fired<'_>,
+        received: Option<Instant>,
+    ) {
         for (r, plan) in fired {
             if r.debounce.is_zero() {
                 self.fire(r, plan, received).await;
@@ -430,7 +466,9 @@ impl Executor {
         Metrics::inc(&self.metrics.rules_fired);
         self.engine.history.record(Firing::of(&plan, now_ms()));
         tracing::debug!(rule = %plan.rule, trigger = %plan.trigger, steps = plan.steps.len(), "rule fired");
-        self.clone().run_steps(plan.rule, plan.steps, received).await;
+        self.clone()
+            .run_steps(plan.rule, plan.steps, received)
+            .await;
     }
 
     fn run_steps(

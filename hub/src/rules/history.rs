@@ -105,7 +105,9 @@ pub struct History {
 
 impl std::fmt::Debug for History {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("History").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("History")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,7 +160,9 @@ impl History {
                     .map_or(0, |s| s + 1);
                 let mut len = w.len();
                 while let Ok(f) = rx.recv() {
-                    let Ok(v) = serde_json::to_vec(&f) else { continue };
+                    let Ok(v) = serde_json::to_vec(&f) else {
+                        continue;
+                    };
                     if let Err(e) = w.insert(seq.to_be_bytes(), v) {
                         tracing::warn!(error = %e, "rules history: write failed");
                         continue;
@@ -196,7 +200,8 @@ impl History {
     /// Newest first.
     pub fn list(&self, rule: Option<&str>, limit: usize) -> Vec<Firing> {
         let g = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().map_or_else(Vec::new, |o| list(&o.tree, rule, limit))
+        g.as_ref()
+            .map_or_else(Vec::new, |o| list(&o.tree, rule, limit))
     }
 
     /// Writes what is queued, flushes and closes the database (bounded wait).

@@ -418,7 +418,12 @@ impl States {
     }
 
     /// Records availability; returns the previous value when it changed.
-    pub fn set_availability(&self, device: &str, online: bool, now_ms: u64) -> Option<Option<bool>> {
+    pub fn set_availability(
+        &self,
+        device: &str,
+        online: bool,
+        now_ms: u64,
+    ) -> Option<Option<bool>> {
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(device) && map.len() >= MAX_TRACKED {
             return None;
@@ -534,11 +539,14 @@ impl Fields for MapFields {
         if name == "rule" {
             return Some(Value::Str(&self.rule));
         }
-        self.pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| match v {
-            serde_json::Value::String(s) => Value::Str(s),
-            serde_json::Value::Number(n) => Value::Num(n.as_f64().unwrap_or(0.0)),
-            other => Value::Json(other.clone()),
-        })
+        self.pairs
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| match v {
+                serde_json::Value::String(s) => Value::Str(s),
+                serde_json::Value::Number(n) => Value::Num(n.as_f64().unwrap_or(0.0)),
+                other => Value::Json(other.clone()),
+            })
     }
 }
 
@@ -591,16 +599,31 @@ impl Rule {
             Pattern::Exact(s) | Pattern::Glob(s) => s.clone(),
         };
         if !self.device.matches(f.device) {
-            return Err(format!("device `{}` is not `{}`", f.device, show(&self.device)));
+            return Err(format!(
+                "device `{}` is not `{}`",
+                f.device,
+                show(&self.device)
+            ));
         }
         if !self.event.matches(f.event) {
-            return Err(format!("event `{}` is not `{}`", f.event, show(&self.event)));
+            return Err(format!(
+                "event `{}` is not `{}`",
+                f.event,
+                show(&self.event)
+            ));
         }
         if !self.class.matches(&f.ev.class) {
-            return Err(format!("class `{}` is not `{}`", f.ev.class, show(&self.class)));
+            return Err(format!(
+                "class `{}` is not `{}`",
+                f.ev.class,
+                show(&self.class)
+            ));
         }
         if f.ev.score < self.min_score {
-            return Err(format!("score {} < min_score {}", f.ev.score, self.min_score));
+            return Err(format!(
+                "score {} < min_score {}",
+                f.ev.score, self.min_score
+            ));
         }
         for (k, v) in fields {
             if !json_eq_field(f, k, v) {
@@ -660,7 +683,8 @@ impl Rule {
                     equals,
                     for_,
                 } => match env.states.attribute_holds(device, attribute, equals) {
-                    Some(since) if env.unix_ms.saturating_sub(since) >= for_.as_millis() as u64 => {}
+                    Some(since) if env.unix_ms.saturating_sub(since) >= for_.as_millis() as u64 => {
+                    }
                     Some(_) => {
                         return Err(why(format!(
                             "{device}.{attribute} is {equals} for less than {}s",
@@ -870,7 +894,10 @@ fn parse_hms(s: &str) -> Option<u32> {
     if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.len() != 2) {
         return None;
     }
-    let n: Vec<u32> = parts.iter().map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let n: Vec<u32> = parts
+        .iter()
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
     let (h, m, sec) = (n[0], n[1], n.get(2).copied().unwrap_or(0));
     (h < 24 && m < 60 && sec < 60).then_some(h * 3600 + m * 60 + sec)
 }
@@ -926,7 +953,6 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     }
     p[pi..].iter().all(|&c| c == b'*')
 }
-
 
 /// Which fields a trigger or condition of `kind` may use; the first other present one is an error.
 fn only(
@@ -1095,24 +1121,23 @@ impl RuleSet {
                 return Err(invalid(r.name.span(), "duplicate rule name".into()));
             }
             let w = &r.when;
-            let pattern = |field: &Option<Spanned<String>>,
-                           what: &str|
-             -> Result<Pattern, RulesError> {
-                let Some(f) = field else {
-                    return Ok(Pattern::Any);
+            let pattern =
+                |field: &Option<Spanned<String>>, what: &str| -> Result<Pattern, RulesError> {
+                    let Some(f) = field else {
+                        return Ok(Pattern::Any);
+                    };
+                    if name_ok(f.get_ref()) {
+                        Ok(Pattern::compile(f.get_ref()))
+                    } else {
+                        Err(invalid(
+                            f.span(),
+                            format!(
+                                "{what} `{}` must be 1-64 characters of [A-Za-z0-9_-.:@+ ] or `*`",
+                                f.get_ref()
+                            ),
+                        ))
+                    }
                 };
-                if name_ok(f.get_ref()) {
-                    Ok(Pattern::compile(f.get_ref()))
-                } else {
-                    Err(invalid(
-                        f.span(),
-                        format!(
-                            "{what} `{}` must be 1-64 characters of [A-Za-z0-9_-.:@+ ] or `*`",
-                            f.get_ref()
-                        ),
-                    ))
-                }
-            };
             let exact = |field: &Option<Spanned<String>>,
                          what: &str,
                          at: std::ops::Range<usize>|
@@ -1204,7 +1229,10 @@ impl RuleSet {
                     let sc = |v: &Option<Spanned<toml::Value>>, what: &str| match v {
                         None => Ok(None),
                         Some(x) => scalar(x.get_ref()).map(Some).ok_or_else(|| {
-                            invalid(x.span(), format!("when.{what} must be a string, number or boolean"))
+                            invalid(
+                                x.span(),
+                                format!("when.{what} must be a string, number or boolean"),
+                            )
                         }),
                     };
                     Trigger::State {
@@ -1244,14 +1272,23 @@ impl RuleSet {
                     };
                     Trigger::Time {
                         at: parse_hms(at.get_ref()).ok_or_else(|| {
-                            invalid(at.span(), format!("when.at `{}` must be \"HH:MM\" or \"HH:MM:SS\"", at.get_ref()))
+                            invalid(
+                                at.span(),
+                                format!(
+                                    "when.at `{}` must be \"HH:MM\" or \"HH:MM:SS\"",
+                                    at.get_ref()
+                                ),
+                            )
                         })?,
                     }
                 }
                 "interval" => {
                     only(kind, &present, &["every_secs"], "when", &invalid)?;
                     match &w.every_secs {
-                        Some(e) if e.get_ref().is_finite() && (1.0..=MAX_SECS).contains(e.get_ref()) => {
+                        Some(e)
+                            if e.get_ref().is_finite()
+                                && (1.0..=MAX_SECS).contains(e.get_ref()) =>
+                        {
                             Trigger::Interval {
                                 every: Duration::from_secs_f64(*e.get_ref()),
                             }
@@ -1259,7 +1296,10 @@ impl RuleSet {
                         Some(e) => {
                             return Err(invalid(
                                 e.span(),
-                                format!("when.every_secs {} must be within 1..={MAX_SECS}", e.get_ref()),
+                                format!(
+                                    "when.every_secs {} must be within 1..={MAX_SECS}",
+                                    e.get_ref()
+                                ),
                             ))
                         }
                         None => {
@@ -1267,19 +1307,20 @@ impl RuleSet {
                         }
                     }
                 }
-                other => {
-                    return Err(invalid(
-                        kind_span,
-                        format!(
-                            "when.kind `{other}` must be event, state, availability, time or interval"
-                        ),
-                    ))
-                }
+                other => return Err(invalid(
+                    kind_span,
+                    format!(
+                        "when.kind `{other}` must be event, state, availability, time or interval"
+                    ),
+                )),
             };
 
             // Conditions.
             if r.condition.len() > MAX_PER_RULE {
-                return Err(invalid(r.name.span(), format!("at most {MAX_PER_RULE} conditions")));
+                return Err(invalid(
+                    r.name.span(),
+                    format!("at most {MAX_PER_RULE} conditions"),
+                ));
             }
             let mut conditions = Vec::with_capacity(r.condition.len());
             for c in &r.condition {
@@ -1387,15 +1428,20 @@ impl RuleSet {
             let mut actions = Vec::new();
             let mut cooldown = secs_field(&r.cooldown_secs, "cooldown_secs", MAX_SECS, &invalid)?;
             if let Some(t) = &r.then {
-                let c = compile_command(t.actuator.get_ref(), t.payload.get_ref(), "then", actuator_base)
-                    .map_err(|m| {
-                        let span = if m.starts_with("then.actuator") {
-                            t.actuator.span()
-                        } else {
-                            t.payload.span()
-                        };
-                        invalid(span, m)
-                    })?;
+                let c = compile_command(
+                    t.actuator.get_ref(),
+                    t.payload.get_ref(),
+                    "then",
+                    actuator_base,
+                )
+                .map_err(|m| {
+                    let span = if m.starts_with("then.actuator") {
+                        t.actuator.span()
+                    } else {
+                        t.payload.span()
+                    };
+                    invalid(span, m)
+                })?;
                 actions.push(Action::Command(c));
                 if t.cooldown_secs.is_some() {
                     if r.cooldown_secs.is_some() {
@@ -1404,11 +1450,15 @@ impl RuleSet {
                             "cooldown_secs is given twice (rule and then)".into(),
                         ));
                     }
-                    cooldown = secs_field(&t.cooldown_secs, "then.cooldown_secs", MAX_SECS, &invalid)?;
+                    cooldown =
+                        secs_field(&t.cooldown_secs, "then.cooldown_secs", MAX_SECS, &invalid)?;
                 }
             }
             if r.action.len() > MAX_PER_RULE {
-                return Err(invalid(r.name.span(), format!("at most {MAX_PER_RULE} actions")));
+                return Err(invalid(
+                    r.name.span(),
+                    format!("at most {MAX_PER_RULE} actions"),
+                ));
             }
             for a in &r.action {
                 let kind = a.kind.get_ref().as_str();
@@ -1423,26 +1473,49 @@ impl RuleSet {
                     "command" => {
                         only(kind, &present, &["actuator", "payload"], "action", &invalid)?;
                         let (Some(act), Some(p)) = (&a.actuator, &a.payload) else {
-                            return Err(invalid(a.kind.span(), "a command needs actuator and payload".into()));
+                            return Err(invalid(
+                                a.kind.span(),
+                                "a command needs actuator and payload".into(),
+                            ));
                         };
                         Action::Command(
                             compile_command(act.get_ref(), p.get_ref(), "action", actuator_base)
-                                .map_err(|m| invalid(if m.starts_with("action.actuator") { act.span() } else { p.span() }, m))?,
+                                .map_err(|m| {
+                                    invalid(
+                                        if m.starts_with("action.actuator") {
+                                            act.span()
+                                        } else {
+                                            p.span()
+                                        },
+                                        m,
+                                    )
+                                })?,
                         )
                     }
                     "scene" => {
                         only(kind, &present, &["commands"], "action", &invalid)?;
                         let Some(cs) = &a.commands else {
-                            return Err(invalid(a.kind.span(), "a scene needs commands = [{ actuator, payload }, …]".into()));
+                            return Err(invalid(
+                                a.kind.span(),
+                                "a scene needs commands = [{ actuator, payload }, …]".into(),
+                            ));
                         };
                         if cs.get_ref().is_empty() || cs.get_ref().len() > MAX_PER_RULE {
-                            return Err(invalid(cs.span(), format!("a scene has 1..={MAX_PER_RULE} commands")));
+                            return Err(invalid(
+                                cs.span(),
+                                format!("a scene has 1..={MAX_PER_RULE} commands"),
+                            ));
                         }
                         let mut out = Vec::new();
                         for c in cs.get_ref() {
                             out.push(
-                                compile_command(&c.actuator, &c.payload, "action.commands", actuator_base)
-                                    .map_err(|m| invalid(cs.span(), m))?,
+                                compile_command(
+                                    &c.actuator,
+                                    &c.payload,
+                                    "action.commands",
+                                    actuator_base,
+                                )
+                                .map_err(|m| invalid(cs.span(), m))?,
                             );
                         }
                         Action::Scene(out)
@@ -1457,15 +1530,29 @@ impl RuleSet {
                     "refresh" => {
                         only(kind, &present, &["model"], "action", &invalid)?;
                         match &a.model {
-                            Some(m) if hearth_proto::mqtt::valid_name(m.get_ref()) => Action::Refresh(m.get_ref().clone()),
-                            Some(m) => return Err(invalid(m.span(), format!("action.model `{}` is not a valid model name", m.get_ref()))),
-                            None => return Err(invalid(a.kind.span(), "a refresh needs model".into())),
+                            Some(m) if hearth_proto::mqtt::valid_name(m.get_ref()) => {
+                                Action::Refresh(m.get_ref().clone())
+                            }
+                            Some(m) => {
+                                return Err(invalid(
+                                    m.span(),
+                                    format!(
+                                        "action.model `{}` is not a valid model name",
+                                        m.get_ref()
+                                    ),
+                                ))
+                            }
+                            None => {
+                                return Err(invalid(a.kind.span(), "a refresh needs model".into()))
+                            }
                         }
                     }
                     other => {
                         return Err(invalid(
                             a.kind.span(),
-                            format!("action.kind `{other}` must be command, scene, delay or refresh"),
+                            format!(
+                                "action.kind `{other}` must be command, scene, delay or refresh"
+                            ),
                         ))
                     }
                 });
@@ -1605,7 +1692,8 @@ impl RuleSet {
         for i in merged(self.index.candidates(device, event_name)) {
             let r = &self.rules[i as usize];
             if !r.event_matches(&f)
-                || r.conditions_hold(env, &self.settings, Some(ev.score), false).is_err()
+                || r.conditions_hold(env, &self.settings, Some(ev.score), false)
+                    .is_err()
             {
                 continue;
             }
@@ -1637,7 +1725,8 @@ impl RuleSet {
             unix_ms: crate::delivery::now_ms(),
             states: &states,
         };
-        self.on_event(device, event_name, ev, b"", &env, |r, _| fire(r)).0
+        self.on_event(device, event_name, ev, b"", &env, |r, _| fire(r))
+            .0
     }
 
     /// A state document arrived for `device`: records it in `env.states` and fires the
@@ -1700,14 +1789,22 @@ impl RuleSet {
         env: &Env<'_>,
         mut fire: impl FnMut(&'a Rule, Plan),
     ) {
-        if env.states.set_availability(device, online, env.unix_ms).is_none() {
+        if env
+            .states
+            .set_availability(device, online, env.unix_ms)
+            .is_none()
+        {
             return;
         }
         let now_ms = self.since_epoch_ms(env.now);
         let word = if online { "online" } else { "offline" };
         for &i in &self.availability_rules {
             let r = &self.rules[i as usize];
-            let Trigger::Availability { device: d, online: want } = &r.trigger else {
+            let Trigger::Availability {
+                device: d,
+                online: want,
+            } = &r.trigger
+            else {
                 continue;
             };
             if !d.matches(device)
@@ -1776,7 +1873,8 @@ impl RuleSet {
     /// with the same name (a reload does not re-fire a rule inside its cooldown).
     pub(crate) fn inherit(&mut self, old: &RuleSet) {
         self.epoch = old.epoch;
-        let by_name: HashMap<&str, &Rule> = old.rules.iter().map(|r| (r.name.as_str(), r)).collect();
+        let by_name: HashMap<&str, &Rule> =
+            old.rules.iter().map(|r| (r.name.as_str(), r)).collect();
         for r in &mut self.rules {
             if let Some(o) = by_name.get(r.name.as_str()) {
                 r.last_fired = AtomicU64::new(o.last_fired.load(Ordering::Acquire));
@@ -1867,7 +1965,6 @@ fn rule_context(text: &str, offset: usize) -> Option<String> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1913,9 +2010,10 @@ cooldown_secs = 10
 
     fn cmd(p: &Plan, i: usize) -> (&str, serde_json::Value) {
         match &p.steps[i] {
-            Step::Command { topic, payload, .. } => {
-                (topic.as_str(), serde_json::from_str(payload).expect(payload))
-            }
+            Step::Command { topic, payload, .. } => (
+                topic.as_str(),
+                serde_json::from_str(payload).expect(payload),
+            ),
             s => panic!("step {i} is {s:?}"),
         }
     }
@@ -1932,7 +2030,13 @@ cooldown_secs = 10
         assert!(!r.matches("door-cam", "detection", &ev("cat", 0.99)));
         assert!(!r.matches("garden-cam", "detection", &ev("person", 0.99)));
         let st = States::default();
-        let plans = fire_event(&rs, "door-cam", "detection", &ev("person", 0.9), &env(&st, 0));
+        let plans = fire_event(
+            &rs,
+            "door-cam",
+            "detection",
+            &ev("person", 0.9),
+            &env(&st, 0),
+        );
         assert_eq!(plans.len(), 1);
         assert_eq!(
             plans[0].steps,
@@ -1950,10 +2054,25 @@ cooldown_secs = 10
         let t0 = Instant::now();
         let mut fired = 0;
         let e = ev("person", 0.9);
-        assert_eq!(rs.dispatch("door-cam", "detection", &e, t0, |_| fired += 1), 1);
-        rs.dispatch("door-cam", "detection", &e, t0 + Duration::from_secs(9), |_| fired += 1);
+        assert_eq!(
+            rs.dispatch("door-cam", "detection", &e, t0, |_| fired += 1),
+            1
+        );
+        rs.dispatch(
+            "door-cam",
+            "detection",
+            &e,
+            t0 + Duration::from_secs(9),
+            |_| fired += 1,
+        );
         assert_eq!(fired, 1);
-        rs.dispatch("door-cam", "detection", &e, t0 + Duration::from_secs(11), |_| fired += 1);
+        rs.dispatch(
+            "door-cam",
+            "detection",
+            &e,
+            t0 + Duration::from_secs(11),
+            |_| fired += 1,
+        );
         assert_eq!(fired, 2);
     }
 
@@ -1968,9 +2087,16 @@ cooldown_secs = 10
         assert_eq!(Pattern::compile("*"), Pattern::Any);
         // Four rules in four index buckets, interleaved in the file.
         let mut text = String::new();
-        for (i, (d, e)) in [("*", "*"), ("cam", "*"), ("cam", "det"), ("*", "det"), ("c*", "det"), ("other", "det")]
-            .iter()
-            .enumerate()
+        for (i, (d, e)) in [
+            ("*", "*"),
+            ("cam", "*"),
+            ("cam", "det"),
+            ("*", "det"),
+            ("c*", "det"),
+            ("other", "det"),
+        ]
+        .iter()
+        .enumerate()
         {
             text += &format!("[[rule]]\nname='r{i}'\n[rule.when]\ndevice='{d}'\nevent='{e}'\n[rule.then]\nactuator='a{i}'\npayload={{state='ON'}}\n");
         }
@@ -2066,7 +2192,10 @@ payload = { state = "ON" }
         // 2026-06-21 21:30 UTC = 23:30 local: night, sun down in London.
         let late = 1_782_077_400_000;
         let names = |env: &Env<'_>, e: &Event| -> Vec<String> {
-            fire_event(&rs, "cam", "det", e, env).into_iter().map(|p| p.rule).collect()
+            fire_event(&rs, "cam", "det", e, env)
+                .into_iter()
+                .map(|p| p.rule)
+                .collect()
         };
         assert_eq!(names(&env(&st, late), &e), ["night", "dark"]);
         // 12:00 UTC = 14:00 local: neither.
@@ -2075,13 +2204,26 @@ payload = { state = "ON" }
         let doc = serde_json::json!({"state": "ON"});
         st.set_state("tv", doc.as_object().unwrap(), late);
         st.set_availability("lamp", true, late);
-        assert_eq!(names(&env(&st, late + 30_000), &e), ["night", "dark"], "not for 60 s yet");
-        assert_eq!(names(&env(&st, late + 60_000), &e), ["night", "tv on for a minute", "dark"]);
-        assert_eq!(names(&env(&st, late + 60_000), &ev("person", 0.85)), ["night", "dark"], "score 0.85 < 0.9");
+        assert_eq!(
+            names(&env(&st, late + 30_000), &e),
+            ["night", "dark"],
+            "not for 60 s yet"
+        );
+        assert_eq!(
+            names(&env(&st, late + 60_000), &e),
+            ["night", "tv on for a minute", "dark"]
+        );
+        assert_eq!(
+            names(&env(&st, late + 60_000), &ev("person", 0.85)),
+            ["night", "dark"],
+            "score 0.85 < 0.9"
+        );
         st.set_availability("lamp", false, late + 60_000);
         assert_eq!(names(&env(&st, late + 61_000), &e), ["night", "dark"]);
         let r = &rs.rules()[1];
-        let why = r.conditions_hold(&env(&st, late + 61_000), rs.settings(), Some(0.95), true).unwrap_err();
+        let why = r
+            .conditions_hold(&env(&st, late + 61_000), rs.settings(), Some(0.95), true)
+            .unwrap_err();
         assert_eq!(why, "lamp is not online for 0s (now: offline)");
     }
 
@@ -2143,13 +2285,31 @@ payload = { state = "TOGGLE" }
         let st = States::default();
         let mut got = Vec::new();
         let doc = |v: serde_json::Value| v.as_object().unwrap().clone();
-        rs.on_state("front door", &doc(serde_json::json!({"contact": true})), &env(&st, 0), |_, p| got.push(p));
+        rs.on_state(
+            "front door",
+            &doc(serde_json::json!({"contact": true})),
+            &env(&st, 0),
+            |_, p| got.push(p),
+        );
         assert!(got.is_empty(), "first value: no `from`");
-        rs.on_state("front door", &doc(serde_json::json!({"contact": false, "battery": 90})), &env(&st, 1), |_, p| got.push(p));
+        rs.on_state(
+            "front door",
+            &doc(serde_json::json!({"contact": false, "battery": 90})),
+            &env(&st, 1),
+            |_, p| got.push(p),
+        );
         assert_eq!(got.len(), 1);
         let (_, v) = cmd(&got[0], 0);
-        assert_eq!((v["was"].clone(), v["now"].clone()), (serde_json::json!(true), serde_json::json!(false)));
-        rs.on_state("front door", &doc(serde_json::json!({"contact": false})), &env(&st, 2), |_, p| got.push(p));
+        assert_eq!(
+            (v["was"].clone(), v["now"].clone()),
+            (serde_json::json!(true), serde_json::json!(false))
+        );
+        rs.on_state(
+            "front door",
+            &doc(serde_json::json!({"contact": false})),
+            &env(&st, 2),
+            |_, p| got.push(p),
+        );
         assert_eq!(got.len(), 1, "no change, no firing");
 
         got.clear();
@@ -2162,7 +2322,14 @@ payload = { state = "TOGGLE" }
         got.clear();
         let seven = 20 * 86_400_000 + 7 * 3_600_000;
         let tick = |ms: u64, got: &mut Vec<Plan>| {
-            rs.on_tick(&Env { now: rs.epoch + Duration::from_millis(ms % 100_000), unix_ms: ms, states: &st }, |_, p| got.push(p))
+            rs.on_tick(
+                &Env {
+                    now: rs.epoch + Duration::from_millis(ms % 100_000),
+                    unix_ms: ms,
+                    states: &st,
+                },
+                |_, p| got.push(p),
+            )
         };
         tick(seven - 1000, &mut got);
         assert!(got.iter().all(|p| p.rule != "morning"));
@@ -2181,20 +2348,55 @@ payload = { state = "TOGGLE" }
     #[test]
     fn errors_name_file_rule_and_line() {
         let text = PORCH.replace("class = \"person\"", "clas = \"person\"");
-        let e = RuleSet::parse(&text, "rules.toml", "z").unwrap_err().to_string();
-        assert!(e.starts_with("rules.toml: rule #1 (\"porch light when someone is at the door\")"), "{e}");
-        assert!(e.contains("unknown field `clas`") && e.contains("line 7"), "{e}");
+        let e = RuleSet::parse(&text, "rules.toml", "z")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("rules.toml: rule #1 (\"porch light when someone is at the door\")"),
+            "{e}"
+        );
+        assert!(
+            e.contains("unknown field `clas`") && e.contains("line 7"),
+            "{e}"
+        );
 
         let text = format!("{PORCH}\n[[rule]]\nname = \"second\"\n[rule.when]\nclass = \"person\"\nmin_score = 1.5\n[rule.then]\nactuator = \"x\"\npayload = {{ state = \"ON\" }}\n");
-        let e = RuleSet::parse(&text, "rules.toml", "z").unwrap_err().to_string();
-        assert_eq!(e, "rules.toml:18: rule \"second\": when.min_score 1.5 must be within 0..=1");
+        let e = RuleSet::parse(&text, "rules.toml", "z")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "rules.toml:18: rule \"second\": when.min_score 1.5 must be within 0..=1"
+        );
 
-        let e = RuleSet::parse(&PORCH.replace("state = \"ON\"", "state = \"on\""), "r.toml", "z").unwrap_err().to_string();
-        assert!(e.starts_with("r.toml:11: rule \"porch light when someone is at the door\": then.payload.state"), "{e}");
-        let e = RuleSet::parse(&PORCH.replace("\"porch_light\"", "\"lights/#\""), "r.toml", "z").unwrap_err().to_string();
+        let e = RuleSet::parse(
+            &PORCH.replace("state = \"ON\"", "state = \"on\""),
+            "r.toml",
+            "z",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "r.toml:11: rule \"porch light when someone is at the door\": then.payload.state"
+            ),
+            "{e}"
+        );
+        let e = RuleSet::parse(
+            &PORCH.replace("\"porch_light\"", "\"lights/#\""),
+            "r.toml",
+            "z",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains(":10:") && e.contains("then.actuator"), "{e}");
-        let e = RuleSet::parse(&format!("{PORCH}{PORCH}"), "r.toml", "z").unwrap_err().to_string();
-        assert!(e.contains(":15:") && e.contains("duplicate rule name"), "{e}");
+        let e = RuleSet::parse(&format!("{PORCH}{PORCH}"), "r.toml", "z")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":15:") && e.contains("duplicate rule name"),
+            "{e}"
+        );
 
         let cases = [
             ("[[rule]]\nname='t'\n[rule.when]\nkind='time'\nat='25:00'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:5: rule \"t\": when.at `25:00` must be \"HH:MM\" or \"HH:MM:SS\""),
@@ -2206,15 +2408,25 @@ payload = { state = "TOGGLE" }
             ("[[rule]]\nname='t'\n[rule.when]\ntype='begin'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:4: rule \"t\": when.type `begin` must be one of new, update, end"),
         ];
         for (text, want) in cases {
-            assert_eq!(RuleSet::parse(text, "r", "z").unwrap_err().to_string(), want);
+            assert_eq!(
+                RuleSet::parse(text, "r", "z").unwrap_err().to_string(),
+                want
+            );
         }
-        let e = RuleSet::parse("[[rule]\nname=1\n", "r.toml", "z").unwrap_err().to_string();
+        let e = RuleSet::parse("[[rule]\nname=1\n", "r.toml", "z")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1"), "{e}");
     }
 
     #[test]
     fn shipped_example_is_valid() {
-        let rs = RuleSet::parse(include_str!("../../rules.example.toml"), "example", "zigbee2mqtt").unwrap();
+        let rs = RuleSet::parse(
+            include_str!("../../rules.example.toml"),
+            "example",
+            "zigbee2mqtt",
+        )
+        .unwrap();
         assert!(rs.len() >= 2);
         assert!(rs.rules()[1].matches("kitchen-plug", "appliance", &ev("microwave", 0.95)));
     }

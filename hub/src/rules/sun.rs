@@ -34,7 +34,11 @@ mod tests {
     fn noon_and_midnight_in_london_and_the_polar_night() {
         // 2026-06-21 12:00 UTC and 00:00 UTC at Greenwich.
         let noon = 1_782_043_200_000;
-        assert!((elevation(51.48, 0.0, noon) - 62.0).abs() < 0.5, "{}", elevation(51.48, 0.0, noon));
+        assert!(
+            (elevation(51.48, 0.0, noon) - 62.0).abs() < 0.5,
+            "{}",
+            elevation(51.48, 0.0, noon)
+        );
         assert!(is_up(51.48, 0.0, noon));
         assert!(!is_up(51.48, 0.0, noon - 12 * 3_600_000));
         // Tromsø at 11:00 UTC (about solar noon) on 2026-12-21: polar night.

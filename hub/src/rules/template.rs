@@ -337,7 +337,12 @@ mod tests {
         let t = Template::compile(&v).unwrap();
         assert!(t.is_constant());
         assert_eq!(t.render(&F), r#"{"b":true,"f":0.5,"n":3,"state":"ON"}"#);
-        for bad in ["x = '{{ score'", "x = '{{ a b }}'", "x = 'a }}'", "x = '{{}}'"] {
+        for bad in [
+            "x = '{{ score'",
+            "x = '{{ a b }}'",
+            "x = 'a }}'",
+            "x = '{{}}'",
+        ] {
             let v: toml::Value = toml::from_str(bad).unwrap();
             assert!(Template::compile(&v).is_err(), "{bad}");
         }
