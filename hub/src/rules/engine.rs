@@ -284,10 +284,13 @@ pub(crate) struct Executor {
     debounce: Mutex<HashMap<String, u64>>,
     /// The subscriber's client and its filter list (re-sent at every ConnAck), to follow
     /// the topics new rules need after a reload.
-    subs: Mutex<Option<(rumqttc::AsyncClient, Arc<Mutex<Vec<String>>>)>>,
+    subs: Mutex<Option<Subscriber>>,
 }
 
 type Fired<'a> = Vec<(&'a Rule, Plan)>;
+
+/// The subscriber's client and the filters it (re)subscribes at every ConnAck.
+type Subscriber = (rumqttc::AsyncClient, Arc<Mutex<Vec<String>>>);
 
 impl Executor {
     pub(crate) fn new(
