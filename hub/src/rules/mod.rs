@@ -2438,3 +2438,47 @@ payload = { state = "TOGGLE" }
         assert!(RuleSet::parse("", "r", "z").unwrap().is_empty());
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// 60 rules with conditions and templates, routed 200k times; prints ns per event.
+    /// `cargo nextest run -p hearth-hub --run-ignored only rules_per_event_cost`
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn rules_per_event_cost() {
+        let mut text = String::new();
+        for i in 0..60 {
+            text += &format!(
+                "[[rule]]\nname='r{i}'\n[rule.when]\ndevice='dev-{}'\nevent='detection'\nclass='person'\nmin_score=0.5\n\
+                 [[rule.condition]]\nkind='time'\nafter='00:00'\nbefore='23:59:59'\n\
+                 [[rule.condition]]\nkind='score'\nmin=0.6\n\
+                 [rule.then]\nactuator='act-{i}'\npayload={{state='ON', id='{{{{ id }}}}', score='{{{{ score }}}}', by='{{{{ device }}}}'}}\n",
+                i % 20
+            );
+        }
+        text += "[[rule]]\nname='glob'\n[rule.when]\ndevice='cam-*'\n[rule.then]\nactuator='g'\npayload={state='ON'}\n";
+        let rs = RuleSet::parse(&text, "bench", "z2m").unwrap();
+        let st = States::default();
+        let ev = Event {
+            class: "person".into(),
+            score: 0.9,
+            model: "m@1".into(),
+            ts: "2026-01-01T00:00:00Z".into(),
+            id: Some("id-123".into()),
+            kind: Some("new".into()),
+        };
+        let raw = ev.to_json();
+        let n = 200_000u32;
+        let t0 = Instant::now();
+        let mut fired = 0usize;
+        for i in 0..n {
+            let device = if i % 2 == 0 { "dev-7" } else { "other" };
+            let env = Env { now: Instant::now(), unix_ms: 1_000_000, states: &st };
+            rs.on_event(device, "detection", &ev, &raw, &env, |_, p| fired += p.steps.len());
+        }
+        let per = t0.elapsed().as_nanos() / u128::from(n);
+        println!("{per} ns per event (half of them fire 3 rules with templates), {fired} commands");
+    }
+}
