@@ -482,9 +482,11 @@ async fn hot_reload_takes_good_files_and_keeps_the_last_good_rules() {
         "zigbee2mqtt/porch_light/set"
     );
 
-    // A good change: the door now turns on the hall light (and availability of the new
-    // actuator is followed: `hall_light` offline holds its commands).
-    std::fs::write(&path, one.replace("porch_light", "hall_light")).unwrap();
+    // A good change: the door now turns on the hall light, and a new state rule needs a
+    // topic the hub did not follow before (`zigbee2mqtt/tv`).
+    let tv = "\n[[rule]]\nname = \"tv\"\n[rule.when]\nkind = \"state\"\ndevice = \"tv\"\nto = \"ON\"\n[rule.then]\nactuator = \"dim\"\npayload = { brightness = 10 }\n";
+    let two = one.replace("porch_light", "hall_light") + tv;
+    std::fs::write(&path, &two).unwrap();
     let t0 = Instant::now();
     while hub.rules_reloads().0 < 1 {
         assert!(t0.elapsed() < WAIT, "no reload");
@@ -495,14 +497,24 @@ async fn hot_reload_takes_good_files_and_keeps_the_last_good_rules() {
         until_barrier(&agent, &mut rx).await[0].0,
         "zigbee2mqtt/hall_light/set"
     );
+    // The hub follows the new state topic (a state change gets through, bounded retries).
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the reloaded rules' state topic is not followed"
+        );
+        publish(&agent, "zigbee2mqtt/tv", r#"{"state":"OFF"}"#).await;
+        publish(&agent, "zigbee2mqtt/tv", r#"{"state":"ON"}"#).await;
+        let got = until_barrier(&agent, &mut rx).await;
+        if got.iter().any(|(t, _)| t == "zigbee2mqtt/dim/set") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A bad change (an unknown field on line 8): refused, counted, last good rules stay.
-    std::fs::write(
-        &path,
-        one.replace("porch_light", "hall_light")
-            .replace("payload", "paylod"),
-    )
-    .unwrap();
+    std::fs::write(&path, two.replace("payload", "paylod")).unwrap();
     let t0 = Instant::now();
     while hub.rules_reloads().1 < 1 {
         assert!(t0.elapsed() < WAIT, "no refused reload");
@@ -527,7 +539,7 @@ async fn hot_reload_takes_good_files_and_keeps_the_last_good_rules() {
         m.contains("hearth_hub_rules_reloads_total{result=\"error\"} 2\n"),
         "{m}"
     );
-    assert_eq!(hub.rules().len(), 2);
+    assert_eq!(hub.rules().len(), 3);
     hub.shutdown().await;
 }
 

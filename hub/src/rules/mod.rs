@@ -1307,12 +1307,14 @@ impl RuleSet {
                         }
                     }
                 }
-                other => return Err(invalid(
-                    kind_span,
-                    format!(
+                other => {
+                    return Err(invalid(
+                        kind_span,
+                        format!(
                         "when.kind `{other}` must be event, state, availability, time or interval"
                     ),
-                )),
+                    ))
+                }
             };
 
             // Conditions.
@@ -2475,15 +2477,27 @@ mod speed {
         let mut fired = 0usize;
         for i in 0..n {
             let device = if i % 2 == 0 { "dev-7" } else { "cam-x" };
-            let env = Env { now: Instant::now(), unix_ms: 1_000_000, states: &st };
-            rs.on_event(device, "detection", &ev, &raw, &env, |_, p| fired += p.steps.len());
+            let env = Env {
+                now: Instant::now(),
+                unix_ms: 1_000_000,
+                states: &st,
+            };
+            rs.on_event(device, "detection", &ev, &raw, &env, |_, p| {
+                fired += p.steps.len()
+            });
         }
         let per = t0.elapsed().as_nanos() / u128::from(n);
         println!("{per} ns per event (half fire 3 rules with templates, half 1 glob rule), {fired} commands");
         let t0 = Instant::now();
         for _ in 0..n {
-            let env = Env { now: Instant::now(), unix_ms: 1_000_000, states: &st };
-            rs.on_event("nobody", "detection", &ev, &raw, &env, |_, p| fired += p.steps.len());
+            let env = Env {
+                now: Instant::now(),
+                unix_ms: 1_000_000,
+                states: &st,
+            };
+            rs.on_event("nobody", "detection", &ev, &raw, &env, |_, p| {
+                fired += p.steps.len()
+            });
         }
         let per = t0.elapsed().as_nanos() / u128::from(n);
         println!("{per} ns per event that matches no rule");
