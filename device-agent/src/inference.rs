@@ -130,6 +130,7 @@ impl Loaded {
             model: self.tag(),
             ts: humantime::format_rfc3339_millis(at).to_string(),
             id: None,
+            kind: None,
         };
         ev.validate()
             .map_err(|e| Error::Protocol(format!("refusing to publish an invalid event: {e}")))?;

@@ -18,6 +18,11 @@
 //! command_ids = true                        # "hearth_id" in every command
 //! state_file = "/var/lib/hearth/hub-outbox.jsonl"   # optional; in memory when absent
 //!
+//! [rules_engine]                            # see `crate::rules::engine`
+//! reload_secs = 2                           # check the rules file this often; 0 = SIGHUP only
+//! history = "/var/lib/hearth/rules-history" # sled directory; temporary when absent
+//! history_max = 10000                       # firings kept
+//!
 //! [mqtt_auth]                               # see `crate::auth`
 //! dir = "hearth-credentials"                # credential store: passwd, acl, keys (created 0750)
 //! allow_anonymous = false                   # embedded broker: clients must log in
@@ -45,6 +50,7 @@ use hearth_edge::{ClientSettings, MqttUrl};
 
 use crate::delivery::DeliveryConfig;
 use crate::error::Error;
+use crate::rules::engine::RulesEngineConfig;
 
 /// Default embedded broker address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
@@ -87,6 +93,8 @@ pub struct Config {
     pub connect_timeout_secs: u64,
     /// Command delivery: sessions, holding for offline actuators, the outbox file.
     pub delivery: DeliveryConfig,
+    /// The rules engine: reload interval, firing history.
+    pub rules_engine: RulesEngineConfig,
     /// MQTT credentials: the store, the embedded broker's login rule, refresh authorisation.
     pub mqtt_auth: MqttAuthConfig,
     /// The MQTT broker: embedded (default) or external.
@@ -108,6 +116,7 @@ impl std::fmt::Debug for Config {
             .field("follow_models", &self.follow_models)
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("delivery", &self.delivery)
+            .field("rules_engine", &self.rules_engine)
             .field("broker", &self.broker)
             .field("mqtt_auth", &self.mqtt_auth)
             .finish_non_exhaustive()
@@ -158,6 +167,7 @@ impl Default for Config {
             follow_models: Vec::new(),
             connect_timeout_secs: 10,
             delivery: DeliveryConfig::default(),
+            rules_engine: RulesEngineConfig::default(),
             mqtt_auth: MqttAuthConfig::default(),
             broker: BrokerConfig::default(),
         }
@@ -432,15 +442,21 @@ impl Config {
 ";
         let (rest, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
         let (rest, auth) = rest.split_at(rest.find("[mqtt_auth]").unwrap_or(rest.len()));
+        let (rest, engine) = rest.split_at(rest.find("[rules_engine]").unwrap_or(rest.len()));
         let (top, delivery) = rest.split_at(rest.find("[delivery]").unwrap_or(rest.len()));
+        let history = "\
+# history = \"/var/lib/hearth/rules-history\"  # firing history kept across restarts (sled; temporary if absent)
+
+";
         let auth_note = "\
 # The credential store (created on first start; `hearth-hub provision-device` adds devices).
 # refresh: \"signed\" (admins sign requests with <dir>/refresh.key), \"broker_acl\"
 # (Mosquitto's ACL decides; external broker only) or \"off\".
 ";
         format!(
-            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{auth_note}{auth}{broker}{external}",
-            delivery.trim_end()
+            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{}\n{history}{auth_note}{auth}{broker}{external}",
+            delivery.trim_end(),
+            engine.trim_end()
         )
     }
 
@@ -535,6 +551,7 @@ impl Config {
             }
         }
         self.delivery.validate().map_err(Error::Config)?;
+        self.rules_engine.validate().map_err(Error::Config)?;
         if !(1..=300).contains(&self.connect_timeout_secs) {
             return bad("connect_timeout_secs must be within 1..=300".into());
         }

@@ -122,6 +122,10 @@ pub struct Command {
     pub payload: String,
     /// When the rule fired, ms since the Unix epoch.
     pub at_ms: u64,
+    /// When the event that caused it was received (for the event → command latency
+    /// histogram); not persisted.
+    #[serde(skip)]
+    pub received: Option<std::time::Instant>,
 }
 
 /// The rule's JSON object with `"hearth_id":"<id>"` added (rules render non-empty objects).
@@ -500,6 +504,9 @@ impl Outbox {
         };
         let e = self.entries.remove(i).expect("index in range");
         Metrics::inc(&self.metrics.commands_acked);
+        if let Some(t) = e.cmd.received {
+            self.metrics.event_to_command.observe(t.elapsed());
+        }
         if e.held {
             Metrics::inc(&self.metrics.commands_delivered_late);
         }
@@ -528,8 +535,15 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    /// Queues a command for `actuator` (waits while the delivery task is busy).
-    pub(crate) async fn command(&self, actuator: &str, topic: &str, payload: &[u8]) -> bool {
+    /// Queues a command for `actuator` (waits while the delivery task is busy); `received`
+    /// is when the event that caused it arrived (latency is measured to its PubAck).
+    pub(crate) async fn command_at(
+        &self,
+        actuator: &str,
+        topic: &str,
+        payload: &[u8],
+        received: Option<std::time::Instant>,
+    ) -> bool {
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}-{n}", self.prefix);
         let payload = if self.ids {
@@ -543,6 +557,7 @@ impl Sender {
             topic: topic.to_string(),
             payload,
             at_ms: now_ms(),
+            received,
         };
         self.tx.send(Msg::Command(cmd)).await.is_ok()
     }
@@ -703,6 +718,7 @@ mod tests {
             topic: format!("z2m/{actuator}/set"),
             payload: with_id(br#"{"state":"ON"}"#, id),
             at_ms,
+            received: None,
         }
     }
 

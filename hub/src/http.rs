@@ -2,6 +2,8 @@
 //!
 //! - `GET /metrics`: Prometheus text exposition 0.0.4 (counters and registry gauges);
 //! - `GET /devices`: the device registry as JSON;
+//! - `GET /rules/history?rule=<name>&limit=<n>`: the rules' firing history as JSON,
+//!   newest first (what `hearth-hub rules history` reads while the hub runs);
 //! - `GET /healthz`: `200 ok` while the hub's MQTT connections (subscriber and publisher)
 //!   are up and, with the embedded broker, its thread runs; `503` with the reason otherwise.
 //!
@@ -30,6 +32,8 @@ pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=ut
 pub(crate) struct Status {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
+    /// The rules engine (firings, reloads, history).
+    pub engine: Option<Arc<crate::rules::engine::Engine>>,
     /// The hub's MQTT connections, by name.
     pub links: Vec<(&'static str, Arc<LinkStatus>)>,
     /// Whether the embedded broker thread runs (`None` with an external broker).
@@ -68,6 +72,100 @@ pub fn render(metrics: &Metrics, registry: &Registry) -> String {
     s
 }
 
+/// Everything `/metrics` serves: counters, registry gauges, rules, and the state of each
+/// MQTT connection (`hearth_hub_mqtt_connected{link}`) and of the embedded broker.
+pub(crate) fn render_status(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = render(&s.metrics, &s.registry);
+    if let Some(e) = &s.engine {
+        e.render_prometheus(&mut out);
+    }
+    out.push_str("# HELP hearth_hub_mqtt_connected Whether each of the hub's MQTT connections is up (1) or down (0).
+");
+    out.push_str(
+        "# TYPE hearth_hub_mqtt_connected gauge
+",
+    );
+    for (name, l) in &s.links {
+        let _ = writeln!(
+            out,
+            "hearth_hub_mqtt_connected{{link=\"{name}\"}} {}",
+            u8::from(l.is_up())
+        );
+    }
+    if let Some(running) = &s.broker_running {
+        out.push_str(
+            "# HELP hearth_hub_embedded_broker_running Whether the embedded broker thread runs.
+",
+        );
+        out.push_str(
+            "# TYPE hearth_hub_embedded_broker_running gauge
+",
+        );
+        let _ = writeln!(
+            out,
+            "hearth_hub_embedded_broker_running {}",
+            u8::from(running())
+        );
+    }
+    out
+}
+
+/// `rule` and `limit` from a query string (`%XX` and `+` decoded).
+fn history_query(q: Option<&str>) -> (Option<String>, usize) {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                },
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    let (mut rule, mut limit) = (None, 100);
+    for pair in q.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("rule", v)) => rule = Some(decode(v)),
+            Some(("limit", v)) => limit = v.parse().unwrap_or(100),
+            _ => {}
+        }
+    }
+    (rule, limit.min(10_000))
+}
+
+async fn rules_history(State(s): State<Status>, uri: axum::http::Uri) -> impl IntoResponse {
+    let (rule, limit) = history_query(uri.query());
+    let q = HistoryArgs { rule };
+    let list = match &s.engine {
+        Some(e) => {
+            let e = e.clone();
+            tokio::task::spawn_blocking(move || e.history.list(q.rule.as_deref(), limit))
+                .await
+                .unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()),
+    )
+}
+
+struct HistoryArgs {
+    rule: Option<String>,
+}
+
 fn devices_json(registry: &Registry) -> String {
     let devices: Vec<serde_json::Value> = registry
         .snapshot()
@@ -88,7 +186,7 @@ fn devices_json(registry: &Registry) -> String {
 async fn metrics(State(s): State<Status>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
-        render(&s.metrics, &s.registry),
+        render_status(&s),
     )
 }
 
@@ -109,7 +207,7 @@ async fn healthz(State(s): State<Status>) -> impl IntoResponse {
 async fn not_found() -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,
-        "not found: try /metrics, /devices or /healthz\n",
+        "not found: try /metrics, /devices, /rules/history or /healthz\n",
     )
 }
 
@@ -118,6 +216,7 @@ pub(crate) fn router(status: Status) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/devices", get(devices))
+        .route("/rules/history", get(rules_history))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(status)
@@ -146,6 +245,7 @@ mod tests {
         Status {
             metrics: Arc::new(Metrics::new()),
             registry: Arc::new(Registry::new()),
+            engine: None,
             links,
             broker_running: None,
         }
@@ -168,5 +268,10 @@ mod tests {
         let r = Registry::new();
         assert!(render(&m, &r).contains("hearth_hub_events_received_total 0"));
         assert_eq!(devices_json(&r), "[]");
+        assert_eq!(
+            history_query(Some("rule=porch+light%21&limit=5")),
+            (Some("porch light!".to_string()), 5)
+        );
+        assert_eq!(history_query(None), (None, 100));
     }
 }

@@ -48,6 +48,8 @@ pub use error::Error;
 pub use federation::{refresh, start_round, RoundInfo, RoundPhase};
 pub use metrics::{DropReason, InvalidKind, Metrics};
 pub use registry::{Availability, DeviceInfo, Registry};
+pub use rules::engine::{Reloaded, RulesEngineConfig};
+pub use rules::history::Firing;
 pub use rules::{RuleSet, RulesError};
 
 use router::{RefreshGuard, RefreshTarget, Router};
@@ -71,7 +73,8 @@ pub struct HubHandle {
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
-    rules: Arc<RuleSet>,
+    engine: Arc<rules::engine::Engine>,
+    exec: Arc<rules::engine::Executor>,
     shutdown_tx: watch::Sender<bool>,
     publisher: AsyncClient,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
@@ -87,7 +90,7 @@ impl std::fmt::Debug for HubHandle {
         f.debug_struct("HubHandle")
             .field("mqtt_addr", &self.mqtt_addr)
             .field("metrics_addr", &self.metrics_addr)
-            .field("rules", &self.rules.len())
+            .field("rules", &self.engine.current().len())
             .finish_non_exhaustive()
     }
 }
@@ -142,14 +145,34 @@ impl HubHandle {
         self.registry.clone()
     }
 
-    /// The loaded rules.
+    /// The rules in force.
     pub fn rules(&self) -> Arc<RuleSet> {
-        self.rules.clone()
+        self.engine.current()
     }
 
-    /// The metrics endpoint's text (counters and registry gauges).
+    /// Re-reads the rules file now (what SIGHUP does). On an error the last good rules
+    /// stay in force; the error is also logged and counted.
+    pub fn reload_rules(&self) -> Result<Reloaded, RulesError> {
+        self.exec.reload(true).unwrap_or(Ok(Reloaded::Unchanged))
+    }
+
+    /// Successful and refused rules reloads so far.
+    pub fn rules_reloads(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.engine.reloads.load(Relaxed),
+            self.engine.reload_failures.load(Relaxed),
+        )
+    }
+
+    /// Firing history, newest first (optionally of one rule).
+    pub fn rules_history(&self, rule: Option<&str>, limit: usize) -> Vec<Firing> {
+        self.engine.history.list(rule, limit)
+    }
+
+    /// The metrics endpoint's text (counters, registry gauges, rules, connections).
     pub fn render_metrics(&self) -> String {
-        http::render(&self.metrics, &self.registry)
+        http::render_status(&self.status)
     }
 
     /// `Ok` while the hub's MQTT connections are up (and the embedded broker runs), else
@@ -172,6 +195,7 @@ impl HubHandle {
             tasks,
             pub_task,
             broker,
+            engine,
             ..
         } = self;
         let _ = shutdown_tx.send(true);
@@ -182,6 +206,10 @@ impl HubHandle {
         let _ = publisher.try_disconnect();
         drop(publisher);
         stop_task("mqtt publisher", pub_task).await;
+        // Writes the queued firings and releases the history database.
+        tokio::task::spawn_blocking(move || engine.history.close())
+            .await
+            .ok();
         if broker.is_some() {
             tracing::info!(
                 "hub stopped (the embedded broker keeps running until the process exits)"
@@ -207,7 +235,7 @@ async fn subscriber_loop(
     mut conn: Connection,
     client: AsyncClient,
     router: Router,
-    filters: Vec<String>,
+    filters: Arc<std::sync::Mutex<Vec<String>>>,
     mut shutdown: watch::Receiver<bool>,
     mut ready: Option<oneshot::Sender<()>>,
 ) {
@@ -226,9 +254,12 @@ async fn subscriber_loop(
             }
             Some(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 Metrics::inc(&router.metrics.mqtt_connects);
-                let subs = filters
+                let subs: Vec<_> = filters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
                     .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+                    .collect();
                 if let Err(e) = client.try_subscribe_many(subs) {
                     tracing::error!(error = %e, "cannot subscribe");
                 }
@@ -250,6 +281,29 @@ async fn subscriber_loop(
     }
     // Best effort clean disconnect, bounded.
     conn.disconnect(&client, Duration::from_millis(500)).await;
+}
+
+/// Fires time and interval rules, and reloads the rules file when it changes (every
+/// `reload_secs`; 0 = never, SIGHUP only).
+async fn rules_timers(
+    exec: Arc<rules::engine::Executor>,
+    reload_secs: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(rules::engine::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_poll = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            _ = tick.tick() => {}
+        }
+        exec.tick().await;
+        if reload_secs > 0 && last_poll.elapsed() >= Duration::from_secs(reload_secs) {
+            last_poll = tokio::time::Instant::now();
+            let _ = exec.reload(false);
+        }
+    }
 }
 
 /// Polls the publisher connection until a Disconnect has been sent or every client handle is gone.
@@ -277,10 +331,24 @@ async fn publisher_loop(
 /// follower. Returns once events are being routed.
 pub async fn start(config: Config) -> Result<HubHandle, Error> {
     config.validate()?;
-    let rules = Arc::new(match &config.rules {
+    let rules = match &config.rules {
         Some(p) => RuleSet::load(p, &config.actuator_base)?,
         None => RuleSet::empty(),
-    });
+    };
+    let history = {
+        let path = config.rules_engine.history.clone();
+        let max = config.rules_engine.history_max;
+        tokio::task::spawn_blocking(move || rules::history::History::open(path.as_deref(), max))
+            .await
+            .map_err(|e| Error::Config(format!("history start-up task failed: {e}")))?
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    };
+    let engine = Arc::new(rules::engine::Engine::new(
+        rules,
+        config.rules.clone(),
+        &config.actuator_base,
+        history,
+    ));
     let connect_timeout = Duration::from_secs(config.connect_timeout_secs);
     let embedded = matches!(config.broker, BrokerConfig::Embedded { .. });
     let auth = &config.mqtt_auth;
@@ -453,22 +521,45 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         }),
         _ => None,
     };
+    let refresh_gate = Arc::new(Semaphore::new(1));
+    let refresh_fn: rules::engine::RefreshFn = {
+        let (target, gate, metrics) = (
+            refresh_target.clone(),
+            refresh_gate.clone(),
+            metrics.clone(),
+        );
+        Arc::new(move |model: &str| {
+            Metrics::inc(&metrics.refresh_requests);
+            router::start_refresh(target.clone(), &gate, &metrics, model, "rule")
+        })
+    };
+    let exec = Arc::new(rules::engine::Executor::new(
+        engine.clone(),
+        commands.clone(),
+        refresh_fn,
+        metrics.clone(),
+    ));
+    let filters = Arc::new(std::sync::Mutex::new(router::subscriptions(
+        &engine.current(),
+        &config.actuator_base,
+    )));
+    exec.set_subscriber(sub_client.clone(), filters.clone());
     let router = Router {
-        rules: rules.clone(),
+        exec: exec.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
         commands,
         actuator_base: config.actuator_base.clone(),
         refresh: refresh_target.clone(),
         refresh_guard,
-        refresh_gate: Arc::new(Semaphore::new(1)),
+        refresh_gate,
     };
     let (sub_ready_tx, sub_ready) = oneshot::channel();
     let sub_task = tokio::spawn(subscriber_loop(
         sub_conn,
         sub_client,
         router,
-        router::subscriptions(&rules, &config.actuator_base),
+        filters,
         shutdown_rx.clone(),
         Some(sub_ready_tx),
     ));
@@ -476,6 +567,14 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = vec![
         ("mqtt subscriber", sub_task),
         ("command delivery", cmd_task),
+        (
+            "rules timers",
+            tokio::spawn(rules_timers(
+                exec.clone(),
+                config.rules_engine.reload_secs,
+                shutdown_rx.clone(),
+            )),
+        ),
     ];
     let both_ready = async {
         let (a, b, c) = tokio::join!(pub_ready, sub_ready, cmd_ready);
@@ -504,6 +603,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let status = http::Status {
         metrics: metrics.clone(),
         registry: registry.clone(),
+        engine: Some(engine.clone()),
         links: vec![
             ("subscriber", sub_status),
             ("publisher", pub_status),
@@ -535,7 +635,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     }
     tracing::info!(
         broker = %public_url,
-        rules = rules.len(),
+        rules = engine.current().len(),
         metrics = ?metrics_addr,
         coordinator = ?config.coordinator,
         "hub started"
@@ -546,7 +646,8 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         metrics_addr,
         metrics,
         registry,
-        rules,
+        engine,
+        exec,
         shutdown_tx,
         publisher,
         tasks,

@@ -1,5 +1,6 @@
-//! `hearth-hub`: the hub binary. Thin: flags → [`hearth_hub::Config`] → [`hearth_hub::run`]
-//! until SIGINT/SIGTERM.
+//! `hearth-hub`: the hub binary. Thin: flags → [`hearth_hub::Config`] → [`hearth_hub::start`]
+//! until SIGINT/SIGTERM; SIGHUP reloads the rules file. `hearth-hub rules test|check|history`
+//! work on rules files and the firing history without a broker.
 //!
 //! Exit codes: 0 after a clean stop (and for `--help`, `--version`,
 //! `--print-default-config`); 64 for a bad flag, configuration or rules file; 69 when a port
@@ -81,12 +82,58 @@ enum Command {
         #[arg(long)]
         mqtt_url: Option<String>,
     },
+    /// Rules files and the firing history: `rules test`, `rules check`, `rules history`.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Print a refresh request for `hearth/federation/refresh`, signed with the hub's refresh
     /// key (admins only: the key is in the credential store), valid for 5 minutes, once:
     /// `mosquitto_pub -t hearth/federation/refresh -m "$(hearth-hub refresh-request plaid)"`.
     RefreshRequest {
         /// Model name.
         model: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCommand {
+    /// Which rules an event would fire and exactly what they would publish (no broker
+    /// needed; conditions on device state see what `--state` gives, time conditions the
+    /// current time). Exit 0, or 64 when the file or the event is invalid.
+    Test {
+        /// Rules file.
+        file: PathBuf,
+        /// The event payload, e.g. '{"class":"person","score":0.9,"model":"m@1","ts":"t"}'.
+        #[arg(long)]
+        event: String,
+        /// The topic it arrives on.
+        #[arg(long, default_value = "hearth/test-device/event/detection")]
+        topic: String,
+        /// A device's state for state conditions, `device={"state":"ON"}` (repeatable).
+        #[arg(long = "state", value_name = "DEVICE=JSON")]
+        states: Vec<String>,
+        /// Actuator base topic (default: from --config, else zigbee2mqtt).
+        #[arg(long)]
+        actuator_base: Option<String>,
+    },
+    /// Validate a rules file: prints the rules, or the problem with its line (exit 64).
+    Check {
+        /// Rules file.
+        file: PathBuf,
+    },
+    /// The rules' firing history, newest first: from `[rules_engine] history`, or from the
+    /// running hub's `/rules/history` (metrics_listen) while it holds the database.
+    History {
+        /// Only this rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Most entries shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -291,6 +338,197 @@ fn provision_cmd(
     Ok(())
 }
 
+fn rules_base(cli: &Cli, flag: &Option<String>) -> Result<String, Error> {
+    Ok(match flag {
+        Some(b) => b.clone(),
+        None => store_config(cli)?.actuator_base,
+    })
+}
+
+fn print_steps(steps: &[hearth_hub::rules::Step]) {
+    use hearth_hub::rules::Step;
+    for s in steps {
+        match s {
+            Step::Command { topic, payload, .. } => println!("  publish {topic} {payload}"),
+            Step::Delay(d) => println!("  wait {}s", d.as_secs_f64()),
+            Step::Refresh(m) => println!("  refresh model {m} (a federated round)"),
+        }
+    }
+}
+
+fn rules_test_cmd(
+    cli: &Cli,
+    file: &std::path::Path,
+    event: &str,
+    topic: &str,
+    states: &[String],
+    base: &Option<String>,
+) -> Result<(), Error> {
+    use hearth_hub::rules::{Env, EventFields, States};
+    let base = rules_base(cli, base)?;
+    let rules = hearth_hub::RuleSet::load(file, &base)?;
+    let Some((device, name)) = hearth_proto::mqtt::parse_event_topic(topic) else {
+        return Err(Error::Config(format!(
+            "--topic `{topic}` is not an event topic hearth/<device>/event/<name>"
+        )));
+    };
+    let ev = hearth_proto::mqtt::Event::parse(event.as_bytes()).map_err(|e| {
+        Error::Config(format!(
+            "--event: the hub would drop this event (privacy guard): {e}"
+        ))
+    })?;
+    let st = States::default();
+    let now = hearth_hub::delivery::now_ms();
+    for s in states {
+        let Some((d, json)) = s.split_once('=') else {
+            return Err(Error::Config(format!(
+                "--state `{s}`: expected DEVICE=JSON"
+            )));
+        };
+        let doc: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(json).map_err(|e| Error::Config(format!("--state `{s}`: {e}")))?;
+        // Known for a day: `for_secs` conditions hold.
+        st.set_state(d, &doc, now.saturating_sub(86_400_000));
+    }
+    let env = Env {
+        now: std::time::Instant::now(),
+        unix_ms: now,
+        states: &st,
+    };
+    println!("event {topic} {event}");
+    let mut fired = 0;
+    for r in rules.rules() {
+        let mut f = EventFields::new(device, name, &ev, event.as_bytes());
+        f.rule = &r.name;
+        let verdict = r
+            .explain_event(&f)
+            .and_then(|()| r.conditions_hold(&env, rules.settings(), Some(ev.score), true));
+        match verdict {
+            Ok(()) => {
+                fired += 1;
+                let mut extra = String::new();
+                if !r.debounce.is_zero() {
+                    extra = format!(
+                        " (after {}s without another trigger)",
+                        r.debounce.as_secs_f64()
+                    );
+                }
+                println!("FIRES {:?} (line {}){extra}", r.name, r.line);
+                print_steps(&r.plan(&f, String::new()).steps);
+            }
+            Err(why) => println!("no    {:?} (line {}): {why}", r.name, r.line),
+        }
+    }
+    println!("{fired} of {} rules would fire", rules.len());
+    Ok(())
+}
+
+fn rules_check_cmd(cli: &Cli, file: &std::path::Path) -> Result<(), Error> {
+    let rules = hearth_hub::RuleSet::load(file, &rules_base(cli, &None)?)?;
+    for r in rules.rules() {
+        println!(
+            "{:?} (line {}): {} trigger, {} condition(s), {} action(s)",
+            r.name,
+            r.line,
+            r.trigger_kind(),
+            r.conditions.len(),
+            r.actions.len()
+        );
+    }
+    println!("{}: {} rules, valid", file.display(), rules.len());
+    Ok(())
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0 (the hub's own status endpoint).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.take(64 << 20).read_to_string(&mut body)?;
+    let (head, rest) = body
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("malformed HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
+    }
+    Ok(rest.to_string())
+}
+
+fn rules_history_cmd(cli: &Cli, rule: Option<&str>, limit: usize, json: bool) -> Result<(), Error> {
+    let cfg = store_config(cli)?;
+    let Some(path) = &cfg.rules_engine.history else {
+        return Err(Error::Config(
+            "no [rules_engine] history in the configuration: the history is not persisted".into(),
+        ));
+    };
+    let list = match hearth_hub::rules::history::open_tree(Some(path)) {
+        Ok(tree) => hearth_hub::rules::history::list(&tree, rule, limit),
+        Err(open_err) => {
+            // The running hub holds the database: ask it.
+            let Some(addr) = cfg.metrics_listen else {
+                return Err(Error::Io(std::io::Error::other(format!(
+                    "{open_err} (a running hub holds it; set metrics_listen to read it from the hub)"
+                ))));
+            };
+            let mut q = format!("/rules/history?limit={limit}");
+            if let Some(r) = rule {
+                q.push_str("&rule=");
+                for b in r.bytes() {
+                    if b.is_ascii_alphanumeric() {
+                        q.push(b as char);
+                    } else {
+                        q.push_str(&format!("%{b:02X}"));
+                    }
+                }
+            }
+            let body = http_get(addr, &q).map_err(|e| {
+                Error::Io(std::io::Error::other(format!(
+                    "{open_err}; and the hub at {addr}: {e}"
+                )))
+            })?;
+            serde_json::from_str(&body)
+                .map_err(|e| Error::Io(std::io::Error::other(format!("hub answered: {e}"))))?
+        }
+    };
+    for f in &list {
+        if json {
+            println!("{}", serde_json::to_string(f).expect("serialises"));
+            continue;
+        }
+        let secs = f.at_ms / 1000;
+        let (d, t) = (secs / 86_400, secs % 86_400);
+        println!(
+            "#{} day {} {:02}:{:02}:{:02}.{:03} UTC {:?} ({})",
+            f.seq,
+            d,
+            t / 3600,
+            t / 60 % 60,
+            t % 60,
+            f.at_ms % 1000,
+            f.rule,
+            f.trigger
+        );
+        for c in &f.commands {
+            if c.after_secs > 0.0 {
+                println!("  +{}s {} {}", c.after_secs, c.topic, c.payload);
+            } else {
+                println!("  {} {}", c.topic, c.payload);
+            }
+        }
+        for m in &f.refresh {
+            println!("  refresh {m}");
+        }
+    }
+    if list.is_empty() {
+        println!("no firings recorded");
+    }
+    Ok(())
+}
+
 fn refresh_request_cmd(cli: &Cli, model: &str) -> Result<(), Error> {
     if !hearth_proto::mqtt::valid_name(model) {
         return Err(Error::Config(format!(
@@ -332,6 +570,19 @@ fn main() -> ExitCode {
             mqtt_url.as_deref(),
         )),
         Some(Command::RefreshRequest { model }) => Some(refresh_request_cmd(&cli, model)),
+        Some(Command::Rules { command }) => Some(match command {
+            RulesCommand::Test {
+                file,
+                event,
+                topic,
+                states,
+                actuator_base,
+            } => rules_test_cmd(&cli, file, event, topic, states, actuator_base),
+            RulesCommand::Check { file } => rules_check_cmd(&cli, file),
+            RulesCommand::History { rule, limit, json } => {
+                rules_history_cmd(&cli, rule.as_deref(), *limit, *json)
+            }
+        }),
         _ => None,
     };
     if let Some(r) = credential_cmd {
@@ -377,13 +628,34 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match hearth_hub::run(cfg, signal).await {
-            Ok(()) => ExitCode::SUCCESS,
+        let mut hangup =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("hearth-hub: cannot install the SIGHUP handler: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        let hub = match hearth_hub::start(cfg).await {
+            Ok(h) => h,
             Err(e) => {
                 tracing::error!("start-up failed: {e}");
                 eprintln!("hearth-hub: {e}");
-                exit_code(&e)
+                return exit_code(&e);
+            }
+        };
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                Some(()) = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the rules");
+                    // Errors are logged and counted by the engine; the last good rules stay.
+                    let _ = hub.reload_rules();
+                }
             }
         }
+        hub.shutdown().await;
+        ExitCode::SUCCESS
     })
 }

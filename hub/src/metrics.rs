@@ -70,14 +70,17 @@ pub enum InvalidKind {
     Availability,
     /// `hearth/federation/refresh` that is not a `RefreshRequest`.
     Refresh,
+    /// `<base>/<device>` state that rules read but is not a JSON object.
+    State,
 }
 
 impl InvalidKind {
     /// Every kind, in label order.
-    pub const ALL: [InvalidKind; 3] = [
+    pub const ALL: [InvalidKind; 4] = [
         InvalidKind::Meta,
         InvalidKind::Availability,
         InvalidKind::Refresh,
+        InvalidKind::State,
     ];
 
     /// Prometheus label value.
@@ -86,7 +89,60 @@ impl InvalidKind {
             InvalidKind::Meta => "meta",
             InvalidKind::Availability => "availability",
             InvalidKind::Refresh => "refresh",
+            InvalidKind::State => "state",
         }
+    }
+}
+
+/// Upper bounds (seconds) of the event → command latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A Prometheus histogram over [`LATENCY_BUCKETS`] (atomics; lock-free observation).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Observations.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends the histogram as `name` (cumulative buckets, `+Inf`, sum, count).
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cum += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count());
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "{name}_count {}", self.count());
     }
 }
 
@@ -128,6 +184,10 @@ pub struct Metrics {
     pub registry_updates: AtomicU64,
     /// MQTT (re)connections of the hub's clients.
     pub mqtt_connects: AtomicU64,
+    /// Rule firings (all rules; per rule in `hearth_hub_rules_fired_total{rule}`).
+    pub rules_fired: AtomicU64,
+    /// Event receipt → broker PubAck of the command it caused.
+    pub event_to_command: Histogram,
     dropped: [AtomicU64; DropReason::ALL.len()],
     invalid: [AtomicU64; InvalidKind::ALL.len()],
 }
@@ -291,6 +351,11 @@ impl Metrics {
                 self.invalid_messages(k)
             );
         }
+        self.event_to_command.render(
+            "hearth_hub_event_to_command_seconds",
+            "From the receipt of an event to the broker's acknowledgement of the command it caused.",
+            &mut out,
+        );
         out
     }
 }

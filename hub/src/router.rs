@@ -23,15 +23,17 @@ use crate::delivery::{self, parse_availability};
 use crate::federation;
 use crate::metrics::{DropReason, InvalidKind, Metrics};
 use crate::registry::{Availability, Registry};
-use crate::rules::{Rule, RuleSet};
+use crate::rules::engine::Executor;
+use crate::rules::RuleSet;
 
 /// Largest accepted `meta` payload.
 pub const MAX_META_BYTES: usize = 4096;
 /// Largest accepted refresh request payload.
 pub const MAX_REFRESH_BYTES: usize = 1024;
 
-/// Topic filters the hub subscribes to: Hearth's own, and the availability topic of
-/// every actuator `rules` name (`<actuator_base>/<actuator>/availability`).
+/// Topic filters the hub subscribes to: Hearth's own, the availability topic of every
+/// actuator `rules` name (`<actuator_base>/<actuator>/availability`) and the state topic
+/// (`<actuator_base>/<device>`) of every device whose state rules read.
 pub fn subscriptions(rules: &RuleSet, actuator_base: &str) -> Vec<String> {
     let mut v = vec![
         format!("{ROOT}/+/event/+"),
@@ -39,12 +41,18 @@ pub fn subscriptions(rules: &RuleSet, actuator_base: &str) -> Vec<String> {
         format!("{ROOT}/+/availability"),
         REFRESH_TOPIC.to_string(),
     ];
-    for r in rules.rules() {
-        let t = availability_topic(actuator_base, &r.actuator);
-        if !v.contains(&t) {
-            v.push(t);
-        }
-    }
+    let mut extra: Vec<String> = rules
+        .watched_availability()
+        .map(|a| availability_topic(actuator_base, a))
+        .chain(
+            rules
+                .watched_state()
+                .map(|d| format!("{actuator_base}/{d}")),
+        )
+        .collect();
+    extra.sort();
+    extra.dedup();
+    v.extend(extra);
     v
 }
 
@@ -74,7 +82,8 @@ pub enum RefreshGuard {
 
 /// Routes incoming messages.
 pub struct Router {
-    pub(crate) rules: Arc<RuleSet>,
+    /// The rules engine and what carries firings out.
+    pub(crate) exec: Arc<Executor>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
     /// The delivery task (its own connection, so awaiting a publish can never block the
@@ -97,24 +106,36 @@ fn should_log(n: u64) -> bool {
 impl Router {
     /// Handles one incoming publish.
     pub async fn handle(&self, p: &Publish) {
+        let received = Instant::now();
         let topic = p.topic.as_str();
         if let Some((device, name)) = parse_event_topic(topic) {
-            self.handle_event(topic, device, name, p).await;
+            self.handle_event(topic, device, name, p, received).await;
             return;
         }
         if topic == REFRESH_TOPIC {
             self.handle_refresh(p);
             return;
         }
-        if let Some(actuator) = topic
+        if let Some(rest) = topic
             .strip_prefix(self.actuator_base.as_str())
             .and_then(|r| r.strip_prefix('/'))
-            .and_then(|r| r.strip_suffix("/availability"))
         {
-            if self.rules.rules().iter().any(|r| r.actuator == actuator) {
-                return self
-                    .handle_actuator_availability(topic, actuator, &p.payload)
-                    .await;
+            let rules = self.exec.engine.current();
+            if let Some(actuator) = rest.strip_suffix("/availability") {
+                if rules.watches_availability(actuator) {
+                    return self
+                        .handle_actuator_availability(topic, actuator, &p.payload)
+                        .await;
+                }
+            }
+            if rules.watches_state(rest) && !p.payload.is_empty() {
+                if !self.exec.on_state(rest, &p.payload).await {
+                    let n = self.metrics.invalid_message(InvalidKind::State);
+                    if should_log(n) {
+                        tracing::warn!(topic, "device state is not a JSON object");
+                    }
+                }
+                return;
             }
         }
         let Some(rest) = topic.strip_prefix(ROOT).and_then(|r| r.strip_prefix('/')) else {
@@ -122,7 +143,9 @@ impl Router {
         };
         match rest.split_once('/') {
             Some((device, "meta")) => self.handle_meta(topic, device, &p.payload),
-            Some((device, "availability")) => self.handle_availability(topic, device, &p.payload),
+            Some((device, "availability")) => {
+                self.handle_availability(topic, device, &p.payload).await
+            }
             _ => {}
         }
     }
@@ -140,7 +163,14 @@ impl Router {
         }
     }
 
-    async fn handle_event(&self, topic: &str, device: &str, name: &str, p: &Publish) {
+    async fn handle_event(
+        &self,
+        topic: &str,
+        device: &str,
+        name: &str,
+        p: &Publish,
+        received: Instant,
+    ) {
         Metrics::inc(&self.metrics.events_received);
         if !valid_name(device) || !valid_name(name) {
             return self.drop_event(topic, DropReason::BadTopic, p.payload.len());
@@ -153,38 +183,28 @@ impl Router {
             Err(e) => return self.drop_event(topic, DropReason::from(&e), p.payload.len()),
         };
         self.registry.record_event(device);
-        // Up to a handful of firings per event: no allocation unless something fires.
-        let mut fired: Vec<&Rule> = Vec::new();
-        let matched = self
-            .rules
-            .dispatch(device, name, &ev, Instant::now(), |r| fired.push(r));
+        let (matched, fired) = self
+            .exec
+            .on_event(device, name, &ev, &p.payload, received)
+            .await;
         if matched == 0 {
             return;
         }
         Metrics::inc(&self.metrics.events_routed);
-        let suppressed = (matched - fired.len()) as u64;
+        let suppressed = (matched - fired) as u64;
         if suppressed > 0 {
             self.metrics
                 .cooldown_suppressed
                 .fetch_add(suppressed, std::sync::atomic::Ordering::Relaxed);
         }
-        for r in fired {
-            if self
-                .commands
-                .command(&r.actuator, &r.topic, &r.payload)
-                .await
-            {
-                tracing::debug!(rule = %r.name, topic = %r.topic, device, class = %ev.class, "rule fired");
-            } else {
-                Metrics::inc(&self.metrics.commands_failed);
-                tracing::warn!(rule = %r.name, topic = %r.topic, "command not queued: delivery stopped");
-            }
-        }
     }
 
     async fn handle_actuator_availability(&self, topic: &str, actuator: &str, payload: &[u8]) {
         match parse_availability(payload) {
-            Some(online) => self.commands.availability(actuator, online).await,
+            Some(online) => {
+                self.commands.availability(actuator, online).await;
+                self.exec.on_availability(actuator, online).await;
+            }
             None => {
                 let n = self.metrics.invalid_message(InvalidKind::Availability);
                 if should_log(n) {
@@ -230,7 +250,7 @@ impl Router {
         }
     }
 
-    fn handle_availability(&self, topic: &str, device: &str, payload: &[u8]) {
+    async fn handle_availability(&self, topic: &str, device: &str, payload: &[u8]) {
         let a = match (valid_name(device), Availability::parse(payload)) {
             (true, Some(a)) => a,
             _ => {
@@ -245,6 +265,9 @@ impl Router {
             Metrics::inc(&self.metrics.registry_updates);
             tracing::info!(device, availability = a.as_str(), "device availability");
         }
+        self.exec
+            .on_availability(device, a == Availability::Online)
+            .await;
     }
 
     fn handle_refresh(&self, p: &Publish) {
@@ -285,39 +308,59 @@ impl Router {
             return;
         }
         Metrics::inc(&self.metrics.refresh_requests);
-        let Some(target) = self.refresh.clone() else {
-            Metrics::inc(&self.metrics.refresh_failures);
-            tracing::warn!(model = %req.model, "refresh requested but no coordinator is configured");
-            return;
-        };
-        let Ok(permit) = self.refresh_gate.clone().try_acquire_owned() else {
-            Metrics::inc(&self.metrics.refresh_failures);
-            tracing::warn!(model = %req.model, "refresh ignored: another refresh is in flight");
-            return;
-        };
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match federation::start_round(
-                &target.url,
-                target.ca_pem.as_deref(),
-                &target.token,
-                &req.model,
-                "mqtt",
-            )
-            .await
-            {
-                Ok(info) => tracing::info!(
-                    model = %info.model, round = info.round_id, state = %info.state,
-                    "refresh: round started"
-                ),
-                Err(e) => {
-                    Metrics::inc(&metrics.refresh_failures);
-                    tracing::warn!(model = %req.model, error = %e, "refresh failed");
-                }
-            }
-        });
+        start_refresh(
+            self.refresh.clone(),
+            &self.refresh_gate,
+            &self.metrics,
+            &req.model,
+            "mqtt",
+        );
     }
+}
+
+/// Starts a federated round of `model` on the coordinator in the background (one at a time;
+/// failures are logged and counted). The MQTT refresh request and rules' `refresh` actions
+/// both come here.
+pub(crate) fn start_refresh(
+    target: Option<RefreshTarget>,
+    gate: &Arc<Semaphore>,
+    metrics: &Arc<Metrics>,
+    model: &str,
+    reason: &'static str,
+) {
+    let Some(target) = target else {
+        Metrics::inc(&metrics.refresh_failures);
+        tracing::warn!(model, "refresh requested but no coordinator is configured");
+        return;
+    };
+    let Ok(permit) = gate.clone().try_acquire_owned() else {
+        Metrics::inc(&metrics.refresh_failures);
+        tracing::warn!(model, "refresh ignored: another refresh is in flight");
+        return;
+    };
+    let metrics = metrics.clone();
+    let model = model.to_string();
+    tokio::spawn(async move {
+        let _permit = permit;
+        match federation::start_round(
+            &target.url,
+            target.ca_pem.as_deref(),
+            &target.token,
+            &model,
+            reason,
+        )
+        .await
+        {
+            Ok(info) => tracing::info!(
+                model = %info.model, round = info.round_id, state = %info.state, reason,
+                "refresh: round started"
+            ),
+            Err(e) => {
+                Metrics::inc(&metrics.refresh_failures);
+                tracing::warn!(model = %model, error = %e, "refresh failed");
+            }
+        }
+    });
 }
 
 #[cfg(test)]

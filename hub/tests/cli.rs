@@ -436,3 +436,257 @@ async fn refresh_opens_a_round_on_a_real_coordinator() {
         .unwrap()
         .unwrap();
 }
+
+const RULES_V2: &str = r#"
+[[rule]]
+name = "porch light"
+[rule.when]
+device = "door-cam"
+class = "person"
+min_score = 0.8
+[[rule.action]]
+kind = "command"
+actuator = "porch_light"
+payload = { state = "ON", event_id = "{{ id }}", note = "seen \"{{ class }}\" at {{ score }}" }
+[[rule.action]]
+kind = "delay"
+secs = 5
+[[rule.action]]
+kind = "command"
+actuator = "porch_light"
+payload = { state = "OFF" }
+
+[[rule]]
+name = "tv must be on"
+[rule.when]
+class = "person"
+[[rule.condition]]
+kind = "state"
+device = "tv"
+equals = "ON"
+[rule.then]
+actuator = "tv_pause"
+payload = { state = "ON" }
+"#;
+
+#[test]
+fn rules_test_prints_what_would_fire_and_check_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.toml");
+    std::fs::write(&file, RULES_V2).unwrap();
+    let f = file.to_str().unwrap();
+    let ev =
+        r#"{"id":"e-7","class":"person","score":0.9,"model":"m@1","ts":"2026-11-30T18:00:00Z"}"#;
+    let out = run(&[
+        "rules",
+        "test",
+        f,
+        "--event",
+        ev,
+        "--topic",
+        "hearth/door-cam/event/detection",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let want = format!(
+        "event hearth/door-cam/event/detection {ev}\n\
+         FIRES \"porch light\" (line 3)\n  \
+         publish zigbee2mqtt/porch_light/set {{\"event_id\":\"e-7\",\"note\":\"seen \\\"person\\\" at 0.9\",\"state\":\"ON\"}}\n  \
+         wait 5s\n  \
+         publish zigbee2mqtt/porch_light/set {{\"state\":\"OFF\"}}\n\
+         no    \"tv must be on\" (line 21): tv.state is not \"ON\" (now: unknown)\n\
+         1 of 2 rules would fire\n"
+    );
+    assert_eq!(text, want);
+
+    // With the tv's state given, the second rule fires too; another device, only it.
+    let out = run(&[
+        "rules",
+        "test",
+        f,
+        "--event",
+        ev,
+        "--topic",
+        "hearth/garden-cam/event/detection",
+        "--state",
+        r#"tv={"state":"ON"}"#,
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("no    \"porch light\" (line 3): device `garden-cam` is not `door-cam`"),
+        "{text}"
+    );
+    assert!(text.contains("FIRES \"tv must be on\" (line 21)\n  publish zigbee2mqtt/tv_pause/set {\"state\":\"ON\"}\n"), "{text}");
+
+    // An event the privacy guard would drop, and an invalid file: exit 64 with the line.
+    let out = run(&["rules", "test", f, "--event", r#"{"class":"person"}"#]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("privacy guard"), "{}", stderr(&out));
+    std::fs::write(
+        &file,
+        RULES_V2.replace("kind = \"delay\"", "kind = \"sleep\""),
+    )
+    .unwrap();
+    for args in [
+        vec!["rules", "test", f, "--event", ev],
+        vec!["rules", "check", f],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+        let e = stderr(&out);
+        assert!(e.contains(&format!("{f}:13: rule \"porch light\": action.kind `sleep` must be command, scene, delay or refresh")), "{e}");
+    }
+    // The hub refuses to start on it too.
+    let out = run(&["--rules", f, "--broker", "mqtt://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains(":13:"), "{}", stderr(&out));
+    std::fs::write(&file, RULES_V2).unwrap();
+    let out = run(&["rules", "check", f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 rules, valid"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_rules_and_history_is_listed() {
+    let broker = hearth_edge::broker::start(
+        &BrokerSettings::on("127.0.0.1:0".parse().unwrap()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let port = broker.addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let metrics_port = free_port();
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "client_id = \"sighup-hub\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+             [rules_engine]\nreload_secs = 0\nhistory = \"{}\"\n[broker]\nurl = \"mqtt://127.0.0.1:{port}\"\n",
+            dir.path().join("history").display()
+        ),
+    )
+    .unwrap();
+    let mut hub = Proc(
+        hub()
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--rules",
+                rules.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (listener, mut lel) =
+        AsyncClient::new(MqttOptions::new("sighup-listener", "127.0.0.1", port), 16);
+    listener
+        .subscribe("zigbee2mqtt/+/set", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ltask = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            match lel.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(p.topic.clone());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let (agent, mut ael) =
+        AsyncClient::new(MqttOptions::new("sighup-agent", "127.0.0.1", port), 16);
+    let atask = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if ael.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let event =
+        r#"{"class":"person","score":0.93,"model":"door-cam@7","ts":"2026-11-30T18:00:00.000Z"}"#;
+    let mut first_command = async |want: &str| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no command to {want} in time"
+            );
+            agent
+                .publish(
+                    "hearth/door-cam/event/detection",
+                    QoS::AtLeastOnce,
+                    false,
+                    event,
+                )
+                .await
+                .unwrap();
+            if let Ok(Some(t)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+                if t == want {
+                    return;
+                }
+            }
+        }
+    };
+    first_command("zigbee2mqtt/porch_light/set").await;
+    // The file changes; without polling (reload_secs = 0) only SIGHUP reloads it.
+    std::fs::write(&rules, RULES.replace("porch_light", "garden_light")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.signal("-HUP");
+    first_command("zigbee2mqtt/garden_light/set").await;
+    assert!(
+        hub.0.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the hub"
+    );
+
+    // While the hub holds the history database, `rules history` reads it over HTTP.
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            run(&[
+                "--config",
+                config.to_str().unwrap(),
+                "rules",
+                "history",
+                "--rule",
+                "porch light",
+                "--json",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.lines().count() >= 1, "{text}");
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["rule"], "porch light");
+        let topic = v["commands"][0]["topic"].as_str().unwrap().to_string();
+        assert!(
+            topic == "zigbee2mqtt/porch_light/set" || topic == "zigbee2mqtt/garden_light/set",
+            "{v}"
+        );
+    }
+    hub.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || hub.wait_exit(WAIT))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Stopped: read from the database itself.
+    let out = run(&["--config", config.to_str().unwrap(), "rules", "history"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("\"porch light\" (event hearth/door-cam/event/detection)"),
+        "{text}"
+    );
+    assert!(text.contains("zigbee2mqtt/garden_light/set"), "{text}");
+    ltask.abort();
+    atask.abort();
+}

@@ -42,10 +42,18 @@ pub struct Event {
     /// RFC 3339 timestamp.
     pub ts: String,
     /// The event's id on this device (`[A-Za-z0-9_-]`, ≤ 64): a [`Feedback`] naming it labels
-    /// the sample behind it, which the device keeps (and never publishes).
+    /// the sample behind it, which the device keeps (and never publishes); rules can copy it
+    /// into a command with `{{ id }}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Optional life-cycle stage of a tracked object, Frigate style: `new`, `update` or `end`
+    /// (JSON key `type`).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
+
+/// Life-cycle stages accepted in an event's `type`.
+pub const EVENT_TYPES: [&str; 3] = ["new", "update", "end"];
 
 /// Why an event payload was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -97,6 +105,13 @@ impl Event {
             if !valid_name(id) {
                 return Err(EventError::BadField("id"));
             }
+        }
+        if self
+            .kind
+            .as_deref()
+            .is_some_and(|v| !EVENT_TYPES.contains(&v))
+        {
+            return Err(EventError::BadField("type"));
         }
         Ok(())
     }
@@ -257,6 +272,7 @@ mod tests {
             model: "door-cam@7".into(),
             ts: "2026-11-24T18:00:00.000Z".into(),
             id: None,
+            kind: None,
         }
     }
 
@@ -288,6 +304,21 @@ mod tests {
     fn round_trip() {
         let e = ev();
         assert_eq!(Event::parse(&e.to_json()).unwrap(), e);
+    }
+
+    #[test]
+    fn optional_id_and_track_type() {
+        let raw =
+            br#"{"id":"t-1","type":"new","class":"person","score":0.9,"model":"m@1","ts":"t"}"#;
+        let e = Event::parse(raw).unwrap();
+        assert_eq!(e.id.as_deref(), Some("t-1"));
+        assert_eq!(e.kind.as_deref(), Some("new"));
+        assert_eq!(Event::parse(&e.to_json()).unwrap(), e);
+        assert!(!String::from_utf8(ev().to_json()).unwrap().contains("type"));
+        let bad = br#"{"type":"gone","class":"person","score":0.9,"model":"m@1","ts":"t"}"#;
+        assert_eq!(Event::parse(bad), Err(EventError::BadField("type")));
+        let bad = br#"{"id":"a\"b","class":"person","score":0.9,"model":"m@1","ts":"t"}"#;
+        assert_eq!(Event::parse(bad), Err(EventError::BadField("id")));
     }
 
     #[test]
