@@ -128,10 +128,15 @@ pub(crate) fn run(
     }
 }
 
-/// The `SDOT` pass: compiled with `dotprod` so the assembler accepts the instruction.
+/// The `SDOT` pass: compiled with `dotprod` so the assembler accepts the instruction. A wide
+/// panel's 64 rows are 16 accumulator registers (of 32), so one pass over the inputs does them.
 #[target_feature(enable = "neon,dotprod")]
 fn sdot_pass(neon: Neon, sdot: Sdot, pass: Pass<'_>) {
-    pass.run::<_, 16>(neon, sdot);
+    if pass.panel == 4 * 4 {
+        pass.run::<_, 4>(neon, sdot);
+    } else {
+        pass.run::<_, 16>(neon, sdot);
+    }
 }
 
 struct WideningPass<'a> {
@@ -143,7 +148,12 @@ impl pulp::NullaryFnOnce for WideningPass<'_> {
     type Output = ();
     #[inline(always)]
     fn call(self) {
-        self.pass.run::<_, 8>(self.neon, Widening);
+        // Two accumulator registers per 4 rows: 8 × 2 of 32 registers, two passes per wide panel.
+        if self.pass.panel == 4 * 4 {
+            self.pass.run::<_, 4>(self.neon, Widening);
+        } else {
+            self.pass.run::<_, 8>(self.neon, Widening);
+        }
     }
 }
 
@@ -218,30 +228,33 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Every panel, `R` accumulators (4 rows each) per pass over the inputs.
+    /// Every panel, `R` accumulators (4 rows each) per pass over the inputs; `R` divides the
+    /// panel's row groups (panels are 16 or 64 rows), so the accumulators are a fixed set the
+    /// compiler keeps in registers (measured: with a run-time count they went through memory).
     #[inline(always)]
     fn run<K: QuadMadd, const R: usize>(self, neon: Neon, k: K) {
         let n = neon.neon;
+        let groups = self.panel / 4;
+        assert_eq!(groups % R, 0, "panel of {} rows", self.panel);
         let stride = self.panel * 4 * self.quads;
         for (out, cols) in self
             .acc
             .chunks_mut(self.panel)
             .zip(self.packed.chunks_exact(stride))
         {
+            // Per input quad, `groups` registers of 4 rows × 4 inputs.
+            let (cols, _) = pulp::as_arrays::<16, i8>(cols);
             let mut sums = [0i32; 64];
-            let groups = self.panel / 4;
             for g in (0..groups).step_by(R) {
-                let m = (groups - g).min(R);
                 let mut acc = [k.zero(neon); R];
-                for (col, &x) in cols.chunks_exact(self.panel * 4).zip(self.xq) {
+                for (col, &x) in cols.chunks_exact(groups).zip(self.xq) {
                     let xs = n.vreinterpretq_s8_s32(n.vdupq_n_s32(x));
-                    for (i, a) in acc.iter_mut().enumerate().take(m) {
-                        let off = (g + i) * 16;
-                        let bytes: [i8; 16] = col[off..off + 16].try_into().unwrap_or([0; 16]);
-                        *a = k.madd(neon, *a, pulp::cast(bytes), xs);
+                    let w: &[[i8; 16]; R] = col[g..g + R].try_into().expect("R divides groups");
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        *a = k.madd(neon, *a, pulp::cast(*w), xs);
                     }
                 }
-                for (i, a) in acc.iter().enumerate().take(m) {
+                for (i, a) in acc.iter().enumerate() {
                     let rows: [i32; 4] = pulp::cast(k.finish(neon, *a));
                     sums[(g + i) * 4..(g + i + 1) * 4].copy_from_slice(&rows);
                 }
