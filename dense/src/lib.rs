@@ -17,18 +17,24 @@
 //! packed at load time into panels of rows, with the panel's sums held in vector registers
 //! (a matrix × vector product is bound by streaming the weights, not by arithmetic). The
 //! vector code is `pulp`'s: it picks AVX-512/AVX2 on x86-64 and NEON on aarch64 at run time,
-//! with a scalar fallback; no `unsafe` here.
+//! with a scalar fallback; no `unsafe` here (only in `arm`, for `SDOT`: see there why).
 //!
-//! int8 layers stay int8 in memory on x86-64 (AVX2 / AVX-512 BW): the product is `vpmaddwd`
-//! on sign-extended weights and activation pairs, through `pulp`'s feature-checked (safe)
-//! intrinsics, so an int8 model streams a quarter of the float model's bytes and runs faster
-//! than it. Elsewhere the int8 weights are widened to f32 at load and the integer products are
-//! done exactly in float lanes.
+//! int8 layers stay int8 in memory on x86-64 (AVX2 / AVX-512 BW) and on aarch64, so an int8
+//! model streams a quarter of the float model's bytes and runs faster than it. On x86-64 the
+//! product is `vpmaddwd` on sign-extended weights and activation pairs, through `pulp`'s
+//! feature-checked (safe) intrinsics (`x86`); on aarch64 it is `SDOT` where the CPU has
+//! `dotprod` (Raspberry Pi 5) and `SMULL`+`SADALP` elsewhere (Pi 4), detected at run time
+//! (`arm`). Elsewhere (old x86 without AVX2) the int8 weights are widened to f32 at load and the
+//! integer products are done exactly in float lanes.
 //!
 //! The semantics are the ONNX operators': float outputs equal tract's up to summation order;
 //! int8 ones use the same integer products and round-half-to-even requantisation.
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: the one `allow` is the aarch64 `SDOT` kernel (`arm`).
+#![deny(unsafe_code)]
 
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod arm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -138,13 +144,13 @@ struct PackedInt8Chain {
 /// One packed QLinearConv(k=1), with the input zero point folded into the bias
 /// (`b − zx·Σw`), so the product is `Σ x·w` alone.
 ///
-/// On x86-64 with AVX2 (or AVX-512 BW) the weights stay int8 in memory, a quarter of the
-/// float bytes, and the product is integer: `vpmaddwd` multiplies int8 weights (sign-extended
-/// to i16) by pairs of int8 activations and adds each pair into an i32 lane (`x86`).
-/// Elsewhere (aarch64 until an `SDOT` kernel is written, old x86) the weights are held widened
-/// to f32 and multiplied in float lanes: every product and every partial sum over at most
-/// [`EXACT_BLOCK`] inputs is an integer below 2^24, so that arithmetic is the integer one too,
-/// exactly.
+/// On x86-64 with AVX2 (or AVX-512 BW) and on aarch64 the weights stay int8 in memory, a
+/// quarter of the float bytes, and the product is integer: `vpmaddwd` multiplies int8 weights
+/// (sign-extended to i16) by pairs of int8 activations and adds each pair into an i32 lane
+/// (`x86`); `SDOT`, or `SMULL`+`SADALP`, does the same for quads of inputs (`arm`).
+/// Elsewhere (old x86 without AVX2) the weights are held widened to f32 and multiplied in
+/// float lanes: every product and every partial sum over at most [`EXACT_BLOCK`] inputs is an
+/// integer below 2^24, so that arithmetic is the integer one too, exactly.
 #[derive(Clone, Debug)]
 struct Int8Layer {
     outputs: usize,
@@ -160,8 +166,13 @@ enum Int8Weights {
     /// Row panels of input pairs, int8 (see `x86::pack_pairs`); `pairs` = ⌈inputs / 2⌉.
     #[cfg(target_arch = "x86_64")]
     Pairs { pairs: usize, packed: Vec<i8> },
+    /// Row panels of input quads, int8 (see `arm::pack_quads`); `quads` = ⌈inputs / 4⌉.
+    #[cfg(target_arch = "aarch64")]
+    Quads { quads: usize, packed: Vec<i8> },
     /// Input blocks of at most [`EXACT_BLOCK`]: (first input, inputs, row panels input-major
-    /// as [`F32Layer::packed`], the int8 values as f32).
+    /// as [`F32Layer::packed`], the int8 values as f32). Never built on aarch64 (every
+    /// aarch64 CPU has NEON), where the tests still check it.
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
     Widened(Vec<(usize, usize, Vec<f32>)>),
 }
 
@@ -190,10 +201,58 @@ impl Int8Layer {
                 out_zero,
             };
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            let panel = panel_rows(outputs);
+            Int8Layer {
+                outputs,
+                panel,
+                weights: Int8Weights::Quads {
+                    quads: inputs.div_ceil(4),
+                    packed: arm::pack_quads(w, outputs, inputs, panel),
+                },
+                bias,
+                multiplier,
+                out_zero,
+            }
+        }
+        #[cfg(not(target_arch = "aarch64"))]
         Int8Layer::widened(w, outputs, inputs, bias, multiplier, out_zero)
     }
 
+    /// Bytes the packed weights occupy in memory (padding included).
+    fn weight_bytes(&self) -> usize {
+        match &self.weights {
+            #[cfg(target_arch = "x86_64")]
+            Int8Weights::Pairs { packed, .. } => packed.len(),
+            #[cfg(target_arch = "aarch64")]
+            Int8Weights::Quads { packed, .. } => packed.len(),
+            Int8Weights::Widened(blocks) => blocks
+                .iter()
+                .map(|(_, _, p)| p.len() * std::mem::size_of::<f32>())
+                .sum(),
+        }
+    }
+
+    /// The name of the kernel that runs this layer's product.
+    fn kernel(&self) -> &'static str {
+        match &self.weights {
+            #[cfg(target_arch = "x86_64")]
+            Int8Weights::Pairs { .. } => {
+                if pulp::x86::V4::try_new().is_some() {
+                    "avx512bw-vpmaddwd"
+                } else {
+                    "avx2-vpmaddwd"
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Int8Weights::Quads { .. } => arm::Kernel::best().name(),
+            Int8Weights::Widened(_) => "f32-widened",
+        }
+    }
+
     /// The portable form: weights widened to f32 in exact blocks.
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
     fn widened(
         w: &[i8],
         outputs: usize,
@@ -224,9 +283,9 @@ impl Int8Layer {
     }
 
     /// `acc[r] = Σ_j W[r][j]·q[j]` for int8 values `q` (held as floats), exactly.
-    // Off x86-64 the match below has one arm.
+    // Off x86-64 and aarch64 the match below has one arm.
     #[cfg_attr(
-        not(target_arch = "x86_64"),
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
         allow(clippy::infallible_destructuring_match)
     )]
     fn product(&self, q: &[f32], acc: &mut Vec<i32>) {
@@ -236,6 +295,11 @@ impl Int8Layer {
             #[cfg(target_arch = "x86_64")]
             Int8Weights::Pairs { pairs, packed } => {
                 x86::product(packed, *pairs, self.panel, q, acc);
+                return;
+            }
+            #[cfg(target_arch = "aarch64")]
+            Int8Weights::Quads { quads, packed } => {
+                arm::product(packed, *quads, self.panel, q, acc);
                 return;
             }
             Int8Weights::Widened(blocks) => blocks,
@@ -394,6 +458,33 @@ impl DenseNet {
         matches!(self.body, Body::Int8(_))
     }
 
+    /// Bytes the packed weights occupy in memory (panel padding included, biases and scales
+    /// not): about one per parameter for an int8 model whose weights stay int8, four for a
+    /// float model or widened int8 weights.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.body {
+            Body::F32(layers) => layers
+                .iter()
+                .map(|l| l.packed.len() * std::mem::size_of::<f32>())
+                .sum(),
+            Body::Int8(chain) => chain.layers.iter().map(Int8Layer::weight_bytes).sum(),
+        }
+    }
+
+    /// The kernel that multiplies this model's weights on this CPU: `f32-<simd>` for float
+    /// models (`pulp`'s dispatch: `avx512`, `avx2`, `neon`, `scalar`), and for int8 ones
+    /// `avx512bw-vpmaddwd`, `avx2-vpmaddwd`, `neon-sdot`, `neon-smull-sadalp` or `f32-widened`.
+    pub fn kernel(&self) -> String {
+        match &self.body {
+            Body::F32(_) => format!("f32-{}", float_simd()),
+            Body::Int8(chain) => chain
+                .layers
+                .first()
+                .map_or("none", Int8Layer::kernel)
+                .to_string(),
+        }
+    }
+
     /// The model's output (probabilities when built with `softmax`) for one input.
     pub fn predict(&self, x: &[f32]) -> Result<Vec<f32>, DenseError> {
         if x.len() != self.input_len {
@@ -412,6 +503,24 @@ impl DenseNet {
         }
         Ok(out)
     }
+}
+
+/// The instruction set `pulp` picks for the float kernel on this CPU.
+fn float_simd() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if pulp::x86::V4::try_new().is_some() {
+            return "avx512";
+        }
+        if pulp::x86::V3::try_new().is_some() {
+            return "avx2";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if pulp::aarch64::Neon::try_new().is_some() {
+        return "neon";
+    }
+    "scalar"
 }
 
 fn run_f32(layers: &[F32Layer], x: &[f32]) -> Vec<f32> {
@@ -526,6 +635,7 @@ fn rows<S: pulp::Simd, const V: usize>(
 
 /// Inputs per exact block of the int8 product: |w·x| ≤ 128·128 = 2^14, so a sum of up to
 /// 2^10 such integer products stays within 2^24, where every integer is an f32.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 const EXACT_BLOCK: usize = 1 << 10;
 
 /// Round half to even, as ONNX (Quantize)Linear ops do, for the ranges int8 needs: values
@@ -687,6 +797,102 @@ mod tests {
     #[test]
     fn avx512_int8_kernel_is_exact_or_skipped_when_absent() {
         x86_kernel_is_exact("AVX-512 BW", pulp::x86::V4::try_new(), None);
+    }
+
+    /// Runs one aarch64 integer kernel on every shape, from a sentinel accumulator.
+    #[cfg(target_arch = "aarch64")]
+    fn arm_kernel_is_exact(kernel: arm::Kernel) {
+        for (outputs, inputs) in SHAPES {
+            let (w, x, want) = int8_case(outputs, inputs);
+            let panel = panel_rows(outputs);
+            let quads = inputs.div_ceil(4);
+            let packed = arm::pack_quads(&w, outputs, inputs, panel);
+            let xq = arm::quad_operands(&x, quads);
+            let mut acc = vec![i32::MIN; outputs];
+            arm::run(kernel, &packed, quads, panel, &xq, &mut acc);
+            assert_exact(&acc, &want, kernel.name());
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_widening_int8_kernel_is_exact() {
+        arm_kernel_is_exact(arm::Kernel::Widening);
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_sdot_int8_kernel_is_exact_or_skipped_when_absent() {
+        if arm::Sdot::try_new().is_none() {
+            // Said, not silently passed (qemu-aarch64 -cpu cortex-a72, a Pi 4).
+            eprintln!("SKIPPED: the SDOT int8 kernel did not run (this CPU has no dotprod)");
+            return;
+        }
+        arm_kernel_is_exact(arm::Kernel::Sdot);
+    }
+
+    /// A 64 × 300 layer: int8 weights must take about a byte each once loaded (a quarter of
+    /// the float model's), not be widened to f32, wherever an integer kernel exists; and the
+    /// kernel reported is the one this CPU's features select.
+    #[test]
+    fn int8_weights_stay_int8_in_memory_and_the_kernel_fits_the_cpu() {
+        let (outputs, inputs) = (64, 300);
+        let (w, _, _) = int8_case(outputs, inputs);
+        let chain = Int8Chain {
+            in_scale: 0.1,
+            in_zero: 0,
+            layers: vec![QLinearLayer {
+                inputs,
+                outputs,
+                weight: w.clone(),
+                weight_scale: vec![0.01; outputs],
+                bias: vec![0; outputs],
+                out_scale: 0.5,
+                out_zero: 0,
+            }],
+        };
+        let int8 = DenseNet::int8(&chain, false).unwrap();
+        let float = DenseNet::float(
+            &[FloatLayer {
+                inputs,
+                outputs,
+                weight: w.iter().map(|&v| f32::from(v)).collect(),
+                bias: vec![0.0; outputs],
+                relu: false,
+            }],
+            false,
+        )
+        .unwrap();
+        let params = outputs * inputs;
+        eprintln!(
+            "int8 kernel {}: {} weight bytes; float kernel {}: {} bytes; {params} parameters",
+            int8.kernel(),
+            int8.weight_bytes(),
+            float.kernel(),
+            float.weight_bytes()
+        );
+        assert_eq!(float.weight_bytes(), 4 * params);
+        #[cfg(target_arch = "x86_64")]
+        let integer_kernel = x86::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let integer_kernel = cfg!(target_arch = "aarch64");
+        if integer_kernel {
+            // Padding to whole input pairs/quads only: 300 is a multiple of 4.
+            assert_eq!(int8.weight_bytes(), params, "int8 weights widened");
+        } else {
+            eprintln!("SKIPPED: no integer int8 kernel on this CPU: weights widened to f32");
+            assert_eq!(int8.weight_bytes(), 4 * params);
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            let want = if std::arch::is_aarch64_feature_detected!("dotprod") {
+                "neon-sdot"
+            } else {
+                "neon-smull-sadalp"
+            };
+            assert_eq!(int8.kernel(), want);
+            assert_eq!(float.kernel(), "f32-neon");
+        }
     }
 
     #[test]

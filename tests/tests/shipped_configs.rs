@@ -91,6 +91,32 @@ fn every_shipped_config_loads_with_its_binary_loader() {
     assert_eq!(seen, ["agent", "coordinator", "hub", "rules"]);
 }
 
+/// The shipped hub and coordinator run side by side on one Raspberry Pi (the packages put
+/// both configs in /etc/hearth): no two of their listeners may share an address, or the
+/// second service to start fails to bind (exit 69).
+#[test]
+fn shipped_services_on_one_machine_do_not_share_a_listen_address() {
+    let dir = repo().join("deploy/config");
+    let hub = hearth_hub::Config::load(&dir.join("hub.toml")).expect("hub.toml");
+    let coord = hearth_coordinator::Config::load(&dir.join("coordinator.toml")).expect("coord");
+    let mut listeners = vec![
+        ("coordinator listen", coord.listen.clone()),
+        ("coordinator metrics_listen", coord.metrics_listen.clone()),
+    ];
+    if let Some(a) = hub.metrics_listen {
+        listeners.push(("hub metrics_listen", a.to_string()));
+    }
+    if let hearth_hub::BrokerConfig::Embedded { listen, .. } = &hub.broker {
+        listeners.push(("hub [broker] listen", listen.to_string()));
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (what, addr) in listeners.into_iter().filter(|(_, a)| !a.is_empty()) {
+        if let Some(first) = seen.insert(addr.clone(), what) {
+            panic!("{first} and {what} both listen on {addr}");
+        }
+    }
+}
+
 #[test]
 fn shipped_rules_use_real_classes_and_event_names() {
     let base = hearth_hub::Config::default().actuator_base;
