@@ -390,9 +390,9 @@ async fn no_command_is_lost_when_mosquitto_restarts() {
     drop((hub, broker2));
 }
 
-/// Mosquitto SIGKILLed mid-stream (it saves nothing: `persistence true`, but its autosave
-/// has not run, so sessions, queued and retained messages die with it) and started again
-/// 1 s later; the lamp and the hub stay up and reconnect. Rests on the hub's outbox: what
+/// Mosquitto SIGKILLed mid-stream, twice (it saves nothing: `persistence true`, but its
+/// autosave has not run, so sessions, queued and retained messages die with it) and started
+/// again 1 s later; the lamp dies with it and returns 1 s after the broker, the hub stays up. Rests on the hub's outbox: what
 /// the broker had acknowledged just before it died is sent again, and the lamp's commands
 /// wait until it says `online` on the new broker (its subscription exists again).
 /// To see this test fail, make `Outbox::broker_lost_session` return at once.
@@ -407,18 +407,23 @@ async fn no_command_is_lost_when_mosquitto_is_killed() {
     std::fs::create_dir(&broker_dir).unwrap();
     let mut broker = start_mosquitto(&broker_dir, home.port);
     let hub = home.start_hub(true);
-    let lamp = home.start_lamp().await;
+    let mut lamps = vec![home.start_lamp().await];
     home.start_agent();
     for _ in 0..2 {
         sleep_s(2.5).await;
         broker.signal("-KILL");
         broker.wait_exit(WAIT);
+        // The lamp dies too and comes back 1 s after the broker: the hub is back first, and
+        // the new broker knows nothing of the lamp (no session, no retained availability).
+        drop(home.lamp.take());
         sleep_s(1.0).await;
         broker = start_mosquitto(&broker_dir, home.port);
+        sleep_s(1.0).await;
+        lamps.push(home.run_lamp().await);
     }
     sleep_s(2.5).await;
     let events = home.stop_agent().await;
-    home.check_zero_lost("Mosquitto SIGKILLed twice", events, &[lamp])
+    home.check_zero_lost("Mosquitto and the lamp SIGKILLed twice", events, &lamps)
         .await;
     let logs = home.logs();
     assert!(
