@@ -61,6 +61,7 @@ impl Shared {
             kind: "agent".into(),
             model: cur.tag(),
             classes: cur.classes().to_vec(),
+            events: vec![self.config.event_name()],
             sw_version: env!("CARGO_PKG_VERSION").into(),
         };
         let body = serde_json::to_vec(&meta).expect("meta serialises");

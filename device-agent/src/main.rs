@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use hearth_agent::actuator::{start_actuator, ActuatorConfig};
+use hearth_agent::actuator::{start_actuator, ActuatorConfig, DeviceKind};
 use hearth_agent::Config;
 use hearth_edge::process::{init_tracing, parse_args, runtime, Signals};
 use hearth_edge::EXIT_USAGE;
@@ -115,7 +115,7 @@ enum Cmd {
     /// Empty the on-device sample store (the samples behind recent events and the labels the
     /// home gave them, `<state_dir>/samples`) and exit. Stop the agent first.
     Wipe,
-    /// Run a virtual Zigbee2MQTT-style switch.
+    /// Run a virtual Zigbee2MQTT device (a switch or a light).
     Actuator {
         /// Switch name (one topic level).
         #[arg(long)]
@@ -135,6 +135,16 @@ enum Cmd {
         /// MQTT client id.
         #[arg(long)]
         client_id: Option<String>,
+        /// `switch` (state only) or `light` (state, brightness, color_temp, transition).
+        #[arg(long, default_value = "switch", value_parser = ["switch", "light"])]
+        kind: String,
+        /// Keep the state and the command-id window here across restarts (so a command
+        /// redelivered after a restart is applied once).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Home Assistant's discovery prefix (its birth message comes on `<prefix>/status`).
+        #[arg(long, default_value = "homeassistant")]
+        discovery_prefix: String,
     },
 }
 
@@ -236,6 +246,9 @@ fn main() -> ExitCode {
             ca_file,
             password_file,
             client_id,
+            kind,
+            state_dir,
+            discovery_prefix,
         }) => {
             let c = ActuatorConfig {
                 name,
@@ -244,6 +257,13 @@ fn main() -> ExitCode {
                 ca_file,
                 password_file,
                 client_id,
+                kind: if kind == "light" {
+                    DeviceKind::Light
+                } else {
+                    DeviceKind::Switch
+                },
+                state_dir,
+                discovery_prefix,
                 ..ActuatorConfig::default()
             };
             c.validate()

@@ -135,3 +135,203 @@ async fn switch_follows_commands_and_refuses_garbage() {
     let m = after.next(WAIT).await.expect("retained availability");
     assert_eq!(m.text(), "offline");
 }
+
+/// A virtual light takes what a Zigbee2MQTT light takes, publishes its state the way
+/// Zigbee2MQTT does, answers `/get`, honours a configured discovery prefix (its birth topic
+/// too), and comes back in its retained state after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn light_speaks_zigbee2mqtt_and_restores_its_retained_state() {
+    let port = start_broker();
+    let mut sub = Sub::connect(port, "light-observer", &["zigbee2mqtt/desk", "ha/#"]).await;
+    let cfg = ActuatorConfig {
+        kind: hearth_agent::actuator::DeviceKind::Light,
+        discovery_prefix: "ha".into(),
+        ..ActuatorConfig::new("desk", &format!("mqtt://127.0.0.1:{port}"))
+    };
+    let light = start_actuator(cfg.clone()).await.unwrap();
+    let disc = sub
+        .wait_for(WAIT, |m| m.topic == "ha/light/hearth/desk/config")
+        .await
+        .expect("light discovery on the configured prefix");
+    let d: serde_json::Value = serde_json::from_slice(&disc.payload).unwrap();
+    assert_eq!(d["schema"], "json");
+    assert_eq!(
+        d["supported_color_modes"],
+        serde_json::json!(["color_temp"])
+    );
+    let client = sub.client.clone();
+    let set = |body: &'static str| {
+        let c = client.clone();
+        async move {
+            c.publish("zigbee2mqtt/desk/set", QoS::AtLeastOnce, false, body)
+                .await
+                .unwrap()
+        }
+    };
+    set(r#"{"state":"ON","brightness":77,"color_temp":"warm","transition":2}"#).await;
+    sub.wait_for(WAIT, |m| {
+        m.topic == "zigbee2mqtt/desk"
+            && m.text()
+                == r#"{"brightness":77,"color_mode":"color_temp","color_temp":454,"state":"ON"}"#
+    })
+    .await
+    .expect("Zigbee2MQTT's light state");
+    set(r#"{"brightness":0}"#).await;
+    sub.wait_for(WAIT, |m| {
+        m.topic == "zigbee2mqtt/desk" && m.text().contains(r#""state":"OFF""#)
+    })
+    .await
+    .expect("brightness 0 switches off");
+    set(r#"{"brightness":120}"#).await;
+    sub.wait_for(WAIT, |m| {
+        m.topic == "zigbee2mqtt/desk"
+            && m.text().contains(r#""brightness":120"#)
+            && m.text().contains(r#""state":"ON""#)
+    })
+    .await
+    .expect("a brightness switches on");
+    // `/get` publishes the state again.
+    let stats = light.stats();
+    sub.client
+        .publish(
+            "zigbee2mqtt/desk/get",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"state":""}"#,
+        )
+        .await
+        .unwrap();
+    sub.wait_for(WAIT, |m| m.topic == "zigbee2mqtt/desk")
+        .await
+        .expect("state read");
+    assert_eq!(stats.state_reads.load(Ordering::SeqCst), 1);
+    // The birth topic follows the prefix.
+    sub.client
+        .publish("ha/status", QoS::AtLeastOnce, false, "online")
+        .await
+        .unwrap();
+    sub.wait_for(WAIT, |m| m.topic == "ha/light/hearth/desk/config")
+        .await
+        .expect("re-announced on ha/status");
+    light.shutdown().await.unwrap();
+
+    // Restarted without a state directory: the retained state brings it back as it was.
+    let again = start_actuator(cfg).await.unwrap();
+    let s = again.stats();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while s.discovery_announcements.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no announcement");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(s.restored.load(Ordering::SeqCst), "state restored");
+    let st = s.device_state();
+    assert_eq!((st.on, st.brightness, st.color_temp), (true, 120, 454));
+    let mut late = Sub::connect(port, "light-late", &["zigbee2mqtt/desk"]).await;
+    let m = late.next(WAIT).await.expect("retained state");
+    assert_eq!(
+        m.text(),
+        r#"{"brightness":120,"color_mode":"color_temp","color_temp":454,"state":"ON"}"#,
+        "the restarted light announced the state it had, not OFF"
+    );
+    again.shutdown().await.unwrap();
+}
+
+/// The command-id window survives a restart of the actuator *process* (SIGKILL) when it has
+/// a state directory: a TOGGLE delivered again with the same id after the restart (the hub
+/// re-sends what its broker may have lost) is applied once. `HEARTH_TEST_NO_STATE_DIR=1`
+/// runs the actuator without one, to see this test fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_ids_survive_an_actuator_restart() {
+    let port = start_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spawn = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-agent"));
+        c.args([
+            "actuator",
+            "--name",
+            "fan",
+            "--mqtt",
+            &format!("mqtt://127.0.0.1:{port}"),
+        ]);
+        if std::env::var_os("HEARTH_TEST_NO_STATE_DIR").is_none() {
+            c.arg("--state-dir").arg(&state);
+        }
+        Killed(
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut sub = Sub::connect(
+        port,
+        "fan-observer",
+        &["zigbee2mqtt/fan", "zigbee2mqtt/fan/availability"],
+    )
+    .await;
+    let fan = spawn();
+    sub.wait_for(WAIT, |m| {
+        m.topic == "zigbee2mqtt/fan/availability" && m.text() == "online"
+    })
+    .await
+    .expect("the fan is up");
+    let toggle = r#"{"state":"TOGGLE","hearth_id":"hub-1a-7"}"#;
+    sub.client
+        .publish("zigbee2mqtt/fan/set", QoS::AtLeastOnce, false, toggle)
+        .await
+        .unwrap();
+    sub.wait_for(WAIT, |m| {
+        m.topic == "zigbee2mqtt/fan" && m.text() == r#"{"state":"ON"}"#
+    })
+    .await
+    .expect("toggled on");
+    drop(fan); // SIGKILL
+    let _fan = spawn();
+    // Back, in the state it had (from its journal, or its retained state without one).
+    sub.wait_for(WAIT, |m| {
+        m.topic == "zigbee2mqtt/fan/availability" && m.text() == "online"
+    })
+    .await
+    .expect("the fan is back");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    sub.client
+        .publish("zigbee2mqtt/fan/set", QoS::AtLeastOnce, false, toggle)
+        .await
+        .unwrap();
+    // A different command afterwards, as a barrier: its state shows the redelivery was
+    // not applied in between.
+    sub.client
+        .publish(
+            "zigbee2mqtt/fan/set",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"state":"ON","hearth_id":"hub-1a-8"}"#,
+        )
+        .await
+        .unwrap();
+    let mut states = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Some(m) = sub
+        .next(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        if m.topic == "zigbee2mqtt/fan" {
+            states.push(m.text());
+        }
+    }
+    assert!(
+        states.iter().all(|s| s == r#"{"state":"ON"}"#),
+        "the redelivered TOGGLE was applied again after the restart: {states:?}"
+    );
+}
+
+/// A child process SIGKILLed (by its PID) and reaped when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

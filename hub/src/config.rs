@@ -23,6 +23,17 @@
 //! history = "/var/lib/hearth/rules-history" # sled directory; temporary when absent
 //! history_max = 10000                       # firings kept
 //!
+//! state_dir = "/var/lib/hearth/hub"        # optional: the device registry (sled) lives here
+//!
+//! [home_assistant]                          # MQTT discovery: see `crate::discovery`
+//! enabled = true
+//! discovery_prefix = "homeassistant"        # `<prefix>/<component>/hearth/<id>/config`, `<prefix>/status`
+//! hub_entities = true                       # the hub's own sensors and refresh buttons
+//! stats_interval_secs = 10                  # how often the hub's sensors are published
+//!
+//! [zigbee2mqtt]                             # see `crate::zigbee`
+//! enabled = true                            # follow `<actuator_base>/bridge/*` and device topics
+//!
 //! [mqtt_auth]                               # see `crate::auth`
 //! dir = "hearth-credentials"                # credential store: passwd, acl, keys (created 0750)
 //! allow_anonymous = false                   # embedded broker: clients must log in
@@ -49,8 +60,10 @@ use serde::{Deserialize, Serialize};
 use hearth_edge::{ClientSettings, MqttUrl};
 
 use crate::delivery::DeliveryConfig;
+use crate::discovery::HomeAssistantConfig;
 use crate::error::Error;
 use crate::rules::engine::RulesEngineConfig;
+use crate::zigbee::ZigbeeConfig;
 
 /// Default embedded broker address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
@@ -91,10 +104,18 @@ pub struct Config {
     pub follow_models: Vec<String>,
     /// Seconds to wait for the broker connection at start-up.
     pub connect_timeout_secs: u64,
+    /// State directory: the device registry (sled, `<state_dir>/registry`) persists here;
+    /// in memory only when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
     /// Command delivery: sessions, holding for offline actuators, the outbox file.
     pub delivery: DeliveryConfig,
     /// The rules engine: reload interval, firing history.
     pub rules_engine: RulesEngineConfig,
+    /// Home Assistant MQTT discovery.
+    pub home_assistant: HomeAssistantConfig,
+    /// Following a Zigbee2MQTT bridge on `actuator_base`.
+    pub zigbee2mqtt: ZigbeeConfig,
     /// MQTT credentials: the store, the embedded broker's login rule, refresh authorisation.
     pub mqtt_auth: MqttAuthConfig,
     /// The MQTT broker: embedded (default) or external.
@@ -115,8 +136,11 @@ impl std::fmt::Debug for Config {
             )
             .field("follow_models", &self.follow_models)
             .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("state_dir", &self.state_dir)
             .field("delivery", &self.delivery)
             .field("rules_engine", &self.rules_engine)
+            .field("home_assistant", &self.home_assistant)
+            .field("zigbee2mqtt", &self.zigbee2mqtt)
             .field("broker", &self.broker)
             .field("mqtt_auth", &self.mqtt_auth)
             .finish_non_exhaustive()
@@ -166,8 +190,11 @@ impl Default for Config {
             admin_token: None,
             follow_models: Vec::new(),
             connect_timeout_secs: 10,
+            state_dir: None,
             delivery: DeliveryConfig::default(),
             rules_engine: RulesEngineConfig::default(),
+            home_assistant: HomeAssistantConfig::default(),
+            zigbee2mqtt: ZigbeeConfig::default(),
             mqtt_auth: MqttAuthConfig::default(),
             broker: BrokerConfig::default(),
         }
@@ -426,6 +453,7 @@ impl Config {
 # coordinator = \"https://127.0.0.1:50051\"
 # coordinator_ca_file = \"/var/lib/hearth/pki/ca.pem\"
 # admin_token = \"change-me\"
+# state_dir = \"/var/lib/hearth/hub\"      # device registry kept across restarts (memory only if absent)
 
 ";
         let external = "\
@@ -442,6 +470,8 @@ impl Config {
 ";
         let (rest, broker) = text.split_at(text.find("[broker]").unwrap_or(text.len()));
         let (rest, auth) = rest.split_at(rest.find("[mqtt_auth]").unwrap_or(rest.len()));
+        let (rest, integrations) =
+            rest.split_at(rest.find("[home_assistant]").unwrap_or(rest.len()));
         let (rest, engine) = rest.split_at(rest.find("[rules_engine]").unwrap_or(rest.len()));
         let (top, delivery) = rest.split_at(rest.find("[delivery]").unwrap_or(rest.len()));
         let history = "\
@@ -454,7 +484,7 @@ impl Config {
 # (Mosquitto's ACL decides; external broker only) or \"off\".
 ";
         format!(
-            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{}\n{history}{auth_note}{auth}{broker}{external}",
+            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{}\n{history}{integrations}{auth_note}{auth}{broker}{external}",
             delivery.trim_end(),
             engine.trim_end()
         )
@@ -552,6 +582,14 @@ impl Config {
         }
         self.delivery.validate().map_err(Error::Config)?;
         self.rules_engine.validate().map_err(Error::Config)?;
+        self.home_assistant.validate().map_err(Error::Config)?;
+        if self
+            .state_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return bad("state_dir must not be empty".into());
+        }
         if !(1..=300).contains(&self.connect_timeout_secs) {
             return bad("connect_timeout_secs must be within 1..=300".into());
         }

@@ -23,6 +23,13 @@
 //!   appended with one `write` per change — in the kernel's page cache at once, so a
 //!   SIGKILL loses nothing — and compacted by writing a fresh file and renaming it over
 //!   the old one (atomic). Without `state_file` the outbox lives in memory only.
+//! - **A broker that lost its state.** When the command connection comes back and the
+//!   broker answers without the old session (a broker SIGKILLed before it saved anything,
+//!   or one without persistence), what it held is gone: commands it had acknowledged in the
+//!   last [`REDELIVER_ACKED_MS`] before the outage may never have reached their actuator,
+//!   and an actuator's subscription may not exist yet. So those commands go into the outbox
+//!   again (same ids: actuators apply them once), and every tracked actuator not heard from
+//!   since the outage began counts as offline until it says `online` again.
 //! - **Sending.** One task owns the outbox and a dedicated MQTT connection
 //!   (`<client_id>-cmd`, persistent session by default): it sends at most
 //!   [`MAX_IN_FLIGHT`] unacknowledged commands, maps rumqttc's packet ids back to command
@@ -193,6 +200,9 @@ enum Op {
 /// actuator. Re-sending is safe: actuators drop repeated command ids (idempotency window).
 pub const REDELIVER_ACKED_MS: u64 = 2_000;
 
+/// Most recently acknowledged commands kept for a re-send after a broker lost its state.
+const RECENT_ACKED: usize = 1024;
+
 #[derive(Debug)]
 struct Entry {
     cmd: Command,
@@ -213,6 +223,10 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
     journal: Option<(PathBuf, File)>,
     journal_lines: usize,
+    /// When each tracked actuator's availability was last heard, ms since the epoch.
+    heard_ms: HashMap<String, u64>,
+    /// Commands acknowledged in the last moments, with the time of their PubAck.
+    recent_acked: VecDeque<(Command, u64)>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
@@ -231,6 +245,8 @@ impl Outbox {
             metrics,
             journal: None,
             journal_lines: 0,
+            heard_ms: HashMap::new(),
+            recent_acked: VecDeque::new(),
         }
     }
 
@@ -414,6 +430,15 @@ impl Outbox {
 
     /// Records an actuator's availability (it is tracked from now on).
     pub fn set_availability(&mut self, actuator: &str, online: bool) {
+        self.set_availability_at(actuator, online, now_ms());
+    }
+
+    fn set_availability_at(&mut self, actuator: &str, online: bool, at_ms: u64) {
+        if let Some(t) = self.heard_ms.get_mut(actuator) {
+            *t = at_ms;
+        } else {
+            self.heard_ms.insert(actuator.to_string(), at_ms);
+        }
         match self.online.insert(actuator.to_string(), online) {
             None => self.log(&Op::Seen(actuator.to_string())),
             Some(was) if was != online => {}
@@ -437,6 +462,42 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// The broker answered a reconnect without our session: it lost what it held (see the
+    /// module notes). `last_ok_ms` is when the connection last worked. Returns how many
+    /// acknowledged commands go out again.
+    pub fn broker_lost_session(&mut self, last_ok_ms: u64) -> usize {
+        let stale: Vec<String> = self
+            .online
+            .iter()
+            .filter(|(a, on)| **on && self.heard_ms.get(*a).is_none_or(|t| *t <= last_ok_ms))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in stale {
+            tracing::info!(actuator = %a, "the broker lost its state: holding commands until the actuator is back");
+            self.set_availability_at(&a, false, last_ok_ms);
+        }
+        let again: Vec<Command> = self
+            .recent_acked
+            .drain(..)
+            .filter(|(_, at)| at + REDELIVER_ACKED_MS >= last_ok_ms)
+            .map(|(c, _)| c)
+            .collect();
+        let n = again.len();
+        // Before anything newer, in firing order.
+        for cmd in again.into_iter().rev() {
+            tracing::info!(hearth_id = %cmd.id, "re-sending a command the broker may have lost");
+            self.log(&Op::Add(cmd.clone()));
+            let held = !self.releasable(&cmd.actuator);
+            self.entries.push_front(Entry {
+                cmd,
+                sent: false,
+                held,
+            });
+        }
+        self.update_gauge();
+        n
     }
 
     /// Drops waiting commands older than the expiry at `now_ms`.
@@ -503,6 +564,15 @@ impl Outbox {
             return;
         };
         let e = self.entries.remove(i).expect("index in range");
+        while self.recent_acked.len() >= RECENT_ACKED
+            || self
+                .recent_acked
+                .front()
+                .is_some_and(|(_, t)| t + REDELIVER_ACKED_MS < at_ms)
+        {
+            self.recent_acked.pop_front();
+        }
+        self.recent_acked.push_back((e.cmd.clone(), at_ms));
         Metrics::inc(&self.metrics.commands_acked);
         if let Some(t) = e.cmd.received {
             self.metrics.event_to_command.observe(t.elapsed());
@@ -638,6 +708,8 @@ async fn run(
 ) {
     let mut ready = Some(ready);
     let mut flight = InFlight::default();
+    // When the connection last worked (a packet from the broker).
+    let mut last_ok_ms = now_ms();
     let status = conn.status();
     let mut tick = tokio::time::interval(TICK);
     let mut router_gone = false;
@@ -659,7 +731,12 @@ async fn run(
                         // rumqttc dropped what it had not sent or seen acknowledged.
                         flight = InFlight::default();
                         outbox.unsend_all();
+                        if ready.is_none() {
+                            let n = outbox.broker_lost_session(last_ok_ms);
+                            tracing::warn!(resent = n, "the broker lost the hub's session (restarted without its state?)");
+                        }
                     }
+                    last_ok_ms = now_ms();
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
                     }
@@ -672,10 +749,12 @@ async fn run(
                     }
                 }
                 Some(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                    last_ok_ms = now_ms();
                     if let Some(id) = flight.by_pkid.remove(&ack.pkid) {
                         outbox.acked(&id);
                     }
                 }
+                Some(MqttEvent::Incoming(_)) => last_ok_ms = now_ms(),
                 Some(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
                 Some(_) => {}
             },
@@ -802,6 +881,35 @@ mod tests {
         assert!(o.next_ready(13_001).is_none());
         assert_eq!(Metrics::get(&m.commands_expired), 3);
         assert_eq!(Metrics::get(&m.commands_waiting), 0);
+    }
+
+    #[test]
+    fn a_broker_that_lost_its_state_gets_recent_commands_again_and_actuators_are_held() {
+        let m = Arc::new(Metrics::new());
+        let mut o = Outbox::in_memory(&DeliveryConfig::default(), m);
+        o.set_availability_at("lamp", true, 1_000);
+        o.set_availability_at("fan", true, 1_000);
+        o.submit(cmd("old", "lamp", 1_000));
+        o.submit(cmd("a", "lamp", 9_000));
+        o.submit(cmd("b", "fan", 9_500));
+        assert_eq!(drain(&mut o, 9_500), ["old", "a", "b"]);
+        o.acked_at("old", 1_100);
+        o.acked_at("a", 9_100);
+        o.acked_at("b", 9_600);
+        assert!(o.is_empty());
+        // The connection last worked at 10 s; the fan said `online` again (at 12 s) before
+        // the hub's command connection came back.
+        o.set_availability_at("fan", true, 12_000);
+        assert_eq!(o.broker_lost_session(10_000), 2);
+        assert_eq!(
+            o.waiting(),
+            ["a", "b"],
+            "`old` was acknowledged long before"
+        );
+        assert!(!o.releasable("lamp"), "not heard from since the outage");
+        assert_eq!(drain(&mut o, 12_000), ["b"]);
+        o.set_availability("lamp", true);
+        assert_eq!(drain(&mut o, 12_000), ["a"]);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub enum Error {
     /// The coordinator could not be reached or refused the call.
     #[error("coordinator: {0}")]
     Coordinator(String),
+    /// The device registry's database cannot be opened (locked by a running hub, damaged).
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     /// Other I/O failures.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),

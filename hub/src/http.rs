@@ -1,9 +1,12 @@
 //! The hub's status endpoints, served with axum (HTTP/1.1):
 //!
 //! - `GET /metrics`: Prometheus text exposition 0.0.4 (counters and registry gauges);
-//! - `GET /devices`: the device registry as JSON;
 //! - `GET /rules/history?rule=<name>&limit=<n>`: the rules' firing history as JSON,
 //!   newest first (what `hearth-hub rules history` reads while the hub runs);
+//! - `GET /devices`: the device registry as JSON (an array of [`DeviceInfo`]);
+//! - `DELETE /devices/{id}`: removes a device (and its Home Assistant entities); answered
+//!   only to clients on the loopback interface (`hearth-hub devices remove` on the hub's
+//!   machine), 403 otherwise;
 //! - `GET /healthz`: `200 ok` while the hub's MQTT connections (subscriber and publisher)
 //!   are up and, with the embedded broker, its thread runs; `503` with the reason otherwise.
 //!
@@ -12,17 +15,20 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 use hearth_edge::LinkStatus;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::discovery::Kicker;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{DeviceInfo, Registry};
 
 /// Content type of the Prometheus text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -38,6 +44,8 @@ pub(crate) struct Status {
     pub links: Vec<(&'static str, Arc<LinkStatus>)>,
     /// Whether the embedded broker thread runs (`None` with an external broker).
     pub broker_running: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// Wakes Home Assistant discovery after a removal.
+    pub discovery: Kicker,
 }
 
 impl Status {
@@ -167,20 +175,8 @@ struct HistoryArgs {
 }
 
 fn devices_json(registry: &Registry) -> String {
-    let devices: Vec<serde_json::Value> = registry
-        .snapshot()
-        .into_iter()
-        .map(|d| {
-            serde_json::json!({
-                "name": d.name,
-                "availability": d.availability.as_str(),
-                "events": d.events,
-                "last_event_unix_ms": d.last_event_unix_ms,
-                "meta": d.meta,
-            })
-        })
-        .collect();
-    serde_json::Value::Array(devices).to_string()
+    let devices: Vec<DeviceInfo> = registry.snapshot();
+    serde_json::to_string(&devices).expect("devices serialise")
 }
 
 async fn metrics(State(s): State<Status>) -> impl IntoResponse {
@@ -195,6 +191,30 @@ async fn devices(State(s): State<Status>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         devices_json(&s.registry),
     )
+}
+
+async fn remove_device(
+    State(s): State<Status>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> impl IntoResponse {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "devices are removed from the hub's own machine only\n".to_string(),
+        );
+    }
+    match s.registry.remove_id(&id) {
+        Some(d) => {
+            s.discovery.changed();
+            tracing::info!(device = %d.name, source = d.source.as_str(), "device removed");
+            (
+                StatusCode::OK,
+                format!("removed {}/{}\n", d.source.as_str(), d.name),
+            )
+        }
+        None => (StatusCode::NOT_FOUND, format!("no device `{id}`\n")),
+    }
 }
 
 async fn healthz(State(s): State<Status>) -> impl IntoResponse {
@@ -217,6 +237,7 @@ pub(crate) fn router(status: Status) -> Router {
         .route("/metrics", get(metrics))
         .route("/devices", get(devices))
         .route("/rules/history", get(rules_history))
+        .route("/devices/{id}", delete(remove_device))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(status)
@@ -229,9 +250,12 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let stop = async move { hearth_edge::stopped(&mut shutdown).await };
-    if let Err(e) = axum::serve(listener, router(status))
-        .with_graceful_shutdown(stop)
-        .await
+    if let Err(e) = axum::serve(
+        listener,
+        router(status).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await
     {
         tracing::error!(error = %e, "status endpoint failed");
     }
@@ -248,6 +272,7 @@ mod tests {
             engine: None,
             links,
             broker_running: None,
+            discovery: Kicker::default(),
         }
     }
 

@@ -6,7 +6,10 @@
 //!   registry updates, refresh requests.
 //! - [`delivery`]: the command outbox (persisted, held while an actuator is offline,
 //!   bounded, expiring, ids for deduplication) and its own MQTT connection.
-//! - [`rules`]: the rules file. [`registry`]: devices. [`metrics`]: counters + Prometheus text.
+//! - [`rules`]: the rules file. [`registry`]: devices (persisted in sled with `state_dir`).
+//!   [`metrics`]: counters + Prometheus text.
+//! - [`discovery`]: Home Assistant MQTT discovery for agents and the hub.
+//! - [`zigbee`]: Zigbee2MQTT's bridge and device topics.
 //! - [`federation`]: `refresh` (coordinator `Admin.StartRound`) and model announcements.
 //! - [`http`]: `/metrics`, `/devices`, `/healthz` (axum).
 //! - [`auth`]: the MQTT credential store (Mosquitto password file and ACLs, the hub's own
@@ -19,6 +22,7 @@
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod discovery;
 pub mod error;
 pub mod federation;
 pub mod http;
@@ -26,6 +30,7 @@ pub mod metrics;
 pub mod registry;
 pub mod router;
 pub mod rules;
+pub mod zigbee;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,13 +49,15 @@ pub use hearth_edge::broker;
 pub use auth::{CredentialStore, Provisioned, Role};
 pub use config::{BrokerConfig, Config, MqttAuthConfig, RefreshAuth};
 pub use delivery::DeliveryConfig;
+pub use discovery::{DiscoveryStats, HomeAssistantConfig};
 pub use error::Error;
 pub use federation::{refresh, start_round, RoundInfo, RoundPhase};
 pub use metrics::{DropReason, InvalidKind, Metrics};
-pub use registry::{Availability, DeviceInfo, Registry};
+pub use registry::{Availability, DeviceInfo, Registry, Source};
 pub use rules::engine::{Reloaded, RulesEngineConfig};
 pub use rules::history::Firing;
 pub use rules::{RuleSet, RulesError};
+pub use zigbee::ZigbeeConfig;
 
 use router::{RefreshGuard, RefreshTarget, Router};
 
@@ -83,6 +90,8 @@ pub struct HubHandle {
     status: http::Status,
     credentials: Option<CredentialStore>,
     actuator_base: String,
+    discovery: discovery::Kicker,
+    discovery_stats: Arc<DiscoveryStats>,
 }
 
 impl std::fmt::Debug for HubHandle {
@@ -145,6 +154,19 @@ impl HubHandle {
         self.registry.clone()
     }
 
+    /// What Home Assistant discovery published.
+    pub fn discovery_stats(&self) -> Arc<DiscoveryStats> {
+        self.discovery_stats.clone()
+    }
+
+    /// Removes a device from the registry (`name` or `<source>/<name>`, see
+    /// [`Registry::remove_id`]); its Home Assistant entities are removed too.
+    pub fn remove_device(&self, id: &str) -> Option<DeviceInfo> {
+        let d = self.registry.remove_id(id)?;
+        self.discovery.changed();
+        Some(d)
+    }
+
     /// The rules in force.
     pub fn rules(&self) -> Arc<RuleSet> {
         self.engine.current()
@@ -196,12 +218,14 @@ impl HubHandle {
             pub_task,
             broker,
             engine,
+            registry,
             ..
         } = self;
         let _ = shutdown_tx.send(true);
         for (name, t) in tasks {
             stop_task(name, t).await;
         }
+        registry.flush_sync();
         // Queued after any pending command, so commands are flushed first.
         let _ = publisher.try_disconnect();
         drop(publisher);
@@ -311,13 +335,18 @@ async fn publisher_loop(
     mut conn: Connection,
     metrics: Arc<Metrics>,
     mut ready: Option<oneshot::Sender<()>>,
+    discovery: discovery::Kicker,
 ) {
     while let Some(ev) = conn.poll().await {
         match ev {
             MqttEvent::Incoming(Packet::ConnAck(_)) => {
                 Metrics::inc(&metrics.mqtt_connects);
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(());
+                match ready.take() {
+                    Some(tx) => {
+                        let _ = tx.send(());
+                    }
+                    // Back after an outage: the broker may have lost retained configs.
+                    None => discovery.all(),
                 }
             }
             MqttEvent::Outgoing(Outgoing::Disconnect) => return,
@@ -354,7 +383,10 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let auth = &config.mqtt_auth;
     let signed_refresh = auth.refresh == RefreshAuth::Signed && config.coordinator.is_some();
     let credentials = if (embedded && !auth.allow_anonymous) || signed_refresh {
-        Some(CredentialStore::open(&auth.dir)?)
+        Some(
+            CredentialStore::open(&auth.dir)?
+                .with_discovery_prefix(&config.home_assistant.discovery_prefix),
+        )
     } else {
         None
     };
@@ -470,11 +502,23 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     };
 
     let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::open_or_memory(config.state_dir.as_deref())?);
+    let ha = config
+        .home_assistant
+        .enabled
+        .then_some(&config.home_assistant);
+    let hub_will = ha
+        .filter(|h| h.hub_entities)
+        .map(|_| discovery::hub_status_topic());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let client = |suffix: &str| {
-        ClientSettings::new(url.clone(), format!("{}-{suffix}", config.client_id))
-            .keep_alive(KEEP_ALIVE)
+        let mut s = ClientSettings::new(url.clone(), format!("{}-{suffix}", config.client_id));
+        if suffix == "pub" {
+            if let Some(t) = &hub_will {
+                s = s.offline_will(t.clone());
+            }
+        }
+        s.keep_alive(KEEP_ALIVE)
             .max_packet_size(max_packet)
             .request_capacity(REQUEST_CAPACITY)
             .ca_file(ca_file.clone())
@@ -490,10 +534,30 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let pub_conn = Connection::new(pub_el, "hub publisher");
     let pub_status = pub_conn.status();
     let (pub_ready_tx, pub_ready) = oneshot::channel();
+    let discovery_stats = Arc::new(DiscoveryStats::default());
+    let (kicker, discovery_task) = match ha {
+        Some(h) => {
+            let (k, t) = discovery::spawn(
+                discovery::Discovery {
+                    cfg: h.clone(),
+                    registry: registry.clone(),
+                    metrics: metrics.clone(),
+                    client: publisher.clone(),
+                    guard: refresh_guard.clone(),
+                    follow_models: config.follow_models.clone(),
+                    stats: discovery_stats.clone(),
+                },
+                shutdown_rx.clone(),
+            );
+            (k, Some(t))
+        }
+        None => (discovery::Kicker::default(), None),
+    };
     let pub_task = tokio::spawn(publisher_loop(
         pub_conn,
         metrics.clone(),
         Some(pub_ready_tx),
+        kicker.clone(),
     ));
 
     // Commands have their own connection, owned by the delivery task.
@@ -539,10 +603,20 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         refresh_fn,
         metrics.clone(),
     ));
-    let filters = Arc::new(std::sync::Mutex::new(router::subscriptions(
-        &engine.current(),
-        &config.actuator_base,
-    )));
+    let mut filters = router::subscriptions(&engine.current(), &config.actuator_base);
+    if config.zigbee2mqtt.enabled {
+        // `<base>/+/availability` covers every actuator's: drop the exact ones, so no
+        // broker delivers a message twice through overlapping subscriptions.
+        let any = format!("{}/+/availability", config.actuator_base);
+        filters.retain(|f| !(f.starts_with(&config.actuator_base) && f.ends_with("/availability")));
+        filters.extend(zigbee::subscriptions(&config.actuator_base));
+        debug_assert!(filters.contains(&any));
+    }
+    if let Some(h) = ha {
+        filters.push(h.status_topic());
+        filters.push(discovery::button_topic("+"));
+    }
+    let filters = Arc::new(std::sync::Mutex::new(filters));
     exec.set_subscriber(sub_client.clone(), filters.clone());
     let router = Router {
         exec: exec.clone(),
@@ -553,6 +627,13 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         refresh: refresh_target.clone(),
         refresh_guard,
         refresh_gate,
+        zigbee: config.zigbee2mqtt.enabled,
+        get_state: config
+            .zigbee2mqtt
+            .get_state_on_online
+            .then(|| publisher.clone()),
+        ha_status: ha.map(HomeAssistantConfig::status_topic),
+        discovery: kicker.clone(),
     };
     let (sub_ready_tx, sub_ready) = oneshot::channel();
     let sub_task = tokio::spawn(subscriber_loop(
@@ -575,7 +656,14 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
                 shutdown_rx.clone(),
             )),
         ),
+        (
+            "registry flusher",
+            tokio::spawn(flush_registry(registry.clone(), shutdown_rx.clone())),
+        ),
     ];
+    if let Some(t) = discovery_task {
+        tasks.push(("home assistant discovery", t));
+    }
     let both_ready = async {
         let (a, b, c) = tokio::join!(pub_ready, sub_ready, cmd_ready);
         a.is_ok() && b.is_ok() && c.is_ok()
@@ -612,6 +700,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         broker_running: broker
             .clone()
             .map(|b| Arc::new(move || b.is_running()) as Arc<dyn Fn() -> bool + Send + Sync>),
+        discovery: kicker.clone(),
     };
     if let Some(l) = metrics_listener {
         tasks.push((
@@ -656,7 +745,23 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         status,
         credentials,
         actuator_base: config.actuator_base.clone(),
+        discovery: kicker,
+        discovery_stats,
     })
+}
+
+/// Writes the registry's changes every [`registry::FLUSH_INTERVAL`].
+async fn flush_registry(registry: Arc<Registry>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(registry::FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            _ = tick.tick() => {}
+        }
+        let r = registry.clone();
+        // sled writes are blocking file work: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || r.flush()).await;
+    }
 }
 
 /// Runs the hub: configuration check, binding (broker, status endpoint), connecting, then

@@ -94,6 +94,30 @@ enum Command {
         /// Model name.
         model: String,
     },
+    /// List the devices the hub knows (its registry): kind, model and version, online
+    /// state, last event. Reads `<state dir>/registry`, or asks the running hub (which holds
+    /// the database) on its `metrics_listen` address.
+    Devices {
+        /// The hub's state directory (default: `state_dir` from the configuration).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print JSON (the `/devices` document) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<DevicesAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesAction {
+    /// Forget a device and remove its Home Assistant entities: `<name>`, or
+    /// `hearth/<name>` / `zigbee2mqtt/<name>` when both kinds share the name. It comes back
+    /// only when it publishes live again (its retained messages are ignored).
+    Remove {
+        /// The device.
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -288,7 +312,8 @@ fn provision_cmd(
     mqtt_url: Option<&str>,
 ) -> Result<(), Error> {
     let cfg = store_config(cli)?;
-    let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?;
+    let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?
+        .with_discovery_prefix(&cfg.home_assistant.discovery_prefix);
     // The hub's own login exists too (Mosquitto needs its entry before the hub connects).
     store.ensure_hub(&cfg.actuator_base)?;
     let p = store.provision(name, role, &cfg.actuator_base, rotate)?;
@@ -545,6 +570,151 @@ fn refresh_request_cmd(cli: &Cli, model: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Where the registry is: the state directory, or the running hub's status endpoint.
+enum RegistryAccess {
+    Local(Box<hearth_hub::Registry>),
+    Remote(std::net::SocketAddr),
+}
+
+fn open_registry(cli: &Cli, state_dir: Option<&PathBuf>) -> Result<RegistryAccess, String> {
+    let cfg = match &cli.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let dir = state_dir.or(cfg.state_dir.as_ref()).ok_or(
+        "no state directory: give --state-dir or `state_dir` in --config (without one the \
+         registry lives in the running hub's memory: GET /devices on its metrics_listen)",
+    )?;
+    match hearth_hub::Registry::open(dir) {
+        Ok(r) => Ok(RegistryAccess::Local(Box::new(r))),
+        Err(hearth_hub::registry::RegistryError::Locked(p)) => match cfg.metrics_listen {
+            Some(a) => Ok(RegistryAccess::Remote(a)),
+            None => Err(format!(
+                "{p} is in use by the running hub, and it serves no status endpoint \
+                 (metrics_listen) to ask instead"
+            )),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One HTTP/1.1 request to the running hub's status endpoint (loopback); the status and body.
+fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let addr = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let t = std::time::Duration::from_secs(10);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, t)
+        .map_err(|e| format!("the hub's status endpoint {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(t));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.take(64 << 20)
+        .read_to_end(&mut resp)
+        .map_err(|e| format!("reading the answer of {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{addr} did not answer HTTP"))?;
+    Ok((code, body.to_string()))
+}
+
+fn devices_cmd(
+    cli: &Cli,
+    state_dir: Option<&PathBuf>,
+    json: bool,
+    action: Option<&DevicesAction>,
+) -> ExitCode {
+    let fail = |m: String| {
+        eprintln!("hearth-hub devices: {m}");
+        ExitCode::from(EXIT_UNAVAILABLE)
+    };
+    let access = match open_registry(cli, state_dir) {
+        Ok(a) => a,
+        Err(m) => return fail(m),
+    };
+    match (action, access) {
+        (Some(DevicesAction::Remove { id }), RegistryAccess::Local(r)) => match r.remove_id(id) {
+            Some(d) => {
+                r.flush_sync();
+                println!(
+                    "removed {}/{} (its Home Assistant entities go when the hub next starts)",
+                    d.source.as_str(),
+                    d.name
+                );
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("hearth-hub devices remove: no device `{id}`");
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
+        (Some(DevicesAction::Remove { id }), RegistryAccess::Remote(a)) => {
+            let path = format!("/devices/{}", percent_path(id));
+            match http(a, "DELETE", &path) {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok((404, _)) => {
+                    eprintln!("hearth-hub devices remove: no device `{id}`");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Ok((code, body)) => fail(format!("the hub answered {code}: {}", body.trim())),
+                Err(m) => fail(m),
+            }
+        }
+        (None, access) => {
+            let devices = match access {
+                RegistryAccess::Local(r) => r.snapshot(),
+                RegistryAccess::Remote(a) => match http(a, "GET", "/devices") {
+                    Ok((200, body)) => match serde_json::from_str(&body) {
+                        Ok(d) => d,
+                        Err(e) => return fail(format!("unreadable /devices answer: {e}")),
+                    },
+                    Ok((code, _)) => return fail(format!("the hub answered {code}")),
+                    Err(m) => return fail(m),
+                },
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&devices).expect("devices serialise")
+                );
+            } else {
+                print!(
+                    "{}",
+                    hearth_hub::registry::table(&devices, hearth_hub::delivery::now_ms())
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `id` for a URL path segment (friendly names may hold spaces and slashes).
+fn percent_path(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
     let cli: Cli = match parse_args() {
         Ok(c) => c,
@@ -553,6 +723,15 @@ fn main() -> ExitCode {
     if cli.print_default_config {
         print!("{}", Config::default_toml());
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Devices {
+        state_dir,
+        json,
+        action,
+    }) = &cli.command
+    {
+        init_tracing("warn");
+        return devices_cmd(&cli, state_dir.as_ref(), *json, action.as_ref());
     }
     // rumqttd logs clean disconnects as errors: silenced unless RUST_LOG asks for it.
     init_tracing("info,rumqttd=off");

@@ -8,7 +8,12 @@
 //! - `<actuator_base>/<actuator>/availability` of every actuator the rules name: the
 //!   delivery task holds that actuator's commands while it is offline.
 //! - `hearth/federation/refresh`: starts a federated round on the coordinator, if the
-//!   request is authorised ([`RefreshGuard`]: signed by an admin by default).
+//!   request is authorised ([`RefreshGuard`]: signed by an admin by default); so does a
+//!   press of a Home Assistant refresh button (`crate::discovery`).
+//! - Zigbee2MQTT's `bridge/state`, `bridge/devices` and device topics under
+//!   `<actuator_base>` (`crate::zigbee`): the registry.
+//! - `<discovery_prefix>/status` = `online`: Home Assistant (re)started; the discovery task
+//!   publishes every config again.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +25,13 @@ use rumqttc::Publish;
 use tokio::sync::Semaphore;
 
 use crate::delivery::{self, parse_availability};
+use crate::discovery::{self, Kicker};
 use crate::federation;
 use crate::metrics::{DropReason, InvalidKind, Metrics};
-use crate::registry::{Availability, Registry};
+use crate::registry::{Availability, Registry, Source};
 use crate::rules::engine::Executor;
 use crate::rules::RuleSet;
+use crate::zigbee;
 
 /// Largest accepted `meta` payload.
 pub const MAX_META_BYTES: usize = 4096;
@@ -95,6 +102,15 @@ pub struct Router {
     pub(crate) refresh_guard: RefreshGuard,
     /// One refresh in flight at a time.
     pub(crate) refresh_gate: Arc<Semaphore>,
+    /// Follow Zigbee2MQTT's topics under `actuator_base` into the registry.
+    pub(crate) zigbee: bool,
+    /// Where `<base>/<actuator>/get` goes when an actuator the rules name comes online
+    /// (`None`: not asked).
+    pub(crate) get_state: Option<rumqttc::AsyncClient>,
+    /// Home Assistant's `<prefix>/status` (`None` without discovery).
+    pub(crate) ha_status: Option<String>,
+    /// Wakes the discovery task.
+    pub(crate) discovery: Kicker,
 }
 
 /// Whether the n-th occurrence of a warning should be logged (first 20, then powers of two):
@@ -115,6 +131,21 @@ impl Router {
         if topic == REFRESH_TOPIC {
             self.handle_refresh(p);
             return;
+        }
+        if let Some(model) = discovery::parse_button_topic(topic) {
+            return self.handle_button(model, p);
+        }
+        if self.ha_status.as_deref() == Some(topic) {
+            if p.payload.as_ref() == b"online" {
+                tracing::info!("Home Assistant is online: publishing discovery again");
+                self.discovery.all();
+            }
+            return;
+        }
+        if self.zigbee {
+            if let Some(t) = zigbee::classify(&self.actuator_base, topic) {
+                self.handle_zigbee(topic, t, p);
+            }
         }
         if let Some(rest) = topic
             .strip_prefix(self.actuator_base.as_str())
@@ -142,9 +173,10 @@ impl Router {
             return;
         };
         match rest.split_once('/') {
-            Some((device, "meta")) => self.handle_meta(topic, device, &p.payload),
+            Some((device, "meta")) => self.handle_meta(topic, device, &p.payload, p.retain),
             Some((device, "availability")) => {
-                self.handle_availability(topic, device, &p.payload).await
+                self.handle_availability(topic, device, &p.payload, p.retain)
+                    .await
             }
             _ => {}
         }
@@ -182,7 +214,13 @@ impl Router {
             Ok(ev) => ev,
             Err(e) => return self.drop_event(topic, DropReason::from(&e), p.payload.len()),
         };
-        self.registry.record_event(device);
+        if self
+            .registry
+            .record_event_detail(device, Some((name, &ev.class, ev.score)))
+        {
+            // A new event name: a new Home Assistant entity.
+            self.discovery.changed();
+        }
         let (matched, fired) = self
             .exec
             .on_event(device, name, &ev, &p.payload, received)
@@ -204,6 +242,16 @@ impl Router {
             Some(online) => {
                 self.commands.availability(actuator, online).await;
                 self.exec.on_availability(actuator, online).await;
+                if let (true, Some(c)) = (online, &self.get_state) {
+                    // Read its state the way Zigbee2MQTT documents it (QoS 0: a lost read
+                    // costs nothing).
+                    let _ = c.try_publish(
+                        zigbee::get_topic(&self.actuator_base, actuator),
+                        rumqttc::QoS::AtMostOnce,
+                        false,
+                        zigbee::GET_STATE_PAYLOAD,
+                    );
+                }
             }
             None => {
                 let n = self.metrics.invalid_message(InvalidKind::Availability);
@@ -217,7 +265,66 @@ impl Router {
         }
     }
 
-    fn handle_meta(&self, topic: &str, device: &str, payload: &[u8]) {
+    fn handle_zigbee(&self, topic: &str, t: zigbee::Topic<'_>, p: &Publish) {
+        let invalid = |kind: InvalidKind, reason: &str| {
+            let n = self.metrics.invalid_message(kind);
+            if should_log(n) {
+                tracing::warn!(topic, reason, "Zigbee2MQTT message refused");
+            }
+        };
+        match t {
+            zigbee::Topic::BridgeState => match parse_availability(&p.payload) {
+                Some(on) => {
+                    let a = Availability::from_online(on);
+                    if self.registry.bridge() != a {
+                        tracing::info!(state = a.as_str(), "Zigbee2MQTT bridge");
+                    }
+                    self.registry.set_bridge(a);
+                }
+                None => invalid(
+                    InvalidKind::Availability,
+                    "bridge state must be online/offline",
+                ),
+            },
+            zigbee::Topic::BridgeDevices => match zigbee::parse_bridge_devices(&p.payload) {
+                Ok(list) => {
+                    for d in self.registry.set_bridge_devices(&list) {
+                        tracing::info!(device = %d.name, "Zigbee2MQTT device removed from the network");
+                    }
+                    Metrics::inc(&self.metrics.registry_updates);
+                }
+                Err(e) => invalid(InvalidKind::Meta, &e),
+            },
+            zigbee::Topic::State(name) => {
+                // A device's state is a JSON object; an empty retained message clears it.
+                if p.payload.is_empty() {
+                    return;
+                }
+                if p.payload.first() != Some(&b'{') {
+                    return invalid(InvalidKind::Meta, "device state must be a JSON object");
+                }
+                self.registry.record_state(name, &p.payload, p.retain);
+            }
+            zigbee::Topic::Availability(name) => match parse_availability(&p.payload) {
+                Some(on) => {
+                    if self.registry.set_availability_from(
+                        Source::Zigbee2mqtt,
+                        name,
+                        Availability::from_online(on),
+                        p.retain,
+                    ) {
+                        Metrics::inc(&self.metrics.registry_updates);
+                    }
+                }
+                None => invalid(
+                    InvalidKind::Availability,
+                    "availability must be `online`, `offline` or {\"state\":\"online\"}",
+                ),
+            },
+        }
+    }
+
+    fn handle_meta(&self, topic: &str, device: &str, payload: &[u8], retained: bool) {
         let invalid = |reason: &str| {
             let n = self.metrics.invalid_message(InvalidKind::Meta);
             if should_log(n) {
@@ -229,8 +336,9 @@ impl Router {
         }
         if payload.is_empty() {
             // An empty retained message clears the meta.
-            self.registry.set_meta(device, None);
+            self.registry.set_meta_from(device, None, retained);
             Metrics::inc(&self.metrics.registry_updates);
+            self.discovery.changed();
             return;
         }
         if payload.len() > MAX_META_BYTES {
@@ -243,14 +351,15 @@ impl Router {
         if meta.device != device {
             return invalid("`device` does not match the topic");
         }
-        if self.registry.set_meta(device, Some(meta)) {
+        if self.registry.set_meta_from(device, Some(meta), retained) {
             Metrics::inc(&self.metrics.registry_updates);
-        } else {
+            self.discovery.changed();
+        } else if !retained {
             invalid("registry full");
         }
     }
 
-    async fn handle_availability(&self, topic: &str, device: &str, payload: &[u8]) {
+    async fn handle_availability(&self, topic: &str, device: &str, payload: &[u8], retained: bool) {
         let a = match (valid_name(device), Availability::parse(payload)) {
             (true, Some(a)) => a,
             _ => {
@@ -261,7 +370,10 @@ impl Router {
                 return;
             }
         };
-        if self.registry.set_availability(device, a) {
+        if self
+            .registry
+            .set_availability_from(Source::Hearth, device, a, retained)
+        {
             Metrics::inc(&self.metrics.registry_updates);
             tracing::info!(device, availability = a.as_str(), "device availability");
         }
@@ -307,6 +419,39 @@ impl Router {
             }
             return;
         }
+        self.start_refresh(req.model);
+    }
+
+    /// A press of a Home Assistant refresh button: the payload must be the button's token
+    /// (signed refreshes) or `PRESS` (broker ACL); refused when refreshes over MQTT are off.
+    fn handle_button(&self, model: &str, p: &Publish) {
+        let ok = !p.retain
+            && match &self.refresh_guard {
+                RefreshGuard::Signed(v) => v.verify_button(model, &p.payload),
+                RefreshGuard::BrokerAcl => p.payload.as_ref() == discovery::PRESS.as_bytes(),
+                RefreshGuard::Off => false,
+            };
+        if !ok {
+            let n = self
+                .metrics
+                .refresh_unauthorized
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if should_log(n) {
+                tracing::warn!(
+                    model,
+                    "refresh button press refused: wrong payload, retained or refreshes off"
+                );
+            }
+            return;
+        }
+        tracing::info!(model, "refresh button pressed in Home Assistant");
+        self.start_refresh(model.to_string());
+    }
+
+    /// Starts a federated round for `model` on the coordinator (one at a time).
+    fn start_refresh(&self, model: String) {
+        let req = RefreshRequest::unsigned(model);
         Metrics::inc(&self.metrics.refresh_requests);
         start_refresh(
             self.refresh.clone(),

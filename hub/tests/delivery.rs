@@ -13,7 +13,10 @@
 //! `HEARTH_TEST_HOLD=false` and `HEARTH_TEST_PERSISTENT=false` switch the two mechanisms
 //! off, to see these tests fail without them.
 //!
-//! Both require that every command the hub logged (`command queued`, written after the
+//! - Mosquitto SIGKILLed twice mid-stream (nothing saved), resting on the hub's re-send of
+//!   what the dead broker had acknowledged and on holding commands until the lamp is back.
+//!
+//! All three require that every command the hub logged (`command queued`, written after the
 //! command is in the outbox journal) was applied by the lamp, none twice. Child processes
 //! are killed by PID when dropped; every wait is bounded; 127.0.0.1 only.
 
@@ -385,4 +388,47 @@ async fn no_command_is_lost_when_mosquitto_restarts() {
     home.check_zero_lost("Mosquitto restarted once", events, &[first, second])
         .await;
     drop((hub, broker2));
+}
+
+/// Mosquitto SIGKILLed mid-stream, twice (it saves nothing: `persistence true`, but its
+/// autosave has not run, so sessions, queued and retained messages die with it) and started
+/// again 1 s later; the lamp dies with it and returns 1 s after the broker, the hub stays up. Rests on the hub's outbox: what
+/// the broker had acknowledged just before it died is sent again, and the lamp's commands
+/// wait until it says `online` on the new broker (its subscription exists again).
+/// To see this test fail, make `Outbox::broker_lost_session` return at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_command_is_lost_when_mosquitto_is_killed() {
+    assert!(
+        Path::new(MOSQUITTO).exists(),
+        "{MOSQUITTO} is missing: apt-get install -y mosquitto (scripts/test.sh installs it)"
+    );
+    let mut home = Home::new(free_port());
+    let broker_dir = home.path("mosquitto");
+    std::fs::create_dir(&broker_dir).unwrap();
+    let mut broker = start_mosquitto(&broker_dir, home.port);
+    let hub = home.start_hub(true);
+    let mut lamps = vec![home.start_lamp().await];
+    home.start_agent();
+    for _ in 0..2 {
+        sleep_s(2.5).await;
+        broker.signal("-KILL");
+        broker.wait_exit(WAIT);
+        // The lamp dies too and comes back 1 s after the broker: the hub is back first, and
+        // the new broker knows nothing of the lamp (no session, no retained availability).
+        drop(home.lamp.take());
+        sleep_s(1.0).await;
+        broker = start_mosquitto(&broker_dir, home.port);
+        sleep_s(1.0).await;
+        lamps.push(home.run_lamp().await);
+    }
+    sleep_s(2.5).await;
+    let events = home.stop_agent().await;
+    home.check_zero_lost("Mosquitto and the lamp SIGKILLed twice", events, &lamps)
+        .await;
+    let logs = home.logs();
+    assert!(
+        logs.contains("the broker lost the hub's session"),
+        "the hub never saw the broker lose its state: the test proved nothing:\n{logs}"
+    );
+    drop((hub, broker));
 }

@@ -163,6 +163,10 @@ pub struct DeviceMeta {
     /// Class labels the agent can emit.
     #[serde(default)]
     pub classes: Vec<String>,
+    /// Event names it publishes (`hearth/<device>/event/<name>`), for Home Assistant
+    /// discovery before its first event; absent from older agents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
     pub sw_version: String,
 }
 

@@ -401,7 +401,7 @@ impl Executor {
         let mut have = filters.lock().unwrap_or_else(|p| p.into_inner());
         let new: Vec<String> = wanted
             .iter()
-            .filter(|t| !have.contains(t))
+            .filter(|t| !have.iter().any(|f| covers(f, t)))
             .cloned()
             .collect();
         if new.is_empty() {
@@ -514,5 +514,35 @@ impl Executor {
                 }
             }
         })
+    }
+}
+
+/// Whether MQTT filter `f` already delivers topic `t` (so subscribing `t` too would make a
+/// broker deliver its messages twice through overlapping subscriptions).
+fn covers(f: &str, t: &str) -> bool {
+    let mut fs = f.split('/');
+    let mut ts = t.split('/');
+    loop {
+        match (fs.next(), ts.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod covers_tests {
+    use super::covers;
+
+    #[test]
+    fn wildcards_cover_concrete_topics() {
+        assert!(covers("z2m/+/availability", "z2m/lamp/availability"));
+        assert!(covers("z2m/#", "z2m/lamp/availability"));
+        assert!(covers("z2m/lamp", "z2m/lamp"));
+        assert!(!covers("z2m/+", "z2m/lamp/availability"));
+        assert!(!covers("z2m/+/availability", "z2m/lamp"));
     }
 }
