@@ -100,6 +100,8 @@ impl Tracker {
     }
 
     fn event(&self, t: &Track, phase: TrackPhase, end_time: Option<f64>) -> CameraEvent {
+        // Milliseconds are enough, and keep the payload short.
+        let ms = |v: f64| (v * 1000.0).round() / 1000.0;
         CameraEvent {
             phase,
             id: t.id.clone(),
@@ -108,8 +110,8 @@ impl Tracker {
             score: t.score.min(t.top_score),
             top_score: t.top_score,
             bbox: t.bbox.map(|v| v.clamp(0.0, 1.0)),
-            start_time: t.start_time,
-            end_time,
+            start_time: ms(t.start_time),
+            end_time: end_time.map(ms),
             model: self.opts.model.clone(),
         }
     }

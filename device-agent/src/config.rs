@@ -89,6 +89,10 @@ pub struct Config {
     /// Epochs of on-device training used to bootstrap a model when neither the
     /// state directory nor `initial_model` provides one.
     pub bootstrap_epochs: u32,
+    /// Camera source kind: with a `[camera]` table the agent runs this camera (ffmpeg
+    /// frames, BlazeFace, tracker; `crate::camera`) instead of replaying its data set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub camera: Option<hearth_camera::CameraConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -113,6 +117,7 @@ impl std::fmt::Debug for Config {
             .field("state_dir", &self.state_dir)
             .field("initial_model", &self.initial_model)
             .field("bootstrap_epochs", &self.bootstrap_epochs)
+            .field("camera", &self.camera)
             .finish_non_exhaustive()
     }
 }
@@ -139,6 +144,7 @@ impl Default for Config {
             state_dir: PathBuf::from("state"),
             initial_model: None,
             bootstrap_epochs: 10,
+            camera: None,
         }
     }
 }
@@ -171,7 +177,14 @@ impl Config {
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
              # event_name = \"detection\"                  # defaults to the task file's `event`\n\
-             # initial_model = \"models/faces.onnx\"\n\n{body}"
+             # initial_model = \"models/faces.onnx\"\n\n{body}\n\
+             # Camera source kind: run a camera instead of replaying the data set (every key of\n\
+             # [camera] has a default: docs/cameras.md).\n\
+             # [camera]\n\
+             # fps = 5\n\
+             # [camera.source]\n\
+             # kind = \"mjpeg\"   # rtsp (url, listen) | mjpeg (url) | v4l2 (device) | folder (path, glob, repeat) | file (path, repeat)\n\
+             # url = \"http://192.168.1.20/stream.mjpg\"\n"
         )
     }
 
@@ -281,6 +294,9 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() || self.data_dir.as_os_str().is_empty() {
             return bad("data_dir and state_dir must not be empty".into());
         }
+        if let Some(c) = &self.camera {
+            c.validate().map_err(|e| Error::Config(e.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -338,6 +354,32 @@ mod tests {
         assert_eq!(c.model_name(), "plaid");
         assert_eq!(c.partition.count, 4);
         assert_eq!(c.coordinator_url(), Some("http://10.0.0.3:50051"));
+    }
+
+    #[test]
+    fn camera_source_kind() {
+        let c = Config::from_toml_str(
+            r#"
+            device = "door-cam"
+            [camera]
+            fps = 5
+            [camera.source]
+            kind = "mjpeg"
+            url = "http://127.0.0.1:8081/stream.mjpg"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let cam = c.camera.as_ref().unwrap();
+        assert_eq!(cam.source.kind(), "mjpeg");
+        assert_eq!(
+            Config::from_toml_str(&toml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+        let mut bad = c.clone();
+        bad.camera.as_mut().unwrap().fps = 0.0;
+        assert!(matches!(bad.validate(), Err(Error::Config(e)) if e.contains("camera.fps")));
+        assert!(Config::from_toml_str("[camera.source]\nkind = \"webrtc\"\n").is_err());
     }
 
     #[test]

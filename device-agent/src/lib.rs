@@ -15,6 +15,7 @@
 
 pub mod actuator;
 mod agent;
+pub mod camera;
 pub mod config;
 mod error;
 mod federation;
