@@ -18,6 +18,15 @@ if [ ! -x /usr/sbin/mosquitto ] && command -v apt-get >/dev/null; then
   $SUDO apt-get install -y mosquitto || { $SUDO apt-get update && $SUDO apt-get install -y mosquitto; }
 fi
 
+# Debian's ffmpeg: the camera tests (camera/tests/streams.rs, device-agent/tests/camera.rs) decode
+# and serve real streams with it (they skip, saying so, when it is missing).
+if ! command -v ffmpeg >/dev/null && command -v apt-get >/dev/null; then
+  echo "ffmpeg not found: installing it with apt-get" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get install -y ffmpeg || { $SUDO apt-get update && $SUDO apt-get install -y ffmpeg; }
+fi
+
 cargo fmt --all -- --check
 # The agent and the coordinator must not compile the compression toolkit (ARCHITECTURE.md).
 for bin in hearth-agent hearth-coordinator; do

@@ -21,6 +21,8 @@ use hearth_proto::v1::{
 use rumqttc::QoS;
 use tokio::net::TcpListener;
 
+pub mod camera;
+
 /// What can go wrong while running the demo home.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -108,6 +110,18 @@ device = "door-cam-*"
 event = "detection"
 class = "person"
 min_score = 0.7
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON" }
+cooldown_secs = 0
+
+[[rule]]
+name = "porch light when the live door camera tracks a face"
+[rule.when]
+device = "door-cam-live"
+event = "detection"
+class = "face"
+min_score = 0.6
 [rule.then]
 actuator = "porch_light"
 payload = { state = "ON" }

@@ -185,6 +185,33 @@ async fn demo(args: Args) -> Result<()> {
             dense as f64 / s.uplink_bytes.max(1) as f64
         );
     }
+    println!("Live camera (ffmpeg HTTP MJPEG on loopback -> BlazeFace in tract -> tracker -> hub rule -> porch light):");
+    match home
+        .live_camera(&opts.data_dir, &opts.state_dir, Duration::from_secs(60))
+        .await
+        .context("live camera")?
+    {
+        None => println!("  skipped: ffmpeg is not installed (apt-get install ffmpeg)"),
+        Some(r) => {
+            let n = |k: &str| r.status[k].as_u64().unwrap_or(0);
+            println!(
+                "  {}: first face track after {:.1}s, porch light on {:.2}s later",
+                hearth_demo::camera::LIVE_CAMERA,
+                r.first_track_secs,
+                r.light_after_secs
+            );
+            println!(
+                "  frames {}  with motion {}  detector runs {} ({:.1} ms each)  events new/update/end {}/{}/{}",
+                n("frames"),
+                n("motion_frames"),
+                n("detector_runs"),
+                n("detect_micros") as f64 / n("detector_runs").max(1) as f64 / 1000.0,
+                r.events[0],
+                r.events[1],
+                r.events[2]
+            );
+        }
+    }
     home.shutdown().await?;
     Ok(())
 }

@@ -481,7 +481,14 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
     let (mqtt_stop_tx, mqtt_stop_rx) = oneshot::channel();
     let mqtt_task = tokio::spawn(mqtt_loop(conn, shared.clone(), mqtt_stop_rx));
     let (done_tx, done_rx) = watch::channel(false);
-    let replay = if shared.config.source.windowing().is_some() {
+    // A camera agent runs its camera instead of the replay (`crate::camera`).
+    let replay = if shared.config.camera.is_some() {
+        tokio::spawn(crate::camera::camera_loop(
+            shared.clone(),
+            stop_rx.clone(),
+            done_tx,
+        ))
+    } else if shared.config.source.windowing().is_some() {
         tokio::spawn(crate::live::run(shared.clone(), stop_rx.clone(), done_tx))
     } else {
         tokio::spawn(replay_loop(shared.clone(), stop_rx.clone(), done_tx))

@@ -95,6 +95,10 @@ pub struct Config {
     pub source: SourceConfig,
     /// The on-device sample store behind feedback (`[store]`: bounds, on/off).
     pub store: StoreConfig,
+    /// Camera source kind: with a `[camera]` table the agent runs this camera (ffmpeg
+    /// frames, BlazeFace, tracker; `crate::camera`) instead of replaying its data set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub camera: Option<hearth_camera::CameraConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -121,6 +125,7 @@ impl std::fmt::Debug for Config {
             .field("bootstrap_epochs", &self.bootstrap_epochs)
             .field("source", &self.source)
             .field("store", &self.store)
+            .field("camera", &self.camera)
             .finish_non_exhaustive()
     }
 }
@@ -149,6 +154,7 @@ impl Default for Config {
             bootstrap_epochs: 10,
             source: SourceConfig::Replay,
             store: StoreConfig::default(),
+            camera: None,
         }
     }
 }
@@ -181,7 +187,14 @@ impl Config {
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
              # event_name = \"detection\"                  # defaults to the task file's `event`\n\
-             # initial_model = \"models/faces.onnx\"\n\n{body}"
+             # initial_model = \"models/faces.onnx\"\n\n{body}\n\
+             # Camera source kind: run a camera instead of replaying the data set (every key of\n\
+             # [camera] has a default: docs/cameras.md).\n\
+             # [camera]\n\
+             # fps = 5\n\
+             # [camera.source]\n\
+             # kind = \"mjpeg\"   # rtsp (url, listen) | mjpeg (url) | v4l2 (device) | folder (path, glob, repeat) | file (path, repeat)\n\
+             # url = \"http://192.168.1.20/stream.mjpg\"\n"
         )
     }
 
@@ -307,6 +320,9 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() || self.data_dir.as_os_str().is_empty() {
             return bad("data_dir and state_dir must not be empty".into());
         }
+        if let Some(c) = &self.camera {
+            c.validate().map_err(|e| Error::Config(e.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -427,6 +443,32 @@ mod tests {
             }
         }
         assert!(Config::from_toml_str("[source]\nkind = \"camera\"\n").is_err());
+    }
+
+    #[test]
+    fn camera_source_kind() {
+        let c = Config::from_toml_str(
+            r#"
+            device = "door-cam"
+            [camera]
+            fps = 5
+            [camera.source]
+            kind = "mjpeg"
+            url = "http://127.0.0.1:8081/stream.mjpg"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let cam = c.camera.as_ref().unwrap();
+        assert_eq!(cam.source.kind(), "mjpeg");
+        assert_eq!(
+            Config::from_toml_str(&toml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+        let mut bad = c.clone();
+        bad.camera.as_mut().unwrap().fps = 0.0;
+        assert!(matches!(bad.validate(), Err(Error::Config(e)) if e.contains("camera.fps")));
+        assert!(Config::from_toml_str("[camera.source]\nkind = \"webrtc\"\n").is_err());
     }
 
     #[test]

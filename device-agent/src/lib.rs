@@ -16,6 +16,7 @@
 
 pub mod actuator;
 mod agent;
+pub mod camera;
 pub mod config;
 pub mod distill;
 mod error;

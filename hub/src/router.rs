@@ -1,7 +1,8 @@
 //! The router: every message the hub receives goes through here.
 //!
-//! - `hearth/<device>/event/<name>`: the privacy guard ([`Event::parse`]: size limit and
-//!   schema) first; invalid payloads are dropped, counted and logged with topic and reason
+//! - `hearth/<device>/event/<name>`: the privacy guard ([`parse_event`]: size limit and
+//!   schema of a verdict or of a camera track event, whose `camera` must be the topic's
+//!   device) first; invalid payloads are dropped, counted and logged with topic and reason
 //!   only (never the payload). Valid events update the registry and are matched against
 //!   the rules; firing rules hand their command to [`crate::delivery`] (outbox, QoS 1).
 //! - `hearth/<device>/meta`, `hearth/<device>/availability`: the registry.
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hearth_proto::mqtt::{
-    parse_event_topic, valid_name, DeviceMeta, Event, RefreshRequest, REFRESH_TOPIC, ROOT,
+    parse_event, parse_event_topic, valid_name, DeviceMeta, RefreshRequest, REFRESH_TOPIC, ROOT,
 };
 use rumqttc::Publish;
 use tokio::sync::Semaphore;
@@ -210,9 +211,12 @@ impl Router {
         if p.retain {
             return self.drop_event(topic, DropReason::Retained, p.payload.len());
         }
-        let ev = match Event::parse(&p.payload) {
+        let inbound = match parse_event(device, &p.payload) {
             Ok(ev) => ev,
             Err(e) => return self.drop_event(topic, DropReason::from(&e), p.payload.len()),
+        };
+        let Some(ev) = inbound.verdict() else {
+            return;
         };
         if self
             .registry

@@ -151,6 +151,155 @@ impl Feedback {
     }
 }
 
+/// Phase of a camera object track, as in Frigate's `frigate/events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackPhase {
+    /// The track was confirmed (sent once per track).
+    New,
+    /// Something changed (score, box, top score); rate-limited by the agent.
+    Update,
+    /// The object is gone (sent once per track; carries `end_time`).
+    End,
+}
+
+/// A camera detection event in Frigate's life cycle (`new` → `update`* → `end`), on
+/// `hearth/<camera>/event/<name>`. Only a label, scores, a normalised box and times: never
+/// pixels. Like [`Event`], unknown fields are refused and the payload is at most
+/// [`MAX_EVENT_BYTES`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraEvent {
+    #[serde(rename = "type")]
+    pub phase: TrackPhase,
+    /// Track id, unique per camera (`[A-Za-z0-9 _.:@+-]`, ≤ 64 chars).
+    pub id: String,
+    /// Camera (device) name; must be the device of the topic.
+    pub camera: String,
+    /// Object label, e.g. `"face"`.
+    pub label: String,
+    /// Score of the latest detection, in `[0, 1]`.
+    pub score: f32,
+    /// Best score the track has had, in `[0, 1]`.
+    pub top_score: f32,
+    /// `[xmin, ymin, xmax, ymax]`, normalised to `[0, 1]` of the frame.
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+    /// Unix time (seconds) the track started.
+    pub start_time: f64,
+    /// Unix time (seconds) the track ended: present exactly on `end`.
+    pub end_time: Option<f64>,
+    /// Model that produced it, `name@version`.
+    pub model: String,
+}
+
+impl CameraEvent {
+    /// Checks field contents (what [`parse_event`] applies after the schema).
+    pub fn validate(&self) -> Result<(), EventError> {
+        for s in [self.score, self.top_score] {
+            if !(0.0..=1.0).contains(&s) || !s.is_finite() {
+                return Err(EventError::BadScore(s));
+            }
+        }
+        if self.score > self.top_score {
+            return Err(EventError::BadScore(self.score));
+        }
+        if !valid_name(&self.camera) {
+            return Err(EventError::BadField("camera"));
+        }
+        for (name, v) in [
+            ("id", &self.id),
+            ("label", &self.label),
+            ("model", &self.model),
+        ] {
+            if !field_ok(v) {
+                return Err(EventError::BadField(name));
+            }
+        }
+        let b = &self.bbox;
+        if !b.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)) || b[0] > b[2] || b[1] > b[3]
+        {
+            return Err(EventError::BadField("box"));
+        }
+        if !self.start_time.is_finite() || self.start_time < 0.0 {
+            return Err(EventError::BadField("start_time"));
+        }
+        match (self.phase, self.end_time) {
+            (TrackPhase::End, Some(t)) if t.is_finite() && t >= self.start_time => Ok(()),
+            (TrackPhase::New | TrackPhase::Update, None) => Ok(()),
+            _ => Err(EventError::BadField("end_time")),
+        }
+    }
+
+    /// Serialises to the JSON payload.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("camera event serialises")
+    }
+
+    /// The verdict rules match on: class = label, score = score, ts = start time.
+    pub fn verdict(&self) -> Event {
+        Event {
+            class: self.label.clone(),
+            score: self.score,
+            model: self.model.clone(),
+            ts: format!("{:.3}", self.start_time),
+            id: Some(self.id.clone()),
+            kind: Some(
+                match self.phase {
+                    TrackPhase::New => "new",
+                    TrackPhase::Update => "update",
+                    TrackPhase::End => "end",
+                }
+                .to_string(),
+            ),
+        }
+    }
+}
+
+/// An event payload that passed the guard: a plain verdict or a camera track event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InboundEvent {
+    Verdict(Event),
+    Camera(CameraEvent),
+}
+
+impl InboundEvent {
+    /// The verdict the rules see. A camera track's `end` is one too (with `type` = `end`),
+    /// but it fires only rules that ask for `type = "end"` (the hub's rules engine).
+    pub fn verdict(&self) -> Option<Event> {
+        match self {
+            InboundEvent::Verdict(e) => Some(e.clone()),
+            InboundEvent::Camera(c) => Some(c.verdict()),
+        }
+    }
+}
+
+/// The hub's privacy guard for `hearth/<device>/event/<name>`: size first, then a payload
+/// with a `type` field must be a [`CameraEvent`] whose `camera` is `device`, any other an
+/// [`Event`]; both refuse unknown fields.
+pub fn parse_event(device: &str, payload: &[u8]) -> Result<InboundEvent, EventError> {
+    if payload.len() > MAX_EVENT_BYTES {
+        return Err(EventError::TooLarge(payload.len()));
+    }
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "type")]
+        phase: Option<serde::de::IgnoredAny>,
+    }
+    let probe: Probe =
+        serde_json::from_slice(payload).map_err(|e| EventError::Schema(e.to_string()))?;
+    if probe.phase.is_none() {
+        return Event::parse(payload).map(InboundEvent::Verdict);
+    }
+    let ev: CameraEvent =
+        serde_json::from_slice(payload).map_err(|e| EventError::Schema(e.to_string()))?;
+    ev.validate()?;
+    if ev.camera != device {
+        return Err(EventError::BadField("camera"));
+    }
+    Ok(InboundEvent::Camera(ev))
+}
+
 /// Retained device description at `hearth/<device>/meta`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceMeta {
@@ -348,6 +497,111 @@ mod tests {
         let mut e = ev();
         e.score = 1.5;
         assert_eq!(Event::parse(&e.to_json()), Err(EventError::BadScore(1.5)));
+    }
+
+    fn cam(phase: TrackPhase) -> CameraEvent {
+        CameraEvent {
+            phase,
+            id: "1764546000123-1".into(),
+            camera: "door-cam".into(),
+            label: "face".into(),
+            score: 0.91,
+            top_score: 0.93,
+            bbox: [0.31, 0.2, 0.52, 0.48],
+            start_time: 1764546000.123,
+            end_time: (phase == TrackPhase::End).then_some(1764546012.5),
+            model: "blazeface@1".into(),
+        }
+    }
+
+    #[test]
+    fn camera_events_pass_the_guard_and_stay_small() {
+        for p in [TrackPhase::New, TrackPhase::Update, TrackPhase::End] {
+            let e = cam(p);
+            let json = e.to_json();
+            assert!(json.len() < MAX_EVENT_BYTES / 2, "{}", json.len());
+            assert_eq!(
+                parse_event("door-cam", &json).unwrap(),
+                InboundEvent::Camera(e.clone())
+            );
+        }
+        let end = InboundEvent::Camera(cam(TrackPhase::End))
+            .verdict()
+            .unwrap();
+        assert_eq!(end.kind.as_deref(), Some("end"));
+        assert_eq!(
+            InboundEvent::Camera(cam(TrackPhase::New))
+                .verdict()
+                .unwrap()
+                .class,
+            "face"
+        );
+        // Plain verdicts still parse.
+        let v = ev();
+        assert_eq!(
+            parse_event("x", &v.to_json()).unwrap(),
+            InboundEvent::Verdict(v)
+        );
+    }
+
+    #[test]
+    fn camera_events_are_checked() {
+        let json = |e: &CameraEvent| e.to_json();
+        // Another camera's name.
+        assert_eq!(
+            parse_event("porch-cam", &json(&cam(TrackPhase::New))),
+            Err(EventError::BadField("camera"))
+        );
+        // Pixels smuggled in an extra field.
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&json(&cam(TrackPhase::New))).unwrap();
+        v["pixels"] = serde_json::json!([1, 2, 3]);
+        assert!(matches!(
+            parse_event("door-cam", &serde_json::to_vec(&v).unwrap()),
+            Err(EventError::Schema(_))
+        ));
+        // Too large.
+        let mut e = cam(TrackPhase::New);
+        e.label = "x".repeat(600);
+        assert!(matches!(
+            parse_event("door-cam", &json(&e)),
+            Err(EventError::TooLarge(_))
+        ));
+        let mut e = cam(TrackPhase::New);
+        e.bbox = [0.5, 0.2, 0.4, 0.3];
+        assert_eq!(
+            parse_event("door-cam", &json(&e)),
+            Err(EventError::BadField("box"))
+        );
+        let mut e = cam(TrackPhase::New);
+        e.bbox[2] = 1.7;
+        assert_eq!(
+            parse_event("door-cam", &json(&e)),
+            Err(EventError::BadField("box"))
+        );
+        let mut e = cam(TrackPhase::Update);
+        e.top_score = 0.5;
+        assert!(matches!(
+            parse_event("door-cam", &json(&e)),
+            Err(EventError::BadScore(_))
+        ));
+        let mut e = cam(TrackPhase::End);
+        e.end_time = None;
+        assert_eq!(
+            parse_event("door-cam", &json(&e)),
+            Err(EventError::BadField("end_time"))
+        );
+        let mut e = cam(TrackPhase::New);
+        e.end_time = Some(1764546001.0);
+        assert_eq!(
+            parse_event("door-cam", &json(&e)),
+            Err(EventError::BadField("end_time"))
+        );
+        let bad_type = br#"{"type":"start","id":"1","camera":"door-cam","label":"face","score":0.9,"top_score":0.9,"box":[0,0,1,1],"start_time":1,"end_time":null,"model":"m@1"}"#;
+        assert!(matches!(
+            parse_event("door-cam", bad_type),
+            Err(EventError::Schema(_))
+        ));
     }
 
     #[test]

@@ -27,6 +27,15 @@ fn event_name(task: Task) -> String {
 /// Why no agent of any task can trigger `rule`, or `None` when one can.
 fn unreachable(rule: &Rule) -> Option<String> {
     let mut why = Vec::new();
+    // A camera agent (`[camera]` source kind) publishes its `event` with its `label` as class.
+    let cam = hearth_camera::CameraConfig::default();
+    if rule.event.matches(&cam.event) && rule.class.matches(&cam.label) {
+        return None;
+    }
+    why.push(format!(
+        "camera agents publish `{}` events of class `{}`",
+        cam.event, cam.label
+    ));
     for task in TASKS {
         let name = event_name(task);
         let classes = task.classes();

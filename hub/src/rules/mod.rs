@@ -561,6 +561,12 @@ fn json_eq_field(f: &dyn Fields, name: &str, want: &serde_json::Value) -> bool {
     }
 }
 
+/// A track's `end` (a camera object gone) fires only rules that ask for `type = "end"`: a
+/// rule on the class alone would otherwise fire again when the person leaves.
+fn end_ok(fields: &[(String, serde_json::Value)], ev: &Event) -> bool {
+    ev.kind.as_deref() != Some("end") || fields.iter().any(|(k, _)| k == "type")
+}
+
 impl Rule {
     /// Whether the event satisfies the rule's trigger (ignores conditions and cooldown).
     pub fn matches(&self, device: &str, event_name: &str, ev: &Event) -> bool {
@@ -568,6 +574,7 @@ impl Rule {
             return false;
         };
         let ok = ev.score >= self.min_score
+            && end_ok(fields, ev)
             && self.class.matches(&ev.class)
             && self.device.matches(device)
             && self.event.matches(event_name);
@@ -583,6 +590,7 @@ impl Rule {
             return false;
         };
         f.ev.score >= self.min_score
+            && end_ok(fields, f.ev)
             && self.class.matches(&f.ev.class)
             && self.device.matches(f.device)
             && self.event.matches(f.event)
