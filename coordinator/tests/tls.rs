@@ -169,6 +169,7 @@ async fn federation_calls_without_a_client_certificate_are_refused() {
     let forged = Creds {
         id: "c-anything".into(),
         key: "k".into(),
+        tls: None,
     };
     let e = fetch(&anon, &forged, MODEL, 1, 0).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -370,5 +371,40 @@ async fn admin_calls_need_the_admin_credential() {
     assert!(h.coordinator().metrics().rejections("no_credentials") >= 2);
     assert!(h.coordinator().metrics().rejections("bad_credentials") >= 1);
     assert!(!h.coordinator().is_revoked(&me.id));
+    h.shutdown().await.unwrap();
+}
+
+/// `insecure = true` (local demos only): plaintext, enrolment without a CSR hands out a
+/// shared key, and that key (not a certificate) authenticates the client's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_mode_is_plaintext_with_shared_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.insecure = true;
+    let h = start(cfg, listener().await).await.unwrap();
+    assert!(h.endpoint().starts_with("http://"), "{}", h.endpoint());
+    assert!(h.ca_pem().is_none());
+    assert!(!dir.path().join("pki").exists(), "no CA in insecure mode");
+    let ch = channel(h.local_addr()).await;
+    let me = enroll(&ch, "seeded-token-1", "hall").await.unwrap();
+    assert!(me.key.len() >= 32, "a shared key is handed out");
+    let (bytes, ..) = fetch(&ch, &me, MODEL, 1, 0).await.unwrap();
+    assert!(!bytes.is_empty());
+    let wrong = Creds {
+        key: "0".repeat(64),
+        ..me.clone()
+    };
+    let e = fetch(&ch, &wrong, MODEL, 1, 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(h.coordinator().metrics().rejections("bad_credentials") >= 1);
+    // A TLS client gets nowhere on the plaintext port.
+    let ca = rcgen::CertificateParams::default()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let https = format!("https://{}", h.local_addr());
+    assert!(hearth_coordinator::client::connect(&https, Some(&ca), None)
+        .await
+        .is_err());
     h.shutdown().await.unwrap();
 }
