@@ -448,7 +448,8 @@ impl Tls {
     /// `c` (a TLS client of another coordinator process on the same CA, e.g. before a
     /// restart) connected to this one with the same certificate.
     pub async fn rebind(&self, c: &Creds) -> Creds {
-        self.client(&c.tls.as_ref().expect("a TLS client").cert).await
+        self.client(&c.tls.as_ref().expect("a TLS client").cert)
+            .await
     }
 }
 
