@@ -13,7 +13,8 @@
 //!   `upload_timeout_secs`; `FetchModel` streams are cut at `fetch_timeout_secs`
 //!   (`service.rs`); `Subscribe` is long-lived and kept honest by HTTP/2 keepalive pings
 //!   (`keepalive_interval_secs`, a peer that does not answer within `keepalive_timeout_secs`
-//!   is dropped) and TCP keepalive.
+//!   is dropped; every connection is pinged, not only `Subscribe`'s);
+//! - **TLS handshakes**: at most `handshake_timeout_secs` (`handshake.rs`).
 //!
 //! Every refusal here is logged and counted through [`Metrics::reject`].
 
