@@ -19,6 +19,7 @@
 pub mod aggregate;
 pub mod client;
 pub mod config;
+pub mod handshake;
 pub mod limits;
 pub mod metrics;
 pub mod optimizer;

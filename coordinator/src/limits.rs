@@ -13,7 +13,8 @@
 //!   `upload_timeout_secs`; `FetchModel` streams are cut at `fetch_timeout_secs`
 //!   (`service.rs`); `Subscribe` is long-lived and kept honest by HTTP/2 keepalive pings
 //!   (`keepalive_interval_secs`, a peer that does not answer within `keepalive_timeout_secs`
-//!   is dropped) and TCP keepalive.
+//!   is dropped; every connection is pinged, not only `Subscribe`'s);
+//! - **TLS handshakes**: at most `handshake_timeout_secs` (`handshake.rs`).
 //!
 //! Every refusal here is logged and counted through [`Metrics::reject`].
 
@@ -57,6 +58,8 @@ pub struct Limits {
     pub keepalive_interval_secs: u64,
     /// A connection whose peer does not answer a ping within this is closed.
     pub keepalive_timeout_secs: u64,
+    /// A TLS handshake not finished within this is refused (`handshake_timeout`).
+    pub handshake_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +72,7 @@ impl Default for Limits {
             call_timeout_secs: 30,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 10,
+            handshake_timeout_secs: 10,
         }
     }
 }
@@ -96,6 +100,7 @@ impl Limits {
             ("call_timeout_secs", self.call_timeout_secs),
             ("keepalive_interval_secs", self.keepalive_interval_secs),
             ("keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
         ] {
             if !(1..=86_400).contains(&v) {
                 return Err(format!("limits.{key} must be in 1..=86400"));
@@ -151,10 +156,27 @@ pub fn builder(
 
 /// An accepted connection holding one of the `max_connections` slots until it is dropped
 /// (when the server closes the connection).
+/// Opening and closing are counted (`hearth_coordinator_connections_{accepted,closed}_total`:
+/// their difference is the number open, so a slot freed by a keepalive timeout shows).
 #[derive(Debug)]
 pub struct CappedConn {
     inner: TcpStream,
     _slot: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for CappedConn {
+    fn drop(&mut self) {
+        self.metrics
+            .inc("hearth_coordinator_connections_closed_total", String::new());
+    }
+}
+
+impl CappedConn {
+    /// The peer's address, when the socket still knows it.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.peer_addr().ok()
+    }
 }
 
 impl Connected for CappedConn {
@@ -231,9 +253,14 @@ pub fn incoming(
             };
             let conn = listener.accept().await.map(|(s, _)| {
                 let _ = s.set_nodelay(true);
+                metrics.inc(
+                    "hearth_coordinator_connections_accepted_total",
+                    String::new(),
+                );
                 CappedConn {
                     inner: s,
                     _slot: slot,
+                    metrics: metrics.clone(),
                 }
             });
             Some((conn, (listener, slots, metrics)))

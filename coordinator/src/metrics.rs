@@ -17,6 +17,14 @@ const HELP: &[(&str, &str)] = &[
         "Calls, updates and enrolments refused, by call and reason.",
     ),
     (
+        "hearth_coordinator_connections_accepted_total",
+        "gRPC connections accepted (each holds a connection slot until it closes).",
+    ),
+    (
+        "hearth_coordinator_connections_closed_total",
+        "gRPC connections closed (by either side, a failed handshake or a keepalive timeout).",
+    ),
+    (
         "hearth_coordinator_updates_accepted_total",
         "Updates accepted into a round, by model.",
     ),

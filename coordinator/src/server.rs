@@ -106,16 +106,19 @@ async fn serve(
     let (enrollment, federation, admin) = limits::services(svc, &cfg.limits);
     let upload_limit = Duration::from_secs(cfg.upload_timeout_secs);
     let incoming = limits::incoming(listener, cfg.limits.max_connections, metrics.clone());
-    let mut builder = limits::builder(&cfg.limits, upload_limit, metrics);
-    if let Some(tls) = tls_config(&coord) {
-        builder = builder.tls_config(tls)?;
-    }
-    let served = builder
+    let handshake_limit = Duration::from_secs(cfg.limits.handshake_timeout_secs);
+    let tls = tls_config(&coord)?;
+    let router = limits::builder(&cfg.limits, upload_limit, metrics.clone())
         .add_service(enrollment)
         .add_service(federation)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await;
+        .add_service(admin);
+    let served = match tls {
+        Some(tls) => {
+            let incoming = crate::handshake::incoming(incoming, tls, handshake_limit, metrics);
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+        None => router.serve_with_incoming_shutdown(incoming, signal).await,
+    };
     stop.send_replace(true);
     let grace = Duration::from_secs(coord.config().shutdown_grace_secs.max(1));
     coord.join_tasks(grace).await;
@@ -132,17 +135,16 @@ async fn serve(
 
 /// TLS with the coordinator's server certificate; client certificates of its CA are verified
 /// when presented but optional at this layer (Enroll needs none), and every Federation call
-/// requires one (`Services::client`). `None` in insecure mode.
-fn tls_config(coord: &Coordinator) -> Option<tonic::transport::ServerTlsConfig> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let pki = coord.pki()?;
+/// requires one (`Services::client`). `None` in insecure mode. The handshake itself is
+/// `handshake::incoming`.
+fn tls_config(coord: &Coordinator) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+    let Some(pki) = coord.pki() else {
+        return Ok(None);
+    };
     let (cert, key) = pki.server_identity();
-    Some(
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, key))
-            .client_ca_root(Certificate::from_pem(pki.ca_pem()))
-            .client_auth_optional(true),
-    )
+    crate::handshake::server_config(cert, key, pki.ca_pem())
+        .map(Some)
+        .map_err(|e| Error::Internal(format!("TLS: {e}")))
 }
 
 /// Runs the coordinator on `listener` until `shutdown` resolves, then drains and returns.

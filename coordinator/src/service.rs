@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use hearth_proto::v1::{
     self, admin_server::Admin, enrollment_server::Enrollment, federation_event,
     federation_server::Federation, update_chunk, FederationEvent,
@@ -97,14 +98,21 @@ impl Services {
             .map_err(|e| self.auth_refused(call, "", e))
     }
 
+    /// The admin credential check. A refused attempt also spends a token of the peer's
+    /// rate-limit bucket (by address, as failed client logins do), so the admin token cannot
+    /// be guessed faster than `rate_limit` allows: past the burst, ResourceExhausted.
     fn admin<T>(&self, call: &'static str, req: &Request<T>) -> Result<(), Status> {
         let v = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.coord
-            .authenticate_admin(v)
-            .map_err(|e| self.auth_refused(call, "admin", e))
+        self.coord.authenticate_admin(v).map_err(|e| {
+            let refused = self.auth_refused(call, "admin", e);
+            match self.limit(req, call, None) {
+                Ok(()) => refused,
+                Err(limited) => limited,
+            }
+        })
     }
 
     /// Counts and logs a refused call; revoked clients get PermissionDenied, the rest
@@ -323,7 +331,8 @@ impl Subscription {
 #[tonic::async_trait]
 impl Federation for Services {
     type SubscribeStream = ReceiverStream<Result<FederationEvent, Status>>;
-    type FetchModelStream = ReceiverStream<Result<v1::ModelChunk, Status>>;
+    type FetchModelStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<v1::ModelChunk, Status>> + Send + 'static>>;
 
     async fn subscribe(
         &self,
@@ -437,6 +446,9 @@ impl Federation for Services {
         let deadline = tokio::time::Instant::now()
             + Duration::from_secs(self.coord.config().fetch_timeout_secs);
         let (tx, rx) = mpsc::channel(4);
+        // How a cut stream ends: after the chunks already queued, with this status (a full
+        // queue cannot take it, and an end without it would look like a complete download).
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<Status>();
         let mut stop = self.coord.shutdown_signal();
         let signature = hex::decode(&meta.signature).unwrap_or_default();
         let metrics = self.coord.metrics().clone();
@@ -461,7 +473,7 @@ impl Federation for Services {
                 let sent = tokio::select! {
                     s = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)) => s,
                     _ = revoked(&coord, Some(client.as_str()), &mut revocations) => {
-                        let _ = tx.try_send(Err(revoked_status(&coord, "fetch_model", Some(client.as_str()))));
+                        let _ = end_tx.send(revoked_status(&coord, "fetch_model", Some(client.as_str())));
                         return;
                     }
                 };
@@ -470,7 +482,7 @@ impl Federation for Services {
                     Ok(false) => return,
                     Err(_) => {
                         metrics.reject("fetch", "timeout", &client, &"fetch stream too slow");
-                        let _ = tx.try_send(Err(Status::deadline_exceeded("fetch took too long")));
+                        let _ = end_tx.send(Status::deadline_exceeded("fetch took too long"));
                         return;
                     }
                 }
@@ -480,7 +492,8 @@ impl Federation for Services {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).chain(end))))
     }
 
     async fn upload_update(

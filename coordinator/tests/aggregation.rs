@@ -54,8 +54,6 @@ fn config(db: &Path, aggregation: &[(&str, Aggregation)]) -> Config {
             .iter()
             .map(|(n, a)| (n.to_string(), a.clone()))
             .collect::<BTreeMap<_, _>>(),
-        // Plaintext with shared-key credentials: TLS is covered by tests/tls.rs.
-        insecure: true,
         ..Config::default()
     };
     // Krum with f = 1 needs rounds of at least 5; tests ask for smaller rounds where they may.
@@ -78,10 +76,10 @@ fn combine(c: Combine) -> Aggregation {
     }
 }
 
-async fn enroll_all(ch: &Channel) -> Vec<Creds> {
+async fn enroll_all(tls: &Tls) -> Vec<Creds> {
     let mut out = Vec::new();
     for (i, t) in TOKENS.iter().enumerate() {
-        out.push(enroll(ch, t, &format!("dev-{i}")).await.unwrap());
+        out.push(tls.enroll(t, &format!("dev-{i}")).await.unwrap());
     }
     out
 }
@@ -161,8 +159,9 @@ async fn robust_methods_resist_a_poisoned_client_that_wrecks_fedavg() {
         ],
     );
     let server = start(cfg, listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
-    let clients = enroll_all(&ch).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
+    let clients = enroll_all(&tls).await;
 
     let mut errors = BTreeMap::new();
     for name in ["fedavg", "median", "trimmed", "krum"] {
@@ -238,8 +237,9 @@ async fn optimizer_state_and_kept_updates_survive_a_restart() {
     );
 
     let server = start(cfg.clone(), listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
-    let clients = enroll_all(&ch).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
+    let clients = enroll_all(&tls).await;
     let mut first = BTreeMap::new();
     for name in ["avgm", "adam"] {
         let g = global(&ch, &clients[0], name, 1).await;
@@ -274,7 +274,13 @@ async fn optimizer_state_and_kept_updates_survive_a_restart() {
     drop(ch);
 
     let server = start(cfg, listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
+    let mut rebound = Vec::new();
+    for c in &clients {
+        rebound.push(tls.rebind(c).await);
+    }
+    let clients = rebound;
     for name in ["avgm", "adam"] {
         let (x0, d1) = &first[name];
         let x1 = global(&ch, &clients[0], name, 2).await;
@@ -439,8 +445,9 @@ async fn default_bounds_and_auto_robust_limit_a_poisoned_client() {
         ],
     );
     let server = start(cfg, listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
-    let clients = enroll_all(&ch).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
+    let clients = enroll_all(&tls).await;
 
     // Five updates: multi-Krum leaves the attacker out, the result is the honest mean.
     let (g, got, honest, _) = poisoned_round(&ch, &clients, "auto5").await;

@@ -185,7 +185,10 @@ fn enroll_token_and_revoke_subcommands_talk_to_the_running_coordinator() {
             .unwrap(),
     );
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    // The port is bound before the CA is created: wait for both.
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        || !dir.path().join("pki/ca.pem").exists()
+    {
         assert!(start.elapsed() < Duration::from_secs(20), "not listening");
         std::thread::sleep(Duration::from_millis(50));
     }

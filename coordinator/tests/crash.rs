@@ -37,7 +37,7 @@ fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("coordinator.toml");
     let tokens: Vec<String> = TOKENS.iter().map(|t| format!("{t:?}")).collect();
     let text = format!(
-        "db_path = {db:?}\ndata_dir = {data:?}\nadmin_token = {ADMIN:?}\ninsecure = true\n\
+        "db_path = {db:?}\ndata_dir = {data:?}\nadmin_token = {ADMIN:?}\n\
          enrollment_tokens = [{tokens}]\n\
          [round]\nmin_clients = {n}\nmax_clients = {n}\ndeadline_secs = 600\n\
          [aggregation]\ncombine = \"mean\"\n\
@@ -56,10 +56,13 @@ fn write_config(dir: &Path) -> PathBuf {
 struct Coordinator {
     child: Child,
     addr: SocketAddr,
+    pki: PathBuf,
 }
 
 impl Coordinator {
     fn spawn(config: &Path) -> Coordinator {
+        // `pki` beside the database (see `write_config`).
+        let pki = config.parent().unwrap().join("state").join("pki");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(BIN)
             .arg("--config")
@@ -71,11 +74,11 @@ impl Coordinator {
             .stdout(Stdio::null())
             .spawn()
             .expect("coordinator binary starts");
-        Coordinator { child, addr }
+        Coordinator { child, addr, pki }
     }
 
-    /// A channel once the server answers admin calls (bounded wait).
-    async fn connect(&mut self) -> Channel {
+    /// A TLS connection once the server answers admin calls (bounded wait).
+    async fn connect(&mut self) -> Tls {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -86,13 +89,11 @@ impl Coordinator {
                 "coordinator did not serve on {} within 60 s",
                 self.addr
             );
-            let endpoint = Channel::from_shared(format!("http://{}", self.addr))
-                .unwrap()
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(20));
-            if let Ok(ch) = endpoint.connect().await {
-                if versions(&ch, MODEL).await.is_ok() {
-                    return ch;
+            if let Ok(ca) = std::fs::read_to_string(self.pki.join("ca.pem")) {
+                if let Ok(tls) = Tls::to(&format!("https://{}", self.addr), &ca).await {
+                    if versions(&tls.ch, MODEL).await.is_ok() {
+                        return tls;
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,10 +147,11 @@ async fn sigkill_mid_round_keeps_exactly_the_acknowledged_updates() {
     let config = write_config(dir.path());
 
     let mut first = Coordinator::spawn(&config);
-    let ch = first.connect().await;
+    let tls = first.connect().await;
+    let ch = tls.ch.clone();
     let mut clients = Vec::new();
     for (i, t) in TOKENS.iter().enumerate() {
-        clients.push(enroll(&ch, t, &format!("plug-{i}")).await.unwrap());
+        clients.push(tls.enroll(t, &format!("plug-{i}")).await.unwrap());
     }
     let n = TOKENS.len() as u32;
     let round = start_round(&ch, MODEL, n, n, 600).await;
@@ -174,7 +176,14 @@ async fn sigkill_mid_round_keeps_exactly_the_acknowledged_updates() {
     drop(ch);
 
     let mut second = Coordinator::spawn(&config);
-    let ch = second.connect().await;
+    let tls = second.connect().await;
+    let ch = tls.ch.clone();
+    // The CA is kept on disk: the certificates issued before the crash still work.
+    let mut rebound = Vec::new();
+    for c in &clients {
+        rebound.push(tls.rebind(c).await);
+    }
+    let clients = rebound;
     let s = status(&ch, MODEL, id).await;
     assert_eq!(
         (s.state, s.updates),
@@ -188,7 +197,7 @@ async fn sigkill_mid_round_keeps_exactly_the_acknowledged_updates() {
     assert_eq!(s.uplink_bytes, sent);
     // Enrollments survived, and used tokens were not revived from the config file.
     assert_eq!(
-        enroll(&ch, TOKENS[0], "again").await.unwrap_err().code(),
+        tls.enroll(TOKENS[0], "again").await.unwrap_err().code(),
         Code::PermissionDenied
     );
     // Re-uploads by clients already counted (the same payload, or another one) are

@@ -51,8 +51,6 @@ fn config(db: &Path) -> Config {
                 seed: 3,
             },
         ],
-        // Plaintext with shared-key credentials: TLS is covered by tests/tls.rs.
-        insecure: true,
         ..Config::default()
     };
     c.round.deadline_secs = 300;
@@ -84,14 +82,15 @@ async fn enroll_fetch_round_publish_and_refusals() {
     let server = start(config(&dir.path().join("db")), listener().await)
         .await
         .unwrap();
-    let ch = channel(server.local_addr()).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
 
     // Enrollment: tokens are one-time.
-    let a = enroll(&ch, TOKENS[0], "kitchen-plug").await.unwrap();
-    let b = enroll(&ch, TOKENS[1], "hall-plug").await.unwrap();
-    let c = enroll(&ch, TOKENS[2], "garage-plug").await.unwrap();
+    let a = tls.enroll(TOKENS[0], "kitchen-plug").await.unwrap();
+    let b = tls.enroll(TOKENS[1], "hall-plug").await.unwrap();
+    let c = tls.enroll(TOKENS[2], "garage-plug").await.unwrap();
     assert_ne!(a.id, b.id);
-    let reuse = enroll(&ch, TOKENS[0], "again").await.unwrap_err();
+    let reuse = tls.enroll(TOKENS[0], "again").await.unwrap_err();
     assert_eq!(reuse.code(), Code::PermissionDenied);
     // A token minted by the admin works once.
     let minted = AdminClient::new(ch.clone())
@@ -106,9 +105,9 @@ async fn enroll_fetch_round_publish_and_refusals() {
         .unwrap()
         .into_inner()
         .token;
-    enroll(&ch, &minted, "extra").await.unwrap();
+    tls.enroll(&minted, "extra").await.unwrap();
     assert_eq!(
-        enroll(&ch, &minted, "extra").await.unwrap_err().code(),
+        tls.enroll(&minted, "extra").await.unwrap_err().code(),
         Code::PermissionDenied
     );
 
@@ -133,9 +132,11 @@ async fn enroll_fetch_round_publish_and_refusals() {
         .unwrap_err();
     assert_eq!(none.code(), Code::Unauthenticated);
     // Client auth.
+    // Without its certificate, a client's id and key of insecure mode open no door.
     let forged = Creds {
         id: a.id.clone(),
         key: "0".repeat(64),
+        tls: None,
     };
     assert_eq!(
         fetch(&ch, &forged, "digits", 0, 0)
@@ -185,7 +186,7 @@ async fn enroll_fetch_round_publish_and_refusals() {
     let params: usize = global.values().map(|t| t.data.len()).sum();
 
     // Subscribe: current version first.
-    let mut sub = FederationClient::new(ch.clone())
+    let mut sub = FederationClient::new(a.channel(&ch))
         .subscribe(with_client(
             SubscribeRequest {
                 models: vec!["digits".into()],
@@ -230,7 +231,7 @@ async fn enroll_fetch_round_publish_and_refusals() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = FederationClient::new(ch.clone())
+    let e = FederationClient::new(a.channel(&ch))
         .subscribe(with_client(
             SubscribeRequest {
                 models: vec!["nope".into()],
@@ -432,8 +433,9 @@ async fn deadline_fails_or_completes_the_round() {
     let h = start(config(&dir.path().join("db")), listener().await)
         .await
         .unwrap();
-    let ch = channel(h.local_addr()).await;
-    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
+    let tls = Tls::connect(&h).await;
+    let ch = tls.ch.clone();
+    let a = tls.enroll(TOKENS[0], "a").await.unwrap();
 
     // Too few updates at the deadline: FAILED, no new version.
     let r = start_round(&ch, "digits", 2, 3, 1).await;
@@ -502,9 +504,10 @@ async fn crash_mid_round_resumes_with_accepted_update() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let (addr, crash, thread) = crashable(config(&db));
-    let ch = channel(addr).await;
-    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
-    let b = enroll(&ch, TOKENS[1], "b").await.unwrap();
+    let tls = tls_when_ready(addr, &dir.path().join("pki")).await;
+    let ch = tls.ch.clone();
+    let a = tls.enroll(TOKENS[0], "a").await.unwrap();
+    let b = tls.enroll(TOKENS[1], "b").await.unwrap();
     let r = start_round(&ch, "digits", 2, 2, 300).await;
     let (bytes, _, _, _) = fetch(&ch, &a, "digits", 0, 0).await.unwrap();
     let global = OnnxModel::from_bytes(&bytes).unwrap().weights();
@@ -521,13 +524,16 @@ async fn crash_mid_round_resumes_with_accepted_update() {
 
     // Restart on the same database: the round is still open with its update.
     let h = start(config(&db), listener().await).await.unwrap();
-    let ch = channel(h.local_addr()).await;
+    let tls = Tls::connect(&h).await;
+    let ch = tls.ch.clone();
+    // The same CA after the restart: the clients' certificates still work.
+    let (a, b) = (tls.rebind(&a).await, tls.rebind(&b).await);
     let s = status(&ch, "digits", r.round_id).await;
     assert_eq!((s.state, s.updates), (RoundState::Open as i32, 1));
     assert_eq!(s.uplink_bytes, p1.len() as u64);
     // Enrollment survived; the used token did not come back.
     assert_eq!(
-        enroll(&ch, TOKENS[0], "x").await.unwrap_err().code(),
+        tls.enroll(TOKENS[0], "x").await.unwrap_err().code(),
         Code::PermissionDenied
     );
     let ack = upload(&ch, &a, "digits", r.round_id, 1, 12, &p1)
@@ -557,8 +563,9 @@ async fn stalled_upload_times_out() {
     let mut cfg = config(&dir.path().join("db"));
     cfg.upload_timeout_secs = 1;
     let h = start(cfg, listener().await).await.unwrap();
-    let ch = channel(h.local_addr()).await;
-    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
+    let tls = Tls::connect(&h).await;
+    let ch = tls.ch.clone();
+    let a = tls.enroll(TOKENS[0], "a").await.unwrap();
     let r = start_round(&ch, "digits", 1, 1, 300).await;
     // Header, one chunk of a 100-byte payload, then silence (the sender stays open).
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -576,7 +583,7 @@ async fn stalled_upload_times_out() {
     .await
     .unwrap();
     let started = std::time::Instant::now();
-    let mut fed = FederationClient::new(ch.clone());
+    let mut fed = FederationClient::new(a.channel(&ch));
     let call = fed.upload_update(with_client(
         tokio_stream::wrappers::ReceiverStream::new(rx),
         &a,

@@ -27,7 +27,6 @@ fn config(db: &std::path::Path) -> Config {
             eval: false,
             seed: 7,
         }],
-        insecure: true,
         ..Config::default()
     }
 }
@@ -38,7 +37,8 @@ async fn oversized_messages_are_refused_and_counted() {
     let mut cfg = config(&dir.path().join("db"));
     cfg.limits.max_message_bytes = 256 * 1024;
     let h = start(cfg, listener().await).await.unwrap();
-    let ch = channel(h.local_addr()).await;
+    let tls = Tls::connect(&h).await;
+    let ch = tls.ch.clone();
     // A unary call: a 300 KiB device name.
     let e = EnrollmentClient::new(ch.clone())
         .enroll(EnrollRequest {
@@ -53,7 +53,7 @@ async fn oversized_messages_are_refused_and_counted() {
         "{e:?}"
     );
     // A streamed upload whose one chunk is over the limit.
-    let a = enroll(&ch, "enroll-token-2", "a").await.unwrap();
+    let a = tls.enroll("enroll-token-2", "a").await.unwrap();
     let payload = vec![1u8; 300 * 1024];
     let e = upload_raw(
         &ch,
@@ -95,7 +95,7 @@ async fn connection_cap_holds_newcomers_until_one_closes() {
     let second = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The third connects at TCP level (kernel backlog) but is not served.
-    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+    let ch = hearth_coordinator::client::endpoint(&h.endpoint(), h.ca_pem(), None)
         .unwrap()
         .connect_lazy();
     let blocked = tokio::time::timeout(Duration::from_millis(1500), versions(&ch, "digits")).await;
@@ -122,8 +122,10 @@ async fn streams_per_connection_are_capped() {
     cfg.limits.max_streams_per_connection = 1;
     cfg.upload_timeout_secs = 2;
     let h = start(cfg, listener().await).await.unwrap();
-    let ch = channel(h.local_addr()).await;
-    let a = enroll(&ch, "enroll-token-1", "a").await.unwrap();
+    let tls = Tls::connect(&h).await;
+    let a = tls.enroll("enroll-token-1", "a").await.unwrap();
+    // Both calls below go on a's own connection (one stream allowed).
+    let ch = a.channel(&tls.ch);
     // A stalled upload holds the connection's only stream until its timeout cuts it.
     let (tx, rx) = tokio::sync::mpsc::channel::<UpdateChunk>(1);
     let payload = [7u8; 100];

@@ -46,7 +46,6 @@ fn config(db: &std::path::Path, aggregation: Aggregation) -> Config {
             eval: false,
             seed: 3,
         }],
-        insecure: true,
         ..Config::default()
     };
     c.round.local_epochs = 2;
@@ -133,10 +132,11 @@ fn local_update(
 /// `ROUNDS` rounds of all `CLIENTS` under `cfg`; the final model's held-out accuracy.
 async fn run(cfg: Config, attack: Attack, parts: &[Dataset], test: &Dataset) -> Run {
     let server = start(cfg.clone(), listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
     let mut clients = Vec::new();
     for (i, t) in tokens().iter().enumerate() {
-        clients.push(enroll(&ch, t, &format!("dev-{i}")).await.unwrap());
+        clients.push(tls.enroll(t, &format!("dev-{i}")).await.unwrap());
     }
     let mut details = Vec::new();
     let mut attack_scales = Vec::new();

@@ -35,17 +35,17 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
         admin_token: ADMIN.into(),
         enrollment_tokens: TOKENS.iter().map(|t| t.to_string()).collect(),
         models: vec![model("digits"), model("other")],
-        insecure: true,
         ..Config::default()
     };
     cfg.rate_limit.calls_per_minute = 60;
     cfg.rate_limit.burst = BURST;
     let server = start(cfg, listener().await).await.unwrap();
     let coord = server.coordinator().clone();
-    let ch = channel(server.local_addr()).await;
-    let a = enroll(&ch, TOKENS[0], "a").await.unwrap();
-    let b = enroll(&ch, TOKENS[1], "b").await.unwrap();
-    let c = enroll(&ch, TOKENS[2], "c").await.unwrap();
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
+    let a = tls.enroll(TOKENS[0], "a").await.unwrap();
+    let b = tls.enroll(TOKENS[1], "b").await.unwrap();
+    let c = tls.enroll(TOKENS[2], "c").await.unwrap();
 
     // State to protect: a closed round of "other", an open round of "digits" with one update.
     let (bytes, _, _, _) = fetch(&ch, &a, "digits", 1, 0).await.unwrap();
@@ -70,7 +70,7 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
     let m = coord.metrics();
     let reasons = [
         "bad_token",
-        "bad_credentials",
+        "no_client_cert",
         "wrong_base",
         "norm_bound",
         "undecodable",
@@ -89,13 +89,14 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
 
     // Enrolment with an unknown token and with one already used.
     for t in ["no-such-token", TOKENS[0]] {
-        let e = enroll(&ch, t, "intruder").await.unwrap_err();
+        let e = tls.enroll(t, "intruder").await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     }
-    // A wrong key.
+    // No client certificate (a's id and a key in the metadata of insecure mode instead).
     let forged = Creds {
         id: a.id.clone(),
         key: "0".repeat(64),
+        tls: None,
     };
     let e = fetch(&ch, &forged, "digits", 1, 0).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");

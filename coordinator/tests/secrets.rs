@@ -1,7 +1,8 @@
 //! Secrets never reach the logs: the real `hearth-coordinator` binary runs at
-//! `RUST_LOG=trace`; a device enrols with a known token, uses its client key, an admin call
-//! carries the admin token, and refused calls carry wrong ones. Neither the enrollment
-//! token, the admin token nor the client key (nor the wrong ones) appears on stdout/stderr.
+//! `RUST_LOG=trace` over TLS; a device enrols by CSR with a known token and calls with its
+//! certificate, an admin call carries the admin token, and refused calls carry wrong ones.
+//! Neither the enrollment token, the admin token, the wrong ones, nor a private key (the
+//! client's, the CA's, the server's) appears on stdout/stderr.
 #![cfg(unix)]
 
 mod common;
@@ -24,7 +25,7 @@ async fn tokens_and_keys_never_appear_in_the_log() {
     std::fs::write(
         &p,
         format!(
-            "db_path = {db:?}\ndata_dir = {data:?}\ninsecure = true\nenrollment_tokens = [{ENROLL:?}]\n\
+            "db_path = {db:?}\ndata_dir = {data:?}\nenrollment_tokens = [{ENROLL:?}]\n\
              [[model]]\nname = \"digits\"\ntask = \"digits\"\neval = false\n",
             db = dir.path().join("db"),
             data = data_dir(),
@@ -57,9 +58,10 @@ async fn tokens_and_keys_never_appear_in_the_log() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ch = channel(([127, 0, 0, 1], port).into()).await;
-    // Refusals (wrong enrollment token, wrong admin token, wrong client key) are logged.
-    assert!(enroll(&ch, WRONG, "dev").await.is_err());
+    let tls = tls_when_ready(([127, 0, 0, 1], port).into(), &dir.path().join("pki")).await;
+    let ch = tls.ch.clone();
+    // Refusals (wrong enrollment token, wrong admin token, no client certificate) are logged.
+    assert!(tls.enroll(WRONG, "dev").await.is_err());
     assert!(hearth_proto::v1::admin_client::AdminClient::new(ch.clone())
         .list_versions(with_admin(
             hearth_proto::v1::ListVersionsRequest {
@@ -69,16 +71,17 @@ async fn tokens_and_keys_never_appear_in_the_log() {
         ))
         .await
         .is_err());
-    let c = enroll(&ch, ENROLL, "dev").await.unwrap();
+    let c = tls.enroll(ENROLL, "dev").await.unwrap();
     let wrong_key = Creds {
         id: c.id.clone(),
         key: WRONG.into(),
+        tls: None,
     };
     assert!(fetch(&ch, &wrong_key, "digits", 0, 0).await.is_err());
     // Successful calls with every secret.
     let (bytes, ..) = fetch(&ch, &c, "digits", 0, 0).await.unwrap();
     assert!(!bytes.is_empty());
-    let mut s = FederationClient::new(ch.clone())
+    let mut s = FederationClient::new(c.channel(&ch))
         .fetch_model(with_client(
             FetchModelRequest {
                 model: "digits".into(),
@@ -95,7 +98,7 @@ async fn tokens_and_keys_never_appear_in_the_log() {
     assert!(r.round_id >= 1);
     let payload = vec![9u8; 64];
     let _ = upload(&ch, &c, "digits", r.round_id, 1, 5, &payload).await;
-    drop(ch);
+    drop((ch, tls, c.tls.clone()));
     // SIGTERM, bounded wait.
     assert!(Command::new("kill")
         .arg("-TERM")
@@ -113,12 +116,28 @@ async fn tokens_and_keys_never_appear_in_the_log() {
     // The log is a real trace (the wire was logged), and the refusals are in it.
     assert!(log.contains("TRACE"), "not a trace log:\n{log}");
     assert!(log.contains("refused") || log.contains("WARN"), "{log}");
-    for (what, secret) in [
+    // A private key would show as its PEM base64: every line of each is looked for.
+    let client_key = c.tls.as_ref().unwrap().cert.key_pem.clone();
+    let ca_key = std::fs::read_to_string(dir.path().join("pki/ca.key")).unwrap();
+    let server_key = std::fs::read_to_string(dir.path().join("pki/server.key")).unwrap();
+    let mut secrets = vec![
         ("enrollment token", ENROLL),
         ("admin token", ADMIN),
-        ("client key", c.key.as_str()),
         ("wrong token", WRONG),
+    ];
+    for (what, pem) in [
+        ("client private key", &client_key),
+        ("CA private key", &ca_key),
+        ("server private key", &server_key),
     ] {
+        let body: Vec<&str> = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+            .collect();
+        assert!(!body.is_empty(), "{what} is a PEM");
+        secrets.extend(body.into_iter().map(|l| (what, l)));
+    }
+    for (what, secret) in secrets {
         assert!(
             !log.contains(secret),
             "the {what} appears in the log ({} bytes)",

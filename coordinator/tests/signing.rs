@@ -30,7 +30,6 @@ fn config(db: &Path) -> Config {
             eval: false,
             seed: 3,
         }],
-        insecure: true,
         ..Config::default()
     }
 }
@@ -41,7 +40,7 @@ async fn fetch_signed(
     c: &Creds,
     version: u64,
 ) -> (Vec<u8>, u64, Vec<u8>) {
-    let mut s = FederationClient::new(ch.clone())
+    let mut s = FederationClient::new(c.channel(ch))
         .fetch_model(with_client(
             FetchModelRequest {
                 model: "digits".into(),
@@ -85,7 +84,8 @@ async fn published_versions_are_signed_with_the_enrolment_key() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let server = start(config(&db), listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
 
     // The key file is private and its public half is the key handed out at enrolment.
     let key_file = dir.path().join("db.signing-key");
@@ -96,25 +96,29 @@ async fn published_versions_are_signed_with_the_enrolment_key() {
         assert_eq!(mode & 0o777, 0o600);
     }
     let pub_hex = std::fs::read_to_string(dir.path().join("db.signing-key.pub")).unwrap();
+    let (key_pem, csr_pem) = key_and_csr();
     let enrolled = EnrollmentClient::new(ch.clone())
         .enroll(EnrollRequest {
             token: "sign-token-1".into(),
             device_name: "plug".into(),
-            ..Default::default()
+            csr_pem,
         })
         .await
         .unwrap()
         .into_inner();
     let key = ModelVerifier::from_bytes(&enrolled.model_signing_key).unwrap();
     assert_eq!(key, ModelVerifier::from_hex(&pub_hex).unwrap());
-    let a = Creds {
-        id: enrolled.client_id,
-        key: enrolled.client_key,
-    };
-    let b = enroll(&ch, "sign-token-2", "hall").await.unwrap();
+    let a = tls
+        .client(&TlsCreds {
+            id: enrolled.client_id,
+            cert_pem: enrolled.client_cert_pem,
+            key_pem,
+        })
+        .await;
+    let b = tls.enroll("sign-token-2", "hall").await.unwrap();
 
     // Version 1: in the subscription snapshot, in every chunk and in ListVersions.
-    let mut sub = FederationClient::new(ch.clone())
+    let mut sub = FederationClient::new(a.channel(&ch))
         .subscribe(with_client(
             SubscribeRequest {
                 models: vec!["digits".into()],
@@ -160,7 +164,7 @@ async fn published_versions_are_signed_with_the_enrolment_key() {
 
     // After a restart: the same key, the same signatures, listed with every version.
     let server = start(config(&db), listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
+    let ch = Tls::connect(&server).await.ch;
     let listed = versions(&ch, "digits").await.unwrap();
     assert_eq!(listed.len(), 2);
     for (v, bytes) in listed.iter().zip([&v1, &v2]) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{channel, data_dir, fetch, listener, versions, ADMIN};
+use common::{data_dir, fetch, listener, versions, Tls, ADMIN};
 use hearth_coordinator::{start, Config, ModelConfig};
 use hearth_model::OnnxModel;
 
@@ -24,19 +24,16 @@ async fn a_task_file_model_is_built_and_evaluated_on_its_held_out_split() {
             eval: true,
             seed: 1,
         }],
-        // Plaintext with shared-key credentials: TLS is covered by tests/tls.rs.
-        insecure: true,
         ..Config::default()
     };
     let server = start(cfg, listener().await).await.unwrap();
-    let ch = channel(server.local_addr()).await;
+    let tls = Tls::connect(&server).await;
+    let ch = tls.ch.clone();
     let v = versions(&ch, "wrist").await.unwrap();
     assert_eq!(v.len(), 1);
     // Evaluated (an untrained model: about chance on 4 classes, but a real accuracy).
     assert!((0.0..=1.0).contains(&v[0].eval_accuracy), "{:?}", v[0]);
-    let creds = common::enroll(&ch, "enroll-wrist", "wrist-1")
-        .await
-        .unwrap();
+    let creds = tls.enroll("enroll-wrist", "wrist-1").await.unwrap();
     let (bytes, _, _, _) = fetch(&ch, &creds, "wrist", 0, 0).await.unwrap();
     let model = OnnxModel::from_bytes(&bytes).unwrap();
     assert_eq!(model.task(), Some("basicmotions"));

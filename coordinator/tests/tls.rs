@@ -169,6 +169,7 @@ async fn federation_calls_without_a_client_certificate_are_refused() {
     let forged = Creds {
         id: "c-anything".into(),
         key: "k".into(),
+        tls: None,
     };
     let e = fetch(&anon, &forged, MODEL, 1, 0).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -370,5 +371,175 @@ async fn admin_calls_need_the_admin_credential() {
     assert!(h.coordinator().metrics().rejections("no_credentials") >= 2);
     assert!(h.coordinator().metrics().rejections("bad_credentials") >= 1);
     assert!(!h.coordinator().is_revoked(&me.id));
+    h.shutdown().await.unwrap();
+}
+
+/// `insecure = true` (local demos only): plaintext, enrolment without a CSR hands out a
+/// shared key, and that key (not a certificate) authenticates the client's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_mode_is_plaintext_with_shared_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.insecure = true;
+    let h = start(cfg, listener().await).await.unwrap();
+    assert!(h.endpoint().starts_with("http://"), "{}", h.endpoint());
+    assert!(h.ca_pem().is_none());
+    assert!(!dir.path().join("pki").exists(), "no CA in insecure mode");
+    let ch = channel(h.local_addr()).await;
+    let me = enroll(&ch, "seeded-token-1", "hall").await.unwrap();
+    assert!(me.key.len() >= 32, "a shared key is handed out");
+    let (bytes, ..) = fetch(&ch, &me, MODEL, 1, 0).await.unwrap();
+    assert!(!bytes.is_empty());
+    let wrong = Creds {
+        key: "0".repeat(64),
+        ..me.clone()
+    };
+    let e = fetch(&ch, &wrong, MODEL, 1, 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(h.coordinator().metrics().rejections("bad_credentials") >= 1);
+    // A TLS client gets nowhere on the plaintext port.
+    let ca = rcgen::CertificateParams::default()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let https = format!("https://{}", h.local_addr());
+    assert!(hearth_coordinator::client::connect(&https, Some(&ca), None)
+        .await
+        .is_err());
+    h.shutdown().await.unwrap();
+}
+
+/// A client certificate from the coordinator's CA with the given validity (CN `cn`).
+fn issued(
+    dir: &std::path::Path,
+    h: &CoordinatorHandle,
+    cn: &str,
+    not_after: (i32, u8, u8),
+) -> (String, String) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key = std::fs::read_to_string(dir.join("pki/ca.key")).unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(h.ca_pem().unwrap(), KeyPair::from_pem(&ca_key).unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    (
+        p.signed_by(&key, &issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+/// Records `cert_pem` as the certificate enrolled for `id` (as `Enroll` would have).
+fn enrol_in_store(h: &CoordinatorHandle, id: &str, cert_pem: &str) {
+    let store = h.coordinator().store();
+    let token = format!("token-for-{id}");
+    store.seed_token(&token, 1).unwrap();
+    let der = hearth_coordinator::pki::pem_to_der(cert_pem).unwrap();
+    store
+        .enroll(
+            &token,
+            &hearth_coordinator::store::ClientRecord {
+                client_id: id.into(),
+                device_name: id.into(),
+                key_sha256: String::new(),
+                enrolled_unix_ms: hearth_coordinator::store::now_unix_ms(),
+                cert_sha256: hearth_coordinator::pki::fingerprint(&der),
+                revoked_unix_ms: None,
+            },
+        )
+        .unwrap();
+}
+
+/// An expired client certificate is refused at the handshake, logged and counted
+/// (`cert_expired`), even though it is the very certificate enrolled for the client; the
+/// same client with a certificate that differs only in its end date is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_certificate_is_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = server(dir.path()).await;
+    let (old_cert, old_key) = issued(dir.path(), &h, "c-expired", (2021, 1, 1));
+    enrol_in_store(&h, "c-expired", &old_cert);
+    let (cert, key) = issued(dir.path(), &h, "c-current", (2099, 1, 1));
+    enrol_in_store(&h, "c-current", &cert);
+    let expired = TlsCreds {
+        id: "c-expired".into(),
+        cert_pem: old_cert,
+        key_pem: old_key,
+    };
+    let current = TlsCreds {
+        id: "c-current".into(),
+        cert_pem: cert,
+        key_pem: key,
+    };
+    // TLS 1.3: the server checks the client certificate after the client has finished its
+    // side, so the refusal shows at connect or at the first call.
+    let refused = match tls_channel(&h, Some(&expired)).await {
+        Err(_) => true,
+        Ok(ch) => subscribe_code(&ch).await.is_err(),
+    };
+    assert!(refused, "an expired certificate was served");
+    let m = h.coordinator().metrics();
+    for _ in 0..100 {
+        if m.rejections("cert_expired") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // (at least once: the channel may retry the handshake)
+    let expired_count = m.rejections("cert_expired");
+    assert!(expired_count >= 1, "{}", m.render());
+    assert_eq!(m.rejections("not_enrolled"), 0, "refused for its date only");
+    let ch = tls_channel(&h, Some(&current)).await.unwrap();
+    subscribe_code(&ch).await.unwrap();
+    assert_eq!(
+        m.rejections("bad_cert"),
+        0,
+        "the current certificate is fine"
+    );
+    h.shutdown().await.unwrap();
+}
+
+/// Guessing the admin token is rate limited per peer: past the burst, refused attempts get
+/// ResourceExhausted (counted as `rate_limited`), whatever token they try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_guesses_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.rate_limit.calls_per_minute = 6;
+    cfg.rate_limit.burst = 3;
+    let h = start(cfg, listener().await).await.unwrap();
+    let anon = tls_channel(&h, None).await.unwrap();
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        let e = AdminClient::new(anon.clone())
+            .revoke_device(with_admin(
+                RevokeDeviceRequest {
+                    device: "hall".into(),
+                },
+                &format!("guess-{i}-0123456789abcdef"),
+            ))
+            .await
+            .unwrap_err();
+        codes.push(e.code());
+    }
+    assert_eq!(
+        codes,
+        [
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::ResourceExhausted,
+            Code::ResourceExhausted,
+            Code::ResourceExhausted
+        ]
+    );
+    let m = h.coordinator().metrics();
+    assert_eq!(m.rejections("rate_limited"), 3, "{}", m.render());
+    assert!(m.render().contains(
+        "hearth_coordinator_rejections_total{call=\"revoke\",reason=\"rate_limited\"} 3"
+    ));
     h.shutdown().await.unwrap();
 }

@@ -1,9 +1,9 @@
 //! Secrets never reach the agent's logs: the real `hearth-agent` binary runs at
 //! `RUST_LOG=trace` with a password in its broker URL, enrols with a known token (against a
-//! coordinator in this process), downloads the model and takes part in a round, so the
-//! client key travels on every call. Neither the enrollment token, the client key nor the
-//! broker password appears on its stdout/stderr; its credentials file and state directory
-//! are private (0600 / 0700).
+//! TLS coordinator in this process: enrolment by CSR), downloads the model and takes part in
+//! a round. Neither the enrollment token, the device's private key nor the broker password
+//! appears on its stdout/stderr; its credentials file and state directory are private
+//! (0600 / 0700).
 #![cfg(unix)]
 
 mod common;
@@ -54,14 +54,15 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
                 eval: false,
                 seed: 1,
             }],
-            insecure: true,
             ..CoordConfig::default()
         },
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
     .await
     .unwrap();
-    let url = coord.endpoint();
+    let coordinator = common::Coord::of(&coord);
+    let url = coordinator.url.clone();
+    let ca = coordinator.write_ca(&dir.path().join("coordinator-ca.pem"));
     let state = dir.path().join("state");
     let config = dir.path().join("agent.toml");
     std::fs::write(
@@ -69,7 +70,7 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
         format!(
             "device = \"secretive\"\ntask = \"faces\"\n\
              mqtt = \"mqtt://secretive:{MQTT_PASSWORD}@127.0.0.1:{broker}\"\n\
-             coordinator = {url:?}\nenrollment_token = {TOKEN:?}\ndata_dir = {data:?}\n\
+             coordinator = {url:?}\ncoordinator_ca_file = {ca:?}\nenrollment_token = {TOKEN:?}\ndata_dir = {data:?}\n\
              state_dir = {state:?}\nreplay_rate_hz = 5\nbootstrap_epochs = 1\n\
              [partition]\nindex = 0\ncount = 2\nalpha = 0.5\nseed = 11\n",
             data = data_dir(),
@@ -98,7 +99,7 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let mut admin = AdminClient::new(coordinator.channel().await);
     let round = admin
         .start_round(authed(StartRoundRequest {
             model: "faces".into(),
@@ -133,11 +134,21 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
     let log = std::fs::read_to_string(&log_path).unwrap()
         + &std::fs::read_to_string(dir.path().join("agent.out")).unwrap();
     assert!(log.contains("TRACE"), "not a trace log:\n{log}");
-    for (what, secret) in [
+    // Over TLS the secret the device holds is its private key: every line of its PEM.
+    assert!(creds.client_key.is_empty() && !creds.cert_pem.is_empty());
+    let mut secrets = vec![
         ("enrollment token", TOKEN),
-        ("client key", creds.client_key.as_str()),
         ("broker password", MQTT_PASSWORD),
-    ] {
+    ];
+    secrets.extend(
+        creds
+            .key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+            .map(|l| ("private key", l)),
+    );
+    assert!(secrets.len() > 2, "the private key is a PEM");
+    for (what, secret) in secrets {
         assert!(!secret.is_empty());
         assert!(
             !log.contains(secret),

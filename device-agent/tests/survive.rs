@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{data_dir, start_broker};
+use common::{data_dir, start_broker, Coord};
 use hearth_agent::state::{FedState, PendingUpdate, StateDir};
 use hearth_coordinator::{Config as CoordConfig, CoordinatorHandle, ModelConfig, RoundDefaults};
 use hearth_model::{OnnxModel, Weights};
@@ -55,8 +55,6 @@ fn coord_config(db: &Path, epochs: u32) -> CoordConfig {
             eval: false,
             seed: 1,
         }],
-        // Plaintext: these tests are about crashes (TLS enrolment: tests/federation.rs, cli.rs).
-        insecure: true,
         ..CoordConfig::default()
     }
 }
@@ -87,11 +85,11 @@ fn authed<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-async fn admin(url: &str) -> AdminClient<tonic::transport::Channel> {
-    AdminClient::connect(url.to_string()).await.unwrap()
+async fn admin(url: &Coord) -> AdminClient<tonic::transport::Channel> {
+    AdminClient::new(url.channel().await)
 }
 
-async fn start_round(url: &str, min: u32, deadline_secs: u32) -> u64 {
+async fn start_round(url: &Coord, min: u32, deadline_secs: u32) -> u64 {
     admin(url)
         .await
         .start_round(authed(StartRoundRequest {
@@ -107,7 +105,7 @@ async fn start_round(url: &str, min: u32, deadline_secs: u32) -> u64 {
         .round_id
 }
 
-async fn round_status(url: &str, id: u64) -> RoundStatus {
+async fn round_status(url: &Coord, id: u64) -> RoundStatus {
     admin(url)
         .await
         .get_round_status(authed(RoundStatusRequest {
@@ -146,14 +144,16 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(broker: u16, coordinator: &str) -> Setup {
+    fn new(broker: u16, coord: &Coord) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("agent.toml");
+        let ca = coord.write_ca(&dir.path().join("coordinator-ca.pem"));
         let text = format!(
             "device = \"survivor\"\ntask = \"faces\"\nmqtt = \"mqtt://127.0.0.1:{broker}\"\n\
-             coordinator = {coordinator:?}\nenrollment_token = {TOKEN:?}\ndata_dir = {data:?}\n\
+             coordinator = {url:?}\ncoordinator_ca_file = {ca:?}\nenrollment_token = {TOKEN:?}\ndata_dir = {data:?}\n\
              state_dir = {state:?}\nreplay_rate_hz = 2\nbootstrap_epochs = 1\n\
              [partition]\nindex = 0\ncount = 2\nalpha = 0.5\nseed = 11\n",
+            url = coord.url,
             data = data_dir(),
             state = dir.path().join("state"),
         );
@@ -285,7 +285,7 @@ struct Home {
     addr: SocketAddr,
     epochs: u32,
     coord: Option<CoordinatorHandle>,
-    url: String,
+    url: Coord,
     agent: Setup,
 }
 
@@ -299,7 +299,7 @@ impl Home {
             .local_addr()
             .unwrap();
         let coord = start_coordinator(coord_config(db.path(), epochs), addr).await;
-        let url = coord.endpoint();
+        let url = Coord::of(&coord);
         let agent = Setup::new(broker, &url);
         Home {
             db,

@@ -410,11 +410,17 @@ fn button_text(model: &str) -> String {
     format!("hearth-button-v1\n{model}")
 }
 
-/// Checks signed refresh requests: the HMAC, the time window and unseen nonces.
+/// Checks signed refresh requests: the HMAC, the time window and unseen nonces. With a
+/// nonce file ([`RefreshVerifier::persistent`]) the nonces seen within the window survive a
+/// restart of the hub, so a captured request cannot be replayed right after one.
 pub struct RefreshVerifier {
     key: hmac::Key,
     seen: Mutex<HashMap<String, u64>>,
+    file: Option<PathBuf>,
 }
+
+/// File name of the persisted refresh nonces in the credentials directory.
+pub const REFRESH_NONCES_FILE: &str = "refresh-nonces.json";
 
 impl std::fmt::Debug for RefreshVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -428,6 +434,7 @@ impl RefreshVerifier {
         RefreshVerifier {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             seen: Mutex::new(HashMap::new()),
+            file: None,
         }
     }
 
@@ -444,6 +451,32 @@ impl RefreshVerifier {
             return false;
         };
         mac.is_ok_and(|mac| hmac::verify(&self.key, button_text(model).as_bytes(), &mac).is_ok())
+    }
+
+    /// A verifier for `key` whose seen nonces are kept in `file` (JSON, mode 0600, rewritten
+    /// on each accepted request): the ones still within the window at start are refused as
+    /// replays. An unreadable or corrupt file is an error (starting without it would reopen
+    /// the replay window).
+    pub fn persistent(key: &[u8], file: &Path) -> Result<RefreshVerifier, Error> {
+        let mut v = RefreshVerifier::new(key);
+        let now = now_ms();
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                let seen: HashMap<String, u64> = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::Config(format!("refresh nonces {}: {e}", file.display()))
+                })?;
+                v.seen = Mutex::new(
+                    seen.into_iter()
+                        .filter(|(_, t)| t.abs_diff(now) <= REFRESH_WINDOW_MS)
+                        .take(NONCES_KEPT)
+                        .collect(),
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io(e)),
+        }
+        v.file = Some(file.to_path_buf());
+        Ok(v)
     }
 
     /// `Ok` when `req` is signed with the key, within [`REFRESH_WINDOW_MS`] of `now_ms` and
@@ -474,6 +507,15 @@ impl RefreshVerifier {
             return Err("too many refresh requests in the window");
         }
         seen.insert(nonce.clone(), ts);
+        if let Some(file) = &self.file {
+            // Written before the request is obeyed: if it cannot be recorded, it is refused.
+            let json = serde_json::to_vec(&*seen).unwrap_or_default();
+            if let Err(e) = passwd::write_private(file, &json) {
+                tracing::warn!(error = %e, "cannot record a refresh nonce; request refused");
+                seen.remove(nonce);
+                return Err("cannot record its nonce");
+            }
+        }
         Ok(())
     }
 }

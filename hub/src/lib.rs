@@ -468,9 +468,10 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     };
     let refresh_guard = match auth.refresh {
         RefreshAuth::Signed => match &credentials {
-            Some(store) => {
-                RefreshGuard::Signed(Arc::new(auth::RefreshVerifier::new(&store.refresh_key()?)))
-            }
+            Some(store) => RefreshGuard::Signed(Arc::new(auth::RefreshVerifier::persistent(
+                &store.refresh_key()?,
+                &store.dir().join(auth::REFRESH_NONCES_FILE),
+            )?)),
             // No coordinator: nothing a refresh could start; refuse them all.
             None => RefreshGuard::Off,
         },

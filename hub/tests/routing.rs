@@ -834,3 +834,71 @@ async fn healthz_follows_the_mqtt_connection_and_the_hub_reconnects() {
     b.hub.shutdown().await;
     a.hub.shutdown().await;
 }
+
+/// Refresh nonces outlive the hub: a signed refresh accepted before a restart is refused as a
+/// replay after it (the nonce file in the credentials directory, 0600), while a fresh one is
+/// obeyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_refresh_cannot_be_replayed_after_a_restart() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let creds = tempfile::tempdir().unwrap();
+    let tweak = |c: &mut Config| {
+        c.coordinator = Some(format!("http://127.0.0.1:{port}"));
+        c.admin_token = Some("secret".into());
+        c.mqtt_auth.dir = creds.path().join("mqtt");
+    };
+    let send = |addr: SocketAddr, body: Vec<u8>| async move {
+        let c = publisher(addr).await;
+        c.publish("hearth/federation/refresh", QoS::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+        c
+    };
+    let home = start_hub("", tweak).await;
+    let key = home.hub.credentials().unwrap().refresh_key().unwrap();
+    let signed = serde_json::to_vec(&hearth_hub::auth::sign_refresh(&key, "plaid")).unwrap();
+    let m = home.hub.metrics();
+    let _c = send(home.hub.mqtt_addr(), signed.clone()).await;
+    // Accepted (then fails at the unreachable coordinator).
+    wait_until("refresh accepted", || {
+        Metrics::get(&m.refresh_failures) == 1
+    })
+    .await;
+    assert_eq!(Metrics::get(&m.refresh_requests), 1);
+    let file = creds
+        .path()
+        .join("mqtt")
+        .join(hearth_hub::auth::REFRESH_NONCES_FILE);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "nonce file is private: {mode:o}");
+    }
+    drop(_c);
+    home.hub.shutdown().await;
+
+    let home = start_hub("", tweak).await;
+    let m = home.hub.metrics();
+    let _c = send(home.hub.mqtt_addr(), signed).await;
+    wait_until("replay refused", || {
+        Metrics::get(&m.refresh_unauthorized) == 1
+    })
+    .await;
+    assert_eq!(
+        Metrics::get(&m.refresh_requests),
+        0,
+        "the replay was obeyed"
+    );
+    let fresh = serde_json::to_vec(&hearth_hub::auth::sign_refresh(&key, "plaid")).unwrap();
+    let _d = send(home.hub.mqtt_addr(), fresh).await;
+    wait_until("fresh refresh accepted", || {
+        Metrics::get(&m.refresh_requests) == 1
+    })
+    .await;
+    home.hub.shutdown().await;
+}

@@ -48,18 +48,44 @@ pub async fn channel(addr: std::net::SocketAddr) -> Channel {
         .unwrap()
 }
 
-#[derive(Clone, Debug)]
+/// An enrolled client. In insecure mode `id` and `key` go in the metadata of every call
+/// (`with_client`) on a shared channel; over TLS (`tls` set, `key` empty) the client calls on
+/// its own channel, which presents the certificate issued at enrolment.
+#[derive(Clone, Debug, Default)]
 pub struct Creds {
     pub id: String,
     pub key: String,
+    pub tls: Option<ClientTls>,
 }
 
+/// A TLS client's certificate and its mutually authenticated channel (made once per client
+/// and test: every call reuses it).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub cert: TlsCreds,
+    pub ch: Channel,
+}
+
+impl Creds {
+    /// The channel `c`'s calls go on: its own over TLS, `shared` in insecure mode.
+    pub fn channel(&self, shared: &Channel) -> Channel {
+        match &self.tls {
+            Some(t) => t.ch.clone(),
+            None => shared.clone(),
+        }
+    }
+}
+
+/// `msg` with the shared-key metadata of insecure mode (none for a TLS client, whose
+/// certificate is its identity).
 pub fn with_client<T>(msg: T, c: &Creds) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert(CLIENT_ID_HEADER, c.id.parse().unwrap());
-    r.metadata_mut()
-        .insert(CLIENT_KEY_HEADER, c.key.parse().unwrap());
+    if c.tls.is_none() {
+        r.metadata_mut()
+            .insert(CLIENT_ID_HEADER, c.id.parse().unwrap());
+        r.metadata_mut()
+            .insert(CLIENT_KEY_HEADER, c.key.parse().unwrap());
+    }
     r
 }
 
@@ -82,6 +108,7 @@ pub async fn enroll(ch: &Channel, token: &str, name: &str) -> Result<Creds, Stat
     Ok(Creds {
         id: r.client_id,
         key: r.client_key,
+        tls: None,
     })
 }
 
@@ -144,7 +171,7 @@ pub async fn fetch(
     version: u64,
     offset: u64,
 ) -> Result<(Vec<u8>, String, u64, usize), Status> {
-    let mut s = FederationClient::new(ch.clone())
+    let mut s = FederationClient::new(c.channel(ch))
         .fetch_model(with_client(
             FetchModelRequest {
                 model: model.into(),
@@ -191,7 +218,7 @@ pub async fn upload_raw(
     c: &Creds,
     parts: Vec<UpdateChunk>,
 ) -> Result<UploadAck, Status> {
-    Ok(FederationClient::new(ch.clone())
+    Ok(FederationClient::new(c.channel(ch))
         .upload_update(with_client(tokio_stream::iter(parts), c))
         .await?
         .into_inner())
@@ -364,4 +391,83 @@ pub async fn enroll_tls(ch: &Channel, token: &str, name: &str) -> Result<TlsCred
         cert_pem: r.client_cert_pem,
         key_pem,
     })
+}
+
+/// The client side of a TLS test coordinator: `ch` trusts its CA and presents no certificate
+/// (enrolment and admin calls); clients enrolled through [`Tls::enroll`] get channels of
+/// their own with their certificate.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ch: Channel,
+    pub endpoint: String,
+    pub ca_pem: String,
+}
+
+impl Tls {
+    /// Connects to the (TLS) coordinator of `h`.
+    pub async fn connect(h: &hearth_coordinator::CoordinatorHandle) -> Tls {
+        let ca = h.ca_pem().expect("a TLS coordinator (insecure = false)");
+        Tls::to(&h.endpoint(), ca).await.unwrap()
+    }
+
+    /// Connects to `endpoint` (`https://…`) trusting `ca_pem`.
+    pub async fn to(endpoint: &str, ca_pem: &str) -> Result<Tls, tonic::transport::Error> {
+        let ch = hearth_coordinator::client::connect(endpoint, Some(ca_pem), None).await?;
+        Ok(Tls {
+            ch,
+            endpoint: endpoint.into(),
+            ca_pem: ca_pem.into(),
+        })
+    }
+
+    /// Enrols `name` by CSR with `token` and connects it with the certificate it received.
+    pub async fn enroll(&self, token: &str, name: &str) -> Result<Creds, Status> {
+        let cert = enroll_tls(&self.ch, token, name).await?;
+        Ok(self.client(&cert).await)
+    }
+
+    /// A client presenting `cert` on a channel of its own.
+    pub async fn client(&self, cert: &TlsCreds) -> Creds {
+        let ch = hearth_coordinator::client::connect(
+            &self.endpoint,
+            Some(&self.ca_pem),
+            Some((&cert.cert_pem, &cert.key_pem)),
+        )
+        .await
+        .unwrap();
+        Creds {
+            id: cert.id.clone(),
+            key: String::new(),
+            tls: Some(ClientTls {
+                cert: cert.clone(),
+                ch,
+            }),
+        }
+    }
+
+    /// `c` (a TLS client of another coordinator process on the same CA, e.g. before a
+    /// restart) connected to this one with the same certificate.
+    pub async fn rebind(&self, c: &Creds) -> Creds {
+        self.client(&c.tls.as_ref().expect("a TLS client").cert)
+            .await
+    }
+}
+
+/// Waits (≤ 60 s) until a coordinator starting on `addr` with its PKI in `pki_dir` (another
+/// thread or process) has written its CA and answers TLS handshakes.
+pub async fn tls_when_ready(addr: std::net::SocketAddr, pki_dir: &Path) -> Tls {
+    let ca_path = pki_dir.join(hearth_coordinator::pki::CA_CERT_FILE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(ca) = std::fs::read_to_string(&ca_path) {
+            if let Ok(t) = Tls::to(&format!("https://{addr}"), &ca).await {
+                return t;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS coordinator on {addr} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -115,3 +115,34 @@ impl Sub {
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data")
 }
+
+/// A TLS coordinator as a test's agents and admin calls see it: its URL and CA certificate.
+#[derive(Clone, Debug)]
+pub struct Coord {
+    pub url: String,
+    pub ca_pem: String,
+}
+
+impl Coord {
+    /// The coordinator of `h` (which must run with TLS, the default).
+    pub fn of(h: &hearth_coordinator::CoordinatorHandle) -> Coord {
+        Coord {
+            url: h.endpoint(),
+            ca_pem: h.ca_pem().expect("a TLS coordinator").into(),
+        }
+    }
+
+    /// Writes the CA certificate to `path`, as a user copies the coordinator's `pki/ca.pem`
+    /// to a device for `coordinator_ca_file`; returns `path`.
+    pub fn write_ca(&self, path: &std::path::Path) -> PathBuf {
+        std::fs::write(path, &self.ca_pem).unwrap();
+        path.to_path_buf()
+    }
+
+    /// A channel trusting the CA, without client certificate (for admin calls).
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        hearth_coordinator::client::connect(&self.url, Some(&self.ca_pem), None)
+            .await
+            .unwrap()
+    }
+}
