@@ -828,14 +828,21 @@ impl TaskSpec {
         self.dataset(raw, &file)
     }
 
-    /// The samples of a split as the feature front end sees them (the chain up to the
-    /// MiniRocket step, or the whole chain without one), one `channels × length` vector each,
+    /// The samples of a split as a feature front end sees them (the chain up to its first
+    /// feature step — minirocket, plaid_features, channel_stats — or the whole chain), one `channels × length` vector each,
     /// with their class ids: the input a reference classifier is trained on.
     pub fn windows(&self, split: Split) -> Result<(Vec<Vec<f32>>, Vec<u32>), TaskError> {
         let (raw, file) = self.read_raw(split)?;
         let upto = self
-            .minirocket_step()
-            .map_or(self.preprocess.len(), |(i, _)| i);
+            .preprocess
+            .iter()
+            .position(|s| {
+                matches!(
+                    s,
+                    Step::Minirocket { .. } | Step::PlaidFeatures { .. } | Step::ChannelStats
+                )
+            })
+            .unwrap_or(self.preprocess.len());
         let ids = self.dataset_labels(&raw, &file)?;
         let mut out = Vec::with_capacity(raw.samples.len());
         for (i, s) in raw.samples.iter().enumerate() {
