@@ -97,9 +97,16 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     CompressError::Usage(msg.into()).into()
 }
 
-/// Loads a task file; any problem with it or its data is a usage error (exit 64).
-fn load_task(path: &Path) -> anyhow::Result<(TaskSpec, Dataset, Dataset)> {
-    let spec = TaskSpec::from_file(path).map_err(|e| usage(e.to_string()))?;
+/// Loads a task file; any problem with it or its data is a usage error (exit 64). With
+/// `model`, a feature front end (MiniRocket) is the one the model carries, not a new fit.
+fn load_task(
+    path: &Path,
+    model: Option<&hearth_model::OnnxModel>,
+) -> anyhow::Result<(TaskSpec, Dataset, Dataset)> {
+    let mut spec = TaskSpec::from_file(path).map_err(|e| usage(e.to_string()))?;
+    if let Some(m) = model {
+        spec = spec.with_model(m).map_err(|e| usage(e.to_string()))?;
+    }
     let load = |split| spec.load(split).map_err(|e| usage(e.to_string()));
     let (train_set, test_set) = (load(Split::Train)?, load(Split::Test)?);
     Ok((spec, train_set, test_set))
@@ -119,7 +126,7 @@ fn cmd_train(
     } else {
         data_dir.join(task).join("task.toml")
     };
-    let (task_spec, train_set, test_set) = load_task(&path)?;
+    let (task_spec, train_set, test_set) = load_task(&path, None)?;
     let task = &task_spec.name;
     let mut spec = task_spec.mlp_spec();
     if let Some(h) = hidden {
@@ -129,6 +136,9 @@ fn cmd_train(
         spec.hidden = h;
     }
     let mut model = hearth_model::OnnxModel::build_mlp(&spec, seed);
+    task_spec
+        .stamp(&mut model)
+        .map_err(|e| usage(e.to_string()))?;
     let cfg = TrainConfig {
         epochs,
         learning_rate: lr,
@@ -193,7 +203,7 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
     let task_file = a.task.or_else(|| a.data.map(|dir| dir.join("task.toml")));
     let (train_set, eval_set) = match &task_file {
         Some(path) => {
-            let (spec, train_set, test_set) = load_task(path)?;
+            let (spec, train_set, test_set) = load_task(path, Some(&model))?;
             if let Some(t) = model.task() {
                 if t != spec.name {
                     return Err(usage(format!(

@@ -601,7 +601,11 @@ async fn ensure_initial_version(
                 (OnnxModel::from_bytes(&bytes)?, bytes)
             }
             None => {
-                let model = OnnxModel::build_mlp(&task.mlp_spec(), cfg.seed);
+                // With a feature front end (MiniRocket), its fitted state goes into the
+                // model's metadata, so agents and tools need only the model.
+                let model = task.build_model(cfg.seed).map_err(|e| {
+                    Error::Init(format!("cannot build the initial {} model: {e}", cfg.name))
+                })?;
                 let bytes = model.to_bytes();
                 (model, bytes)
             }

@@ -418,6 +418,8 @@ fn prepare(config: &Config) -> Result<Prepared, Error> {
         classes: data.classes.clone(),
     };
     let mut onnx = OnnxModel::build_mlp(&spec, p.seed);
+    task.stamp(&mut onnx)
+        .map_err(hearth_model::ModelError::from)?;
     if config.bootstrap_epochs > 0 {
         let cfg = TrainConfig {
             epochs: config.bootstrap_epochs,

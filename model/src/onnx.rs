@@ -373,7 +373,8 @@ impl OnnxModel {
         Ok(())
     }
 
-    fn meta(&self, key: &str) -> Option<&str> {
+    /// A `metadata_props` value.
+    pub fn meta(&self, key: &str) -> Option<&str> {
         self.proto
             .metadata_props
             .iter()

@@ -29,9 +29,13 @@
 
 use crate::data::{resample, Dataset, Split};
 use crate::formats::{self, csv::CsvOptions, npy::NpyArray, FormatError, RawSet};
+use crate::minirocket::{self, MiniRocket};
 use crate::onnx::MlpSpec;
+use crate::onnx::OnnxModel;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A task file that cannot be read, parsed, validated, or whose data is malformed.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +177,30 @@ pub enum Step {
     },
     /// Per channel, [`CHANNEL_STATS`] summary statistics in place of the series.
     ChannelStats,
+    /// The MiniRocket front end ([`crate::minirocket`]) over the fixed-length window of every
+    /// channel: `features` (rounded down to a multiple of 84) standardised PPV features of
+    /// fixed random convolutions. Its biases and standardisation are fitted on the train
+    /// split (the first time a model is built) and then travel with the model
+    /// ([`TaskSpec::with_model`], [`TaskSpec::stamp`]). Must be the last step.
+    Minirocket {
+        /// Number of features (a multiple of 84; rounded down, at least 84).
+        #[serde(default = "default_features")]
+        features: usize,
+        /// Seed of the random structure and of the fitting.
+        #[serde(default)]
+        seed: u64,
+        /// Train samples the standardisation is fitted on.
+        #[serde(default = "default_fit_samples")]
+        fit_samples: usize,
+    },
+}
+
+fn default_features() -> usize {
+    1008
+}
+
+fn default_fit_samples() -> usize {
+    512
 }
 
 fn default_eps() -> f64 {
@@ -305,6 +333,30 @@ pub struct TaskSpec {
     /// The labelled data.
     pub data: DataSource,
     input_len: usize,
+    /// The fitted MiniRocket front end, when the chain ends in one (fitted on first use or
+    /// taken from a model; shared by clones).
+    front: FrontCell,
+}
+
+/// The fitted front end of a [`TaskSpec`]: fitted state, not part of the task's identity
+/// (equal task files compare equal whether or not one of them was fitted yet).
+#[derive(Clone, Default)]
+struct FrontCell(Arc<OnceLock<Arc<MiniRocket>>>);
+
+impl PartialEq for FrontCell {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for FrontCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "fitted"
+        } else {
+            "unfitted"
+        })
+    }
 }
 
 fn valid_name(s: &str) -> bool {
@@ -461,6 +513,37 @@ impl TaskSpec {
                     (1, Some(length + 2 + length / 2 + 1))
                 }
                 Step::ChannelStats => (shape.0, Some(CHANNEL_STATS.len())),
+                Step::Minirocket {
+                    features,
+                    fit_samples,
+                    ..
+                } => {
+                    if i + 1 != f.preprocess.len() {
+                        return Err(field(
+                            &at("step"),
+                            "minirocket must be the last step".into(),
+                        ));
+                    }
+                    let Some(len) = shape.1 else {
+                        return Err(field(
+                            &at("step"),
+                            "minirocket needs a fixed length: resample or pad first".into(),
+                        ));
+                    };
+                    if len < 9 {
+                        return Err(field(
+                            &at("step"),
+                            format!("minirocket needs at least 9 points per channel, not {len}"),
+                        ));
+                    }
+                    if *features == 0 || *features > 100_000 {
+                        return Err(field(&at("features"), "1..=100000".into()));
+                    }
+                    if *fit_samples == 0 {
+                        return Err(field(&at("fit_samples"), "must be at least 1".into()));
+                    }
+                    (1, Some(minirocket::output_len(*features)))
+                }
             };
         }
         let input_len = match shape {
@@ -516,6 +599,7 @@ impl TaskSpec {
             model: f.model,
             data: f.data,
             input_len,
+            front: FrontCell::default(),
         })
     }
 
@@ -542,6 +626,175 @@ impl TaskSpec {
     /// linearly interpolated from their neighbours (a channel with no value becomes empty).
     /// Inputs with a fixed length (images, vectors, fixed-length series) must have it.
     pub fn preprocess(&self, raw: &[Vec<f32>]) -> Result<Vec<f32>, String> {
+        let front = self.minirocket_step();
+        let chans = self.chain(raw, front.map_or(self.preprocess.len(), |(i, _)| i))?;
+        match front {
+            None => Ok(chans.concat()),
+            Some(_) => {
+                let fe = self.front_end().map_err(|e| e.to_string())?;
+                fe.transform(&chans.concat())
+                    .ok_or_else(|| "window size differs from the front end's".to_string())
+            }
+        }
+    }
+
+    /// The MiniRocket step, if the chain has one (always the last).
+    fn minirocket_step(&self) -> Option<(usize, &Step)> {
+        self.preprocess
+            .iter()
+            .enumerate()
+            .find(|(_, s)| matches!(s, Step::Minirocket { .. }))
+    }
+
+    /// Whether the chain ends in a fitted front end (MiniRocket) that travels with the model.
+    pub fn has_front_end(&self) -> bool {
+        self.minirocket_step().is_some()
+    }
+
+    /// The fitted MiniRocket front end: the one taken from a model ([`TaskSpec::with_model`]),
+    /// else fitted on the train split (once per process and task: the fit is deterministic,
+    /// so every binary that fits computes the same one).
+    pub fn front_end(&self) -> Result<Arc<MiniRocket>, TaskError> {
+        if let Some(f) = self.front.0.get() {
+            return Ok(f.clone());
+        }
+        let Some((
+            at,
+            Step::Minirocket {
+                features,
+                seed,
+                fit_samples,
+            },
+        )) = self.minirocket_step()
+        else {
+            return Err(TaskError::Field {
+                path: self.path.clone(),
+                field: "preprocess".into(),
+                message: "the chain has no minirocket step".into(),
+            });
+        };
+        static FITTED: OnceLock<Mutex<HashMap<String, Arc<MiniRocket>>>> = OnceLock::new();
+        let key = format!(
+            "{}|{:?}|{:?}|{:?}",
+            self.path.display(),
+            self.data,
+            self.input,
+            self.preprocess
+        );
+        let cache = FITTED.get_or_init(Mutex::default);
+        let cached = cache.lock().ok().and_then(|c| c.get(&key).cloned());
+        let fe = match cached {
+            Some(f) => f,
+            None => {
+                let (raw, file) = self.read_raw(Split::Train)?;
+                let mut samples = Vec::with_capacity(raw.samples.len());
+                for (i, s) in raw.samples.iter().enumerate() {
+                    let chans = self.chain(s, at).map_err(|m| {
+                        FormatError::new(&file, None, format!("series {}: {m}", i + 1))
+                    })?;
+                    samples.push(chans.concat());
+                }
+                if samples.is_empty() {
+                    return Err(FormatError::new(&file, None, "no samples").into());
+                }
+                let length = samples[0].len() / self.input.channels();
+                let f = Arc::new(MiniRocket::fit(
+                    &samples,
+                    self.input.channels(),
+                    length,
+                    *features,
+                    *seed,
+                    *fit_samples,
+                ));
+                if let Ok(mut c) = cache.lock() {
+                    c.insert(key, f.clone());
+                }
+                f
+            }
+        };
+        let _ = self.front.0.set(fe);
+        Ok(self.front.0.get().cloned().expect("set above"))
+    }
+
+    /// This task with the front end `model` carries (ONNX metadata
+    /// [`minirocket::META_KEY`]), so no training data is needed to compute its features. A
+    /// task without a front end is returned as it is; a model whose front end is missing or
+    /// does not fit the task file (channels, length, features, seed) is an error.
+    pub fn with_model(&self, model: &OnnxModel) -> Result<TaskSpec, TaskError> {
+        let meta = model.meta(minirocket::META_KEY);
+        let err = |message: String| TaskError::Field {
+            path: self.path.clone(),
+            field: "preprocess".into(),
+            message,
+        };
+        let Some((at, Step::Minirocket { features, seed, .. })) = self.minirocket_step() else {
+            return match meta {
+                None => Ok(self.clone()),
+                Some(_) => Err(err(
+                    "the model carries a minirocket front end, the task file has none".into(),
+                )),
+            };
+        };
+        let meta = meta.ok_or_else(|| {
+            err(
+                "the model carries no fitted minirocket front end (metadata hearth.minirocket)"
+                    .into(),
+            )
+        })?;
+        let fe = MiniRocket::from_meta(meta).map_err(err)?;
+        let length = self.chain_len(at);
+        if fe.channels != self.input.channels()
+            || Some(fe.length) != length
+            || fe.features != minirocket::output_len(*features)
+            || fe.seed != *seed
+        {
+            return Err(err(format!(
+                "the model's front end ({} channels x {}, {} features, seed {}) does not fit the \
+                 task file's",
+                fe.channels, fe.length, fe.features, fe.seed
+            )));
+        }
+        let spec = TaskSpec {
+            front: FrontCell::default(),
+            ..self.clone()
+        };
+        let _ = spec.front.0.set(Arc::new(fe));
+        Ok(spec)
+    }
+
+    /// Writes the task's fitted front end into `model`'s metadata (no-op without one).
+    pub fn stamp(&self, model: &mut OnnxModel) -> Result<(), TaskError> {
+        if self.has_front_end() {
+            model.set_meta(minirocket::META_KEY, &self.front_end()?.to_meta());
+        }
+        Ok(())
+    }
+
+    /// The model the task file asks for, initialised from `seed`, with the fitted front end
+    /// in its metadata.
+    pub fn build_model(&self, seed: u64) -> Result<OnnxModel, TaskError> {
+        let mut m = OnnxModel::build_mlp(&self.mlp_spec(), seed);
+        self.stamp(&mut m)?;
+        Ok(m)
+    }
+
+    /// Length per channel after the first `upto` steps (None: variable).
+    fn chain_len(&self, upto: usize) -> Option<usize> {
+        let mut len = self.input.length();
+        for s in &self.preprocess[..upto] {
+            len = match s {
+                Step::Resample { length } | Step::Pad { length, .. } => Some(*length),
+                Step::PlaidFeatures { length, .. } => Some(length + 2 + length / 2 + 1),
+                Step::ChannelStats => Some(CHANNEL_STATS.len()),
+                Step::Minirocket { features, .. } => Some(minirocket::output_len(*features)),
+                _ => len,
+            };
+        }
+        len
+    }
+
+    /// Checks one raw sample and runs the first `upto` steps of the chain.
+    fn chain(&self, raw: &[Vec<f32>], upto: usize) -> Result<Vec<Vec<f32>>, String> {
         let c = self.input.channels();
         let mut chans: Vec<Vec<f32>> = if raw.len() == c {
             raw.iter().map(|ch| fill_missing(ch)).collect()
@@ -558,10 +811,10 @@ impl TaskSpec {
         if chans.iter().all(Vec::is_empty) {
             return Err("no values".into());
         }
-        for step in &self.preprocess {
+        for step in &self.preprocess[..upto] {
             chans = apply(step, chans);
         }
-        Ok(chans.concat())
+        Ok(chans)
     }
 
     /// The file of a split, relative to the task file's directory.
@@ -571,6 +824,38 @@ impl TaskSpec {
 
     /// Reads a split and preprocesses every sample.
     pub fn load(&self, split: Split) -> Result<Dataset, TaskError> {
+        let (raw, file) = self.read_raw(split)?;
+        self.dataset(raw, &file)
+    }
+
+    /// The samples of a split as a feature front end sees them (the chain up to its first
+    /// feature step — minirocket, plaid_features, channel_stats — or the whole chain), one `channels × length` vector each,
+    /// with their class ids: the input a reference classifier is trained on.
+    pub fn windows(&self, split: Split) -> Result<(Vec<Vec<f32>>, Vec<u32>), TaskError> {
+        let (raw, file) = self.read_raw(split)?;
+        let upto = self
+            .preprocess
+            .iter()
+            .position(|s| {
+                matches!(
+                    s,
+                    Step::Minirocket { .. } | Step::PlaidFeatures { .. } | Step::ChannelStats
+                )
+            })
+            .unwrap_or(self.preprocess.len());
+        let ids = self.dataset_labels(&raw, &file)?;
+        let mut out = Vec::with_capacity(raw.samples.len());
+        for (i, s) in raw.samples.iter().enumerate() {
+            let chans = self
+                .chain(s, upto)
+                .map_err(|m| FormatError::new(&file, None, format!("series {}: {m}", i + 1)))?;
+            out.push(chans.concat());
+        }
+        Ok((out, ids))
+    }
+
+    /// Reads a split as it is in the file.
+    fn read_raw(&self, split: Split) -> Result<(RawSet, PathBuf), TaskError> {
         let d = &self.data;
         let (file, labels_file) = match split {
             Split::Train => (Some(&d.train), d.train_labels.as_ref()),
@@ -601,11 +886,11 @@ impl TaskSpec {
                 &file,
             )?,
         };
-        self.dataset(raw, &file)
+        Ok((raw, file))
     }
 
-    /// Maps labels to class ids and preprocesses every sample of `raw` (read from `file`).
-    pub fn dataset(&self, raw: RawSet, file: &Path) -> Result<Dataset, TaskError> {
+    /// The class id of every sample of `raw` (read from `file`).
+    fn dataset_labels(&self, raw: &RawSet, file: &Path) -> Result<Vec<u32>, TaskError> {
         let numeric = matches!(self.data.format, Format::Npy | Format::Npz);
         let by_index = match &self.data.labels {
             Some(Labels::Mode(m)) => m == "index",
@@ -620,9 +905,8 @@ impl TaskSpec {
             let what = if numeric { "sample" } else { "series" };
             format!("{what} {}", i + 1)
         };
-        let mut x = Vec::with_capacity(raw.samples.len() * self.input_len);
         let mut y = Vec::with_capacity(raw.samples.len());
-        for (i, (sample, label)) in raw.samples.iter().zip(&raw.labels).enumerate() {
+        for (i, label) in raw.labels.iter().enumerate() {
             let bad = |m: String| FormatError::new(file, None, format!("{}: {m}", at(i)));
             let id = if by_index {
                 label
@@ -641,11 +925,25 @@ impl TaskSpec {
                     .position(|n| n == label)
                     .ok_or_else(|| bad(format!("label {label:?} is not one of {names:?}")))?
             };
-            x.extend(self.preprocess(sample).map_err(bad)?);
             y.push(id as u32);
         }
         if y.is_empty() {
             return Err(FormatError::new(file, None, "no samples").into());
+        }
+        Ok(y)
+    }
+
+    /// Maps labels to class ids and preprocesses every sample of `raw` (read from `file`).
+    pub fn dataset(&self, raw: RawSet, file: &Path) -> Result<Dataset, TaskError> {
+        let y = self.dataset_labels(&raw, file)?;
+        let numeric = matches!(self.data.format, Format::Npy | Format::Npz);
+        let mut x = Vec::with_capacity(raw.samples.len() * self.input_len);
+        for (i, sample) in raw.samples.iter().enumerate() {
+            let what = if numeric { "sample" } else { "series" };
+            x.extend(
+                self.preprocess(sample)
+                    .map_err(|m| FormatError::new(file, None, format!("{what} {}: {m}", i + 1)))?,
+            );
         }
         Ok(Dataset {
             task: self.name.clone(),
@@ -752,6 +1050,8 @@ fn apply(step: &Step, chans: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
             ref_len,
         } => vec![plaid_features(&chans[0], *length, *level_scale, *ref_len)],
         Step::ChannelStats => chans.iter().map(|c| channel_stats(c)).collect(),
+        // Needs the fitted state: applied by `TaskSpec::preprocess`, never through here.
+        Step::Minirocket { .. } => chans,
     }
 }
 
