@@ -101,6 +101,12 @@ pub struct Config {
     /// model; keys it leaves out take the built-in defaults.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub model_aggregation: BTreeMap<String, Aggregation>,
+    /// Client optimizer sent in every round task of a model without an entry in
+    /// `model_training` (`[client_training]`).
+    pub client_training: ClientTraining,
+    /// Per-model client optimizer (`[model_training.<name>]`), replacing `client_training`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_training: BTreeMap<String, ClientTraining>,
     /// Models the coordinator serves.
     #[serde(rename = "model")]
     pub models: Vec<ModelConfig>,
@@ -131,6 +137,79 @@ pub struct RoundDefaults {
     /// Fraction of delta entries kept (1.0 = dense).
     #[serde(serialize_with = "short_f32")]
     pub topk_fraction: f32,
+    /// Client selection: the cohort of a round is this many of the available clients, drawn
+    /// at random (0 = use `client_fraction`).
+    pub clients_per_round: u32,
+    /// Client selection: the cohort is this fraction of the available clients, rounded up
+    /// (0 with `clients_per_round` 0 = no selection: any enrolled client may take part).
+    /// Either way the cohort has at least `min_clients` clients.
+    #[serde(serialize_with = "short_f32")]
+    pub client_fraction: f32,
+    /// A round starts only when at least this many clients are available (0 = no minimum).
+    pub min_available_clients: u32,
+    /// How long `StartRound` waits for enough available clients before refusing, seconds.
+    pub available_wait_secs: u32,
+    /// A client is available for a model while it holds a `Subscribe` stream for it, and for
+    /// this many seconds after the stream ended (a reconnecting agent).
+    pub available_window_secs: u64,
+    /// Seed of the cohort draws (each round mixes in its model and position); absent = a
+    /// fresh random seed per round. The seed used is stored with the round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection_seed: Option<u64>,
+    /// Server loop: most rounds one refresh may ask for (`num_rounds`, or the bound of a
+    /// "until target accuracy" refresh that names no count).
+    pub max_rounds_per_refresh: u32,
+    /// Federated evaluation: fraction of its local data each client holds out (never trains
+    /// on) and evaluates the round's base version on (0 = no federated evaluation).
+    #[serde(serialize_with = "short_f32")]
+    pub eval_fraction: f32,
+}
+
+/// The optimizer clients train with, sent in the round task.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientOptimizer {
+    /// Plain mini-batch SGD.
+    Sgd,
+    /// Heavy-ball momentum (`momentum`).
+    #[default]
+    Momentum,
+}
+
+/// Client-side training of a model: optimizer and FedProx's proximal term.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientTraining {
+    /// `sgd` or `momentum` (the default).
+    pub optimizer: ClientOptimizer,
+    /// Momentum μ of `momentum`.
+    #[serde(serialize_with = "short_f32")]
+    pub momentum: f32,
+    /// FedProx: clients minimise loss + mu/2·‖w − w_global‖² (0 = off).
+    #[serde(serialize_with = "short_f32")]
+    pub proximal_mu: f32,
+}
+
+impl Default for ClientTraining {
+    fn default() -> Self {
+        ClientTraining {
+            optimizer: ClientOptimizer::Momentum,
+            momentum: 0.9,
+            proximal_mu: 0.0,
+        }
+    }
+}
+
+impl ClientTraining {
+    fn validate(&self, section: &str) -> Result<(), String> {
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!("{section}.momentum must be in [0, 1)"));
+        }
+        if !(self.proximal_mu.is_finite() && (0.0..=1000.0).contains(&self.proximal_mu)) {
+            return Err(format!("{section}.proximal_mu must be in [0, 1000]"));
+        }
+        Ok(())
+    }
 }
 
 /// One served model.
@@ -457,6 +536,14 @@ impl Default for RoundDefaults {
             clip_norm: 10.0,
             quant_bits: 8,
             topk_fraction: 1.0,
+            clients_per_round: 0,
+            client_fraction: 0.0,
+            min_available_clients: 0,
+            available_wait_secs: 0,
+            available_window_secs: 120,
+            selection_seed: None,
+            max_rounds_per_refresh: 100,
+            eval_fraction: 0.0,
         }
     }
 }
@@ -494,6 +581,8 @@ impl std::fmt::Debug for Config {
             .field("round", &self.round)
             .field("aggregation", &self.aggregation)
             .field("model_aggregation", &self.model_aggregation)
+            .field("client_training", &self.client_training)
+            .field("model_training", &self.model_training)
             .field("models", &self.models)
             .finish()
     }
@@ -527,6 +616,8 @@ impl Default for Config {
             round: RoundDefaults::default(),
             aggregation: Aggregation::default(),
             model_aggregation: BTreeMap::new(),
+            client_training: ClientTraining::default(),
+            model_training: BTreeMap::new(),
             models: ["plaid", "faces", "digits"]
                 .into_iter()
                 .map(|t| ModelConfig {
@@ -702,6 +793,38 @@ impl Config {
         if !(r.topk_fraction > 0.0 && r.topk_fraction <= 1.0) {
             return bad("round.topk_fraction must be in (0, 1]".into());
         }
+        if !(r.client_fraction.is_finite() && (0.0..=1.0).contains(&r.client_fraction)) {
+            return bad("round.client_fraction must be in [0, 1] (0 = no selection)".into());
+        }
+        if r.clients_per_round > 0 && r.clients_per_round < r.min_clients {
+            return bad(format!(
+                "round.clients_per_round ({}) must be 0 or >= round.min_clients ({})",
+                r.clients_per_round, r.min_clients
+            ));
+        }
+        if r.available_wait_secs > 24 * 3600 {
+            return bad("round.available_wait_secs must be <= 86400".into());
+        }
+        if r.available_window_secs == 0 {
+            return bad("round.available_window_secs must be >= 1".into());
+        }
+        if r.max_rounds_per_refresh == 0 || r.max_rounds_per_refresh > 10_000 {
+            return bad("round.max_rounds_per_refresh must be in 1..=10000".into());
+        }
+        if !(r.eval_fraction.is_finite() && (0.0..0.9).contains(&r.eval_fraction)) {
+            return bad("round.eval_fraction must be in [0, 0.9)".into());
+        }
+        self.client_training
+            .validate("client_training")
+            .or_else(bad)?;
+        for (name, t) in &self.model_training {
+            if self.model(name).is_none() {
+                return bad(format!(
+                    "model_training.{name} names no configured [[model]]"
+                ));
+            }
+            t.validate(&format!("model_training.{name}")).or_else(bad)?;
+        }
         if self.models.is_empty() {
             return bad("at least one [[model]] is required".into());
         }
@@ -782,6 +905,14 @@ impl Config {
         self.model_aggregation
             .get(name)
             .unwrap_or(&self.aggregation)
+    }
+
+    /// The client training of model `name`.
+    pub fn training_for(&self, name: &str) -> ClientTraining {
+        *self
+            .model_training
+            .get(name)
+            .unwrap_or(&self.client_training)
     }
 
     /// `max_round_memory_mb` in bytes.

@@ -34,7 +34,8 @@ pub mod state;
 pub mod store;
 
 pub use config::{
-    Aggregation, Combine, Config, ConfigError, ModelConfig, RoundDefaults, ServerOptimizer,
+    Aggregation, ClientOptimizer, ClientTraining, Combine, Config, ConfigError, ModelConfig,
+    RoundDefaults, ServerOptimizer,
 };
 pub use server::{run, start, CoordinatorHandle};
 pub use state::Coordinator;

@@ -1,7 +1,7 @@
 //! `hearth-coordinator`: loads and validates the config (exit 64 on a bad one), binds the
 //! listener (exit 69 if that fails), then serves until SIGINT/SIGTERM and drains within
-//! `shutdown_grace_secs`. The `enroll-token` and `revoke` subcommands call the running
-//! coordinator's Admin API over TLS (the database is locked by it).
+//! `shutdown_grace_secs`. The `enroll-token`, `revoke`, `versions` and `rollback` subcommands
+//! call the running coordinator's Admin API over TLS (the database is locked by it).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -79,6 +79,26 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// List a model's versions: the round that made each one, its clients, uplink bytes of
+    /// their updates, bytes of the version served to agents, the round's wall time, the
+    /// held-out accuracy (coordinator's test split) and the federated accuracy (clients'
+    /// held-out data, weighted by samples; from the rounds based on the version).
+    Versions {
+        /// Model name.
+        model: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Republish an older version: its content becomes the next version (signed, parent =
+    /// the latest, lineage recorded), which agents load like any new version.
+    Rollback {
+        /// Model name.
+        model: String,
+        /// The version whose content is republished.
+        version: u64,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// Where the running coordinator is.
@@ -100,7 +120,10 @@ async fn admin_command(config: &Config, cmd: &Command) -> Result<(), (u8, String
     use hearth_coordinator::client::connect;
     use hearth_proto::v1::admin_client::AdminClient;
     let target = match cmd {
-        Command::EnrollToken { target, .. } | Command::Revoke { target, .. } => target,
+        Command::EnrollToken { target, .. }
+        | Command::Revoke { target, .. }
+        | Command::Versions { target, .. }
+        | Command::Rollback { target, .. } => target,
     };
     let url = match &target.coordinator {
         Some(u) => u.clone(),
@@ -196,8 +219,85 @@ async fn admin_command(config: &Config, cmd: &Command) -> Result<(), (u8, String
                 println!("revoked: {id}");
             }
         }
+        Command::Versions { model, .. } => {
+            let r = admin
+                .list_versions(auth(
+                    hearth_proto::v1::ListVersionsRequest {
+                        model: model.clone(),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print!("{}", versions_table(&r.versions));
+        }
+        Command::Rollback { model, version, .. } => {
+            let v = admin
+                .rollback(auth(
+                    hearth_proto::v1::RollbackRequest {
+                        model: model.clone(),
+                        version: *version,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!(
+                "published {model} version {} (content of version {}, parent {}, sha256 {})",
+                v.version, v.rollback_of, v.parent_version, v.sha256
+            );
+        }
     }
     Ok(())
+}
+
+/// The `versions` table.
+fn versions_table(versions: &[hearth_proto::v1::ModelVersion]) -> String {
+    use std::fmt::Write;
+    let acc = |a: f32| {
+        if a < 0.0 {
+            "-".to_string()
+        } else {
+            format!("{a:.4}")
+        }
+    };
+    let mut out = format!(
+        "{:>7} {:>6} {:>7} {:>10} {:>10} {:>8} {:>8} {:>9}  {}\n",
+        "version",
+        "round",
+        "clients",
+        "up_bytes",
+        "down_bytes",
+        "wall_s",
+        "held_acc",
+        "fed_acc",
+        "note"
+    );
+    for v in versions {
+        let note = if v.rollback_of > 0 {
+            format!("rollback to {}", v.rollback_of)
+        } else if v.from_round == 0 {
+            "initial".to_string()
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:>7} {:>6} {:>7} {:>10} {:>10} {:>8.2} {:>8} {:>9}  {}",
+            v.version,
+            v.from_round,
+            v.round_clients,
+            v.uplink_bytes,
+            v.downlink_bytes,
+            v.round_wall_ms as f64 / 1000.0,
+            acc(v.eval_accuracy),
+            acc(v.federated_accuracy),
+            note
+        );
+    }
+    out
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {

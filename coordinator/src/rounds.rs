@@ -1,12 +1,17 @@
-//! Round lifecycle: open (one per model at a time), accept updates (validated, folded into the
-//! running sum and persisted together with the client's marker in one store transaction),
-//! complete at `max_clients` or at the deadline with at least `min_clients` (else FAILED), and
-//! resume open rounds after a restart with their sum and deadline.
+//! Round lifecycle: open (one per model at a time, once `min_available_clients` are available,
+//! with a cohort drawn at random from the available clients when selection is configured),
+//! accept updates (from the cohort only; validated, folded into the running sum and persisted
+//! together with the client's marker in one store transaction), complete at `max_clients` or
+//! at the deadline with at least `min_clients` (else FAILED), run the next round of a server
+//! loop (`num_rounds`, or until a target accuracy), and resume open rounds after a restart
+//! with their sum and deadline. Also the operators' view of versions and rollback.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_model::OnnxModel;
+use rand::seq::SliceRandom;
+use rand::{RngCore, SeedableRng};
 
 use crate::aggregate::{
     clip_update, validate_update, weights_from_bytes, weights_to_bytes, Aggregate, AggregateError,
@@ -37,6 +42,10 @@ pub struct StartRound {
     pub deadline_secs: u32,
     /// Why ("cli", "mqtt", "schedule", "drift").
     pub reason: String,
+    /// Server loop: rounds to run back to back (0 or 1 = one).
+    pub num_rounds: u32,
+    /// Server loop: stop once the held-out accuracy reaches this (0 = no target).
+    pub target_accuracy: f32,
 }
 
 /// Why a round operation was refused.
@@ -51,6 +60,12 @@ pub enum RoundError {
     /// Bad parameters.
     #[error("{0}")]
     Invalid(String),
+    /// Too few clients are available to start a round.
+    #[error("{0}")]
+    NotEnoughClients(String),
+    /// The operation conflicts with the model's state (e.g. a round is open).
+    #[error("{0}")]
+    Conflict(String),
     /// Anything else.
     #[error(transparent)]
     Internal(#[from] Error),
@@ -79,6 +94,40 @@ pub struct Upload {
     pub train_loss: f32,
     /// Encoded delta (`hearth_model::encode_update`).
     pub payload: Vec<u8>,
+    /// Federated evaluation of the base version: held-out samples (0 = none), loss, accuracy.
+    pub eval: (u64, f32, f32),
+}
+
+/// A round's cohort as drawn when it opens.
+struct Selection {
+    cohort: Vec<String>,
+    available: u32,
+    seed: u64,
+}
+
+/// One published version as operators see it (`hearth-coordinator versions`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionReport {
+    /// The stored metadata (digest, signature, lineage, held-out accuracy).
+    pub meta: VersionMeta,
+    /// Updates aggregated into it (0 for the initial version and rollbacks).
+    pub clients: u32,
+    /// Payload bytes of those updates.
+    pub uplink_bytes: u64,
+    /// Bytes of this version served by `FetchModel`.
+    pub downlink_bytes: u64,
+    /// Opening to close of the round that produced it, ms.
+    pub wall_ms: u64,
+    /// Clients' evaluation of this version on their held-out data (rounds based on it),
+    /// weighted by samples: (accuracy, loss, samples); `None` without any.
+    pub federated: Option<(f32, f32, u64)>,
+}
+
+/// FNV-1a of `s`, to mix a model name into a seed.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Outcome of [`Coordinator::accept_upload`].
@@ -188,6 +237,36 @@ impl Coordinator {
         if reason.len() > 64 {
             return Err(RoundError::Invalid("reason must be <= 64 bytes".into()));
         }
+        let max_loop = d.max_rounds_per_refresh;
+        if req.num_rounds > max_loop {
+            return Err(RoundError::Invalid(format!(
+                "num_rounds ({}) must be <= round.max_rounds_per_refresh ({max_loop})",
+                req.num_rounds
+            )));
+        }
+        let target = req.target_accuracy;
+        if !(target.is_finite() && (0.0..=1.0).contains(&target)) {
+            return Err(RoundError::Invalid(
+                "target_accuracy must be in [0, 1] (0 = none)".into(),
+            ));
+        }
+        if target > 0.0 && !self.eval_sets.contains_key(&req.model) {
+            return Err(RoundError::Invalid(format!(
+                "target_accuracy needs a held-out evaluation, and model {} has eval = false",
+                req.model
+            )));
+        }
+        let rounds = match (req.num_rounds, target > 0.0) {
+            (0, true) => max_loop,
+            (n, _) => n.max(1),
+        };
+        let sel = self.select_cohort(&req.model, min).await?;
+        let requested_max = max;
+        let max = if sel.cohort.is_empty() {
+            max
+        } else {
+            max.min(sel.cohort.len() as u32)
+        };
         let base = self
             .store
             .latest_version(&req.model)?
@@ -225,6 +304,8 @@ impl Coordinator {
                 clip_norm: d.clip_norm,
                 quant_bits: d.quant_bits,
                 topk_fraction: d.topk_fraction,
+                client: self.config.training_for(&req.model),
+                eval_fraction: d.eval_fraction,
             },
             reason,
             updates: 0,
@@ -236,6 +317,13 @@ impl Coordinator {
             keep_updates,
             norm_bound,
             sample_cap,
+            cohort: sel.cohort,
+            available_clients: sel.available,
+            selection_seed: sel.seed,
+            requested_max_clients: requested_max,
+            rounds_left: rounds - 1,
+            target_accuracy: target,
+            ..RoundRecord::default()
         };
         let (rec, created) = self.store.open_round(&proto)?;
         if created {
@@ -244,12 +332,82 @@ impl Coordinator {
                 model = %rec.model, round = rec.id, base = rec.base_version,
                 min = rec.min_clients, max = rec.max_clients, reason = %rec.reason,
                 keep_updates = rec.keep_updates, norm_bound = rec.norm_bound,
-                sample_cap = rec.sample_cap, "round opened"
+                sample_cap = rec.sample_cap, available = rec.available_clients,
+                cohort = rec.cohort.len(), rounds_left = rec.rounds_left,
+                target = rec.target_accuracy, "round opened"
             );
             self.spawn_deadline(rec.id, rec.deadline_unix_ms);
             self.publish(Event::RoundOpened(rec.clone()));
         }
         Ok(rec)
+    }
+
+    /// Waits (up to `available_wait_secs`) until enough clients are available for `model` —
+    /// `min_available_clients`, and with selection at least `min_clients` — then draws the
+    /// cohort: `clients_per_round`, or `client_fraction` of the available clients rounded up,
+    /// at least `min_clients`, sampled without replacement with a seeded generator. Without
+    /// selection the cohort is empty (an open round). A refusal is logged and counted.
+    async fn select_cohort(&self, model: &str, min_clients: u32) -> Result<Selection, RoundError> {
+        let d = &self.config.round;
+        let selecting = d.clients_per_round > 0 || d.client_fraction > 0.0;
+        let need = d
+            .min_available_clients
+            .max(if selecting { min_clients } else { 0 });
+        let wait = Duration::from_secs(u64::from(d.available_wait_secs));
+        let until = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.shutdown.clone();
+        let available = loop {
+            let a = self.available_clients(model);
+            if a.len() as u32 >= need {
+                break a;
+            }
+            if tokio::time::Instant::now() >= until || *shutdown.borrow() {
+                let detail = format!(
+                    "only {} of the {need} clients a round of {model} needs are available                      (subscribed now or in the last {} s; waited {} s): min_available_clients =                      {}, min_clients = {min_clients}",
+                    a.len(),
+                    d.available_window_secs,
+                    wait.as_secs(),
+                    d.min_available_clients,
+                );
+                self.metrics
+                    .reject("start_round", "not_enough_clients", "admin", &detail);
+                return Err(RoundError::NotEnoughClients(detail));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stopped(&mut shutdown) => {}
+            }
+        };
+        let n = available.len() as u32;
+        if !selecting {
+            return Ok(Selection {
+                cohort: Vec::new(),
+                available: n,
+                seed: 0,
+            });
+        }
+        let k = if d.clients_per_round > 0 {
+            d.clients_per_round
+        } else {
+            (d.client_fraction * n as f32).ceil() as u32
+        };
+        let k = k.max(min_clients).min(n);
+        let position = self.store.latest_round(model)?.map_or(0, |r| r.id);
+        let seed = match d.selection_seed {
+            Some(s) => s ^ fnv(model) ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            None => rand::rngs::OsRng.next_u64(),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut cohort: Vec<String> = available
+            .choose_multiple(&mut rng, k as usize)
+            .cloned()
+            .collect();
+        cohort.sort();
+        Ok(Selection {
+            cohort,
+            available: n,
+            seed,
+        })
     }
 
     /// The adaptive bounds a new round of `model` starts with, learnt from the updates accepted
@@ -367,6 +525,32 @@ impl Coordinator {
                 updates: rec.updates,
             });
         }
+        if !rec.cohort.is_empty() && rec.cohort.binary_search(&up.client_id).is_err() {
+            return Ok(self.refuse(
+                "not_selected",
+                format!(
+                    "client is not in the cohort of round {} ({} of {} available clients drawn)",
+                    rec.id,
+                    rec.cohort.len(),
+                    rec.available_clients
+                ),
+                &rec,
+                &up.client_id,
+            ));
+        }
+        let (eval_samples, eval_loss, eval_accuracy) = up.eval;
+        if eval_samples > 0
+            && !(eval_loss.is_finite() && eval_loss >= 0.0 && (0.0..=1.0).contains(&eval_accuracy))
+        {
+            return Ok(self.refuse(
+                "invalid_eval",
+                format!(
+                    "federated evaluation out of range (loss {eval_loss}, accuracy {eval_accuracy})"
+                ),
+                &rec,
+                &up.client_id,
+            ));
+        }
         if rec.state != RoundState::Open {
             return Ok(self.refuse(
                 "round_not_open",
@@ -458,6 +642,10 @@ impl Coordinator {
             train_loss: up.train_loss,
             accepted_unix_ms: now_unix_ms(),
             norm,
+            // Weighted like the update: capped the same way.
+            eval_samples: eval_samples.min(self.config.max_client_samples).min(cap),
+            eval_loss,
+            eval_accuracy,
         };
         let lock = self.round_lock(rec.id);
         let _guard = lock.lock().await;
@@ -532,6 +720,7 @@ impl Coordinator {
         if !full && !at_deadline {
             return Ok(());
         }
+        let mut accuracy = None;
         if !full && rec.updates < rec.min_clients {
             let detail = format!(
                 "deadline passed with {} of at least {} updates",
@@ -543,6 +732,7 @@ impl Coordinator {
         } else {
             match self.complete(&rec).await {
                 Ok(meta) => {
+                    accuracy = meta.eval_accuracy;
                     tracing::info!(
                         model = %meta.model, round = id, version = meta.version,
                         accuracy = ?meta.eval_accuracy, updates = rec.updates,
@@ -564,7 +754,156 @@ impl Coordinator {
         }
         drop(_guard);
         self.drop_round_lock(id);
+        self.continue_loop(&rec, accuracy);
         Ok(())
+    }
+
+    /// Server loop: after round `rec` closed (with held-out `accuracy` if it published),
+    /// opens the next one unless the loop is done — no rounds left, or the target reached.
+    /// A failed round counts as one of the loop's rounds.
+    fn continue_loop(self: &Arc<Self>, rec: &RoundRecord, accuracy: Option<f32>) {
+        if rec.rounds_left == 0 {
+            return;
+        }
+        if rec.target_accuracy > 0.0 && accuracy.is_some_and(|a| a >= rec.target_accuracy) {
+            tracing::info!(
+                model = %rec.model, round = rec.id, accuracy = ?accuracy,
+                target = rec.target_accuracy, "server loop: target accuracy reached"
+            );
+            return;
+        }
+        if *self.shutdown.borrow() {
+            return;
+        }
+        let me = self.clone();
+        let next = StartRound {
+            model: rec.model.clone(),
+            min_clients: rec.min_clients,
+            max_clients: if rec.requested_max_clients > 0 {
+                rec.requested_max_clients
+            } else {
+                rec.max_clients
+            },
+            deadline_secs: (rec.deadline_unix_ms.saturating_sub(rec.opened_unix_ms) / 1000).max(1)
+                as u32,
+            reason: rec.reason.clone(),
+            num_rounds: rec.rounds_left,
+            target_accuracy: rec.target_accuracy,
+        };
+        self.spawn_task(async move {
+            match me.start_round(next).await {
+                Ok(r) => tracing::info!(
+                    model = %r.model, round = r.id, rounds_left = r.rounds_left,
+                    "server loop: next round"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "server loop ended: the next round could not start")
+                }
+            }
+        });
+    }
+
+    /// Every version of `model` with what produced it and how it did: the round's clients,
+    /// bytes and wall time, the bytes served, the held-out and the federated accuracy.
+    pub fn version_reports(&self, model: &str) -> Result<Vec<VersionReport>, RoundError> {
+        if !self.has_model(model) {
+            return Err(RoundError::UnknownModel(model.to_string()));
+        }
+        let rounds = self.store.rounds_of(model)?;
+        let mut out = Vec::new();
+        for meta in self.store.versions(model)? {
+            let from = rounds
+                .iter()
+                .find(|r| meta.from_round != 0 && r.id == meta.from_round);
+            let (mut n, mut loss, mut correct) = (0u64, 0f64, 0f64);
+            for r in rounds.iter().filter(|r| r.base_version == meta.version) {
+                n += r.fed_eval_samples;
+                loss += r.fed_eval_loss_sum;
+                correct += r.fed_eval_correct;
+            }
+            let federated = (n > 0).then(|| {
+                let d = n as f64;
+                ((correct / d) as f32, (loss / d) as f32, n)
+            });
+            out.push(VersionReport {
+                clients: from.map_or(0, |r| r.updates),
+                uplink_bytes: from.map_or(0, |r| r.uplink_bytes),
+                wall_ms: from.map_or(0, |r| r.closed_unix_ms.saturating_sub(r.opened_unix_ms)),
+                downlink_bytes: self.store.downlink(model, meta.version)?,
+                federated,
+                meta,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Republishes version `version` of `model` as a new version: the next number, the old
+    /// content (same digest and held-out accuracy), the latest version as parent, signed and
+    /// announced like any version, so agents load it through the same checks. The model's
+    /// server optimizer state is reset. Refused while a round of the model is open.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        model: &str,
+        version: u64,
+    ) -> Result<VersionMeta, RoundError> {
+        if !self.has_model(model) {
+            return Err(RoundError::UnknownModel(model.to_string()));
+        }
+        if let Some(r) = self
+            .store
+            .open_rounds()?
+            .into_iter()
+            .find(|r| r.model == model)
+        {
+            return Err(RoundError::Conflict(format!(
+                "round {} of {model} is open: wait for it to close before rolling back",
+                r.id
+            )));
+        }
+        let latest = self
+            .store
+            .latest_version(model)?
+            .ok_or_else(|| Error::Internal(format!("model {model} has no version")))?;
+        let old = self.store.version(model, version)?.ok_or_else(|| {
+            RoundError::Invalid(format!("model {model} has no version {version}"))
+        })?;
+        if version == latest.version {
+            return Err(RoundError::Invalid(format!(
+                "version {version} is already the latest of {model}"
+            )));
+        }
+        let bytes = self
+            .store
+            .model_bytes(model, version)?
+            .ok_or_else(|| Error::Internal(format!("bytes of {model} v{version} missing")))?;
+        let mut meta = VersionMeta {
+            model: model.to_string(),
+            version: latest.version + 1,
+            sha256: old.sha256.clone(),
+            size_bytes: old.size_bytes,
+            eval_accuracy: old.eval_accuracy,
+            created_unix_ms: now_unix_ms(),
+            from_round: 0,
+            parent_version: latest.version,
+            signature: String::new(),
+            rollback_of: version,
+        };
+        crate::signing::sign(&self.signer, &mut meta)?;
+        self.store.put_rollback(&meta, &bytes)?;
+        self.store.flush().await?;
+        tracing::warn!(
+            model,
+            version = meta.version,
+            content_of = version,
+            parent = latest.version,
+            "rollback published"
+        );
+        self.metrics.inc(
+            "hearth_coordinator_versions_published_total",
+            crate::metrics::labels(&[("model", model)]),
+        );
+        self.publish(Event::Published(meta.clone()));
+        Ok(meta)
     }
 
     /// FedAvg server step: new = global + lr · Σnᵢ·Δᵢ/Σnᵢ, written into the base ONNX file,
@@ -651,6 +990,7 @@ impl Coordinator {
             from_round: rec.id,
             parent_version: parent,
             signature: String::new(),
+            ..VersionMeta::default()
         };
         crate::signing::sign(&self.signer, &mut meta)?;
         let detail = format!("{how} ({} samples)", rec.total_samples);

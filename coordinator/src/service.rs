@@ -16,8 +16,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::ClientOptimizer;
 use crate::ratelimit::RateLimiter;
-use crate::rounds::{RoundError, StartRound, Upload, UploadOutcome};
+use crate::rounds::{RoundError, StartRound, Upload, UploadOutcome, VersionReport};
 use crate::state::{sha256_hex, stopped, AuthError, Coordinator, EnrollError, Event};
 use crate::store::{RoundRecord, RoundState, VersionMeta};
 
@@ -165,6 +166,7 @@ fn round_status(e: RoundError) -> Status {
             Status::not_found(e.to_string())
         }
         RoundError::Invalid(m) => Status::invalid_argument(m),
+        RoundError::NotEnoughClients(m) | RoundError::Conflict(m) => Status::failed_precondition(m),
         RoundError::Internal(e) => internal(e),
     }
 }
@@ -193,11 +195,39 @@ fn wire_status(r: &RoundRecord) -> v1::RoundStatus {
         model_fp32_bytes: r.model_fp32_bytes,
         eval_accuracy: r.eval_accuracy.unwrap_or(-1.0),
         detail: r.detail.clone(),
+        cohort_size: r.cohort.len() as u32,
+        available_clients: r.available_clients,
+        rounds_left: r.rounds_left,
+        target_accuracy: r.target_accuracy,
+        federated_accuracy: if r.fed_eval_samples > 0 {
+            (r.fed_eval_correct / r.fed_eval_samples as f64) as f32
+        } else {
+            -1.0
+        },
+        federated_loss: if r.fed_eval_samples > 0 {
+            (r.fed_eval_loss_sum / r.fed_eval_samples as f64) as f32
+        } else {
+            -1.0
+        },
+        federated_samples: r.fed_eval_samples,
     }
 }
 
-fn wire_task(r: &RoundRecord) -> v1::RoundTask {
+/// The round task as `client` sees it (`None`: the hub, which follows announcements):
+/// `not_selected` when the round has a cohort without it.
+fn wire_task(r: &RoundRecord, client: Option<&str>) -> v1::RoundTask {
+    let not_selected = !r.cohort.is_empty()
+        && client.is_some_and(|c| r.cohort.binary_search_by(|x| x.as_str().cmp(c)).is_err());
+    let t = &r.task;
     v1::RoundTask {
+        not_selected,
+        client_optimizer: match t.client.optimizer {
+            ClientOptimizer::Sgd => v1::ClientOptimizer::Sgd,
+            ClientOptimizer::Momentum => v1::ClientOptimizer::Momentum,
+        } as i32,
+        client_momentum: t.client.momentum,
+        proximal_mu: t.client.proximal_mu,
+        eval_fraction: t.eval_fraction,
         model: r.model.clone(),
         round_id: r.id,
         base_version: r.base_version,
@@ -222,8 +252,23 @@ fn wire_published(v: &VersionMeta) -> v1::ModelPublished {
     }
 }
 
+fn wire_report(r: &VersionReport) -> v1::ModelVersion {
+    let (fa, fl, fs) = r.federated.unwrap_or((-1.0, -1.0, 0));
+    v1::ModelVersion {
+        round_clients: r.clients,
+        uplink_bytes: r.uplink_bytes,
+        downlink_bytes: r.downlink_bytes,
+        round_wall_ms: r.wall_ms,
+        federated_accuracy: fa,
+        federated_loss: fl,
+        federated_samples: fs,
+        ..wire_version(&r.meta)
+    }
+}
+
 fn wire_version(v: &VersionMeta) -> v1::ModelVersion {
     v1::ModelVersion {
+        rollback_of: v.rollback_of,
         version: v.version,
         sha256: v.sha256.clone(),
         size_bytes: v.size_bytes,
@@ -232,6 +277,7 @@ fn wire_version(v: &VersionMeta) -> v1::ModelVersion {
         from_round: v.from_round,
         parent_version: v.parent_version,
         signature: hex::decode(&v.signature).unwrap_or_default(),
+        ..v1::ModelVersion::default()
     }
 }
 
@@ -285,6 +331,8 @@ async fn send<T>(
 
 /// Per-subscription filter that also drops events the client has already been sent.
 struct Subscription {
+    /// The subscribed client (`None`: the hub with the admin credential).
+    client: Option<String>,
     models: BTreeSet<String>,
     versions: HashMap<String, u64>,
     rounds: HashMap<String, u64>,
@@ -307,7 +355,7 @@ impl Subscription {
                     return None;
                 }
                 self.rounds.insert(r.model.clone(), r.id);
-                federation_event::Event::Round(wire_task(r))
+                federation_event::Event::Round(wire_task(r, self.client.as_deref()))
             }
         };
         Some(FederationEvent { event: Some(ev) })
@@ -354,7 +402,12 @@ impl Federation for Services {
             }
             wanted.into_iter().collect()
         };
+        let presence = client.as_deref().map(|c| {
+            self.coord
+                .subscribed(c, &models.iter().cloned().collect::<Vec<_>>())
+        });
         let mut sub = Subscription {
+            client: client.clone(),
             models,
             versions: HashMap::new(),
             rounds: HashMap::new(),
@@ -367,6 +420,8 @@ impl Federation for Services {
         let mut stop = coord.shutdown_signal();
         let mut revocations = coord.revocations();
         self.coord.spawn_task(async move {
+            // The client is available for its models while this task runs.
+            let _presence = presence;
             let client = client.as_deref();
             for e in &first {
                 if let Some(w) = sub.wire(e) {
@@ -478,7 +533,15 @@ impl Federation for Services {
                     }
                 };
                 match sent {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        if let Err(e) = coord.store().add_downlink(
+                            &meta.model,
+                            meta.version,
+                            (end - offset) as u64,
+                        ) {
+                            tracing::warn!(error = %e, "cannot count downlink bytes");
+                        }
+                    }
                     Ok(false) => return,
                     Err(_) => {
                         metrics.reject("fetch", "timeout", &client, &"fetch stream too slow");
@@ -512,6 +575,7 @@ impl Federation for Services {
             num_samples: header.num_samples,
             train_loss: header.train_loss,
             payload,
+            eval: (header.eval_samples, header.eval_loss, header.eval_accuracy),
         };
         let outcome = self.coord.accept_upload(up).await.map_err(round_status)?;
         let ack = match outcome {
@@ -620,6 +684,8 @@ impl Admin for Services {
                 max_clients: r.max_clients,
                 deadline_secs: r.deadline_secs,
                 reason: r.reason,
+                num_rounds: r.num_rounds,
+                target_accuracy: r.target_accuracy,
             })
             .await
             .map_err(round_status)?;
@@ -648,11 +714,25 @@ impl Admin for Services {
         if !self.coord.has_model(&model) {
             return Err(Status::not_found(format!("unknown model {model:?}")));
         }
-        let versions = self.coord.store().versions(&model).map_err(internal)?;
+        let versions = self.coord.version_reports(&model).map_err(round_status)?;
         Ok(Response::new(v1::ListVersionsResponse {
             model,
-            versions: versions.iter().map(wire_version).collect(),
+            versions: versions.iter().map(wire_report).collect(),
         }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<v1::RollbackRequest>,
+    ) -> Result<Response<v1::ModelVersion>, Status> {
+        self.admin("rollback", &req)?;
+        let r = req.into_inner();
+        let meta = self
+            .coord
+            .rollback(&r.model, r.version)
+            .await
+            .map_err(round_status)?;
+        Ok(Response::new(wire_version(&meta)))
     }
 
     async fn create_enrollment_token(
@@ -720,12 +800,14 @@ mod tests {
             from_round: 0,
             parent_version: v - 1,
             signature: String::new(),
+            ..VersionMeta::default()
         })
     }
 
     #[test]
     fn subscription_filters_models_and_drops_what_was_sent() {
         let mut sub = Subscription {
+            client: None,
             models: ["a".to_string()].into_iter().collect(),
             versions: HashMap::new(),
             rounds: HashMap::new(),

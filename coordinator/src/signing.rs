@@ -190,6 +190,7 @@ mod tests {
             from_round: 0,
             parent_version: 0,
             signature: String::new(),
+            ..VersionMeta::default()
         }
     }
 

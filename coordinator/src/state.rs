@@ -2,7 +2,9 @@
 //! start-up of the served models (version 1, held-out sets), the PKI, enrollment (CSR →
 //! client certificate), authentication (client certificate or, insecure, shared key),
 //! revocation,
-//! model lookup, the event broadcast and the tracker of background tasks.
+//! model lookup, the event broadcast, the tracker of background tasks, and which clients are
+//! available for a model (holding a `Subscribe` stream for it, or recently), which client
+//! selection draws a round's cohort from.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -163,6 +165,38 @@ pub struct Coordinator {
     pub(crate) pki: Option<Arc<Pki>>,
     /// Bumped at every revocation, so open streams re-check their client.
     pub(crate) revocations: watch::Sender<u64>,
+    /// Which clients follow which model (client selection's "available").
+    pub(crate) presence: Arc<Mutex<Presence>>,
+}
+
+/// Per client and model: open `Subscribe` streams and when the last one ended. Holds an entry
+/// only for authenticated clients, pruned once stale, so it is bounded by the enrolled clients.
+#[derive(Debug, Default)]
+pub(crate) struct Presence {
+    by_client: HashMap<String, HashMap<String, (u32, u64)>>,
+}
+
+/// Held by a `Subscribe` stream: the client is available for its models until it is dropped.
+#[derive(Debug)]
+pub struct PresenceGuard {
+    presence: Arc<Mutex<Presence>>,
+    client: String,
+    models: Vec<String>,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        let now = now_unix_ms();
+        let mut p = self.presence.lock().expect("presence lock");
+        if let Some(m) = p.by_client.get_mut(&self.client) {
+            for model in &self.models {
+                if let Some(e) = m.get_mut(model) {
+                    e.0 = e.0.saturating_sub(1);
+                    e.1 = now;
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -276,6 +310,7 @@ impl Coordinator {
             signer,
             pki,
             revocations: watch::channel(0).0,
+            presence: Arc::new(Mutex::new(Presence::default())),
         }))
     }
 
@@ -343,6 +378,47 @@ impl Coordinator {
             );
             set.shutdown().await;
         }
+    }
+
+    /// Marks `client` available for `models` while the returned guard lives (a `Subscribe`
+    /// stream), and for `available_window_secs` after.
+    pub fn subscribed(&self, client: &str, models: &[String]) -> PresenceGuard {
+        let now = now_unix_ms();
+        let mut p = self.presence.lock().expect("presence lock");
+        let m = p.by_client.entry(client.to_string()).or_default();
+        for model in models {
+            let e = m.entry(model.clone()).or_insert((0, now));
+            e.0 += 1;
+            e.1 = now;
+        }
+        PresenceGuard {
+            presence: self.presence.clone(),
+            client: client.to_string(),
+            models: models.to_vec(),
+        }
+    }
+
+    /// The clients available for `model`, sorted: holding a `Subscribe` stream for it, or
+    /// holding one until less than `available_window_secs` ago; revoked clients are left out.
+    pub fn available_clients(&self, model: &str) -> Vec<String> {
+        let window = self.config.round.available_window_secs.saturating_mul(1000);
+        let now = now_unix_ms();
+        let fresh = |e: &(u32, u64)| e.0 > 0 || now.saturating_sub(e.1) <= window;
+        let mut out: Vec<String> = {
+            let mut p = self.presence.lock().expect("presence lock");
+            p.by_client.retain(|_, m| {
+                m.retain(|_, e| fresh(e));
+                !m.is_empty()
+            });
+            p.by_client
+                .iter()
+                .filter(|(_, m)| m.get(model).is_some_and(fresh))
+                .map(|(c, _)| c.clone())
+                .collect()
+        };
+        out.retain(|c| !self.is_revoked(c));
+        out.sort();
+        out
     }
 
     /// Whether `model` is served.
@@ -624,6 +700,7 @@ async fn ensure_initial_version(
         from_round: 0,
         parent_version: 0,
         signature: String::new(),
+        ..VersionMeta::default()
     };
     crate::signing::sign(signer, &mut meta)?;
     store.put_version(&meta, &bytes)?;

@@ -81,7 +81,7 @@ fn token_dec(v: &[u8]) -> Result<TokenRecord, StoreError> {
 }
 
 /// Metadata of one stored model version.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct VersionMeta {
     /// Model name.
     pub model: String,
@@ -105,12 +105,20 @@ pub struct VersionMeta {
     /// which are signed at start-up.
     #[serde(default)]
     pub signature: String,
+    /// A rollback republishes the content of this older version (0 = not a rollback).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rollback_of: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Round lifecycle state.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub enum RoundState {
     /// Accepting updates.
+    #[default]
     Open,
     /// A new version was published.
     Completed,
@@ -119,7 +127,7 @@ pub enum RoundState {
 }
 
 /// What clients are asked to do in a round.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TaskParams {
     /// Local epochs.
     pub local_epochs: u32,
@@ -133,10 +141,16 @@ pub struct TaskParams {
     pub quant_bits: u32,
     /// Fraction of entries kept.
     pub topk_fraction: f32,
+    /// Client optimizer (records from before it existed: momentum 0.9, what agents did).
+    #[serde(default)]
+    pub client: crate::config::ClientTraining,
+    /// Fraction of local data clients hold out for federated evaluation (0 = none).
+    #[serde(default)]
+    pub eval_fraction: f32,
 }
 
 /// One federated round.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct RoundRecord {
     /// Globally unique round id (assigned by the store, starting at 1).
     pub id: u64,
@@ -183,10 +197,42 @@ pub struct RoundRecord {
     /// Sample-count cap learnt from the model's last rounds when this one opened (0 = none).
     #[serde(default)]
     pub sample_cap: u64,
+    /// Client selection: the ids of the clients drawn for the round, sorted; empty = an open
+    /// round (any enrolled client may upload).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cohort: Vec<String>,
+    /// Clients available (subscribed, or recently) when the round opened.
+    #[serde(default)]
+    pub available_clients: u32,
+    /// Seed of the cohort draw.
+    #[serde(default)]
+    pub selection_seed: u64,
+    /// `max_clients` as requested (the round's own is at most the cohort's size).
+    #[serde(default)]
+    pub requested_max_clients: u32,
+    /// Server loop: rounds still to run after this one.
+    #[serde(default)]
+    pub rounds_left: u32,
+    /// Server loop: held-out accuracy that ends it (0 = none).
+    #[serde(default)]
+    pub target_accuracy: f32,
+    /// When the round closed (0 while open).
+    #[serde(default)]
+    pub closed_unix_ms: u64,
+    /// Federated evaluation of `base_version` by the round's accepted clients: Σ samples,
+    /// Σ samples × loss, Σ samples × accuracy.
+    #[serde(default)]
+    pub fed_eval_samples: u64,
+    /// See `fed_eval_samples`.
+    #[serde(default)]
+    pub fed_eval_loss_sum: f64,
+    /// See `fed_eval_samples`.
+    #[serde(default)]
+    pub fed_eval_correct: f64,
 }
 
 /// The record kept per accepted (round, client) update, which makes uploads idempotent.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct UpdateMarker {
     /// Uploading client.
     pub client_id: String,
@@ -207,6 +253,15 @@ pub struct UpdateMarker {
     /// before it was recorded).
     #[serde(default)]
     pub norm: f64,
+    /// Federated evaluation of the base version on the client's held-out data (0 = none).
+    #[serde(default)]
+    pub eval_samples: u64,
+    /// Its mean loss.
+    #[serde(default)]
+    pub eval_loss: f32,
+    /// Its accuracy.
+    #[serde(default)]
+    pub eval_accuracy: f32,
 }
 
 /// Result of [`Store::accept_update`].
@@ -239,6 +294,7 @@ pub struct Store {
     sums: Tree,
     kept: Tree,
     server_state: Tree,
+    downlink: Tree,
     meta: Tree,
 }
 
@@ -333,6 +389,7 @@ impl Store {
             sums: db.open_tree("sums")?,
             kept: db.open_tree("kept_updates")?,
             server_state: db.open_tree("server_state")?,
+            downlink: db.open_tree("downlink")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -490,6 +547,59 @@ impl Store {
             .scan_prefix(model_prefix(model))
             .map(|kv| dec(&kv?.1))
             .collect()
+    }
+
+    /// Stores a rollback: `meta` (the next version, whose content is an older one's) and
+    /// its bytes, and resets the model's server optimizer state (its moments belong to the
+    /// trajectory being abandoned), in one transaction. Fails if the version exists.
+    pub fn put_rollback(&self, meta: &VersionMeta, onnx: &[u8]) -> Result<(), StoreError> {
+        let key = version_key(&meta.model, meta.version);
+        (&self.versions, &self.blobs, &self.server_state)
+            .transaction(|(versions, blobs, states)| {
+                if versions.get(&key)?.is_some() {
+                    return abort(StoreError::Conflict(format!(
+                        "version {} of {} already exists",
+                        meta.version, meta.model
+                    )));
+                }
+                versions.insert(key.as_slice(), enc(meta))?;
+                blobs.insert(key.as_slice(), onnx)?;
+                states.remove(meta.model.as_bytes())?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Adds `bytes` to what `FetchModel` served of one version.
+    pub fn add_downlink(&self, model: &str, version: u64, bytes: u64) -> Result<(), StoreError> {
+        self.downlink
+            .update_and_fetch(version_key(model, version), |old| {
+                let before = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(before.saturating_add(bytes).to_be_bytes().to_vec())
+            })?;
+        Ok(())
+    }
+
+    /// Bytes `FetchModel` served of one version.
+    pub fn downlink(&self, model: &str, version: u64) -> Result<u64, StoreError> {
+        match self.downlink.get(version_key(model, version))? {
+            Some(b) => u64_from(&b),
+            None => Ok(0),
+        }
+    }
+
+    /// Every round of `model`, oldest first.
+    pub fn rounds_of(&self, model: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.model_rounds.scan_prefix(model_prefix(model)) {
+            let (k, _) = kv?;
+            if let Some(r) = self.round(u64_from(&k[k.len() - 8..])?)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     /// ONNX bytes of one version.
@@ -693,6 +803,12 @@ impl Store {
                 rec.updates += 1;
                 rec.total_samples += marker.num_samples;
                 rec.uplink_bytes += marker.payload_bytes;
+                if marker.eval_samples > 0 {
+                    let n = marker.eval_samples as f64;
+                    rec.fed_eval_samples += marker.eval_samples;
+                    rec.fed_eval_loss_sum += n * f64::from(marker.eval_loss);
+                    rec.fed_eval_correct += n * f64::from(marker.eval_accuracy);
+                }
                 rounds.insert(&rkey[..], enc(&rec))?;
                 Ok(AcceptOutcome::Accepted(rec))
             })
@@ -731,6 +847,8 @@ impl Store {
                 "round {round_id} is not open"
             )));
         }
+        let mut rec = rec;
+        rec.closed_unix_ms = now_unix_ms();
         open.remove(rec.model.as_bytes())?;
         sums.remove(&rkey[..])?;
         for k in kept_keys {
@@ -822,6 +940,7 @@ mod tests {
                 clip_norm: 1.0,
                 quant_bits: 8,
                 topk_fraction: 1.0,
+                ..TaskParams::default()
             },
             reason: "test".into(),
             updates: 0,
@@ -833,6 +952,7 @@ mod tests {
             keep_updates: true,
             norm_bound: 0.0,
             sample_cap: 0,
+            ..RoundRecord::default()
         }
     }
 
@@ -846,6 +966,7 @@ mod tests {
             train_loss: 0.5,
             accepted_unix_ms: 1,
             norm: 1.0,
+            ..UpdateMarker::default()
         }
     }
 
@@ -999,6 +1120,7 @@ mod tests {
             from_round: 1,
             parent_version: 1,
             signature: String::new(),
+            ..VersionMeta::default()
         };
         let done = s
             .complete_round(1, &meta, b"abc", Some(&b"state"[..]), "ok")
@@ -1048,6 +1170,7 @@ mod tests {
                     from_round: 0,
                     parent_version: 0,
                     signature: String::new(),
+                    ..VersionMeta::default()
                 };
                 s.put_version(&meta, &[v as u8]).unwrap();
             }

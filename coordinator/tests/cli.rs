@@ -155,8 +155,9 @@ impl Drop for Running {
     }
 }
 
-/// `hearth-coordinator enroll-token` and `revoke` against the running binary, over TLS with
-/// the admin credential: the token enrols a device by CSR, the revocation refuses its next call.
+/// `hearth-coordinator enroll-token`, `revoke`, `versions` and `rollback` against the running
+/// binary, over TLS with the admin credential: the token enrols a device by CSR, the
+/// revocation refuses its next call.
 #[cfg(unix)]
 #[test]
 fn enroll_token_and_revoke_subcommands_talk_to_the_running_coordinator() {
@@ -279,4 +280,21 @@ fn enroll_token_and_revoke_subcommands_talk_to_the_running_coordinator() {
     // Revoking a device nobody enrolled as fails.
     let out = cli(&["revoke", "nobody"], ADMIN);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // `versions` lists what the coordinator holds; `rollback` refuses a version that is
+    // already the latest (tests/selection.rs rolls back for real through the same call).
+    let out = cli(&["versions", "digits"], ADMIN);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("version") && text.contains("fed_acc"),
+        "{text}"
+    );
+    let v1 = text.lines().nth(1).unwrap_or_default();
+    assert!(
+        v1.split_whitespace().next() == Some("1") && v1.ends_with("initial"),
+        "{text}"
+    );
+    let out = cli(&["rollback", "digits", "1"], ADMIN);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already the latest"));
 }

@@ -100,6 +100,7 @@ async fn enrolment_by_csr_gives_a_certificate_whose_identity_is_used_for_rounds(
                 max_clients: 2,
                 deadline_secs: 60,
                 reason: "test".into(),
+                ..Default::default()
             },
             ADMIN,
         ))

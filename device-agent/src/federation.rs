@@ -1,7 +1,11 @@
 //! Federation client (tonic): enrollment, the `Subscribe` stream with bounded
 //! reconnect backoff, resumable checksum-verified model fetches with hot-swap,
 //! and rounds: local training on the device's own share, clipped delta,
-//! compressed with error feedback, uploaded idempotently.
+//! compressed with error feedback, uploaded idempotently. The round task chooses the
+//! client optimizer (plain SGD, momentum, FedProx's proximal term), may tell this client
+//! it was not selected (it then does not train), and may ask for a federated evaluation:
+//! the base version's loss and accuracy on a held-out part of the local data, which is
+//! then never trained on, sent in the upload header.
 //!
 //! Every downloaded model is checked before it is stored or used ([`check_model`]): its
 //! signature verifies with the coordinator key pinned at enrolment (or in the config), its
@@ -30,8 +34,9 @@ use hearth_proto::signing::{ModelStatement, ModelVerifier};
 use hearth_proto::v1::enrollment_client::EnrollmentClient;
 use hearth_proto::v1::federation_client::FederationClient;
 use hearth_proto::v1::{
-    federation_event, update_chunk, EnrollRequest, FederationEvent, FetchModelRequest, ModelChunk,
-    ModelPublished, RoundTask, SubscribeRequest, UpdateChunk, UpdateHeader, UploadAck,
+    federation_event, update_chunk, ClientOptimizer, EnrollRequest, FederationEvent,
+    FetchModelRequest, ModelChunk, ModelPublished, RoundTask, SubscribeRequest, UpdateChunk,
+    UpdateHeader, UploadAck,
 };
 use hearth_proto::{CHUNK_SIZE, CLIENT_ID_HEADER, CLIENT_KEY_HEADER};
 use rand::SeedableRng;
@@ -463,6 +468,8 @@ struct LocalUpdate {
     samples: usize,
     loss: f32,
     norm: f32,
+    /// Federated evaluation of the base model: (held-out samples, loss, accuracy).
+    eval: (u64, f32, f32),
 }
 
 /// How the round of a pending update ended for this device.
@@ -638,6 +645,9 @@ impl Worker {
             train_loss: p.train_loss,
             payload_size: p.payload.len() as u64,
             payload_sha256: sha256_hex(&p.payload),
+            eval_samples: p.eval.0,
+            eval_loss: p.eval.1,
+            eval_accuracy: p.eval.2,
         };
         let until =
             instant_at(p.deadline_unix_ms).max(tokio::time::Instant::now() + LATE_UPLOAD_WINDOW);
@@ -823,6 +833,13 @@ impl Worker {
             tracing::debug!(round = t.round_id, "round already joined");
             return Ok(());
         }
+        if t.not_selected {
+            tracing::info!(
+                round = t.round_id,
+                "not selected for this round: not training"
+            );
+            return Ok(());
+        }
         if t.deadline_unix_ms != 0 && now_unix_ms() >= t.deadline_unix_ms {
             tracing::info!(
                 round = t.round_id,
@@ -841,10 +858,18 @@ impl Worker {
         let shared = self.shared.clone();
         let residual = self.fed.residual.clone();
         let seed = round_seed(&self.shared.config.device, t.round_id);
+        let holdout_seed = round_seed(&self.shared.config.device, 0);
         let task = t.clone();
         add(&self.shared.stats.local_trainings, 1);
         let update = tokio::task::spawn_blocking(move || {
-            local_update(&base.onnx, &shared.training_data(), &task, residual, seed)
+            local_update(
+                &base.onnx,
+                &shared.training_data(),
+                &task,
+                residual,
+                seed,
+                holdout_seed,
+            )
         })
         .await??;
         tracing::info!(
@@ -853,6 +878,8 @@ impl Worker {
             samples = update.samples,
             loss = update.loss,
             delta_norm = update.norm,
+            eval_samples = update.eval.0,
+            eval_accuracy = update.eval.2,
             "local update ready"
         );
         // Saved before the first byte is sent: a restart re-sends these bytes rather than
@@ -866,6 +893,7 @@ impl Worker {
             train_loss: update.loss,
             payload: update.payload,
             residual: update.residual,
+            eval: update.eval,
         });
         self.persist()?;
         self.send_pending().await
@@ -890,16 +918,92 @@ fn same_layout(a: &Weights, b: &Weights) -> bool {
             .all(|((na, ta), (nb, tb))| na == nb && ta.shape == tb.shape)
 }
 
-/// Trains on the local share and encodes the clipped, compressed delta (CPU work).
+/// The client optimizer a round task asks for, as (momentum, proximal mu). Unspecified (a
+/// coordinator from before the field) is momentum 0.9, what agents always did; values out of
+/// range fall back to it (momentum) or to 0 (mu).
+fn client_optimizer(t: &RoundTask) -> (f32, f32) {
+    let default = TrainConfig::default().momentum;
+    let momentum = match ClientOptimizer::try_from(t.client_optimizer) {
+        Ok(ClientOptimizer::Sgd) => 0.0,
+        Ok(ClientOptimizer::Momentum) if (0.0..1.0).contains(&t.client_momentum) => {
+            t.client_momentum
+        }
+        _ => default,
+    };
+    let mu = if t.proximal_mu.is_finite() && t.proximal_mu > 0.0 {
+        t.proximal_mu
+    } else {
+        0.0
+    };
+    (momentum, mu)
+}
+
+/// Splits the local data into (training, held-out) for federated evaluation: a fixed
+/// per-device draw of `fraction` of the samples (at least one left to train on), the same
+/// every round so held-out samples are never trained on. `fraction` 0: all training.
+fn split_holdout(data: &Dataset, fraction: f32, seed: u64) -> (Dataset, Option<Dataset>) {
+    use rand::seq::SliceRandom;
+    let n = data.len();
+    let k = if fraction.is_finite() && fraction > 0.0 && fraction < 1.0 {
+        ((fraction * n as f32).round() as usize).min(n.saturating_sub(1))
+    } else {
+        0
+    };
+    if k == 0 {
+        return (data.clone(), None);
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let (held, train) = idx.split_at(k);
+    let (mut held, mut train) = (held.to_vec(), train.to_vec());
+    held.sort_unstable();
+    train.sort_unstable();
+    (data.subset(&train), Some(data.subset(&held)))
+}
+
+/// Mean cross-entropy and accuracy of `model` on `data`.
+fn evaluate(model: &OnnxModel, data: &Dataset) -> Result<(f32, f32), Error> {
+    let n = data.len();
+    let probs = hearth_model::train::forward_probs(model, &data.x, n)?;
+    let classes = probs.len() / n.max(1);
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for (i, &y) in data.y.iter().enumerate() {
+        let p = &probs[i * classes..(i + 1) * classes];
+        loss -= f64::from(p.get(y as usize).copied().unwrap_or(0.0).max(1e-7)).ln();
+        let best = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(c, _)| c);
+        correct += usize::from(best == y as usize);
+    }
+    Ok(((loss / n as f64) as f32, correct as f32 / n as f32))
+}
+
+/// Trains on the local share and encodes the clipped, compressed delta (CPU work); with a
+/// federated evaluation asked for, first evaluates the base model on the held-out part.
 fn local_update(
     base: &OnnxModel,
     data: &Dataset,
     t: &RoundTask,
     residual: Option<Weights>,
     seed: u64,
+    holdout_seed: u64,
 ) -> Result<LocalUpdate, Error> {
+    let (train_set, held) = split_holdout(data, t.eval_fraction, holdout_seed);
+    let eval = match &held {
+        Some(h) => {
+            let (loss, acc) = evaluate(base, h)?;
+            (h.len() as u64, loss, acc)
+        }
+        None => (0, 0.0, 0.0),
+    };
+    let data = &train_set;
+    let (momentum, proximal_mu) = client_optimizer(t);
     let d = TrainConfig::default();
     let cfg = TrainConfig {
+        momentum,
+        proximal_mu,
         epochs: t.local_epochs.max(1),
         learning_rate: if t.learning_rate.is_finite() && t.learning_rate > 0.0 {
             t.learning_rate
@@ -948,6 +1052,7 @@ fn local_update(
         samples: data.len(),
         loss: report.final_loss,
         norm,
+        eval,
     })
 }
 

@@ -100,6 +100,9 @@ pub struct PendingUpdate {
     pub payload: Vec<u8>,
     /// The residual after this update (error feedback of what the payload left out).
     pub residual: Weights,
+    /// Federated evaluation of the base version on the held-out share, sent with the
+    /// update: (samples, mean loss, accuracy); samples 0 = none.
+    pub eval: (u64, f32, f32),
 }
 
 /// Everything the agent keeps about its part in the federation of one model,
@@ -158,6 +161,12 @@ impl FedState {
                 out.put_f32(p.train_loss);
                 put_blob(&mut out, &p.payload);
                 put_blob(&mut out, &encode_weights(&p.residual));
+                // A trailing section (files written before it end here).
+                if p.eval.0 > 0 {
+                    out.put_u64(p.eval.0);
+                    out.put_f32(p.eval.1);
+                    out.put_f32(p.eval.2);
+                }
             }
         }
         out
@@ -198,6 +207,15 @@ impl FedState {
                 train_loss: r.f32().map_err(bad)?,
                 payload: blob(&mut r)?,
                 residual: decode_weights(&blob(&mut r)?)?,
+                eval: if r.remaining() > 0 {
+                    (
+                        r.u64().map_err(bad)?,
+                        r.f32().map_err(bad)?,
+                        r.f32().map_err(bad)?,
+                    )
+                } else {
+                    (0, 0.0, 0.0)
+                },
             })
         } else {
             None
@@ -552,7 +570,12 @@ mod tests {
             train_loss: 0.25,
             payload: b"encoded update".to_vec(),
             residual: weights(),
+            eval: (0, 0.0, 0.0),
         });
+        s.save_federation("faces", &f).unwrap();
+        assert_eq!(s.load_federation("faces").unwrap(), f);
+        // With a federated evaluation (a trailing section).
+        f.pending.as_mut().unwrap().eval = (7, 0.5, 0.75);
         s.save_federation("faces", &f).unwrap();
         assert_eq!(s.load_federation("faces").unwrap(), f);
         assert_eq!(s.load_residual("faces").unwrap(), Some(weights()));

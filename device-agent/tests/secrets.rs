@@ -107,6 +107,7 @@ async fn tokens_keys_and_passwords_never_appear_in_the_log() {
             max_clients: 1,
             deadline_secs: 120,
             reason: "secrets test".into(),
+            ..Default::default()
         }))
         .await
         .unwrap()

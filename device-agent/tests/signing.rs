@@ -401,6 +401,7 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
             clip_norm: 1.0,
             quant_bits: 8,
             topk_fraction: 1.0,
+            ..RoundTask::default()
         }))
         .await;
     expect_refusal("a replayed old version", &a, before, 3, "digits@2").await;

@@ -98,6 +98,7 @@ async fn start_round(url: &Coord, min: u32, deadline_secs: u32) -> u64 {
             max_clients: min,
             deadline_secs,
             reason: "cli".into(),
+            ..Default::default()
         }))
         .await
         .expect("round starts")

@@ -18,7 +18,13 @@
 //!
 //! # Algorithm
 //! Mini-batch SGD with (heavy-ball) momentum, `v = μ·v + g; w -= lr·v`, on the mean loss of
-//! each batch. The sample order is shuffled every epoch from `seed`, so a run is deterministic.
+//! each batch (μ = 0: plain SGD). The sample order is shuffled every epoch from `seed`, so a
+//! run is deterministic.
+//!
+//! **FedProx** ([`TrainConfig::proximal_mu`], Li et al. 2020): the local objective gains
+//! `mu/2·‖w − w₀‖²` over every trained value, w₀ being the weights training started from (the
+//! global model of a federated round), so its gradient `mu·(w − w₀)` pulls the local model
+//! back toward the global one and bounds client drift on non-IID data.
 //!
 //! The loss is the softmax cross-entropy, optionally extended by the compression toolkit:
 //! - **L1** ([`TrainConfig::l1`]): `λ·Σ|w|` over the Gemm weights (not the biases); its
@@ -88,6 +94,9 @@ pub struct TrainConfig {
     pub fake_quant: Option<FakeQuant>,
     /// Soft targets from a teacher (knowledge distillation).
     pub distill: Option<DistillTarget>,
+    /// FedProx proximal coefficient mu: adds `mu/2·‖w − w₀‖²` (w₀ = the starting weights) to
+    /// the loss; 0 = off.
+    pub proximal_mu: f32,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +111,7 @@ impl Default for TrainConfig {
             masks: None,
             fake_quant: None,
             distill: None,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -124,6 +134,7 @@ impl std::fmt::Debug for TrainConfig {
                 "distill",
                 &self.distill.as_ref().map(|d| (d.alpha, d.temperature)),
             )
+            .field("proximal_mu", &self.proximal_mu)
             .finish()
     }
 }
@@ -139,6 +150,7 @@ impl PartialEq for TrainConfig {
             && self.l1 == o.l1
             && self.masks == o.masks
             && self.distill == o.distill
+            && self.proximal_mu == o.proximal_mu
             && match (&self.fake_quant, &o.fake_quant) {
                 (None, None) => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -595,6 +607,11 @@ pub fn train(
     if !(cfg.l1.is_finite() && cfg.l1 >= 0.0) {
         return Err(ModelError::Data("l1 must be finite and >= 0".into()));
     }
+    if !(cfg.proximal_mu.is_finite() && cfg.proximal_mu >= 0.0) {
+        return Err(ModelError::Data(
+            "proximal_mu must be finite and >= 0".into(),
+        ));
+    }
     if let Some(d) = &cfg.distill {
         check_distill(&net, d, data.len())?;
     }
@@ -614,6 +631,14 @@ pub fn train(
         })
         .collect();
     let (lr, mu) = (cfg.learning_rate, cfg.momentum);
+    let prox = cfg.proximal_mu;
+    // FedProx's anchor: the weights training starts from.
+    let anchor: Option<Vec<(Array2<f32>, Array1<f32>)>> = (prox > 0.0).then(|| {
+        net.layers
+            .iter()
+            .map(|p| (p.w.clone(), p.b.clone()))
+            .collect()
+    });
     let mut final_loss = f32::NAN;
     let mut xb: Vec<f32> = Vec::with_capacity(batch * k);
     let mut yb: Vec<u32> = Vec::with_capacity(batch);
@@ -645,7 +670,14 @@ pub fn train(
             };
             let obj = Objective { l1: cfg.l1, soft };
             let eff = net.effective(cfg.fake_quant.as_ref())?;
-            let (loss, grads) = net.loss_and_grads(xv, &yb, &obj, eff.as_deref());
+            let (loss, mut grads) = net.loss_and_grads(xv, &yb, &obj, eff.as_deref());
+            if let Some(anchor) = &anchor {
+                // ∇ mu/2·‖w − w₀‖² = mu·(w − w₀).
+                for ((g, p), (w0, b0)) in grads.iter_mut().zip(&net.layers).zip(anchor) {
+                    ndarray_prox(&mut g.w, &p.w, w0, prox);
+                    ndarray_prox1(&mut g.b, &p.b, b0, prox);
+                }
+            }
             if !loss.is_finite() {
                 return Err(ModelError::Data(format!(
                     "training diverged (loss {loss}); lower the learning rate"
@@ -677,6 +709,18 @@ pub fn train(
         final_loss,
     };
     Ok((net.weights(), report))
+}
+
+/// `g += mu·(w − w0)` for a weight matrix.
+fn ndarray_prox(g: &mut Array2<f32>, w: &Array2<f32>, w0: &Array2<f32>, mu: f32) {
+    g.zip_mut_with(w, |g, &w| *g += mu * w);
+    g.scaled_add(-mu, w0);
+}
+
+/// `g += mu·(w − w0)` for a bias.
+fn ndarray_prox1(g: &mut Array1<f32>, w: &Array1<f32>, w0: &Array1<f32>, mu: f32) {
+    g.zip_mut_with(w, |g, &w| *g += mu * w);
+    g.scaled_add(-mu, w0);
 }
 
 #[cfg(test)]

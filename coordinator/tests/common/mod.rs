@@ -127,6 +127,7 @@ pub async fn start_round(
                 max_clients: max,
                 deadline_secs: deadline,
                 reason: "test".into(),
+                ..Default::default()
             },
             ADMIN,
         ))
@@ -210,6 +211,7 @@ pub fn header(model: &str, round: u64, base: u64, n: u64, payload: &[u8]) -> Upd
         train_loss: 0.5,
         payload_size: payload.len() as u64,
         payload_sha256: hex::encode(Sha256::digest(payload)),
+        ..Default::default()
     }
 }
 
