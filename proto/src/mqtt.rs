@@ -275,20 +275,20 @@ impl InboundEvent {
 }
 
 /// The hub's privacy guard for `hearth/<device>/event/<name>`: size first, then a payload
-/// with a `type` field must be a [`CameraEvent`] whose `camera` is `device`, any other an
-/// [`Event`]; both refuse unknown fields.
+/// with a `camera` field must be a [`CameraEvent`] whose `camera` is `device`, any other an
+/// [`Event`] (whose optional `type` is new/update/end); both refuse unknown fields.
 pub fn parse_event(device: &str, payload: &[u8]) -> Result<InboundEvent, EventError> {
     if payload.len() > MAX_EVENT_BYTES {
         return Err(EventError::TooLarge(payload.len()));
     }
     #[derive(Deserialize)]
     struct Probe {
-        #[serde(rename = "type")]
-        phase: Option<serde::de::IgnoredAny>,
+        camera: Option<serde::de::IgnoredAny>,
     }
     let probe: Probe =
         serde_json::from_slice(payload).map_err(|e| EventError::Schema(e.to_string()))?;
-    if probe.phase.is_none() {
+    // A verdict may carry a `type` (new/update/end) too; a camera event names its camera.
+    if probe.camera.is_none() {
         return Event::parse(payload).map(InboundEvent::Verdict);
     }
     let ev: CameraEvent =
