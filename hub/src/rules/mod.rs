@@ -2147,6 +2147,40 @@ payload = { state = "ON", id = "{{ id }}", score = "{{ score }}", text = "{{ cla
     }
 
     #[test]
+    fn a_track_end_fires_only_rules_that_ask_for_it() {
+        let text = r#"
+[[rule]]
+name = "face"
+[rule.when]
+class = "face"
+[[rule.action]]
+kind = "command"
+actuator = "porch_light"
+payload = { state = "ON" }
+
+[[rule]]
+name = "gone"
+[rule.when]
+type = "end"
+[[rule.action]]
+kind = "command"
+actuator = "porch_light"
+payload = { state = "OFF" }
+"#;
+        let rs = RuleSet::parse(text, "r", "z2m").unwrap();
+        let st = States::default();
+        let mut e = ev("face", 0.9);
+        e.kind = Some("new".into());
+        let on = fire_event(&rs, "cam", "detection", &e, &env(&st, 0));
+        assert_eq!(on.len(), 1);
+        assert_eq!(cmd(&on[0], 0).1["state"], "ON");
+        e.kind = Some("end".into());
+        let off = fire_event(&rs, "cam", "detection", &e, &env(&st, 0));
+        assert_eq!(off.len(), 1, "only the rule that asks for type = end");
+        assert_eq!(cmd(&off[0], 0).1["state"], "OFF");
+    }
+
+    #[test]
     fn conditions_time_state_for_availability_score_sun() {
         let text = r#"
 [settings]
