@@ -24,12 +24,18 @@ fn copy_set(set: &str, dir: &Path) -> PathBuf {
     dst.join("task.toml")
 }
 
-/// The `hearth-compress` binary of this build (built once here if the test run did not).
+/// The `hearth-compress` binary of this build. A workspace test run (`scripts/test.sh`) has
+/// built it already, for `compress/tests`; it is built here only when this package's tests run
+/// alone. Calling cargo when the binary exists would rebuild it with this package's feature set
+/// (minutes on a fresh clone, past the test's time limit in CI).
 fn compress_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> -> target/<profile>/hearth-compress
     let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
     let bin = profile_dir.join("hearth-compress");
+    if bin.is_file() {
+        return bin;
+    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut child = Command::new(env!("CARGO"))
         .args(["build", "--offline", "-p", "hearth-compress", "--bin"])
