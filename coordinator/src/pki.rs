@@ -54,19 +54,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 /// Writes `data` to `path`, mode 0600 when `secret`, replacing it by rename.
 pub fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), PkiError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(if secret { 0o600 } else { 0o644 });
-    }
-    let mut f = o.open(&tmp).map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    use hearth_edge::fsutil::{write_atomic, PRIVATE, SHARED};
+    write_atomic(path, data, if secret { PRIVATE } else { SHARED }).map_err(io(path))
 }
 
 /// Hex sha256 of a certificate's DER (its fingerprint).

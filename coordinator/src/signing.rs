@@ -104,28 +104,12 @@ fn check_private(path: &Path) -> Result<(), Error> {
 /// Writes `bytes` to a temporary file (mode 0600 when `private`), syncs it and renames it
 /// into place, so a crash never leaves half a key.
 fn write_new(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error> {
-    use std::io::Write;
+    use hearth_edge::fsutil::{write_atomic, PRIVATE, SHARED};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| init(format!("{}: {e}", dir.display())))?;
     }
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if private { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let err = |e: std::io::Error| init(format!("cannot write {}: {e}", path.display()));
-    let mut f = opts.open(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(err)
+    write_atomic(path, bytes, if private { PRIVATE } else { SHARED })
+        .map_err(|e| init(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Signs `meta` (its model, version, parent version and recorded digest) in place.

@@ -578,7 +578,6 @@ impl Journal {
 
     /// Rewrites the journal with the window and `state` (temporary file, fsync, rename).
     fn compact(&mut self, window: &IdempotencyWindow, state: DeviceState) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("tmp");
         let mut text = String::new();
         let ids = window.ids();
         for id in &ids {
@@ -593,10 +592,11 @@ impl Journal {
             text.push_str(&serde_json::to_string(&JournalLine { id: None, state }).expect("line"));
             text.push('\n');
         }
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
+        hearth_edge::fsutil::write_atomic(
+            &self.path,
+            text.as_bytes(),
+            hearth_edge::fsutil::PRIVATE,
+        )?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.lines = ids.len().max(1);
         Ok(())

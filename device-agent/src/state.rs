@@ -275,30 +275,10 @@ impl StateDir {
     }
 
     fn write_atomic(&self, name: &str, bytes: &[u8], private: bool) -> Result<(), Error> {
-        use std::io::Write;
+        use hearth_edge::fsutil::{write_atomic, PRIVATE, SHARED};
         let p = self.path(name);
-        let tmp = self.path(&format!(".{name}.tmp"));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if private {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        #[cfg(not(unix))]
-        let _ = private;
-        let mut f = opts.open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        // `mode` only applies to a new file: a stale temporary keeps its mode otherwise.
-        #[cfg(unix)]
-        if private {
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io(&tmp, e))?;
-        }
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))
+        write_atomic(&p, bytes, if private { PRIVATE } else { SHARED })
+            .map_err(|e| Error::io(&p, e))
     }
 
     fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, Error> {

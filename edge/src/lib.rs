@@ -13,6 +13,7 @@
 //!   survives losing its port to someone else.
 //! - [`passwd`] (feature `auth`, part of `broker`): Mosquitto password files (`$7$` hashes),
 //!   generated passwords, private files written by rename.
+//! - [`fsutil`]: durable whole-file replacement (temp file, fsync, rename, mode).
 //! - [`process`]: SIGINT/SIGTERM, tracing initialisation, command-line parsing with the
 //!   house exit codes (64 bad usage, 69 unavailable).
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod client;
 #[cfg(feature = "mqtt")]
 pub mod connection;
 mod error;
+pub mod fsutil;
 #[cfg(feature = "auth")]
 pub mod passwd;
 pub mod process;

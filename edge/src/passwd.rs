@@ -194,34 +194,7 @@ impl PasswordFile {
 
 /// Writes `bytes` to `path` with mode 0600 (through a temporary file renamed over it).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write as _;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir
-        .unwrap_or(Path::new("."))
-        .join(format!(".{name}.tmp{}", std::process::id()));
-    let io = |what: &str, e: std::io::Error| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("{what} {}: {e}", path.display()),
-        ))
-    };
-    {
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-        let mut f = o.open(&tmp).map_err(|e| io("cannot write", e))?;
-        f.write_all(bytes).map_err(|e| io("cannot write", e))?;
-        f.sync_all().map_err(|e| io("cannot sync", e))?;
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io("cannot restrict", e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", e))
+    crate::fsutil::write_atomic(path, bytes, crate::fsutil::PRIVATE).map_err(Error::Io)
 }
 
 #[cfg(test)]

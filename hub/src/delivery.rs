@@ -311,7 +311,6 @@ impl Outbox {
 
     /// Rewrites the journal with only the live state (temporary file, fsync, rename).
     fn compact(&mut self, path: PathBuf) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
         let mut text = String::new();
         let mut lines = 0;
         let mut tracked: Vec<&String> = self.online.keys().collect();
@@ -325,16 +324,8 @@ impl Outbox {
             text.push('\n');
             lines += 1;
         }
-        let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        hearth_edge::fsutil::write_atomic(&path, text.as_bytes(), hearth_edge::fsutil::PRIVATE)
+            .map_err(|e| io_err(&path, e))?;
         let f = OpenOptions::new()
             .append(true)
             .open(&path)
