@@ -26,7 +26,7 @@
 //! against tract, the only differences are in how the requantisation multiplier is rounded
 //! (±1 step on ties), which the tests bound.
 
-use crate::{round_even, DenseError};
+use crate::DenseError;
 use pulp::Simd;
 use std::sync::Mutex;
 
@@ -217,6 +217,11 @@ impl ConvGraph {
     /// Whether a tensor is int8.
     pub fn is_int8(&self, t: TensorId) -> bool {
         self.tensors[t.0].quant.is_some()
+    }
+
+    /// `(scale, zero point)` of an int8 tensor.
+    pub fn quant(&self, t: TensorId) -> Option<(f32, i32)> {
+        self.tensors.get(t.0).and_then(|i| i.quant)
     }
 
     fn info(&self, t: TensorId) -> Result<&Info, DenseError> {

@@ -1,6 +1,7 @@
 //! The conv kernels against plain loops over ONNX-order weights (NHWC, exact channel counts):
 //! float within 1e-4 relative, int8 bit for bit.
 use super::*;
+use crate::round_even;
 
 /// A deterministic pseudo-random stream in [−1, 1).
 struct Rng(u64);
