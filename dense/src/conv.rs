@@ -38,6 +38,49 @@ const NV: usize = 3;
 /// Pixels per register block of the 1×1 kernel.
 const PIX: usize = 4;
 
+/// f32 values whose first element is 64-byte aligned (a cache line, one AVX-512 vector):
+/// with channel strides of [`CH_ALIGN`], every channel vector of a tensor or of the packed
+/// weights then loads from a single cache line.
+#[derive(Debug, Default)]
+struct Aligned {
+    v: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeros(len: usize) -> Aligned {
+        let v = vec![0.0f32; len + CH_ALIGN];
+        let off = (64 - v.as_ptr() as usize % 64) % 64 / std::mem::size_of::<f32>();
+        Aligned { v, off, len }
+    }
+
+    fn from_slice(s: &[f32]) -> Aligned {
+        let mut a = Aligned::zeros(s.len());
+        a.copy_from_slice(s);
+        a
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v[self.off..self.off + self.len]
+    }
+}
+
+impl Clone for Aligned {
+    fn clone(&self) -> Aligned {
+        Aligned::from_slice(self)
+    }
+}
+
 fn stride_of(c: usize) -> usize {
     c.div_ceil(CH_ALIGN) * CH_ALIGN
 }
@@ -509,7 +552,7 @@ enum Act {
     Identity,
     Relu,
     Clip(f32, f32),
-    PRelu(Vec<f32>),
+    PRelu(Aligned),
 }
 
 impl Act {
@@ -523,7 +566,7 @@ impl Act {
                 for (k, d) in v.iter_mut().take(c).enumerate() {
                     *d = if s.len() == 1 { s[0] } else { s[k] };
                 }
-                Act::PRelu(v)
+                Act::PRelu(Aligned::from_slice(&v))
             }
         }
     }
@@ -593,7 +636,7 @@ enum Kind {
 #[derive(Clone, Debug)]
 struct Requant {
     /// `s_x·s_w[c]/s_y` per padded channel.
-    mult: Vec<f32>,
+    mult: Aligned,
     zero: f32,
     /// `Some(s_y)`: dequantise after requantising.
     dequant: Option<f32>,
@@ -605,8 +648,8 @@ struct PackedConv {
     y: usize,
     kind: Kind,
     shape: ConvShape,
-    w: Vec<f32>,
-    bias: Vec<f32>,
+    w: Aligned,
+    bias: Aligned,
     requant: Option<Requant>,
     add: Option<usize>,
     act: Act,
@@ -660,7 +703,7 @@ pub struct ConvNet {
     int8_convs: usize,
     convs: usize,
     /// One buffer per tensor (SSA: each written once per run), reused between runs.
-    bufs: Mutex<Vec<Vec<f32>>>,
+    bufs: Mutex<Vec<Aligned>>,
 }
 
 impl ConvNet {
@@ -687,7 +730,7 @@ impl ConvNet {
                     let (kind, wf, bias, requant) = match weights {
                         ConvWeights::F32 { weight, bias } => {
                             let (k, w) = pack_conv(&shape, &weight, cso, |v| v);
-                            (k, w, pad(&bias, cso), None)
+                            (k, Aligned::from_slice(&w), pad(&bias, cso), None)
                         }
                         ConvWeights::Int8 {
                             weight,
@@ -707,7 +750,7 @@ impl ConvNet {
                                 zero: f32::from(out_zero),
                                 dequant: epi.dequantize.then_some(out_scale),
                             };
-                            (k, w, pad(&b, cso), Some(rq))
+                            (k, Aligned::from_slice(&w), pad(&b, cso), Some(rq))
                         }
                     };
                     Packed::Conv(Box::new(PackedConv {
@@ -763,9 +806,9 @@ impl ConvNet {
                 Op::Widen { x, y } => Packed::Widen { x, y },
             });
         }
-        let mut bufs = vec![Vec::new(); g.bufs];
+        let mut bufs: Vec<Aligned> = (0..g.bufs).map(|_| Aligned::default()).collect();
         for i in t {
-            bufs[i.buf] = vec![0.0; i.h * i.w * i.cs()];
+            bufs[i.buf] = Aligned::zeros(i.h * i.w * i.cs());
         }
         Ok(ConvNet {
             tensors: g.tensors,
@@ -848,8 +891,8 @@ impl ConvNet {
     }
 }
 
-fn pad(v: &[f32], n: usize) -> Vec<f32> {
-    let mut p = vec![0.0; n];
+fn pad(v: &[f32], n: usize) -> Aligned {
+    let mut p = Aligned::zeros(n);
     p[..v.len()].copy_from_slice(v);
     p
 }
@@ -896,11 +939,11 @@ fn pack_conv<T: Copy>(
 struct Step<'a> {
     op: &'a Packed,
     t: &'a [Info],
-    bufs: &'a mut [Vec<f32>],
+    bufs: &'a mut [Aligned],
 }
 
 /// The output buffer (taken out for the op's duration) and the inputs.
-fn split(bufs: &mut [Vec<f32>], y: usize) -> (Vec<f32>, &[Vec<f32>]) {
+fn split(bufs: &mut [Aligned], y: usize) -> (Aligned, &[Aligned]) {
     let out = std::mem::take(&mut bufs[y]);
     (out, bufs)
 }
@@ -922,7 +965,7 @@ impl pulp::WithSimd for Step<'_> {
         };
         let yb = t[y].buf;
         let (mut out, bufs) = split(self.bufs, yb);
-        let buf = |i: usize| bufs[t[i].buf].as_slice();
+        let buf = |i: usize| &bufs[t[i].buf][..];
         match self.op {
             Packed::Conv(c) => conv(simd, c, t, buf(c.x), c.add.map(buf), &mut out),
             Packed::Quantize { x, scale, zero, .. } => {
@@ -1153,12 +1196,12 @@ fn pw_block<S: Simd, const P: usize, const V: usize>(
     let c0 = v0 * l;
     let rows: [&[f32]; P] = core::array::from_fn(|p| &x[(p0 + p) * xs..(p0 + p) * xs + cin]);
     let mut acc = [[simd.splat_f32s(0.0); V]; P];
-    for ci in 0..cin {
-        let wv = S::as_simd_f32s(&k.w[ci * cso + c0..ci * cso + c0 + V * l]).0;
-        for p in 0..P {
-            let xv = simd.splat_f32s(rows[p][ci]);
-            for v in 0..V {
-                acc[p][v] = simd.mul_add_f32s(wv[v], xv, acc[p][v]);
+    for (ci, wrow) in k.w.chunks_exact(cso).take(cin).enumerate() {
+        let wv = S::as_simd_f32s(&wrow[c0..c0 + V * l]).0;
+        let xv: [S::f32s; P] = core::array::from_fn(|p| simd.splat_f32s(rows[p][ci]));
+        for (a, x) in acc.iter_mut().zip(xv) {
+            for (a, w) in a.iter_mut().zip(wv) {
+                *a = simd.mul_add_f32s(*w, x, *a);
             }
         }
     }
