@@ -303,6 +303,10 @@ impl Detector {
     /// engine's raw outputs are compared with tract's on three probe frames and it is used
     /// only within [`PROBE_TOLERANCE`].
     pub fn from_model(model: &OnnxModel, opts: DetectorOptions) -> Result<Detector, Error> {
+        Detector::build(model, opts, PROBE_TOLERANCE)
+    }
+
+    fn build(model: &OnnxModel, opts: DetectorOptions, tolerance: f32) -> Result<Detector, Error> {
         let mut proto = model.proto().clone();
         fix_constant_of_shape(&mut proto);
         let tract_err = |e: TractError| Error::Model(format!("{e:#}"));
@@ -325,7 +329,7 @@ impl Detector {
         if opts.backend == Backend::Tract {
             return Ok(tract);
         }
-        match Detector::dense(model, opts, &tract) {
+        match Detector::dense(model, opts, &tract, tolerance) {
             Ok(d) => Ok(d),
             Err(e) if opts.backend == Backend::Auto => {
                 tracing::warn!("camera detector: dense engine not used, tract runs it: {e}");
@@ -340,6 +344,7 @@ impl Detector {
         model: &OnnxModel,
         opts: DetectorOptions,
         tract: &Detector,
+        tolerance: f32,
     ) -> Result<Detector, Error> {
         let engine = ConvEngine::new(model, &[1, INPUT_SIZE, INPUT_SIZE, 3])
             .map_err(|e| Error::Model(e.to_string()))?;
@@ -358,9 +363,9 @@ impl Detector {
             let (ds, db) = dense.raw(&f)?;
             for (a, b) in ts.iter().chain(&tb).zip(ds.iter().chain(&db)) {
                 let d = (a - b).abs();
-                if !(d <= PROBE_TOLERANCE) {
+                if d.is_nan() || d > tolerance {
                     return Err(Error::Model(format!(
-                        "dense engine differs from tract by {d} on a probe frame (> {PROBE_TOLERANCE})"
+                        "dense engine differs from tract by {d} on a probe frame (> {tolerance})"
                     )));
                 }
                 worst = worst.max(d);
@@ -466,6 +471,53 @@ mod tests {
                 y: 7.5 / 8.0
             }
         );
+    }
+
+    /// The dense engine is used only when it agrees with tract on the probe frames: with a
+    /// zero tolerance (the float engine differs by ~6e-4), `auto` falls back to tract and
+    /// `dense` fails; within the tolerance it is used.
+    #[test]
+    fn dense_engine_is_used_only_when_it_agrees_with_tract() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/models/face_detection_front_128x128_barracuda.onnx");
+        let model = OnnxModel::load(&path).unwrap();
+        let with = |backend| DetectorOptions {
+            backend,
+            ..DetectorOptions::default()
+        };
+        let d = Detector::build(&model, with(Backend::Auto), 0.0).unwrap();
+        assert_eq!(d.backend_name(), "tract");
+        assert!(d.probe_diff().is_none());
+        let e = Detector::build(&model, with(Backend::Dense), 0.0).unwrap_err();
+        assert!(e.to_string().contains("differs from tract"), "{e}");
+        let d = Detector::build(&model, with(Backend::Dense), PROBE_TOLERANCE).unwrap();
+        assert!(
+            d.backend_name().starts_with("dense-"),
+            "{}",
+            d.backend_name()
+        );
+    }
+
+    /// A graph the dense engine cannot lower (a Sigmoid where a Relu was): `auto` runs it in
+    /// tract, `dense` names the node.
+    #[test]
+    fn unsupported_graphs_fall_back_to_tract_or_fail_when_dense_is_required() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/models/face_detection_front_128x128_barracuda.onnx");
+        let mut proto = OnnxModel::load(&path).unwrap().proto().clone();
+        let g = proto.graph.as_mut().unwrap();
+        let relu = g.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
+        relu.op_type = "Sigmoid".into();
+        let bytes = prost::Message::encode_to_vec(&proto);
+        let model = OnnxModel::from_bytes(&bytes).unwrap();
+        let with = |backend| DetectorOptions {
+            backend,
+            ..DetectorOptions::default()
+        };
+        let d = Detector::from_model(&model, with(Backend::Auto)).unwrap();
+        assert_eq!(d.backend_name(), "tract");
+        let e = Detector::from_model(&model, with(Backend::Dense)).unwrap_err();
+        assert!(e.to_string().contains("Sigmoid"), "{e}");
     }
 
     #[test]

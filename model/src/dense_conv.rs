@@ -354,7 +354,7 @@ impl<'m> Lowering<'m> {
         }))
     }
 
-    fn out<'n>(n: &'n pb::NodeProto) -> Result<&'n str, ModelError> {
+    fn out(n: &pb::NodeProto) -> Result<&str, ModelError> {
         n.output
             .first()
             .map(String::as_str)
@@ -566,12 +566,13 @@ impl<'m> Lowering<'m> {
             ("", "Add") => {
                 let (a, b) = (self.nchw(n, input(0)?)?, self.nchw(n, input(1)?)?);
                 let (epi, name) = self.fuse_tail(out, Epilogue::default())?;
-                let _ = epi.add; // Nothing to add after an Add: fuse_tail found no second one.
-                let y = if epi.add.is_some() {
-                    let s = self.cg.add(a, b, Activation::Identity)?;
-                    self.cg.add(s, epi.add.expect("checked"), epi.act)?
-                } else {
-                    self.cg.add(a, b, epi.act)?
+                // A second Add fused by `fuse_tail` (a + b) + c, then the activation.
+                let y = match epi.add {
+                    Some(c) => {
+                        let s = self.cg.add(a, b, Activation::Identity)?;
+                        self.cg.add(s, c, epi.act)?
+                    }
+                    None => self.cg.add(a, b, epi.act)?,
                 };
                 self.set(&name, y);
             }
