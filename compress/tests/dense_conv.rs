@@ -44,7 +44,11 @@ fn compare(model: &OnnxModel, inputs: &[Vec<f32>]) -> (f32, f32, f64) {
         }
         same += usize::from(decide[0] == decide[1]);
     }
-    (worst, same as f32 / inputs.len() as f32, sum / n.max(1) as f64)
+    (
+        worst,
+        same as f32 / inputs.len() as f32,
+        sum / n.max(1) as f64,
+    )
 }
 
 #[test]
