@@ -36,14 +36,16 @@ def timed(sess: ort.InferenceSession, xs: list[np.ndarray], runs: int) -> dict:
     for x in (xs * 10)[:10]:
         sess.run(None, {name: x})
     us = []
+    cpu0 = time.thread_time_ns()
     for i in range(runs):
         x = xs[i % len(xs)]
         t = time.perf_counter_ns()
         sess.run(None, {name: x})
         us.append((time.perf_counter_ns() - t) / 1000)
+    cpu_us = (time.thread_time_ns() - cpu0) / 1000 / runs
     us.sort()
     q = lambda p: us[round((len(us) - 1) * p)]
-    return {"median_us": q(0.5), "p10_us": q(0.1), "p90_us": q(0.9), "mean_us": sum(us) / len(us), "runs": len(us)}
+    return {"median_us": q(0.5), "p10_us": q(0.1), "p90_us": q(0.9), "mean_us": sum(us) / len(us), "runs": len(us), "cpu_us_mean": cpu_us}
 
 
 def main() -> None:
@@ -61,13 +63,21 @@ def main() -> None:
     ort_i8 = timed(session(int8_path), xs, runs) if int8_path.exists() else None
 
     ms = lambda s: f"{s['median_us'] / 1000:.2f} ms (p10 {s['p10_us'] / 1000:.2f}, p90 {s['p90_us'] / 1000:.2f})"
+    cpu = lambda s: f"{s['cpu_us_mean'] / 1000:.2f} ms" if s.get("cpu_us_mean") is not None else "-"
     fps = lambda s: f"{1e6 / s['median_us']:.0f}"
     rows = [
         ("Hearth, tract f32, inference (`raw`)", h["tract_f32"]["raw"]),
         ("Hearth, tract f32, + anchors + weighted NMS (`detect`)", h["tract_f32"]["detect"]),
     ]
+    if h.get("dense_f32"):
+        d = h["dense_f32"]
+        rows.append((f"Hearth, dense conv engine f32 ({d['backend']}), inference", d["raw"]))
+        rows.append((f"Hearth, dense conv engine f32, + anchors + weighted NMS", d["detect"]))
     if h.get("tract_int8"):
         rows.append(("Hearth, tract int8 export (QLinearConv), inference", h["tract_int8"]["raw"]))
+    if h.get("dense_int8"):
+        d = h["dense_int8"]
+        rows.append((f"Hearth, dense conv engine, int8 export ({d['backend']}), inference", d["raw"]))
     rows.append(("ONNX Runtime 1 thread, f32, session.run", ort_f32))
     if ort_i8:
         rows.append(("ONNX Runtime 1 thread, Hearth's int8 file, session.run", ort_i8))
@@ -78,10 +88,17 @@ def main() -> None:
         f"Command: `{a.command}`. {h['frames_timed']} face frames decoded by ffmpeg from a clip composed of `data/faces` crops "
         f"(tract f32 finds a face in {h['frames_with_face_f32']}), {runs} timed calls after 10 warm-up calls, per call, one thread, same CPU (taskset).",
         "",
-        "| engine | latency per frame (median) | frames/s |",
-        "|---|---|---|",
+        "| engine | latency per frame (median wall) | CPU time per frame (mean) | frames/s (wall) |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {ms(s)} | {fps(s)} |" for name, s in rows]
+    lines += [f"| {name} | {ms(s)} | {cpu(s)} | {fps(s)} |" for name, s in rows]
+    agree = [
+        f"{k}: faces found in {h[k]['frames_with_face']}/{h['frames_timed']} frames"
+        + (f", max |raw − tract| on the probe frames {h[k]['probe_diff']:.2g}" if h[k].get("probe_diff") is not None else "")
+        for k in ("tract_f32", "dense_f32", "tract_int8", "dense_int8")
+        if h.get(k)
+    ]
+    lines += ["", "Agreement: " + "; ".join(agree) + f". The camera's default engine (`backend = \"auto\"`, used for gating below): {h.get('gating_backend', 'tract')}."]
     ratio = g["mean_gated_frame_us"] / max(g["mean_detector_frame_us"], 1e-9)
     lines += [
         "",

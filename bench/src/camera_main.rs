@@ -3,9 +3,10 @@
 //! 1. Composes a clip from the repo's face crops with idle stretches (`hearth_camera::scene`)
 //!    and decodes it with ffmpeg through the camera's own filter chain (128×128 RGB).
 //! 2. Detector latency on one core (the script pins it), per call, on the clip's face
-//!    frames: tract f32 (`raw`: preprocessing + inference; `detect`: + anchor decoding and
-//!    weighted NMS) and the int8 export (`hearth_compress::qconv`, calibrated on the same
-//!    frames) if tract runs it.
+//!    frames (`raw`: preprocessing + inference; `detect`: + anchor decoding and weighted
+//!    NMS), for each engine: tract and Hearth's dense conv engine (`hearth_dense::conv`), on
+//!    the float graph and on its int8 export (`hearth_compress::qconv`, calibrated on the
+//!    same frames).
 //! 3. Motion gating on the whole clip at 10 fps (simulated clock): wall time per frame that
 //!    stopped at the motion gate vs per frame that ran the detector.
 //!
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use hearth_camera::detector::{Detector, DetectorOptions, FRAME_BYTES, INPUT_SIZE};
+use hearth_camera::detector::{Backend, Detector, DetectorOptions, FRAME_BYTES, INPUT_SIZE};
 use hearth_camera::scene::{write_clip_frames, Shot};
 use hearth_camera::{CameraConfig, CameraStats, Gate};
 use serde_json::json;
@@ -38,17 +39,36 @@ struct Args {
     runs: usize,
 }
 
-fn stats(mut us: Vec<f64>) -> serde_json::Value {
-    us.sort_by(f64::total_cmp);
-    let q = |p: f64| us[((us.len() - 1) as f64 * p).round() as usize];
-    json!({"median_us": q(0.5), "p10_us": q(0.1), "p90_us": q(0.9), "mean_us": us.iter().sum::<f64>() / us.len() as f64, "runs": us.len()})
+/// CPU time this thread has run, ns (`/proc/thread-self/schedstat`, first field), if the
+/// kernel reports it: the load-independent cost of a call on a shared machine.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
-fn time_calls(frames: &[&[u8]], runs: usize, mut f: impl FnMut(&[u8])) -> Vec<f64> {
+/// Per-call wall times (µs) and the mean CPU time per call (µs).
+struct Timed {
+    wall_us: Vec<f64>,
+    cpu_us: Option<f64>,
+}
+
+fn stats(t: Timed) -> serde_json::Value {
+    let mut us = t.wall_us;
+    us.sort_by(f64::total_cmp);
+    let q = |p: f64| us[((us.len() - 1) as f64 * p).round() as usize];
+    json!({"median_us": q(0.5), "p10_us": q(0.1), "p90_us": q(0.9), "mean_us": us.iter().sum::<f64>() / us.len() as f64, "runs": us.len(), "cpu_us_mean": t.cpu_us})
+}
+
+fn time_calls(frames: &[&[u8]], runs: usize, mut f: impl FnMut(&[u8])) -> Timed {
     for fr in frames.iter().cycle().take(10) {
         f(fr);
     }
-    frames
+    let cpu0 = thread_cpu_ns();
+    let wall_us: Vec<f64> = frames
         .iter()
         .cycle()
         .take(runs)
@@ -57,7 +77,12 @@ fn time_calls(frames: &[&[u8]], runs: usize, mut f: impl FnMut(&[u8])) -> Vec<f6
             f(fr);
             t.elapsed().as_secs_f64() * 1e6
         })
-        .collect()
+        .collect();
+    let cpu_us = match (cpu0, thread_cpu_ns()) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / 1e3 / runs as f64),
+        _ => None,
+    };
+    Timed { wall_us, cpu_us }
 }
 
 fn main() -> Result<()> {
@@ -127,43 +152,57 @@ fn main() -> Result<()> {
         .collect();
     std::fs::write(args.work.join("frames.rgb"), face_frames.concat())?;
 
-    // 2. Detector latency.
-    let det = Detector::load(&model_path, DetectorOptions::default())?;
-    let raw_f32 = time_calls(&face_frames, args.runs, |f| {
-        det.raw(f).expect("inference");
-    });
-    let detect_f32 = time_calls(&face_frames, args.runs, |f| {
-        det.detect(f).expect("detection");
-    });
-    let found = face_frames
-        .iter()
-        .filter(|f| !det.detect(f).unwrap_or_default().is_empty())
-        .count();
+    // 2. Detector latency, per engine: tract and Hearth's dense conv engine, on the float
+    //    graph and on its int8 export (calibrated on every 5th timed frame).
+    let with = |backend: Backend| DetectorOptions {
+        backend,
+        ..DetectorOptions::default()
+    };
+    let found_by = |d: &Detector| {
+        face_frames
+            .iter()
+            .filter(|f| !d.detect(f).unwrap_or_default().is_empty())
+            .count()
+    };
+    let engine_row = |d: &Detector, detect: bool| {
+        let raw = time_calls(&face_frames, args.runs, |f| {
+            d.raw(f).expect("inference");
+        });
+        let mut row = json!({
+            "raw": stats(raw),
+            "backend": d.backend_name(),
+            "probe_diff": d.probe_diff(),
+            "frames_with_face": found_by(d),
+        });
+        if detect {
+            row["detect"] = stats(time_calls(&face_frames, args.runs, |f| {
+                d.detect(f).expect("detection");
+            }));
+        }
+        row
+    };
+    let det = Detector::load(&model_path, with(Backend::Tract))?;
+    let found = found_by(&det);
+    let tract_f32 = engine_row(&det, true);
+    let dense = Detector::load(&model_path, with(Backend::Dense))?;
+    let dense_f32 = engine_row(&dense, true);
 
-    let mut int8 = json!(null);
+    let (mut int8, mut dense_int8) = (json!(null), json!(null));
     let calib: Vec<Vec<f32>> = face_frames
         .iter()
         .step_by(5)
         .map(|f| f.iter().map(|&b| b as f32 / 127.5 - 1.0).collect())
         .collect();
     let fixed = hearth_compress::measure::load_for_tract(&model_path)?;
-    match hearth_compress::qconv::export_int8_conv(&fixed, &calib)
-        .map_err(anyhow::Error::from)
-        .and_then(|m| {
-            m.save(&args.work.join("blazeface_int8.onnx"))?;
-            Ok(Detector::from_model(&m, DetectorOptions::default())?)
-        }) {
-        Ok(q) => {
-            let raw_i8 = time_calls(&face_frames, args.runs, |f| {
-                q.raw(f).expect("int8 inference");
-            });
-            let found_i8 = face_frames
-                .iter()
-                .filter(|f| !q.detect(f).unwrap_or_default().is_empty())
-                .count();
-            int8 = json!({"raw": stats(raw_i8), "frames_with_face": found_i8});
-        }
+    let q = hearth_compress::qconv::export_int8_conv(&fixed, &calib)?;
+    q.save(&args.work.join("blazeface_int8.onnx"))?;
+    match Detector::from_model(&q, with(Backend::Tract)) {
+        Ok(d) => int8 = engine_row(&d, false),
         Err(e) => eprintln!("int8 export does not run in tract: {e:#}"),
+    }
+    match Detector::from_model(&q, with(Backend::Dense)) {
+        Ok(d) => dense_int8 = engine_row(&d, true),
+        Err(e) => eprintln!("int8 export does not run in the dense engine: {e:#}"),
     }
 
     // 3. Motion gating over the clip at 10 fps (simulated clock, real detector).
@@ -171,6 +210,8 @@ fn main() -> Result<()> {
         max_detect_fps: 10.0,
         ..CameraConfig::default()
     };
+    // The camera's default engine (`backend = "auto"`).
+    let det = Detector::load(&model_path, DetectorOptions::default())?;
     let mut gate = Gate::new(&cfg, "bench-cam", "blazeface@1");
     let st = CameraStats::default();
     let t0 = Instant::now();
@@ -201,8 +242,11 @@ fn main() -> Result<()> {
     let doc = json!({
         "frames_timed": face_frames.len(),
         "frames_with_face_f32": found,
-        "tract_f32": {"raw": stats(raw_f32), "detect": stats(detect_f32)},
+        "tract_f32": tract_f32,
+        "dense_f32": dense_f32,
         "tract_int8": int8,
+        "dense_int8": dense_int8,
+        "gating_backend": det.backend_name(),
         "gating": gating,
     });
     std::fs::write(

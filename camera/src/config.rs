@@ -75,8 +75,11 @@ pub struct CameraConfig {
     pub fps: f64,
     /// The `ffmpeg` binary.
     pub ffmpeg: PathBuf,
-    /// BlazeFace ONNX file (front 128×128).
+    /// BlazeFace ONNX file (front 128×128), float or its int8 export.
     pub model: PathBuf,
+    /// Engine running it: `auto` (Hearth's dense conv engine when it runs the graph and
+    /// agrees with tract on probe frames, else tract), `dense` or `tract`.
+    pub backend: crate::detector::Backend,
     /// Label of the detected objects in events.
     pub label: String,
     /// Event name: events go to `hearth/<device>/event/<event>`.
@@ -123,6 +126,7 @@ impl Default for CameraConfig {
             fps: 5.0,
             ffmpeg: PathBuf::from("ffmpeg"),
             model: PathBuf::from("data/models/face_detection_front_128x128_barracuda.onnx"),
+            backend: crate::detector::Backend::Auto,
             label: "face".into(),
             event: "detection".into(),
             min_score: 0.5,

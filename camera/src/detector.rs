@@ -1,5 +1,7 @@
-//! BlazeFace (MediaPipe short-range face detector, front 128×128) in tract: the vendored
-//! ONNX graph, MediaPipe's SSD anchors, box decoding and weighted non-maximum suppression.
+//! BlazeFace (MediaPipe short-range face detector, front 128×128): the vendored ONNX graph
+//! (or its int8 export) run by Hearth's dense conv engine (`hearth_dense::conv`, checked
+//! against tract at load) or by tract, MediaPipe's SSD anchors, box decoding and weighted
+//! non-maximum suppression.
 //!
 //! - Input: one RGB frame, 128×128, interleaved bytes (what the ffmpeg source delivers),
 //!   scaled to `x / 127.5 − 1` as the NHWC `[1,128,128,3]` f32 tensor the graph takes.
@@ -18,7 +20,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use hearth_model::dense_conv::ConvEngine;
 use hearth_model::OnnxModel;
+use serde::{Deserialize, Serialize};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
@@ -51,6 +55,8 @@ pub struct DetectorOptions {
     pub min_score: f32,
     /// Candidates whose IoU with a group's best exceeds this join the group.
     pub nms_iou: f32,
+    /// The engine that runs the graph.
+    pub backend: Backend,
 }
 
 impl Default for DetectorOptions {
@@ -58,6 +64,7 @@ impl Default for DetectorOptions {
         DetectorOptions {
             min_score: 0.5,
             nms_iou: 0.3,
+            backend: Backend::Auto,
         }
     }
 }
@@ -204,21 +211,84 @@ fn fix_constant_of_shape(proto: &mut pb::ModelProto) {
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// The BlazeFace detector: an optimised tract plan, the anchors and a reusable input buffer.
+/// Which engine runs the detector's graph (`[camera] backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Hearth's dense conv engine when it lowers the graph and agrees with tract on the probe
+    /// frames (see [`Detector::from_model`]); tract otherwise (logged).
+    #[default]
+    Auto,
+    /// Hearth's dense conv engine (`hearth_dense::conv`), or an error.
+    Dense,
+    /// tract's optimised plan.
+    Tract,
+}
+
+enum Engine {
+    Tract(Plan),
+    Dense(ConvEngine),
+}
+
+/// Largest difference allowed between the dense engine and tract on the probe frames, in
+/// the raw outputs (score logits and box values in pixels): float sums in another order
+/// differ by ~1e-5; an int8 graph can differ by one requantisation step (a tie rounded the
+/// other way) that the following layers carry, measured ≤ 0.05 on BlazeFace's int8 export.
+const PROBE_TOLERANCE: f32 = 0.25;
+
+/// The BlazeFace detector: an engine, the anchors and the output order.
 pub struct Detector {
-    plan: Plan,
+    engine: Engine,
     anchors: Vec<Anchor>,
     opts: DetectorOptions,
     /// Output indices of (scores 512, scores 384, boxes 512, boxes 384).
     outputs: [usize; 4],
+    /// Largest raw-output difference from tract on the probe frames (dense engine only).
+    probe_diff: Option<f32>,
 }
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Detector")
             .field("opts", &self.opts)
+            .field("backend", &self.backend_name())
             .finish_non_exhaustive()
     }
+}
+
+/// Output slots by shape: [1,512,1], [1,384,1], [1,512,16], [1,384,16].
+fn output_slots<'a>(shapes: impl Iterator<Item = &'a [usize]>) -> Result<[usize; 4], Error> {
+    let mut outputs = [usize::MAX; 4];
+    for (i, s) in shapes.enumerate() {
+        let slot = match s {
+            [1, 512, 1] => 0,
+            [1, 384, 1] => 1,
+            [1, 512, 16] => 2,
+            [1, 384, 16] => 3,
+            _ => continue,
+        };
+        outputs[slot] = i;
+    }
+    if outputs.contains(&usize::MAX) {
+        return Err(Error::Model(
+            "not a BlazeFace front graph: expected outputs [1,512,1], [1,384,1], [1,512,16], [1,384,16]".into(),
+        ));
+    }
+    Ok(outputs)
+}
+
+/// Probe frames for the engine check: grey, and two deterministic patterns.
+fn probe_frames() -> Vec<Vec<u8>> {
+    let pattern = |k: usize| -> Vec<u8> {
+        (0..FRAME_BYTES)
+            .map(|i| {
+                let (p, c) = (i / 3, i % 3);
+                let (x, y) = (p % INPUT_SIZE, p / INPUT_SIZE);
+                ((x * (3 + k) + y * (5 + 2 * k) + c * 70 + (x * y) % (11 + k)) % 256) as u8
+            })
+            .collect()
+    };
+    vec![vec![128; FRAME_BYTES], pattern(0), pattern(1)]
 }
 
 impl Detector {
@@ -228,9 +298,15 @@ impl Detector {
         Detector::from_model(&model, opts)
     }
 
-    /// Builds the plan from a parsed ONNX model (an f32 graph, or an int8 export of it with
-    /// the same inputs and outputs).
+    /// Builds the engine from a parsed ONNX model (an f32 graph, or an int8 export of it with
+    /// the same inputs and outputs). With [`Backend::Auto`] or [`Backend::Dense`], the dense
+    /// engine's raw outputs are compared with tract's on three probe frames and it is used
+    /// only within [`PROBE_TOLERANCE`].
     pub fn from_model(model: &OnnxModel, opts: DetectorOptions) -> Result<Detector, Error> {
+        Detector::build(model, opts, PROBE_TOLERANCE)
+    }
+
+    fn build(model: &OnnxModel, opts: DetectorOptions, tolerance: f32) -> Result<Detector, Error> {
         let mut proto = model.proto().clone();
         fix_constant_of_shape(&mut proto);
         let tract_err = |e: TractError| Error::Model(format!("{e:#}"));
@@ -240,36 +316,83 @@ impl Detector {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(tract_err)?;
-        // Identify the outputs by shape: [1,512,1], [1,384,1], [1,512,16], [1,384,16].
         let zeros = Tensor::zero::<f32>(&[1, INPUT_SIZE, INPUT_SIZE, 3]).map_err(tract_err)?;
         let out = plan.run(tvec!(zeros.into())).map_err(tract_err)?;
-        let mut outputs = [usize::MAX; 4];
-        for (i, t) in out.iter().enumerate() {
-            let slot = match t.shape() {
-                [1, 512, 1] => 0,
-                [1, 384, 1] => 1,
-                [1, 512, 16] => 2,
-                [1, 384, 16] => 3,
-                _ => continue,
-            };
-            outputs[slot] = i;
-        }
-        if outputs.contains(&usize::MAX) {
-            return Err(Error::Model(
-                "not a BlazeFace front graph: expected outputs [1,512,1], [1,384,1], [1,512,16], [1,384,16]".into(),
-            ));
-        }
-        Ok(Detector {
-            plan,
+        let outputs = output_slots(out.iter().map(|t| t.shape()))?;
+        let tract = Detector {
+            engine: Engine::Tract(plan),
             anchors: anchors(),
             opts,
             outputs,
+            probe_diff: None,
+        };
+        if opts.backend == Backend::Tract {
+            return Ok(tract);
+        }
+        match Detector::dense(model, opts, &tract, tolerance) {
+            Ok(d) => Ok(d),
+            Err(e) if opts.backend == Backend::Auto => {
+                tracing::warn!("camera detector: dense engine not used, tract runs it: {e}");
+                Ok(tract)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The dense engine for `model`, checked against `tract` on the probe frames.
+    fn dense(
+        model: &OnnxModel,
+        opts: DetectorOptions,
+        tract: &Detector,
+        tolerance: f32,
+    ) -> Result<Detector, Error> {
+        let engine = ConvEngine::new(model, &[1, INPUT_SIZE, INPUT_SIZE, 3])
+            .map_err(|e| Error::Model(e.to_string()))?;
+        let shapes: Vec<Vec<usize>> = engine.outputs().into_iter().map(|o| o.shape).collect();
+        let outputs = output_slots(shapes.iter().map(Vec::as_slice))?;
+        let dense = Detector {
+            engine: Engine::Dense(engine),
+            anchors: anchors(),
+            opts,
+            outputs,
+            probe_diff: None,
+        };
+        let mut worst = 0f32;
+        for f in probe_frames() {
+            let (ts, tb) = tract.raw(&f)?;
+            let (ds, db) = dense.raw(&f)?;
+            for (a, b) in ts.iter().chain(&tb).zip(ds.iter().chain(&db)) {
+                let d = (a - b).abs();
+                if d.is_nan() || d > tolerance {
+                    return Err(Error::Model(format!(
+                        "dense engine differs from tract by {d} on a probe frame (> {tolerance})"
+                    )));
+                }
+                worst = worst.max(d);
+            }
+        }
+        Ok(Detector {
+            probe_diff: Some(worst),
+            ..dense
         })
     }
 
     /// Thresholds in use.
     pub fn options(&self) -> DetectorOptions {
         self.opts
+    }
+
+    /// The engine running the graph: `tract`, or `dense-<isa>` (e.g. `dense-f32-avx2`).
+    pub fn backend_name(&self) -> String {
+        match &self.engine {
+            Engine::Tract(_) => "tract".into(),
+            Engine::Dense(e) => format!("dense-{}", e.kernel()),
+        }
+    }
+
+    /// The dense engine's largest raw-output difference from tract on the probe frames.
+    pub fn probe_diff(&self) -> Option<f32> {
+        self.probe_diff
     }
 
     /// Runs the model on one 128×128 RGB frame (`FRAME_BYTES` bytes) and returns the raw
@@ -281,19 +404,30 @@ impl Detector {
                 rgb.len()
             )));
         }
-        let tract_err = |e: TractError| Error::Model(format!("{e:#}"));
         let data: Vec<f32> = rgb.iter().map(|&b| b as f32 / 127.5 - 1.0).collect();
-        let input =
-            Tensor::from_shape(&[1, INPUT_SIZE, INPUT_SIZE, 3], &data).map_err(tract_err)?;
-        let out = self.plan.run(tvec!(input.into())).map_err(tract_err)?;
-        let view = |i: usize| -> Result<Vec<f32>, Error> {
-            let view = out[self.outputs[i]].try_as_plain_ram().map_err(tract_err)?;
-            Ok(view.as_slice::<f32>().map_err(tract_err)?.to_vec())
+        let outs: Vec<Vec<f32>> = match &self.engine {
+            Engine::Dense(e) => e.run(&data).map_err(|e| Error::Model(e.to_string()))?,
+            Engine::Tract(plan) => {
+                let tract_err = |e: TractError| Error::Model(format!("{e:#}"));
+                let input = Tensor::from_shape(&[1, INPUT_SIZE, INPUT_SIZE, 3], &data)
+                    .map_err(tract_err)?;
+                let out = plan.run(tvec!(input.into())).map_err(tract_err)?;
+                let mut v = Vec::with_capacity(out.len());
+                for t in out.iter() {
+                    let view = t.try_as_plain_ram().map_err(tract_err)?;
+                    v.push(view.as_slice::<f32>().map_err(tract_err)?.to_vec());
+                }
+                v
+            }
         };
-        let mut scores = view(0)?;
-        scores.extend(view(1)?);
-        let mut boxes = view(2)?;
-        boxes.extend(view(3)?);
+        let take = |i: usize| -> Result<&Vec<f32>, Error> {
+            outs.get(self.outputs[i])
+                .ok_or_else(|| Error::Model("missing output".into()))
+        };
+        let mut scores = take(0)?.clone();
+        scores.extend(take(1)?);
+        let mut boxes = take(2)?.clone();
+        boxes.extend(take(3)?);
         Ok((scores, boxes))
     }
 
@@ -337,6 +471,53 @@ mod tests {
                 y: 7.5 / 8.0
             }
         );
+    }
+
+    /// The dense engine is used only when it agrees with tract on the probe frames: with a
+    /// zero tolerance (the float engine differs by ~6e-4), `auto` falls back to tract and
+    /// `dense` fails; within the tolerance it is used.
+    #[test]
+    fn dense_engine_is_used_only_when_it_agrees_with_tract() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/models/face_detection_front_128x128_barracuda.onnx");
+        let model = OnnxModel::load(&path).unwrap();
+        let with = |backend| DetectorOptions {
+            backend,
+            ..DetectorOptions::default()
+        };
+        let d = Detector::build(&model, with(Backend::Auto), 0.0).unwrap();
+        assert_eq!(d.backend_name(), "tract");
+        assert!(d.probe_diff().is_none());
+        let e = Detector::build(&model, with(Backend::Dense), 0.0).unwrap_err();
+        assert!(e.to_string().contains("differs from tract"), "{e}");
+        let d = Detector::build(&model, with(Backend::Dense), PROBE_TOLERANCE).unwrap();
+        assert!(
+            d.backend_name().starts_with("dense-"),
+            "{}",
+            d.backend_name()
+        );
+    }
+
+    /// A graph the dense engine cannot lower (a Sigmoid where a Relu was): `auto` runs it in
+    /// tract, `dense` names the node.
+    #[test]
+    fn unsupported_graphs_fall_back_to_tract_or_fail_when_dense_is_required() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/models/face_detection_front_128x128_barracuda.onnx");
+        let mut proto = OnnxModel::load(&path).unwrap().proto().clone();
+        let g = proto.graph.as_mut().unwrap();
+        let relu = g.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
+        relu.op_type = "Sigmoid".into();
+        let bytes = prost::Message::encode_to_vec(&proto);
+        let model = OnnxModel::from_bytes(&bytes).unwrap();
+        let with = |backend| DetectorOptions {
+            backend,
+            ..DetectorOptions::default()
+        };
+        let d = Detector::from_model(&model, with(Backend::Auto)).unwrap();
+        assert_eq!(d.backend_name(), "tract");
+        let e = Detector::from_model(&model, with(Backend::Dense)).unwrap_err();
+        assert!(e.to_string().contains("Sigmoid"), "{e}");
     }
 
     #[test]

@@ -5,19 +5,43 @@
 
 use std::path::PathBuf;
 
-use hearth_camera::detector::{iou, Detector, DetectorOptions, FRAME_BYTES};
+use hearth_camera::detector::{iou, Backend, Detector, DetectorOptions, FRAME_BYTES};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The default backend (`auto`) runs BlazeFace in the dense engine; both it and tract match
+/// the reference.
 #[test]
 fn detections_match_onnx_runtime_reference() {
-    let det = Detector::load(
-        &root().join("data/models/face_detection_front_128x128_barracuda.onnx"),
-        DetectorOptions::default(),
+    let path = root().join("data/models/face_detection_front_128x128_barracuda.onnx");
+    let auto = Detector::load(&path, DetectorOptions::default()).unwrap();
+    assert!(
+        auto.backend_name().starts_with("dense-"),
+        "{}",
+        auto.backend_name()
+    );
+    let diff = auto.probe_diff().unwrap();
+    eprintln!("dense vs tract on the probe frames: max |diff| {diff}");
+    assert!(
+        diff < 1e-3,
+        "float dense engine differs from tract by {diff}"
+    );
+    check_against_reference(&auto);
+    let tract = Detector::load(
+        &path,
+        DetectorOptions {
+            backend: Backend::Tract,
+            ..DetectorOptions::default()
+        },
     )
     .unwrap();
+    assert_eq!(tract.backend_name(), "tract");
+    check_against_reference(&tract);
+}
+
+fn check_against_reference(det: &Detector) {
     let fixtures = root().join("camera/tests/fixtures");
     let frames = std::fs::read(fixtures.join("frames.rgb")).unwrap();
     let doc: serde_json::Value =

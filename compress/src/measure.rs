@@ -54,6 +54,10 @@ pub struct Measurement {
     pub agreement: Option<Agreement>,
     /// Median tract latency per sample (batch 1), microseconds.
     pub latency_us_median: f64,
+    /// Median batch-1 latency of Hearth's dense conv engine (`hearth_model::dense_conv`) on
+    /// the same input, microseconds; `None` when it does not run the graph (or no latency
+    /// was measured).
+    pub dense_latency_us_median: Option<f64>,
 }
 
 /// Transform applied to outputs before they are compared.
@@ -575,6 +579,8 @@ pub fn measure_with(
         None => None,
     };
     let latency_us_median = latency_us(&runner, &inputs[0], opts.latency_runs)?;
+    let dense_latency_us_median =
+        dense_conv_latency_us(model, runner.input_shape(), &inputs[0], opts.latency_runs);
     Ok(Measurement {
         bytes,
         params,
@@ -582,7 +588,32 @@ pub fn measure_with(
         accuracy,
         agreement,
         latency_us_median,
+        dense_latency_us_median,
     })
+}
+
+/// Median batch-1 latency of the dense conv engine on `input` (as [`latency_us`]), or `None`
+/// when the graph does not lower to it (any op it lacks) or `runs` is 0.
+pub fn dense_conv_latency_us(
+    model: &OnnxModel,
+    shape: &[usize],
+    input: &[f32],
+    runs: usize,
+) -> Option<f64> {
+    if runs == 0 {
+        return None;
+    }
+    let engine = hearth_model::dense_conv::ConvEngine::new(model, shape).ok()?;
+    engine.run(input).ok()?;
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            engine.run(input).map(|_| t.elapsed().as_secs_f64() * 1e6)
+        })
+        .collect::<Result<_, _>>()
+        .ok()?;
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use crate::pipeline::Row;
 
 /// Column headers, in order.
-pub const HEADERS: [&str; 11] = [
+pub const HEADERS: [&str; 12] = [
     "step",
     "bytes",
     "ratio",
@@ -15,6 +15,7 @@ pub const HEADERS: [&str; 11] = [
     "mean_diff",
     "decision_agree",
     "latency_us",
+    "dense_us",
     "note",
 ];
 
@@ -45,6 +46,8 @@ pub fn render(rows: &[Row]) -> String {
                 mean,
                 top,
                 format!("{:.1}", m.latency_us_median),
+                m.dense_latency_us_median
+                    .map_or("-".into(), |v| format!("{v:.1}")),
                 r.note.clone(),
             ]
         })

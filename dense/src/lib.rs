@@ -35,6 +35,7 @@
 #[cfg(target_arch = "aarch64")]
 #[allow(unsafe_code)]
 mod arm;
+pub mod conv;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

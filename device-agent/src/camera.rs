@@ -62,6 +62,7 @@ pub(crate) async fn camera_loop(
     let opts = DetectorOptions {
         min_score: cam.min_score,
         nms_iou: cam.nms_iou,
+        backend: cam.backend,
     };
     let detector = match tokio::task::spawn_blocking(move || Detector::load(&path, opts)).await {
         Ok(Ok(d)) => Arc::new(d),
