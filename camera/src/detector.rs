@@ -1,5 +1,7 @@
 //! BlazeFace (MediaPipe short-range face detector, front 128×128) in tract: the vendored
-//! ONNX graph, MediaPipe's SSD anchors, box decoding and weighted non-maximum suppression.
+//! ONNX graph (or MediaPipe's own `face_detection_short_range.tflite`, translated to ONNX with
+//! the `tflite` feature: same anchors, outputs joined as [1,896,1] + [1,896,16]),
+//! MediaPipe's SSD anchors, box decoding and weighted non-maximum suppression.
 //!
 //! - Input: one RGB frame, 128×128, interleaved bytes (what the ffmpeg source delivers),
 //!   scaled to `x / 127.5 − 1` as the NHWC `[1,128,128,3]` f32 tensor the graph takes.
@@ -204,13 +206,24 @@ fn fix_constant_of_shape(proto: &mut pb::ModelProto) {
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Index of the joined scores (`which` = 0, [1,896,1]) or boxes (1, [1,896,16]) output.
+fn out_ix(which: usize, out: &[TValue]) -> usize {
+    let want = if which == 0 { 1 } else { NUM_COORDS };
+    out.iter()
+        .position(|t| t.shape() == [1, NUM_ANCHORS, want])
+        .unwrap_or(usize::MAX)
+}
+
 /// The BlazeFace detector: an optimised tract plan, the anchors and a reusable input buffer.
 pub struct Detector {
     plan: Plan,
     anchors: Vec<Anchor>,
     opts: DetectorOptions,
-    /// Output indices of (scores 512, scores 384, boxes 512, boxes 384).
+    /// Output indices of (scores 512, scores 384, boxes 512, boxes 384), or, for the
+    /// short-range TFLite graph, (scores 896, boxes 896, unused, unused).
     outputs: [usize; 4],
+    /// Scores and boxes come as one [1,896,1] and one [1,896,16] output.
+    joined: bool,
 }
 
 impl std::fmt::Debug for Detector {
@@ -222,9 +235,15 @@ impl std::fmt::Debug for Detector {
 }
 
 impl Detector {
-    /// Loads the BlazeFace ONNX file (e.g. `data/models/face_detection_front_128x128_barracuda.onnx`).
+    /// Loads the BlazeFace ONNX file (e.g. `data/models/face_detection_front_128x128_barracuda.onnx`)
+    /// or, with the `tflite` feature, MediaPipe's TFLite original
+    /// (`data/models/face_detection_short_range.tflite`, translated by `hearth_model::tflite`).
     pub fn load(path: &Path, opts: DetectorOptions) -> Result<Detector, Error> {
-        let model = OnnxModel::load(path).map_err(|e| Error::Model(e.to_string()))?;
+        #[cfg(feature = "tflite")]
+        let model = hearth_model::tflite::load_any(path);
+        #[cfg(not(feature = "tflite"))]
+        let model = OnnxModel::load(path);
+        let model = model.map_err(|e| Error::Model(e.to_string()))?;
         Detector::from_model(&model, opts)
     }
 
@@ -240,23 +259,31 @@ impl Detector {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(tract_err)?;
-        // Identify the outputs by shape: [1,512,1], [1,384,1], [1,512,16], [1,384,16].
+        // Identify the outputs by shape: [1,512,1], [1,384,1], [1,512,16], [1,384,16]
+        // (front graph), or [1,896,1], [1,896,16] (short-range TFLite graph).
         let zeros = Tensor::zero::<f32>(&[1, INPUT_SIZE, INPUT_SIZE, 3]).map_err(tract_err)?;
         let out = plan.run(tvec!(zeros.into())).map_err(tract_err)?;
         let mut outputs = [usize::MAX; 4];
+        let mut joined = [usize::MAX; 2];
         for (i, t) in out.iter().enumerate() {
-            let slot = match t.shape() {
-                [1, 512, 1] => 0,
-                [1, 384, 1] => 1,
-                [1, 512, 16] => 2,
-                [1, 384, 16] => 3,
-                _ => continue,
-            };
-            outputs[slot] = i;
+            match t.shape() {
+                [1, 512, 1] => outputs[0] = i,
+                [1, 384, 1] => outputs[1] = i,
+                [1, 512, 16] => outputs[2] = i,
+                [1, 384, 16] => outputs[3] = i,
+                [1, NUM_ANCHORS, 1] => joined[0] = i,
+                [1, NUM_ANCHORS, NUM_COORDS] => joined[1] = i,
+                _ => {}
+            }
         }
-        if outputs.contains(&usize::MAX) {
+        let joined = !joined.contains(&usize::MAX);
+        if joined {
+            outputs = [out_ix(0, &out), out_ix(1, &out), usize::MAX, usize::MAX];
+        } else if outputs.contains(&usize::MAX) {
             return Err(Error::Model(
-                "not a BlazeFace front graph: expected outputs [1,512,1], [1,384,1], [1,512,16], [1,384,16]".into(),
+                "not a BlazeFace graph: expected outputs [1,512,1], [1,384,1], [1,512,16], [1,384,16] \
+                 or [1,896,1], [1,896,16]"
+                    .into(),
             ));
         }
         Ok(Detector {
@@ -264,6 +291,7 @@ impl Detector {
             anchors: anchors(),
             opts,
             outputs,
+            joined,
         })
     }
 
@@ -290,6 +318,9 @@ impl Detector {
             let view = out[self.outputs[i]].try_as_plain_ram().map_err(tract_err)?;
             Ok(view.as_slice::<f32>().map_err(tract_err)?.to_vec())
         };
+        if self.joined {
+            return Ok((view(0)?, view(1)?));
+        }
         let mut scores = view(0)?;
         scores.extend(view(1)?);
         let mut boxes = view(2)?;

@@ -554,6 +554,16 @@ impl<'a> Tx<'a> {
         out
     }
 
+    /// Where an op's last node writes: the output itself, or a fresh name when a fused
+    /// activation follows (then [`Tx::activation`] writes the output).
+    fn target(&mut self, out: &str, act: fb::ActivationFunctionType) -> String {
+        if act == fb::ActivationFunctionType::NONE {
+            out.to_string()
+        } else {
+            self.fresh(&format!("{out}.pre"))
+        }
+    }
+
     /// Applies a fused activation from `pre` into the op's output tensor name `out`.
     fn activation(
         &mut self,
@@ -563,6 +573,7 @@ impl<'a> Tx<'a> {
     ) -> Result<(), TfliteError> {
         use fb::ActivationFunctionType as A;
         match act {
+            A::NONE if pre == out => {}
             A::NONE => self.node("Identity", vec![pre.into()], out, vec![]),
             A::RELU => self.node("Relu", vec![pre.into()], out, vec![]),
             A::RELU6 | A::RELU_N1_TO_1 => {
@@ -717,7 +728,13 @@ impl<'a> Tx<'a> {
                         attr_i("group", group as i64),
                     ],
                 );
-                let back = self.transpose(&conv, &[0, 2, 3, 1], &format!("{out}.pre"));
+                let back = self.target(&out, act);
+                self.node(
+                    "Transpose",
+                    vec![conv],
+                    &back,
+                    vec![attr_is("perm", &[0, 2, 3, 1])],
+                );
                 self.activation(&back, &out, act)?;
             }
             "MAX_POOL_2D" | "AVERAGE_POOL_2D" => {
@@ -753,8 +770,15 @@ impl<'a> Tx<'a> {
                     "AveragePool"
                 };
                 self.node(ty, vec![t], &pool, attrs);
-                let back = self.transpose(&pool, &[0, 2, 3, 1], &format!("{out}.pre"));
-                self.activation(&back, &out, o.fused_activation_function())?;
+                let act = o.fused_activation_function();
+                let back = self.target(&out, act);
+                self.node(
+                    "Transpose",
+                    vec![pool],
+                    &back,
+                    vec![attr_is("perm", &[0, 2, 3, 1])],
+                );
+                self.activation(&back, &out, act)?;
             }
             "ADD" | "SUB" | "MUL" | "DIV" | "MAXIMUM" | "MINIMUM" => {
                 need(2)?;
@@ -784,13 +808,9 @@ impl<'a> Tx<'a> {
                 };
                 let a = self.value(ins[0])?;
                 let b = self.value(ins[1])?;
-                if act == fb::ActivationFunctionType::NONE {
-                    self.node(ty, vec![a, b], &out, vec![]);
-                } else {
-                    let pre = self.fresh(&format!("{out}.pre"));
-                    self.node(ty, vec![a, b], &pre, vec![]);
-                    self.activation(&pre, &out, act)?;
-                }
+                let pre = self.target(&out, act);
+                self.node(ty, vec![a, b], &pre, vec![]);
+                self.activation(&pre, &out, act)?;
             }
             "RELU" | "RELU6" | "LOGISTIC" | "TANH" | "HARD_SWISH" => {
                 need(1)?;
@@ -861,15 +881,9 @@ impl<'a> Tx<'a> {
                     .map(|&t| self.value(t))
                     .collect::<Result<_, _>>()?;
                 let act = o.fused_activation_function();
-                let target = if act == fb::ActivationFunctionType::NONE {
-                    out.clone()
-                } else {
-                    self.fresh(&format!("{out}.pre"))
-                };
-                self.node("Concat", xs, &target, vec![attr_i("axis", o.axis() as i64)]);
-                if act != fb::ActivationFunctionType::NONE {
-                    self.activation(&target, &out, act)?;
-                }
+                let pre = self.target(&out, act);
+                self.node("Concat", xs, &pre, vec![attr_i("axis", o.axis() as i64)]);
+                self.activation(&pre, &out, act)?;
             }
             "STRIDED_SLICE" => {
                 need(4)?;
@@ -981,9 +995,10 @@ impl<'a> Tx<'a> {
                 self.node("Gemm", inputs, &gemm, vec![attr_i("transB", 1)]);
                 let shape = self.shape(out_t)?;
                 let sn = self.init_i64(&format!("{out}.shape"), &shape);
-                let pre = self.fresh(&format!("{out}.pre"));
+                let act = o.fused_activation_function();
+                let pre = self.target(&out, act);
                 self.node("Reshape", vec![gemm, sn], &pre, vec![]);
-                self.activation(&pre, &out, o.fused_activation_function())?;
+                self.activation(&pre, &out, act)?;
             }
             "SOFTMAX" => {
                 need(1)?;
