@@ -8,7 +8,8 @@
 - `hand_recrop.tflite`: MediaPipe holistic's hand re-crop model, float32 with 13 `PRELU`
   and 2 `STRIDED_SLICE` ops, 256x256 NHWC input, output `output_crop` [1,1,1,4];
 - `selfie_segmentation.tflite`: MediaPipe's selfie segmentation, kept as the real model with an
-  operator Hearth does not convert (the custom op `Convolution2DTransposeBias`).
+  operator Hearth does not translate (the custom op `Convolution2DTransposeBias`, and
+  `RESIZE_BILINEAR`).
 
 Runs `pip download --no-deps --only-binary=:all: mediapipe==0.10.14` for CPython 3.11 on
 manylinux x86_64 into a temporary directory, extracts each member **unchanged**, checks its
