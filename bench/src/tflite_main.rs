@@ -117,7 +117,9 @@ fn main() -> Result<()> {
     }
     std::fs::write(
         args.work.join("hearth.json"),
-        serde_json::to_vec_pretty(&json!({"engine": "tract 0.23.9 (translated ONNX)", "models": models}))?,
+        serde_json::to_vec_pretty(
+            &json!({"engine": "tract 0.23.9 (translated ONNX)", "models": models}),
+        )?,
     )?;
     Ok(())
 }

@@ -75,7 +75,11 @@ fn vendored_tflite_models_translate_and_compress() {
         let r = rows(&stdout);
         assert_eq!(r.len(), 4, "{stdout}");
         assert_eq!(r[1].0, "normalise");
-        assert!(r[1].2 < 1e-4, "{stem}: normalise changed the outputs: {:?}", r[1]);
+        assert!(
+            r[1].2 < 1e-4,
+            "{stem}: normalise changed the outputs: {:?}",
+            r[1]
+        );
         let ratio = r[0].1 as f32 / r[3].1 as f32;
         assert!(ratio >= min_ratio, "{stem}: {ratio:.2}x");
         assert!(r[3].3 >= 0.9, "{stem}: decision agreement {:?}", r[3]);
