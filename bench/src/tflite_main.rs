@@ -45,7 +45,7 @@ fn input(frame: &[u8], k: usize) -> Result<Tensor> {
             }
         }
     }
-    Ok(Tensor::from_shape(&[1, n, n, 3], &v)?)
+    Tensor::from_shape(&[1, n, n, 3], &v)
 }
 
 fn stats(mut us: Vec<f64>) -> serde_json::Value {
