@@ -1,7 +1,8 @@
 //! BlazeFace (MediaPipe short-range face detector, front 128×128): the vendored ONNX graph
-//! (or its int8 export) run by Hearth's dense conv engine (`hearth_dense::conv`, checked
-//! against tract at load) or by tract, MediaPipe's SSD anchors, box decoding and weighted
-//! non-maximum suppression.
+//! (or its int8 export, or MediaPipe's own `face_detection_short_range.tflite` translated to
+//! ONNX with the `tflite` feature: same anchors, outputs joined as [1,896,1] + [1,896,16]),
+//! run by Hearth's dense conv engine (`hearth_dense::conv`, checked against tract at load) or
+//! by tract; MediaPipe's SSD anchors, box decoding and weighted non-maximum suppression.
 //!
 //! - Input: one RGB frame, 128×128, interleaved bytes (what the ffmpeg source delivers),
 //!   scaled to `x / 127.5 − 1` as the NHWC `[1,128,128,3]` f32 tensor the graph takes.
@@ -241,10 +242,13 @@ pub struct Detector {
     engine: Engine,
     anchors: Vec<Anchor>,
     opts: DetectorOptions,
-    /// Output indices of (scores 512, scores 384, boxes 512, boxes 384).
+    /// Output indices of (scores 512, scores 384, boxes 512, boxes 384), or, for the
+    /// short-range TFLite graph, (scores 896, boxes 896, unused, unused).
     outputs: [usize; 4],
     /// Largest raw-output difference from tract on the probe frames (dense engine only).
     probe_diff: Option<f32>,
+    /// Scores and boxes come as one [1,896,1] and one [1,896,16] output (`outputs[0..2]`).
+    joined: bool,
 }
 
 impl std::fmt::Debug for Detector {
@@ -256,25 +260,35 @@ impl std::fmt::Debug for Detector {
     }
 }
 
-/// Output slots by shape: [1,512,1], [1,384,1], [1,512,16], [1,384,16].
-fn output_slots<'a>(shapes: impl Iterator<Item = &'a [usize]>) -> Result<[usize; 4], Error> {
+/// Output slots by shape: [1,512,1], [1,384,1], [1,512,16], [1,384,16] (front graph), or
+/// [1,896,1], [1,896,16] (short-range TFLite graph: `joined`, slots 0 and 1).
+fn output_slots<'a>(
+    shapes: impl Iterator<Item = &'a [usize]>,
+) -> Result<([usize; 4], bool), Error> {
     let mut outputs = [usize::MAX; 4];
+    let mut joined = [usize::MAX; 2];
     for (i, s) in shapes.enumerate() {
-        let slot = match s {
-            [1, 512, 1] => 0,
-            [1, 384, 1] => 1,
-            [1, 512, 16] => 2,
-            [1, 384, 16] => 3,
-            _ => continue,
-        };
-        outputs[slot] = i;
+        match s {
+            [1, 512, 1] => outputs[0] = i,
+            [1, 384, 1] => outputs[1] = i,
+            [1, 512, 16] => outputs[2] = i,
+            [1, 384, 16] => outputs[3] = i,
+            [1, NUM_ANCHORS, 1] => joined[0] = i,
+            [1, NUM_ANCHORS, NUM_COORDS] => joined[1] = i,
+            _ => {}
+        }
+    }
+    if !joined.contains(&usize::MAX) {
+        return Ok(([joined[0], joined[1], usize::MAX, usize::MAX], true));
     }
     if outputs.contains(&usize::MAX) {
         return Err(Error::Model(
-            "not a BlazeFace front graph: expected outputs [1,512,1], [1,384,1], [1,512,16], [1,384,16]".into(),
+            "not a BlazeFace graph: expected outputs [1,512,1], [1,384,1], [1,512,16], [1,384,16] \
+             or [1,896,1], [1,896,16]"
+                .into(),
         ));
     }
-    Ok(outputs)
+    Ok((outputs, false))
 }
 
 /// Probe frames for the engine check: grey, and two deterministic patterns.
@@ -292,9 +306,15 @@ fn probe_frames() -> Vec<Vec<u8>> {
 }
 
 impl Detector {
-    /// Loads the BlazeFace ONNX file (e.g. `data/models/face_detection_front_128x128_barracuda.onnx`).
+    /// Loads the BlazeFace ONNX file (e.g. `data/models/face_detection_front_128x128_barracuda.onnx`)
+    /// or, with the `tflite` feature, MediaPipe's TFLite original
+    /// (`data/models/face_detection_short_range.tflite`, translated by `hearth_model::tflite`).
     pub fn load(path: &Path, opts: DetectorOptions) -> Result<Detector, Error> {
-        let model = OnnxModel::load(path).map_err(|e| Error::Model(e.to_string()))?;
+        #[cfg(feature = "tflite")]
+        let model = hearth_model::tflite::load_any(path);
+        #[cfg(not(feature = "tflite"))]
+        let model = OnnxModel::load(path);
+        let model = model.map_err(|e| Error::Model(e.to_string()))?;
         Detector::from_model(&model, opts)
     }
 
@@ -318,13 +338,14 @@ impl Detector {
             .map_err(tract_err)?;
         let zeros = Tensor::zero::<f32>(&[1, INPUT_SIZE, INPUT_SIZE, 3]).map_err(tract_err)?;
         let out = plan.run(tvec!(zeros.into())).map_err(tract_err)?;
-        let outputs = output_slots(out.iter().map(|t| t.shape()))?;
+        let (outputs, joined) = output_slots(out.iter().map(|t| t.shape()))?;
         let tract = Detector {
             engine: Engine::Tract(plan),
             anchors: anchors(),
             opts,
             outputs,
             probe_diff: None,
+            joined,
         };
         if opts.backend == Backend::Tract {
             return Ok(tract);
@@ -349,13 +370,14 @@ impl Detector {
         let engine = ConvEngine::new(model, &[1, INPUT_SIZE, INPUT_SIZE, 3])
             .map_err(|e| Error::Model(e.to_string()))?;
         let shapes: Vec<Vec<usize>> = engine.outputs().into_iter().map(|o| o.shape).collect();
-        let outputs = output_slots(shapes.iter().map(Vec::as_slice))?;
+        let (outputs, joined) = output_slots(shapes.iter().map(Vec::as_slice))?;
         let dense = Detector {
             engine: Engine::Dense(engine),
             anchors: anchors(),
             opts,
             outputs,
             probe_diff: None,
+            joined,
         };
         let mut worst = 0f32;
         for f in probe_frames() {
@@ -424,6 +446,9 @@ impl Detector {
             outs.get(self.outputs[i])
                 .ok_or_else(|| Error::Model("missing output".into()))
         };
+        if self.joined {
+            return Ok((take(0)?.clone(), take(1)?.clone()));
+        }
         let mut scores = take(0)?.clone();
         scores.extend(take(1)?);
         let mut boxes = take(2)?.clone();

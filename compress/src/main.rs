@@ -1,7 +1,8 @@
 //! `hearth-compress`: compress an ONNX model with a recipe and print the measurement table;
 //! `hearth-compress train <task>` trains the model a task file asks for. `--task <task.toml>`
 //! (or `--data <dir>` holding one) gives the data for fine-tuning and measurement.
-//! Exit status 64 (EX_USAGE) on bad arguments, a recipe that cannot apply, a step that would
+//! A `.tflite` input is translated to ONNX first (`hearth_model::tflite`).
+//! Exit status 64 (EX_USAGE) on bad arguments, an unsupported TFLite operator, a recipe that cannot apply, a step that would
 //! change nothing, or an op tract cannot run (named before any step runs).
 #![forbid(unsafe_code)]
 
@@ -34,7 +35,9 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct CompressArgs {
-    /// Input ONNX model (Hearth's own or imported, e.g. data/models/face_detection_front_128x128_barracuda.onnx).
+    /// Input model: ONNX (Hearth's own or imported, e.g.
+    /// data/models/face_detection_front_128x128_barracuda.onnx) or TensorFlow Lite (.tflite,
+    /// translated to ONNX first; docs/tflite.md lists the operators).
     input: Option<PathBuf>,
     /// Data set directory holding a task.toml (data/plaid, data/gunpoint, …): the same as
     /// `--task <dir>/task.toml`.
@@ -162,6 +165,38 @@ fn cmd_train(
     Ok(())
 }
 
+/// Reads the input model: ONNX, or a TensorFlow Lite flatbuffer (recognised by its `TFL3`
+/// identifier) translated to ONNX first; an operator the translation lacks is named, exit 64.
+fn load_input(input: &Path) -> anyhow::Result<hearth_model::OnnxModel> {
+    use hearth_model::tflite::{self, TfliteError};
+    let bytes = std::fs::read(input).map_err(|e| usage(format!("{}: {e}", input.display())))?;
+    if !tflite::is_tflite(&bytes) {
+        return hearth_model::OnnxModel::from_bytes(&bytes)
+            .map_err(|e| usage(format!("{}: {e}", input.display())));
+    }
+    match tflite::to_onnx(&bytes) {
+        Ok((model, r)) => {
+            let ops: Vec<String> = r.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            eprintln!(
+                "note: translated TFLite {} to ONNX: {} ({} float16 and {} int8 weight tensors \
+                 folded to float32, {} parameters)",
+                input.display(),
+                ops.join(", "),
+                r.folded_f16,
+                r.folded_int8,
+                r.params
+            );
+            Ok(model)
+        }
+        Err(TfliteError::Unsupported(m)) => Err(CompressError::Unsupported(format!(
+            "{}: unsupported TFLite operator {m}; nothing was compressed",
+            input.display()
+        ))
+        .into()),
+        Err(e) => Err(usage(format!("{}: {e}", input.display()))),
+    }
+}
+
 fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
     let input = a
         .input
@@ -174,8 +209,7 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
     if a.latency_runs == 0 {
         return Err(usage("--latency-runs must be >= 1"));
     }
-    let raw = hearth_model::OnnxModel::load(&input)
-        .map_err(|e| usage(format!("{}: {e}", input.display())))?;
+    let raw = load_input(&input)?;
     let (mut model, fixed) = measure::fix_constant_of_shape(&raw)?;
     if fixed > 0 {
         eprintln!("note: gave {fixed} ConstantOfShape node(s) an explicit f32 zero value (tract)");

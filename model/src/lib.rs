@@ -23,6 +23,8 @@ pub mod onnx;
 pub mod quant;
 pub mod task;
 pub mod tensor;
+#[cfg(feature = "tflite")]
+pub mod tflite;
 pub mod train;
 pub mod update;
 
