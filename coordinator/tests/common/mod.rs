@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
+#[cfg(unix)]
+pub mod pg;
+
 /// Admin token of every test coordinator.
 pub const ADMIN: &str = "admin-token-for-tests-0123456789";
 
