@@ -1487,3 +1487,105 @@ mod tests {
         });
     }
 }
+
+/// Two instances on one PostgreSQL database.
+#[cfg(all(test, unix))]
+mod shared_tests {
+    use super::pg::PgOptions;
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn marker(c: &str, n: u64) -> UpdateMarker {
+        UpdateMarker {
+            client_id: c.into(),
+            num_samples: n,
+            reported_samples: n,
+            payload_bytes: 10,
+            ..UpdateMarker::default()
+        }
+    }
+
+    fn push(v: u8) -> impl Fn(Option<&[u8]>) -> Result<Vec<u8>, String> + Send + Sync {
+        move |p| {
+            let mut out = p.map(<[u8]>::to_vec).unwrap_or_default();
+            out.push(v);
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn instances_count_each_update_once_and_accepts_wait_for_the_closer() {
+        let Some(cluster) = super::pg_cluster::PgCluster::start() else {
+            return;
+        };
+        let url = cluster.database("shared");
+        let open = |instance: &str| {
+            Store::connect_postgres(&PgOptions {
+                url: url.clone(),
+                pool_size: 3,
+                instance: instance.into(),
+            })
+            .unwrap()
+        };
+        let (a, b) = (open("a"), open("b"));
+        let proto = RoundRecord {
+            model: "m".into(),
+            max_clients: 4,
+            ..RoundRecord::default()
+        };
+        let (r, created) = a.open_round(&proto).unwrap();
+        assert!(created);
+        // One open round per model, whichever instance asks.
+        let (same, created) = b.open_round(&proto).unwrap();
+        assert!(!created);
+        assert_eq!(same.id, r.id);
+
+        assert!(matches!(
+            a.accept_update(r.id, &marker("c1", 3), None, push(1)).unwrap(),
+            AcceptOutcome::Accepted(x) if x.updates == 1
+        ));
+        assert!(matches!(
+            b.accept_update(r.id, &marker("c2", 5), None, push(2)).unwrap(),
+            AcceptOutcome::Accepted(x) if x.updates == 2 && x.total_samples == 8
+        ));
+        // c1 is counted once, whichever instance it retries on.
+        assert!(matches!(
+            b.accept_update(r.id, &marker("c1", 3), None, push(9)).unwrap(),
+            AcceptOutcome::Duplicate(x) if x.updates == 2
+        ));
+        // Each instance folded what it accepted into its own partial sum.
+        let mut sums: Vec<Vec<u8>> = a
+            .round_sums(r.id)
+            .unwrap()
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        sums.sort();
+        assert_eq!(sums, vec![vec![1], vec![2]]);
+        assert_eq!(b.round(r.id).unwrap().unwrap().updates, 2);
+
+        // While `a` holds the round's lock to close it, an accept on `b` waits, and then
+        // finds the round closed: nothing lands after the partial sums were read.
+        let lock = a.lock_round(r.id).unwrap();
+        let b2 = b.clone();
+        let id = r.id;
+        let late = std::thread::spawn(move || {
+            let t = Instant::now();
+            let out = b2.accept_update(id, &marker("c3", 1), None, push(3)).unwrap();
+            (out, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!late.is_finished(), "an accept went through a closing round's lock");
+        let closed = a.fail_round(r.id, "test").unwrap();
+        assert_eq!((closed.updates, closed.total_samples), (2, 8));
+        drop(lock);
+        let (out, waited) = late.join().unwrap();
+        assert!(matches!(out, AcceptOutcome::NotOpen(_)), "{out:?}");
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
+        assert!(a.round_sums(r.id).unwrap().is_empty());
+        // Closed rounds keep their final counters.
+        let rec = b.round(r.id).unwrap().unwrap();
+        assert_eq!((rec.state, rec.updates), (RoundState::Failed, 2));
+        assert_eq!(b.markers(r.id).unwrap().len(), 2);
+    }
+}
