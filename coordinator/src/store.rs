@@ -1571,11 +1571,16 @@ mod shared_tests {
         let id = r.id;
         let late = std::thread::spawn(move || {
             let t = Instant::now();
-            let out = b2.accept_update(id, &marker("c3", 1), None, push(3)).unwrap();
+            let out = b2
+                .accept_update(id, &marker("c3", 1), None, push(3))
+                .unwrap();
             (out, t.elapsed())
         });
         std::thread::sleep(Duration::from_millis(500));
-        assert!(!late.is_finished(), "an accept went through a closing round's lock");
+        assert!(
+            !late.is_finished(),
+            "an accept went through a closing round's lock"
+        );
         let closed = a.fail_round(r.id, "test").unwrap();
         assert_eq!((closed.updates, closed.total_samples), (2, 8));
         drop(lock);
