@@ -1034,6 +1034,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn store_section_is_validated_and_its_url_redacted() {
+        let with = |toml: &str| {
+            let mut c = Config::from_toml_str(toml).unwrap();
+            c.admin_token = "admin-secret-0123456789".into();
+            c
+        };
+        let url = "postgres://hearth:pg-secret-99@127.0.0.1:5432/hearth";
+        let ok = with(&format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\n"));
+        ok.validate().unwrap();
+        assert_eq!(ok.store.backend, StoreBackend::Postgres);
+        let text = format!("{ok:?} {ok:#?}");
+        assert!(!text.contains("pg-secret-99"), "{text}");
+        // The default is sled, and the default config round-trips through its TOML.
+        let d = Config::default();
+        assert_eq!(d.store.backend, StoreBackend::Sled);
+        assert_eq!(Config::from_toml_str(&d.to_toml()).unwrap(), d);
+        for (bad, key) in [
+            ("[store]\nbackend = \"postgres\"\n", "store.url"),
+            (&format!("[store]\nurl = {url:?}\n")[..], "store.url"),
+            (
+                "[store]\nbackend = \"postgres\"\nurl = \"postgres://h/db?sslmode=bogus\"\n",
+                "store.url",
+            ),
+            (
+                &format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\npool_size = 1\n")[..],
+                "store.pool_size",
+            ),
+            (
+                &format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\ninstance = \"a b\"\n")[..],
+                "store.instance",
+            ),
+        ] {
+            let e = with(bad).validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+            assert!(!e.contains("pg-secret-99"), "{e}");
+        }
+        assert!(Config::from_toml_str("[store]\nbackend = \"mysql\"\n").is_err());
+    }
+
+    #[test]
     fn debug_output_redacts_tokens() {
         let c = Config {
             admin_token: "admin-secret-0123456789".into(),

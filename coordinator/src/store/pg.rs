@@ -256,7 +256,10 @@ impl PgStore {
             }),
         };
         store.migrate()?;
-        store.listen()?;
+        // A database without LISTEN (CockroachDB) leaves polling alone.
+        if let Err(e) = store.listen() {
+            tracing::warn!(error = %e, "cannot listen for changes: polling only");
+        }
         Ok(store)
     }
 
