@@ -27,6 +27,15 @@ if ! command -v ffmpeg >/dev/null && command -v apt-get >/dev/null; then
   $SUDO apt-get install -y ffmpeg || { $SUDO apt-get update && $SUDO apt-get install -y ffmpeg; }
 fi
 
+# Debian's PostgreSQL: the coordinator's storage, round and multi-instance tests start clusters
+# of their own with its initdb/postgres (they skip, saying so, when the binaries are missing).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  echo "PostgreSQL not found: installing it with apt-get" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get install -y postgresql || { $SUDO apt-get update && $SUDO apt-get install -y postgresql; }
+fi
+
 cargo fmt --all -- --check
 # The agent and the coordinator must not compile the compression toolkit (ARCHITECTURE.md).
 for bin in hearth-agent hearth-coordinator; do

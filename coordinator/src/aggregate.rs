@@ -241,6 +241,29 @@ impl Aggregate {
         Ok(())
     }
 
+    /// Adds another sum of the same shape (an instance's partial sum of the same round).
+    pub fn merge(&mut self, other: &Aggregate) -> Result<(), AggregateError> {
+        if self.sum.len() != other.sum.len()
+            || self
+                .sum
+                .iter()
+                .zip(&other.sum)
+                .any(|((a, (sa, da)), (b, (sb, db)))| a != b || sa != sb || da.len() != db.len())
+        {
+            return Err(AggregateError::Names(
+                "partial sums of different shapes".into(),
+            ));
+        }
+        for ((_, (_, acc)), (_, (_, add))) in self.sum.iter_mut().zip(&other.sum) {
+            for (a, b) in acc.iter_mut().zip(add) {
+                *a += b;
+            }
+        }
+        self.total_weight += other.total_weight;
+        self.count += other.count;
+        Ok(())
+    }
+
     /// The weighted mean Σ wᵢ·Δᵢ / Σ wᵢ.
     pub fn finish(&self) -> Result<Weights, AggregateError> {
         if self.count == 0 || self.total_weight <= 0.0 {

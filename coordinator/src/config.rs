@@ -39,8 +39,12 @@ pub struct Config {
     pub listen: String,
     /// Address of the Prometheus endpoint (`GET /metrics`, HTTP/1.1); empty = not served.
     pub metrics_listen: String,
-    /// Directory of the sled database (created if missing).
+    /// Directory of the sled database (created if missing); with `[store] backend =
+    /// "postgres"`, the signing key and the PKI still default to paths beside it.
     pub db_path: PathBuf,
+    /// Which database holds the state (`[store]`): sled at `db_path` (the default) or
+    /// PostgreSQL, which several instances can share.
+    pub store: StoreConfig,
     /// File of the ed25519 key every published model version is signed with (hex, mode
     /// 0600; created on first start, its public half written to `<file>.pub`). Default:
     /// `<db_path>.signing-key`, beside the database.
@@ -110,6 +114,102 @@ pub struct Config {
     /// Models the coordinator serves.
     #[serde(rename = "model")]
     pub models: Vec<ModelConfig>,
+}
+
+/// The storage backend.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Embedded sled database at `db_path`: one process.
+    #[default]
+    Sled,
+    /// PostgreSQL at `url` (or a database speaking its protocol): one or more instances.
+    Postgres,
+}
+
+/// `[store]`: where the coordinator keeps its state. `Debug` redacts the URL (it may hold a
+/// password).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `"sled"` (default) or `"postgres"`.
+    pub backend: StoreBackend,
+    /// PostgreSQL only: `postgres://user:password@host:port/database` (or libpq key=value
+    /// pairs). Plaintext: keep the database on loopback or a private network.
+    pub url: String,
+    /// PostgreSQL only: most connections this instance opens (>= 2: closing a round holds
+    /// one while it reads through another).
+    pub pool_size: u32,
+    /// PostgreSQL only: this instance's name in the database (its partial sums, markers);
+    /// empty = a random one per start.
+    pub instance: String,
+    /// PostgreSQL only: how often, at the latest, an instance looks for rounds and versions
+    /// of other instances (it also wakes on their notifications), milliseconds.
+    pub poll_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Sled,
+            url: String::new(),
+            pool_size: 8,
+            instance: String::new(),
+            poll_ms: 1000,
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("backend", &self.backend)
+            .field("url", &Redacted(!self.url.is_empty()))
+            .field("pool_size", &self.pool_size)
+            .field("instance", &self.instance)
+            .field("poll_ms", &self.poll_ms)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), String> {
+        match self.backend {
+            StoreBackend::Sled => {
+                if !self.url.is_empty() {
+                    return Err("store.url is set but store.backend is \"sled\" \
+                         (set backend = \"postgres\" to use it)"
+                        .into());
+                }
+            }
+            StoreBackend::Postgres => {
+                if self.url.is_empty() {
+                    return Err("store.backend = \"postgres\" needs store.url \
+                         (postgres://user:password@host:port/database)"
+                        .into());
+                }
+                // The parser's message never repeats the URL (it may hold a password).
+                if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
+                    return Err(format!("store.url is not a PostgreSQL URL: {e}"));
+                }
+                if !(2..=256).contains(&self.pool_size) {
+                    return Err("store.pool_size must be in 2..=256".into());
+                }
+                if !(50..=60_000).contains(&self.poll_ms) {
+                    return Err("store.poll_ms must be in 50..=60000".into());
+                }
+                if self.instance.len() > 64
+                    || !self
+                        .instance
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err("store.instance must be at most 64 of [A-Za-z0-9-_.]".into());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Round parameters.
@@ -563,6 +663,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("metrics_listen", &self.metrics_listen)
             .field("db_path", &self.db_path)
+            .field("store", &self.store)
             .field("data_dir", &self.data_dir)
             .field("admin_token", &Redacted(!self.admin_token.is_empty()))
             .field(
@@ -594,6 +695,7 @@ impl Default for Config {
             listen: "127.0.0.1:50051".into(),
             metrics_listen: String::new(),
             db_path: "hearth-coordinator.db".into(),
+            store: StoreConfig::default(),
             signing_key_file: None,
             data_dir: "data".into(),
             admin_token: String::new(),
@@ -711,6 +813,7 @@ impl Config {
         if self.db_path.as_os_str().is_empty() {
             return bad("db_path must not be empty".into());
         }
+        self.store.validate().or_else(bad)?;
         if self.enrollment_token_ttl_secs == 0 {
             return bad("enrollment_token_ttl_secs must be >= 1".into());
         }
@@ -929,6 +1032,46 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_section_is_validated_and_its_url_redacted() {
+        let with = |toml: &str| {
+            let mut c = Config::from_toml_str(toml).unwrap();
+            c.admin_token = "admin-secret-0123456789".into();
+            c
+        };
+        let url = "postgres://hearth:pg-secret-99@127.0.0.1:5432/hearth";
+        let ok = with(&format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\n"));
+        ok.validate().unwrap();
+        assert_eq!(ok.store.backend, StoreBackend::Postgres);
+        let text = format!("{ok:?} {ok:#?}");
+        assert!(!text.contains("pg-secret-99"), "{text}");
+        // The default is sled, and the default config round-trips through its TOML.
+        let d = Config::default();
+        assert_eq!(d.store.backend, StoreBackend::Sled);
+        assert_eq!(Config::from_toml_str(&d.to_toml()).unwrap(), d);
+        for (bad, key) in [
+            ("[store]\nbackend = \"postgres\"\n", "store.url"),
+            (&format!("[store]\nurl = {url:?}\n")[..], "store.url"),
+            (
+                "[store]\nbackend = \"postgres\"\nurl = \"postgres://h/db?sslmode=bogus\"\n",
+                "store.url",
+            ),
+            (
+                &format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\npool_size = 1\n")[..],
+                "store.pool_size",
+            ),
+            (
+                &format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\ninstance = \"a b\"\n")[..],
+                "store.instance",
+            ),
+        ] {
+            let e = with(bad).validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+            assert!(!e.contains("pg-secret-99"), "{e}");
+        }
+        assert!(Config::from_toml_str("[store]\nbackend = \"mysql\"\n").is_err());
+    }
 
     #[test]
     fn debug_output_redacts_tokens() {

@@ -2,7 +2,9 @@
 //! quantized updates into a running FedAvg sum, and publishes new model versions.
 //!
 //! - [`config`]: TOML configuration with defaults and validation.
-//! - [`store`]: all durable state behind one interface (sled).
+//! - [`store`]: all durable state behind one interface (sled, or PostgreSQL shared by
+//!   several instances).
+//! - [`cluster`]: instances sharing one database learn of each other's rounds and versions.
 //! - [`aggregate`]: O(model) running weighted sum, update validation and clipping.
 //! - [`robust`]: median, trimmed mean and Krum over a round's kept updates.
 //! - [`optimizer`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
@@ -18,6 +20,7 @@
 
 pub mod aggregate;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod handshake;
 pub mod limits;
@@ -35,7 +38,7 @@ pub mod store;
 
 pub use config::{
     Aggregation, ClientOptimizer, ClientTraining, Combine, Config, ConfigError, ModelConfig,
-    RoundDefaults, ServerOptimizer,
+    RoundDefaults, ServerOptimizer, StoreBackend, StoreConfig,
 };
 pub use server::{run, start, CoordinatorHandle};
 pub use state::Coordinator;

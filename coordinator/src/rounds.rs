@@ -488,7 +488,7 @@ impl Coordinator {
         Ok(open.len())
     }
 
-    fn spawn_deadline(self: &Arc<Self>, id: u64, deadline_unix_ms: u64) {
+    pub(crate) fn spawn_deadline(self: &Arc<Self>, id: u64, deadline_unix_ms: u64) {
         let me = self.clone();
         let mut shutdown = self.shutdown.clone();
         self.spawn_task(async move {
@@ -710,6 +710,8 @@ impl Coordinator {
     async fn try_close_round(self: &Arc<Self>, id: u64, at_deadline: bool) -> Result<(), Error> {
         let lock = self.round_lock(id);
         let _guard = lock.lock().await;
+        // Instances sharing a database: the one holding this closes the round.
+        let _closing = self.store.lock_round(id)?;
         let Some(rec) = self.store.round(id)? else {
             return Ok(());
         };
@@ -752,6 +754,7 @@ impl Coordinator {
                 }
             }
         }
+        drop(_closing);
         drop(_guard);
         self.drop_round_lock(id);
         self.continue_loop(&rec, accuracy);
@@ -909,10 +912,14 @@ impl Coordinator {
     /// FedAvg server step: new = global + lr · Σnᵢ·Δᵢ/Σnᵢ, written into the base ONNX file,
     /// evaluated, stored as the next version together with the round's completion.
     async fn complete(self: &Arc<Self>, rec: &RoundRecord) -> Result<VersionMeta, Error> {
-        let sum = self
-            .store
-            .round_sum(rec.id)?
-            .ok_or_else(|| Error::Internal(format!("round {} has no running sum", rec.id)))?;
+        // One running sum per instance that accepted updates (sled: one).
+        let sums = self.store.round_sums(rec.id)?;
+        if sums.is_empty() {
+            return Err(Error::Internal(format!(
+                "round {} has no running sum",
+                rec.id
+            )));
+        }
         let base = self
             .store
             .model_bytes(&rec.model, rec.base_version)?
@@ -956,7 +963,11 @@ impl Coordinator {
                         "not every update was kept (the config changed mid-round?): using the mean"
                     );
                 }
-                let agg = Aggregate::from_bytes(&sum).map_err(internal)?;
+                let mut agg = Aggregate::from_bytes(&sums[0]).map_err(internal)?;
+                for s in &sums[1..] {
+                    agg.merge(&Aggregate::from_bytes(s).map_err(internal)?)
+                        .map_err(internal)?;
+                }
                 (agg.finish().map_err(internal)?, format!("mean of {updates}"))
             };
             let previous = match state.as_deref().map(ServerState::from_bytes) {

@@ -65,6 +65,7 @@ async fn prepare(config: Config) -> Result<Prepared, Error> {
     if resumed > 0 {
         tracing::info!(rounds = resumed, "resumed open rounds");
     }
+    coord.follow_instances()?;
     Ok(Prepared {
         coord,
         stop: Arc::new(stop),

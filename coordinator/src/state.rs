@@ -234,8 +234,7 @@ impl Coordinator {
     /// Opens the store, seeds tokens, creates version 1 of every model that has none and loads
     /// the held-out sets. `config` must be valid.
     pub async fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Self>, Error> {
-        let path = config.db_path.clone();
-        let store = blocking(move || Ok(Store::open(&path)?)).await?;
+        let store = open_store(&config).await?;
         let pki = if config.insecure {
             tracing::warn!("insecure = true: plaintext gRPC, shared-key client credentials");
             None
@@ -640,6 +639,30 @@ impl Coordinator {
             .insert(model.to_string(), (version, w.clone()));
         Ok(w)
     }
+}
+
+/// The configured backend: sled at `db_path`, or PostgreSQL (migrated on connect).
+async fn open_store(config: &Config) -> Result<Store, Error> {
+    let path = config.db_path.clone();
+    let sc = config.store.clone();
+    blocking(move || match sc.backend {
+        crate::config::StoreBackend::Sled => Ok(Store::open(&path)?),
+        crate::config::StoreBackend::Postgres => {
+            let instance = if sc.instance.is_empty() {
+                format!("i-{}", random_hex(6))
+            } else {
+                sc.instance.clone()
+            };
+            let store = Store::connect_postgres(&crate::store::pg::PgOptions {
+                url: sc.url.clone(),
+                pool_size: sc.pool_size,
+                instance: instance.clone(),
+            })?;
+            tracing::info!(%instance, pool_size = sc.pool_size, "state in PostgreSQL");
+            Ok(store)
+        }
+    })
+    .await
 }
 
 fn parse_task(m: &ModelConfig, data_dir: &std::path::Path) -> Result<TaskSpec, Error> {

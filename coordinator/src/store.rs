@@ -1,11 +1,16 @@
 //! The coordinator's one storage interface: every piece of durable state (clients, enrollment
 //! tokens, model versions and their ONNX bytes, each model's server optimizer state, rounds,
 //! accepted-update markers, each open round's running weighted sum and, for the robust
-//! methods, its decoded updates) goes through [`Store`]. It is backed by sled on one machine;
-//! the methods are whole operations (each one sled transaction), so a deployment that outgrows
-//! one machine can re-implement them over a distributed transactional store.
+//! methods, its decoded updates) goes through [`Store`]. The methods are whole operations,
+//! each one transaction of the backend: sled (embedded, one process; the default) or
+//! PostgreSQL ([`pg`], `[store] backend = "postgres"`), which several coordinator instances
+//! can share: there an open round's sum is one partial sum per instance ([`Store::round_sums`])
+//! and the instance closing a round holds its lock in the database ([`Store::lock_round`]).
 
 use std::path::Path;
+use std::time::Duration;
+
+pub mod pg;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{abort, ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -17,6 +22,9 @@ pub enum StoreError {
     /// The database itself failed.
     #[error("database error: {0}")]
     Db(#[from] sled::Error),
+    /// PostgreSQL failed (connection, query, constraint).
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
     /// A stored record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -279,9 +287,289 @@ pub enum AcceptOutcome {
     NotFound,
 }
 
-/// The sled-backed store. Cheap to clone.
+/// The store: sled or PostgreSQL behind the same operations. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Sled(SledStore),
+    Postgres(pg::PgStore),
+}
+
+/// Held by the instance that closes a round (see [`Store::lock_round`]); released on drop.
+#[derive(Debug)]
+pub enum RoundLock {
+    /// sled: one process, whose in-memory round lock is enough.
+    Local,
+    /// PostgreSQL: the round's advisory lock, held exclusively on a connection of its own.
+    Postgres(pg::PgRoundLock),
+}
+
+/// Runs the same method on whichever backend the store has.
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Sled($s) => $e,
+            Backend::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (or creates) the sled database at `path`, made private to its owner (0700).
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Sled(SledStore::open(path)?),
+        })
+    }
+
+    /// Connects to PostgreSQL and applies pending migrations (see [`pg`]).
+    pub fn connect_postgres(opts: &pg::PgOptions) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Postgres(pg::PgStore::connect(opts)?),
+        })
+    }
+
+    /// Whether several instances may share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Waits until another instance changed rounds or versions, or `limit` passes (sled:
+    /// `limit`, nobody else writes).
+    pub async fn wait_change(&self, limit: Duration) {
+        match &self.backend {
+            Backend::Sled(_) => tokio::time::sleep(limit).await,
+            Backend::Postgres(p) => p.wait_change(limit).await,
+        }
+    }
+
+    /// Takes round `id`'s lock for closing it: with PostgreSQL, exclusively in the database,
+    /// after the accepts in flight on every instance and before any later one, so that the
+    /// partial sums read while it is held are final; a crashed holder's lock ends with its
+    /// connection. Callers of [`Store::complete_round`] and [`Store::fail_round`] hold it.
+    pub fn lock_round(&self, id: u64) -> Result<RoundLock, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(RoundLock::Local),
+            Backend::Postgres(p) => Ok(RoundLock::Postgres(p.lock_round(id)?)),
+        }
+    }
+
+    /// Makes everything written so far durable (PostgreSQL: every commit already is).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.flush().await,
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Adds `token` with `uses` enrollments unless the token is already known (used or not),
+    /// so tokens from the config file are not revived after being used. Returns whether it was added.
+    pub fn seed_token(&self, token: &str, uses: u32) -> Result<bool, StoreError> {
+        self.add_token(
+            token,
+            &TokenRecord {
+                uses,
+                expires_unix_ms: 0,
+                device: String::new(),
+            },
+        )
+    }
+
+    /// Adds `token` unless it is already known. Returns whether it was added.
+    pub fn add_token(&self, token: &str, rec: &TokenRecord) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.add_token(token, rec))
+    }
+
+    /// The token's record, if known.
+    pub fn token(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
+        dispatch!(self, s => s.token(token))
+    }
+
+    /// Consumes one use of `token` and records `client` atomically; refuses a token that is
+    /// unknown, used up, expired at `client.enrolled_unix_ms` or made for another device.
+    pub fn enroll(&self, token: &str, client: &ClientRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.enroll(token, client))
+    }
+
+    /// Marks every client enrolled under device name `device` (or with client id `device`)
+    /// revoked at `now_ms`, in one transaction; returns their ids (already revoked ones too).
+    pub fn revoke(&self, device: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.revoke(device, now_ms))
+    }
+
+    /// The client with this id.
+    pub fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        dispatch!(self, s => s.client(client_id))
+    }
+
+    /// Stores a version that no round produced (the initial model). Fails if it exists.
+    pub fn put_version(&self, meta: &VersionMeta, onnx: &[u8]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_version(meta, onnx))
+    }
+
+    /// Replaces the metadata of an existing version (its bytes stay). Fails if it is missing.
+    pub fn update_version_meta(&self, meta: &VersionMeta) -> Result<(), StoreError> {
+        dispatch!(self, s => s.update_version_meta(meta))
+    }
+
+    /// Newest version of `model`.
+    pub fn latest_version(&self, model: &str) -> Result<Option<VersionMeta>, StoreError> {
+        dispatch!(self, s => s.latest_version(model))
+    }
+
+    /// One version's metadata.
+    pub fn version(&self, model: &str, version: u64) -> Result<Option<VersionMeta>, StoreError> {
+        dispatch!(self, s => s.version(model, version))
+    }
+
+    /// All versions of `model`, oldest first.
+    pub fn versions(&self, model: &str) -> Result<Vec<VersionMeta>, StoreError> {
+        dispatch!(self, s => s.versions(model))
+    }
+
+    /// Stores a rollback: `meta` (the next version, whose content is an older one's) and
+    /// its bytes, and resets the model's server optimizer state (its moments belong to the
+    /// trajectory being abandoned), in one transaction. Fails if the version exists.
+    pub fn put_rollback(&self, meta: &VersionMeta, onnx: &[u8]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_rollback(meta, onnx))
+    }
+
+    /// Adds `bytes` to what `FetchModel` served of one version.
+    pub fn add_downlink(&self, model: &str, version: u64, bytes: u64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.add_downlink(model, version, bytes))
+    }
+
+    /// Bytes `FetchModel` served of one version.
+    pub fn downlink(&self, model: &str, version: u64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.downlink(model, version))
+    }
+
+    /// Every round of `model`, oldest first.
+    pub fn rounds_of(&self, model: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        dispatch!(self, s => s.rounds_of(model))
+    }
+
+    /// ONNX bytes of one version.
+    pub fn model_bytes(&self, model: &str, version: u64) -> Result<Option<IVec>, StoreError> {
+        dispatch!(self, s => s.model_bytes(model, version))
+    }
+
+    /// Opens a round for `proto.model` unless one is open already. `proto.id` is ignored (the
+    /// store assigns it). Returns the open round and whether it was created now.
+    pub fn open_round(&self, proto: &RoundRecord) -> Result<(RoundRecord, bool), StoreError> {
+        dispatch!(self, s => s.open_round(proto))
+    }
+
+    /// One round (an open round's counters are summed over the instances).
+    pub fn round(&self, id: u64) -> Result<Option<RoundRecord>, StoreError> {
+        dispatch!(self, s => s.round(id))
+    }
+
+    /// The most recently opened round of `model`.
+    pub fn latest_round(&self, model: &str) -> Result<Option<RoundRecord>, StoreError> {
+        dispatch!(self, s => s.latest_round(model))
+    }
+
+    /// All open rounds (one per model at most).
+    pub fn open_rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
+        dispatch!(self, s => s.open_rounds())
+    }
+
+    /// The running aggregates of an open round (opaque bytes written by the fold closure of
+    /// [`Store::accept_update`]): one per instance that accepted an update (sled: at most
+    /// one), to be combined by the caller.
+    pub fn round_sums(&self, id: u64) -> Result<Vec<IVec>, StoreError> {
+        dispatch!(self, s => s.round_sums(id))
+    }
+
+    /// Markers of the updates accepted in the model's last `rounds` completed rounds, newest
+    /// round first (what the adaptive bounds of the next round are learnt from).
+    pub fn recent_markers(
+        &self,
+        model: &str,
+        rounds: usize,
+    ) -> Result<Vec<UpdateMarker>, StoreError> {
+        dispatch!(self, s => s.recent_markers(model, rounds))
+    }
+
+    /// Every tree's (sled) or table's (PostgreSQL: one row as JSON per key, empty values)
+    /// contents by name: a full copy of the stored state, for checking that an operation
+    /// changed nothing (tests, audits). Reads the whole database.
+    pub fn snapshot(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Vec<(IVec, IVec)>>, StoreError> {
+        dispatch!(self, s => s.snapshot())
+    }
+
+    /// Accepted-update markers of a round, in client-id order.
+    pub fn markers(&self, id: u64) -> Result<Vec<UpdateMarker>, StoreError> {
+        dispatch!(self, s => s.markers(id))
+    }
+
+    /// The marker of `client`'s update in round `id`, if any.
+    pub fn marker(&self, id: u64, client: &str) -> Result<Option<UpdateMarker>, StoreError> {
+        dispatch!(self, s => s.marker(id, client))
+    }
+
+    /// The decoded updates kept for round `id`, with their markers, in client-id order.
+    pub fn kept_updates(&self, id: u64) -> Result<Vec<(UpdateMarker, IVec)>, StoreError> {
+        dispatch!(self, s => s.kept_updates(id))
+    }
+
+    /// The server optimizer state of `model` (opaque bytes written by [`Store::complete_round`]).
+    pub fn server_state(&self, model: &str) -> Result<Option<IVec>, StoreError> {
+        dispatch!(self, s => s.server_state(model))
+    }
+
+    /// Records an accepted update: in one transaction checks the round is open and not full and
+    /// the client has no update in it yet, replaces this instance's running sum of the round by
+    /// `fold(previous_sum)`, writes the client's marker, keeps the decoded update `keep` under
+    /// (round, client) when given (the robust methods need every update) and bumps the round's
+    /// counters. `fold` may run more than once if the transaction is retried, so it must be
+    /// pure. With several instances, "full" is checked against the updates committed when the
+    /// transaction starts, so a round can end with up to (instances − 1) updates above
+    /// `max_clients`, each counted once.
+    pub fn accept_update<F>(
+        &self,
+        round_id: u64,
+        marker: &UpdateMarker,
+        keep: Option<&[u8]>,
+        fold: F,
+    ) -> Result<AcceptOutcome, StoreError>
+    where
+        F: Fn(Option<&[u8]>) -> Result<Vec<u8>, String> + Send + Sync,
+    {
+        dispatch!(self, s => s.accept_update(round_id, marker, keep, &fold))
+    }
+
+    /// Closes an open round with a new version and the model's new server optimizer state
+    /// (stored in the same transaction); the round's kept updates are dropped. The caller
+    /// holds [`Store::lock_round`].
+    pub fn complete_round(
+        &self,
+        round_id: u64,
+        meta: &VersionMeta,
+        onnx: &[u8],
+        server_state: Option<&[u8]>,
+        detail: &str,
+    ) -> Result<RoundRecord, StoreError> {
+        dispatch!(self, s => s.complete_round(round_id, meta, onnx, server_state, detail))
+    }
+
+    /// Closes an open round without a new version; its kept updates are dropped. The caller
+    /// holds [`Store::lock_round`].
+    pub fn fail_round(&self, round_id: u64, detail: &str) -> Result<RoundRecord, StoreError> {
+        dispatch!(self, s => s.fail_round(round_id, detail))
+    }
+}
+
+/// The sled backend. Cheap to clone.
+#[derive(Clone, Debug)]
+struct SledStore {
     db: sled::Db,
     clients: Tree,
     tokens: Tree,
@@ -367,17 +655,17 @@ fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the database at `path`. The directory holds enrollment tokens
     /// and client key digests, so it is made private to the coordinator's user (0700).
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    fn open(path: &Path) -> Result<SledStore, StoreError> {
         private_dir(path).map_err(sled::Error::Io)?;
         let db = sled::Config::new().path(path).open()?;
         Self::from_db(db)
     }
 
-    fn from_db(db: sled::Db) -> Result<Store, StoreError> {
-        Ok(Store {
+    fn from_db(db: sled::Db) -> Result<SledStore, StoreError> {
+        Ok(SledStore {
             clients: db.open_tree("clients")?,
             tokens: db.open_tree("tokens")?,
             versions: db.open_tree("versions")?,
@@ -403,21 +691,7 @@ impl Store {
 
     // ------------------------------------------------------------ tokens and clients
 
-    /// Adds `token` with `uses` enrollments unless the token is already known (used or not),
-    /// so tokens from the config file are not revived after being used. Returns whether it was added.
-    pub fn seed_token(&self, token: &str, uses: u32) -> Result<bool, StoreError> {
-        self.add_token(
-            token,
-            &TokenRecord {
-                uses,
-                expires_unix_ms: 0,
-                device: String::new(),
-            },
-        )
-    }
-
-    /// Adds `token` unless it is already known. Returns whether it was added.
-    pub fn add_token(&self, token: &str, rec: &TokenRecord) -> Result<bool, StoreError> {
+    fn add_token(&self, token: &str, rec: &TokenRecord) -> Result<bool, StoreError> {
         let r = self
             .tokens
             .compare_and_swap(token, None::<&[u8]>, Some(enc(rec)))?;
@@ -680,9 +954,8 @@ impl Store {
         Ok(out)
     }
 
-    /// The running aggregate of a round (opaque bytes written by the fold closure).
-    pub fn round_sum(&self, id: u64) -> Result<Option<IVec>, StoreError> {
-        Ok(self.sums.get(id.to_be_bytes())?)
+    fn round_sums(&self, id: u64) -> Result<Vec<IVec>, StoreError> {
+        Ok(self.sums.get(id.to_be_bytes())?.into_iter().collect())
     }
 
     /// Markers of the updates accepted in the model's last `rounds` completed rounds, newest
@@ -765,7 +1038,7 @@ impl Store {
     /// `fold(previous_sum)`, writes the client's marker, keeps the decoded update `keep` under
     /// (round, client) when given (the robust methods need every update) and bumps the round's
     /// counters. `fold` may run more than once if the transaction is retried, so it must be pure.
-    pub fn accept_update<F>(
+    fn accept_update<F>(
         &self,
         round_id: u64,
         marker: &UpdateMarker,
@@ -918,9 +1191,30 @@ impl Store {
     }
 }
 
+#[cfg(all(test, unix))]
+#[path = "../tests/common/pg.rs"]
+mod pg_cluster;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `check` against a fresh sled store and a fresh PostgreSQL store (a cluster of its
+    /// own; skipped with a message when PostgreSQL is not installed). `check` gets an opener:
+    /// each call opens the same database again (drop the previous store first).
+    fn on_both_backends(check: impl Fn(&dyn Fn() -> Store)) {
+        let dir = tempfile::tempdir().unwrap();
+        check(&|| Store::open(dir.path()).unwrap());
+        #[cfg(unix)]
+        if let Some(cluster) = super::pg_cluster::PgCluster::start() {
+            let opts = pg::PgOptions {
+                url: cluster.database("store_test"),
+                pool_size: 4,
+                instance: "unit".into(),
+            };
+            check(&|| Store::connect_postgres(&opts).unwrap());
+        }
+    }
 
     fn round(model: &str) -> RoundRecord {
         RoundRecord {
@@ -992,194 +1286,311 @@ mod tests {
 
     #[test]
     fn tokens_are_one_time_and_not_reseeded() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        assert!(s.seed_token("tok-123456", 1).unwrap());
-        let c = ClientRecord {
-            client_id: "c1".into(),
-            device_name: "d".into(),
-            key_sha256: "k".into(),
-            enrolled_unix_ms: 1,
-            cert_sha256: String::new(),
-            revoked_unix_ms: None,
-        };
-        s.enroll("tok-123456", &c).unwrap();
-        assert!(matches!(
-            s.enroll("tok-123456", &c),
-            Err(StoreError::TokenRejected)
-        ));
-        assert!(matches!(
-            s.enroll("nope", &c),
-            Err(StoreError::TokenRejected)
-        ));
-        assert!(!s.seed_token("tok-123456", 1).unwrap());
-        assert!(matches!(
-            s.enroll("tok-123456", &c),
-            Err(StoreError::TokenRejected)
-        ));
-        assert_eq!(s.client("c1").unwrap().unwrap(), c);
+        on_both_backends(|open| {
+            let s = open();
+            assert!(s.seed_token("tok-123456", 1).unwrap());
+            let c = ClientRecord {
+                client_id: "c1".into(),
+                device_name: "d".into(),
+                key_sha256: "k".into(),
+                enrolled_unix_ms: 1,
+                cert_sha256: String::new(),
+                revoked_unix_ms: None,
+            };
+            s.enroll("tok-123456", &c).unwrap();
+            assert!(matches!(
+                s.enroll("tok-123456", &c),
+                Err(StoreError::TokenRejected)
+            ));
+            assert!(matches!(
+                s.enroll("nope", &c),
+                Err(StoreError::TokenRejected)
+            ));
+            assert!(!s.seed_token("tok-123456", 1).unwrap());
+            assert!(matches!(
+                s.enroll("tok-123456", &c),
+                Err(StoreError::TokenRejected)
+            ));
+            assert_eq!(s.client("c1").unwrap().unwrap(), c);
+        });
     }
 
     #[test]
     fn tokens_expire_are_bound_to_a_device_and_clients_are_revoked() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let tok = |exp, dev: &str| TokenRecord {
-            uses: 1,
-            expires_unix_ms: exp,
-            device: dev.into(),
-        };
-        let client = |id: &str, dev: &str, at| ClientRecord {
-            client_id: id.into(),
-            device_name: dev.into(),
-            key_sha256: String::new(),
-            enrolled_unix_ms: at,
-            cert_sha256: "f".into(),
-            revoked_unix_ms: None,
-        };
-        s.add_token("t-expiring", &tok(100, "")).unwrap();
-        assert!(matches!(
-            s.enroll("t-expiring", &client("c1", "d", 100)),
-            Err(StoreError::TokenExpired)
-        ));
-        s.enroll("t-expiring", &client("c1", "d", 99)).unwrap();
-        s.add_token("t-lamp", &tok(0, "lamp")).unwrap();
-        assert!(matches!(
-            s.enroll("t-lamp", &client("c2", "plug", 1)),
-            Err(StoreError::TokenDevice(_))
-        ));
-        s.enroll("t-lamp", &client("c2", "lamp", 1)).unwrap();
-        assert_eq!(s.revoke("lamp", 5).unwrap(), vec!["c2".to_string()]);
-        assert_eq!(s.client("c2").unwrap().unwrap().revoked_unix_ms, Some(5));
-        assert_eq!(s.client("c1").unwrap().unwrap().revoked_unix_ms, None);
-        assert!(s.revoke("nobody", 5).unwrap().is_empty());
+        on_both_backends(|open| {
+            let s = open();
+            let tok = |exp, dev: &str| TokenRecord {
+                uses: 1,
+                expires_unix_ms: exp,
+                device: dev.into(),
+            };
+            let client = |id: &str, dev: &str, at| ClientRecord {
+                client_id: id.into(),
+                device_name: dev.into(),
+                key_sha256: String::new(),
+                enrolled_unix_ms: at,
+                cert_sha256: "f".into(),
+                revoked_unix_ms: None,
+            };
+            s.add_token("t-expiring", &tok(100, "")).unwrap();
+            assert!(matches!(
+                s.enroll("t-expiring", &client("c1", "d", 100)),
+                Err(StoreError::TokenExpired)
+            ));
+            s.enroll("t-expiring", &client("c1", "d", 99)).unwrap();
+            s.add_token("t-lamp", &tok(0, "lamp")).unwrap();
+            assert!(matches!(
+                s.enroll("t-lamp", &client("c2", "plug", 1)),
+                Err(StoreError::TokenDevice(_))
+            ));
+            s.enroll("t-lamp", &client("c2", "lamp", 1)).unwrap();
+            assert_eq!(s.revoke("lamp", 5).unwrap(), vec!["c2".to_string()]);
+            assert_eq!(s.client("c2").unwrap().unwrap().revoked_unix_ms, Some(5));
+            assert_eq!(s.client("c1").unwrap().unwrap().revoked_unix_ms, None);
+            assert!(s.revoke("nobody", 5).unwrap().is_empty());
+        });
     }
 
     #[test]
     fn rounds_accept_once_per_client_and_close() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let (r, created) = s.open_round(&round("m")).unwrap();
-        assert!(created);
-        assert_eq!(r.id, 1);
-        let (again, created) = s.open_round(&round("m")).unwrap();
-        assert!(!created);
-        assert_eq!(again.id, 1);
-        let (other, _) = s.open_round(&round("n")).unwrap();
-        assert_eq!(other.id, 2);
+        on_both_backends(|open| {
+            let s = open();
+            let (r, created) = s.open_round(&round("m")).unwrap();
+            assert!(created);
+            assert_eq!(r.id, 1);
+            let (again, created) = s.open_round(&round("m")).unwrap();
+            assert!(!created);
+            assert_eq!(again.id, 1);
+            let (other, _) = s.open_round(&round("n")).unwrap();
+            assert_eq!(other.id, 2);
 
-        let append = |p: Option<&[u8]>| {
-            let mut v = p.map(|p| p.to_vec()).unwrap_or_default();
-            v.push(7);
-            Ok(v)
-        };
-        assert!(
-            matches!(s.accept_update(1, &marker("a", 3), Some(&b"ua"[..]), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 1 && r.total_samples == 3)
-        );
-        assert!(
-            matches!(s.accept_update(1, &marker("a", 3), Some(&b"ua"[..]), append).unwrap(), AcceptOutcome::Duplicate(r) if r.updates == 1)
-        );
-        assert!(
-            matches!(s.accept_update(1, &marker("b", 2), Some(&b"ub"[..]), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 2 && r.uplink_bytes == 20)
-        );
-        assert!(matches!(
-            s.accept_update(1, &marker("c", 2), Some(&b"uc"[..]), append)
-                .unwrap(),
-            AcceptOutcome::Full(_)
-        ));
-        assert_eq!(s.round_sum(1).unwrap().unwrap().as_ref(), &[7, 7]);
-        assert_eq!(s.markers(1).unwrap().len(), 2);
-        let kept = s.kept_updates(1).unwrap();
-        let kept: Vec<(&str, &[u8])> = kept
-            .iter()
-            .map(|(m, b)| (m.client_id.as_str(), b.as_ref()))
-            .collect();
-        assert_eq!(kept, vec![("a", &b"ua"[..]), ("b", &b"ub"[..])]);
-        assert!(
-            s.kept_updates(2).unwrap().is_empty(),
-            "a failed fold keeps nothing"
-        );
-        assert!(matches!(
-            s.accept_update(9, &marker("a", 1), None, append).unwrap(),
-            AcceptOutcome::NotFound
-        ));
-        let failing = |_: Option<&[u8]>| Err("boom".to_string());
-        assert!(matches!(
-            s.accept_update(2, &marker("a", 1), Some(&b"x"[..]), failing),
-            Err(StoreError::Fold(_))
-        ));
-        assert_eq!(s.round(2).unwrap().unwrap().updates, 0);
+            let append = |p: Option<&[u8]>| {
+                let mut v = p.map(|p| p.to_vec()).unwrap_or_default();
+                v.push(7);
+                Ok(v)
+            };
+            assert!(
+                matches!(s.accept_update(1, &marker("a", 3), Some(&b"ua"[..]), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 1 && r.total_samples == 3)
+            );
+            assert!(
+                matches!(s.accept_update(1, &marker("a", 3), Some(&b"ua"[..]), append).unwrap(), AcceptOutcome::Duplicate(r) if r.updates == 1)
+            );
+            assert!(
+                matches!(s.accept_update(1, &marker("b", 2), Some(&b"ub"[..]), append).unwrap(), AcceptOutcome::Accepted(r) if r.updates == 2 && r.uplink_bytes == 20)
+            );
+            assert!(matches!(
+                s.accept_update(1, &marker("c", 2), Some(&b"uc"[..]), append)
+                    .unwrap(),
+                AcceptOutcome::Full(_)
+            ));
+            let sums = s.round_sums(1).unwrap();
+            assert_eq!(sums.len(), 1);
+            assert_eq!(sums[0].as_ref(), &[7, 7]);
+            assert_eq!(s.markers(1).unwrap().len(), 2);
+            let kept = s.kept_updates(1).unwrap();
+            let kept: Vec<(&str, &[u8])> = kept
+                .iter()
+                .map(|(m, b)| (m.client_id.as_str(), b.as_ref()))
+                .collect();
+            assert_eq!(kept, vec![("a", &b"ua"[..]), ("b", &b"ub"[..])]);
+            assert!(
+                s.kept_updates(2).unwrap().is_empty(),
+                "a failed fold keeps nothing"
+            );
+            assert!(matches!(
+                s.accept_update(9, &marker("a", 1), None, append).unwrap(),
+                AcceptOutcome::NotFound
+            ));
+            let failing = |_: Option<&[u8]>| Err("boom".to_string());
+            assert!(matches!(
+                s.accept_update(2, &marker("a", 1), Some(&b"x"[..]), failing),
+                Err(StoreError::Fold(_))
+            ));
+            assert_eq!(s.round(2).unwrap().unwrap().updates, 0);
 
-        let meta = VersionMeta {
-            model: "m".into(),
-            version: 2,
-            sha256: "h".into(),
-            size_bytes: 3,
-            eval_accuracy: Some(0.5),
-            created_unix_ms: 1,
-            from_round: 1,
-            parent_version: 1,
-            signature: String::new(),
-            ..VersionMeta::default()
-        };
-        let done = s
-            .complete_round(1, &meta, b"abc", Some(&b"state"[..]), "ok")
-            .unwrap();
-        assert_eq!(done.state, RoundState::Completed);
-        assert_eq!(done.new_version, 2);
-        assert!(s.complete_round(1, &meta, b"abc", None, "ok").is_err());
-        assert_eq!(s.server_state("m").unwrap().unwrap().as_ref(), b"state");
-        assert!(s.server_state("n").unwrap().is_none());
-        assert!(
-            s.kept_updates(1).unwrap().is_empty(),
-            "closing drops kept updates"
-        );
-        assert_eq!(s.latest_version("m").unwrap().unwrap(), meta);
-        assert_eq!(s.model_bytes("m", 2).unwrap().unwrap().as_ref(), b"abc");
-        assert!(s.round_sum(1).unwrap().is_none());
-        assert!(matches!(
-            s.accept_update(1, &marker("z", 1), None, append).unwrap(),
-            AcceptOutcome::NotOpen(_)
-        ));
-        assert_eq!(s.open_rounds().unwrap().len(), 1);
-        s.fail_round(2, "too few").unwrap();
-        assert!(s.open_rounds().unwrap().is_empty());
-        assert_eq!(s.latest_round("m").unwrap().unwrap().id, 1);
-        assert_eq!(
-            s.latest_round("n").unwrap().unwrap().state,
-            RoundState::Failed
-        );
-        // A new round for m gets a fresh id.
-        assert_eq!(s.open_round(&round("m")).unwrap().0.id, 3);
-        assert_eq!(s.latest_round("m").unwrap().unwrap().id, 3);
+            let meta = VersionMeta {
+                model: "m".into(),
+                version: 2,
+                sha256: "h".into(),
+                size_bytes: 3,
+                eval_accuracy: Some(0.5),
+                created_unix_ms: 1,
+                from_round: 1,
+                parent_version: 1,
+                signature: String::new(),
+                ..VersionMeta::default()
+            };
+            let done = s
+                .complete_round(1, &meta, b"abc", Some(&b"state"[..]), "ok")
+                .unwrap();
+            assert_eq!(done.state, RoundState::Completed);
+            assert_eq!(done.new_version, 2);
+            assert!(s.complete_round(1, &meta, b"abc", None, "ok").is_err());
+            assert_eq!(s.server_state("m").unwrap().unwrap().as_ref(), b"state");
+            assert!(s.server_state("n").unwrap().is_none());
+            assert!(
+                s.kept_updates(1).unwrap().is_empty(),
+                "closing drops kept updates"
+            );
+            assert_eq!(s.latest_version("m").unwrap().unwrap(), meta);
+            assert_eq!(s.model_bytes("m", 2).unwrap().unwrap().as_ref(), b"abc");
+            assert!(s.round_sums(1).unwrap().is_empty());
+            assert!(matches!(
+                s.accept_update(1, &marker("z", 1), None, append).unwrap(),
+                AcceptOutcome::NotOpen(_)
+            ));
+            assert_eq!(s.open_rounds().unwrap().len(), 1);
+            s.fail_round(2, "too few").unwrap();
+            assert!(s.open_rounds().unwrap().is_empty());
+            assert_eq!(s.latest_round("m").unwrap().unwrap().id, 1);
+            assert_eq!(
+                s.latest_round("n").unwrap().unwrap().state,
+                RoundState::Failed
+            );
+            // A new round for m gets a fresh id.
+            assert_eq!(s.open_round(&round("m")).unwrap().0.id, 3);
+            assert_eq!(s.latest_round("m").unwrap().unwrap().id, 3);
+        });
     }
 
     #[test]
     fn versions_are_listed_in_order_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path()).unwrap();
-            for v in [1u64, 2, 10] {
-                let meta = VersionMeta {
-                    model: "m".into(),
-                    version: v,
-                    sha256: format!("{v}"),
-                    size_bytes: 1,
-                    eval_accuracy: None,
-                    created_unix_ms: v,
-                    from_round: 0,
-                    parent_version: 0,
-                    signature: String::new(),
-                    ..VersionMeta::default()
-                };
-                s.put_version(&meta, &[v as u8]).unwrap();
+        on_both_backends(|open| {
+            {
+                let s = open();
+                for v in [1u64, 2, 10] {
+                    let meta = VersionMeta {
+                        model: "m".into(),
+                        version: v,
+                        sha256: format!("{v}"),
+                        size_bytes: 1,
+                        eval_accuracy: None,
+                        created_unix_ms: v,
+                        from_round: 0,
+                        parent_version: 0,
+                        signature: String::new(),
+                        ..VersionMeta::default()
+                    };
+                    s.put_version(&meta, &[v as u8]).unwrap();
+                }
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(s.flush())
+                    .unwrap();
             }
-            s.db.flush().unwrap();
+            let s = open();
+            let vs: Vec<u64> = s.versions("m").unwrap().iter().map(|v| v.version).collect();
+            assert_eq!(vs, vec![1, 2, 10]);
+            assert_eq!(s.latest_version("m").unwrap().unwrap().version, 10);
+            assert!(s.latest_version("mm").unwrap().is_none());
+        });
+    }
+}
+
+/// Two instances on one PostgreSQL database.
+#[cfg(all(test, unix))]
+mod shared_tests {
+    use super::pg::PgOptions;
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn marker(c: &str, n: u64) -> UpdateMarker {
+        UpdateMarker {
+            client_id: c.into(),
+            num_samples: n,
+            reported_samples: n,
+            payload_bytes: 10,
+            ..UpdateMarker::default()
         }
-        let s = Store::open(dir.path()).unwrap();
-        let vs: Vec<u64> = s.versions("m").unwrap().iter().map(|v| v.version).collect();
-        assert_eq!(vs, vec![1, 2, 10]);
-        assert_eq!(s.latest_version("m").unwrap().unwrap().version, 10);
-        assert!(s.latest_version("mm").unwrap().is_none());
+    }
+
+    fn push(v: u8) -> impl Fn(Option<&[u8]>) -> Result<Vec<u8>, String> + Send + Sync {
+        move |p| {
+            let mut out = p.map(<[u8]>::to_vec).unwrap_or_default();
+            out.push(v);
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn instances_count_each_update_once_and_accepts_wait_for_the_closer() {
+        let Some(cluster) = super::pg_cluster::PgCluster::start() else {
+            return;
+        };
+        let url = cluster.database("shared");
+        let open = |instance: &str| {
+            Store::connect_postgres(&PgOptions {
+                url: url.clone(),
+                pool_size: 3,
+                instance: instance.into(),
+            })
+            .unwrap()
+        };
+        let (a, b) = (open("a"), open("b"));
+        let proto = RoundRecord {
+            model: "m".into(),
+            max_clients: 4,
+            ..RoundRecord::default()
+        };
+        let (r, created) = a.open_round(&proto).unwrap();
+        assert!(created);
+        // One open round per model, whichever instance asks.
+        let (same, created) = b.open_round(&proto).unwrap();
+        assert!(!created);
+        assert_eq!(same.id, r.id);
+
+        assert!(matches!(
+            a.accept_update(r.id, &marker("c1", 3), None, push(1)).unwrap(),
+            AcceptOutcome::Accepted(x) if x.updates == 1
+        ));
+        assert!(matches!(
+            b.accept_update(r.id, &marker("c2", 5), None, push(2)).unwrap(),
+            AcceptOutcome::Accepted(x) if x.updates == 2 && x.total_samples == 8
+        ));
+        // c1 is counted once, whichever instance it retries on.
+        assert!(matches!(
+            b.accept_update(r.id, &marker("c1", 3), None, push(9)).unwrap(),
+            AcceptOutcome::Duplicate(x) if x.updates == 2
+        ));
+        // Each instance folded what it accepted into its own partial sum.
+        let mut sums: Vec<Vec<u8>> = a
+            .round_sums(r.id)
+            .unwrap()
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        sums.sort();
+        assert_eq!(sums, vec![vec![1], vec![2]]);
+        assert_eq!(b.round(r.id).unwrap().unwrap().updates, 2);
+
+        // While `a` holds the round's lock to close it, an accept on `b` waits, and then
+        // finds the round closed: nothing lands after the partial sums were read.
+        let lock = a.lock_round(r.id).unwrap();
+        let b2 = b.clone();
+        let id = r.id;
+        let late = std::thread::spawn(move || {
+            let t = Instant::now();
+            let out = b2
+                .accept_update(id, &marker("c3", 1), None, push(3))
+                .unwrap();
+            (out, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !late.is_finished(),
+            "an accept went through a closing round's lock"
+        );
+        let closed = a.fail_round(r.id, "test").unwrap();
+        assert_eq!((closed.updates, closed.total_samples), (2, 8));
+        drop(lock);
+        let (out, waited) = late.join().unwrap();
+        assert!(matches!(out, AcceptOutcome::NotOpen(_)), "{out:?}");
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
+        assert!(a.round_sums(r.id).unwrap().is_empty());
+        // Closed rounds keep their final counters.
+        let rec = b.round(r.id).unwrap().unwrap();
+        assert_eq!((rec.state, rec.updates), (RoundState::Failed, 2));
+        assert_eq!(b.markers(r.id).unwrap().len(), 2);
     }
 }

@@ -80,6 +80,24 @@ fn bad_config_exits_64_with_a_message() {
         "{err}"
     );
 
+    // PostgreSQL without a URL; a URL whose password must not be echoed, with a bad pool.
+    std::fs::write(
+        &p,
+        "admin_token = \"0123456789abcdef0\"\n[store]\nbackend = \"postgres\"\n",
+    )
+    .unwrap();
+    let err = refused(&p);
+    assert!(err.contains("store.url"), "{err}");
+    std::fs::write(
+        &p,
+        "admin_token = \"0123456789abcdef0\"\n[store]\nbackend = \"postgres\"\n\
+         url = \"postgres://u:pw-never-printed@127.0.0.1/db\"\npool_size = 0\n",
+    )
+    .unwrap();
+    let err = refused(&p);
+    assert!(err.contains("store.pool_size"), "{err}");
+    assert!(!err.contains("pw-never-printed"), "{err}");
+
     let out = Command::new(BIN)
         .arg("--config")
         .arg(dir.path().join("missing.toml"))

@@ -1,5 +1,5 @@
-//! End-to-end tests of the coordinator over real gRPC on 127.0.0.1 with a temporary sled
-//! database: enrollment, chunked and resumed model fetch, a full FedAvg round with real encoded
+//! End-to-end tests of the coordinator over real gRPC on 127.0.0.1, each on both storage
+//! backends (a temporary sled database, a PostgreSQL cluster of its own): enrollment, chunked and resumed model fetch, a full FedAvg round with real encoded
 //! updates, refusals, deadlines, and a crash mid-round followed by a restart (in process, by
 //! dropping the server's runtime; `crash.rs` kills the real binary).
 
@@ -76,10 +76,10 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enroll_fetch_round_publish_and_refusals() {
+on_both_backends! {
+    async fn enroll_fetch_round_publish_and_refusals(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(config(&dir.path().join("db")), listener().await)
+    let server = start(b.configure(config(&dir.path().join("db"))), listener().await)
         .await
         .unwrap();
     let tls = Tls::connect(&server).await;
@@ -425,12 +425,13 @@ async fn enroll_fetch_round_publish_and_refusals() {
     assert_eq!(r2.base_version, 2);
     drop(sub);
     server.shutdown().await.unwrap();
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadline_fails_or_completes_the_round() {
+on_both_backends! {
+    async fn deadline_fails_or_completes_the_round(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let h = start(config(&dir.path().join("db")), listener().await)
+    let h = start(b.configure(config(&dir.path().join("db"))), listener().await)
         .await
         .unwrap();
     let tls = Tls::connect(&h).await;
@@ -467,6 +468,7 @@ async fn deadline_fails_or_completes_the_round() {
     assert_eq!(s.new_version, 2);
     assert_eq!(s.eval_accuracy, -1.0, "faces has eval off");
     h.shutdown().await.unwrap();
+    }
 }
 
 /// Runs a coordinator on its own runtime in a thread; dropping that runtime kills every task
@@ -499,11 +501,11 @@ fn crashable(
     (addr_rx.recv().unwrap(), crash_tx, t)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_mid_round_resumes_with_accepted_update() {
+on_both_backends! {
+    async fn crash_mid_round_resumes_with_accepted_update(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
-    let (addr, crash, thread) = crashable(config(&db));
+    let (addr, crash, thread) = crashable(backend.configure(config(&db)));
     let tls = tls_when_ready(addr, &dir.path().join("pki")).await;
     let ch = tls.ch.clone();
     let a = tls.enroll(TOKENS[0], "a").await.unwrap();
@@ -523,7 +525,7 @@ async fn crash_mid_round_resumes_with_accepted_update() {
     drop(ch);
 
     // Restart on the same database: the round is still open with its update.
-    let h = start(config(&db), listener().await).await.unwrap();
+    let h = start(backend.configure(config(&db)), listener().await).await.unwrap();
     let tls = Tls::connect(&h).await;
     let ch = tls.ch.clone();
     // The same CA after the restart: the clients' certificates still work.
@@ -555,6 +557,7 @@ async fn crash_mid_round_resumes_with_accepted_update() {
         max_abs_diff(&got, &want)
     );
     h.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

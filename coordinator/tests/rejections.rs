@@ -26,8 +26,8 @@ fn model(name: &str) -> ModelConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
+on_both_backends! {
+    async fn refused_calls_leave_the_store_unchanged_and_are_counted(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config {
         db_path: dir.path().join("db"),
@@ -39,7 +39,7 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
     };
     cfg.rate_limit.calls_per_minute = 60;
     cfg.rate_limit.burst = BURST;
-    let server = start(cfg, listener().await).await.unwrap();
+    let server = start(b.configure(cfg), listener().await).await.unwrap();
     let coord = server.coordinator().clone();
     let tls = Tls::connect(&server).await;
     let ch = tls.ch.clone();
@@ -182,4 +182,5 @@ async fn refused_calls_leave_the_store_unchanged_and_are_counted() {
     );
     assert_ne!(snapshot(), after);
     server.shutdown().await.unwrap();
+    }
 }

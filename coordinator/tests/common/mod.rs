@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
+#[cfg(unix)]
+pub mod pg;
+
 /// Admin token of every test coordinator.
 pub const ADMIN: &str = "admin-token-for-tests-0123456789";
 
@@ -472,4 +475,72 @@ pub async fn tls_when_ready(addr: std::net::SocketAddr, pki_dir: &Path) -> Tls {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Where a test coordinator keeps its state: sled (in the test's temp dir) or a database of
+/// a PostgreSQL cluster started for the test (see [`pg::PgCluster`]).
+pub struct Backend {
+    pub pg: Option<(pg::PgCluster, String)>,
+}
+
+impl Backend {
+    pub fn sled() -> Backend {
+        Backend { pg: None }
+    }
+
+    /// A fresh cluster and database; `None` (the test is skipped, with a message) without
+    /// PostgreSQL binaries.
+    pub fn postgres() -> Option<Backend> {
+        let cluster = pg::PgCluster::start()?;
+        let url = cluster.database("hearth");
+        Some(Backend {
+            pg: Some((cluster, url)),
+        })
+    }
+
+    /// Points `c` at this backend (the same database at every call).
+    pub fn configure(&self, mut c: hearth_coordinator::Config) -> hearth_coordinator::Config {
+        if let Some((_, url)) = &self.pg {
+            c.store.backend = hearth_coordinator::StoreBackend::Postgres;
+            c.store.url = url.clone();
+            c.store.poll_ms = 200;
+        }
+        c
+    }
+
+    /// The `[store]` section of a config file for this backend (empty for sled).
+    pub fn toml(&self) -> String {
+        match &self.pg {
+            Some((_, url)) => {
+                format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\npoll_ms = 200\n")
+            }
+            None => String::new(),
+        }
+    }
+}
+
+/// `async fn name(b: Backend) { .. }` becomes the tests `name::sled` and `name::postgres`:
+/// the same body on both storage backends (the latter skipped without PostgreSQL binaries).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($(#[$m:meta])* async fn $name:ident($b:ident: Backend) $body:block) => {
+        $(#[$m])*
+        mod $name {
+            use super::*;
+
+            async fn case($b: Backend) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sled() {
+                case(Backend::sled()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(b) = Backend::postgres() {
+                    case(b).await
+                }
+            }
+        }
+    };
 }
