@@ -13,6 +13,7 @@
 pub mod bytes;
 pub mod data;
 pub mod dense;
+pub mod downlink;
 pub mod error;
 pub mod fedsim;
 pub mod formats;
