@@ -111,6 +111,8 @@ pub struct Config {
     /// Per-model client optimizer (`[model_training.<name>]`), replacing `client_training`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub model_training: BTreeMap<String, ClientTraining>,
+    /// How new versions travel to agents that hold the previous one (`[downlink]`).
+    pub downlink: Downlink,
     /// Models the coordinator serves.
     #[serde(rename = "model")]
     pub models: Vec<ModelConfig>,
@@ -263,6 +265,29 @@ pub struct RoundDefaults {
     /// on) and evaluates the round's base version on (0 = no federated evaluation).
     #[serde(serialize_with = "short_f32")]
     pub eval_fraction: f32,
+}
+
+/// The compressed downlink (`hearth_model::downlink`): a version a round produces is the
+/// reconstruction of a coded delta against its parent, and an agent holding the parent
+/// downloads that delta instead of the ONNX file.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Downlink {
+    /// Bits per value of the delta: 2..=8 (quantized with error feedback on the server),
+    /// 32 (raw f32 values: exact), or 0 (off: every version ships as the whole file).
+    pub bits: u32,
+    /// Share of each tensor's delta values sent, largest first (1.0 = dense).
+    #[serde(serialize_with = "short_f32")]
+    pub topk_fraction: f32,
+}
+
+impl Default for Downlink {
+    fn default() -> Self {
+        Downlink {
+            bits: 8,
+            topk_fraction: 1.0,
+        }
+    }
 }
 
 /// The optimizer clients train with, sent in the round task.
@@ -720,6 +745,7 @@ impl Default for Config {
             model_aggregation: BTreeMap::new(),
             client_training: ClientTraining::default(),
             model_training: BTreeMap::new(),
+            downlink: Downlink::default(),
             models: ["plaid", "faces", "digits"]
                 .into_iter()
                 .map(|t| ModelConfig {
@@ -890,8 +916,15 @@ impl Config {
                 r.clip_norm, self.max_update_norm
             ));
         }
-        if !(2..=8).contains(&r.quant_bits) {
-            return bad("round.quant_bits must be in 2..=8".into());
+        if !((2..=8).contains(&r.quant_bits) || r.quant_bits == 32) {
+            return bad("round.quant_bits must be in 2..=8, or 32 (uncompressed f32)".into());
+        }
+        let d = &self.downlink;
+        if !(d.bits == 0 || (2..=8).contains(&d.bits) || d.bits == 32) {
+            return bad("downlink.bits must be 0 (off), in 2..=8, or 32 (exact f32)".into());
+        }
+        if !(d.topk_fraction > 0.0 && d.topk_fraction <= 1.0) {
+            return bad("downlink.topk_fraction must be in (0, 1]".into());
         }
         if !(r.topk_fraction > 0.0 && r.topk_fraction <= 1.0) {
             return bad("round.topk_fraction must be in (0, 1]".into());

@@ -16,6 +16,7 @@
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
 //! - [`client`]: TLS channels to a coordinator, for the CLI subcommands and tests.
+//! - [`plot`]: accuracy per version and bytes per round as SVG (`hearth-coordinator plot`).
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
@@ -27,6 +28,7 @@ pub mod limits;
 pub mod metrics;
 pub mod optimizer;
 pub mod pki;
+pub mod plot;
 pub mod ratelimit;
 pub mod robust;
 pub mod rounds;
@@ -37,8 +39,8 @@ pub mod state;
 pub mod store;
 
 pub use config::{
-    Aggregation, ClientOptimizer, ClientTraining, Combine, Config, ConfigError, ModelConfig,
-    RoundDefaults, ServerOptimizer, StoreBackend, StoreConfig,
+    Aggregation, ClientOptimizer, ClientTraining, Combine, Config, ConfigError, Downlink,
+    ModelConfig, RoundDefaults, ServerOptimizer, StoreBackend, StoreConfig,
 };
 pub use server::{run, start, CoordinatorHandle};
 pub use state::Coordinator;

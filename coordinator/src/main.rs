@@ -89,6 +89,38 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Plot a model's held-out and federated accuracy per version and its uplink and
+    /// downlink bytes per round, as SVG.
+    Plot {
+        /// Model name.
+        model: String,
+        /// Output file (.svg).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Start a refresh of a model: one round, `--rounds N` back to back, or rounds until
+    /// the held-out accuracy reaches `--target-accuracy` (at most `--rounds`). Prints the
+    /// first round; follow it with `versions`.
+    StartRound {
+        /// Model name.
+        model: String,
+        /// Rounds to run back to back (the server loop).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Stop once the held-out accuracy reaches this (0 = no target).
+        #[arg(long, default_value_t = 0.0)]
+        target_accuracy: f32,
+        /// Fewest updates at the deadline (0 = the configured default).
+        #[arg(long, default_value_t = 0)]
+        min_clients: u32,
+        /// Updates that complete a round at once (0 = the configured default).
+        #[arg(long, default_value_t = 0)]
+        max_clients: u32,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Republish an older version: its content becomes the next version (signed, parent =
     /// the latest, lineage recorded), which agents load like any new version.
     Rollback {
@@ -123,6 +155,8 @@ async fn admin_command(config: &Config, cmd: &Command) -> Result<(), (u8, String
         Command::EnrollToken { target, .. }
         | Command::Revoke { target, .. }
         | Command::Versions { target, .. }
+        | Command::Plot { target, .. }
+        | Command::StartRound { target, .. }
         | Command::Rollback { target, .. } => target,
     };
     let url = match &target.coordinator {
@@ -232,6 +266,62 @@ async fn admin_command(config: &Config, cmd: &Command) -> Result<(), (u8, String
                 .into_inner();
             print!("{}", versions_table(&r.versions));
         }
+        Command::Plot { model, out, .. } => {
+            let r = admin
+                .list_versions(auth(
+                    hearth_proto::v1::ListVersionsRequest {
+                        model: model.clone(),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let opt = |a: f32| (a >= 0.0).then_some(a);
+            let points: Vec<hearth_coordinator::plot::RoundPoint> = r
+                .versions
+                .iter()
+                .map(|v| hearth_coordinator::plot::RoundPoint {
+                    version: v.version,
+                    heldout_accuracy: opt(v.eval_accuracy),
+                    federated_accuracy: opt(v.federated_accuracy),
+                    uplink_bytes: v.uplink_bytes,
+                    downlink_bytes: v.downlink_bytes,
+                })
+                .collect();
+            hearth_coordinator::plot::write(model, &points, out)
+                .map_err(|e| (EXIT_REFUSED, format!("{}: {e}", out.display())))?;
+            println!("wrote {} ({} versions)", out.display(), points.len());
+        }
+        Command::StartRound {
+            model,
+            rounds,
+            target_accuracy,
+            min_clients,
+            max_clients,
+            ..
+        } => {
+            let r = admin
+                .start_round(auth(
+                    hearth_proto::v1::StartRoundRequest {
+                        model: model.clone(),
+                        min_clients: *min_clients,
+                        max_clients: *max_clients,
+                        reason: "cli".into(),
+                        num_rounds: *rounds,
+                        target_accuracy: *target_accuracy,
+                        ..Default::default()
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!(
+                "round {} of {model} open on version {} (cohort {}, {} rounds left after it)",
+                r.round_id, r.base_version, r.cohort_size, r.rounds_left
+            );
+        }
         Command::Rollback { model, version, .. } => {
             let v = admin
                 .rollback(auth(
@@ -280,6 +370,8 @@ fn versions_table(versions: &[hearth_proto::v1::ModelVersion]) -> String {
             format!("rollback to {}", v.rollback_of)
         } else if v.from_round == 0 {
             "initial".to_string()
+        } else if v.delta_bytes > 0 {
+            format!("delta {} of {} bytes", v.delta_bytes, v.size_bytes)
         } else {
             String::new()
         };

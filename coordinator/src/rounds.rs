@@ -9,7 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_model::OnnxModel;
+use hearth_model::update::CodecConfig;
+use hearth_model::{OnnxModel, Weights};
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
 
@@ -21,8 +22,8 @@ use crate::optimizer::{self, ServerState};
 use crate::robust::{self, Weighted};
 use crate::state::{blocking_task, evaluate, sha256_hex, stopped, Coordinator, Event};
 use crate::store::{
-    now_unix_ms, AcceptOutcome, RoundRecord, RoundState, StoreError, TaskParams, UpdateMarker,
-    VersionMeta,
+    now_unix_ms, AcceptOutcome, DeltaRecord, RoundRecord, RoundState, StoreError, TaskParams,
+    UpdateMarker, VersionMeta,
 };
 use crate::Error;
 
@@ -114,8 +115,10 @@ pub struct VersionReport {
     pub clients: u32,
     /// Payload bytes of those updates.
     pub uplink_bytes: u64,
-    /// Bytes of this version served by `FetchModel`.
+    /// Bytes of this version served by `FetchModel` (whole files and coded deltas).
     pub downlink_bytes: u64,
+    /// Size of its coded delta against its parent (0: none kept, agents fetch the file).
+    pub delta_bytes: u64,
     /// Opening to close of the round that produced it, ms.
     pub wall_ms: u64,
     /// Clients' evaluation of this version on their held-out data (rounds based on it),
@@ -833,6 +836,10 @@ impl Coordinator {
                 uplink_bytes: from.map_or(0, |r| r.uplink_bytes),
                 wall_ms: from.map_or(0, |r| r.closed_unix_ms.saturating_sub(r.opened_unix_ms)),
                 downlink_bytes: self.store.downlink(model, meta.version)?,
+                delta_bytes: self
+                    .store
+                    .delta(model, meta.version)?
+                    .map_or(0, |d| d.payload.len() as u64),
                 federated,
                 meta,
             });
@@ -937,9 +944,29 @@ impl Coordinator {
         let state = self.store.server_state(&rec.model)?;
         let eval = self.eval_sets.get(&rec.model).cloned();
         let name = rec.model.clone();
+        // The version this one succeeds (rounds of a model run one at a time: its base).
+        let parent = self
+            .store
+            .latest_version(&rec.model)?
+            .map_or(0, |v| v.version);
+        // Compressed downlink: the new version is coded as a delta against the parent, with
+        // the residual the parent's delta left (none after an initial version or a rollback).
+        let downlink = self.config.downlink;
+        let coded = if downlink.bits != 0 && parent > 0 {
+            let parent_bytes = self.store.model_bytes(&rec.model, parent)?;
+            let residual = self
+                .store
+                .delta(&rec.model, parent)?
+                .map(|d| d.residual)
+                .unwrap_or_default();
+            parent_bytes.map(|b| (b, residual))
+        } else {
+            None
+        };
+        let seed = rec.id ^ fnv(&rec.model);
         let updates = rec.updates as usize;
         let internal = |e: crate::aggregate::AggregateError| Error::Internal(e.to_string());
-        let (bytes, acc, state, how) = blocking_task(move || {
+        let (bytes, acc, state, how, delta_rec) = blocking_task(move || {
             let mut model = OnnxModel::from_bytes(&base)?;
             let mut w = model.weights();
             let (delta, how) = if keeps && kept.len() == updates {
@@ -979,17 +1006,47 @@ impl Coordinator {
                 None => ServerState::default(),
             };
             let next = optimizer::step(&a, lr, &mut w, &delta, previous).map_err(internal)?;
-            model.set_weights(&w)?;
+            // What is published: the exact target, or (compressed downlink) the model agents
+            // rebuild from the parent and the coded delta — the same function on both sides.
+            let mut delta_rec = None;
+            if let Some((parent_bytes, residual)) = coded {
+                let cfg = CodecConfig {
+                    bits: downlink.bits as u8,
+                    topk_fraction: downlink.topk_fraction,
+                };
+                let mut residual = if residual.is_empty() {
+                    Weights::new()
+                } else {
+                    weights_from_bytes(&residual).unwrap_or_else(|e| {
+                        tracing::warn!(model = %name, error = %e, "unreadable downlink residual: dropped");
+                        Weights::new()
+                    })
+                };
+                let coded = OnnxModel::from_bytes(&parent_bytes).and_then(|p| {
+                    hearth_model::downlink::code(&p, &w, &mut residual, &cfg, seed)
+                });
+                match coded {
+                    Ok((payload, published)) => {
+                        model = published;
+                        delta_rec = Some(DeltaRecord {
+                            base: parent,
+                            payload,
+                            residual: weights_to_bytes(&residual),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %name, error = %e, "cannot code the new version as a delta: publishing the whole model");
+                        model.set_weights(&w)?;
+                    }
+                }
+            } else {
+                model.set_weights(&w)?;
+            }
             let acc = eval.and_then(|ds| evaluate(&name, &model, &ds));
             let how = format!("{:?} (η = {lr}) over the {how} updates", a.optimizer);
-            Ok::<_, Error>((model.to_bytes(), acc, next.to_bytes(), how))
+            Ok::<_, Error>((model.to_bytes(), acc, next.to_bytes(), how, delta_rec))
         })
         .await??;
-        // The version this one succeeds (rounds of a model run one at a time: its base).
-        let parent = self
-            .store
-            .latest_version(&rec.model)?
-            .map_or(0, |v| v.version);
         let version = parent + 1;
         let mut meta = VersionMeta {
             model: rec.model.clone(),
@@ -1007,6 +1064,12 @@ impl Coordinator {
         let detail = format!("{how} ({} samples)", rec.total_samples);
         self.store
             .complete_round(rec.id, &meta, &bytes, Some(&state), &detail)?;
+        if let Some(d) = delta_rec {
+            // After the version: without it (a crash here) agents fetch the whole file.
+            if let Err(e) = self.store.put_delta(&rec.model, version, &d) {
+                tracing::warn!(model = %rec.model, version, error = %e, "cannot keep the downlink delta");
+            }
+        }
         self.store.flush().await?;
         Ok(meta)
     }

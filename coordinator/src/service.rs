@@ -258,6 +258,7 @@ fn wire_report(r: &VersionReport) -> v1::ModelVersion {
         round_clients: r.clients,
         uplink_bytes: r.uplink_bytes,
         downlink_bytes: r.downlink_bytes,
+        delta_bytes: r.delta_bytes,
         round_wall_ms: r.wall_ms,
         federated_accuracy: fa,
         federated_loss: fl,
@@ -485,12 +486,30 @@ impl Federation for Services {
         .ok_or_else(|| {
             Status::not_found(format!("model {} has no version {}", r.model, r.version))
         })?;
-        let bytes = store
-            .model_bytes(&meta.model, meta.version)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                internal(format!("bytes of {} v{} missing", meta.model, meta.version))
-            })?;
+        // Compressed downlink: a client holding the signed parent gets the coded delta
+        // (it rebuilds the file and checks it against the signed digest); anyone else, or
+        // when no delta was kept, the whole file.
+        let delta = if r.have_version != 0 && r.have_version == meta.parent_version {
+            store
+                .delta(&meta.model, meta.version)
+                .map_err(internal)?
+                .filter(|d| d.base == r.have_version)
+        } else {
+            None
+        };
+        let (bytes, delta_base): (Vec<u8>, u64) = match delta {
+            Some(d) => (d.payload, d.base),
+            None => (
+                store
+                    .model_bytes(&meta.model, meta.version)
+                    .map_err(internal)?
+                    .ok_or_else(|| {
+                        internal(format!("bytes of {} v{} missing", meta.model, meta.version))
+                    })?
+                    .to_vec(),
+                0,
+            ),
+        };
         let total = bytes.len() as u64;
         if r.offset > total {
             return Err(Status::out_of_range(format!(
@@ -524,6 +543,7 @@ impl Federation for Services {
                     data: bytes[offset..end].to_vec(),
                     parent_version: meta.parent_version,
                     signature: signature.clone(),
+                    delta_base,
                 };
                 let sent = tokio::select! {
                     s = tokio::time::timeout_at(deadline, send(&tx, chunk, &mut stop)) => s,

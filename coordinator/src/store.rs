@@ -287,6 +287,18 @@ pub enum AcceptOutcome {
     NotFound,
 }
 
+/// A version's coded delta against its parent (the compressed downlink).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeltaRecord {
+    /// The version the delta applies to.
+    pub base: u64,
+    /// The coded delta (`hearth_model::update` format).
+    pub payload: Vec<u8>,
+    /// The server's error-feedback residual after this version (the coordinator's encoding;
+    /// empty for none).
+    pub residual: Vec<u8>,
+}
+
 /// The store: sled or PostgreSQL behind the same operations. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -448,6 +460,24 @@ impl Store {
         dispatch!(self, s => s.downlink(model, version))
     }
 
+    /// Keeps the coded delta that turns version `rec.base` of `model` into `version` (the
+    /// compressed downlink) with the server's error-feedback residual it left. Written after
+    /// the version itself: a delta that is missing (a crash in between) only means agents
+    /// download the whole file and the next delta starts without a residual.
+    pub fn put_delta(
+        &self,
+        model: &str,
+        version: u64,
+        rec: &DeltaRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_delta(model, version, rec))
+    }
+
+    /// The coded delta into `version` of `model`, if kept.
+    pub fn delta(&self, model: &str, version: u64) -> Result<Option<DeltaRecord>, StoreError> {
+        dispatch!(self, s => s.delta(model, version))
+    }
+
     /// Every round of `model`, oldest first.
     pub fn rounds_of(&self, model: &str) -> Result<Vec<RoundRecord>, StoreError> {
         dispatch!(self, s => s.rounds_of(model))
@@ -583,6 +613,7 @@ struct SledStore {
     kept: Tree,
     server_state: Tree,
     downlink: Tree,
+    deltas: Tree,
     meta: Tree,
 }
 
@@ -678,6 +709,7 @@ impl SledStore {
             kept: db.open_tree("kept_updates")?,
             server_state: db.open_tree("server_state")?,
             downlink: db.open_tree("downlink")?,
+            deltas: db.open_tree("deltas")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -862,6 +894,46 @@ impl SledStore {
             Some(b) => u64_from(&b),
             None => Ok(0),
         }
+    }
+
+    /// Keeps the coded delta that turns version `rec.base` of `model` into `version` (the
+    /// compressed downlink) with the server's error-feedback residual it left. Written after
+    /// the version itself: a delta that is missing (a crash in between) only means agents
+    /// download the whole file and the next delta starts without a residual.
+    pub fn put_delta(
+        &self,
+        model: &str,
+        version: u64,
+        rec: &DeltaRecord,
+    ) -> Result<(), StoreError> {
+        let mut v = Vec::with_capacity(16 + rec.payload.len() + rec.residual.len());
+        v.extend_from_slice(&rec.base.to_be_bytes());
+        v.extend_from_slice(&(rec.payload.len() as u64).to_be_bytes());
+        v.extend_from_slice(&rec.payload);
+        v.extend_from_slice(&rec.residual);
+        self.deltas.insert(version_key(model, version), v)?;
+        Ok(())
+    }
+
+    /// The coded delta into `version` of `model`, if kept.
+    pub fn delta(&self, model: &str, version: u64) -> Result<Option<DeltaRecord>, StoreError> {
+        let Some(b) = self.deltas.get(version_key(model, version))? else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt("short delta record".into());
+        if b.len() < 16 {
+            return Err(corrupt());
+        }
+        let base = u64_from(&b[..8])?;
+        let n = usize::try_from(u64_from(&b[8..16])?).map_err(|_| corrupt())?;
+        if n > b.len() - 16 {
+            return Err(corrupt());
+        }
+        Ok(Some(DeltaRecord {
+            base,
+            payload: b[16..16 + n].to_vec(),
+            residual: b[16 + n..].to_vec(),
+        }))
     }
 
     /// Every round of `model`, oldest first.

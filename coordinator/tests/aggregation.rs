@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::*;
-use hearth_coordinator::{start, Aggregation, Combine, Config, ModelConfig, ServerOptimizer};
+use hearth_coordinator::{
+    start, Aggregation, Combine, Config, Downlink, ModelConfig, ServerOptimizer,
+};
 use hearth_model::{decode_update, OnnxModel, Weights};
 use hearth_proto::v1::RoundState;
 use tonic::transport::Channel;
@@ -54,6 +56,12 @@ fn config(db: &Path, aggregation: &[(&str, Aggregation)]) -> Config {
             .iter()
             .map(|(n, a)| (n.to_string(), a.clone()))
             .collect::<BTreeMap<_, _>>(),
+        // The exact aggregate is published (the compressed downlink, which publishes its
+        // 8-bit reconstruction, has tests/downlink.rs).
+        downlink: Downlink {
+            bits: 0,
+            ..Downlink::default()
+        },
         ..Config::default()
     };
     // Krum with f = 1 needs rounds of at least 5; tests ask for smaller rounds where they may.

@@ -315,4 +315,23 @@ fn enroll_token_and_revoke_subcommands_talk_to_the_running_coordinator() {
     let out = cli(&["rollback", "digits", "1"], ADMIN);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already the latest"));
+    // `plot` writes an SVG (and refuses other formats); `start-round` opens a server loop.
+    let svg = dir.path().join("digits.svg");
+    let out = cli(&["plot", "digits", "--out", svg.to_str().unwrap()], ADMIN);
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.starts_with("<svg") && text.contains("downlink"),
+        "{text}"
+    );
+    let png = dir.path().join("digits.png");
+    let out = cli(&["plot", "digits", "--out", png.to_str().unwrap()], ADMIN);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = cli(&["start-round", "digits", "--rounds", "3"], ADMIN);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("of digits open on version 1") && text.contains("2 rounds left"),
+        "{text}"
+    );
 }

@@ -41,6 +41,7 @@ fn write_config(dir: &Path, b: &Backend) -> PathBuf {
          enrollment_tokens = [{tokens}]\n\
          [round]\nmin_clients = {n}\nmax_clients = {n}\ndeadline_secs = 600\n\
          [aggregation]\ncombine = \"mean\"\n\
+         [downlink]\nbits = 0\n\
          [[model]]\nname = {MODEL:?}\ntask = \"digits\"\neval = false\nseed = 7\n{store}",
         db = dir.join("state").join("coordinator.db"),
         data = data_dir(),

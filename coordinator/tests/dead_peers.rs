@@ -229,6 +229,7 @@ async fn a_stalled_download_is_cut_at_the_fetch_deadline_and_frees_its_stream() 
             model: "big".into(),
             version: 1,
             offset: 0,
+            have_version: 0,
         })
         .await
         .unwrap()

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use hearth_coordinator::{start, Config, ModelConfig};
+use hearth_coordinator::{start, Config, Downlink, ModelConfig};
 use hearth_model::{OnnxModel, Tensor};
 use hearth_proto::v1::{
     admin_client::AdminClient, federation_client::FederationClient, federation_event, update_chunk,
@@ -51,6 +51,12 @@ fn config(db: &Path) -> Config {
                 seed: 3,
             },
         ],
+        // The exact aggregate is published (the compressed downlink, which publishes its
+        // 8-bit reconstruction, has tests/downlink.rs).
+        downlink: Downlink {
+            bits: 0,
+            ..Downlink::default()
+        },
         ..Config::default()
     };
     c.round.deadline_secs = 300;

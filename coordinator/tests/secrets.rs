@@ -87,6 +87,7 @@ async fn tokens_and_keys_never_appear_in_the_log() {
                 model: "digits".into(),
                 version: 1,
                 offset: 0,
+                have_version: 0,
             },
             &c,
         ))

@@ -132,6 +132,7 @@ async fn global(c: &Client, version: u64) -> hearth_model::Weights {
             model: MODEL.into(),
             version,
             offset: 0,
+            have_version: 0,
         })
         .await
         .unwrap()

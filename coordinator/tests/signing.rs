@@ -46,6 +46,7 @@ async fn fetch_signed(
                 model: "digits".into(),
                 version,
                 offset: 0,
+                have_version: 0,
             },
             c,
         ))

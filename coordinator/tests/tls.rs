@@ -144,6 +144,7 @@ async fn fetch_tls(
             model: MODEL.into(),
             version,
             offset: 0,
+            have_version: 0,
         })
         .await?
         .into_inner();

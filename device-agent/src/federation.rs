@@ -733,14 +733,51 @@ impl Worker {
         if cur.global && cur.version == version {
             return Ok(cur);
         }
-        let (meta, bytes, signed) = fetch_model(
+        let have = if cur.global { cur.version } else { 0 };
+        let (mut meta, mut bytes, mut signed, delta_base) = fetch_model(
             &mut self.client,
             &self.shared.state,
             &self.shared.model_name,
             version,
+            have,
         )
         .await?;
         add(&self.shared.stats.bytes_downloaded, bytes.len() as u64);
+        if delta_base != 0 {
+            // A coded delta: rebuild the file from the model in use; only a rebuild whose
+            // digest is the signed one goes on (to the same checks as a downloaded file).
+            let base = cur.clone();
+            let want = signed.sha256.clone();
+            let rebuilt =
+                tokio::task::spawn_blocking(move || rebuild(&base, delta_base, &bytes, &want))
+                    .await
+                    .map_err(|e| Error::Protocol(format!("rebuild task: {e}")))?;
+            match rebuilt {
+                Ok(b) => {
+                    add(&self.shared.stats.models_from_delta, 1);
+                    meta.sha256 = sha256_hex(&b);
+                    meta.size_bytes = b.len() as u64;
+                    bytes = b;
+                }
+                Err(why) => {
+                    add(&self.shared.stats.delta_fallbacks, 1);
+                    tracing::warn!(
+                        model = %self.shared.model_name, version,
+                        "the coded delta did not rebuild the signed model ({why}): fetching the whole file"
+                    );
+                    let full = fetch_model(
+                        &mut self.client,
+                        &self.shared.state,
+                        &self.shared.model_name,
+                        version,
+                        0,
+                    )
+                    .await?;
+                    add(&self.shared.stats.bytes_downloaded, full.1.len() as u64);
+                    (meta, bytes, signed) = (full.0, full.1, full.2);
+                }
+            }
+        }
         // Nothing downloaded is stored or used before it verifies.
         let current = if cur.global { cur.version } else { 0 };
         if let Err((reason, detail)) = check_model(
@@ -1062,6 +1099,7 @@ async fn version_exists(client: &mut FedClient, model: &str, version: u64) -> Re
         model: model.to_string(),
         version,
         offset: 0,
+        have_version: 0,
     };
     match tokio::time::timeout(ENROLL_TIMEOUT, client.fetch_model(req)).await {
         Ok(Ok(_)) => Ok(true),
@@ -1232,6 +1270,27 @@ fn check_model(
     Ok(())
 }
 
+/// Rebuilds version N+1's ONNX file from the model in use (`base`, version `delta_base`)
+/// and the coded delta, as the coordinator defined it (`hearth_model::downlink::apply`);
+/// refuses a rebuild whose SHA-256 is not `want` (the signed digest).
+fn rebuild(base: &Loaded, delta_base: u64, delta: &[u8], want: &str) -> Result<Vec<u8>, String> {
+    if !base.global || base.version != delta_base {
+        return Err(format!(
+            "a delta against version {delta_base}, but version {} is in use",
+            base.version
+        ));
+    }
+    let next = hearth_model::downlink::apply(&base.onnx, delta).map_err(|e| e.to_string())?;
+    let bytes = next.to_bytes();
+    let got = sha256_hex(&bytes);
+    if !got.eq_ignore_ascii_case(want) {
+        return Err(format!(
+            "the rebuilt model hashes to {got}, the signed digest is {want}"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Download progress of one model version, kept across resumed attempts.
 #[derive(Default)]
 struct Download {
@@ -1240,6 +1299,11 @@ struct Download {
     sha256: Option<String>,
     /// Signed parent and signature, as the chunks of this download carry them.
     signed: Option<(u64, Vec<u8>)>,
+    /// The version the agent holds, offered for a coded delta (0: ask for the file).
+    have: u64,
+    /// What the chunks carry: 0 the ONNX file, else a coded delta against that version
+    /// (set by the first chunk; not kept in the state directory, a delta is refetched).
+    delta_base: Option<u64>,
     buf: Vec<u8>,
 }
 
@@ -1279,6 +1343,21 @@ impl Download {
             }
             Some(_) => {}
         }
+        match self.delta_base {
+            None => self.delta_base = Some(c.delta_base),
+            Some(d) if d != c.delta_base => {
+                return Err(Error::Integrity(
+                    "the download switched between file and delta".into(),
+                ))
+            }
+            Some(_) => {}
+        }
+        if c.delta_base != 0 && c.delta_base != self.have {
+            return Err(Error::Integrity(format!(
+                "a delta against version {} while holding {}",
+                c.delta_base, self.have
+            )));
+        }
         match &self.signed {
             None => self.signed = Some((c.parent_version, c.signature.clone())),
             Some((p, s)) if *p != c.parent_version || *s != c.signature => {
@@ -1317,6 +1396,7 @@ async fn fetch_pass(
         model: model.to_string(),
         version: dl.version,
         offset: dl.buf.len() as u64,
+        have_version: dl.have,
     };
     let mut stream = client
         .fetch_model(req)
@@ -1326,7 +1406,8 @@ async fn fetch_pass(
     while let Some(c) = stream.message().await.map_err(rpc_error)? {
         let (fresh, before) = (dl.total.is_none(), dl.buf.len());
         dl.absorb(model, c)?;
-        if fresh {
+        let file = dl.delta_base == Some(0);
+        if fresh && file {
             let (parent, signature) = dl.signed.clone().unwrap_or_default();
             state.begin_download(&ModelMeta {
                 model: model.to_string(),
@@ -1337,7 +1418,9 @@ async fn fetch_pass(
                 signature: hex::encode(signature),
             })?;
         }
-        state.append_download(model, &dl.buf[before..])?;
+        if file {
+            state.append_download(model, &dl.buf[before..])?;
+        }
         if before == 0 && !dl.complete() {
             test_pause("chunk").await;
         }
@@ -1349,14 +1432,17 @@ async fn fetch_pass(
 }
 
 /// Fetches `version` (0 = latest) in chunks, resuming from the last byte received
-/// after an error. Returns the bytes, their description (with their own SHA-256) and what
-/// the coordinator announced and signed; [`check_model`] decides whether they are used.
+/// after an error; `have` (0 = none) is the version the agent holds, offered for a coded
+/// delta. Returns the bytes, their description (with their own SHA-256), what the
+/// coordinator announced and signed, and the version the bytes are a delta against (0: the
+/// ONNX file); [`check_model`] decides whether a file is used.
 async fn fetch_model(
     client: &mut FedClient,
     state: &StateDir,
     model: &str,
     version: u64,
-) -> Result<(ModelMeta, Vec<u8>, Signed), Error> {
+    have: u64,
+) -> Result<(ModelMeta, Vec<u8>, Signed, u64), Error> {
     let mut dl = match state.load_download(model)? {
         Some(p) if version != 0 && p.meta.version == version => {
             tracing::info!(
@@ -1374,11 +1460,14 @@ async fn fetch_model(
                     p.meta.parent_version,
                     hex::decode(&p.meta.signature).unwrap_or_default(),
                 )),
+                have: 0,
+                delta_base: Some(0),
                 buf: p.bytes,
             }
         }
         _ => Download {
             version,
+            have,
             ..Download::default()
         },
     };
@@ -1429,7 +1518,7 @@ async fn fetch_model(
         parent,
         signature,
     };
-    Ok((meta, dl.buf, signed))
+    Ok((meta, dl.buf, signed, dl.delta_base.unwrap_or(0)))
 }
 
 #[cfg(test)]

@@ -30,8 +30,13 @@ pub struct AgentStats {
     /// Rounds that failed after this device's update was acknowledged, or closed before it
     /// arrived: the residual went back to the one before the round.
     pub rounds_rolled_back: AtomicU64,
-    /// Model bytes downloaded from the coordinator.
+    /// Model bytes downloaded from the coordinator (whole files and coded deltas).
     pub bytes_downloaded: AtomicU64,
+    /// Versions rebuilt from a coded delta against the version in use (compressed downlink).
+    pub models_from_delta: AtomicU64,
+    /// Deltas that did not rebuild the signed model (bad delta, or a base that differs from
+    /// the coordinator's): the whole file was fetched instead.
+    pub delta_fallbacks: AtomicU64,
     /// Model versions hot-swapped in since start.
     pub models_loaded: AtomicU64,
     /// Version of the model currently used for inference (0 = local bootstrap).
@@ -82,6 +87,8 @@ pub struct StatsSnapshot {
     pub rounds_committed: u64,
     pub rounds_rolled_back: u64,
     pub bytes_downloaded: u64,
+    pub models_from_delta: u64,
+    pub delta_fallbacks: u64,
     pub models_loaded: u64,
     pub model_version: u64,
     pub mqtt_connects: u64,
@@ -116,6 +123,8 @@ impl AgentStats {
             rounds_committed: r(&self.rounds_committed),
             rounds_rolled_back: r(&self.rounds_rolled_back),
             bytes_downloaded: r(&self.bytes_downloaded),
+            models_from_delta: r(&self.models_from_delta),
+            delta_fallbacks: r(&self.delta_fallbacks),
             models_loaded: r(&self.models_loaded),
             model_version: r(&self.model_version),
             mqtt_connects: r(&self.mqtt_connects),

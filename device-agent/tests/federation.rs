@@ -189,6 +189,12 @@ async fn two_agents_complete_a_round_and_hot_swap_the_new_version() {
     .await;
     let sa_stats = a.stats().snapshot();
     assert_eq!(sa_stats.rounds_failed, 0);
+    // Version 2 came as a coded delta against version 1 and rebuilt the signed file.
+    assert_eq!(
+        (sa_stats.models_from_delta, sa_stats.delta_fallbacks),
+        (1, 0),
+        "{sa_stats:?}"
+    );
     assert!(sa_stats.bytes_uploaded > 0);
 
     let status = admin

@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::{data_dir, start_broker};
 use hearth_agent::state::{Credentials, StateDir};
 use hearth_agent::{AgentHandle, Config, Partition};
-use hearth_model::{OnnxModel, TaskSpec};
+use hearth_model::{downlink, CodecConfig, OnnxModel, TaskSpec, Weights};
 use hearth_proto::signing::{hex_encode, ModelSigner, ModelStatement};
 use hearth_proto::v1::enrollment_server::{Enrollment, EnrollmentServer};
 use hearth_proto::v1::federation_server::{Federation, FederationServer};
@@ -42,6 +42,8 @@ struct Offer {
     sha256: String,
     signature: Vec<u8>,
     bytes: Vec<u8>,
+    /// A coded delta (against `.0`) served instead of `bytes` to a client holding `.0`.
+    delta: Option<(u64, Vec<u8>)>,
 }
 
 /// Where a subscription's events go.
@@ -145,20 +147,25 @@ impl Federation for Hostile {
             .ok_or_else(|| Status::not_found("no such version"))?;
         let mut chunks = Vec::new();
         let mut offset = r.offset as usize;
+        let (data, delta_base) = match &o.delta {
+            Some((base, d)) if r.have_version != 0 && *base == r.have_version => (d, *base),
+            _ => (&o.bytes, 0),
+        };
         loop {
-            let end = (offset + CHUNK_SIZE).min(o.bytes.len());
+            let end = (offset + CHUNK_SIZE).min(data.len());
             chunks.push(Ok(ModelChunk {
                 model: MODEL.into(),
                 version: o.version,
-                total_size: o.bytes.len() as u64,
+                total_size: data.len() as u64,
                 sha256: o.sha256.clone(),
                 offset: offset as u64,
-                data: o.bytes[offset..end].to_vec(),
+                data: data[offset..end].to_vec(),
                 parent_version: o.parent,
                 signature: o.signature.clone(),
+                delta_base,
             }));
             offset = end;
-            if offset >= o.bytes.len() {
+            if offset >= data.len() {
                 break;
             }
         }
@@ -206,6 +213,7 @@ fn signed(key: &ModelSigner, name: &str, version: u64, parent: u64, bytes: &[u8]
             .sign(&ModelStatement::for_bytes(name, version, parent, bytes))
             .to_vec(),
         bytes: bytes.to_vec(),
+        delta: None,
     }
 }
 
@@ -421,6 +429,73 @@ async fn agent_refuses_tampered_forged_and_replayed_models() {
     assert_eq!((stored.version, bytes), (2, v2));
     let s = a.stats().snapshot();
     assert_eq!((s.model_version, s.models_loaded), (2, 2), "{s:?}");
+    a.shutdown().await.unwrap();
+}
+
+/// The compressed downlink: a version offered as a coded delta against the one in use is
+/// rebuilt, checked against the signed digest and used; a delta that decodes but does not
+/// rebuild the signed model (here: the previous version's delta, served again) is set aside
+/// and the whole file fetched instead — nothing refused, nothing unsigned used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_rebuilds_coded_deltas_and_falls_back_to_the_file() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+    let key = ModelSigner::from_secret(&[1u8; 32]);
+    let hostile = Hostile {
+        enroll_key: key.public_key().to_vec(),
+        ..Hostile::default()
+    };
+    let url = serve(hostile.clone()).await;
+    let port = start_broker();
+    let state = tempfile::tempdir().unwrap();
+    let a = hearth_agent::start(agent_config(port, &url, state.path(), None))
+        .await
+        .unwrap();
+    wait_until("the agent subscribes", || {
+        !hostile.subscribers.lock().unwrap().is_empty()
+    })
+    .await;
+    let v1 = model_bytes(1);
+    hostile.publish(signed(&key, MODEL, 1, 0, &v1)).await;
+    wait_until("version 1", || a.model_tag() == "digits@1").await;
+
+    // Version 2 as the coordinator makes it: the rebuild of a coded delta against v1.
+    let cfg = CodecConfig::default();
+    let mut residual = Weights::new();
+    let m1 = OnnxModel::from_bytes(&v1).unwrap();
+    let target = |seed| OnnxModel::from_bytes(&model_bytes(seed)).unwrap().weights();
+    let (d2, m2) = downlink::code(&m1, &target(2), &mut residual, &cfg, 2).unwrap();
+    let v2 = m2.to_bytes();
+    let mut o2 = signed(&key, MODEL, 2, 1, &v2);
+    o2.delta = Some((1, d2.clone()));
+    let before = a.stats().snapshot().bytes_downloaded;
+    hostile.publish(o2).await;
+    wait_until("version 2", || a.model_tag() == "digits@2").await;
+    let s = a.stats().snapshot();
+    assert_eq!((s.models_from_delta, s.delta_fallbacks), (1, 0), "{s:?}");
+    assert_eq!(s.bytes_downloaded - before, d2.len() as u64);
+    assert!(d2.len() * 3 < v2.len());
+    assert_eq!(refused(&a), (0, 0, 0, 0));
+    let stored = StateDir::open(state.path()).unwrap();
+    let (meta, bytes) = stored.load_model(MODEL).unwrap().unwrap();
+    assert_eq!((meta.version, &bytes), (2, &v2));
+
+    // Version 3, signed, but offered with a delta that rebuilds something else.
+    let (_, m3) = downlink::code(&m2, &target(3), &mut residual, &cfg, 3).unwrap();
+    let v3 = m3.to_bytes();
+    let mut o3 = signed(&key, MODEL, 3, 2, &v3);
+    o3.delta = Some((2, d2.clone()));
+    let before = a.stats().snapshot().bytes_downloaded;
+    hostile.publish(o3).await;
+    wait_until("version 3", || a.model_tag() == "digits@3").await;
+    let s = a.stats().snapshot();
+    assert_eq!((s.models_from_delta, s.delta_fallbacks), (1, 1), "{s:?}");
+    assert_eq!(s.bytes_downloaded - before, (d2.len() + v3.len()) as u64);
+    assert_eq!(refused(&a), (0, 0, 0, 0));
+    let (meta, bytes) = stored.load_model(MODEL).unwrap().unwrap();
+    assert_eq!((meta.version, &bytes), (3, &v3));
     a.shutdown().await.unwrap();
 }
 

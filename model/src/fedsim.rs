@@ -33,6 +33,21 @@ pub struct FedSim {
     pub clip_norm: f32,
     /// Update codec.
     pub codec: CodecConfig,
+    /// Downlink codec (`None`: every version ships whole): each new global model is the
+    /// reconstruction of a coded delta against the previous one ([`crate::downlink`]), the
+    /// server keeping the error feedback.
+    pub downlink: Option<CodecConfig>,
+}
+
+/// What one simulated round cost and reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundStat {
+    /// Accuracy of the new global model on the test set.
+    pub accuracy: f32,
+    /// Mean uplink payload per client, bytes.
+    pub uplink_bytes: f64,
+    /// Downlink bytes per client for the new version (the coded delta, or the ONNX file).
+    pub downlink_bytes: f64,
 }
 
 impl Default for FedSim {
@@ -49,6 +64,7 @@ impl Default for FedSim {
             },
             clip_norm: 10.0,
             codec: CodecConfig::default(),
+            downlink: None,
         }
     }
 }
@@ -61,6 +77,17 @@ pub fn run(
     train_set: &Dataset,
     test_set: &Dataset,
 ) -> Result<(OnnxModel, Vec<f32>), ModelError> {
+    let (m, stats) = run_counted(sim, model, train_set, test_set)?;
+    Ok((m, stats.iter().map(|s| s.accuracy).collect()))
+}
+
+/// [`run`], with the bytes every round put on the wire.
+pub fn run_counted(
+    sim: &FedSim,
+    model: &OnnxModel,
+    train_set: &Dataset,
+    test_set: &Dataset,
+) -> Result<(OnnxModel, Vec<RoundStat>), ModelError> {
     let shares: Vec<Dataset> = (0..sim.clients)
         .map(|i| train_set.partition(i, sim.clients, sim.alpha, sim.partition_seed))
         .filter(|d| !d.is_empty())
@@ -69,6 +96,7 @@ pub fn run(
     let mut residuals: Vec<Option<Weights>> = vec![None; shares.len()];
     let mut rng = StdRng::seed_from_u64(sim.partition_seed ^ 0x0053_494d);
     let mut history = Vec::new();
+    let mut server_residual = Weights::new();
     for round in 0..sim.rounds {
         let base = global.weights();
         let mut sum: Weights = base
@@ -76,6 +104,7 @@ pub fn run(
             .map(|(k, v)| (k.clone(), Tensor::zeros(&v.shape)))
             .collect();
         let mut total = 0.0f32;
+        let mut uplink = 0usize;
         for (c, share) in shares.iter().enumerate() {
             let cfg = TrainConfig {
                 seed: sim.local.seed ^ ((round as u64) << 32 | c as u64),
@@ -93,6 +122,7 @@ pub fn run(
                     .collect()
             });
             let bytes = encode_update(&delta, residual, &sim.codec, &mut rng)?;
+            uplink += bytes.len();
             let decoded = decode_update(&bytes)?;
             let n = share.len() as f32;
             axpy(&mut sum, n, &decoded)?;
@@ -100,8 +130,24 @@ pub fn run(
         }
         let mut next = base.clone();
         axpy(&mut next, 1.0 / total, &sum)?;
-        global.set_weights(&next)?;
-        history.push(accuracy(&Classifier::new(&global)?, test_set)?);
+        let downlink = match &sim.downlink {
+            Some(cfg) => {
+                let seed = sim.partition_seed ^ u64::from(round).wrapping_mul(0x9e37_79b9);
+                let (payload, published) =
+                    crate::downlink::code(&global, &next, &mut server_residual, cfg, seed)?;
+                global = published;
+                payload.len()
+            }
+            None => {
+                global.set_weights(&next)?;
+                global.to_bytes().len()
+            }
+        };
+        history.push(RoundStat {
+            accuracy: accuracy(&Classifier::new(&global)?, test_set)?,
+            uplink_bytes: uplink as f64 / shares.len().max(1) as f64,
+            downlink_bytes: downlink as f64,
+        });
     }
     Ok((global, history))
 }

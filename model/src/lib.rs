@@ -14,6 +14,7 @@ pub mod bytes;
 pub mod data;
 pub mod dense;
 pub mod dense_conv;
+pub mod downlink;
 pub mod error;
 pub mod fedsim;
 pub mod formats;

@@ -35,7 +35,10 @@ use super::{
 };
 
 /// The embedded migrations, applied in order; a version is never edited once released.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_deltas.sql")),
+];
 
 /// Advisory-lock key (two-int form, a key space apart from the rounds' bigint keys) under
 /// which migrations run.
@@ -47,6 +50,7 @@ const CHANNEL: &str = "hearth_changes";
 /// Tables in [`PgStore::snapshot`] order.
 const TABLES: &[&str] = &[
     "clients",
+    "deltas",
     "downlink",
     "markers",
     "partial_sums",
@@ -726,6 +730,50 @@ impl PgStore {
                 )
                 .await?;
             Ok(r.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
+    pub(super) fn put_delta(
+        &self,
+        model: &str,
+        version: u64,
+        rec: &super::DeltaRecord,
+    ) -> Result<(), StoreError> {
+        let (v, base) = (i64_of(version)?, i64_of(rec.base)?);
+        let mut conn = self.conn()?;
+        let c: &mut Client = &mut conn;
+        self.block(async move {
+            c.execute(
+                "INSERT INTO deltas (model, version, base, payload, residual) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (model, version) DO UPDATE \
+                     SET base = $3, payload = $4, residual = $5",
+                &[&model, &v, &base, &rec.payload, &rec.residual],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn delta(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<Option<super::DeltaRecord>, StoreError> {
+        let v = i64_of(version)?;
+        let mut conn = self.conn()?;
+        let c: &mut Client = &mut conn;
+        self.block(async move {
+            let r = c
+                .query_opt(
+                    "SELECT base, payload, residual FROM deltas WHERE model = $1 AND version = $2",
+                    &[&model, &v],
+                )
+                .await?;
+            Ok(r.map(|r| super::DeltaRecord {
+                base: r.get::<_, i64>(0) as u64,
+                payload: r.get(1),
+                residual: r.get(2),
+            }))
         })
     }
 

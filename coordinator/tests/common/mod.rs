@@ -181,6 +181,7 @@ pub async fn fetch(
                 model: model.into(),
                 version,
                 offset,
+                have_version: 0,
             },
             c,
         ))

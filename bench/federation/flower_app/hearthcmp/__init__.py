@@ -1,0 +1,1 @@
+"""Flower side of Hearth's bench/federation."""

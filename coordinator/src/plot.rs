@@ -1,0 +1,181 @@
+//! `hearth-coordinator plot`: accuracy per version and bytes per round of one model as an SVG,
+//! drawn with plotters built lean (default features off: the SVG backend and line series only;
+//! no font engine, so labels are SVG text elements the viewer renders, placed by estimate).
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+/// One round's figures: the version it published and how it did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundPoint {
+    /// Version published by the round (x axis).
+    pub version: u64,
+    /// Held-out accuracy of that version (coordinator's test split), if evaluated.
+    pub heldout_accuracy: Option<f32>,
+    /// Clients' federated accuracy of that version, if any reported.
+    pub federated_accuracy: Option<f32>,
+    /// Payload bytes the round's clients uploaded.
+    pub uplink_bytes: u64,
+    /// Bytes of the version served to agents (whole files and coded deltas).
+    pub downlink_bytes: u64,
+}
+
+/// Why a plot could not be written.
+#[derive(thiserror::Error, Debug)]
+pub enum PlotError {
+    /// The file name has no `.svg` extension.
+    #[error("the output must end in .svg, not {0:?}")]
+    Format(String),
+    /// Nothing to plot.
+    #[error("no versions to plot")]
+    Empty,
+    /// plotters failed (drawing or writing the file).
+    #[error("drawing the plot: {0}")]
+    Draw(String),
+}
+
+fn draw_err(e: impl std::fmt::Display) -> PlotError {
+    PlotError::Draw(e.to_string())
+}
+
+/// Writes the plot of `model`'s `points` to `out` (`.svg`, 900 × 600).
+pub fn write(model: &str, points: &[RoundPoint], out: &Path) -> Result<(), PlotError> {
+    if points.is_empty() {
+        return Err(PlotError::Empty);
+    }
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("svg") => draw(
+            SVGBackend::new(out, (900, 600)).into_drawing_area(),
+            model,
+            points,
+        ),
+        _ => Err(PlotError::Format(out.display().to_string())),
+    }
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    model: &str,
+    points: &[RoundPoint],
+) -> Result<(), PlotError> {
+    root.fill(&WHITE).map_err(draw_err)?;
+    let (top, bottom) = root.split_vertically(300);
+    let lo = points.iter().map(|p| p.version).min().unwrap_or(0);
+    let hi = points
+        .iter()
+        .map(|p| p.version)
+        .max()
+        .unwrap_or(1)
+        .max(lo + 1);
+    let xs = lo as f64..hi as f64;
+    let acc_series = |f: fn(&RoundPoint) -> Option<f32>| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .filter_map(|p| f(p).map(|a| (p.version as f64, f64::from(a))))
+            .collect()
+    };
+    let kib = |f: fn(&RoundPoint) -> u64| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .map(|p| (p.version as f64, f(p) as f64 / 1024.0))
+            .collect()
+    };
+    let (up, down) = (kib(|p| p.uplink_bytes), kib(|p| p.downlink_bytes));
+    let top_kib = up.iter().chain(&down).map(|p| p.1).fold(1e-3, f64::max) * 1.1;
+    let panels = [
+        (
+            &top,
+            format!("{model}: accuracy per version"),
+            "accuracy",
+            1.0,
+            vec![
+                ("held-out", BLUE, acc_series(|p| p.heldout_accuracy)),
+                ("federated", RED, acc_series(|p| p.federated_accuracy)),
+            ],
+        ),
+        (
+            &bottom,
+            "bytes per round (KiB)".to_string(),
+            "KiB",
+            top_kib,
+            vec![("uplink", GREEN, up), ("downlink", MAGENTA, down)],
+        ),
+    ];
+    for (area, caption, y_desc, y_max, curves) in panels {
+        let mut chart = ChartBuilder::on(area)
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .caption(caption, ("sans-serif", 18))
+            .build_cartesian_2d(xs.clone(), 0f64..y_max)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("version")
+            .y_desc(y_desc)
+            .draw()
+            .map_err(draw_err)?;
+        for (label, colour, data) in curves {
+            chart
+                .draw_series(LineSeries::new(data, colour.stroke_width(2)))
+                .map_err(draw_err)?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(draw_err)?;
+    }
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points() -> Vec<RoundPoint> {
+        (2..8)
+            .map(|v| RoundPoint {
+                version: v,
+                heldout_accuracy: Some(0.1 * v as f32),
+                federated_accuracy: (v > 2).then_some(0.09 * v as f32),
+                uplink_bytes: 2000 + 100 * v,
+                downlink_bytes: 9000 + 10 * v,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("p.svg");
+        write("digits", &points(), &svg).unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert!(s.starts_with("<svg"), "{}", &s[..40.min(s.len())]);
+        for t in [
+            "digits: accuracy per version",
+            "federated",
+            "uplink",
+            "downlink",
+        ] {
+            assert!(s.contains(t), "{t} missing");
+        }
+        // Four curves.
+        assert!(s.matches("<polyline").count() >= 4, "{s}");
+        assert!(matches!(
+            write("digits", &points(), &dir.path().join("p.png")),
+            Err(PlotError::Format(_))
+        ));
+        assert!(matches!(write("digits", &[], &svg), Err(PlotError::Empty)));
+    }
+}
