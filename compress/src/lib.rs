@@ -19,6 +19,7 @@
 //! [`run`].
 #![forbid(unsafe_code)]
 
+pub mod channels;
 pub mod codebook;
 pub mod distill;
 pub mod lowrank;
@@ -30,6 +31,7 @@ pub mod prune;
 pub mod qconv;
 pub mod qonnx;
 pub mod quant;
+pub mod reconstruct;
 
 pub mod error;
 pub mod pipeline;

@@ -2,6 +2,7 @@
 //! (`"prune:0.8;finetune:3;quant:int4-per-channel"`) or a TOML file (`[[step]]` tables).
 //! Both forms go through one parser, so they accept exactly the same steps and keys.
 
+use crate::channels::ChannelCriterion;
 use crate::codebook::CodebookKind;
 use crate::error::CompressError;
 use crate::quant::{Granularity, QuantScheme};
@@ -65,6 +66,16 @@ pub enum Step {
         /// Share of units removed per hidden layer.
         fraction: f32,
     },
+    /// Structured: remove this fraction of every conv layer's output channels (tied channels
+    /// together), rewriting the consumers ([`crate::channels`]).
+    PruneChannels {
+        /// Share of each group's removable channels removed.
+        fraction: f32,
+        /// Ranking.
+        criterion: ChannelCriterion,
+        /// Refit the layers reading pruned channels by least squares on calibration inputs.
+        recover: bool,
+    },
     /// Remove square hidden layers while accuracy drops at most `max_drop`.
     PruneLayers {
         /// Largest accepted accuracy drop (absolute).
@@ -116,6 +127,7 @@ impl Step {
             Step::Prune { .. } => "prune",
             Step::PruneNeurons { .. } => "prune-neurons",
             Step::PruneLayers { .. } => "prune-layers",
+            Step::PruneChannels { .. } => "prune-channels",
             Step::LowRank { .. } => "low-rank",
             Step::Finetune { .. } => "finetune",
             Step::Quant { .. } => "quant",
@@ -135,6 +147,7 @@ impl Step {
                 method: PruneMethod::Magnitude,
                 ..
             } | Step::Quant { .. }
+                | Step::PruneChannels { .. }
                 | Step::Export {
                     format: ExportFormat::Float
                         | ExportFormat::Package
@@ -178,6 +191,20 @@ impl fmt::Display for Step {
                 write!(f, "prune-neurons {:.0}%", fraction * 100.0)
             }
             Step::PruneLayers { max_drop } => write!(f, "prune-layers {max_drop}"),
+            Step::PruneChannels {
+                fraction,
+                criterion,
+                recover,
+            } => write!(
+                f,
+                "prune-channels {:.0}% {}{}",
+                fraction * 100.0,
+                match criterion {
+                    ChannelCriterion::L1 => "l1",
+                    ChannelCriterion::Sensitivity => "sens",
+                },
+                if *recover { " +ls" } else { "" }
+            ),
             Step::LowRank { energy, .. } => write!(f, "low-rank {energy}"),
             Step::Finetune { epochs, .. } => write!(f, "finetune {epochs}"),
             Step::Quant { scheme } => write!(f, "quant {scheme}"),
@@ -238,6 +265,9 @@ or an inline string: steps separated by ';', each `kind[:value][,key=value...]`
   prune:*sparsity=0.8,method=magnitude|sensitivity,scope=global|layer
   prune-neurons:*fraction=0.25                  remove units by L1 norm (graph shrinks)
   prune-layers:*max_drop=0.01                   drop square hidden layers
+  prune-channels:*fraction=0.5,criterion=l1|sensitivity,recover=none|ls
+                                                remove conv output channels (tied ones together;
+                                                the graph shrinks); also prune-channels:0.5:sensitivity
   low-rank:*energy=0.9,min_saving=0.1           SVD of Gemm weights
   finetune:*epochs=3,lr=0.01                    masks and quantization kept
   quant:*scheme=int4-per-channel                int<b>[-per-channel|-per-tensor] (symmetric),
@@ -371,6 +401,7 @@ fn build_step(
         "prune" => Some("sparsity"),
         "prune-neurons" => Some("fraction"),
         "prune-layers" => Some("max_drop"),
+        "prune-channels" => Some("fraction"),
         "low-rank" | "lowrank" => Some("energy"),
         "finetune" | "fine-tune" | "qat" => Some("epochs"),
         "quant" => Some("scheme"),
@@ -447,6 +478,40 @@ fn build_step(
             }
             Step::PruneNeurons {
                 fraction: fraction(f, "fraction", i, k, false)?,
+            }
+        }
+        "prune-channels" => {
+            // `prune-channels:0.5:sensitivity` names the criterion after the fraction.
+            if let Some(v) = a.remove("fraction") {
+                let (f, c) = match v.split_once(':') {
+                    Some((f, c)) => (f.to_string(), Some(c.to_string())),
+                    None => (v, None),
+                };
+                a.insert("fraction".into(), f);
+                if let Some(c) = c {
+                    if a.insert("criterion".into(), c).is_some() {
+                        return Err(bad(i, k, "criterion given twice"));
+                    }
+                }
+            }
+            let f = take(a, "fraction", f32::NAN, i, k)?;
+            if f.is_nan() {
+                return Err(bad(i, k, "needs a fraction, e.g. prune-channels:0.5"));
+            }
+            let criterion = match a.remove("criterion").as_deref() {
+                None | Some("l1") => ChannelCriterion::L1,
+                Some("sensitivity") | Some("sens") => ChannelCriterion::Sensitivity,
+                Some(c) => return Err(bad(i, k, format!("criterion {c:?}: l1|sensitivity"))),
+            };
+            let recover = match a.remove("recover").as_deref() {
+                None | Some("none") => false,
+                Some("ls") | Some("least-squares") => true,
+                Some(r) => return Err(bad(i, k, format!("recover {r:?}: none|ls"))),
+            };
+            Step::PruneChannels {
+                fraction: fraction(f, "fraction", i, k, false)?,
+                criterion,
+                recover,
             }
         }
         "prune-layers" => {
