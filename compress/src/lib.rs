@@ -19,6 +19,7 @@
 //! [`run`].
 #![forbid(unsafe_code)]
 
+pub mod calib;
 pub mod channels;
 pub mod codebook;
 pub mod distill;

@@ -2,6 +2,7 @@
 //! (`"prune:0.8;finetune:3;quant:int4-per-channel"`) or a TOML file (`[[step]]` tables).
 //! Both forms go through one parser, so they accept exactly the same steps and keys.
 
+use crate::calib::CalibSpec;
 use crate::channels::ChannelCriterion;
 use crate::codebook::CodebookKind;
 use crate::error::CompressError;
@@ -234,13 +235,19 @@ pub struct Recipe {
     /// Per step: true when the recipe accepts that the step changes nothing (`kind?` inline,
     /// `allow_noop = true`); a step that changes nothing is otherwise an error (exit 64).
     pub allow_noop: Vec<bool>,
+    /// Calibration data (TOML `[calibration]`; the CLI's `--calib*` options override it).
+    pub calibration: Option<CalibSpec>,
 }
 
 impl Recipe {
     /// A recipe of `steps`, none of which may be a no-op.
     pub fn new(steps: Vec<Step>) -> Recipe {
         let allow_noop = vec![false; steps.len()];
-        Recipe { steps, allow_noop }
+        Recipe {
+            steps,
+            allow_noop,
+            calibration: None,
+        }
     }
 
     /// Whether step `i` (0-based) may change nothing.
@@ -634,7 +641,11 @@ pub fn parse_inline(s: &str) -> Result<Recipe, CompressError> {
         steps.push(build_step(steps.len(), kind, value, args)?);
         allow_noop.push(noop);
     }
-    validate(Recipe { steps, allow_noop })
+    validate(Recipe {
+        steps,
+        allow_noop,
+        calibration: None,
+    })
 }
 
 /// Strips the no-op marker from a step: a `?` after the kind or an `allow_noop` key.
@@ -662,11 +673,19 @@ pub fn parse_toml(text: &str) -> Result<Recipe, CompressError> {
     let doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| CompressError::Recipe(format!("TOML: {e}")))?;
-    if let Some(k) = doc.keys().find(|k| k.as_str() != "step") {
+    if let Some(k) = doc
+        .keys()
+        .find(|k| k.as_str() != "step" && k.as_str() != "calibration")
+    {
         return Err(CompressError::Recipe(format!(
-            "unknown top-level key {k:?} (expected [[step]] tables)"
+            "unknown top-level key {k:?} (expected [[step]] tables and [calibration])"
         )));
     }
+    let calibration = match doc.get("calibration") {
+        None => None,
+        Some(toml::Value::Table(t)) => Some(parse_calibration(t)?),
+        Some(_) => return Err(CompressError::Recipe("calibration must be a table".into())),
+    };
     let list = match doc.get("step") {
         Some(toml::Value::Array(a)) => a.clone(),
         _ => return Err(CompressError::Recipe("no [[step]] tables".into())),
@@ -713,7 +732,57 @@ pub fn parse_toml(text: &str) -> Result<Recipe, CompressError> {
         steps.push(build_step(i, kind, None, args)?);
         allow_noop.push(noop);
     }
-    validate(Recipe { steps, allow_noop })
+    validate(Recipe {
+        steps,
+        allow_noop,
+        calibration,
+    })
+}
+
+/// `[calibration]`: `source` (image folder or .npy), `mean`, `std` (numbers or lists),
+/// `layout` (nchw|nhwc), `limit`.
+fn parse_calibration(t: &toml::Table) -> Result<CalibSpec, CompressError> {
+    let e = |m: String| CompressError::Recipe(format!("[calibration]: {m}"));
+    let floats = |key: &str| -> Result<Vec<f32>, CompressError> {
+        match t.get(key) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Float(f)) => Ok(vec![*f as f32]),
+            Some(toml::Value::Integer(i)) => Ok(vec![*i as f32]),
+            Some(toml::Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    toml::Value::Float(f) => Ok(*f as f32),
+                    toml::Value::Integer(i) => Ok(*i as f32),
+                    o => Err(e(format!("{key}: {o} is not a number"))),
+                })
+                .collect(),
+            Some(o) => Err(e(format!("{key} = {o}: a number or a list of numbers"))),
+        }
+    };
+    if let Some(k) = t
+        .keys()
+        .find(|k| !["source", "mean", "std", "layout", "limit"].contains(&k.as_str()))
+    {
+        return Err(e(format!("unknown key {k:?}")));
+    }
+    let source = match t.get("source") {
+        Some(toml::Value::String(s)) => s.clone(),
+        _ => return Err(e("needs source = \"<image folder or .npy>\"".into())),
+    };
+    let mut spec = CalibSpec::new(source);
+    spec.mean = floats("mean")?;
+    spec.std = floats("std")?;
+    spec.layout = match t.get("layout") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s.parse().map_err(e)?),
+        Some(o) => return Err(e(format!("layout = {o}: nchw|nhwc"))),
+    };
+    match t.get("limit") {
+        None => {}
+        Some(toml::Value::Integer(n)) if *n >= 1 => spec.limit = *n as usize,
+        Some(o) => return Err(e(format!("limit = {o}: an integer >= 1"))),
+    }
+    Ok(spec)
 }
 
 fn validate(recipe: Recipe) -> Result<Recipe, CompressError> {
