@@ -163,7 +163,7 @@ fn filters(norms: &[f32], per: usize, seed: u32) -> Vec<f32> {
         .enumerate()
         .flat_map(|(o, &n)| {
             (0..per).map(move |k| {
-                let s = if (o as u32 + k as u32 + seed) % 3 == 0 {
+                let s = if (o as u32 + k as u32 + seed).is_multiple_of(3) {
                     -1.0
                 } else {
                     1.0
@@ -189,7 +189,12 @@ fn tied_graph() -> OnnxModel {
     let bias: Vec<f32> = (0..8).map(|i| i as f32 / 20.0).collect();
     let pads = ("pads", vec![1, 1, 1, 1]);
     let nodes = vec![
-        node("Conv", &["input", "a.w", "a.b"], "a", &[pads.clone()]),
+        node(
+            "Conv",
+            &["input", "a.w", "a.b"],
+            "a",
+            std::slice::from_ref(&pads),
+        ),
         node("Relu", &["a"], "x", &[]),
         node("Conv", &["x", "dw.w"], "dw", &[pads, ("group", vec![8])]),
         node("Conv", &["dw", "b.w", "b.b"], "y", &[]),
