@@ -580,7 +580,11 @@ pub fn measure_with(
         ),
     };
     let accuracy = match eval {
-        Some(ds) if ds.input_len == runner.input_len() && runner.input_shape().len() == 2 => {
+        Some(ds)
+            if ds.input_len == runner.input_len()
+                && runner.input_shape().len() == 2
+                && !ds.classes.is_empty() =>
+        {
             Some(accuracy(&Classifier::new(model)?, ds)?)
         }
         // Labelled inputs of another shape (an image folder with class sub-folders).
