@@ -19,6 +19,8 @@
 //! [`run`].
 #![forbid(unsafe_code)]
 
+pub mod calib;
+pub mod channels;
 pub mod codebook;
 pub mod distill;
 pub mod lowrank;
@@ -30,6 +32,7 @@ pub mod prune;
 pub mod qconv;
 pub mod qonnx;
 pub mod quant;
+pub mod reconstruct;
 
 pub mod error;
 pub mod pipeline;

@@ -9,7 +9,7 @@
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use hearth_compress::pipeline::{default_measure_options, Context};
-use hearth_compress::{measure, normalise};
+use hearth_compress::{calib, measure, normalise};
 use hearth_compress::{recipe, table, CompressError};
 use hearth_model::{train, Dataset, Split, TaskSpec, TrainConfig};
 use std::path::{Path, PathBuf};
@@ -66,6 +66,25 @@ struct CompressArgs {
     /// exporter left symbolic (otherwise symbolic dimensions are taken as 1).
     #[arg(long, value_delimiter = ',')]
     input_shape: Option<Vec<usize>>,
+    /// Calibration inputs: an image folder (PNG/JPEG; class sub-folders give labels) or a
+    /// .npy file of inputs, prepared for the model's input (resized, normalised, laid out).
+    /// They feed int8 calibration, channel sensitivity and least-squares recovery, and are the
+    /// agreement inputs when no --task/--data is given. Overrides the recipe's [calibration].
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Per-channel mean subtracted from images scaled to [0, 1] (e.g. 0.485,0.456,0.406).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    calib_mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation divided by (e.g. 0.229,0.224,0.225).
+    #[arg(long, value_delimiter = ',')]
+    calib_std: Option<Vec<f32>>,
+    /// Layout of the model's image input (default: NCHW when dimension 1 is 1 or 3, else NHWC
+    /// when the last dimension is at most 4).
+    #[arg(long, value_parser = ["nchw", "nhwc"])]
+    calib_layout: Option<String>,
+    /// At most this many calibration samples.
+    #[arg(long)]
+    calib_limit: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,6 +269,62 @@ fn cmd_compress(a: CompressArgs) -> anyhow::Result<()> {
             (Some(train_set), Some(test_set))
         }
         None => (None, None),
+    };
+    // Calibration data: the CLI's options over the recipe's [calibration].
+    let mut calib = steps.calibration.clone();
+    if let Some(src) = &a.calib {
+        calib = Some(calib::CalibSpec {
+            source: src.clone(),
+            ..calib.unwrap_or_else(|| calib::CalibSpec::new(src.clone()))
+        });
+    }
+    let calib_opts = a.calib_mean.is_some()
+        || a.calib_std.is_some()
+        || a.calib_layout.is_some()
+        || a.calib_limit.is_some();
+    if calib_opts && calib.is_none() {
+        return Err(usage(
+            "--calib-mean/--calib-std/--calib-layout/--calib-limit need --calib <folder|file.npy> \
+             (or [calibration] in the recipe)",
+        ));
+    }
+    let (train_set, eval_set) = match calib.as_mut() {
+        Some(spec) => {
+            if let Some(v) = &a.calib_mean {
+                spec.mean = v.clone();
+            }
+            if let Some(v) = &a.calib_std {
+                spec.std = v.clone();
+            }
+            if let Some(l) = &a.calib_layout {
+                spec.layout = Some(l.parse().map_err(usage)?);
+            }
+            if let Some(n) = a.calib_limit {
+                if n == 0 {
+                    return Err(usage("--calib-limit must be >= 1"));
+                }
+                spec.limit = n;
+            }
+            let shape = measure::input_shape(&model).map_err(|e| usage(e.to_string()))?;
+            let set = calib::load(spec, &shape).map_err(|e| usage(e.to_string()))?;
+            eprintln!(
+                "calibration: {} samples from {}{}",
+                set.len(),
+                spec.source.display(),
+                if set.classes.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} classes: {})",
+                        set.classes.len(),
+                        set.classes.join(", ")
+                    )
+                }
+            );
+            let eval = eval_set.or_else(|| Some(set.clone()));
+            (Some(set), eval)
+        }
+        None => (train_set, eval_set),
     };
     let mut opts = default_measure_options(&model, a.latency_runs).map_err(|e| {
         CompressError::Unsupported(format!(

@@ -494,6 +494,27 @@ pub fn agreement(
     })
 }
 
+/// Share of `ds`'s first `max` samples whose argmax over the first output with one value per
+/// class is the label (`None` when no output has that many values).
+fn labelled_accuracy(
+    runner: &GenericRunner,
+    ds: &Dataset,
+    max: usize,
+) -> Result<Option<f32>, ModelError> {
+    let n = ds.len().min(max.max(1));
+    let mut right = 0;
+    for i in 0..n {
+        let outs = runner.run(ds.sample(i))?;
+        let Some(o) = outs.iter().find(|o| o.data.len() == ds.classes.len()) else {
+            return Ok(None);
+        };
+        if argmax(&o.data) == Some(ds.y[i] as usize) {
+            right += 1;
+        }
+    }
+    Ok(Some(right as f32 / n.max(1) as f32))
+}
+
 /// Median batch-1 latency in microseconds over `runs` timed runs (after one warm-up).
 pub fn latency_us(runner: &GenericRunner, input: &[f32], runs: usize) -> Result<f64, ModelError> {
     if runs == 0 {
@@ -563,8 +584,16 @@ pub fn measure_with(
         ),
     };
     let accuracy = match eval {
-        Some(ds) if ds.input_len == runner.input_len() => {
+        Some(ds)
+            if ds.input_len == runner.input_len()
+                && runner.input_shape().len() == 2
+                && !ds.classes.is_empty() =>
+        {
             Some(accuracy(&Classifier::new(model)?, ds)?)
+        }
+        // Labelled inputs of another shape (an image folder with class sub-folders).
+        Some(ds) if ds.input_len == runner.input_len() && ds.classes.len() >= 2 => {
+            labelled_accuracy(&runner, ds, opts.max_agreement_samples)?
         }
         _ => None,
     };

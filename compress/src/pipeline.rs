@@ -9,7 +9,7 @@ use crate::mixed::{self, Budget};
 use crate::package::{self, Schemes};
 use crate::quant::{fake_quantize, Granularity, QuantScheme};
 use crate::recipe::{BudgetSpec, ExportFormat, PruneMethod, Step};
-use crate::{distill, prune, qconv, qonnx};
+use crate::{channels, distill, prune, qconv, qonnx, reconstruct};
 use hearth_model::train;
 use hearth_model::{Dataset, MlpSpec, ModelError, OnnxModel, TrainConfig, Weights};
 use std::sync::Arc;
@@ -63,6 +63,20 @@ pub struct Artefact {
 /// Calibration inputs for the int8 export of imported conv graphs.
 const CONV_CALIBRATION_SAMPLES: usize = 20;
 
+/// Calibration inputs for channel sensitivity and least-squares recovery.
+const CHANNEL_CALIBRATION_SAMPLES: usize = 16;
+
+/// The first `n` samples of `ds` as inputs of `model` ([`measure::adapt_inputs`]).
+pub fn calibration_inputs(
+    model: &OnnxModel,
+    ds: &Dataset,
+    n: usize,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let shape = measure::input_shape(model)?;
+    let idx: Vec<usize> = (0..ds.len().min(n)).collect();
+    measure::adapt_inputs(&ds.subset(&idx), &shape)
+}
+
 /// True when `model` is a sequential Gemm/Relu classifier (Hearth's own family).
 pub fn is_mlp(model: &OnnxModel) -> bool {
     model.dense_layers().is_ok()
@@ -90,6 +104,13 @@ pub fn noop_reason(state: &State, step: &Step) -> Option<String> {
         Step::Prune { .. } | Step::Quant { .. } if weight_names(&state.model).is_empty() => Some(
             "no weight tensors found (no f32 Gemm weight, no f32 initializer with two dimensions above 1)".into(),
         ),
+        Step::PruneChannels { .. }
+            if channels::analyse(&state.model).map_or(true, |a| a.removable_count() == 0) =>
+        {
+            Some("no removable conv channels (no Conv with constant weights whose channels \
+                  stay inside ops channel pruning rewrites)"
+                .into())
+        }
         Step::Export {
             format: ExportFormat::Int8QOperator,
         } if !is_mlp(&state.model) && qconv::conv_site_count(&state.model) == 0 => {
@@ -136,9 +157,14 @@ pub fn check_applicable(
                 s.kind()
             )));
         }
-        if matches!(s, Step::Export { format } if *format == ExportFormat::Int8QOperator)
-            && ctx.train.is_none()
-        {
+        let needs_calibration = match s {
+            Step::Export { format } => *format == ExportFormat::Int8QOperator,
+            Step::PruneChannels {
+                criterion, recover, ..
+            } => *recover || *criterion == channels::ChannelCriterion::Sensitivity,
+            _ => false,
+        };
+        if needs_calibration && ctx.train.is_none() {
             return Err(CompressError::Usage(format!(
                 "step {} ({s}) needs calibration data: pass --data <dir>",
                 i + 1
@@ -393,6 +419,30 @@ pub fn apply_step(
             state.after_rewrite(m);
             progress(1, 1);
             Ok(format!("widths {before:?} -> {after:?}"))
+        }
+        Step::PruneChannels {
+            fraction,
+            criterion,
+            recover,
+        } => {
+            let inputs = match &ctx.train {
+                Some(ds) => calibration_inputs(&state.model, ds, CHANNEL_CALIBRATION_SAMPLES)?,
+                None => Vec::new(),
+            };
+            let before = state.model.clone();
+            let (m, report) =
+                channels::prune_channels(&before, *fraction, *criterion, &inputs, progress)?;
+            let mut note = report.to_string();
+            let m = if *recover {
+                let (m, r) = reconstruct::reconstruct(&before, &m, &report.kept, &inputs)?;
+                note.push_str(&format!("; {r}"));
+                m
+            } else {
+                m
+            };
+            state.after_rewrite(m);
+            progress(1, 1);
+            Ok(note)
         }
         Step::PruneLayers { max_drop } => {
             let data = need(&ctx.train, "prune-layers")?;

@@ -2,6 +2,8 @@
 //! (`"prune:0.8;finetune:3;quant:int4-per-channel"`) or a TOML file (`[[step]]` tables).
 //! Both forms go through one parser, so they accept exactly the same steps and keys.
 
+use crate::calib::CalibSpec;
+use crate::channels::ChannelCriterion;
 use crate::codebook::CodebookKind;
 use crate::error::CompressError;
 use crate::quant::{Granularity, QuantScheme};
@@ -65,6 +67,16 @@ pub enum Step {
         /// Share of units removed per hidden layer.
         fraction: f32,
     },
+    /// Structured: remove this fraction of every conv layer's output channels (tied channels
+    /// together), rewriting the consumers ([`crate::channels`]).
+    PruneChannels {
+        /// Share of each group's removable channels removed.
+        fraction: f32,
+        /// Ranking.
+        criterion: ChannelCriterion,
+        /// Refit the layers reading pruned channels by least squares on calibration inputs.
+        recover: bool,
+    },
     /// Remove square hidden layers while accuracy drops at most `max_drop`.
     PruneLayers {
         /// Largest accepted accuracy drop (absolute).
@@ -116,6 +128,7 @@ impl Step {
             Step::Prune { .. } => "prune",
             Step::PruneNeurons { .. } => "prune-neurons",
             Step::PruneLayers { .. } => "prune-layers",
+            Step::PruneChannels { .. } => "prune-channels",
             Step::LowRank { .. } => "low-rank",
             Step::Finetune { .. } => "finetune",
             Step::Quant { .. } => "quant",
@@ -135,6 +148,7 @@ impl Step {
                 method: PruneMethod::Magnitude,
                 ..
             } | Step::Quant { .. }
+                | Step::PruneChannels { .. }
                 | Step::Export {
                     format: ExportFormat::Float
                         | ExportFormat::Package
@@ -178,6 +192,20 @@ impl fmt::Display for Step {
                 write!(f, "prune-neurons {:.0}%", fraction * 100.0)
             }
             Step::PruneLayers { max_drop } => write!(f, "prune-layers {max_drop}"),
+            Step::PruneChannels {
+                fraction,
+                criterion,
+                recover,
+            } => write!(
+                f,
+                "prune-channels {:.0}% {}{}",
+                fraction * 100.0,
+                match criterion {
+                    ChannelCriterion::L1 => "l1",
+                    ChannelCriterion::Sensitivity => "sens",
+                },
+                if *recover { " +ls" } else { "" }
+            ),
             Step::LowRank { energy, .. } => write!(f, "low-rank {energy}"),
             Step::Finetune { epochs, .. } => write!(f, "finetune {epochs}"),
             Step::Quant { scheme } => write!(f, "quant {scheme}"),
@@ -207,13 +235,19 @@ pub struct Recipe {
     /// Per step: true when the recipe accepts that the step changes nothing (`kind?` inline,
     /// `allow_noop = true`); a step that changes nothing is otherwise an error (exit 64).
     pub allow_noop: Vec<bool>,
+    /// Calibration data (TOML `[calibration]`; the CLI's `--calib*` options override it).
+    pub calibration: Option<CalibSpec>,
 }
 
 impl Recipe {
     /// A recipe of `steps`, none of which may be a no-op.
     pub fn new(steps: Vec<Step>) -> Recipe {
         let allow_noop = vec![false; steps.len()];
-        Recipe { steps, allow_noop }
+        Recipe {
+            steps,
+            allow_noop,
+            calibration: None,
+        }
     }
 
     /// Whether step `i` (0-based) may change nothing.
@@ -238,6 +272,9 @@ or an inline string: steps separated by ';', each `kind[:value][,key=value...]`
   prune:*sparsity=0.8,method=magnitude|sensitivity,scope=global|layer
   prune-neurons:*fraction=0.25                  remove units by L1 norm (graph shrinks)
   prune-layers:*max_drop=0.01                   drop square hidden layers
+  prune-channels:*fraction=0.5,criterion=l1|sensitivity,recover=none|ls
+                                                remove conv output channels (tied ones together;
+                                                the graph shrinks); also prune-channels:0.5:sensitivity
   low-rank:*energy=0.9,min_saving=0.1           SVD of Gemm weights
   finetune:*epochs=3,lr=0.01                    masks and quantization kept
   quant:*scheme=int4-per-channel                int<b>[-per-channel|-per-tensor] (symmetric),
@@ -371,6 +408,7 @@ fn build_step(
         "prune" => Some("sparsity"),
         "prune-neurons" => Some("fraction"),
         "prune-layers" => Some("max_drop"),
+        "prune-channels" => Some("fraction"),
         "low-rank" | "lowrank" => Some("energy"),
         "finetune" | "fine-tune" | "qat" => Some("epochs"),
         "quant" => Some("scheme"),
@@ -447,6 +485,40 @@ fn build_step(
             }
             Step::PruneNeurons {
                 fraction: fraction(f, "fraction", i, k, false)?,
+            }
+        }
+        "prune-channels" => {
+            // `prune-channels:0.5:sensitivity` names the criterion after the fraction.
+            if let Some(v) = a.remove("fraction") {
+                let (f, c) = match v.split_once(':') {
+                    Some((f, c)) => (f.to_string(), Some(c.to_string())),
+                    None => (v, None),
+                };
+                a.insert("fraction".into(), f);
+                if let Some(c) = c {
+                    if a.insert("criterion".into(), c).is_some() {
+                        return Err(bad(i, k, "criterion given twice"));
+                    }
+                }
+            }
+            let f = take(a, "fraction", f32::NAN, i, k)?;
+            if f.is_nan() {
+                return Err(bad(i, k, "needs a fraction, e.g. prune-channels:0.5"));
+            }
+            let criterion = match a.remove("criterion").as_deref() {
+                None | Some("l1") => ChannelCriterion::L1,
+                Some("sensitivity") | Some("sens") => ChannelCriterion::Sensitivity,
+                Some(c) => return Err(bad(i, k, format!("criterion {c:?}: l1|sensitivity"))),
+            };
+            let recover = match a.remove("recover").as_deref() {
+                None | Some("none") => false,
+                Some("ls") | Some("least-squares") => true,
+                Some(r) => return Err(bad(i, k, format!("recover {r:?}: none|ls"))),
+            };
+            Step::PruneChannels {
+                fraction: fraction(f, "fraction", i, k, false)?,
+                criterion,
+                recover,
             }
         }
         "prune-layers" => {
@@ -569,7 +641,11 @@ pub fn parse_inline(s: &str) -> Result<Recipe, CompressError> {
         steps.push(build_step(steps.len(), kind, value, args)?);
         allow_noop.push(noop);
     }
-    validate(Recipe { steps, allow_noop })
+    validate(Recipe {
+        steps,
+        allow_noop,
+        calibration: None,
+    })
 }
 
 /// Strips the no-op marker from a step: a `?` after the kind or an `allow_noop` key.
@@ -597,11 +673,19 @@ pub fn parse_toml(text: &str) -> Result<Recipe, CompressError> {
     let doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| CompressError::Recipe(format!("TOML: {e}")))?;
-    if let Some(k) = doc.keys().find(|k| k.as_str() != "step") {
+    if let Some(k) = doc
+        .keys()
+        .find(|k| k.as_str() != "step" && k.as_str() != "calibration")
+    {
         return Err(CompressError::Recipe(format!(
-            "unknown top-level key {k:?} (expected [[step]] tables)"
+            "unknown top-level key {k:?} (expected [[step]] tables and [calibration])"
         )));
     }
+    let calibration = match doc.get("calibration") {
+        None => None,
+        Some(toml::Value::Table(t)) => Some(parse_calibration(t)?),
+        Some(_) => return Err(CompressError::Recipe("calibration must be a table".into())),
+    };
     let list = match doc.get("step") {
         Some(toml::Value::Array(a)) => a.clone(),
         _ => return Err(CompressError::Recipe("no [[step]] tables".into())),
@@ -648,7 +732,57 @@ pub fn parse_toml(text: &str) -> Result<Recipe, CompressError> {
         steps.push(build_step(i, kind, None, args)?);
         allow_noop.push(noop);
     }
-    validate(Recipe { steps, allow_noop })
+    validate(Recipe {
+        steps,
+        allow_noop,
+        calibration,
+    })
+}
+
+/// `[calibration]`: `source` (image folder or .npy), `mean`, `std` (numbers or lists),
+/// `layout` (nchw|nhwc), `limit`.
+fn parse_calibration(t: &toml::Table) -> Result<CalibSpec, CompressError> {
+    let e = |m: String| CompressError::Recipe(format!("[calibration]: {m}"));
+    let floats = |key: &str| -> Result<Vec<f32>, CompressError> {
+        match t.get(key) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Float(f)) => Ok(vec![*f as f32]),
+            Some(toml::Value::Integer(i)) => Ok(vec![*i as f32]),
+            Some(toml::Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    toml::Value::Float(f) => Ok(*f as f32),
+                    toml::Value::Integer(i) => Ok(*i as f32),
+                    o => Err(e(format!("{key}: {o} is not a number"))),
+                })
+                .collect(),
+            Some(o) => Err(e(format!("{key} = {o}: a number or a list of numbers"))),
+        }
+    };
+    if let Some(k) = t
+        .keys()
+        .find(|k| !["source", "mean", "std", "layout", "limit"].contains(&k.as_str()))
+    {
+        return Err(e(format!("unknown key {k:?}")));
+    }
+    let source = match t.get("source") {
+        Some(toml::Value::String(s)) => s.clone(),
+        _ => return Err(e("needs source = \"<image folder or .npy>\"".into())),
+    };
+    let mut spec = CalibSpec::new(source);
+    spec.mean = floats("mean")?;
+    spec.std = floats("std")?;
+    spec.layout = match t.get("layout") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s.parse().map_err(e)?),
+        Some(o) => return Err(e(format!("layout = {o}: nchw|nhwc"))),
+    };
+    match t.get("limit") {
+        None => {}
+        Some(toml::Value::Integer(n)) if *n >= 1 => spec.limit = *n as usize,
+        Some(o) => return Err(e(format!("limit = {o}: an integer >= 1"))),
+    }
+    Ok(spec)
 }
 
 fn validate(recipe: Recipe) -> Result<Recipe, CompressError> {
