@@ -184,9 +184,22 @@ impl CameraStats {
             ("detector_runs", s.detector_runs),
             ("rate_limited", s.rate_limited),
             ("detections", s.detections),
+            ("detector_errors", s.detector_errors),
+            ("embed_runs", s.embed_runs),
             ("events_dropped", s.events_dropped),
         ] {
             let _ = writeln!(out, "hearth_camera_{name}_total{{camera=\"{camera}\"}} {v}");
+        }
+        for (name, micros) in [
+            ("detect", s.detect_micros),
+            ("motion", s.motion_micros),
+            ("embed", s.embed_micros),
+        ] {
+            let _ = writeln!(
+                out,
+                "hearth_camera_{name}_seconds_total{{camera=\"{camera}\"}} {:.6}",
+                micros as f64 / 1e6
+            );
         }
         for (phase, v) in [
             ("new", s.events_new),

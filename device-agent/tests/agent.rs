@@ -267,3 +267,33 @@ async fn bad_configuration_is_refused_before_anything_starts() {
     cfg.data_dir = state.path().join("no-such-dir");
     assert!(hearth_agent::start(cfg).await.is_err());
 }
+
+/// Adoption (`Loaded::adopt`, `TaskSpec::with_model`): a PLAID model must carry the MiniRocket
+/// front end it was trained with; one without it is refused at start, naming the task file,
+/// rather than run on features fitted elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_the_task_front_end_is_refused() {
+    let port = start_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let task = hearth_model::TaskSpec::resolve("plaid", &data_dir()).unwrap();
+    let bare = OnnxModel::build_mlp(&task.mlp_spec(), 1);
+    let path = dir.path().join("bare.onnx");
+    std::fs::write(&path, bare.to_bytes()).unwrap();
+    let cfg = Config {
+        initial_model: Some(path),
+        ..config("plug-x", "plaid", port, &dir.path().join("state"), 1)
+    };
+    let e = hearth_agent::start(cfg).await.expect_err("refused").to_string();
+    assert!(e.contains("does not fit the task file"), "{e}");
+    // Stamped with the task's front end, the same model is adopted.
+    let mut stamped = bare.clone();
+    task.stamp(&mut stamped).unwrap();
+    let path = dir.path().join("stamped.onnx");
+    std::fs::write(&path, stamped.to_bytes()).unwrap();
+    let cfg = Config {
+        initial_model: Some(path),
+        ..config("plug-y", "plaid", port, &dir.path().join("state2"), 1)
+    };
+    let agent = hearth_agent::start(cfg).await.expect("adopted");
+    agent.shutdown().await.unwrap();
+}
