@@ -118,7 +118,13 @@ impl Embedder {
         let s = n as f32 / INPUT_SIZE as f32;
         for y in 0..INPUT_SIZE {
             for x in 0..INPUT_SIZE {
-                let v = bilinear(grey, n, n, (x as f32 + 0.5) * s - 0.5, (y as f32 + 0.5) * s - 0.5);
+                let v = bilinear(
+                    grey,
+                    n,
+                    n,
+                    (x as f32 + 0.5) * s - 0.5,
+                    (y as f32 + 0.5) * s - 0.5,
+                );
                 let b = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
                 rgb[(y * INPUT_SIZE + x) * 3..][..3].copy_from_slice(&[b, b, b]);
             }
@@ -160,7 +166,8 @@ fn bilinear(img: &[f32], w: usize, h: usize, fx: f32, fy: f32) -> f32 {
 pub fn crop(frame: &[u8], bbox: &[f32; 4]) -> Vec<u8> {
     let n = INPUT_SIZE as f32;
     let (cx, cy) = ((bbox[0] + bbox[2]) / 2.0 * n, (bbox[1] + bbox[3]) / 2.0 * n);
-    let side = ((bbox[2] - bbox[0]).max(bbox[3] - bbox[1]) * n).max(4.0) * (1.0 + 2.0 * CROP_MARGIN);
+    let side =
+        ((bbox[2] - bbox[0]).max(bbox[3] - bbox[1]) * n).max(4.0) * (1.0 + 2.0 * CROP_MARGIN);
     let (x0, y0) = (cx - side / 2.0, cy - side / 2.0);
     let step = side / n;
     let mut out = vec![0u8; FRAME_BYTES];

@@ -496,9 +496,7 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         ),
         None => None,
     };
-    let metrics_addr = metrics_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok());
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let device = config.device.clone();
     let (client, eventloop) = mqtt::settings(
         &config.mqtt,
@@ -555,9 +553,8 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         .distill
         .enabled
         .then(|| tokio::spawn(crate::distill::idle_loop(shared.clone(), stop_rx.clone())));
-    let metrics = metrics_listener.map(|l| {
-        tokio::spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone()))
-    });
+    let metrics = metrics_listener
+        .map(|l| tokio::spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone())));
 
     Ok(AgentHandle {
         shared,

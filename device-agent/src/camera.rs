@@ -28,12 +28,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_camera::{
-    Detector, DetectorOptions, Embedder, SourceState, TrackFeatures, EMBED_DIM,
-};
+use hearth_camera::{Detector, DetectorOptions, Embedder, SourceState, TrackFeatures, EMBED_DIM};
+use hearth_edge::stopped;
 use hearth_model::task::Input;
 use hearth_model::TaskSpec;
-use hearth_edge::stopped;
 use hearth_proto::mqtt::{
     availability_topic, event_topic, parse_event, CameraEvent, TrackPhase, ROOT,
 };
@@ -143,20 +141,15 @@ pub(crate) async fn camera_loop(
         );
         None
     };
-    let mut handle = match hearth_camera::start_with(
-        cam.clone(),
-        &device,
-        DETECTOR_TAG,
-        detector,
-        embedder,
-    ) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("camera: {e}");
-            let _ = done.send(true);
-            return;
-        }
-    };
+    let mut handle =
+        match hearth_camera::start_with(cam.clone(), &device, DETECTOR_TAG, detector, embedder) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("camera: {e}");
+                let _ = done.send(true);
+                return;
+            }
+        };
     tracing::info!(
         device = %device,
         source = cam.source.kind(),

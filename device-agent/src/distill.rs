@@ -89,9 +89,15 @@ impl DistillConfig {
         }
         if self.teacher_hidden.is_empty() || self.teacher_hidden.iter().any(|&w| w == 0 || w > 4096)
         {
-            return Err("distill.teacher_hidden: 1 to 4096 units per layer, at least one layer".into());
+            return Err(
+                "distill.teacher_hidden: 1 to 4096 units per layer, at least one layer".into(),
+            );
         }
-        if self.teacher_epochs == 0 || self.epochs == 0 || self.teacher_epochs > 1000 || self.epochs > 1000 {
+        if self.teacher_epochs == 0
+            || self.epochs == 0
+            || self.teacher_epochs > 1000
+            || self.epochs > 1000
+        {
             return Err("distill: teacher_epochs and epochs must be in 1..=1000".into());
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
@@ -318,7 +324,10 @@ pub(crate) async fn idle_loop(shared: Arc<Shared>, mut stop: watch::Receiver<boo
             Ok(Ok(Some((r, l)))) => {
                 add(&shared.stats.distill_runs, 1);
                 add(&shared.stats.distill_millis, ms);
-                add(&shared.stats.distill_pseudo_labelled, r.pseudo_labelled as u64);
+                add(
+                    &shared.stats.distill_pseudo_labelled,
+                    r.pseudo_labelled as u64,
+                );
                 tracing::info!(
                     pseudo_labelled = r.pseudo_labelled,
                     check_before = r.before,
@@ -329,8 +338,7 @@ pub(crate) async fn idle_loop(shared: Arc<Shared>, mut stop: watch::Receiver<boo
                 );
                 // A newer global version that arrived meanwhile wins.
                 let cur = shared.slot.current();
-                if let Some(l) = l.filter(|l| cur.version == l.version && cur.global == l.global)
-                {
+                if let Some(l) = l.filter(|l| cur.version == l.version && cur.global == l.global) {
                     add(&shared.stats.distill_installed, 1);
                     shared.install(Arc::new(l));
                 }

@@ -126,7 +126,10 @@ impl Loaded {
     /// front end is missing or does not fit the task file is refused.
     pub fn adopt(&mut self, task: &TaskSpec) -> Result<(), Error> {
         let t = task.with_model(&self.onnx).map_err(|e| {
-            Error::Protocol(format!("model {} does not fit the task file: {e}", self.tag()))
+            Error::Protocol(format!(
+                "model {} does not fit the task file: {e}",
+                self.tag()
+            ))
         })?;
         self.task = Some(Arc::new(t));
         Ok(())

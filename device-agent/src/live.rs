@@ -109,7 +109,10 @@ pub(crate) async fn run(
                 .clone()
                 .unwrap_or_else(|| Arc::new(shared.task.clone()));
             let pre = tokio::task::spawn_blocking(move || task.preprocess(&win)).await;
-            let input = match pre.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            let input = match pre
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
                 Ok(x) => x,
                 Err(e) => {
                     add(&shared.stats.inference_errors, 1);

@@ -58,9 +58,19 @@ fn gauges(window: &VecDeque<(Instant, CameraSnapshot)>) -> CameraGauges {
     let frames = b.frames.saturating_sub(a.frames);
     let runs = b.detector_runs.saturating_sub(a.detector_runs);
     let micros = b.detect_micros.saturating_sub(a.detect_micros);
-    let mean = |m: u64, r: u64| if r == 0 { 0.0 } else { m as f64 / r as f64 / 1e6 };
+    let mean = |m: u64, r: u64| {
+        if r == 0 {
+            0.0
+        } else {
+            m as f64 / r as f64 / 1e6
+        }
+    };
     CameraGauges {
-        fps: if secs > 0.0 { frames as f64 / secs } else { 0.0 },
+        fps: if secs > 0.0 {
+            frames as f64 / secs
+        } else {
+            0.0
+        },
         detector_latency_secs: if runs > 0 {
             mean(micros, runs)
         } else {

@@ -283,7 +283,10 @@ async fn a_model_without_the_task_front_end_is_refused() {
         initial_model: Some(path),
         ..config("plug-x", "plaid", port, &dir.path().join("state"), 1)
     };
-    let e = hearth_agent::start(cfg).await.expect_err("refused").to_string();
+    let e = hearth_agent::start(cfg)
+        .await
+        .expect_err("refused")
+        .to_string();
     assert!(e.contains("does not fit the task file"), "{e}");
     // Stamped with the task's front end, the same model is adopted.
     let mut stamped = bare.clone();

@@ -330,7 +330,9 @@ async fn a_camera_head_learns_from_feedback_in_a_round_and_no_pixel_leaves() {
     while let Some(m) = spy.next(Duration::from_millis(300)).await {
         mqtt.push(m);
     }
-    assert!(mqtt.iter().any(|m| m.topic == "hearth/door-cam/event/detection"));
+    assert!(mqtt
+        .iter()
+        .any(|m| m.topic == "hearth/door-cam/event/detection"));
     let grpc = grpc.lock().unwrap().clone();
     assert!(grpc.len() > 1000, "the agent talked to the coordinator");
     let needles = pixel_needles(&frames);
@@ -347,7 +349,10 @@ async fn a_camera_head_learns_from_feedback_in_a_round_and_no_pixel_leaves() {
         else {
             continue;
         };
-        let bytes: Vec<u8> = s.input[i..i + 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = s.input[i..i + 4]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let text = format!("{},{}", s.input[i], s.input[i + 1]);
         assert!(!contains(&grpc, &bytes), "an embedding in the gRPC traffic");
         for m in &mqtt {
@@ -356,8 +361,16 @@ async fn a_camera_head_learns_from_feedback_in_a_round_and_no_pixel_leaves() {
         }
     }
     // Device payloads are small, and events pass the hub's guard.
-    for m in mqtt.iter().filter(|m| m.topic.starts_with("hearth/door-cam/")) {
-        assert!(m.payload.len() < 1024, "{}: {} bytes", m.topic, m.payload.len());
+    for m in mqtt
+        .iter()
+        .filter(|m| m.topic.starts_with("hearth/door-cam/"))
+    {
+        assert!(
+            m.payload.len() < 1024,
+            "{}: {} bytes",
+            m.topic,
+            m.payload.len()
+        );
         if m.topic.starts_with("hearth/door-cam/event/") {
             parse_event("door-cam", &m.payload).expect("hub guard");
         }

@@ -45,27 +45,30 @@ async fn the_agent_distils_only_when_idle_and_the_model_changes() {
     let before = agent.model_weights();
     // Busy: events every 40 ms for 3 s, more than enough unlabelled samples after 1 s.
     {
-    let replay = agent.replay_finished();
-    tokio::pin!(replay);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        tokio::select! {
-            _ = &mut replay => break,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        let replay = agent.replay_finished();
+        tokio::pin!(replay);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                _ = &mut replay => break,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            assert_eq!(
+                stats.distill_runs.load(Ordering::Relaxed),
+                0,
+                "distilled while events were flowing"
+            );
+            assert!(tokio::time::Instant::now() < deadline, "replay did not end");
         }
-        assert_eq!(
-            stats.distill_runs.load(Ordering::Relaxed),
-            0,
-            "distilled while events were flowing"
-        );
-        assert!(tokio::time::Instant::now() < deadline, "replay did not end");
-    }
     }
     assert_eq!(stats.samples_stored.load(Ordering::Relaxed), 75);
     // Idle: one run within a few seconds.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while stats.distill_runs.load(Ordering::Relaxed) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no idle distillation");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no idle distillation"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s = stats.snapshot();
@@ -75,7 +78,10 @@ async fn the_agent_distils_only_when_idle_and_the_model_changes() {
     );
     assert_eq!(s.distill_pseudo_labelled % 75, 0);
     assert!(s.distill_pseudo_labelled >= 75);
-    assert!(s.distill_installed >= 1, "the distilled student was not kept");
+    assert!(
+        s.distill_installed >= 1,
+        "the distilled student was not kept"
+    );
     assert!(agent.model_distilled());
     assert_ne!(agent.model_weights(), before, "the model in use changed");
     tokio::time::timeout(Duration::from_secs(20), agent.shutdown())
