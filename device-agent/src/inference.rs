@@ -122,9 +122,19 @@ impl Loaded {
 
     /// Adopts the model for `task`: the task file with the fitted front end the model
     /// carries (MiniRocket's, ONNX metadata), so that the device preprocesses with the very
-    /// values the model was trained on, never a front end fitted elsewhere. A model whose
-    /// front end is missing or does not fit the task file is refused.
+    /// values the model was trained on. A model whose front end does not fit the task file is
+    /// refused; one without any (made before front ends travelled) gets the task's own fit.
     pub fn adopt(&mut self, task: &TaskSpec) -> Result<(), Error> {
+        if task.has_front_end() && self.onnx.meta(hearth_model::minirocket::META_KEY).is_none() {
+            // A model from before front ends travelled with it: the task's own fit (the fit
+            // is deterministic, so it is the one the model was trained with if the data is).
+            tracing::warn!(
+                model = %self.tag(),
+                "the model carries no fitted front end: using the task file's, fitted on its train split"
+            );
+            self.task = Some(Arc::new(task.clone()));
+            return Ok(());
+        }
         let t = task.with_model(&self.onnx).map_err(|e| {
             Error::Protocol(format!(
                 "model {} does not fit the task file: {e}",

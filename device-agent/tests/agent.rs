@@ -268,17 +268,26 @@ async fn bad_configuration_is_refused_before_anything_starts() {
     assert!(hearth_agent::start(cfg).await.is_err());
 }
 
-/// Adoption (`Loaded::adopt`, `TaskSpec::with_model`): a PLAID model must carry the MiniRocket
-/// front end it was trained with; one without it is refused at start, naming the task file,
-/// rather than run on features fitted elsewhere.
+/// Adoption (`Loaded::adopt`, `TaskSpec::with_model`): a PLAID model runs with the MiniRocket
+/// front end it carries; one carrying a front end that does not fit the task file (another
+/// task's) is refused at start, naming the task file, rather than run on wrong features.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_without_the_task_front_end_is_refused() {
+async fn a_model_whose_front_end_does_not_fit_is_refused() {
     let port = start_broker();
     let dir = tempfile::tempdir().unwrap();
     let task = hearth_model::TaskSpec::resolve("plaid", &data_dir()).unwrap();
-    let bare = OnnxModel::build_mlp(&task.mlp_spec(), 1);
-    let path = dir.path().join("bare.onnx");
-    std::fs::write(&path, bare.to_bytes()).unwrap();
+    let other = hearth_model::TaskSpec::resolve(
+        &data_dir()
+            .join("gunpoint/minirocket.toml")
+            .display()
+            .to_string(),
+        &data_dir(),
+    )
+    .unwrap();
+    let mut foreign = OnnxModel::build_mlp(&task.mlp_spec(), 1);
+    other.stamp(&mut foreign).unwrap();
+    let path = dir.path().join("foreign.onnx");
+    std::fs::write(&path, foreign.to_bytes()).unwrap();
     let cfg = Config {
         initial_model: Some(path),
         ..config("plug-x", "plaid", port, &dir.path().join("state"), 1)
@@ -288,9 +297,8 @@ async fn a_model_without_the_task_front_end_is_refused() {
         .expect_err("refused")
         .to_string();
     assert!(e.contains("does not fit the task file"), "{e}");
-    // Stamped with the task's front end, the same model is adopted.
-    let mut stamped = bare.clone();
-    task.stamp(&mut stamped).unwrap();
+    // Stamped with the task's own front end, the same weights are adopted.
+    let stamped = task.build_model(1).unwrap();
     let path = dir.path().join("stamped.onnx");
     std::fs::write(&path, stamped.to_bytes()).unwrap();
     let cfg = Config {
