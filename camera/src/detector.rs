@@ -188,7 +188,7 @@ pub fn weighted_nms(mut cands: Vec<Detection>, iou_threshold: f32) -> Vec<Detect
 /// ONNX default, which tract 0.23 types as 64-bit); the vendored BlazeFace has 11. The same
 /// rewrite as `hearth_compress::measure::fix_constant_of_shape`, here so that the agent does
 /// not link the compression toolkit.
-fn fix_constant_of_shape(proto: &mut pb::ModelProto) {
+pub(crate) fn fix_constant_of_shape(proto: &mut pb::ModelProto) {
     if let Some(g) = proto.graph.as_mut() {
         for node in g.node.iter_mut() {
             if node.op_type == "ConstantOfShape"

@@ -5,6 +5,8 @@
 //!   detection, a fixed frame pool.
 //! - [`detector`]: BlazeFace (vendored ONNX) in tract, MediaPipe anchors, box decoding,
 //!   weighted NMS.
+//! - [`embed`]: BlazeFace's frozen backbone on a track's crop: the embedding a small head
+//!   (the agent's federated model) learns the home's decision on.
 //! - [`motion`]: frame difference on a 32×32 grey frame, gating the detector.
 //! - [`tracker`]: IoU tracks and the `new` / `update` / `end` life cycle.
 //! - [`pipeline`]: one camera end to end ([`pipeline::start`]), CPU work on its own thread.
@@ -15,6 +17,7 @@
 
 pub mod config;
 pub mod detector;
+pub mod embed;
 pub mod motion;
 pub mod pipeline;
 pub mod scene;
@@ -24,7 +27,8 @@ pub mod tracker;
 
 pub use config::{CameraConfig, SourceConfig};
 pub use detector::{Detection, Detector, DetectorOptions};
-pub use pipeline::{start, CameraHandle, Gate};
+pub use embed::{Embedder, EMBED_DIM};
+pub use pipeline::{start, start_with, CameraHandle, Gate, TrackFeatures};
 pub use stats::{CameraStats, SourceState, StatsSnapshot};
 
 /// Errors of the camera crate.

@@ -9,8 +9,14 @@
 //! least `1 / max_detect_fps` apart (the per-camera rate limit; refusals are counted).
 //! When the stream goes down, live tracks end. The worker is a plain thread: inference
 //! never runs on the async runtime.
+//!
+//! With an [`Embedder`] ([`start_with`]), the worker also embeds the crop of every track it
+//! sends a `new` or `update` for, and leaves the embedding in [`TrackFeatures`] under the
+//! track's id *before* the event is sent: the agent's head classifies it and keeps it behind
+//! the event for feedback. The crop never leaves the worker.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_proto::mqtt::{CameraEvent, TrackPhase};
@@ -19,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::CameraConfig;
 use crate::detector::{Detection, Detector};
+use crate::embed::Embedder;
 use crate::motion::{Motion, MotionOptions};
 use crate::source::{run_source, FramePool, SourceMsg};
 use crate::stats::CameraStats;
@@ -28,11 +35,57 @@ use crate::Error;
 /// Events waiting for the publisher, at most.
 pub const EVENT_QUEUE: usize = 64;
 
+/// Embeddings of the latest `new`/`update` crop of each track, by track id (bounded: the
+/// oldest entries go when `capacity` is reached; the reader takes what it uses).
+#[derive(Debug)]
+pub struct TrackFeatures {
+    inner: Mutex<VecDeque<(String, Vec<f32>)>>,
+    capacity: usize,
+}
+
+impl TrackFeatures {
+    /// Holds at most `capacity` embeddings.
+    pub fn new(capacity: usize) -> TrackFeatures {
+        TrackFeatures {
+            inner: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Leaves the embedding of track `id` (replacing an older one of the same track).
+    pub fn put(&self, id: &str, features: Vec<f32>) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|(k, _)| k != id);
+        while g.len() >= self.capacity {
+            g.pop_front();
+        }
+        g.push_back((id.to_string(), features));
+    }
+
+    /// Takes the embedding of track `id`, if one is waiting.
+    pub fn take(&self, id: &str) -> Option<Vec<f32>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let i = g.iter().position(|(k, _)| k == id)?;
+        g.remove(i).map(|(_, f)| f)
+    }
+
+    /// Embeddings waiting.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A running camera.
 pub struct CameraHandle {
     /// Track events, in order.
     pub events: mpsc::Receiver<CameraEvent>,
     stats: Arc<CameraStats>,
+    features: Option<Arc<TrackFeatures>>,
     stop: watch::Sender<bool>,
     source: Option<JoinHandle<()>>,
     worker: Option<std::thread::JoinHandle<()>>,
@@ -49,6 +102,11 @@ impl std::fmt::Debug for CameraHandle {
 impl CameraHandle {
     pub fn stats(&self) -> Arc<CameraStats> {
         self.stats.clone()
+    }
+
+    /// The tracks' embeddings (with an embedder, [`start_with`]).
+    pub fn features(&self) -> Option<Arc<TrackFeatures>> {
+        self.features.clone()
     }
 
     /// Stops the source (its ffmpeg is killed and reaped), then the worker, which ends the
@@ -191,7 +249,24 @@ pub fn start(
     model: &str,
     detector: Arc<Detector>,
 ) -> Result<CameraHandle, Error> {
+    start_with(cfg, camera, model, detector, None)
+}
+
+/// [`start`], and with `embedder` the crop of each track's `new`/`update` is embedded into
+/// [`CameraHandle::features`] before the event is sent.
+pub fn start_with(
+    cfg: CameraConfig,
+    camera: &str,
+    model: &str,
+    detector: Arc<Detector>,
+    embedder: Option<Arc<Embedder>>,
+) -> Result<CameraHandle, Error> {
     cfg.validate()?;
+    // Waiting embeddings: one per live track, plus the events queued for the publisher.
+    let features = embedder
+        .is_some()
+        .then(|| Arc::new(TrackFeatures::new(cfg.max_tracks + EVENT_QUEUE)));
+    let wfeatures = features.clone();
     let stats = Arc::new(CameraStats::default());
     let pool = FramePool::new(cfg.pool_frames);
     // Frames in flight are bounded by the pool; Down/Finished markers need a few more slots.
@@ -234,6 +309,9 @@ pub fn start(
                             &wstats,
                             &mut out,
                         );
+                        if let (Some(emb), Some(feats)) = (&embedder, &wfeatures) {
+                            embed_tracks(emb, feats, f.rgb(), &out, &wstats);
+                        }
                     }
                     SourceMsg::Down | SourceMsg::Finished => gate.end_all(&mut out),
                 }
@@ -246,8 +324,36 @@ pub fn start(
     Ok(CameraHandle {
         events: event_rx,
         stats,
+        features,
         stop: stop_tx,
         source: Some(source),
         worker: Some(worker),
     })
+}
+
+/// Embeds the crop of every `new`/`update` in `events` (CPU work, on the worker thread).
+fn embed_tracks(
+    emb: &Embedder,
+    feats: &TrackFeatures,
+    rgb: &[u8],
+    events: &[CameraEvent],
+    stats: &CameraStats,
+) {
+    for ev in events.iter().filter(|e| e.phase != TrackPhase::End) {
+        let t = Instant::now();
+        match emb.embed_box(rgb, &ev.bbox) {
+            Ok(v) => {
+                feats.put(&ev.id, v);
+                CameraStats::inc(&stats.embed_runs);
+                stats.embed_micros.fetch_add(
+                    t.elapsed().as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            Err(e) => {
+                CameraStats::inc(&stats.detector_errors);
+                tracing::warn!(error = %e, "camera: embedding failed");
+            }
+        }
+    }
 }

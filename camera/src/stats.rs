@@ -68,6 +68,10 @@ pub struct CameraStats {
     pub detect_micros: AtomicU64,
     /// Total motion-gate time, microseconds.
     pub motion_micros: AtomicU64,
+    /// Track crops embedded for the head (learning on the camera).
+    pub embed_runs: AtomicU64,
+    /// Total embedding time, microseconds.
+    pub embed_micros: AtomicU64,
     pub events_new: AtomicU64,
     pub events_update: AtomicU64,
     pub events_end: AtomicU64,
@@ -95,6 +99,8 @@ pub struct StatsSnapshot {
     pub detections: u64,
     pub detect_micros: u64,
     pub motion_micros: u64,
+    pub embed_runs: u64,
+    pub embed_micros: u64,
     pub events_new: u64,
     pub events_update: u64,
     pub events_end: u64,
@@ -148,6 +154,8 @@ impl CameraStats {
             detections: g(&self.detections),
             detect_micros: g(&self.detect_micros),
             motion_micros: g(&self.motion_micros),
+            embed_runs: g(&self.embed_runs),
+            embed_micros: g(&self.embed_micros),
             events_new: g(&self.events_new),
             events_update: g(&self.events_update),
             events_end: g(&self.events_end),
@@ -176,9 +184,22 @@ impl CameraStats {
             ("detector_runs", s.detector_runs),
             ("rate_limited", s.rate_limited),
             ("detections", s.detections),
+            ("detector_errors", s.detector_errors),
+            ("embed_runs", s.embed_runs),
             ("events_dropped", s.events_dropped),
         ] {
             let _ = writeln!(out, "hearth_camera_{name}_total{{camera=\"{camera}\"}} {v}");
+        }
+        for (name, micros) in [
+            ("detect", s.detect_micros),
+            ("motion", s.motion_micros),
+            ("embed", s.embed_micros),
+        ] {
+            let _ = writeln!(
+                out,
+                "hearth_camera_{name}_seconds_total{{camera=\"{camera}\"}} {:.6}",
+                micros as f64 / 1e6
+            );
         }
         for (phase, v) in [
             ("new", s.events_new),

@@ -113,6 +113,8 @@ impl Tracker {
             start_time: ms(t.start_time),
             end_time: end_time.map(ms),
             model: self.opts.model.clone(),
+            sub_label: None,
+            sub_score: None,
         }
     }
 
@@ -199,7 +201,8 @@ impl Tracker {
             }
             self.next += 1;
             let t = Track {
-                id: format!("{now:.3}-{}", self.next),
+                // Unix milliseconds and a counter: `[0-9-]` only, so a feedback can name it.
+                id: format!("{}-{}", (now.max(0.0) * 1000.0).round() as u64, self.next),
                 start_time: now,
                 last_seen: now,
                 hits: 1,
@@ -269,6 +272,8 @@ mod tests {
         assert_eq!(phases(&ev), [TrackPhase::New, TrackPhase::End]);
         assert_eq!(ev[0].id, ev[1].id);
         assert!(ev.iter().all(|e| e.validate().is_ok()));
+        // Track ids are event ids a feedback can name.
+        assert!(hearth_proto::mqtt::valid_name(&ev[0].id), "{}", ev[0].id);
         assert!((ev[1].end_time.unwrap() - 1059.8).abs() < 1e-6);
     }
 

@@ -40,6 +40,10 @@ pub(crate) struct Shared {
     pub task: TaskSpec,
     /// The samples behind recent events (`[store] enabled`).
     pub samples: Option<Arc<SampleStore>>,
+    /// What the metrics endpoint renders besides the counters (the camera).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Held by a round's local training and by idle distillation: one CPU job at a time.
+    pub cpu: tokio::sync::Mutex<()>,
 }
 
 /// What became of one verdict.
@@ -257,6 +261,9 @@ pub struct AgentHandle {
     stop_tx: watch::Sender<bool>,
     replay: Option<JoinHandle<()>>,
     federation: Option<JoinHandle<()>>,
+    distill: Option<JoinHandle<()>>,
+    metrics: Option<JoinHandle<()>>,
+    metrics_addr: Option<std::net::SocketAddr>,
     mqtt_stop: Option<oneshot::Sender<()>>,
     mqtt_task: Option<JoinHandle<()>>,
     replay_done: watch::Receiver<bool>,
@@ -287,6 +294,21 @@ impl AgentHandle {
         self.shared.slot.current().classes().to_vec()
     }
 
+    /// Where the metrics endpoint listens (`metrics_listen`), once bound.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Whether the model in use was distilled on the device (idle distillation).
+    pub fn model_distilled(&self) -> bool {
+        self.shared.slot.current().distilled
+    }
+
+    /// The weights of the model in use (by initializer name).
+    pub fn model_weights(&self) -> hearth_model::Weights {
+        self.shared.slot.current().onnx.weights()
+    }
+
     /// Number of samples in this device's own share of the data.
     pub fn local_samples(&self) -> usize {
         self.shared.data.len()
@@ -307,6 +329,8 @@ impl AgentHandle {
         for (what, task) in [
             ("replay", self.replay.take()),
             ("federation", self.federation.take()),
+            ("distill", self.distill.take()),
+            ("metrics", self.metrics.take()),
         ] {
             if let Some(t) = task {
                 if let Err(e) = join_within(t, STOP_LIMIT, what).await {
@@ -332,6 +356,8 @@ impl Drop for AgentHandle {
         for t in [
             self.replay.take(),
             self.federation.take(),
+            self.distill.take(),
+            self.metrics.take(),
             self.mqtt_task.take(),
         ]
         .into_iter()
@@ -389,9 +415,11 @@ fn prepare(config: &Config) -> Result<Prepared, Error> {
 
     match state.load_model(&name) {
         Ok(Some((meta, bytes))) => {
-            match Loaded::from_bytes(&name, meta.version, true, &bytes)
-                .and_then(|l| l.check_compatible(&data).map(|()| l))
-            {
+            match Loaded::from_bytes(&name, meta.version, true, &bytes).and_then(|mut l| {
+                l.check_compatible(&data)?;
+                l.adopt(&task)?;
+                Ok(l)
+            }) {
                 Ok(l) => {
                     tracing::info!(model = %l.tag(), engine = %l.engine(), "loaded the stored global model");
                     return Ok((data, l, state, task, samples));
@@ -404,8 +432,9 @@ fn prepare(config: &Config) -> Result<Prepared, Error> {
     }
 
     if let Some(path) = &config.initial_model {
-        let l = Loaded::new(&name, 0, false, OnnxModel::load(path)?)?;
+        let mut l = Loaded::new(&name, 0, false, OnnxModel::load(path)?)?;
         l.check_compatible(&data)?;
+        l.adopt(&task)?;
         tracing::info!(path = %path.display(), engine = %l.engine(), "loaded the initial model");
         return Ok((data, l, state, task, samples));
     }
@@ -434,8 +463,9 @@ fn prepare(config: &Config) -> Result<Prepared, Error> {
             "bootstrapped a local model on the device's own data"
         );
     }
-    let l = Loaded::new(&name, 0, false, onnx)?;
+    let mut l = Loaded::new(&name, 0, false, onnx)?;
     l.check_compatible(&data)?;
+    l.adopt(&task)?;
     Ok((data, l, state, task, samples))
 }
 
@@ -457,6 +487,16 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         "agent prepared"
     );
 
+    // Bind before anything runs: a taken port is a start-up failure (exit 69).
+    let metrics_listener = match &config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Bind(format!("metrics_listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let device = config.device.clone();
     let (client, eventloop) = mqtt::settings(
         &config.mqtt,
@@ -477,7 +517,12 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         mqtt: client,
         task,
         samples,
+        metrics: Arc::default(),
+        cpu: tokio::sync::Mutex::new(()),
     });
+    if let Some(addr) = metrics_addr {
+        tracing::info!(%addr, "metrics endpoint listening");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (mqtt_stop_tx, mqtt_stop_rx) = oneshot::channel();
@@ -503,11 +548,22 @@ pub async fn start(config: Config) -> Result<AgentHandle, Error> {
         ))
     });
 
+    let distill = shared
+        .config
+        .distill
+        .enabled
+        .then(|| tokio::spawn(crate::distill::idle_loop(shared.clone(), stop_rx.clone())));
+    let metrics = metrics_listener
+        .map(|l| tokio::spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone())));
+
     Ok(AgentHandle {
         shared,
         stop_tx,
         replay: Some(replay),
         federation,
+        distill,
+        metrics,
+        metrics_addr,
         mqtt_stop: Some(mqtt_stop_tx),
         mqtt_task: Some(mqtt_task),
         replay_done: done_rx,

@@ -6,6 +6,7 @@ use hearth_model::TaskSpec;
 use hearth_proto::mqtt::valid_name;
 use serde::{Deserialize, Serialize};
 
+use crate::distill::DistillConfig;
 use crate::samples::StoreConfig;
 use crate::source::SourceConfig;
 use crate::Error;
@@ -99,6 +100,14 @@ pub struct Config {
     /// frames, BlazeFace, tracker; `crate::camera`) instead of replaying its data set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub camera: Option<hearth_camera::CameraConfig>,
+    /// Idle distillation (`[distill]`): when the agent is idle, a larger teacher trained on
+    /// the labelled samples pseudo-labels the stored unlabelled ones and the model in use is
+    /// distilled on them (off by default).
+    pub distill: DistillConfig,
+    /// Metrics endpoint (`GET /metrics`, Prometheus text; `/healthz`), e.g.
+    /// `"127.0.0.1:9464"`; absent = off. Bind loopback unless a scraper elsewhere needs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -126,6 +135,8 @@ impl std::fmt::Debug for Config {
             .field("source", &self.source)
             .field("store", &self.store)
             .field("camera", &self.camera)
+            .field("distill", &self.distill)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }
@@ -155,6 +166,8 @@ impl Default for Config {
             source: SourceConfig::Replay,
             store: StoreConfig::default(),
             camera: None,
+            distill: DistillConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -187,7 +200,8 @@ impl Config {
              # model = \"faces\"                           # defaults to the task name\n\
              # replay_limit = 1000\n\
              # event_name = \"detection\"                  # defaults to the task file's `event`\n\
-             # initial_model = \"models/faces.onnx\"\n\n{body}\n\
+             # initial_model = \"models/faces.onnx\"\n\
+             # metrics_listen = \"127.0.0.1:9464\"        # GET /metrics (Prometheus text), /healthz\n\n{body}\n\
              # Camera source kind: run a camera instead of replaying the data set (every key of\n\
              # [camera] has a default: docs/cameras.md).\n\
              # [camera]\n\
@@ -322,6 +336,12 @@ impl Config {
         }
         if let Some(c) = &self.camera {
             c.validate().map_err(|e| Error::Config(e.to_string()))?;
+        }
+        self.distill.validate().map_err(Error::Config)?;
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<std::net::SocketAddr>().map_err(|e| {
+                Error::Config(format!("metrics_listen `{m}`: expected host:port ({e})"))
+            })?;
         }
         Ok(())
     }

@@ -32,6 +32,10 @@ pub enum Error {
     /// The coordinator (or the broker) cannot be reached.
     #[error("unavailable: {0}")]
     Unavailable(String),
+
+    /// A listening socket could not be bound (the metrics endpoint).
+    #[error("cannot bind {0}")]
+    Bind(String),
     /// Downloaded or stored bytes do not match their announced size or digest.
     #[error("integrity check failed: {0}")]
     Integrity(String),

@@ -730,10 +730,29 @@ impl Worker {
         size: Option<u64>,
     ) -> Result<Arc<Loaded>, Error> {
         let cur = self.shared.slot.current();
-        if cur.global && cur.version == version {
+        if cur.global && cur.version == version && !cur.distilled {
             return Ok(cur);
         }
-        let have = if cur.global { cur.version } else { 0 };
+        if cur.global && cur.version == version && cur.distilled {
+            // The model in use was distilled on the device from `version`: train from the
+            // global version itself, stored when it was downloaded.
+            let shared = self.shared.clone();
+            let name = self.shared.model_name.clone();
+            let stored = tokio::task::spawn_blocking(move || -> Result<Option<Loaded>, Error> {
+                match shared.state.load_model(&name)? {
+                    Some((meta, bytes)) if meta.version == version => {
+                        Ok(Some(Loaded::from_bytes(&name, version, true, &bytes)?))
+                    }
+                    _ => Ok(None),
+                }
+            })
+            .await??;
+            if let Some(l) = stored {
+                return Ok(Arc::new(l));
+            }
+        }
+        // A distilled model is not the global version's bytes: no delta applies to it.
+        let have = if cur.global && !cur.distilled { cur.version } else { 0 };
         let (mut meta, mut bytes, mut signed, delta_base) = fetch_model(
             &mut self.client,
             &self.shared.state,
@@ -792,8 +811,9 @@ impl Worker {
         }
         let shared = self.shared.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<Loaded, Error> {
-            let l = Loaded::from_bytes(&meta.model, meta.version, true, &bytes)?;
+            let mut l = Loaded::from_bytes(&meta.model, meta.version, true, &bytes)?;
             l.check_compatible(&shared.data)?;
+            l.adopt(&shared.task)?;
             // Persist only models newer than the one stored, so a restart resumes the latest.
             let cur = shared.slot.current();
             if !cur.global || meta.version > cur.version {
@@ -898,6 +918,8 @@ impl Worker {
         let holdout_seed = round_seed(&self.shared.config.device, 0);
         let task = t.clone();
         add(&self.shared.stats.local_trainings, 1);
+        // One CPU job at a time (idle distillation waits, and this waits for it).
+        let busy = self.shared.cpu.lock().await;
         let update = tokio::task::spawn_blocking(move || {
             local_update(
                 &base.onnx,
@@ -909,6 +931,7 @@ impl Worker {
             )
         })
         .await??;
+        drop(busy);
         tracing::info!(
             round = t.round_id,
             bytes = update.payload.len(),

@@ -5,7 +5,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use hearth_model::{Classifier, Dataset, OnnxModel};
+use hearth_model::{Classifier, Dataset, OnnxModel, TaskSpec};
 use hearth_proto::mqtt::Event;
 
 use crate::state::sha256_hex;
@@ -19,12 +19,18 @@ pub struct Loaded {
     pub version: u64,
     /// Whether this is a coordinator-published version.
     pub global: bool,
+    /// Distilled on the device from `version` when idle ([`crate::distill`]): the model in
+    /// use, never a training base (rounds start from the stored global version).
+    pub distilled: bool,
     /// SHA-256 of the ONNX bytes.
     pub sha256: String,
     /// The ONNX graph (training base, weights by name).
     pub onnx: OnnxModel,
     /// The inference plan.
     pub classifier: Classifier,
+    /// The task file with the front end this model carries ([`TaskSpec::with_model`]): what
+    /// live windows are preprocessed with while this model is in use. Set by [`Loaded::adopt`].
+    pub task: Option<Arc<TaskSpec>>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -33,6 +39,7 @@ impl std::fmt::Debug for Loaded {
             .field("name", &self.name)
             .field("version", &self.version)
             .field("global", &self.global)
+            .field("distilled", &self.distilled)
             .field("sha256", &self.sha256)
             .finish()
     }
@@ -47,9 +54,11 @@ impl Loaded {
             name: name.to_string(),
             version,
             global,
+            distilled: false,
             sha256,
             onnx,
             classifier,
+            task: None,
         })
     }
 
@@ -66,9 +75,11 @@ impl Loaded {
             name: name.to_string(),
             version,
             global,
+            distilled: false,
             sha256: sha256_hex(bytes),
             onnx,
             classifier,
+            task: None,
         })
     }
 
@@ -106,6 +117,31 @@ impl Loaded {
                 data.classes
             )));
         }
+        Ok(())
+    }
+
+    /// Adopts the model for `task`: the task file with the fitted front end the model
+    /// carries (MiniRocket's, ONNX metadata), so that the device preprocesses with the very
+    /// values the model was trained on. A model whose front end does not fit the task file is
+    /// refused; one without any (made before front ends travelled) gets the task's own fit.
+    pub fn adopt(&mut self, task: &TaskSpec) -> Result<(), Error> {
+        if task.has_front_end() && self.onnx.meta(hearth_model::minirocket::META_KEY).is_none() {
+            // A model from before front ends travelled with it: the task's own fit (the fit
+            // is deterministic, so it is the one the model was trained with if the data is).
+            tracing::warn!(
+                model = %self.tag(),
+                "the model carries no fitted front end: using the task file's, fitted on its train split"
+            );
+            self.task = Some(Arc::new(task.clone()));
+            return Ok(());
+        }
+        let t = task.with_model(&self.onnx).map_err(|e| {
+            Error::Protocol(format!(
+                "model {} does not fit the task file: {e}",
+                self.tag()
+            ))
+        })?;
+        self.task = Some(Arc::new(t));
         Ok(())
     }
 

@@ -23,6 +23,7 @@ mod error;
 mod federation;
 pub mod inference;
 mod live;
+pub mod metrics;
 pub mod mqtt;
 pub mod samples;
 pub mod source;

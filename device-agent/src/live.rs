@@ -101,7 +101,18 @@ pub(crate) async fn run(
             },
         };
         for win in windower.push(r.t, &r.values) {
-            let input = match shared.task.preprocess(&win) {
+            // The front end of the model in use (adopted with it), off the runtime.
+            let task = shared
+                .slot
+                .current()
+                .task
+                .clone()
+                .unwrap_or_else(|| Arc::new(shared.task.clone()));
+            let pre = tokio::task::spawn_blocking(move || task.preprocess(&win)).await;
+            let input = match pre
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
                 Ok(x) => x,
                 Err(e) => {
                     add(&shared.stats.inference_errors, 1);

@@ -352,7 +352,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            // A port that cannot be bound (the metrics endpoint) is "unavailable".
+            if matches!(
+                e.downcast_ref::<hearth_agent::Error>(),
+                Some(hearth_agent::Error::Bind(_))
+            ) {
+                ExitCode::from(hearth_edge::EXIT_UNAVAILABLE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -70,6 +70,16 @@ pub struct AgentStats {
     pub feedback_applied: AtomicU64,
     /// Feedback refused: malformed, an unknown class, or no stored sample behind the event.
     pub feedback_refused: AtomicU64,
+    /// Camera: track embeddings classified by the head (learning on the camera).
+    pub head_verdicts: AtomicU64,
+    /// Idle distillation runs finished (installed or not).
+    pub distill_runs: AtomicU64,
+    /// … whose student was installed as the model in use (not worse on the check split).
+    pub distill_installed: AtomicU64,
+    /// Unlabelled samples the teachers pseudo-labelled, over all runs.
+    pub distill_pseudo_labelled: AtomicU64,
+    /// Wall time of the runs, milliseconds.
+    pub distill_millis: AtomicU64,
 }
 
 /// A plain copy of [`AgentStats`] at one instant.
@@ -104,6 +114,11 @@ pub struct StatsSnapshot {
     pub samples_stored: u64,
     pub feedback_applied: u64,
     pub feedback_refused: u64,
+    pub head_verdicts: u64,
+    pub distill_runs: u64,
+    pub distill_installed: u64,
+    pub distill_pseudo_labelled: u64,
+    pub distill_millis: u64,
 }
 
 impl AgentStats {
@@ -140,6 +155,11 @@ impl AgentStats {
             samples_stored: r(&self.samples_stored),
             feedback_applied: r(&self.feedback_applied),
             feedback_refused: r(&self.feedback_refused),
+            head_verdicts: r(&self.head_verdicts),
+            distill_runs: r(&self.distill_runs),
+            distill_installed: r(&self.distill_installed),
+            distill_pseudo_labelled: r(&self.distill_pseudo_labelled),
+            distill_millis: r(&self.distill_millis),
         }
     }
 }

@@ -267,3 +267,44 @@ async fn bad_configuration_is_refused_before_anything_starts() {
     cfg.data_dir = state.path().join("no-such-dir");
     assert!(hearth_agent::start(cfg).await.is_err());
 }
+
+/// Adoption (`Loaded::adopt`, `TaskSpec::with_model`): a PLAID model runs with the MiniRocket
+/// front end it carries; one carrying a front end that does not fit the task file (another
+/// task's) is refused at start, naming the task file, rather than run on wrong features.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_front_end_does_not_fit_is_refused() {
+    let port = start_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let task = hearth_model::TaskSpec::resolve("plaid", &data_dir()).unwrap();
+    let other = hearth_model::TaskSpec::resolve(
+        &data_dir()
+            .join("gunpoint/minirocket.toml")
+            .display()
+            .to_string(),
+        &data_dir(),
+    )
+    .unwrap();
+    let mut foreign = OnnxModel::build_mlp(&task.mlp_spec(), 1);
+    other.stamp(&mut foreign).unwrap();
+    let path = dir.path().join("foreign.onnx");
+    std::fs::write(&path, foreign.to_bytes()).unwrap();
+    let cfg = Config {
+        initial_model: Some(path),
+        ..config("plug-x", "plaid", port, &dir.path().join("state"), 1)
+    };
+    let e = hearth_agent::start(cfg)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("does not fit the task file"), "{e}");
+    // Stamped with the task's own front end, the same weights are adopted.
+    let stamped = task.build_model(1).unwrap();
+    let path = dir.path().join("stamped.onnx");
+    std::fs::write(&path, stamped.to_bytes()).unwrap();
+    let cfg = Config {
+        initial_model: Some(path),
+        ..config("plug-y", "plaid", port, &dir.path().join("state2"), 1)
+    };
+    let agent = hearth_agent::start(cfg).await.expect("adopted");
+    agent.shutdown().await.unwrap();
+}

@@ -305,3 +305,40 @@ fn wipe_empties_the_sample_store() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// `metrics_listen`: a bad address is a configuration error (64), a taken port is "unavailable"
+/// (69), as for every binary's listeners.
+#[test]
+fn metrics_listen_bad_exits_64_taken_exits_69() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let write = |name: &str, listen: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "device = \"m\"\nmqtt = \"mqtt://127.0.0.1:1\"\ndata_dir = \"{data}\"\nstate_dir = \"{}\"\nbootstrap_epochs = 0\nmetrics_listen = \"{listen}\"\n",
+                dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(write("bad.toml", "localhost"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("metrics_listen"));
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(write(
+            "taken.toml",
+            &taken.local_addr().unwrap().to_string(),
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+}

@@ -191,6 +191,13 @@ pub struct CameraEvent {
     pub end_time: Option<f64>,
     /// Model that produced it, `name@version`.
     pub model: String,
+    /// The camera's own head (learning on the device) on the track's crop: its class, as
+    /// Frigate's `sub_label` (a recognised face's name). Present with `sub_score` or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_label: Option<String>,
+    /// The head's probability of `sub_label`, in `[0, 1]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_score: Option<f32>,
 }
 
 impl CameraEvent {
@@ -215,6 +222,18 @@ impl CameraEvent {
             if !field_ok(v) {
                 return Err(EventError::BadField(name));
             }
+        }
+        match (&self.sub_label, self.sub_score) {
+            (None, None) => {}
+            (Some(l), Some(p)) => {
+                if !field_ok(l) {
+                    return Err(EventError::BadField("sub_label"));
+                }
+                if !(0.0..=1.0).contains(&p) || !p.is_finite() {
+                    return Err(EventError::BadScore(p));
+                }
+            }
+            _ => return Err(EventError::BadField("sub_label")),
         }
         let b = &self.bbox;
         if !b.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)) || b[0] > b[2] || b[1] > b[3]
@@ -511,7 +530,40 @@ mod tests {
             start_time: 1764546000.123,
             end_time: (phase == TrackPhase::End).then_some(1764546012.5),
             model: "blazeface@1".into(),
+            sub_label: None,
+            sub_score: None,
         }
+    }
+
+    #[test]
+    fn a_head_verdict_rides_as_sub_label_and_is_checked() {
+        let mut e = cam(TrackPhase::New);
+        e.sub_label = Some("person".into());
+        e.sub_score = Some(0.87);
+        let json = e.to_json();
+        assert!(json.len() < MAX_EVENT_BYTES / 2, "{}", json.len());
+        assert_eq!(
+            parse_event("door-cam", &json).unwrap(),
+            InboundEvent::Camera(e.clone())
+        );
+        let mut half = e.clone();
+        half.sub_score = None;
+        assert_eq!(
+            parse_event("door-cam", &half.to_json()),
+            Err(EventError::BadField("sub_label"))
+        );
+        let mut bad = e.clone();
+        bad.sub_score = Some(1.5);
+        assert!(matches!(
+            parse_event("door-cam", &bad.to_json()),
+            Err(EventError::BadScore(_))
+        ));
+        let mut bad = e;
+        bad.sub_label = Some("a/b".into());
+        assert_eq!(
+            parse_event("door-cam", &bad.to_json()),
+            Err(EventError::BadField("sub_label"))
+        );
     }
 
     #[test]
