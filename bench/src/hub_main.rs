@@ -53,7 +53,11 @@ struct Cli {
     #[arg(long, default_value_t = 30)]
     soak_secs: u64,
     /// Rates tried above 10,000/s for the maximum sustained rate.
-    #[arg(long, value_delimiter = ',', default_value = "15000,20000,25000,30000,40000,50000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "15000,20000,25000,30000,40000,50000"
+    )]
     search: Vec<u32>,
     /// Contenders to run (mosquitto-relay, rust-relay, hub, node-red, hub-embedded).
     #[arg(long, value_delimiter = ',')]
@@ -129,7 +133,9 @@ async fn relay(broker: SocketAddr) -> Result<()> {
     loop {
         match el.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                client.subscribe("hearth/+/event/+", QoS::AtLeastOnce).await?;
+                client
+                    .subscribe("hearth/+/event/+", QoS::AtLeastOnce)
+                    .await?;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 publisher
@@ -170,7 +176,9 @@ fn rules_toml() -> String {
              class = \"person\"\nmin_score = 0.6\n[[rule.condition]]\nkind = \"score\"\nmin = 0.5\n"
         );
         if i % 2 == 0 {
-            s.push_str("[[rule.condition]]\nkind = \"time\"\nafter = \"00:00\"\nbefore = \"23:59:59\"\n");
+            s.push_str(
+                "[[rule.condition]]\nkind = \"time\"\nafter = \"00:00\"\nbefore = \"23:59:59\"\n",
+            );
         }
         let _ = write!(
             s,
@@ -235,16 +243,20 @@ fn node_red_flow(mqtt_port: u16) -> serde_json::Value {
         let d = hubload::device_name(i);
         rules.push(json!({"t": "eq", "v": format!("hearth/{d}/event/detection"), "vt": "str"}));
         outputs.push(vec![format!("class-{i}")]);
-        nodes.push(json!({"id": format!("class-{i}"), "type": "switch", "z": "tab", "name": "",
+        nodes.push(
+            json!({"id": format!("class-{i}"), "type": "switch", "z": "tab", "name": "",
             "property": "payload.class", "propertyType": "msg",
             "rules": [{"t": "eq", "v": "person", "vt": "str"}], "checkall": "true",
             "repair": false, "outputs": 1, "x": 400, "y": 40 * i,
-            "wires": [[format!("score-{i}")]]}));
-        nodes.push(json!({"id": format!("score-{i}"), "type": "switch", "z": "tab", "name": "",
+            "wires": [[format!("score-{i}")]]}),
+        );
+        nodes.push(
+            json!({"id": format!("score-{i}"), "type": "switch", "z": "tab", "name": "",
             "property": "payload.score", "propertyType": "msg",
             "rules": [{"t": "gte", "v": "0.6", "vt": "num"}], "checkall": "true",
             "repair": false, "outputs": 1, "x": 550, "y": 40 * i,
-            "wires": [[format!("cmd-{i}")]]}));
+            "wires": [[format!("cmd-{i}")]]}),
+        );
         nodes.push(json!({"id": format!("cmd-{i}"), "type": "change", "z": "tab", "name": "",
             "rules": [
                 {"t": "set", "p": "payload", "pt": "msg",
@@ -254,12 +266,16 @@ fn node_red_flow(mqtt_port: u16) -> serde_json::Value {
             ],
             "x": 700, "y": 40 * i, "wires": [["out"]]}));
     }
-    nodes.push(json!({"id": "topics", "type": "switch", "z": "tab", "name": "rooms",
+    nodes.push(
+        json!({"id": "topics", "type": "switch", "z": "tab", "name": "rooms",
         "property": "topic", "propertyType": "msg", "rules": rules, "checkall": "false",
-        "repair": false, "outputs": DEVICES, "x": 250, "y": 100, "wires": outputs}));
-    nodes.push(json!({"id": "in", "type": "mqtt in", "z": "tab", "name": "",
+        "repair": false, "outputs": DEVICES, "x": 250, "y": 100, "wires": outputs}),
+    );
+    nodes.push(
+        json!({"id": "in", "type": "mqtt in", "z": "tab", "name": "",
         "topic": "hearth/+/event/+", "qos": "1", "datatype": "json", "broker": "broker",
-        "nl": false, "rap": true, "rh": 0, "inputs": 0, "x": 100, "y": 100, "wires": [["topics"]]}));
+        "nl": false, "rap": true, "rh": 0, "inputs": 0, "x": 100, "y": 100, "wires": [["topics"]]}),
+    );
     serde_json::Value::Array(nodes)
 }
 
@@ -407,9 +423,18 @@ impl Bench<'_> {
         let children = match name {
             "mosquitto-relay" => {
                 let mut sub = Command::new("mosquitto_sub");
-                sub.args(["-h", "127.0.0.1", "-p", &mq, "-q", "1", "-t", "hearth/+/event/+"])
-                    .stdout(Stdio::piped())
-                    .stderr(log_file(d, "mosquitto_sub.err")?);
+                sub.args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &mq,
+                    "-q",
+                    "1",
+                    "-t",
+                    "hearth/+/event/+",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(log_file(d, "mosquitto_sub.err")?);
                 let mut sub = sub.spawn().context("mosquitto_sub (mosquitto-clients)")?;
                 let out = sub.stdout.take().context("mosquitto_sub stdout")?;
                 let publ = spawn(
@@ -468,7 +493,10 @@ impl Bench<'_> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if !procs.alive() {
-                bail!("exited during start-up (see its log in {})", self.dir.display());
+                bail!(
+                    "exited during start-up (see its log in {})",
+                    self.dir.display()
+                );
             }
             if let Ok(r) = hubload::run(&LoadSpec {
                 drain: Duration::from_millis(500),
@@ -625,7 +653,10 @@ fn scrape(port: u16) -> Option<String> {
     ];
     Some(
         body.lines()
-            .filter(|l| keep.iter().any(|k| l.starts_with(k)) || l.starts_with("hearth_hub_events_dropped_total"))
+            .filter(|l| {
+                keep.iter().any(|k| l.starts_with(k))
+                    || l.starts_with("hearth_hub_events_dropped_total")
+            })
             .collect::<Vec<_>>()
             .join("; "),
     )
@@ -693,7 +724,13 @@ fn table(rows: &[Row], soak: Option<&Soak>, load: &str, cli: &Cli) -> String {
             .unwrap_or_else(|| "–".into());
         let max = match (r.max_sustained, r.steps.last()) {
             (Some(m), Some(last)) if last.result.rate > m => {
-                format!("{m} (next step {}: lost {}, reached {:.0}/s, tail {:.0} ms)", last.result.rate, last.result.lost, last.result.achieved_rate, last.result.tail_ms)
+                format!(
+                    "{m} (next step {}: lost {}, reached {:.0}/s, tail {:.0} ms)",
+                    last.result.rate,
+                    last.result.lost,
+                    last.result.achieved_rate,
+                    last.result.tail_ms
+                )
             }
             (Some(m), _) => format!("≥ {m} (highest step tried)"),
             (None, _) => "< 1000".into(),
@@ -714,7 +751,12 @@ fn table(rows: &[Row], soak: Option<&Soak>, load: &str, cli: &Cli) -> String {
     }
     if let Some(k) = soak {
         let n = k.rss_mib.len();
-        let at = |f: f64| k.rss_mib.get(((n as f64 - 1.0) * f) as usize).copied().unwrap_or(f64::NAN);
+        let at = |f: f64| {
+            k.rss_mib
+                .get(((n as f64 - 1.0) * f) as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
         let half = &k.rss_mib[n / 2..];
         let (lo, hi) = half
             .iter()
@@ -752,7 +794,11 @@ async fn bench(cli: &Cli) -> Result<()> {
     };
     write_configs(&dir, &ports)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     let mosquitto = spawn(
         &dir,
         "mosquitto",
@@ -781,7 +827,10 @@ async fn bench(cli: &Cli) -> Result<()> {
         broker_pid: broker.pids()[0],
     };
     let all: Vec<(&str, &str)> = vec![
-        ("mosquitto-relay", "mosquitto_sub | mosquitto_pub -l, no rules"),
+        (
+            "mosquitto-relay",
+            "mosquitto_sub | mosquitto_pub -l, no rules",
+        ),
         ("rust-relay", "rumqttc forwarder, no rules"),
         ("hub", "Hearth hub on Mosquitto"),
         ("node-red", "Node-RED 4.1.8, equivalent flow"),
@@ -798,8 +847,12 @@ async fn bench(cli: &Cli) -> Result<()> {
         }
         rows.push(b.contender(name, what).await);
     }
-    let soak = if cli.soak_secs > 0 && (cli.only.is_empty() || cli.only.iter().any(|o| o == "soak")) {
-        eprintln!("soak: hub with its embedded broker, 10,000/s for {} s", cli.soak_secs);
+    let soak = if cli.soak_secs > 0 && (cli.only.is_empty() || cli.only.iter().any(|o| o == "soak"))
+    {
+        eprintln!(
+            "soak: hub with its embedded broker, 10,000/s for {} s",
+            cli.soak_secs
+        );
         match b.soak(cli.soak_secs).await {
             Ok(s) => Some(s),
             Err(e) => {

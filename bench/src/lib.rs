@@ -3,8 +3,8 @@
 //! `bench/compress` merges into one table; `hubload`, the hub benchmark's load generator and receiver.
 #![forbid(unsafe_code)]
 
-pub mod npy;
 pub mod hubload;
+pub mod npy;
 pub mod profile;
 pub mod report;
 pub mod timing;

@@ -677,7 +677,14 @@ mod tests {
         let before = rss_kib();
         // 40,000 events of ~220 bytes: 8.8 MB through each of the three filters.
         const N: u64 = 40_000;
-        let payload = format!("{{\"class\":\"person\",\"score\":0.93,\"pad\":\"{}\"}}", "x".repeat(160));
+        let payload = format!(
+            "{{\"class\":\"person\",\"score\":0.93,\"pad\":\"{}\"}}",
+            "x".repeat(160)
+        );
+        // Published in bursts the subscribers keep up with (a subscriber further behind
+        // than the queue loses messages: that is the bound's price, not under test here).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut peak = before;
         for i in 0..N {
             publisher
                 .publish(
@@ -687,26 +694,26 @@ mod tests {
                     payload.clone(),
                 )
                 .unwrap();
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut peak = before;
-        while subs
-            .iter()
-            .any(|(_, c, _)| c.load(std::sync::atomic::Ordering::Relaxed) < N)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "not delivered in time: {:?}",
-                subs.iter()
-                    .map(|(_, c, _)| c.load(std::sync::atomic::Ordering::Relaxed))
-                    .collect::<Vec<_>>()
-            );
-            peak = peak.max(rss_kib());
-            std::thread::sleep(Duration::from_millis(20));
+            if (i + 1) % 500 == 0 {
+                while subs
+                    .iter()
+                    .any(|(_, c, _)| c.load(std::sync::atomic::Ordering::Relaxed) < i + 1)
+                {
+                    assert!(
+                        Instant::now() < deadline,
+                        "not delivered in time: {:?}",
+                        subs.iter()
+                            .map(|(_, c, _)| c.load(std::sync::atomic::Ordering::Relaxed))
+                            .collect::<Vec<_>>()
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                peak = peak.max(rss_kib());
+            }
         }
         peak = peak.max(rss_kib());
         let grown_mib = peak.saturating_sub(before) as f64 / 1024.0;
-        // Measured: ~45 MiB with 1 MiB × 4 segments; the defaults stay far below.
+        // Measured: 22 MiB with the former bound (1 MiB × 4 segments per filter).
         assert!(
             grown_mib < 16.0,
             "the broker grew by {grown_mib:.1} MiB for three filters"

@@ -295,10 +295,13 @@ mod tests {
             .await
             .unwrap();
         let mut out = String::new();
-        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_string(&mut out))
-            .await
-            .expect("answered in time")
-            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            s.read_to_string(&mut out),
+        )
+        .await
+        .expect("answered in time")
+        .unwrap();
         let code = out[9..12].parse().unwrap();
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
         (code, body)
@@ -320,7 +323,10 @@ mod tests {
         assert_eq!((code, body.as_str()), (200, "removed hearth/door-cam\n"));
         assert!(reg.get("door-cam").is_none(), "removed from the registry");
         let (_, listing) = request(addr, "GET", "/devices").await;
-        assert!(!listing.contains("door-cam") && listing.contains("garage-cam"), "{listing}");
+        assert!(
+            !listing.contains("door-cam") && listing.contains("garage-cam"),
+            "{listing}"
+        );
         let (code, body) = request(addr, "DELETE", "/devices/door-cam").await;
         assert_eq!(code, 404, "{body}");
         let (code, _) = request(addr, "GET", "/devices/garage-cam").await;
@@ -338,7 +344,10 @@ mod tests {
         let remote = tokio::spawn(async move { axum::serve(l, app).await });
         let (code, body) = request(addr, "DELETE", "/devices/garage-cam").await;
         assert_eq!(code, 403, "{body}");
-        assert!(reg.get("garage-cam").is_some(), "a refused removal removes nothing");
+        assert!(
+            reg.get("garage-cam").is_some(),
+            "a refused removal removes nothing"
+        );
         remote.abort();
     }
 

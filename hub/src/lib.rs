@@ -371,9 +371,9 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         tokio::task::spawn_blocking(move || {
             rules::history::History::open(path.as_deref(), max, per_rule)
         })
-            .await
-            .map_err(|e| Error::Config(format!("history start-up task failed: {e}")))?
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+        .await
+        .map_err(|e| Error::Config(format!("history start-up task failed: {e}")))?
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
     };
     let engine = Arc::new(rules::engine::Engine::new(
         rules,

@@ -391,7 +391,11 @@ mod tests {
             // Its newest, newest first.
             assert_eq!(busy[0].at_ms, 139);
             assert_eq!(busy[9].at_ms, 130);
-            assert_eq!(h.list(Some("quiet"), 1000).len(), 5, "the quiet rule keeps all");
+            assert_eq!(
+                h.list(Some("quiet"), 1000).len(),
+                5,
+                "the quiet rule keeps all"
+            );
             assert_eq!(h.list(None, 1000).len(), 15);
             h.close();
         }
