@@ -1,8 +1,9 @@
 //! Hearth's benchmark helpers: batch-1 and batched latency of a tract plan, per-node tract profiles,
 //! `.npy` files shared with the Python (ONNX Runtime) side, and the result records that
-//! `bench/compress` merges into one table.
+//! `bench/compress` merges into one table; `hubload`, the hub benchmark's load generator and receiver.
 #![forbid(unsafe_code)]
 
+pub mod hubload;
 pub mod npy;
 pub mod profile;
 pub mod report;

@@ -31,7 +31,12 @@
 //! kept in a journal (`<state_dir>/actuator-<name>.jsonl`, one line appended per applied
 //! command *before* its new state is published, compacted by rename), so a command
 //! redelivered after the device restarted — the hub re-sends what its broker may have lost —
-//! is still applied once.
+//! is still applied once. A command is acknowledged (PUBACK) only once it has been decided:
+//! applied (journal line written, state set), refused or recognised as a redelivery, so a
+//! device killed between receiving and applying a command gets it again from a broker that
+//! keeps its session. Manual acks also bound the commands waiting for the worker by the
+//! broker's in-flight window; one that still finds the queue full stays unacknowledged
+//! (redelivered on the next connection) rather than dropped.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -699,7 +704,8 @@ impl ActuatorStats {
 }
 
 enum Work {
-    Command(Vec<u8>),
+    /// A command, acknowledged by the worker once decided.
+    Command(rumqttc::Publish),
     Announce,
     /// Our retained state, read back from the broker after a restart.
     Restore(Vec<u8>),
@@ -777,15 +783,18 @@ pub async fn start_actuator(cfg: ActuatorConfig) -> Result<ActuatorHandle, Error
         .client_id
         .clone()
         .unwrap_or_else(|| format!("hearth-actuator-{}", cfg.name));
-    let (client, eventloop) = mqtt::settings(
+    let settings = mqtt::settings(
         &cfg.mqtt,
         cfg.ca_file.as_deref(),
         &client_id,
         &cfg.availability_topic(),
     )?
     .persistent_session(cfg.persistent_session)
-    .password_file(cfg.password_file.clone())
-    .connect()?;
+    .password_file(cfg.password_file.clone());
+    let mut options = settings.options()?;
+    // Commands are acknowledged by the worker once applied (see the module documentation).
+    options.set_manual_acks(true);
+    let (client, eventloop) = AsyncClient::new(options, settings.request_capacity);
     let conn = Connection::new(eventloop, format!("actuator {}", cfg.name));
     let cfg = Arc::new(cfg);
     let (work_tx, work_rx) = mpsc::channel(QUEUE);
@@ -867,11 +876,20 @@ async fn event_loop(
             rumqttc::Event::Incoming(Packet::Publish(p)) => {
                 if p.topic == command_topic {
                     add(&stats.commands_received, 1);
-                    if work.try_send(Work::Command(p.payload.to_vec())).is_err() {
+                    if work.try_send(Work::Command(p)).is_err() {
                         add(&stats.commands_refused, 1);
-                        tracing::warn!("actuator command queue full; command dropped");
+                        tracing::warn!(
+                            "actuator command queue full; command left unacknowledged (the \
+                             broker sends it again on the next connection)"
+                        );
                     }
-                } else if p.topic == get_topic {
+                    continue;
+                }
+                // Everything else is acknowledged at once.
+                if let Err(e) = client.try_ack(&p) {
+                    tracing::warn!("ack: {e}");
+                }
+                if p.topic == get_topic {
                     let _ = work.try_send(Work::Get);
                 } else if p.topic == state_topic && p.retain {
                     let _ = work.try_send(Work::Restore(p.payload.to_vec()));
@@ -922,12 +940,13 @@ async fn worker(
                     .await
                     .map_err(Error::from)
             }
-            Work::Command(payload) => {
-                let parsed = parse_set(&payload);
+            Work::Command(publish) => {
+                let payload = &publish.payload;
+                let parsed = parse_set(payload);
                 let applied = parsed
                     .as_ref()
                     .and_then(|(c, _)| stats.device_state().apply(cfg.kind, c));
-                match (parsed, applied) {
+                let decided = match (parsed, applied) {
                     (None, _) | (_, None) => {
                         add(&stats.commands_refused, 1);
                         tracing::warn!(
@@ -985,7 +1004,10 @@ async fn worker(
                             .await
                             .map_err(Error::from)
                     }
-                }
+                };
+                // Decided (applied, refused or a redelivery): only now acknowledged.
+                let acked = client.ack(&publish).await.map_err(Error::from);
+                decided.and(acked)
             }
         };
         if let Err(e) = res {

@@ -335,3 +335,154 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// The broker side of one MQTT 3.1.1 connection, byte for byte, so the test sees exactly
+/// when the device acknowledges a command (a real broker hides that).
+struct WirePeer {
+    s: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl WirePeer {
+    /// Reads one packet: (first byte, body).
+    async fn packet(&mut self) -> (u8, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 2 {
+                let (mut len, mut mul, mut i) = (0usize, 1usize, 1);
+                let mut complete = false;
+                while i < self.buf.len() && i <= 4 {
+                    let b = self.buf[i];
+                    len += (b & 0x7f) as usize * mul;
+                    mul *= 128;
+                    i += 1;
+                    if b & 0x80 == 0 {
+                        complete = true;
+                        break;
+                    }
+                }
+                if complete && self.buf.len() >= i + len {
+                    let first = self.buf[0];
+                    let body = self.buf[i..i + len].to_vec();
+                    self.buf.drain(..i + len);
+                    return (first, body);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the device closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Answers what a broker must (CONNACK, SUBACK, PUBACK, PINGRESP, UNSUBACK) and
+    /// returns the packets a test looks at: subscribed filters and PUBACKs from the device.
+    async fn next(&mut self) -> Wire {
+        loop {
+            let (first, body) = self.packet().await;
+            match first >> 4 {
+                1 => self.send(&[0x20, 2, 0, 0]).await,
+                8 => {
+                    let mut filters = Vec::new();
+                    let mut i = 2;
+                    while i + 2 <= body.len() {
+                        let l = u16::from_be_bytes([body[i], body[i + 1]]) as usize;
+                        filters.push(String::from_utf8_lossy(&body[i + 2..i + 2 + l]).into_owned());
+                        i += 2 + l + 1;
+                    }
+                    let mut ack = vec![0x90, 2 + filters.len() as u8, body[0], body[1]];
+                    ack.extend(std::iter::repeat_n(1u8, filters.len()));
+                    self.send(&ack).await;
+                    return Wire::Subscribed(filters);
+                }
+                10 => self.send(&[0xB0, 2, body[0], body[1]]).await,
+                12 => self.send(&[0xD0, 0]).await,
+                3 if (first >> 1) & 3 == 1 => {
+                    let l = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    self.send(&[0x40, 2, body[2 + l], body[3 + l]]).await;
+                }
+                4 => return Wire::PubAck(u16::from_be_bytes([body[0], body[1]])),
+                _ => {}
+            }
+        }
+    }
+}
+
+enum Wire {
+    Subscribed(Vec<String>),
+    PubAck(u16),
+}
+
+/// A command is acknowledged only once applied: when its PUBACK reaches the broker, its
+/// line is already in the device's journal, so a device killed in between is sent the
+/// command again by a broker keeping its session (and applies it once). A burst of commands
+/// makes the difference visible: acknowledged on receipt, most PUBACKs would leave before
+/// the worker had written their lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_acknowledged_only_after_it_is_applied() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ActuatorConfig {
+        state_dir: Some(dir.path().to_path_buf()),
+        ..ActuatorConfig::new("lamp", &format!("mqtt://127.0.0.1:{port}"))
+    };
+    let journal = cfg.journal_path().unwrap();
+    let lamp = start_actuator(cfg).await.unwrap();
+    let (s, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the device connects")
+        .unwrap();
+    let mut peer = WirePeer { s, buf: Vec::new() };
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Wire::Subscribed(f) = peer.next().await {
+                if f.iter().any(|f| f == "zigbee2mqtt/lamp/set") {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the device subscribes to its command topic");
+
+    const N: u16 = 200;
+    let mut burst = Vec::new();
+    for k in 1..=N {
+        let topic = b"zigbee2mqtt/lamp/set";
+        let state = if k % 2 == 0 { "ON" } else { "OFF" };
+        let payload = format!(r#"{{"state":"{state}","hearth_id":"cmd-{k}"}}"#);
+        let len = 2 + topic.len() + 2 + payload.len();
+        burst.extend_from_slice(&[0x32, len as u8]);
+        burst.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        burst.extend_from_slice(topic);
+        burst.extend_from_slice(&k.to_be_bytes());
+        burst.extend_from_slice(payload.as_bytes());
+    }
+    peer.send(&burst).await;
+    let mut acked = std::collections::HashSet::new();
+    tokio::time::timeout(WAIT, async {
+        while acked.len() < N as usize {
+            if let Wire::PubAck(k) = peer.next().await {
+                let lines = std::fs::read_to_string(&journal).unwrap_or_default();
+                assert!(
+                    lines.contains(&format!("\"cmd-{k}\"")),
+                    "command {k} acknowledged before it was applied ({} commands applied so far)",
+                    lamp.stats().commands_applied.load(Ordering::Relaxed)
+                );
+                acked.insert(k);
+            }
+        }
+    })
+    .await
+    .expect("every command acknowledged");
+    assert_eq!(
+        lamp.stats().commands_applied.load(Ordering::Relaxed),
+        N as u64
+    );
+}

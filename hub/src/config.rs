@@ -22,6 +22,7 @@
 //! reload_secs = 2                           # check the rules file this often; 0 = SIGHUP only
 //! history = "/var/lib/hearth/rules-history" # sled directory; temporary when absent
 //! history_max = 10000                       # firings kept
+//! history_max_per_rule = 1000               # firings kept per rule (a busy rule keeps its newest)
 //!
 //! state_dir = "/var/lib/hearth/hub"        # optional: the device registry (sled) lives here
 //!
@@ -41,6 +42,7 @@
 //!
 //! [broker]                                  # embedded broker (the default) ...
 //! listen = "127.0.0.1:1883"                 # port 0 = pick a free port
+//! queue_kib = 1024                          # in-memory queue per subscription (embedded only)
 //! # url = "mqtts://mosquitto.lan"           # ... or an external broker instead
 //! # ca_file = "/etc/hearth/ca.pem"          # CA trusted for mqtts:// (required with it)
 //! # username = "hearth-hub"                 # credentials: here or in the URL, not both
@@ -75,6 +77,9 @@ pub const DEFAULT_CLIENT_ID: &str = "hearth-hub";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Largest MQTT payload the embedded broker accepts (events themselves are capped far lower).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Default in-memory queue of the embedded broker per subscription filter, KiB (see
+/// [`hearth_edge::broker::BrokerSettings::with_queue_kib`]).
+pub const DEFAULT_QUEUE_KIB: usize = hearth_edge::broker::DEFAULT_QUEUE_KIB;
 
 /// The hub's configuration. `Debug` redacts the admin token and broker passwords.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -154,11 +159,13 @@ impl std::fmt::Debug for BrokerConfig {
                 listen,
                 max_connections,
                 max_payload_bytes,
+                queue_kib,
             } => f
                 .debug_struct("Embedded")
                 .field("listen", listen)
                 .field("max_connections", max_connections)
                 .field("max_payload_bytes", max_payload_bytes)
+                .field("queue_kib", queue_kib)
                 .finish(),
             BrokerConfig::External {
                 url,
@@ -254,6 +261,10 @@ pub enum BrokerConfig {
         max_connections: usize,
         /// Largest accepted MQTT payload in bytes.
         max_payload_bytes: usize,
+        /// Messages the broker keeps in memory per subscription filter, in KiB of topic and
+        /// payload: what a subscriber that falls behind can still catch up on (older ones
+        /// are dropped). The broker's memory grows with it.
+        queue_kib: usize,
     },
     /// An external broker such as Mosquitto.
     External {
@@ -277,6 +288,7 @@ impl Default for BrokerConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            queue_kib: DEFAULT_QUEUE_KIB,
         }
     }
 }
@@ -288,6 +300,7 @@ impl BrokerConfig {
             listen,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            queue_kib: DEFAULT_QUEUE_KIB,
         }
     }
 
@@ -330,6 +343,8 @@ struct BrokerToml {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_payload_bytes: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    queue_kib: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     username: Option<String>,
@@ -349,9 +364,11 @@ impl TryFrom<BrokerToml> for BrokerConfig {
                 if t.listen.is_some()
                     || t.max_connections.is_some()
                     || t.max_payload_bytes.is_some()
+                    || t.queue_kib.is_some()
                 {
                     return Err("`url` (external broker) cannot be combined with `listen`, \
-                                `max_connections` or `max_payload_bytes` (embedded broker)"
+                                `max_connections`, `max_payload_bytes` or `queue_kib` \
+                                (embedded broker)"
                         .into());
                 }
                 Ok(BrokerConfig::External {
@@ -380,6 +397,7 @@ impl TryFrom<BrokerToml> for BrokerConfig {
                         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
                     max_connections: t.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     max_payload_bytes: t.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+                    queue_kib: t.queue_kib.unwrap_or(DEFAULT_QUEUE_KIB),
                 })
             }
         }
@@ -393,10 +411,12 @@ impl From<BrokerConfig> for BrokerToml {
                 listen,
                 max_connections,
                 max_payload_bytes,
+                queue_kib,
             } => BrokerToml {
                 listen: Some(listen),
                 max_connections: Some(max_connections),
                 max_payload_bytes: Some(max_payload_bytes),
+                queue_kib: Some(queue_kib),
                 ..BrokerToml::default()
             },
             BrokerConfig::External {
@@ -520,6 +540,7 @@ impl Config {
             BrokerConfig::Embedded {
                 max_connections,
                 max_payload_bytes,
+                queue_kib,
                 ..
             } => {
                 if !(1..=10_000).contains(max_connections) {
@@ -530,6 +551,11 @@ impl Config {
                 if !(1024..=16 * 1024 * 1024).contains(max_payload_bytes) {
                     return bad(format!(
                         "broker.max_payload_bytes {max_payload_bytes} must be within 1 KiB..=16 MiB"
+                    ));
+                }
+                if !(16..=1024 * 1024).contains(queue_kib) {
+                    return bad(format!(
+                        "broker.queue_kib {queue_kib} must be within 16..=1048576"
                     ));
                 }
             }

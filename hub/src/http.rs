@@ -287,6 +287,70 @@ mod tests {
         assert_eq!(s.health().unwrap_err(), "embedded broker stopped");
     }
 
+    /// One HTTP/1.0 request over loopback TCP: (status code, body).
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: hub\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            s.read_to_string(&mut out),
+        )
+        .await
+        .expect("answered in time")
+        .unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn delete_removes_a_device_for_loopback_clients_only() {
+        let reg = Arc::new(Registry::new());
+        reg.record_event("door-cam");
+        reg.record_event("garage-cam");
+        let mut st = status(vec![]);
+        st.registry = reg.clone();
+        // The real server over loopback.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(l, st.clone(), stop_rx));
+        let (code, body) = request(addr, "DELETE", "/devices/door-cam").await;
+        assert_eq!((code, body.as_str()), (200, "removed hearth/door-cam\n"));
+        assert!(reg.get("door-cam").is_none(), "removed from the registry");
+        let (_, listing) = request(addr, "GET", "/devices").await;
+        assert!(
+            !listing.contains("door-cam") && listing.contains("garage-cam"),
+            "{listing}"
+        );
+        let (code, body) = request(addr, "DELETE", "/devices/door-cam").await;
+        assert_eq!(code, 404, "{body}");
+        let (code, _) = request(addr, "GET", "/devices/garage-cam").await;
+        assert_eq!(code, 405, "only DELETE on a device");
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+
+        // The same request from another machine (the peer address as the router sees it)
+        // is refused and removes nothing.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let app = router(st).layer(axum::extract::connect_info::MockConnectInfo(
+            SocketAddr::from(([192, 168, 1, 20], 40000)),
+        ));
+        let remote = tokio::spawn(async move { axum::serve(l, app).await });
+        let (code, body) = request(addr, "DELETE", "/devices/garage-cam").await;
+        assert_eq!(code, 403, "{body}");
+        assert!(
+            reg.get("garage-cam").is_some(),
+            "a refused removal removes nothing"
+        );
+        remote.abort();
+    }
+
     #[test]
     fn renders() {
         let m = Metrics::new();

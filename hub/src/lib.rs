@@ -367,10 +367,13 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
     let history = {
         let path = config.rules_engine.history.clone();
         let max = config.rules_engine.history_max;
-        tokio::task::spawn_blocking(move || rules::history::History::open(path.as_deref(), max))
-            .await
-            .map_err(|e| Error::Config(format!("history start-up task failed: {e}")))?
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+        let per_rule = config.rules_engine.history_max_per_rule;
+        tokio::task::spawn_blocking(move || {
+            rules::history::History::open(path.as_deref(), max, per_rule)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("history start-up task failed: {e}")))?
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
     };
     let engine = Arc::new(rules::engine::Engine::new(
         rules,
@@ -397,6 +400,7 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             listen,
             max_connections,
             max_payload_bytes,
+            queue_kib,
         } => {
             let login = match (&credentials, auth.allow_anonymous) {
                 (Some(store), false) => Some((
@@ -417,7 +421,8 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
                 max_payload: *max_payload_bytes,
                 password_file: login.as_ref().map(|(_, p)| p.clone()),
                 ..BrokerSettings::default()
-            };
+            }
+            .with_queue_kib(*queue_kib);
             let b = tokio::task::spawn_blocking(move || {
                 hearth_edge::broker::start(&settings, connect_timeout)
             })

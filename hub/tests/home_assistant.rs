@@ -7,7 +7,12 @@
 //! `homeassistant/status` does nothing), `online` on `<prefix>/status` publishes every config
 //! again, a refresh button press makes the hub start a refresh (and a wrong payload is
 //! refused), and removing a device publishes empty retained configs for its entities — also
-//! when it was removed while the hub was stopped. Every wait is bounded.
+//! when it was removed while the hub was stopped. At the broker a removed entity's config is
+//! a tombstone — a client subscribing later gets nothing for it — on the embedded broker and
+//! on Mosquitto (which, unlike rumqttd, keeps a retained message that a non-retained empty
+//! publish would not clear). Every wait is bounded.
+
+mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -231,7 +236,9 @@ impl Watch {
         let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
         o.set_keep_alive(Duration::from_secs(10));
         o.set_max_packet_size(1 << 20, 1 << 20);
-        o.set_credentials(login.0.clone(), login.1.clone());
+        if !login.0.is_empty() {
+            o.set_credentials(login.0.clone(), login.1.clone());
+        }
         let (client, mut el) = AsyncClient::new(o, 256);
         for f in filters {
             client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
@@ -472,6 +479,30 @@ async fn discovery_configs_follow_the_schema_and_the_device_life_cycle() {
     })
     .await;
     assert!(!w.configs()["ha-test/sensor/hearth/hearth_hub_events/config"].is_empty());
+    // At the broker the removed entities' configs are tombstones: a client arriving now
+    // (Home Assistant after its own restart) gets the hub's retained configs and nothing
+    // for the removed device.
+    let hub_topics: Vec<String> = ["events_per_second", "events", "commands", "rounds"]
+        .iter()
+        .map(|s| format!("ha-test/sensor/hearth/hearth_hub_{s}/config"))
+        .collect();
+    let mut late = Watch::connect(addr, &h.login, "ha-late-2", &[&format!("{PREFIX}/#")]).await;
+    late.until("the hub's retained configs", |s| {
+        hub_topics.iter().all(|t| count(s, t) > 0)
+    })
+    .await;
+    // Retained messages come in one burst at subscription; give stragglers a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(m) = late.rx.try_recv() {
+        late.seen.push(m);
+    }
+    for t in AGENT_TOPICS {
+        assert!(
+            late.seen.iter().all(|(x, p)| x != t || p.is_empty()),
+            "{t} is still retained on the broker after the removal"
+        );
+    }
+    drop(late);
     // The retained meta is still on the broker: a new subscription does not bring the
     // removed device back.
     assert!(h.hub.registry().get("door-cam").is_none());
@@ -512,4 +543,90 @@ async fn discovery_configs_follow_the_schema_and_the_device_life_cycle() {
         "its retained meta brought it back"
     );
     h2.hub.shutdown().await;
+}
+
+/// On Mosquitto: the agent's configs are retained (a late client gets them), and after the
+/// removal a late client gets none of them, only the hub's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_devices_configs_are_tombstones_on_mosquitto() {
+    const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+    assert!(
+        std::path::Path::new(MOSQUITTO).exists(),
+        "{MOSQUITTO} is missing: apt-get install -y mosquitto (scripts/test.sh installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let mut broker = common::Proc(
+        std::process::Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto"),
+    );
+    common::wait_listening(&mut broker, port, WAIT, String::new);
+    let coordinator_port = common::free_port();
+    let h = start(
+        dir.path(),
+        coordinator_port,
+        Some(format!("mqtt://127.0.0.1:{port}")),
+    )
+    .await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let anon = (String::new(), String::new());
+    let mut w = Watch::connect(addr, &anon, "ha-watch", &[&format!("{PREFIX}/#")]).await;
+    w.publish("hearth/door-cam/meta", true, META).await;
+    w.publish("hearth/door-cam/availability", true, "online")
+        .await;
+    w.until("the agent's entities", |s| {
+        AGENT_TOPICS.iter().all(|t| count(s, t) > 0)
+    })
+    .await;
+    let late = |id: &'static str| {
+        let anon = anon.clone();
+        async move {
+            let mut l = Watch::connect(addr, &anon, id, &[&format!("{PREFIX}/#")]).await;
+            l.until("the hub's retained configs", |s| {
+                count(s, "ha-test/sensor/hearth/hearth_hub_events/config") > 0
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            while let Ok(m) = l.rx.try_recv() {
+                l.seen.push(m);
+            }
+            l.seen
+        }
+    };
+    let before = late("ha-late-1").await;
+    for t in AGENT_TOPICS {
+        assert!(
+            before.iter().any(|(x, p)| x == t && !p.is_empty()),
+            "{t} is retained before the removal"
+        );
+    }
+    assert!(h.hub.remove_device("door-cam").is_some());
+    w.until("the agent's entities removed", |s| {
+        AGENT_TOPICS.iter().all(|t| {
+            s.iter()
+                .rev()
+                .find(|(x, _)| x == t)
+                .is_some_and(|(_, p)| p.is_empty())
+        })
+    })
+    .await;
+    let after = late("ha-late-2").await;
+    for t in AGENT_TOPICS {
+        assert!(
+            after.iter().all(|(x, p)| x != t || p.is_empty()),
+            "{t} is still retained on Mosquitto after the removal"
+        );
+    }
+    h.hub.shutdown().await;
 }

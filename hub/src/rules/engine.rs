@@ -47,6 +47,9 @@ pub struct RulesEngineConfig {
     pub history: Option<PathBuf>,
     /// Most firings the history keeps (the oldest go first).
     pub history_max: usize,
+    /// Most firings of any one rule the history keeps (that rule's oldest go first), so a
+    /// busy rule cannot push the others' history out.
+    pub history_max_per_rule: usize,
 }
 
 impl Default for RulesEngineConfig {
@@ -55,6 +58,7 @@ impl Default for RulesEngineConfig {
             reload_secs: DEFAULT_RELOAD_SECS,
             history: None,
             history_max: super::history::DEFAULT_MAX_ENTRIES,
+            history_max_per_rule: super::history::DEFAULT_MAX_PER_RULE,
         }
     }
 }
@@ -67,6 +71,9 @@ impl RulesEngineConfig {
         }
         if !(1..=10_000_000).contains(&self.history_max) {
             return Err("rules_engine.history_max must be within 1..=10000000".into());
+        }
+        if !(1..=10_000_000).contains(&self.history_max_per_rule) {
+            return Err("rules_engine.history_max_per_rule must be within 1..=10000000".into());
         }
         Ok(())
     }
