@@ -752,7 +752,11 @@ impl Worker {
             }
         }
         // A distilled model is not the global version's bytes: no delta applies to it.
-        let have = if cur.global && !cur.distilled { cur.version } else { 0 };
+        let have = if cur.global && !cur.distilled {
+            cur.version
+        } else {
+            0
+        };
         let (mut meta, mut bytes, mut signed, delta_base) = fetch_model(
             &mut self.client,
             &self.shared.state,
