@@ -1,7 +1,7 @@
 //! The demo's live camera: a clip composed from the repo's face crops (`data/faces`),
 //! served over loopback HTTP MJPEG by ffmpeg itself (`-f mpjpeg -listen 1`, restarted after
 //! each client), watched by one camera agent (`door-cam-live`, `[camera]` source kind:
-//! ffmpeg decoding, BlazeFace in tract, motion gate, tracker) whose track events turn the
+//! ffmpeg decoding, BlazeFace (dense engine or tract), motion gate, tracker) whose track events turn the
 //! porch light on through the rule [`crate::DEMO_RULES`] names for it. Without ffmpeg the
 //! phase is skipped, saying so.
 

@@ -185,7 +185,7 @@ async fn demo(args: Args) -> Result<()> {
             dense as f64 / s.uplink_bytes.max(1) as f64
         );
     }
-    println!("Live camera (ffmpeg HTTP MJPEG on loopback -> BlazeFace in tract -> tracker -> hub rule -> porch light):");
+    println!("Live camera (ffmpeg HTTP MJPEG on loopback -> BlazeFace (backend auto: dense engine, else tract) -> tracker -> hub rule -> porch light):");
     match home
         .live_camera(&opts.data_dir, &opts.state_dir, Duration::from_secs(60))
         .await
