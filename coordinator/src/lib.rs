@@ -73,3 +73,11 @@ pub enum Error {
     #[error("internal: {0}")]
     Internal(String),
 }
+
+impl Error {
+    /// Whether a service the coordinator needs is unavailable (the database at start-up): the
+    /// binary exits 69, as for a port it cannot bind.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Store(store::StoreError::Unavailable(_)))
+    }
+}

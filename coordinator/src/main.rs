@@ -1,5 +1,5 @@
 //! `hearth-coordinator`: loads and validates the config (exit 64 on a bad one), binds the
-//! listener (exit 69 if that fails), then serves until SIGINT/SIGTERM and drains within
+//! listener (exit 69 if that fails, or if the PostgreSQL store is unreachable), then serves until SIGINT/SIGTERM and drains within
 //! `shutdown_grace_secs`. The `enroll-token`, `revoke`, `versions` and `rollback` subcommands
 //! call the running coordinator's Admin API over TLS (the database is locked by it).
 #![forbid(unsafe_code)]
@@ -487,7 +487,11 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "coordinator failed");
                     eprintln!("hearth-coordinator: {e}");
-                    ExitCode::FAILURE
+                    if e.is_unavailable() {
+                        ExitCode::from(EXIT_BIND)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             },
             _ = drain_limit => {

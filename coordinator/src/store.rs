@@ -25,6 +25,9 @@ pub enum StoreError {
     /// PostgreSQL failed (connection, query, constraint).
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    /// The database cannot be reached at start-up (a service unavailable, not a bad config).
+    #[error("PostgreSQL unreachable: {0}")]
+    Unavailable(String),
     /// A stored record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),

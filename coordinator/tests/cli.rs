@@ -106,6 +106,38 @@ fn bad_config_exits_64_with_a_message() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// A database nobody listens on is a service unavailable: exit 69 with the reason, the
+/// password never printed.
+#[test]
+fn unreachable_database_exits_69() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    // A port that was free a moment ago: nothing accepts connections there.
+    let (port, listen) = (free_port(), free_port());
+    std::fs::write(
+        &p,
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\ndata_dir = {data:?}\ninsecure = true\n\
+             admin_token = \"0123456789abcdef0\"\n\
+             [store]\nbackend = \"postgres\"\n\
+             url = \"postgres://u:pw-never-printed@127.0.0.1:{port}/db?connect_timeout=5\"\n\
+             [[model]]\nname = \"digits\"\ntask = \"digits\"\neval = false\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&p)
+        .env_remove("HEARTH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+    assert!(!err.contains("pw-never-printed"), "{err}");
+}
+
 #[cfg(unix)]
 #[test]
 fn serves_and_stops_on_sigterm() {

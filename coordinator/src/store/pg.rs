@@ -259,6 +259,12 @@ impl PgStore {
                 listener: Mutex::new(None),
             }),
         };
+        // Reach the server once before anything else: a database that is down or refuses us is
+        // "unavailable" (exit 69), which an operator fixes differently from a failed migration.
+        drop(store.conn().map_err(|e| match e {
+            StoreError::Postgres(m) => StoreError::Unavailable(m),
+            e => e,
+        })?);
         store.migrate()?;
         // A database without LISTEN (CockroachDB) leaves polling alone.
         if let Err(e) = store.listen() {
