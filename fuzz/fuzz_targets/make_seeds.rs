@@ -123,6 +123,7 @@ fn main() {
         train_loss: 0.5,
         payload: vec![1, 2, 3],
         residual: w.clone(),
+        eval: (4, 0.7, 0.75),
     });
     st(3, "fedstate", fed.encode());
 }

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = spec.mlp_spec();
-    let channels = spec.channels().min(16);
+    let channels = spec.input.channels().min(16);
     let raw: Vec<Vec<f32>> = (0..channels)
         .map(|c| {
             (0..64)
