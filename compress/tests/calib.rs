@@ -2,13 +2,14 @@
 //! and `.npy` files, prepared as the model expects (resize, mean/std, NCHW/NHWC), through
 //! the library and the CLI (`--calib*` options and the recipe's `[calibration]` table).
 
+mod common;
+use common::{init, value_info};
 use hearth_compress::calib::{self, CalibSpec, Layout};
 use hearth_model::OnnxModel;
 use prost::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tract_onnx::pb;
-use tract_onnx::pb::tensor_proto::DataType;
 
 /// A `w × h` PNG of one colour.
 fn solid(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
@@ -159,38 +160,6 @@ fn npy_inputs_are_used_as_stored_or_normalised_per_channel() {
     );
     std::fs::write(&path, npy(&[7], &data[..7])).unwrap();
     assert!(calib::load(&CalibSpec::new(&path), &[1, 2, 3, 4]).is_err());
-}
-
-fn init(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
-    hearth_model::onnx::raw_initializer(
-        name,
-        dims,
-        DataType::Float,
-        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
-}
-
-fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {

@@ -3,6 +3,8 @@
 //! against masking the same channels); least-squares recovery brings the pruned model's
 //! outputs closer to the original's; the CLI step.
 
+mod common;
+use common::{init, value_info};
 use hearth_compress::channels::{analyse, prune_channels, ChannelCriterion};
 use hearth_compress::measure::GenericRunner;
 use hearth_compress::normalise::{self, normalise, probe_inputs};
@@ -91,38 +93,6 @@ fn channel_pruning_shrinks_a_real_cnn_and_it_still_runs() {
             (yb.iter().sum::<f32>() - 1.0).abs() < 1e-4,
             "softmax: {yb:?}"
         );
-    }
-}
-
-fn init(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
-    hearth_model::onnx::raw_initializer(
-        name,
-        dims,
-        DataType::Float,
-        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
-}
-
-fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
 

@@ -3,6 +3,8 @@
 //! `Constant` nodes, unfused BatchNormalization), steps that would change nothing (exit 64)
 //! and ops tract cannot run (exit 64, named before any step).
 
+mod common;
+use common::{init, value_info};
 use hearth_compress::measure::GenericRunner;
 use hearth_compress::normalise::{self, check_equivalence, normalise, probe_inputs};
 use hearth_model::OnnxModel;
@@ -175,39 +177,6 @@ fn constant_weight_model_compresses_like_any_other() {
         r.run(&vec![0.1; r.input_len()]).unwrap()[0].shape,
         vec![1, 2]
     );
-}
-
-/// An f32 initializer.
-fn init(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
-    hearth_model::onnx::raw_initializer(
-        name,
-        dims,
-        DataType::Float,
-        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
-}
-
-fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
