@@ -122,6 +122,10 @@ class Home:
             for old, key in PORTS.items():
                 text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{self.ports[key]}")
             (self.conf / f).write_text(text)
+            # Where the configs point (rules_file = /etc/hearth/rules.toml): a package puts
+            # the shipped files there; without one (release binaries), the same text.
+            if not (self.etc / f).exists():
+                (self.etc / f).write_text(text)
         self.services: list[Service] = []
 
     def cmd(self, binary: str, *args: str) -> list[str]:
@@ -169,6 +173,8 @@ class Home:
         text = text.replace("mqtt://plug-1@", f"mqtt://{device}@")
         text = text.replace(f'"{self.etc}/mqtt.password"', f'"{self.etc}/{device}.password"')
         text = text.replace(f'"{self.state}/agent"', f'"{self.state}/agent-{device}"')
+        # Each agent on this machine serves its own metrics.
+        text = re.sub(r'(?m)^metrics_listen = "127\.0\.0\.1:\d+"', f'metrics_listen = "127.0.0.1:{free_port()}"', text)
         text = re.sub(r"(?m)^index = \d+", f"index = {index}", text)
         text = re.sub(r"(?m)^count = \d+", f"count = {count}", text)
         for key, value in (settings or {}).items():

@@ -21,6 +21,6 @@ mkdir -p "$work"
 CARGO_INCREMENTAL=0 nice -n 10 cargo run --release -q -p hearth-model --example fed_export -- \
   digits 4 0.5 42 7 "$work/exported" >&2
 echo "machine: $(nproc) cores, load before: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$work/load.txt"
-"$venv/bin/python" bench/federation/bench.py --bindir target/release --venv "$venv" \
+"$venv/bin/python" bench/federation/bench.py --bindir "$PWD/target/release" --venv "$PWD/$venv" \
   --exported "$PWD/$work/exported" --work "$PWD/$work" "$@"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$work/load.txt"

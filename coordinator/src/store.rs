@@ -694,7 +694,12 @@ impl SledStore {
     /// and client key digests, so it is made private to the coordinator's user (0700).
     fn open(path: &Path) -> Result<SledStore, StoreError> {
         private_dir(path).map_err(sled::Error::Io)?;
-        let db = sled::Config::new().path(path).open()?;
+        // sled's page cache defaults to 1 GiB; bounded so the coordinator's RSS stays flat
+        // as rounds accumulate (a Pi serves a home's coordinator).
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(16 << 20)
+            .open()?;
         Self::from_db(db)
     }
 

@@ -105,7 +105,8 @@ pub struct Config {
     /// distilled on them (off by default).
     pub distill: DistillConfig,
     /// Metrics endpoint (`GET /metrics`, Prometheus text; `/healthz`), e.g.
-    /// `"127.0.0.1:9464"`; absent = off. Bind loopback unless a scraper elsewhere needs it.
+    /// `"127.0.0.1:9466"` (the coordinator uses 9464, the hub 9465); absent = off. Bind
+    /// loopback unless a scraper elsewhere needs it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
 }
@@ -201,7 +202,7 @@ impl Config {
              # replay_limit = 1000\n\
              # event_name = \"detection\"                  # defaults to the task file's `event`\n\
              # initial_model = \"models/faces.onnx\"\n\
-             # metrics_listen = \"127.0.0.1:9464\"        # GET /metrics (Prometheus text), /healthz\n\n{body}\n\
+             # metrics_listen = \"127.0.0.1:9466\"        # GET /metrics (Prometheus text), /healthz\n\n{body}\n\
              # Camera source kind: run a camera instead of replaying the data set (every key of\n\
              # [camera] has a default: docs/cameras.md).\n\
              # [camera]\n\

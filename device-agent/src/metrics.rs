@@ -1,5 +1,5 @@
 //! The agent's metrics endpoint (`metrics_listen`, off by default; the shipped config binds
-//! `127.0.0.1:9464`): `GET /metrics` in Prometheus text, `GET /healthz`.
+//! `127.0.0.1:9466`): `GET /metrics` in Prometheus text, `GET /healthz`.
 //!
 //! - Every [`crate::AgentStats`] counter as `hearth_agent_<name>_total{device}` (and
 //!   `hearth_agent_model_version` as a gauge).

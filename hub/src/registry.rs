@@ -239,6 +239,7 @@ impl Registry {
         };
         let db = sled::Config::new()
             .path(&path)
+            .cache_capacity(2 << 20) // sled's default is 1 GiB; the registry is small
             .flush_every_ms(Some(FLUSH_INTERVAL.as_millis() as u64))
             .open()
             .map_err(db_err)?;

@@ -119,6 +119,9 @@ impl std::fmt::Debug for History {
     }
 }
 
+/// sled's page cache for the history database (bytes).
+const SLED_CACHE_BYTES: u64 = 4 << 20;
+
 /// Opens the tree (for the hub or the CLI).
 pub fn open_tree(path: Option<&Path>) -> Result<sled::Tree, HistoryError> {
     Ok(open_trees(path)?.0)
@@ -131,8 +134,17 @@ fn open_trees(path: Option<&Path>) -> Result<(sled::Tree, sled::Tree), HistoryEr
         source,
     };
     let db = match path {
-        Some(p) => sled::Config::new().path(p).flush_every_ms(Some(200)).open(),
-        None => sled::Config::new().temporary(true).open(),
+        // sled's page cache defaults to 1 GiB and grows with every firing written: bounded
+        // here so the hub's RSS stays flat over a long run (as the agent's sample store).
+        Some(p) => sled::Config::new()
+            .path(p)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .flush_every_ms(Some(200))
+            .open(),
+        None => sled::Config::new()
+            .temporary(true)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open(),
     }
     .map_err(err)?;
     Ok((
