@@ -151,7 +151,12 @@ class Home:
 
     def start_coordinator(self) -> Service:
         c = self.start("coordinator", "hearth-coordinator", "--config", str(self.conf / "coordinator.toml"))
-        wait_for("the coordinator's port", lambda: port_open(self.ports["coordinator"]), 60 * self.slow, [c])
+        # Its own metrics, not only an open port: on a shared machine another process may
+        # hold a port this home picked (free_port releases it before the service binds).
+        wait_for("the coordinator's port and metrics",
+                 lambda: port_open(self.ports["coordinator"])
+                 and "hearth_coordinator_" in (self.coordinator_metrics() or ""),
+                 60 * self.slow, [c])
         return c
 
     def start_hub(self) -> Service:

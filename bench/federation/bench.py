@@ -259,7 +259,8 @@ def run_flower(venv: Path, work: Path, s: dict, exported: Path, idle_s: float) -
     root = work / f"flower-{s['name']}"
     shutil.rmtree(root, ignore_errors=True)
     (root / "logs").mkdir(parents=True)
-    fleet, appio, control = free_port(), free_port(), free_port()
+    fleet = free_port()
+    control = fleet
     flwr_home = root / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
@@ -274,17 +275,17 @@ def run_flower(venv: Path, work: Path, s: dict, exported: Path, idle_s: float) -
         procs.append(p)
         return p
     try:
-        link = start("superlink", ["flower-superlink", "--insecure",
-                                   "--fleet-api-address", f"127.0.0.1:{fleet}",
-                                   "--serverappio-api-address", f"127.0.0.1:{appio}",
-                                   "--control-api-address", f"127.0.0.1:{control}"])
+        # 1.41: the Fleet, Control and Runtime APIs share one HTTP port (--host/--port).
+        link = start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
+                                   "--port", str(fleet),
+                                   "--disable-runtime-dependency-installation"])
         wait_for("the SuperLink", lambda: port_open(fleet) and port_open(control), 120, [link])
         proxy = Proxy(fleet)
         nodes = []
         for i in range(s["clients"]):
             nodes.append(start(f"supernode-{i}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{proxy.port}",
-                "--clientappio-api-address", f"127.0.0.1:{free_port()}",
+                "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", f"partition-id={i} num-partitions={s['clients']}"]))
         time.sleep(5)
         wait_for("every SuperNode connected", lambda: all(
@@ -373,13 +374,14 @@ def main():
                     help="default (the shipped codec settings), fp32 (uncompressed reference), "
                          "or up=BITS:TOPK/down=BITS:TOPK")
     ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--skip-hearth", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     base = {"clients": args.clients, "rounds": args.rounds, "epochs": 1, "lr": 0.1, "batch": 32}
     for opt in args.optimizers.split(","):
         mu = 0.9 if opt == "momentum" else 0.0
-        for hs in args.hearth_settings.split(","):
+        for hs in ([] if args.skip_hearth else args.hearth_settings.split(",")):
             if hs == "default":
                 codec = dict(up_bits=DEFAULT_UP[0], up_topk=DEFAULT_UP[1],
                              down_bits=DEFAULT_DOWN[0], down_topk=DEFAULT_DOWN[1])
