@@ -211,9 +211,17 @@ impl OnnxModel {
         for k in 0..layers {
             let (fan_in, fan_out) = (widths[k], widths[k + 1]);
             let std = (2.0 / fan_in.max(1) as f64).sqrt();
-            let w: Vec<f32> = (0..fan_in * fan_out)
-                .map(|_| (crate::data::standard_normal(&mut rng) * std) as f32)
-                .collect();
+            // A linear model (no hidden layer) starts at zero: with more inputs than samples
+            // (MiniRocket's ~2,000 features, tens of samples) training only moves the weights
+            // within the samples' span, so a random start would stay in every prediction as
+            // noise. With hidden layers the random start breaks the symmetry and stays.
+            let w: Vec<f32> = if layers == 1 {
+                vec![0.0; fan_in * fan_out]
+            } else {
+                (0..fan_in * fan_out)
+                    .map(|_| (crate::data::standard_normal(&mut rng) * std) as f32)
+                    .collect()
+            };
             let wname = format!("fc{k}.weight");
             let bname = format!("fc{k}.bias");
             inits.push(f32_initializer(
