@@ -87,6 +87,7 @@ fn main() -> Result<()> {
         let model = spec.build_model(a.seed)?;
         let local = TrainConfig {
             epochs: a.epochs,
+            weight_decay: spec.weight_decay(),
             ..TrainConfig::default()
         };
         let central_cfg = TrainConfig {
@@ -149,10 +150,12 @@ fn main() -> Result<()> {
             None
         };
         let family = match (&spec.model, spec.has_front_end()) {
-            (hearth_model::task::ModelFamily::Mlp { hidden }, true) => {
+            (hearth_model::task::ModelFamily::Mlp { hidden, .. }, true) => {
                 format!("minirocket({}) + mlp{hidden:?}", spec.input_len())
             }
-            (hearth_model::task::ModelFamily::Mlp { hidden }, false) => format!("mlp{hidden:?}"),
+            (hearth_model::task::ModelFamily::Mlp { hidden, .. }, false) => {
+                format!("mlp{hidden:?}")
+            }
         };
         let row = Row {
             task: spec.name.clone(),

@@ -453,6 +453,7 @@ fn prepare(config: &Config) -> Result<Prepared, Error> {
         let cfg = TrainConfig {
             epochs: config.bootstrap_epochs,
             seed: p.seed ^ p.index as u64,
+            weight_decay: task.weight_decay(),
             ..TrainConfig::default()
         };
         let (w, report) = train(&onnx, &data, &cfg)?;

@@ -921,6 +921,7 @@ impl Worker {
         let seed = round_seed(&self.shared.config.device, t.round_id);
         let holdout_seed = round_seed(&self.shared.config.device, 0);
         let task = t.clone();
+        let weight_decay = self.shared.task.weight_decay();
         add(&self.shared.stats.local_trainings, 1);
         // One CPU job at a time (idle distillation waits, and this waits for it).
         let busy = self.shared.cpu.lock().await;
@@ -929,6 +930,7 @@ impl Worker {
                 &base.onnx,
                 &shared.training_data(),
                 &task,
+                weight_decay,
                 residual,
                 seed,
                 holdout_seed,
@@ -1050,6 +1052,7 @@ fn local_update(
     base: &OnnxModel,
     data: &Dataset,
     t: &RoundTask,
+    weight_decay: f32,
     residual: Option<Weights>,
     seed: u64,
     holdout_seed: u64,
@@ -1080,6 +1083,8 @@ fn local_update(
             d.batch_size
         },
         seed,
+        // The task's model family (task file `[model] weight_decay`).
+        weight_decay,
         ..d
     };
     let global = base.weights();

@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let local = TrainConfig {
         epochs,
         learning_rate: lr,
+        weight_decay: std::env::var("WD").map_or(Ok(spec.weight_decay()), |v| v.parse())?,
         ..TrainConfig::default()
     };
     let t = Instant::now();
