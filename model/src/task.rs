@@ -15,7 +15,8 @@
 //! step = "znorm"                     # resample, pad, znorm, scale, plaid_features, channel_stats
 //! [model]
 //! family = "mlp"
-//! hidden = [32]
+//! hidden = [32]                      # [] = a linear head
+//! weight_decay = 0.0                 # L2 in every training of this model (default 0)
 //! [data]
 //! format = "ts"                      # ts | csv | npy | npz
 //! labels = ["1", "2"]                # the file's label of each class ("name": class names, "index": class ids)
