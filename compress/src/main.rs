@@ -165,6 +165,7 @@ fn cmd_train(
         epochs,
         learning_rate: lr,
         seed,
+        weight_decay: task_spec.weight_decay(),
         ..Default::default()
     };
     let (w, report) = train(&model, &train_set, &cfg)?;
