@@ -171,6 +171,8 @@ class Home:
         text = text.replace(f'"{self.state}/agent"', f'"{self.state}/agent-{device}"')
         text = re.sub(r"(?m)^index = \d+", f"index = {index}", text)
         text = re.sub(r"(?m)^count = \d+", f"count = {count}", text)
+        # Several agents on one machine: each its own metrics port.
+        text = re.sub(r'(?m)^metrics_listen = "127\.0\.0\.1:\d+"', f'metrics_listen = "127.0.0.1:{free_port()}"', text)
         for key, value in (settings or {}).items():
             text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
             if n != 1:
