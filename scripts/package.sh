@@ -36,9 +36,13 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$deb"
 
-# The glibc a binary needs: the newest GLIBC_x.y symbol version it references.
+# The glibc a binary needs: the newest GLIBC_x.y version it references, or 2.36 if it was
+# linked with DT_RELR (deploy/release-link.rs), which glibc marks with GLIBC_ABI_DT_RELR.
 glibc_of() {
-  "$objdump" -T "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1
+  local refs
+  refs=$("$objdump" -p "$1")
+  { grep -o 'GLIBC_[0-9][0-9.]*' <<<"$refs" | sed 's/GLIBC_//'
+    if grep -q GLIBC_ABI_DT_RELR <<<"$refs"; then echo 2.36; fi; } | sort -uV | tail -1
 }
 
 # Maintainer scripts, shared by the three service packages ($1 = package = unit name).

@@ -85,6 +85,19 @@ for p in "${services[@]}"; do
   check "$p.service is the hardened unit from deploy/systemd" \
     cmp -s "$root/usr/lib/systemd/system/$p.service" "deploy/systemd/$p.service"
 done
+# The glibc each binary needs (its newest GLIBC_x.y; a DT_RELR binary, deploy/release-link.rs,
+# needs 2.36) must be what its package's Depends asks for, or apt would install it where it
+# cannot start.
+need_glibc() {
+  readelf -V "$1" | grep -o 'GLIBC_[0-9A-Z_.]*' | sed -e 's/^GLIBC_ABI_DT_RELR$/2.36/' -e 's/^GLIBC_//' \
+    | grep '^[0-9]' | sort -uV | tail -1
+}
+for b in "${services[@]}" hearth-compress; do
+  need=$(need_glibc "$root/usr/bin/$b")
+  dep=$(dpkg-query --root="$root" -W -f='${Depends}' "$b" | grep -o 'libc6 (>= [0-9.]*' | grep -o '[0-9.]*$' || true)
+  check "$b Depends: libc6 (>= ${dep:-none}) covers the glibc it needs ($need)" \
+    dpkg --compare-versions "${dep:-0}" ge "$need"
+done
 check "the data sets are in /usr/share/hearth/data" test -f "$root/usr/share/hearth/data/plaid/task.toml"
 
 echo "== run the installed binaries${runner:+ under $runner}"
