@@ -122,6 +122,8 @@ fn local_update(
     let codec = CodecConfig {
         bits: r.quant_bits as u8,
         topk_fraction: 1.0,
+        entropy: true,
+        compact: false,
     };
     (
         encode_update(&delta, &mut residual, &codec, &mut rng).unwrap(),

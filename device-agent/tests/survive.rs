@@ -263,7 +263,7 @@ impl Drop for Agent {
 
 /// The published version is the base plus exactly `payload` (one client, server rate 1).
 fn assert_aggregated(base: &Weights, new: &Weights, payload: &[u8]) {
-    let update = hearth_model::decode_update(payload).unwrap();
+    let update = hearth_model::decode_update_for(payload, base).unwrap();
     let mut want = base.clone();
     hearth_model::axpy(&mut want, 1.0, &update).unwrap();
     let mut err = 0f32;
