@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-10}
 seeds=${2:-3}
-up=${UP:-1:0.03}
+up=${UP:-4:0.1}
 out=target/codec-sweep
 mkdir -p "$out"
 rm -f "$out/sweep.csv"
@@ -24,6 +24,17 @@ for m in 0 0.9; do
   opt=$([[ $m == 0 ]] && echo sgd || echo momentum)
   MOMENTUM=$m STAGE=up CSV=$out/sweep.csv "$bin/codec_sweep" digits 4 "$rounds" "$seeds" | tee "$out/up-$opt.txt"
   MOMENTUM=$m STAGE=down UP=$up CSV=$out/sweep.csv "$bin/codec_sweep" digits 4 "$rounds" "$seeds" | tee "$out/down-$opt.txt"
+done
+# The shortlist at 9 seeds (what the defaults were chosen on).
+up_short="fp32 dense,int8 dense,int4 dense,1-bit dense,top-30% 1-bit,top-30% 1-bit +dgc,top-30% int4,top-10% 1-bit,top-10% 1-bit +warmup,top-10% 1-bit +dgc,top-10% int2,top-10% int2 +warmup,top-10% int4,top-3% 1-bit,top-3% 1-bit +warmup,top-3% int8 +warmup,top-3% int2 +warmup,top-1% 1-bit +warmup"
+for m in 0 0.9; do
+  opt=$([[ $m == 0 ]] && echo sgd || echo momentum)
+  ONLY=$up_short MOMENTUM=$m STAGE=up CSV=$out/robust.csv "$bin/codec_sweep" digits 4 "$rounds" 9 | tee "$out/robust-up-$opt.txt"
+  for u in 4:0.1 4:0.3; do
+    l=$([[ $u == 4:0.1 ]] && echo "top-10% int4" || echo "top-30% int4")
+    ONLY="$l / file,$l / int8 dense,$l / int4 dense,$l / top-30% int4,$l / top-10% int8,$l / top-10% int4,$l / top-10% 1-bit" \
+      MOMENTUM=$m STAGE=down UP=$u CSV=$out/robust.csv "$bin/codec_sweep" digits 4 "$rounds" 9 | tee "$out/robust-down-$u-$opt.txt"
+  done
 done
 "$bin/codec_plot" "$out/sweep.csv" up "$out/codec-uplink.svg"
 "$bin/codec_plot" "$out/sweep.csv" down "$out/codec-downlink.svg"

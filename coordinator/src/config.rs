@@ -285,9 +285,10 @@ pub struct Downlink {
 
 impl Default for Downlink {
     fn default() -> Self {
+        // The codec sweep's choice under the default uplink (BENCHMARKS.md, "Codec sweep").
         Downlink {
             bits: 8,
-            topk_fraction: 1.0,
+            topk_fraction: 0.1,
         }
     }
 }
@@ -661,8 +662,10 @@ impl Default for RoundDefaults {
             learning_rate: 0.01,
             batch_size: 32,
             clip_norm: 10.0,
-            quant_bits: 8,
-            topk_fraction: 1.0,
+            // The codec sweep's choice (BENCHMARKS.md, "Codec sweep"): the fewest uplink bytes
+            // within one point of the fp32 run (momentum clients, digits, 9 seeds).
+            quant_bits: 4,
+            topk_fraction: 0.1,
             clients_per_round: 0,
             client_fraction: 0.0,
             min_available_clients: 0,
@@ -1332,5 +1335,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("admin_tokn"), "{e}");
+        // Value widths the codec reads: 1 (sign), 2..=8, 32; the downlink also 0 (off).
+        for (bits, ok) in [(0, false), (1, true), (4, true), (9, false), (32, true)] {
+            let mut c = valid();
+            c.round.quant_bits = bits;
+            assert_eq!(c.validate().is_ok(), ok, "quant_bits {bits}");
+            let mut c = valid();
+            c.downlink.bits = bits;
+            assert_eq!(
+                c.validate().is_ok(),
+                ok || bits == 0,
+                "downlink bits {bits}"
+            );
+        }
     }
 }

@@ -765,9 +765,12 @@ mod tests {
             // A compact update is unreadable without its layout, and for another layout.
             if cfg.compact {
                 assert!(super::decode_update(&bytes).is_err());
+                // Same shapes in the same order, another name: only the digest tells.
                 let mut other = d.clone();
-                other.remove("fc1.bias");
-                assert!(decode_update_for(&bytes, &other).is_err());
+                let t = other.remove("fc1.bias").unwrap();
+                other.insert("fc1.bias2".into(), t);
+                let e = decode_update_for(&bytes, &other).unwrap_err().to_string();
+                assert!(e.contains("another model layout"), "{e}");
             }
             for cut in (0..bytes.len()).step_by(97).chain([bytes.len() - 1]) {
                 assert!(decode_update(&bytes[..cut]).is_err(), "truncated at {cut}");
