@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::{data_dir, start_broker, Coord};
 use hearth_agent::state::{FedState, PendingUpdate, StateDir};
-use hearth_coordinator::{Config as CoordConfig, CoordinatorHandle, ModelConfig, RoundDefaults};
+use hearth_coordinator::{
+    Config as CoordConfig, CoordinatorHandle, Downlink, ModelConfig, RoundDefaults,
+};
 use hearth_model::{OnnxModel, Weights};
 use hearth_proto::v1::admin_client::AdminClient;
 use hearth_proto::v1::{RoundState, RoundStatus, RoundStatusRequest, StartRoundRequest};
@@ -47,6 +49,12 @@ fn coord_config(db: &Path, epochs: u32) -> CoordConfig {
             quant_bits: 8,
             topk_fraction: 0.3,
             ..RoundDefaults::default()
+        },
+        // Exact f32 deltas down: a published version is then exactly base + the aggregated
+        // payload, which is what these tests check (the default downlink is sparse and lossy).
+        downlink: Downlink {
+            bits: 32,
+            topk_fraction: 1.0,
         },
         models: vec![ModelConfig {
             name: MODEL.into(),
