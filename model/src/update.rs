@@ -834,6 +834,7 @@ mod tests {
                     bits,
                     topk_fraction: frac,
                     entropy,
+                    compact: false,
                 };
                 let bytes = encode_update(&d, &mut res, &cfg, &mut rng).unwrap();
                 let back = decode_update(&bytes).unwrap();
