@@ -251,7 +251,7 @@ struct BitWriter {
 
 impl BitWriter {
     fn push(&mut self, one: bool) {
-        if self.bit % 8 == 0 {
+        if self.bit.is_multiple_of(8) {
             self.out.push(0);
         }
         if one {
