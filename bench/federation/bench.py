@@ -408,8 +408,8 @@ def main():
 
 
 # The coordinator's shipped defaults (coordinator/src/config.rs): uplink (bits, top-k), downlink.
-DEFAULT_UP = (8, 1.0)
-DEFAULT_DOWN = (8, 1.0)
+DEFAULT_UP = (4, 0.1)
+DEFAULT_DOWN = (8, 0.1)
 
 if __name__ == "__main__":
     main()

@@ -234,7 +234,8 @@ pub struct RoundDefaults {
     /// L2 bound clients clip their delta to (0 = none).
     #[serde(serialize_with = "short_f32")]
     pub clip_norm: f32,
-    /// Bits per value of the uploaded delta.
+    /// Bits per value of the uploaded delta: 1 (sign times the mean magnitude of the kept
+    /// values), 2..=8 (stochastic rounding), 32 (uncompressed f32).
     pub quant_bits: u32,
     /// Fraction of delta entries kept (1.0 = dense).
     #[serde(serialize_with = "short_f32")]
@@ -273,8 +274,9 @@ pub struct RoundDefaults {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Downlink {
-    /// Bits per value of the delta: 2..=8 (quantized with error feedback on the server),
-    /// 32 (raw f32 values: exact), or 0 (off: every version ships as the whole file).
+    /// Bits per value of the delta: 1 (sign times the mean magnitude), 2..=8 (quantized),
+    /// both with error feedback on the server, 32 (raw f32 values: exact), or 0 (off: every
+    /// version ships as the whole file).
     pub bits: u32,
     /// Share of each tensor's delta values sent, largest first (1.0 = dense).
     #[serde(serialize_with = "short_f32")]
@@ -283,9 +285,10 @@ pub struct Downlink {
 
 impl Default for Downlink {
     fn default() -> Self {
+        // The codec sweep's choice under the default uplink (BENCHMARKS.md, "Codec sweep").
         Downlink {
             bits: 8,
-            topk_fraction: 1.0,
+            topk_fraction: 0.1,
         }
     }
 }
@@ -659,8 +662,10 @@ impl Default for RoundDefaults {
             learning_rate: 0.01,
             batch_size: 32,
             clip_norm: 10.0,
-            quant_bits: 8,
-            topk_fraction: 1.0,
+            // The codec sweep's choice (BENCHMARKS.md, "Codec sweep"): the fewest uplink bytes
+            // within one point of the fp32 run (momentum clients, digits, 9 seeds).
+            quant_bits: 4,
+            topk_fraction: 0.1,
             clients_per_round: 0,
             client_fraction: 0.0,
             min_available_clients: 0,
@@ -916,12 +921,16 @@ impl Config {
                 r.clip_norm, self.max_update_norm
             ));
         }
-        if !((2..=8).contains(&r.quant_bits) || r.quant_bits == 32) {
-            return bad("round.quant_bits must be in 2..=8, or 32 (uncompressed f32)".into());
+        if !hearth_model::update::valid_bits(r.quant_bits) {
+            return bad(
+                "round.quant_bits must be 1 (sign), in 2..=8, or 32 (uncompressed f32)".into(),
+            );
         }
         let d = &self.downlink;
-        if !(d.bits == 0 || (2..=8).contains(&d.bits) || d.bits == 32) {
-            return bad("downlink.bits must be 0 (off), in 2..=8, or 32 (exact f32)".into());
+        if !(d.bits == 0 || hearth_model::update::valid_bits(d.bits)) {
+            return bad(
+                "downlink.bits must be 0 (off), 1 (sign), in 2..=8, or 32 (exact f32)".into(),
+            );
         }
         if !(d.topk_fraction > 0.0 && d.topk_fraction <= 1.0) {
             return bad("downlink.topk_fraction must be in (0, 1]".into());
@@ -1326,5 +1335,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("admin_tokn"), "{e}");
+        // Value widths the codec reads: 1 (sign), 2..=8, 32; the downlink also 0 (off).
+        for (bits, ok) in [(0, false), (1, true), (4, true), (9, false), (32, true)] {
+            let mut c = valid();
+            c.round.quant_bits = bits;
+            assert_eq!(c.validate().is_ok(), ok, "quant_bits {bits}");
+            let mut c = valid();
+            c.downlink.bits = bits;
+            assert_eq!(
+                c.validate().is_ok(),
+                ok || bits == 0,
+                "downlink bits {bits}"
+            );
+        }
     }
 }

@@ -59,6 +59,107 @@ pub fn write(model: &str, points: &[RoundPoint], out: &Path) -> Result<(), PlotE
     }
 }
 
+/// One curve of [`write_tradeoff`]: settings as (bytes, accuracy) points; the ones no other
+/// point beats on both (fewer bytes, higher accuracy) are joined by a line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TradeoffSeries {
+    /// Legend text.
+    pub label: String,
+    /// (bytes, accuracy) per setting.
+    pub points: Vec<(f64, f64)>,
+    /// A reference accuracy drawn as a horizontal line (e.g. the fp32 run's minus one point).
+    pub reference: Option<f64>,
+}
+
+/// The points no other point beats: sorted by bytes, each more accurate than every cheaper one.
+pub fn frontier(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut p: Vec<(f64, f64)> = points.to_vec();
+    p.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for q in p {
+        if out.last().is_none_or(|l| q.1 > l.1) {
+            out.push(q);
+        }
+    }
+    out
+}
+
+/// Writes accuracy against bytes (log scale) for codec settings to `out` (`.svg`, 900 × 600):
+/// the codec sweep's curve (`examples/codec_plot.rs`).
+pub fn write_tradeoff(
+    title: &str,
+    x_desc: &str,
+    series: &[TradeoffSeries],
+    out: &Path,
+) -> Result<(), PlotError> {
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.clone()).collect();
+    if all.is_empty() {
+        return Err(PlotError::Empty);
+    }
+    if out.extension().and_then(|e| e.to_str()) != Some("svg") {
+        return Err(PlotError::Format(out.display().to_string()));
+    }
+    let root = SVGBackend::new(out, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let xlo = all
+        .iter()
+        .map(|p| p.0)
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0)
+        / 1.3;
+    let xhi = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.3;
+    let ylo = all.iter().map(|p| p.1).fold(1.0, f64::min);
+    let ylo = (ylo - 0.02).max(0.0);
+    let mut chart = ChartBuilder::on(&root)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .caption(title, ("sans-serif", 18))
+        .build_cartesian_2d((xlo..xhi).log_scale(), ylo..1.0f64)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("final accuracy")
+        .draw()
+        .map_err(draw_err)?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, s) in series.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        chart
+            .draw_series(
+                s.points
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y), 3, colour.filled())),
+            )
+            .map_err(draw_err)?;
+        chart
+            .draw_series(LineSeries::new(frontier(&s.points), colour.stroke_width(2)))
+            .map_err(draw_err)?
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
+        if let Some(r) = s.reference {
+            chart
+                .draw_series(LineSeries::new(
+                    [(xlo, r), (xhi, r)],
+                    colour.mix(0.5).stroke_width(1),
+                ))
+                .map_err(draw_err)?
+                .label(format!("{}: fp32 − 1 point", s.label))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.mix(0.5)));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)?;
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     model: &str,
@@ -177,5 +278,35 @@ mod tests {
             Err(PlotError::Format(_))
         ));
         assert!(matches!(write("digits", &[], &svg), Err(PlotError::Empty)));
+    }
+
+    #[test]
+    fn tradeoff_svg_and_frontier() {
+        let pts = vec![
+            (9640.0, 0.95),
+            (2400.0, 0.95),
+            (600.0, 0.93),
+            (700.0, 0.90),
+            (150.0, 0.80),
+        ];
+        assert_eq!(
+            frontier(&pts),
+            vec![(150.0, 0.80), (600.0, 0.93), (2400.0, 0.95)]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("t.svg");
+        let series = [TradeoffSeries {
+            label: "sgd".into(),
+            points: pts,
+            reference: Some(0.94),
+        }];
+        write_tradeoff("digits uplink", "bytes per client per round", &series, &svg).unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert!(s.contains("digits uplink") && s.contains("sgd"), "{s}");
+        assert!(s.matches("<circle").count() >= 5, "{s}");
+        assert!(matches!(
+            write_tradeoff("x", "b", &[], &svg),
+            Err(PlotError::Empty)
+        ));
     }
 }

@@ -595,7 +595,7 @@ impl Coordinator {
         let decoded = {
             let (payload, global) = (payload.clone(), global.clone());
             blocking_task(move || {
-                let mut update = hearth_model::decode_update(&payload)
+                let mut update = hearth_model::decode_update_for(&payload, &global)
                     .map_err(|e| ("undecodable", format!("undecodable update: {e}")))?;
                 let norm = validate_update(&update, &global, max_norm).map_err(|e| {
                     let code = match e {
@@ -1013,6 +1013,8 @@ impl Coordinator {
                 let cfg = CodecConfig {
                     bits: downlink.bits as u8,
                     topk_fraction: downlink.topk_fraction,
+                    entropy: true,
+                    compact: true,
                 };
                 let mut residual = if residual.is_empty() {
                     Weights::new()

@@ -267,6 +267,16 @@ impl Home {
         cc.round.deadline_secs = 120;
         cc.round.local_epochs = opts.local_epochs;
         cc.round.learning_rate = opts.learning_rate;
+        // The demo shows one round improving the model; the sparse default codec (top-10 % up
+        // and down) is tuned for ~10 rounds (BENCHMARKS.md, "Codec sweep") and moves a single
+        // round far less, so the demo keeps the 8-bit dense updates and downlink it was
+        // measured with.
+        cc.round.quant_bits = 8;
+        cc.round.topk_fraction = 1.0;
+        cc.downlink = hearth_coordinator::Downlink {
+            bits: 8,
+            topk_fraction: 1.0,
+        };
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|source| Error::Io {

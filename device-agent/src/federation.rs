@@ -1112,6 +1112,8 @@ fn local_update(
         } else {
             1.0
         },
+        entropy: true,
+        compact: true,
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed.rotate_left(17));
     let payload = encode_update(&delta, &mut residual, &codec, &mut rng)?;

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::{data_dir, start_broker, Coord};
 use hearth_agent::state::{FedState, PendingUpdate, StateDir};
-use hearth_coordinator::{Config as CoordConfig, CoordinatorHandle, ModelConfig, RoundDefaults};
+use hearth_coordinator::{
+    Config as CoordConfig, CoordinatorHandle, Downlink, ModelConfig, RoundDefaults,
+};
 use hearth_model::{OnnxModel, Weights};
 use hearth_proto::v1::admin_client::AdminClient;
 use hearth_proto::v1::{RoundState, RoundStatus, RoundStatusRequest, StartRoundRequest};
@@ -47,6 +49,12 @@ fn coord_config(db: &Path, epochs: u32) -> CoordConfig {
             quant_bits: 8,
             topk_fraction: 0.3,
             ..RoundDefaults::default()
+        },
+        // Exact f32 deltas down: a published version is then exactly base + the aggregated
+        // payload, which is what these tests check (the default downlink is sparse and lossy).
+        downlink: Downlink {
+            bits: 32,
+            topk_fraction: 1.0,
         },
         models: vec![ModelConfig {
             name: MODEL.into(),
@@ -263,7 +271,7 @@ impl Drop for Agent {
 
 /// The published version is the base plus exactly `payload` (one client, server rate 1).
 fn assert_aggregated(base: &Weights, new: &Weights, payload: &[u8]) {
-    let update = hearth_model::decode_update(payload).unwrap();
+    let update = hearth_model::decode_update_for(payload, base).unwrap();
     let mut want = base.clone();
     hearth_model::axpy(&mut want, 1.0, &update).unwrap();
     let mut err = 0f32;
@@ -446,6 +454,44 @@ async fn killed_while_retrying_through_an_outage_resumes_the_same_bytes() {
     h.check_resumed(round, &v1, &pending, false).await;
     h.stop().await;
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_agent_finishes_its_upload_once_the_coordinator_is_back() {
+    // Issue 10 (c) without a restart: the same process keeps re-sending the same bytes
+    // through the outage and is counted once the coordinator is back, without training again.
+    let (mut h, mut a, v1, round) = Home::training(150, 120).await;
+    h.stop().await;
+    a.wait_log("attempt=6", LIMIT).await;
+    let pending = h.agent.fed().pending.expect("the update is on disk");
+    h.restart().await;
+    let s = &h.agent;
+    let f = wait_for("the round settled", LIMIT, || {
+        let f = s.fed();
+        f.pending.is_none().then_some(f)
+    })
+    .await;
+    assert_eq!(f.residual.as_ref(), Some(&pending.residual));
+    assert_eq!(f.joined, vec![round]);
+    let st = round_status(&h.url, round).await;
+    assert_eq!(
+        (st.state, st.updates, st.uplink_bytes),
+        (
+            RoundState::Completed as i32,
+            1,
+            pending.payload.len() as u64
+        )
+    );
+    let v2 = wait_for("version 2 stored", LIMIT, || s.model_at(2)).await;
+    assert_aggregated(&v1, &v2, &pending.payload);
+    let log = a.kill();
+    assert!(!log.contains("upload failed until"), "gave up:\n{log}");
+    assert_eq!(
+        log.matches("local update ready").count(),
+        1,
+        "trained again:\n{log}"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_that_fails_at_its_deadline_rolls_the_residual_back() {
     let mut h = Home::new(2).await;

@@ -39,8 +39,7 @@ fn main() {
         let mut residual = Default::default();
         let cfg = CodecConfig {
             bits,
-            topk_fraction: topk,
-        };
+            topk_fraction: topk, entropy: true, compact: false };
         let b = encode_update(&w, &mut residual, &cfg, &mut rng).expect("encode");
         write(dir, "update_codec", &format!("b{bits}_k{topk}"), &b);
     }

@@ -15,8 +15,7 @@ fuzz_target!(|data: &[u8]| {
     // Round trip at 32 bits, dense: exact.
     let cfg = CodecConfig {
         bits: 32,
-        topk_fraction: 1.0,
-    };
+        topk_fraction: 1.0, entropy: true, compact: false };
     let mut residual = Default::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let bytes = encode_update(&w, &mut residual, &cfg, &mut rng).expect("re-encode");

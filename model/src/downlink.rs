@@ -14,7 +14,7 @@
 use crate::error::ModelError;
 use crate::onnx::OnnxModel;
 use crate::tensor::{Tensor, Weights};
-use crate::update::{decode_update, encode_update, CodecConfig};
+use crate::update::{decode_update_for, encode_update, CodecConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -22,8 +22,8 @@ use rand::SeedableRng;
 /// from its parent, used by the coordinator (to define the version) and by agents. The
 /// payload must name exactly the parent's weight tensors with their shapes.
 pub fn apply(parent: &OnnxModel, payload: &[u8]) -> Result<OnnxModel, ModelError> {
-    let delta = decode_update(payload)?;
     let mut w = parent.weights();
+    let delta = decode_update_for(payload, &w)?;
     if delta.len() != w.len() {
         return Err(ModelError::Codec(format!(
             "the delta has {} tensors, the model {}",
@@ -111,6 +111,8 @@ mod tests {
         let cfg = CodecConfig {
             bits: 4,
             topk_fraction: 0.3,
+            entropy: true,
+            compact: false,
         };
         let mut residual = Weights::new();
         let (payload, next) = code(&parent, &target, &mut residual, &cfg, 5).unwrap();

@@ -40,4 +40,4 @@ pub use quant::{
 pub use task::{TaskError, TaskSpec};
 pub use tensor::{axpy, l2_norm, num_params, sub, Tensor, Weights};
 pub use train::{train, DistillTarget, FakeQuant, TrainConfig, TrainReport};
-pub use update::{clip_l2, decode_update, encode_update, CodecConfig};
+pub use update::{clip_l2, decode_update, decode_update_for, encode_update, CodecConfig};

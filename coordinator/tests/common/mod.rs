@@ -281,6 +281,8 @@ pub fn encode(d: &Weights, bits: u8, seed: u64) -> Vec<u8> {
         &CodecConfig {
             bits,
             topk_fraction: 1.0,
+            entropy: true,
+            compact: false,
         },
         &mut rng,
     )
