@@ -672,3 +672,48 @@ async fn history_survives_a_restart_and_metrics_count_firings() {
     assert_eq!(hub.rules_history(None, 10).len(), 2);
     hub.shutdown().await;
 }
+
+/// `[rules_engine] history_max_per_rule` reaches the history: a busy rule keeps only its
+/// newest firings there, and the others keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_keeps_at_most_history_max_per_rule_of_a_busy_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!("{BARRIER}\n[[rule]]\nname = \"door\"\n[rule.when]\ndevice = \"door-cam\"\n[rule.then]\nactuator = \"porch_light\"\npayload = {{ state = \"ON\", id = \"{{{{ id }}}}\" }}\n");
+    let hub = start(dir.path(), &rules, |c| {
+        c.rules_engine.history = Some(dir.path().join("history"));
+        c.rules_engine.history_max_per_rule = 3;
+    })
+    .await;
+    let mut rx = commands(hub.mqtt_addr()).await;
+    let agent = publisher(hub.mqtt_addr()).await;
+    for i in 0..6 {
+        publish(
+            &agent,
+            "hearth/door-cam/event/detection",
+            &event("person", 0.9, &format!("e-{i}"), "new"),
+        )
+        .await;
+    }
+    assert_eq!(until_barrier(&agent, &mut rx).await.len(), 6);
+    // The history is written behind the commands: wait (bounded) for the newest door firing
+    // and the barrier's.
+    let t0 = Instant::now();
+    let door = loop {
+        let door = hub.rules_history(Some("door"), 100);
+        let newest = door
+            .first()
+            .is_some_and(|f| f.commands[0].payload.contains("\"e-5\""));
+        if newest && !hub.rules_history(Some("barrier"), 1).is_empty() {
+            break door;
+        }
+        assert!(t0.elapsed() < WAIT, "history not written: {door:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ids: Vec<&str> = ["e-5", "e-4", "e-3"].to_vec();
+    assert_eq!(door.len(), 3, "the busy rule is capped: {door:?}");
+    for (f, id) in door.iter().zip(ids) {
+        assert!(f.commands[0].payload.contains(id), "newest first: {door:?}");
+    }
+    assert_eq!(hub.rules_history(Some("barrier"), 100).len(), 1);
+    hub.shutdown().await;
+}
