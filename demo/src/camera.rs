@@ -233,7 +233,7 @@ impl Home {
         let _ = client.try_disconnect();
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-        report.rule_fired = self.live_rule_fired() - fired_before;
+        report.rule_fired = self.live_rule_fired().saturating_sub(fired_before);
         if !lit {
             return Err(Error::Timeout {
                 what: format!(

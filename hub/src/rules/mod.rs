@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_proto::mqtt::{CameraEvent, Event, InboundEvent, EVENT_TYPES};
+use hearth_proto::mqtt::{Event, InboundEvent, EVENT_TYPES};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -489,7 +489,8 @@ pub struct Env<'a> {
 pub struct EventFields<'a> {
     pub device: &'a str,
     pub event: &'a str,
-    /// The verdict: a plain event, or a camera event's ([`CameraEvent::verdict`]).
+    /// The verdict: a plain event, or a camera event's
+    /// ([`hearth_proto::mqtt::CameraEvent::verdict`]).
     pub ev: &'a Event,
     /// A camera event's head verdict: `sub_label` and `sub_score`.
     pub sub: Option<(&'a str, f32)>,
@@ -2064,7 +2065,7 @@ fn rule_context(text: &str, offset: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_proto::mqtt::{parse_event, TrackPhase};
+    use hearth_proto::mqtt::{parse_event, CameraEvent, TrackPhase};
 
     const PORCH: &str = r#"
 [[rule]]
@@ -2421,8 +2422,7 @@ payload = { state = "OFF" }
             names(&fired(cam("face", 0.9).sub("person", 0.7))),
             ["plain"]
         );
-        // No head verdict (a detector-only camera, a plain verdict): only the plain rule,
-        // and the template of a missing verdict is null.
+        // No head verdict (a detector-only camera, a plain verdict): only the plain rule.
         assert_eq!(names(&fired(cam("face", 0.9))), ["plain"]);
         assert_eq!(names(&fired(ev("face", 0.9))), ["plain"]);
         // `min_sub_score` alone: any verdict; with `type`.
