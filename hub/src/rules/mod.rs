@@ -556,6 +556,21 @@ impl Fields for EventFields<'_> {
     }
 }
 
+/// An event's fields with `{{ rule }}` naming the rule that fires.
+struct Named<'x, 'y> {
+    f: &'x EventFields<'y>,
+    rule: &'x str,
+}
+
+impl Fields for Named<'_, '_> {
+    fn field(&self, name: &str) -> Option<Value<'_>> {
+        match name {
+            "rule" => Some(Value::Str(self.rule)),
+            other => self.f.field(other),
+        }
+    }
+}
+
 /// Placeholder values of a state, availability or timer trigger.
 #[derive(Debug, Default)]
 pub struct MapFields {
@@ -1779,7 +1794,7 @@ impl RuleSet {
     /// trigger and conditions held, and of them how many were not suppressed by a cooldown.
     pub fn on_event<'a>(
         &'a self,
-        mut f: EventFields<'_>,
+        f: EventFields<'_>,
         env: &Env<'_>,
         mut fire: impl FnMut(&'a Rule, Plan),
     ) -> (usize, usize) {
@@ -1797,8 +1812,8 @@ impl RuleSet {
             matched += 1;
             if !r.debounce.is_zero() || r.try_fire(now_ms) {
                 fired += 1;
-                f.rule = &r.name;
-                let plan = r.plan(&f, format!("event hearth/{device}/event/{event_name}"));
+                let named = Named { f: &f, rule: &r.name };
+                let plan = r.plan(&named, format!("event hearth/{device}/event/{event_name}"));
                 fire(r, plan);
             }
         }
