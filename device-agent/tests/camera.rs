@@ -22,8 +22,7 @@ async fn camera_agent_publishes_guarded_track_events_and_stream_health() {
             frames: 40,
         },
     ];
-    let Some(home) = CameraHome::new("camera_agent_publishes_guarded_track_events", &shots)
-    else {
+    let Some(home) = CameraHome::new("camera_agent_publishes_guarded_track_events", &shots) else {
         return;
     };
     let http_port = free_port().unwrap();

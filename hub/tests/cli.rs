@@ -609,11 +609,15 @@ payload = { state = "ON", brightness = 60 }
     let out = test(&cam("door-cam", ""));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("no head verdict (sub_label) on the event") && text.ends_with("0 of 2 rules would fire\n"),
+        text.contains("no head verdict (sub_label) on the event")
+            && text.ends_with("0 of 2 rules would fire\n"),
         "{text}"
     );
     // A camera event naming another camera than the topic's device is what the guard drops.
-    let out = test(&cam("garden-cam", r#","sub_label":"none","sub_score":0.75"#));
+    let out = test(&cam(
+        "garden-cam",
+        r#","sub_label":"none","sub_score":0.75"#,
+    ));
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("privacy guard"), "{}", stderr(&out));
 }

@@ -28,7 +28,10 @@ fn event_name(task: Task) -> String {
 /// vendored task that takes BlazeFace's embedding (`data/faces-cam`).
 fn head_classes() -> Vec<String> {
     let t = hearth_model::TaskSpec::resolve("faces-cam", &repo().join("data")).unwrap();
-    assert!(hearth_agent::camera::is_camera_head(&t), "faces-cam is a camera head");
+    assert!(
+        hearth_agent::camera::is_camera_head(&t),
+        "faces-cam is a camera head"
+    );
     t.classes
 }
 

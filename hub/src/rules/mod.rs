@@ -1812,7 +1812,10 @@ impl RuleSet {
             matched += 1;
             if !r.debounce.is_zero() || r.try_fire(now_ms) {
                 fired += 1;
-                let named = Named { f: &f, rule: &r.name };
+                let named = Named {
+                    f: &f,
+                    rule: &r.name,
+                };
                 let plan = r.plan(&named, format!("event hearth/{device}/event/{event_name}"));
                 fire(r, plan);
             }
@@ -2466,7 +2469,10 @@ payload = { state = "OFF" }
             why(cam("face", 0.9).sub("none", 0.9).kind("end"), 3),
             "a track's `end` fires only rules with type = \"end\""
         );
-        assert!(cam("face", 0.9).sub("person", 0.9).explain(&rs, 1, "door-cam").is_ok());
+        assert!(cam("face", 0.9)
+            .sub("person", 0.9)
+            .explain(&rs, 1, "door-cam")
+            .is_ok());
         let r = &rs.rules()[1];
         assert_eq!(
             (r.class.clone(), r.sub_label.clone(), r.min_sub_score),
@@ -2774,7 +2780,11 @@ payload = { state = "TOGGLE" }
         )
         .unwrap();
         assert!(rs.len() >= 2);
-        assert!(rs.rules()[1].matches("kitchen-plug", "appliance", &ev("microwave", 0.95).verdict()));
+        assert!(rs.rules()[1].matches(
+            "kitchen-plug",
+            "appliance",
+            &ev("microwave", 0.95).verdict()
+        ));
     }
 
     #[test]
@@ -2820,9 +2830,7 @@ mod speed {
                 states: &st,
             };
             let f = EventFields::new(device, "detection", &ev, &raw);
-            rs.on_event(f, &env, |_, p| {
-                fired += p.steps.len()
-            });
+            rs.on_event(f, &env, |_, p| fired += p.steps.len());
         }
         let per = t0.elapsed().as_nanos() / u128::from(n);
         println!("{per} ns per event (half fire 3 rules with templates, half 1 glob rule), {fired} commands");
@@ -2834,9 +2842,7 @@ mod speed {
                 states: &st,
             };
             let f = EventFields::new("nobody", "detection", &ev, &raw);
-            rs.on_event(f, &env, |_, p| {
-                fired += p.steps.len()
-            });
+            rs.on_event(f, &env, |_, p| fired += p.steps.len());
         }
         let per = t0.elapsed().as_nanos() / u128::from(n);
         println!("{per} ns per event that matches no rule");
