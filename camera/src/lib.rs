@@ -11,6 +11,8 @@
 //! - [`tracker`]: IoU tracks and the `new` / `update` / `end` life cycle.
 //! - [`pipeline`]: one camera end to end ([`pipeline::start`]), CPU work on its own thread.
 //! - [`scene`]: clips composed from the repo's face crops, for tests, demo and benchmark.
+//! - [`testkit`]: ffmpeg on this machine for the tests and the demo (skip without it,
+//!   MJPEG server on loopback, children reaped on drop).
 //!
 //! No pixel leaves this crate: its output is [`hearth_proto::mqtt::CameraEvent`]s.
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod pipeline;
 pub mod scene;
 pub mod source;
 pub mod stats;
+pub mod testkit;
 pub mod tracker;
 
 pub use config::{CameraConfig, SourceConfig};

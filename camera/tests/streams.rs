@@ -6,11 +6,11 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_camera::scene::{write_clip_frames, Shot};
+use hearth_camera::scene::Shot;
+use hearth_camera::testkit::{self, clip, mjpeg_url, skip_without_ffmpeg, Proc};
 use hearth_camera::{
     CameraConfig, CameraHandle, Detector, DetectorOptions, SourceConfig, SourceState,
 };
@@ -20,48 +20,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn have_ffmpeg() -> bool {
-    let ok = Command::new("ffmpeg")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: ffmpeg is not installed (apt-get install ffmpeg)");
-    }
-    ok
-}
-
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process the test started, killed and reaped on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    testkit::free_port().unwrap()
 }
 
 fn ffmpeg(args: &[&str]) -> Proc {
-    Proc(
-        Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-nostdin"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    testkit::ffmpeg(args).unwrap()
 }
 
 fn detector() -> Arc<Detector> {
@@ -75,9 +39,7 @@ fn detector() -> Arc<Detector> {
 }
 
 fn frames(dir: &Path, shots: &[Shot]) -> PathBuf {
-    let d = dir.join("frames");
-    write_clip_frames(&root().join("data/faces/test.csv"), &d, shots).unwrap();
-    d
+    clip(&root().join("data"), dir, shots).unwrap()
 }
 
 fn config(source: SourceConfig) -> CameraConfig {
@@ -162,7 +124,7 @@ fn start(cfg: CameraConfig) -> CameraHandle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn video_file_one_person_standing_still_is_one_track() {
-    if !have_ffmpeg() {
+    if skip_without_ffmpeg("video_file_one_person_standing_still_is_one_track") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -229,7 +191,7 @@ async fn video_file_one_person_standing_still_is_one_track() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_folder_source() {
-    if !have_ffmpeg() {
+    if skip_without_ffmpeg("image_folder_source") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -268,27 +230,12 @@ async fn image_folder_source() {
 }
 
 fn serve_mjpeg(dir: &Path, port: u16) -> Proc {
-    ffmpeg(&[
-        "-re",
-        "-stream_loop",
-        "-1",
-        "-framerate",
-        "10",
-        "-i",
-        dir.join("frame_%05d.ppm").to_str().unwrap(),
-        "-f",
-        "mpjpeg",
-        "-q:v",
-        "5",
-        "-listen",
-        "1",
-        &format!("http://127.0.0.1:{port}/stream.mjpg"),
-    ])
+    testkit::serve_mjpeg(dir, port).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_mjpeg_stream_reconnects_after_the_server_dies_and_returns() {
-    if !have_ffmpeg() {
+    if skip_without_ffmpeg("http_mjpeg_stream_reconnects_after_the_server_dies_and_returns") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -302,7 +249,7 @@ async fn http_mjpeg_stream_reconnects_after_the_server_dies_and_returns() {
     let port = free_port();
     // The camera starts before its server: refused connections, retried with backoff.
     let mut cam = start(config(SourceConfig::Mjpeg {
-        url: format!("http://127.0.0.1:{port}/stream.mjpg"),
+        url: mjpeg_url(port),
     }));
     let mut ev = Vec::new();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -359,7 +306,7 @@ async fn http_mjpeg_stream_reconnects_after_the_server_dies_and_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtsp_stream_pushed_to_a_listening_camera() {
-    if !have_ffmpeg() {
+    if skip_without_ffmpeg("rtsp_stream_pushed_to_a_listening_camera") {
         return;
     }
     // ffmpeg alone cannot serve RTSP to a pulling client (that needs an RTSP server such as
@@ -449,7 +396,7 @@ const MJPEG_HEAD: &[u8] =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_stream_is_detected_killed_and_reconnected() {
-    if !have_ffmpeg() {
+    if skip_without_ffmpeg("stalled_stream_is_detected_killed_and_reconnected") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -482,7 +429,7 @@ async fn stalled_stream_is_detected_killed_and_reconnected() {
         stall_secs: 1.0,
         open_timeout_secs: 1.5,
         ..config(SourceConfig::Mjpeg {
-            url: format!("http://127.0.0.1:{port}/stream.mjpg"),
+            url: mjpeg_url(port),
         })
     });
     let mut ev = Vec::new();
@@ -501,7 +448,7 @@ async fn stalled_stream_is_detected_killed_and_reconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_stream_is_counted_and_retried_with_backoff() {
-    if !have_ffmpeg() {
+    if skip_without_ffmpeg("garbage_stream_is_counted_and_retried_with_backoff") {
         return;
     }
     // A multipart header, then 64 KiB of noise, then close.
@@ -522,7 +469,7 @@ async fn garbage_stream_is_counted_and_retried_with_backoff() {
         backoff_min_ms: 500,
         backoff_max_secs: 4.0,
         ..config(SourceConfig::Mjpeg {
-            url: format!("http://127.0.0.1:{port}/stream.mjpg"),
+            url: mjpeg_url(port),
         })
     });
     let mut ev = Vec::new();

@@ -62,6 +62,9 @@ pub enum Error {
     /// The refresh request could not be published over MQTT.
     #[error("MQTT refresh request: {0}")]
     Mqtt(String),
+    /// The live camera's clip or its head could not be prepared or measured.
+    #[error("live camera: {0}")]
+    Camera(String),
     /// A federated round closed without a new version.
     #[error("round {round} of {model} failed: {detail}")]
     RoundFailed {
@@ -101,7 +104,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Name of the actuator the demo rules drive.
 pub const PORCH_LIGHT: &str = "porch_light";
 
-/// The rules file the demo hub loads: a person at the door turns the porch light on.
+/// Name of the rule that lights the porch for the live camera (its head's verdict).
+pub const LIVE_CAMERA_RULE: &str = "porch light when the live door camera's head sees a person";
+
+/// The rules file the demo hub loads: a person at the door turns the porch light on; for the
+/// live camera, a face track its own head (on the device) says is a person.
 pub const DEMO_RULES: &str = r#"# Hearth demo rules
 [[rule]]
 name = "porch light when someone is at the door"
@@ -116,12 +123,13 @@ payload = { state = "ON" }
 cooldown_secs = 0
 
 [[rule]]
-name = "porch light when the live door camera tracks a face"
+name = "porch light when the live door camera's head sees a person"
 [rule.when]
 device = "door-cam-live"
 event = "detection"
-class = "face"
+label = "face"                # the detector's track (Frigate's label)
 min_score = 0.6
+sub_label = "person"          # the camera's own head on the track's crop (faces-cam)
 [rule.then]
 actuator = "porch_light"
 payload = { state = "ON" }
@@ -655,5 +663,24 @@ impl Home {
             }
             last = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_live_camera_rule_is_in_the_demo_rules() {
+        let rules = hearth_hub::RuleSet::parse(DEMO_RULES, "demo", "zigbee2mqtt").unwrap();
+        let r = rules
+            .rules()
+            .iter()
+            .find(|r| r.name == LIVE_CAMERA_RULE)
+            .expect("the live camera's rule");
+        assert_eq!(
+            r.sub_label,
+            Some(hearth_hub::rules::Pattern::Exact("person".into()))
+        );
     }
 }

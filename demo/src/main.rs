@@ -14,7 +14,9 @@ use hearth_edge::process::{init_tracing, parse_args, runtime, shutdown_signal};
 /// MQTT broker, a porch-light actuator, three smart-plug agents (PLAID) and three doorbell
 /// cameras (faces), each on its own non-IID share of the real data; then federated rounds
 /// triggered over MQTT. Prints events routed, commands delivered, held-out accuracy per
-/// model version and uplink bytes per round.
+/// model version and uplink bytes per round. Then a live camera (with ffmpeg): a stream on
+/// loopback, face tracks, its own head's verdict (`sub_label`) and a rule on it lighting the
+/// porch.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -185,7 +187,7 @@ async fn demo(args: Args) -> Result<()> {
             dense as f64 / s.uplink_bytes.max(1) as f64
         );
     }
-    println!("Live camera (ffmpeg HTTP MJPEG on loopback -> BlazeFace (backend auto: dense engine, else tract) -> tracker -> hub rule -> porch light):");
+    println!("Live camera (ffmpeg HTTP MJPEG on loopback -> BlazeFace (backend auto: dense engine, else tract) -> tracker -> head on the device (sub_label) -> hub rule on sub_label -> porch light):");
     match home
         .live_camera(&opts.data_dir, &opts.state_dir, Duration::from_secs(60))
         .await
@@ -195,10 +197,29 @@ async fn demo(args: Args) -> Result<()> {
         Some(r) => {
             let n = |k: &str| r.status[k].as_u64().unwrap_or(0);
             println!(
-                "  {}: first face track after {:.1}s, porch light on {:.2}s later",
+                "  {}: first face track after {:.1}s, porch light on {:.2}s later (rule {:?} fired {}x)",
                 hearth_demo::camera::LIVE_CAMERA,
                 r.first_track_secs,
-                r.light_after_secs
+                r.light_after_secs,
+                hearth_demo::LIVE_CAMERA_RULE,
+                r.rule_fired
+            );
+            let verdicts = r
+                .verdicts
+                .iter()
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!(
+                "  head ({} task, trained on the device): verdicts (sub_label) {} on {} new/update events ({} without); the clip shows a face: {}/{} right; held-out accuracy {:.3} on {} embeddings",
+                hearth_demo::camera::LIVE_CAMERA_TASK,
+                if verdicts.is_empty() { "none".to_string() } else { verdicts },
+                r.total_verdicts() + r.without_verdict,
+                r.without_verdict,
+                r.person_verdicts(),
+                r.total_verdicts(),
+                r.head_accuracy,
+                r.head_test_samples
             );
             println!(
                 "  frames {}  with motion {}  detector runs {} ({:.1} ms each)  events new/update/end {}/{}/{}",

@@ -5,89 +5,42 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{data_dir, start_broker, Sub};
-use hearth_agent::Config;
-use hearth_camera::scene::{write_clip_frames, Shot};
+use common::{CameraHome, Sub};
+use hearth_camera::scene::Shot;
+use hearth_camera::testkit::{free_port, mjpeg_url, serve_mjpeg};
 use hearth_camera::{CameraConfig, SourceConfig};
 use hearth_proto::mqtt::{parse_event, InboundEvent, TrackPhase};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve_mjpeg(frames: &std::path::Path, port: u16) -> Proc {
-    Proc(
-        Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-            .args(["-stream_loop", "-1", "-framerate", "10", "-i"])
-            .arg(frames.join("frame_%05d.ppm"))
-            .args(["-f", "mpjpeg", "-q:v", "5", "-listen", "1"])
-            .arg(format!("http://127.0.0.1:{port}/stream.mjpg"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn camera_agent_publishes_guarded_track_events_and_stream_health() {
-    if !Command::new("ffmpeg")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("SKIPPED: ffmpeg is not installed");
+    let shots = [
+        Shot::Idle(5),
+        Shot::Face {
+            face: 4,
+            frames: 40,
+        },
+    ];
+    let Some(home) = CameraHome::new("camera_agent_publishes_guarded_track_events", &shots) else {
         return;
-    }
-    let port = start_broker();
-    let tmp = tempfile::tempdir().unwrap();
-    let frames = tmp.path().join("frames");
-    write_clip_frames(
-        &data_dir().join("faces/test.csv"),
-        &frames,
-        &[
-            Shot::Idle(5),
-            Shot::Face {
-                face: 4,
-                frames: 40,
-            },
-        ],
-    )
-    .unwrap();
-    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let http_port = http.local_addr().unwrap().port();
-    drop(http);
-    let server = serve_mjpeg(&frames, http_port);
+    };
+    let http_port = free_port().unwrap();
+    let server = serve_mjpeg(&home.frames, http_port).unwrap();
 
-    let mut sub = Sub::connect(port, "watcher", &["hearth/door-cam/#"]).await;
-    let cfg = Config {
-        device: "door-cam".into(),
-        mqtt: format!("mqtt://127.0.0.1:{port}"),
-        data_dir: data_dir(),
-        state_dir: tmp.path().join("state"),
-        bootstrap_epochs: 1,
-        camera: Some(CameraConfig {
+    let mut sub = Sub::connect(home.port, "watcher", &["hearth/door-cam/#"]).await;
+    let cfg = home.agent(
+        "door-cam",
+        CameraConfig {
             source: SourceConfig::Mjpeg {
-                url: format!("http://127.0.0.1:{http_port}/stream.mjpg"),
+                url: mjpeg_url(http_port),
             },
             fps: 10.0,
             backoff_min_ms: 200,
             backoff_max_secs: 1.0,
             ..CameraConfig::default()
-        }),
-        ..Config::default()
-    };
+        },
+    );
     let agent = hearth_agent::start(cfg).await.unwrap();
     let new = sub
         .wait_for(Duration::from_secs(40), |m| {

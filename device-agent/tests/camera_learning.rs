@@ -14,16 +14,15 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{data_dir, start_broker, Sub};
+use common::{data_dir, CameraHome, Sub};
 use hearth_agent::samples::{SampleStore, StoreConfig};
 use hearth_agent::Config;
 use hearth_camera::scene::{compose, load_crops, FACE_SIZE, SCENE_SIZE};
-use hearth_camera::{CameraConfig, SourceConfig, EMBED_DIM};
+use hearth_camera::{CameraConfig, EMBED_DIM};
 use hearth_coordinator::{Config as CoordConfig, ModelConfig, RoundDefaults};
 use hearth_proto::mqtt::{parse_event, InboundEvent, TrackPhase};
 use hearth_proto::v1::admin_client::AdminClient;
@@ -34,14 +33,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const ADMIN: &str = "admin-secret-token-camlearn-0001";
 const WAIT: Duration = Duration::from_secs(60);
 const SIDE: usize = 128;
-
-fn have_ffmpeg() -> bool {
-    Command::new("ffmpeg")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// A 256×256 grey scene halved to 128×128 RGB (2×2 means): what ffmpeg will hand over unchanged.
 fn halve(grey: &[u8]) -> Vec<u8> {
@@ -176,20 +167,19 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_head_learns_from_feedback_in_a_round_and_no_pixel_leaves() {
-    if !have_ffmpeg() {
-        eprintln!("SKIPPED: ffmpeg is not installed");
+    // (Its own 128×128 frames, so the decoded pixels are exactly the files'.)
+    let Some(home) = CameraHome::new("a_camera_head_learns_from_feedback", &[]) else {
         return;
-    }
-    let port = start_broker();
-    let tmp = tempfile::tempdir().unwrap();
-    let frames = write_frames(&tmp.path().join("frames"));
+    };
+    let (port, tmp) = (home.port, home.tmp.path());
+    let frames = write_frames(&home.frames);
 
     // Everything published on the broker, from before the agent starts.
     let mut spy = Sub::connect(port, "spy", &["#"]).await;
     let mut events = Sub::connect(port, "home", &["hearth/door-cam/event/#"]).await;
 
     let coord_cfg = CoordConfig {
-        db_path: tmp.path().join("coord.db"),
+        db_path: tmp.join("coord.db"),
         data_dir: data_dir(),
         admin_token: ADMIN.into(),
         insecure: true,
@@ -217,27 +207,22 @@ async fn a_camera_head_learns_from_feedback_in_a_round_and_no_pixel_leaves() {
         .expect("coordinator starts");
     let (proxy_port, grpc) = recording_proxy(coord_addr).await;
 
-    let state = tmp.path().join("agent");
+    let state = tmp.join("agent");
     let cfg = Config {
-        device: "door-cam".into(),
-        mqtt: format!("mqtt://127.0.0.1:{port}"),
         coordinator: Some(format!("http://127.0.0.1:{proxy_port}")),
         enrollment_token: Some("token-camlearn-0001".into()),
         task: "faces-cam".into(),
-        data_dir: data_dir(),
         state_dir: state.clone(),
         bootstrap_epochs: 5,
         metrics_listen: Some("127.0.0.1:0".into()),
-        camera: Some(CameraConfig {
-            source: SourceConfig::Folder {
-                path: tmp.path().join("frames"),
-                glob: "*.ppm".into(),
-                repeat: true,
+        ..home.agent(
+            "door-cam",
+            CameraConfig {
+                source: home.folder(),
+                fps: 10.0,
+                ..CameraConfig::default()
             },
-            fps: 10.0,
-            ..CameraConfig::default()
-        }),
-        ..Config::default()
+        )
     };
     let agent = hearth_agent::start(cfg).await.expect("agent starts");
     let stats = agent.stats();

@@ -6,60 +6,35 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{data_dir, start_broker, Sub};
-use hearth_agent::Config;
-use hearth_camera::scene::{write_clip_frames, Shot};
-use hearth_camera::{CameraConfig, SourceConfig};
+use common::{data_dir, CameraHome, Sub};
+use hearth_camera::scene::Shot;
+use hearth_camera::CameraConfig;
 use hearth_proto::mqtt::{parse_event, InboundEvent, TrackPhase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn camera_agent_runs_the_tflite_blazeface() {
-    if !Command::new("ffmpeg")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("SKIPPED: ffmpeg is not installed");
+    let shots = [
+        Shot::Idle(3),
+        Shot::Face {
+            face: 4,
+            frames: 30,
+        },
+    ];
+    let Some(home) = CameraHome::new("camera_agent_runs_the_tflite_blazeface", &shots) else {
         return;
-    }
-    let port = start_broker();
-    let tmp = tempfile::tempdir().unwrap();
-    let frames = tmp.path().join("frames");
-    write_clip_frames(
-        &data_dir().join("faces/test.csv"),
-        &frames,
-        &[
-            Shot::Idle(3),
-            Shot::Face {
-                face: 4,
-                frames: 30,
-            },
-        ],
-    )
-    .unwrap();
-    let mut sub = Sub::connect(port, "watcher", &["hearth/tfl-cam/#"]).await;
-    let cfg = Config {
-        device: "tfl-cam".into(),
-        mqtt: format!("mqtt://127.0.0.1:{port}"),
-        data_dir: data_dir(),
-        state_dir: tmp.path().join("state"),
-        bootstrap_epochs: 1,
-        camera: Some(CameraConfig {
+    };
+    let mut sub = Sub::connect(home.port, "watcher", &["hearth/tfl-cam/#"]).await;
+    let cfg = home.agent(
+        "tfl-cam",
+        CameraConfig {
             model: data_dir().join("models/face_detection_short_range.tflite"),
-            source: SourceConfig::Folder {
-                path: frames.clone(),
-                glob: "*.ppm".into(),
-                repeat: true,
-            },
+            source: home.folder(),
             fps: 10.0,
             ..CameraConfig::default()
-        }),
-        ..Config::default()
-    };
+        },
+    );
     let agent = hearth_agent::start(cfg).await.unwrap();
     let new = sub
         .wait_for(Duration::from_secs(40), |m| {

@@ -128,7 +128,9 @@ enum RulesCommand {
     Test {
         /// Rules file.
         file: PathBuf,
-        /// The event payload, e.g. '{"class":"person","score":0.9,"model":"m@1","ts":"t"}'.
+        /// The event payload as the hub's guard takes it: a verdict, e.g.
+        /// '{"class":"person","score":0.9,"model":"m@1","ts":"t"}', or a camera track event
+        /// (Frigate's fields, `camera` = the topic's device, optional `sub_label`/`sub_score`).
         #[arg(long)]
         event: String,
         /// The topic it arrives on.
@@ -397,10 +399,15 @@ fn rules_test_cmd(
             "--topic `{topic}` is not an event topic hearth/<device>/event/<name>"
         )));
     };
-    let ev = hearth_proto::mqtt::Event::parse(event.as_bytes()).map_err(|e| {
+    // The hub's own guard: a plain verdict, or a camera event (whose `camera` must be the
+    // topic's device) with its head's `sub_label`.
+    let inbound = hearth_proto::mqtt::parse_event(device, event.as_bytes()).map_err(|e| {
         Error::Config(format!(
             "--event: the hub would drop this event (privacy guard): {e}"
         ))
+    })?;
+    let ev = inbound.verdict().ok_or_else(|| {
+        Error::Config("--event: the event carries no verdict the rules see".into())
     })?;
     let st = States::default();
     let now = hearth_hub::delivery::now_ms();
@@ -423,7 +430,7 @@ fn rules_test_cmd(
     println!("event {topic} {event}");
     let mut fired = 0;
     for r in rules.rules() {
-        let mut f = EventFields::new(device, name, &ev, event.as_bytes());
+        let mut f = EventFields::inbound(device, name, &ev, &inbound, event.as_bytes());
         f.rule = &r.name;
         let verdict = r
             .explain_event(&f)

@@ -31,7 +31,7 @@ use crate::federation;
 use crate::metrics::{DropReason, InvalidKind, Metrics};
 use crate::registry::{Availability, Registry, Source};
 use crate::rules::engine::Executor;
-use crate::rules::RuleSet;
+use crate::rules::{EventFields, RuleSet};
 use crate::zigbee;
 
 /// Largest accepted `meta` payload.
@@ -225,10 +225,8 @@ impl Router {
             // A new event name: a new Home Assistant entity.
             self.discovery.changed();
         }
-        let (matched, fired) = self
-            .exec
-            .on_event(device, name, &ev, &p.payload, received)
-            .await;
+        let fields = EventFields::inbound(device, name, &ev, &inbound, &p.payload);
+        let (matched, fired) = self.exec.on_event(fields, received).await;
         if matched == 0 {
             return;
         }

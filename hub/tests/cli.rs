@@ -546,6 +546,82 @@ fn rules_test_prints_what_would_fire_and_check_names_the_line() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 rules, valid"));
 }
 
+/// `rules test` takes a camera track event as the hub's guard does (Frigate's fields, the
+/// camera = the topic's device) and matches and renders its head's verdict.
+#[test]
+fn rules_test_takes_camera_events_and_their_sub_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[rule]]
+name = "stranger at the door"
+[rule.when]
+device = "door-cam"
+label = "face"
+sub_label = "none"
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON", brightness = 254, seen = "{{ sub_label }} {{ sub_score }}" }
+
+[[rule]]
+name = "resident"
+[rule.when]
+sub_label = "person"
+min_sub_score = 0.8
+[rule.then]
+actuator = "porch_light"
+payload = { state = "ON", brightness = 60 }
+"#,
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let cam = |camera: &str, sub: &str| {
+        format!(
+            r#"{{"type":"new","id":"1-1","camera":"{camera}","label":"face","score":0.9,"top_score":0.9,"box":[0.2,0.2,0.6,0.6],"start_time":1800000000.0,"end_time":null,"model":"blazeface@1"{sub}}}"#
+        )
+    };
+    let test = |ev: &str| {
+        run(&[
+            "rules",
+            "test",
+            f,
+            "--event",
+            ev,
+            "--topic",
+            "hearth/door-cam/event/detection",
+        ])
+    };
+    let out = test(&cam("door-cam", r#","sub_label":"none","sub_score":0.75"#));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("FIRES \"stranger at the door\" (line 3)\n  publish zigbee2mqtt/porch_light/set {\"brightness\":254,\"seen\":\"none 0.75\",\"state\":\"ON\"}\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no    \"resident\" (line 13): sub_label `none` is not `person`"),
+        "{text}"
+    );
+    assert!(text.ends_with("1 of 2 rules would fire\n"), "{text}");
+    // Without a head verdict neither fires, and the reason says so.
+    let out = test(&cam("door-cam", ""));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("no head verdict (sub_label) on the event")
+            && text.ends_with("0 of 2 rules would fire\n"),
+        "{text}"
+    );
+    // A camera event naming another camera than the topic's device is what the guard drops.
+    let out = test(&cam(
+        "garden-cam",
+        r#","sub_label":"none","sub_score":0.75"#,
+    ));
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("privacy guard"), "{}", stderr(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_rules_and_history_is_listed() {
     let broker = hearth_edge::broker::start(

@@ -238,6 +238,78 @@ payload = {{ state = "OFF", event_id = "{{{{ id }}}}" }}
     hub.shutdown().await;
 }
 
+/// A camera track event as a camera agent publishes it (Frigate's fields), with the head's
+/// verdict when `sub` is given.
+fn camera_event(id: &str, sub: Option<(&str, f32)>) -> String {
+    let sub = sub.map_or(String::new(), |(l, p)| {
+        format!(r#","sub_label":"{l}","sub_score":{p}"#)
+    });
+    format!(
+        r#"{{"type":"new","id":"{id}","camera":"door-cam","label":"face","score":0.9,"top_score":0.9,"box":[0.3,0.3,0.7,0.7],"start_time":1800000000.5,"end_time":null,"model":"blazeface@1"{sub}}}"#
+    )
+}
+
+/// Rules on a camera's head verdict (`sub_label`, `min_sub_score`, Frigate's `label`), with
+/// real camera events through the embedded broker: each verdict gets its own scene, an event
+/// without a verdict or below the head's probability fires neither, and the verdict renders
+/// into the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_head_verdicts_pick_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        r#"{BARRIER}
+[[rule]]
+name = "stranger"
+[rule.when]
+device = "door-cam"
+label = "face"
+sub_label = "none"
+[rule.then]
+actuator = "porch_light"
+payload = {{ state = "ON", brightness = 254, seen = "{{{{ sub_label }}}}", p = "{{{{ sub_score }}}}", track = "{{{{ id }}}}" }}
+
+[[rule]]
+name = "resident"
+[rule.when]
+device = "door-cam"
+label = "face"
+sub_label = "person"
+min_sub_score = 0.8
+[rule.then]
+actuator = "hall_light"
+payload = {{ state = "ON", track = "{{{{ id }}}}" }}
+"#
+    );
+    let hub = start(dir.path(), &rules, |_| {}).await;
+    let mut rx = commands(hub.mqtt_addr()).await;
+    let agent = publisher(hub.mqtt_addr()).await;
+    let topic = "hearth/door-cam/event/detection";
+    for (id, sub) in [
+        ("1-1", None),
+        ("1-2", Some(("person", 0.6))),
+        ("1-3", Some(("none", 0.7))),
+        ("1-4", Some(("person", 0.93))),
+    ] {
+        publish(&agent, topic, &camera_event(id, sub)).await;
+    }
+    let mut got = until_barrier(&agent, &mut rx).await;
+    // (Commands to two actuators: their order is not the events'.)
+    got.sort_by(|a, b| b.0.cmp(&a.0));
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, "zigbee2mqtt/porch_light/set");
+    assert_eq!(
+        (&got[0].1["seen"], &got[0].1["p"], &got[0].1["track"]),
+        (
+            &serde_json::json!("none"),
+            &serde_json::json!(0.7),
+            &serde_json::json!("1-3")
+        )
+    );
+    assert_eq!(got[1].0, "zigbee2mqtt/hall_light/set");
+    assert_eq!(got[1].1["track"], "1-4");
+    hub.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_availability_triggers_and_conditions() {
     let dir = tempfile::tempdir().unwrap();
@@ -598,5 +670,50 @@ async fn history_survives_a_restart_and_metrics_count_firings() {
         h[0]
     );
     assert_eq!(hub.rules_history(None, 10).len(), 2);
+    hub.shutdown().await;
+}
+
+/// `[rules_engine] history_max_per_rule` reaches the history: a busy rule keeps only its
+/// newest firings there, and the others keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_keeps_at_most_history_max_per_rule_of_a_busy_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!("{BARRIER}\n[[rule]]\nname = \"door\"\n[rule.when]\ndevice = \"door-cam\"\n[rule.then]\nactuator = \"porch_light\"\npayload = {{ state = \"ON\", id = \"{{{{ id }}}}\" }}\n");
+    let hub = start(dir.path(), &rules, |c| {
+        c.rules_engine.history = Some(dir.path().join("history"));
+        c.rules_engine.history_max_per_rule = 3;
+    })
+    .await;
+    let mut rx = commands(hub.mqtt_addr()).await;
+    let agent = publisher(hub.mqtt_addr()).await;
+    for i in 0..6 {
+        publish(
+            &agent,
+            "hearth/door-cam/event/detection",
+            &event("person", 0.9, &format!("e-{i}"), "new"),
+        )
+        .await;
+    }
+    assert_eq!(until_barrier(&agent, &mut rx).await.len(), 6);
+    // The history is written behind the commands: wait (bounded) for the newest door firing
+    // and the barrier's.
+    let t0 = Instant::now();
+    let door = loop {
+        let door = hub.rules_history(Some("door"), 100);
+        let newest = door
+            .first()
+            .is_some_and(|f| f.commands[0].payload.contains("\"e-5\""));
+        if newest && !hub.rules_history(Some("barrier"), 1).is_empty() {
+            break door;
+        }
+        assert!(t0.elapsed() < WAIT, "history not written: {door:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ids: Vec<&str> = ["e-5", "e-4", "e-3"].to_vec();
+    assert_eq!(door.len(), 3, "the busy rule is capped: {door:?}");
+    for (f, id) in door.iter().zip(ids) {
+        assert!(f.commands[0].payload.contains(id), "newest first: {door:?}");
+    }
+    assert_eq!(hub.rules_history(Some("barrier"), 100).len(), 1);
     hub.shutdown().await;
 }

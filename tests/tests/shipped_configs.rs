@@ -24,13 +24,42 @@ fn event_name(task: Task) -> String {
     .event_name()
 }
 
+/// The verdicts a learning camera's head can put in `sub_label`: the classes of every
+/// vendored task that takes BlazeFace's embedding (`data/faces-cam`).
+fn head_classes() -> Vec<String> {
+    let t = hearth_model::TaskSpec::resolve("faces-cam", &repo().join("data")).unwrap();
+    assert!(
+        hearth_agent::camera::is_camera_head(&t),
+        "faces-cam is a camera head"
+    );
+    t.classes
+}
+
 /// Why no agent of any task can trigger `rule`, or `None` when one can.
 fn unreachable(rule: &Rule) -> Option<String> {
     let mut why = Vec::new();
-    // A camera agent (`[camera]` source kind) publishes its `event` with its `label` as class.
+    // A camera agent (`[camera]` source kind) publishes its `event` with its `label` as class,
+    // and, when it learns, its head's verdict as `sub_label`; only camera events carry one.
     let cam = hearth_camera::CameraConfig::default();
-    if rule.event.matches(&cam.event) && rule.class.matches(&cam.label) {
+    let heads = head_classes();
+    let sub_ok = rule
+        .sub_label
+        .as_ref()
+        .is_none_or(|p| heads.iter().any(|c| p.matches(c)));
+    if rule.event.matches(&cam.event) && rule.class.matches(&cam.label) && sub_ok {
         return None;
+    }
+    if !sub_ok {
+        return Some(format!(
+            "a camera head's sub_label is one of {} (data/faces-cam)",
+            heads.join(", ")
+        ));
+    }
+    if rule.sub_label.is_some() {
+        return Some(format!(
+            "only camera events (`{}` of class `{}`) carry a sub_label",
+            cam.event, cam.label
+        ));
     }
     why.push(format!(
         "camera agents publish `{}` events of class `{}`",
@@ -144,6 +173,23 @@ fn task_classes_match_the_vendored_data() {
         let on_disk: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(on_disk, task.classes(), "{}", path.display());
     }
+}
+
+#[test]
+fn a_rule_on_a_head_verdict_no_camera_gives_is_reported() {
+    let base = hearth_hub::Config::default().actuator_base;
+    let rule = |when: &str| {
+        let text = format!(
+            "[[rule]]\nname = \"x\"\n[rule.when]\n{when}\n[rule.then]\nactuator = \"a\"\npayload = {{ state = \"ON\" }}\n"
+        );
+        let rules = RuleSet::parse(&text, "test", &base).unwrap();
+        unreachable(&rules.rules()[0])
+    };
+    assert_eq!(rule("label = \"face\"\nsub_label = \"person\""), None);
+    let why = rule("label = \"face\"\nsub_label = \"Person\"").expect("no head says Person");
+    assert!(why.contains("none, person"), "{why}");
+    let why = rule("class = \"person\"\nsub_label = \"person\"").expect("not a camera class");
+    assert!(why.contains("only camera events"), "{why}");
 }
 
 #[test]

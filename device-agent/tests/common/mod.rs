@@ -1,5 +1,6 @@
 //! Test helpers: an embedded rumqttd broker on a free loopback port (the edge layer's
-//! builder, the same the hub uses) and a rumqttc subscriber that records what it receives.
+//! builder, the same the hub uses), a rumqttc subscriber that records what it receives, and
+//! a camera test's home (ffmpeg or skip, broker, clip; `hearth_camera::testkit`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -114,6 +115,57 @@ impl Sub {
 /// The workspace's vendored data directory.
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data")
+}
+
+/// A camera test's home: a broker on a free port, a temporary directory and, from the repo's
+/// faces, the frames of a clip (`<tmp>/frames`, none for no shots).
+pub struct CameraHome {
+    pub port: u16,
+    pub tmp: tempfile::TempDir,
+    pub frames: PathBuf,
+}
+
+impl CameraHome {
+    /// `None` (the test skips, saying so) without ffmpeg.
+    pub fn new(test: &str, shots: &[hearth_camera::scene::Shot]) -> Option<CameraHome> {
+        if hearth_camera::testkit::skip_without_ffmpeg(test) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let frames = if shots.is_empty() {
+            tmp.path().join("frames")
+        } else {
+            hearth_camera::testkit::clip(&data_dir(), tmp.path(), shots).unwrap()
+        };
+        Some(CameraHome {
+            port: start_broker(),
+            tmp,
+            frames,
+        })
+    }
+
+    /// The clip's frames as a looping folder source.
+    pub fn folder(&self) -> hearth_camera::SourceConfig {
+        hearth_camera::SourceConfig::Folder {
+            path: self.frames.clone(),
+            glob: "*.ppm".into(),
+            repeat: true,
+        }
+    }
+
+    /// An agent `device` with `camera` on this home's broker, data and state directories
+    /// (one bootstrap epoch; tests change the rest).
+    pub fn agent(&self, device: &str, camera: hearth_camera::CameraConfig) -> hearth_agent::Config {
+        hearth_agent::Config {
+            device: device.into(),
+            mqtt: format!("mqtt://127.0.0.1:{}", self.port),
+            data_dir: data_dir(),
+            state_dir: self.tmp.path().join("state"),
+            bootstrap_epochs: 1,
+            camera: Some(camera),
+            ..hearth_agent::Config::default()
+        }
+    }
 }
 
 /// A TLS coordinator as a test's agents and admin calls see it: its URL and CA certificate.

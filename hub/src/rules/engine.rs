@@ -23,11 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use hearth_proto::mqtt::Event;
 use serde::{Deserialize, Serialize};
 
 use super::history::{Firing, History};
-use super::{Env, Plan, Rule, RuleSet, RulesError, States, Step};
+use super::{Env, EventFields, Plan, Rule, RuleSet, RulesError, States, Step};
 use crate::delivery::{self, now_ms};
 use crate::metrics::Metrics;
 
@@ -335,17 +334,12 @@ impl Executor {
     /// Routes one valid event; returns (rules matched, rules fired).
     pub(crate) async fn on_event(
         self: &Arc<Self>,
-        device: &str,
-        name: &str,
-        ev: &Event,
-        raw: &[u8],
+        event: EventFields<'_>,
         received: Instant,
     ) -> (usize, usize) {
         let rules = self.engine.current();
         let mut fired: Fired<'_> = Vec::new();
-        let counts = rules.on_event(device, name, ev, raw, &self.env(received), |r, p| {
-            fired.push((r, p))
-        });
+        let counts = rules.on_event(event, &self.env(received), |r, p| fired.push((r, p)));
         if !fired.is_empty() {
             self.carry_out(&rules, fired, Some(received)).await;
         }

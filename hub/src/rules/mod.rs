@@ -11,6 +11,8 @@
 //! class = "person"
 //! min_score = 0.8
 //! type = "new"                      # optional: the event's track life-cycle field
+//! sub_label = "person"              # optional: a camera head's verdict (Frigate's sub_label)
+//! min_sub_score = 0.7               # optional: the head's lowest probability
 //! [[rule.condition]]                # all must hold
 //! kind = "time"
 //! after = "18:00"
@@ -23,6 +25,11 @@
 //!
 //! The first syntax (`[rule.when]` with device/event/class/min_score and `[rule.then]` with
 //! actuator, payload, cooldown_secs) still loads unchanged.
+//!
+//! Camera events (Frigate's life cycle, `hearth_proto::mqtt::CameraEvent`) are matched on
+//! what Frigate users write: `label` (the same as `class`; give one of them), `type`
+//! (`new`/`update`/`end`), and the camera's own head verdict `sub_label` (a pattern; a rule
+//! naming it never fires for an event without one) with `min_sub_score`.
 //!
 //! Other triggers: `kind = "state"` (a Zigbee2MQTT-style device's `<base>/<device>` JSON
 //! attribute changes, `from`/`to`), `"availability"` (`to = "online"|"offline"`), `"time"`
@@ -47,7 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_proto::mqtt::{Event, EVENT_TYPES};
+use hearth_proto::mqtt::{Event, InboundEvent, EVENT_TYPES};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -136,8 +143,12 @@ struct WhenToml {
     event: Option<Spanned<String>>,
     class: Option<Spanned<String>>,
     min_score: Option<Spanned<f64>>,
+    /// Frigate's name for `class`.
+    label: Option<Spanned<String>>,
     #[serde(rename = "type")]
     track: Option<Spanned<String>>,
+    sub_label: Option<Spanned<String>>,
+    min_sub_score: Option<Spanned<f64>>,
     fields: Option<Spanned<toml::Table>>,
     attribute: Option<Spanned<String>>,
     from: Option<Spanned<toml::Value>>,
@@ -338,6 +349,11 @@ pub struct Rule {
     pub class: Pattern,
     /// Lowest score that fires an event trigger.
     pub min_score: f32,
+    /// The camera head's verdict an event trigger requires (`sub_label`; `None`: any event,
+    /// with or without one).
+    pub sub_label: Option<Pattern>,
+    /// Lowest head probability (`sub_score`) that fires; only with [`Rule::sub_label`].
+    pub min_sub_score: f32,
     /// All must hold.
     pub conditions: Vec<Condition>,
     /// What it does.
@@ -469,11 +485,15 @@ pub struct Env<'a> {
     pub states: &'a States,
 }
 
-/// Placeholder values of an event.
+/// One event as rules see it (what a trigger matches and placeholders read).
 pub struct EventFields<'a> {
     pub device: &'a str,
     pub event: &'a str,
+    /// The verdict: a plain event, or a camera event's
+    /// ([`hearth_proto::mqtt::CameraEvent::verdict`]).
     pub ev: &'a Event,
+    /// A camera event's head verdict: `sub_label` and `sub_score`.
+    pub sub: Option<(&'a str, f32)>,
     /// The payload as received (for top-level fields the schema may add).
     pub raw: &'a [u8],
     pub rule: &'a str,
@@ -481,16 +501,33 @@ pub struct EventFields<'a> {
 }
 
 impl<'a> EventFields<'a> {
-    /// The fields of one event.
+    /// The fields of one plain event (no head verdict).
     pub fn new(device: &'a str, event: &'a str, ev: &'a Event, raw: &'a [u8]) -> Self {
         EventFields {
             device,
             event,
             ev,
+            sub: None,
             raw,
             rule: "",
             parsed: std::cell::OnceCell::new(),
         }
+    }
+
+    /// The fields of an event that passed the guard: `verdict` is `inbound`'s
+    /// ([`InboundEvent::verdict`]), and a camera event's head verdict comes along.
+    pub fn inbound(
+        device: &'a str,
+        event: &'a str,
+        verdict: &'a Event,
+        inbound: &'a InboundEvent,
+        raw: &'a [u8],
+    ) -> Self {
+        let mut f = EventFields::new(device, event, verdict, raw);
+        if let InboundEvent::Camera(c) = inbound {
+            f.sub = c.sub_label.as_deref().zip(c.sub_score);
+        }
+        f
     }
 }
 
@@ -499,12 +536,14 @@ impl Fields for EventFields<'_> {
         match name {
             "device" => Some(Value::Str(self.device)),
             "event" => Some(Value::Str(self.event)),
-            "class" => Some(Value::Str(&self.ev.class)),
+            "class" | "label" => Some(Value::Str(&self.ev.class)),
             "score" => Some(Value::Num(f64::from(self.ev.score))),
             "model" => Some(Value::Str(&self.ev.model)),
             "ts" => Some(Value::Str(&self.ev.ts)),
             "id" => self.ev.id.as_deref().map(Value::Str),
             "type" => self.ev.kind.as_deref().map(Value::Str),
+            "sub_label" => self.sub.map(|(l, _)| Value::Str(l)),
+            "sub_score" => self.sub.map(|(_, s)| Value::Num(f64::from(s))),
             "rule" => Some(Value::Str(self.rule)),
             other => self
                 .parsed
@@ -513,6 +552,21 @@ impl Fields for EventFields<'_> {
                 .get(other)
                 .cloned()
                 .map(Value::Json),
+        }
+    }
+}
+
+/// An event's fields with `{{ rule }}` naming the rule that fires.
+struct Named<'x, 'y> {
+    f: &'x EventFields<'y>,
+    rule: &'x str,
+}
+
+impl Fields for Named<'_, '_> {
+    fn field(&self, name: &str) -> Option<Value<'_>> {
+        match name {
+            "rule" => Some(Value::Str(self.rule)),
+            other => self.f.field(other),
         }
     }
 }
@@ -568,24 +622,14 @@ fn end_ok(fields: &[(String, serde_json::Value)], ev: &Event) -> bool {
 }
 
 impl Rule {
-    /// Whether the event satisfies the rule's trigger (ignores conditions and cooldown).
+    /// Whether a plain event (no head verdict) satisfies the rule's trigger (ignores
+    /// conditions and cooldown).
     pub fn matches(&self, device: &str, event_name: &str, ev: &Event) -> bool {
-        let Trigger::Event { fields } = &self.trigger else {
-            return false;
-        };
-        let ok = ev.score >= self.min_score
-            && end_ok(fields, ev)
-            && self.class.matches(&ev.class)
-            && self.device.matches(device)
-            && self.event.matches(event_name);
-        if !ok || fields.is_empty() {
-            return ok;
-        }
-        let f = EventFields::new(device, event_name, ev, b"");
-        fields.iter().all(|(k, v)| json_eq_field(&f, k, v))
+        self.matches_event(&EventFields::new(device, event_name, ev, b""))
     }
 
-    fn event_matches(&self, f: &EventFields<'_>) -> bool {
+    /// Whether the event satisfies the rule's trigger (ignores conditions and cooldown).
+    pub fn matches_event(&self, f: &EventFields<'_>) -> bool {
         let Trigger::Event { fields } = &self.trigger else {
             return false;
         };
@@ -594,17 +638,36 @@ impl Rule {
             && self.class.matches(&f.ev.class)
             && self.device.matches(f.device)
             && self.event.matches(f.event)
+            && self.sub_ok(f.sub).is_ok()
             && fields.iter().all(|(k, v)| json_eq_field(f, k, v))
+    }
+
+    /// Whether the head verdict `sub` satisfies `sub_label` / `min_sub_score`; the error
+    /// says why not (allocated only then).
+    fn sub_ok(&self, sub: Option<(&str, f32)>) -> Result<(), String> {
+        let Some(want) = &self.sub_label else {
+            return Ok(());
+        };
+        match sub {
+            None => Err(format!(
+                "no head verdict (sub_label) on the event; the rule wants `{}`",
+                show(want)
+            )),
+            Some((l, _)) if !want.matches(l) => {
+                Err(format!("sub_label `{l}` is not `{}`", show(want)))
+            }
+            Some((_, s)) if s < self.min_sub_score => Err(format!(
+                "sub_score {s} < min_sub_score {}",
+                self.min_sub_score
+            )),
+            Some(_) => Ok(()),
+        }
     }
 
     /// Why the event does not trigger the rule (for `hearth-hub rules test`).
     pub fn explain_event(&self, f: &EventFields<'_>) -> Result<(), String> {
         let Trigger::Event { fields } = &self.trigger else {
             return Err(format!("not an event trigger ({})", self.trigger_kind()));
-        };
-        let show = |p: &Pattern| match p {
-            Pattern::Any => "*".to_string(),
-            Pattern::Exact(s) | Pattern::Glob(s) => s.clone(),
         };
         if !self.device.matches(f.device) {
             return Err(format!(
@@ -632,6 +695,10 @@ impl Rule {
                 "score {} < min_score {}",
                 f.ev.score, self.min_score
             ));
+        }
+        self.sub_ok(f.sub)?;
+        if !end_ok(fields, f.ev) {
+            return Err("a track's `end` fires only rules with type = \"end\"".into());
         }
         for (k, v) in fields {
             if !json_eq_field(f, k, v) {
@@ -796,6 +863,14 @@ impl Rule {
     /// Firings since the hub started (kept across reloads of the same rule name).
     pub fn fired(&self) -> u64 {
         self.fired.load(Ordering::Relaxed)
+    }
+}
+
+/// A pattern as written (`*` for any).
+fn show(p: &Pattern) -> &str {
+    match p {
+        Pattern::Any => "*",
+        Pattern::Exact(s) | Pattern::Glob(s) => s,
     }
 }
 
@@ -1165,8 +1240,11 @@ impl RuleSet {
                 ("device", span_of(&w.device)),
                 ("event", span_of(&w.event)),
                 ("class", span_of(&w.class)),
+                ("label", span_of(&w.label)),
                 ("min_score", span_of(&w.min_score)),
                 ("type", span_of(&w.track)),
+                ("sub_label", span_of(&w.sub_label)),
+                ("min_sub_score", span_of(&w.min_sub_score)),
                 ("fields", span_of(&w.fields)),
                 ("attribute", span_of(&w.attribute)),
                 ("from", span_of(&w.from)),
@@ -1176,28 +1254,53 @@ impl RuleSet {
             ];
             let (mut device, mut event, mut class, mut min_score) =
                 (Pattern::Any, Pattern::Any, Pattern::Any, 0.0f32);
+            let (mut sub_label, mut min_sub_score) = (None, 0.0f32);
+            let probability = |v: &Option<Spanned<f64>>, what: &str| match v {
+                None => Ok(0.0),
+                Some(s) if (0.0..=1.0).contains(s.get_ref()) => Ok(*s.get_ref() as f32),
+                Some(s) => Err(invalid(
+                    s.span(),
+                    format!("when.{what} {} must be within 0..=1", s.get_ref()),
+                )),
+            };
             let trigger = match kind {
                 "event" => {
                     only(
                         kind,
                         &present,
-                        &["device", "event", "class", "min_score", "type", "fields"],
+                        &[
+                            "device",
+                            "event",
+                            "class",
+                            "label",
+                            "min_score",
+                            "type",
+                            "sub_label",
+                            "min_sub_score",
+                            "fields",
+                        ],
                         "when",
                         &invalid,
                     )?;
                     device = pattern(&w.device, "when.device")?;
                     event = pattern(&w.event, "when.event")?;
-                    class = pattern(&w.class, "when.class")?;
-                    min_score = match &w.min_score {
-                        None => 0.0,
-                        Some(s) if (0.0..=1.0).contains(s.get_ref()) => *s.get_ref() as f32,
-                        Some(s) => {
+                    class = match (&w.class, &w.label) {
+                        (Some(_), Some(l)) => {
                             return Err(invalid(
-                                s.span(),
-                                format!("when.min_score {} must be within 0..=1", s.get_ref()),
+                                l.span(),
+                                "when.label is Frigate's name for when.class: give one of them"
+                                    .into(),
                             ))
                         }
+                        (_, Some(_)) => pattern(&w.label, "when.label")?,
+                        _ => pattern(&w.class, "when.class")?,
                     };
+                    min_score = probability(&w.min_score, "min_score")?;
+                    // A head probability without a label: any verdict at that probability.
+                    if w.sub_label.is_some() || w.min_sub_score.is_some() {
+                        sub_label = Some(pattern(&w.sub_label, "when.sub_label")?);
+                    }
+                    min_sub_score = probability(&w.min_sub_score, "min_sub_score")?;
                     let mut fields = Vec::new();
                     if let Some(t) = &w.track {
                         if !EVENT_TYPES.contains(&t.get_ref().as_str()) {
@@ -1585,6 +1688,8 @@ impl RuleSet {
                 event,
                 class,
                 min_score,
+                sub_label,
+                min_sub_score,
                 conditions,
                 actions,
                 cooldown,
@@ -1683,26 +1788,23 @@ impl RuleSet {
         rule.try_fire(self.since_epoch_ms(now))
     }
 
-    /// Calls `fire` for every rule the event triggers whose conditions hold at `env`: with
-    /// the rendered plan, after claiming the cooldown unless the rule is debounced (the
+    /// Calls `fire` for every rule the event `f` triggers whose conditions hold at `env`:
+    /// with the rendered plan, after claiming the cooldown unless the rule is debounced (the
     /// caller then claims when the debounce ends). Returns (matched, fired): rules whose
     /// trigger and conditions held, and of them how many were not suppressed by a cooldown.
     pub fn on_event<'a>(
         &'a self,
-        device: &str,
-        event_name: &str,
-        ev: &Event,
-        raw: &[u8],
+        f: EventFields<'_>,
         env: &Env<'_>,
         mut fire: impl FnMut(&'a Rule, Plan),
     ) -> (usize, usize) {
         let now_ms = self.since_epoch_ms(env.now);
-        let mut f = EventFields::new(device, event_name, ev, raw);
+        let (device, event_name) = (f.device, f.event);
         let (mut matched, mut fired) = (0, 0);
         for i in merged(self.index.candidates(device, event_name)) {
             let r = &self.rules[i as usize];
-            if !r.event_matches(&f)
-                || r.conditions_hold(env, &self.settings, Some(ev.score), false)
+            if !r.matches_event(&f)
+                || r.conditions_hold(env, &self.settings, Some(f.ev.score), false)
                     .is_err()
             {
                 continue;
@@ -1710,8 +1812,11 @@ impl RuleSet {
             matched += 1;
             if !r.debounce.is_zero() || r.try_fire(now_ms) {
                 fired += 1;
-                f.rule = &r.name;
-                let plan = r.plan(&f, format!("event hearth/{device}/event/{event_name}"));
+                let named = Named {
+                    f: &f,
+                    rule: &r.name,
+                };
+                let plan = r.plan(&named, format!("event hearth/{device}/event/{event_name}"));
                 fire(r, plan);
             }
         }
@@ -1735,8 +1840,8 @@ impl RuleSet {
             unix_ms: crate::delivery::now_ms(),
             states: &states,
         };
-        self.on_event(device, event_name, ev, b"", &env, |r, _| fire(r))
-            .0
+        let f = EventFields::new(device, event_name, ev, b"");
+        self.on_event(f, &env, |r, _| fire(r)).0
     }
 
     /// A state document arrived for `device`: records it in `env.states` and fires the
@@ -1978,6 +2083,7 @@ fn rule_context(text: &str, offset: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hearth_proto::mqtt::{parse_event, CameraEvent, TrackPhase};
 
     const PORCH: &str = r#"
 [[rule]]
@@ -1993,15 +2099,130 @@ payload = { state = "ON" }
 cooldown_secs = 10
 "#;
 
-    fn ev(class: &str, score: f32) -> Event {
-        Event {
+    /// The one test event builder: [`ev`] is a plain verdict (id `ev-1`, a new track),
+    /// [`cam`] a camera track event; `.kind(..)` sets the life cycle, `.sub(..)` the camera
+    /// head's verdict. [`Ev::fire`] sends it through the hub's guard and the rules as the
+    /// router does.
+    #[derive(Debug, Clone)]
+    pub(super) struct Ev {
+        class: String,
+        score: f32,
+        kind: &'static str,
+        camera: bool,
+        sub: Option<(&'static str, f32)>,
+    }
+
+    /// A plain verdict (`class`, `score`) of a new track.
+    pub(super) fn ev(class: &str, score: f32) -> Ev {
+        Ev {
             class: class.into(),
             score,
-            model: "door-cam@1".into(),
-            ts: "2026-01-01T00:00:00Z".into(),
-            id: Some("ev-1".into()),
-            kind: Some("new".into()),
+            kind: "new",
+            camera: false,
+            sub: None,
         }
+    }
+
+    /// A camera's `new` track event (Frigate's `label`, `score`), without a head verdict.
+    fn cam(label: &str, score: f32) -> Ev {
+        Ev {
+            camera: true,
+            ..ev(label, score)
+        }
+    }
+
+    impl Ev {
+        fn kind(mut self, kind: &'static str) -> Ev {
+            self.kind = kind;
+            self
+        }
+
+        /// The camera head's verdict (`sub_label`, `sub_score`): a camera event.
+        fn sub(mut self, label: &'static str, p: f32) -> Ev {
+            self.camera = true;
+            self.sub = Some((label, p));
+            self
+        }
+
+        /// The payload `device` would publish.
+        fn payload(&self, device: &str) -> Vec<u8> {
+            if !self.camera {
+                return self.verdict().to_json();
+            }
+            let phase = match self.kind {
+                "new" => TrackPhase::New,
+                "update" => TrackPhase::Update,
+                _ => TrackPhase::End,
+            };
+            CameraEvent {
+                phase,
+                id: "ev-1".into(),
+                camera: device.into(),
+                label: self.class.clone(),
+                score: self.score,
+                top_score: self.score,
+                bbox: [0.25, 0.25, 0.75, 0.75],
+                start_time: 1_800_000_000.0,
+                end_time: (phase == TrackPhase::End).then_some(1_800_000_005.0),
+                model: "blazeface@1".into(),
+                sub_label: self.sub.map(|(l, _)| l.to_string()),
+                sub_score: self.sub.map(|(_, p)| p),
+            }
+            .to_json()
+        }
+
+        /// The verdict of a plain event (what [`Rule::matches`] takes).
+        pub(super) fn verdict(&self) -> Event {
+            Event {
+                class: self.class.clone(),
+                score: self.score,
+                model: "door-cam@1".into(),
+                ts: "2026-01-01T00:00:00Z".into(),
+                id: Some("ev-1".into()),
+                kind: Some(self.kind.into()),
+            }
+        }
+
+        /// The plans `rs` fires for it on `hearth/<device>/event/<name>`.
+        fn fire(&self, rs: &RuleSet, device: &str, name: &str, env: &Env<'_>) -> Vec<Plan> {
+            let raw = self.payload(device);
+            let inbound = parse_event(device, &raw).expect("the guard passes test events");
+            let verdict = inbound.verdict().expect("a verdict");
+            let mut out = Vec::new();
+            let f = EventFields::inbound(device, name, &verdict, &inbound, &raw);
+            rs.on_event(f, env, |_, p| out.push(p));
+            out
+        }
+
+        /// Why rule `i` of `rs` does or does not fire (as `hearth-hub rules test` says).
+        fn explain(&self, rs: &RuleSet, i: usize, device: &str) -> Result<(), String> {
+            let raw = self.payload(device);
+            let inbound = parse_event(device, &raw).unwrap();
+            let verdict = inbound.verdict().unwrap();
+            rs.rules()[i].explain_event(&EventFields::inbound(
+                device,
+                "detection",
+                &verdict,
+                &inbound,
+                &raw,
+            ))
+        }
+    }
+
+    /// One rule's TOML: `[[rule]]` named `name`, the `when` lines, then `rest`
+    /// (conditions, actions); without an action in `rest`, `[rule.then]` turns `a` on.
+    fn rule(name: &str, when: &str, rest: &str) -> String {
+        let mut t = format!("[[rule]]\nname='{name}'\n[rule.when]\n");
+        for part in [when, rest] {
+            if !part.is_empty() {
+                t += part;
+                t += "\n";
+            }
+        }
+        if !rest.contains("[rule.then]") && !rest.contains("[[rule.action]]") {
+            t += "[rule.then]\nactuator='a'\npayload={state='ON'}\n";
+        }
+        t
     }
 
     fn env(states: &States, unix_ms: u64) -> Env<'_> {
@@ -2010,12 +2231,6 @@ cooldown_secs = 10
             unix_ms,
             states,
         }
-    }
-
-    fn fire_event(rs: &RuleSet, device: &str, name: &str, e: &Event, env: &Env<'_>) -> Vec<Plan> {
-        let mut out = Vec::new();
-        rs.on_event(device, name, e, &e.to_json(), env, |_, p| out.push(p));
-        out
     }
 
     fn cmd(p: &Plan, i: usize) -> (&str, serde_json::Value) {
@@ -2035,18 +2250,13 @@ cooldown_secs = 10
         let r = &rs.rules()[0];
         assert_eq!(r.cooldown, Duration::from_secs(10));
         assert_eq!(r.line, 3);
-        assert!(r.matches("door-cam", "detection", &ev("person", 0.8)));
-        assert!(!r.matches("door-cam", "detection", &ev("person", 0.79)));
-        assert!(!r.matches("door-cam", "detection", &ev("cat", 0.99)));
-        assert!(!r.matches("garden-cam", "detection", &ev("person", 0.99)));
+        let matches = |device: &str, e: Ev| r.matches(device, "detection", &e.verdict());
+        assert!(matches("door-cam", ev("person", 0.8)));
+        assert!(!matches("door-cam", ev("person", 0.79)));
+        assert!(!matches("door-cam", ev("cat", 0.99)));
+        assert!(!matches("garden-cam", ev("person", 0.99)));
         let st = States::default();
-        let plans = fire_event(
-            &rs,
-            "door-cam",
-            "detection",
-            &ev("person", 0.9),
-            &env(&st, 0),
-        );
+        let plans = ev("person", 0.9).fire(&rs, "door-cam", "detection", &env(&st, 0));
         assert_eq!(plans.len(), 1);
         assert_eq!(
             plans[0].steps,
@@ -2063,7 +2273,7 @@ cooldown_secs = 10
         let rs = RuleSet::parse(PORCH, "r", "z2m").unwrap();
         let t0 = Instant::now();
         let mut fired = 0;
-        let e = ev("person", 0.9);
+        let e = ev("person", 0.9).verdict();
         assert_eq!(
             rs.dispatch("door-cam", "detection", &e, t0, |_| fired += 1),
             1
@@ -2108,11 +2318,12 @@ cooldown_secs = 10
         .iter()
         .enumerate()
         {
-            text += &format!("[[rule]]\nname='r{i}'\n[rule.when]\ndevice='{d}'\nevent='{e}'\n[rule.then]\nactuator='a{i}'\npayload={{state='ON'}}\n");
+            text += &rule(&format!("r{i}"), &format!("device='{d}'\nevent='{e}'"), "");
         }
         let rs = RuleSet::parse(&text, "r", "z").unwrap();
         let st = States::default();
-        let names: Vec<String> = fire_event(&rs, "cam", "det", &ev("x", 0.5), &env(&st, 0))
+        let names: Vec<String> = ev("x", 0.5)
+            .fire(&rs, "cam", "det", &env(&st, 0))
             .into_iter()
             .map(|p| p.rule)
             .collect();
@@ -2135,15 +2346,16 @@ payload = { state = "ON", id = "{{ id }}", score = "{{ score }}", text = "{{ cla
         let rs = RuleSet::parse(text, "r", "z2m").unwrap();
         let st = States::default();
         let e = ev("person", 0.93);
-        let plans = fire_event(&rs, "door-cam", "detection", &e, &env(&st, 0));
+        let plans = e.fire(&rs, "door-cam", "detection", &env(&st, 0));
         let (topic, v) = cmd(&plans[0], 0);
         assert_eq!(topic, "z2m/porch_light/set");
         assert_eq!(v["id"], "ev-1");
         assert_eq!(v["score"], serde_json::json!(0.93));
         assert_eq!(v["text"], "person at door-cam by \"track starts\"");
-        let mut end = e.clone();
-        end.kind = Some("end".into());
-        assert!(fire_event(&rs, "door-cam", "detection", &end, &env(&st, 0)).is_empty());
+        let end = e.kind("end");
+        assert!(end
+            .fire(&rs, "door-cam", "detection", &env(&st, 0))
+            .is_empty());
     }
 
     #[test]
@@ -2169,15 +2381,107 @@ payload = { state = "OFF" }
 "#;
         let rs = RuleSet::parse(text, "r", "z2m").unwrap();
         let st = States::default();
-        let mut e = ev("face", 0.9);
-        e.kind = Some("new".into());
-        let on = fire_event(&rs, "cam", "detection", &e, &env(&st, 0));
-        assert_eq!(on.len(), 1);
-        assert_eq!(cmd(&on[0], 0).1["state"], "ON");
-        e.kind = Some("end".into());
-        let off = fire_event(&rs, "cam", "detection", &e, &env(&st, 0));
-        assert_eq!(off.len(), 1, "only the rule that asks for type = end");
-        assert_eq!(cmd(&off[0], 0).1["state"], "OFF");
+        for e in [ev("face", 0.9), cam("face", 0.9)] {
+            let on = e.fire(&rs, "cam", "detection", &env(&st, 0));
+            assert_eq!(on.len(), 1);
+            assert_eq!(cmd(&on[0], 0).1["state"], "ON");
+            let off = e.kind("end").fire(&rs, "cam", "detection", &env(&st, 0));
+            assert_eq!(off.len(), 1, "only the rule that asks for type = end");
+            assert_eq!(cmd(&off[0], 0).1["state"], "OFF");
+        }
+    }
+
+    #[test]
+    fn camera_events_match_on_label_type_and_the_heads_sub_label() {
+        let text = [
+            rule(
+                "stranger",
+                "device='door-cam'\nlabel='face'\nsub_label='none'",
+                "[[rule.action]]\nkind='command'\nactuator='porch_light'\n\
+                 payload={state='ON', brightness=254, seen='{{ sub_label }}', p='{{ sub_score }}', what='{{ label }}'}",
+            ),
+            rule(
+                "resident",
+                "device='door-cam'\nclass='face'\nsub_label='pers*'\nmin_sub_score=0.8",
+                "[rule.then]\nactuator='porch_light'\npayload={state='ON', brightness=80}",
+            ),
+            rule("any verdict", "min_sub_score=0.5\ntype='update'", ""),
+            rule("plain", "class='face'\nmin_score=0.5", ""),
+        ]
+        .concat();
+        let rs = RuleSet::parse(&text, "r", "z2m").unwrap();
+        let st = States::default();
+        let fired = |e: Ev| -> Vec<(String, serde_json::Value)> {
+            e.fire(&rs, "door-cam", "detection", &env(&st, 0))
+                .iter()
+                .map(|p| (p.rule.clone(), cmd(p, 0).1))
+                .collect()
+        };
+        let names = |f: &[(String, serde_json::Value)]| -> Vec<String> {
+            f.iter().map(|(r, _)| r.clone()).collect()
+        };
+        // The head says none: the stranger scene, with its verdict in the payload.
+        let f = fired(cam("face", 0.9).sub("none", 0.75));
+        assert_eq!(names(&f), ["stranger", "plain"]);
+        assert_eq!(
+            (&f[0].1["seen"], &f[0].1["p"], &f[0].1["what"]),
+            (
+                &serde_json::json!("none"),
+                &serde_json::json!(0.75),
+                &serde_json::json!("face")
+            )
+        );
+        // A confident person: the resident scene; below min_sub_score: neither head rule.
+        assert_eq!(
+            names(&fired(cam("face", 0.9).sub("person", 0.85))),
+            ["resident", "plain"]
+        );
+        assert_eq!(
+            names(&fired(cam("face", 0.9).sub("person", 0.7))),
+            ["plain"]
+        );
+        // No head verdict (a detector-only camera, a plain verdict): only the plain rule.
+        assert_eq!(names(&fired(cam("face", 0.9))), ["plain"]);
+        assert_eq!(names(&fired(ev("face", 0.9))), ["plain"]);
+        // `min_sub_score` alone: any verdict; with `type`.
+        assert_eq!(
+            names(&fired(cam("face", 0.9).sub("none", 0.6).kind("update"))),
+            ["stranger", "any verdict", "plain"]
+        );
+        // A track's end carries the last verdict, and fires only rules asking for `end`.
+        assert!(fired(cam("face", 0.9).sub("none", 0.9).kind("end")).is_empty());
+
+        // `rules test` says why.
+        let why = |e: Ev, i: usize| e.explain(&rs, i, "door-cam").unwrap_err();
+        assert_eq!(
+            why(cam("face", 0.9), 0),
+            "no head verdict (sub_label) on the event; the rule wants `none`"
+        );
+        assert_eq!(
+            why(cam("face", 0.9).sub("person", 0.9), 0),
+            "sub_label `person` is not `none`"
+        );
+        assert_eq!(
+            why(cam("face", 0.9).sub("person", 0.7), 1),
+            "sub_score 0.7 < min_sub_score 0.8"
+        );
+        assert_eq!(
+            why(cam("face", 0.9).sub("none", 0.9).kind("end"), 3),
+            "a track's `end` fires only rules with type = \"end\""
+        );
+        assert!(cam("face", 0.9)
+            .sub("person", 0.9)
+            .explain(&rs, 1, "door-cam")
+            .is_ok());
+        let r = &rs.rules()[1];
+        assert_eq!(
+            (r.class.clone(), r.sub_label.clone(), r.min_sub_score),
+            (
+                Pattern::Exact("face".into()),
+                Some(Pattern::Glob("pers*".into())),
+                0.8
+            )
+        );
     }
 
     #[test]
@@ -2235,8 +2539,8 @@ payload = { state = "ON" }
         let e = ev("person", 0.95);
         // 2026-06-21 21:30 UTC = 23:30 local: night, sun down in London.
         let late = 1_782_077_400_000;
-        let names = |env: &Env<'_>, e: &Event| -> Vec<String> {
-            fire_event(&rs, "cam", "det", e, env)
+        let names = |env: &Env<'_>, e: &Ev| -> Vec<String> {
+            e.fire(&rs, "cam", "det", env)
                 .into_iter()
                 .map(|p| p.rule)
                 .collect()
@@ -2443,17 +2747,21 @@ payload = { state = "TOGGLE" }
         );
 
         let cases = [
-            ("[[rule]]\nname='t'\n[rule.when]\nkind='time'\nat='25:00'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:5: rule \"t\": when.at `25:00` must be \"HH:MM\" or \"HH:MM:SS\""),
-            ("[[rule]]\nname='t'\n[rule.when]\nkind='state'\ndevice='tv'\nat='07:00'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:6: rule \"t\": when.at does not apply to kind = \"state\""),
-            ("[[rule]]\nname='t'\n[rule.when]\nkind='teleport'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:4: rule \"t\": when.kind `teleport` must be event, state, availability, time or interval"),
-            ("[[rule]]\nname='t'\n[rule.when]\n[[rule.condition]]\nkind='sun'\nis='up'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:5: rule \"t\": a sun condition needs [settings] latitude and longitude"),
-            ("[[rule]]\nname='t'\n[rule.when]\n[[rule.action]]\nkind='command'\nactuator='a'\npayload={x='{{ score'}\n", "r:7: rule \"t\": action.payload: `{{ score`: `{{` without `}}`"),
-            ("[[rule]]\nname='t'\n[rule.when]\n", "r:2: rule \"t\": no action: give [rule.then] or [[rule.action]]"),
-            ("[[rule]]\nname='t'\n[rule.when]\ntype='begin'\n[rule.then]\nactuator='a'\npayload={state='ON'}\n", "r:4: rule \"t\": when.type `begin` must be one of new, update, end"),
+            (rule("t", "kind='time'\nat='25:00'", ""), "r:5: rule \"t\": when.at `25:00` must be \"HH:MM\" or \"HH:MM:SS\""),
+            (rule("t", "kind='state'\ndevice='tv'\nat='07:00'", ""), "r:6: rule \"t\": when.at does not apply to kind = \"state\""),
+            (rule("t", "kind='teleport'", ""), "r:4: rule \"t\": when.kind `teleport` must be event, state, availability, time or interval"),
+            (rule("t", "", "[[rule.condition]]\nkind='sun'\nis='up'"), "r:5: rule \"t\": a sun condition needs [settings] latitude and longitude"),
+            (rule("t", "", "[[rule.action]]\nkind='command'\nactuator='a'\npayload={x='{{ score'}"), "r:7: rule \"t\": action.payload: `{{ score`: `{{` without `}}`"),
+            ("[[rule]]\nname='t'\n[rule.when]\n".into(), "r:2: rule \"t\": no action: give [rule.then] or [[rule.action]]"),
+            (rule("t", "type='begin'", ""), "r:4: rule \"t\": when.type `begin` must be one of new, update, end"),
+            (rule("t", "class='face'\nlabel='face'", ""), "r:5: rule \"t\": when.label is Frigate's name for when.class: give one of them"),
+            (rule("t", "sub_label='a/b'", ""), "r:4: rule \"t\": when.sub_label `a/b` must be 1-64 characters of [A-Za-z0-9_-.:@+ ] or `*`"),
+            (rule("t", "sub_label='person'\nmin_sub_score=1.2", ""), "r:5: rule \"t\": when.min_sub_score 1.2 must be within 0..=1"),
+            (rule("t", "kind='interval'\nevery_secs=5\nsub_label='x'", ""), "r:6: rule \"t\": when.sub_label does not apply to kind = \"interval\""),
         ];
         for (text, want) in cases {
             assert_eq!(
-                RuleSet::parse(text, "r", "z").unwrap_err().to_string(),
+                RuleSet::parse(&text, "r", "z").unwrap_err().to_string(),
                 want
             );
         }
@@ -2472,7 +2780,11 @@ payload = { state = "TOGGLE" }
         )
         .unwrap();
         assert!(rs.len() >= 2);
-        assert!(rs.rules()[1].matches("kitchen-plug", "appliance", &ev("microwave", 0.95)));
+        assert!(rs.rules()[1].matches(
+            "kitchen-plug",
+            "appliance",
+            &ev("microwave", 0.95).verdict()
+        ));
     }
 
     #[test]
@@ -2505,14 +2817,7 @@ mod speed {
         text += "[[rule]]\nname='glob'\n[rule.when]\ndevice='cam-*'\n[rule.then]\nactuator='g'\npayload={state='ON'}\n";
         let rs = RuleSet::parse(&text, "bench", "z2m").unwrap();
         let st = States::default();
-        let ev = Event {
-            class: "person".into(),
-            score: 0.9,
-            model: "m@1".into(),
-            ts: "2026-01-01T00:00:00Z".into(),
-            id: Some("id-123".into()),
-            kind: Some("new".into()),
-        };
+        let ev = super::tests::ev("person", 0.9).verdict();
         let raw = ev.to_json();
         let n = 200_000u32;
         let t0 = Instant::now();
@@ -2524,9 +2829,8 @@ mod speed {
                 unix_ms: 1_000_000,
                 states: &st,
             };
-            rs.on_event(device, "detection", &ev, &raw, &env, |_, p| {
-                fired += p.steps.len()
-            });
+            let f = EventFields::new(device, "detection", &ev, &raw);
+            rs.on_event(f, &env, |_, p| fired += p.steps.len());
         }
         let per = t0.elapsed().as_nanos() / u128::from(n);
         println!("{per} ns per event (half fire 3 rules with templates, half 1 glob rule), {fired} commands");
@@ -2537,9 +2841,8 @@ mod speed {
                 unix_ms: 1_000_000,
                 states: &st,
             };
-            rs.on_event("nobody", "detection", &ev, &raw, &env, |_, p| {
-                fired += p.steps.len()
-            });
+            let f = EventFields::new("nobody", "detection", &ev, &raw);
+            rs.on_event(f, &env, |_, p| fired += p.steps.len());
         }
         let per = t0.elapsed().as_nanos() / u128::from(n);
         println!("{per} ns per event that matches no rule");

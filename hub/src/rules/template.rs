@@ -7,8 +7,9 @@
 //!   that string, JSON-escaped (quotes, backslashes, control characters); a missing field
 //!   renders as nothing.
 //!
-//! Field names: `device`, `event` (the topic's event name), `class`, `score`, `model`, `ts`,
-//! `id`, `type`, `rule`, any other top-level field of the event JSON, and for state and
+//! Field names: `device`, `event` (the topic's event name), `class` (`label`, Frigate's name
+//! for it), `score`, `model`, `ts`, `id`, `type`, `sub_label` and `sub_score` (a camera head's
+//! verdict), `rule`, any other top-level field of the event JSON, and for state and
 //! availability triggers `attribute`, `value`, `from`, `availability`.
 
 use std::fmt::Write as _;
