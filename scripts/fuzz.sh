@@ -59,8 +59,12 @@ bin_dir=$target_dir/x86_64-unknown-linux-gnu/release
 # targets link).
 seeds=fuzz/seeds
 rm -rf "$seeds" && mkdir -p "$seeds"
-echo "== writing seeds"
-cargo run --quiet --locked -p hearth-compress --example fuzz_seeds -- "$seeds"
+case " ${TARGETS[*]} " in
+  *" update_codec "* | *" package "* | *" state_files "*)
+    echo "== writing binary seeds"
+    cargo run --quiet --locked -p hearth-compress --example fuzz_seeds -- "$seeds"
+    ;;
+esac
 mkdir -p "$seeds"/{task_file,formats,rules,event_payload}
 for t in data/*/task.toml model/tests/fixtures/*.toml; do
   [ -f "$t" ] && cp "$t" "$seeds/task_file/$(echo "$t" | tr / _)"
