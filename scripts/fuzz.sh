@@ -4,10 +4,11 @@
 #
 #   ./scripts/fuzz.sh                 # every target, FUZZ_SECS (60) seconds each
 #   FUZZ_SECS=10 ./scripts/fuzz.sh rules event_payload
+#   FUZZ_SANITIZER=none ./scripts/fuzz.sh      # no AddressSanitizer (faster build)
 #
 # Budget: FUZZ_SECS per target (7 targets: 7 min at the default) plus the first build
-# (~20-40 min on 2 cores: every dependency is built again with coverage instrumentation
-# under fuzz/target; later runs reuse it). Memory: libFuzzer's -rss_limit_mb (FUZZ_RSS_MB,
+# (~20-40 min on 2 quiet cores: every dependency is built again with coverage instrumentation
+# under fuzz/target/<sanitizer>; later runs reuse it). Memory: libFuzzer's -rss_limit_mb (FUZZ_RSS_MB,
 # 1024) and -malloc_limit_mb (FUZZ_MALLOC_MB, 256: one allocation above it is reported as
 # a failure, so a few input bytes can never make a decoder allocate gigabytes).
 # Exit status: 0 when no target found a crash, a leak, a timeout or an over-limit allocation.
@@ -33,15 +34,37 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz
 fi
 
-echo "== building fuzz targets (sanitizer: $SANITIZER)"
-(cd fuzz && cargo fuzz build -O --sanitizer "$SANITIZER")
-bin_dir=fuzz/target/x86_64-unknown-linux-gnu/release
+export CARGO_INCREMENTAL=0
+# One build directory per sanitizer (switching keeps the other build).
+target_dir=${FUZZ_TARGET_DIR:-$root/fuzz/target/$SANITIZER}
+echo "== building fuzz targets (sanitizer: $SANITIZER, in $target_dir): ${TARGETS[*]}"
+build_start=$(date +%s)
+if [ $# -gt 0 ]; then
+  for t in "${TARGETS[@]}"; do
+    (cd fuzz && cargo fuzz build -O --sanitizer "$SANITIZER" --target-dir "$target_dir" "$t")
+  done
+else
+  # Every bin of fuzz/ is a fuzz target (the seed writer is not: see below).
+  (cd fuzz && cargo fuzz build -O --sanitizer "$SANITIZER" --target-dir "$target_dir")
+fi
+build_secs=$(($(date +%s) - build_start))
+echo "== fuzz targets built in ${build_secs}s"
+bin_dir=$target_dir/x86_64-unknown-linux-gnu/release
 
 # Seed corpora from real files: binary formats written by the real encoders, text formats
 # copied from the repository (task files, rules, data files, sample event payloads).
+# The binary seeds come from `compress/examples/fuzz_seeds.rs`, an ordinary program of the main
+# workspace (dev profile, its target/): built by cargo-fuzz with the fuzz crate's coverage
+# flags it would not link (`__sancov_lowest_stack` lives in libFuzzer, which only fuzz
+# targets link).
 seeds=fuzz/seeds
 rm -rf "$seeds" && mkdir -p "$seeds"
-"$bin_dir/make_seeds" "$seeds"
+case " ${TARGETS[*]} " in
+  *" update_codec "* | *" package "* | *" state_files "*)
+    echo "== writing binary seeds"
+    cargo run --quiet --locked -p hearth-compress --example fuzz_seeds -- "$seeds"
+    ;;
+esac
 mkdir -p "$seeds"/{task_file,formats,rules,event_payload}
 for t in data/*/task.toml model/tests/fixtures/*.toml; do
   [ -f "$t" ] && cp "$t" "$seeds/task_file/$(echo "$t" | tr / _)"
@@ -88,12 +111,16 @@ for t in "${TARGETS[@]}"; do
   set -e
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$logs/$t.log" | grep -o '[0-9]*$' || echo '?')
   cov=$(grep -o 'cov: [0-9]*' "$logs/$t.log" | tail -1 | grep -o '[0-9]*' || echo '?')
+  ft=$(grep -o 'ft: [0-9]*' "$logs/$t.log" | tail -1 | grep -o '[0-9]*' || echo '?')
+  corp=$(grep -o 'corp: [0-9]*' "$logs/$t.log" | tail -1 | grep -o '[0-9]*' || echo '?')
   peak=$(grep -o 'stat::peak_rss_mb: *[0-9]*' "$logs/$t.log" | grep -o '[0-9]*$' || echo '?')
   if [ "$rc" -eq 0 ]; then verdict=ok; else verdict="FAILED (exit $rc, see $logs/$t.log, fuzz/artifacts/$t/)"; failed=1; fi
-  summary+=("$(printf '%-14s %6ss %10s runs  cov %5s  peak RSS %5s MB  %s' "$t" "$SECS" "$runs" "$cov" "$peak" "$verdict")")
+  summary+=("$(printf '| %-13s | %4ss | %10s | %5s | %6s | %6s | %6s | %s |' "$t" "$SECS" "$runs" "$cov" "$ft" "$corp" "$peak" "$verdict")")
 done
 
 echo
-echo "== fuzz summary (budget ${SECS}s per target, rss ${RSS_MB} MB, malloc ${MALLOC_MB} MB, sanitizer $SANITIZER)"
+echo "== fuzz summary (budget ${SECS}s per target, rss ${RSS_MB} MB, malloc ${MALLOC_MB} MB, sanitizer $SANITIZER, build ${build_secs}s)"
+echo "| target        | time  |       runs |   cov |     ft | corpus | RSS MB | result |"
+echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${summary[@]}"
 exit $failed

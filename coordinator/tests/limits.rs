@@ -1,6 +1,8 @@
 //! The `[limits]` over real gRPC: oversized messages are refused (and counted), the
 //! connection cap holds (the N+1th connection waits while N are open and proceeds when one
-//! closes), and one connection runs at most `max_streams_per_connection` calls at once.
+//! closes), one connection runs at most `max_streams_per_connection` calls at once, a
+//! unary call whose request never arrives is cut at `call_timeout_secs`, and a peer that
+//! never finishes its TLS handshake is dropped at `handshake_timeout_secs`.
 
 mod common;
 
@@ -10,7 +12,7 @@ use common::*;
 use hearth_coordinator::{start, Config, ModelConfig};
 use hearth_proto::v1::{
     enrollment_client::EnrollmentClient, federation_client::FederationClient, update_chunk,
-    EnrollRequest, UpdateChunk,
+    EnrollRequest, EnrollResponse, UpdateChunk,
 };
 use tonic::Code;
 
@@ -162,5 +164,88 @@ async fn streams_per_connection_are_capped() {
         .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded);
     drop(tx);
+    h.shutdown().await.unwrap();
+}
+
+/// A unary call whose request never arrives (the client sends the call's headers and then
+/// holds its body open: a slow-loris caller) is cut at `call_timeout_secs` by the call-time
+/// layer (`limits::CallTimeoutLayer`), not at the upload limit, and is logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_unary_call_is_cut_at_the_call_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("db"));
+    cfg.limits.call_timeout_secs = 1;
+    cfg.upload_timeout_secs = 120;
+    let h = start(cfg, listener().await).await.unwrap();
+    let tls = Tls::connect(&h).await;
+    // `Enroll` is unary; sent as a client stream that never yields its one message, the
+    // server waits for the request body.
+    let mut grpc = tonic::client::Grpc::new(tls.ch.clone());
+    grpc.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<EnrollRequest>(1);
+    let started = Instant::now();
+    let call = grpc.client_streaming(
+        tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        http::uri::PathAndQuery::from_static("/hearth.v1.Enrollment/Enroll"),
+        tonic_prost::ProstCodec::<EnrollRequest, EnrollResponse>::default(),
+    );
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the stalled call was not cut")
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(took < Duration::from_secs(5), "cut only after {took:?}");
+    let m = h.coordinator().metrics();
+    assert_eq!(m.rejections("timeout"), 1, "{}", m.render());
+    assert!(
+        m.render()
+            .contains("hearth_coordinator_rejections_total{call=\"enroll\",reason=\"timeout\"} 1"),
+        "{}",
+        m.render()
+    );
+    drop(tx);
+    // The connection serves the next call.
+    versions(&tls.ch, "digits").await.unwrap();
+    h.shutdown().await.unwrap();
+}
+
+/// A peer that opens a TCP connection and never sends its TLS ClientHello holds a connection
+/// slot only until `handshake_timeout_secs`: the coordinator closes it, counts it
+/// (`call="connect", reason="handshake_timeout"`), and the slot serves a real client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_finishes_its_tls_handshake_is_dropped_and_counted() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("db"));
+    cfg.limits.handshake_timeout_secs = 1;
+    // The silent peer takes the only slot.
+    cfg.limits.max_connections = 1;
+    let h = start(cfg, listener().await).await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(h.local_addr())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("the silent peer's connection is still open");
+    let took = started.elapsed();
+    assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
+    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+    let m = h.coordinator().metrics();
+    assert!(
+        m.render().contains(
+            "hearth_coordinator_rejections_total{call=\"connect\",reason=\"handshake_timeout\"} 1"
+        ),
+        "{}",
+        m.render()
+    );
+    // The freed slot serves a real client (the silent socket is still held on our side).
+    let tls = tokio::time::timeout(Duration::from_secs(10), Tls::connect(&h))
+        .await
+        .expect("the slot was freed");
+    versions(&tls.ch, "digits").await.unwrap();
+    drop(silent);
     h.shutdown().await.unwrap();
 }

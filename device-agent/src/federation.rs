@@ -57,8 +57,11 @@ use crate::{Error, RpcCode};
 pub const MAX_MODEL_BYTES: u64 = 64 * 1024 * 1024;
 const FETCH_ATTEMPTS: u32 = 6;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// A whole upload (3 s in this crate's unit tests, which check that it holds).
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 3 } else { 60 });
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Opening the `Subscribe` stream, and the version check (3 s in this crate's unit tests).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 3 } else { 15 });
 /// After a round's deadline, how long the coordinator gets to close it before the agent
 /// asks whether it produced a version.
 const OUTCOME_GRACE: Duration = Duration::from_secs(5);
@@ -141,16 +144,46 @@ fn trusted_ca(config: &Config, creds: Option<&Credentials>) -> Result<Option<Str
     Ok(creds.map(|c| c.ca_pem.clone()).filter(|c| !c.is_empty()))
 }
 
+/// Connection-level limits of the channel to the coordinator.
+#[derive(Debug, Clone, Copy)]
+struct ChannelLimits {
+    /// A TCP (and TLS) connection must be up within this.
+    connect: Duration,
+    /// HTTP/2 ping interval, also while no call is open: a coordinator that stopped
+    /// answering (power cut, a NAT that dropped the mapping) is found even while the
+    /// `Subscribe` stream waits for days.
+    keepalive_interval: Duration,
+    /// A ping not answered within this closes the connection (open calls fail, the
+    /// subscribe loop reconnects).
+    keepalive_timeout: Duration,
+}
+
+const CHANNEL_LIMITS: ChannelLimits = ChannelLimits {
+    connect: Duration::from_secs(5),
+    keepalive_interval: Duration::from_secs(20),
+    keepalive_timeout: Duration::from_secs(10),
+};
+
 /// A lazily connecting channel to `url`: over TLS trusting `ca` and presenting the client
 /// certificate of `creds` when given; plaintext for `http://`.
 fn channel(url: &str, ca: Option<&str>, creds: Option<&Credentials>) -> Result<Channel, Error> {
+    channel_with(url, ca, creds, &CHANNEL_LIMITS)
+}
+
+/// [`channel`] with the given limits.
+fn channel_with(
+    url: &str,
+    ca: Option<&str>,
+    creds: Option<&Credentials>,
+    limits: &ChannelLimits,
+) -> Result<Channel, Error> {
     let bad = |e: tonic::transport::Error| Error::Config(format!("coordinator `{url}`: {e}"));
     let mut ep = Endpoint::from_shared(url.to_string())
         .map_err(bad)?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(limits.connect)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
         .keep_alive_while_idle(true);
     if is_tls(url) {
         let ca = ca.ok_or_else(|| {
@@ -409,21 +442,13 @@ async fn subscribe_loop(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        let req = SubscribeRequest {
-            models: vec![shared.model_name.clone()],
-        };
-        // The stream may live for days (HTTP/2 keepalive finds a dead coordinator); opening
-        // it must not hang.
         let res = tokio::select! {
             _ = stopped(stop) => return,
-            r = tokio::time::timeout(ENROLL_TIMEOUT, client.subscribe(req)) => {
-                r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("subscribe timed out")))
-            }
+            r = open_subscription(&mut client, &shared.model_name) => r,
         };
         match res {
-            Ok(resp) => {
+            Ok(mut stream) => {
                 tracing::info!(model = %shared.model_name, "subscribed to federation events");
-                let mut stream = resp.into_inner();
                 loop {
                     let msg = tokio::select! {
                         _ = stopped(stop) => return,
@@ -458,6 +483,21 @@ async fn subscribe_loop(
         if !pause(backoff.next_wait(), stop).await {
             return;
         }
+    }
+}
+
+/// Opens the `Subscribe` stream for `model`. The stream may live for days (HTTP/2
+/// keepalive finds a dead coordinator); opening it must not hang: [`OPEN_TIMEOUT`].
+async fn open_subscription(
+    client: &mut FedClient,
+    model: &str,
+) -> Result<tonic::Streaming<FederationEvent>, Status> {
+    let req = SubscribeRequest {
+        models: vec![model.to_string()],
+    };
+    match tokio::time::timeout(OPEN_TIMEOUT, client.subscribe(req)).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded("subscribe timed out")),
     }
 }
 
@@ -1135,7 +1175,7 @@ async fn version_exists(client: &mut FedClient, model: &str, version: u64) -> Re
         offset: 0,
         have_version: 0,
     };
-    match tokio::time::timeout(ENROLL_TIMEOUT, client.fetch_model(req)).await {
+    match tokio::time::timeout(OPEN_TIMEOUT, client.fetch_model(req)).await {
         Ok(Ok(_)) => Ok(true),
         Ok(Err(s)) if s.code() == Code::NotFound => Ok(false),
         Ok(Err(s)) => Err(rpc_error(s)),
@@ -1659,6 +1699,198 @@ mod tests {
             e.to_string(),
             "coordinator call failed: PermissionDenied: bad key"
         );
+    }
+
+    /// A TCP relay to `upstream` that can be frozen: it then moves no byte either way but
+    /// holds every socket open (no FIN, no RST), like a coordinator whose host lost power
+    /// behind a NAT. Returns its address and the switch.
+    async fn freezable_relay(
+        upstream: std::net::SocketAddr,
+    ) -> (std::net::SocketAddr, watch::Sender<bool>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (freeze, frozen) = watch::channel(false);
+        tokio::spawn(async move {
+            for _ in 0..16 {
+                let Ok((mut a, _)) = l.accept().await else {
+                    return;
+                };
+                let mut b = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let mut frozen = frozen.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => return,
+                        _ = async {
+                            while !*frozen.borrow_and_update() {
+                                if frozen.changed().await.is_err() {
+                                    return;
+                                }
+                            }
+                        } => {}
+                    }
+                    // Frozen: hold both sockets until the test ends.
+                    std::future::pending::<()>().await;
+                    drop((a, b));
+                });
+            }
+        });
+        (addr, freeze)
+    }
+
+    /// A coordinator (TLS) behind a [`freezable_relay`], and this agent's enrolment there.
+    struct Remote {
+        coord: hearth_coordinator::CoordinatorHandle,
+        url: String,
+        ca: String,
+        creds: Credentials,
+        freeze: watch::Sender<bool>,
+        _db: tempfile::TempDir,
+    }
+
+    impl Remote {
+        async fn start() -> Remote {
+            let db = tempfile::tempdir().unwrap();
+            let mut cfg = hearth_coordinator::Config {
+                db_path: db.path().join("db"),
+                data_dir: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data"),
+                admin_token: "timeouts-test-admin-token-0123456789".into(),
+                enrollment_tokens: vec!["timeouts-test-token-1".into()],
+                models: vec![hearth_coordinator::ModelConfig {
+                    name: "digits".into(),
+                    task: "digits".into(),
+                    init: None,
+                    eval: false,
+                    seed: 7,
+                }],
+                ..hearth_coordinator::Config::default()
+            };
+            // The coordinator's own keepalive closes its side of a frozen connection within
+            // 2 s (so that it can shut down); the relay keeps the agent's side open.
+            cfg.limits.keepalive_interval_secs = 1;
+            cfg.limits.keepalive_timeout_secs = 1;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let coord = hearth_coordinator::start(cfg, listener).await.unwrap();
+            let ca = coord.ca_pem().expect("TLS by default").to_string();
+            let (relay, freeze) = freezable_relay(coord.local_addr()).await;
+            let url = format!("https://{relay}");
+            let creds = enroll_once(&url, Some(&ca), "timeouts-test-token-1", "plug")
+                .await
+                .unwrap();
+            Remote {
+                coord,
+                url,
+                ca,
+                creds,
+                freeze,
+                _db: db,
+            }
+        }
+
+        /// The agent's federation client through the relay, with `limits`.
+        fn client(&self, limits: &ChannelLimits) -> FedClient {
+            let ch = channel_with(&self.url, Some(&self.ca), Some(&self.creds), limits).unwrap();
+            FederationClient::with_interceptor(ch, Auth::new(&self.creds).unwrap())
+        }
+
+        async fn stop(self) {
+            drop(self.freeze);
+            self.coord.shutdown().await.unwrap();
+        }
+    }
+
+    /// The channel's HTTP/2 keepalive is what finds a coordinator that stopped answering
+    /// while the `Subscribe` stream is open (no call is in flight, nothing else would
+    /// notice): with pings every second and a one-second answer limit, the stream ends
+    /// with an error within a few seconds of the freeze and the subscribe loop can
+    /// reconnect. The coordinator's own keepalive does not reach the agent through the
+    /// frozen relay (it closes only the coordinator's side).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_channel_keepalive_finds_a_coordinator_that_stopped_answering() {
+        let r = Remote::start().await;
+        let mut client = r.client(&ChannelLimits {
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+            ..CHANNEL_LIMITS
+        });
+        let mut stream = open_subscription(&mut client, "digits").await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event in time")
+            .unwrap();
+        assert!(first.is_some(), "the current version is announced");
+
+        r.freeze.send(true).unwrap();
+        let frozen_at = std::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(15), stream.message())
+            .await
+            .expect("the stream of a coordinator that stopped answering is still open");
+        let took = frozen_at.elapsed();
+        assert!(end.is_err(), "the stream ends with an error: {end:?}");
+        assert!(took < Duration::from_secs(6), "found only after {took:?}");
+        r.stop().await;
+    }
+
+    /// The agent's client through the relay with the keepalive an hour away (so only the
+    /// per-call limits can end a call), its connection up and serving, then frozen.
+    async fn frozen_client() -> (Remote, FedClient) {
+        let r = Remote::start().await;
+        let mut client = r.client(&ChannelLimits {
+            keepalive_interval: Duration::from_secs(3600),
+            keepalive_timeout: Duration::from_secs(3600),
+            ..CHANNEL_LIMITS
+        });
+        assert!(version_exists(&mut client, "digits", 1).await.unwrap());
+        r.freeze.send(true).unwrap();
+        (r, client)
+    }
+
+    /// Each per-call limit ends its call on a coordinator that stopped answering in about
+    /// the limit (3 s in unit tests), instead of waiting forever.
+    const CALL_BOUND: Duration = Duration::from_secs(15);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn opening_subscribe_on_a_coordinator_that_stopped_answering_times_out() {
+        let (r, mut client) = frozen_client().await;
+        let t = std::time::Instant::now();
+        let e = tokio::time::timeout(CALL_BOUND, open_subscription(&mut client, "digits"))
+            .await
+            .expect("opening Subscribe waited on")
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+        r.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_check_on_a_coordinator_that_stopped_answering_times_out() {
+        let (r, mut client) = frozen_client().await;
+        let t = std::time::Instant::now();
+        let e = tokio::time::timeout(CALL_BOUND, version_exists(&mut client, "digits", 1))
+            .await
+            .expect("the version check waited on")
+            .unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+        r.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_to_a_coordinator_that_stopped_answering_times_out() {
+        let (r, mut client) = frozen_client().await;
+        let header = UpdateHeader {
+            model: "digits".into(),
+            round_id: 1,
+            ..UpdateHeader::default()
+        };
+        let t = std::time::Instant::now();
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        let e = tokio::time::timeout(CALL_BOUND, upload(&mut client, &header, &[1, 2, 3], until))
+            .await
+            .expect("the upload waited on")
+            .unwrap_err();
+        assert!(e.to_string().contains("upload timed out"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+        r.stop().await;
     }
 
     #[test]

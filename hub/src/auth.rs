@@ -13,7 +13,8 @@
 //! ```
 //!
 //! The hub creates the directory, its own login and the refresh key on first start;
-//! [`CredentialStore::provision`] (`hearth-hub provision-device`) adds principals. Passwords
+//! [`CredentialStore::provision`] (`hearth-hub provision-device`) adds principals and
+//! [`CredentialStore::deprovision`] (`hearth-hub deprovision-device`) withdraws them. Passwords
 //! are generated (192 bits) and only their hashes are in `passwd`. The ACL gives each role the
 //! topics of `ARCHITECTURE.md`'s table: a device writes only `hearth/<name>/…` and reads its
 //! own topics and model announcements; an actuator also its own `<base>/<name>` state and
@@ -93,6 +94,15 @@ impl std::fmt::Debug for Provisioned {
             .field("role", &self.role)
             .finish_non_exhaustive()
     }
+}
+
+/// What [`CredentialStore::deprovision`] withdrew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deprovisioned {
+    /// The MQTT user name removed.
+    pub user: String,
+    /// The role it had (`None`: only a `passwd` entry, added by hand).
+    pub role: Option<Role>,
 }
 
 /// The credential store in one directory (see the module documentation).
@@ -307,6 +317,45 @@ impl CredentialStore {
             user: name.to_string(),
             password,
             password_file,
+            role,
+        })
+    }
+
+    /// Withdraws `name`'s credentials, the inverse of [`CredentialStore::provision`]: its
+    /// `passwd` entry first (the login is what matters: the embedded broker re-reads the file
+    /// at the next login, Mosquitto at its next reload), then its role and its ACL entries
+    /// (the ACL file rewritten), then the issued password file. Every file is replaced
+    /// atomically. An unknown name is refused, and so are the hub's own login and the reserved
+    /// names; a login added to `passwd` by hand (no role) is removed too.
+    pub fn deprovision(&self, name: &str, actuator_base: &str) -> Result<Deprovisioned, Error> {
+        if !passwd::valid_user(name) || reserved_name(name) {
+            return Err(Error::Config(format!(
+                "`{name}` cannot be deprovisioned: not a device name (`federation` and \
+                 `{HUB_USER}` are reserved)"
+            )));
+        }
+        let mut roles = self.roles()?;
+        let mut f = self.passwd()?;
+        let role = roles.remove(name);
+        let had_login = f.remove(name);
+        if role.is_none() && !had_login {
+            return Err(Error::Config(format!("`{name}` is not provisioned")));
+        }
+        if had_login {
+            self.save_passwd(&f)?;
+        }
+        if role.is_some() {
+            self.save_roles(&roles)?;
+        }
+        self.write_acl(actuator_base)?;
+        let issued = self.password_path(name);
+        match std::fs::remove_file(&issued) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("cannot remove {}", issued.display()))(e)),
+        }
+        Ok(Deprovisioned {
+            user: name.to_string(),
             role,
         })
     }
@@ -612,5 +661,51 @@ mod tests {
             assert_eq!(mode(&s.refresh_key_path()), 0o600);
         }
         assert_eq!(s.refresh_key().unwrap(), s.refresh_key().unwrap());
+    }
+
+    #[test]
+    fn deprovisioning_removes_the_login_the_role_the_acl_entries_and_the_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CredentialStore::open(&dir.path().join("mqtt")).unwrap();
+        let hub = s.ensure_hub("z2m").unwrap();
+        let cam = s.provision("kitchen", Role::Device, "z2m", false).unwrap();
+        let lamp = s.provision("lamp", Role::Actuator, "z2m", false).unwrap();
+        let gone = s.deprovision("lamp", "z2m").unwrap();
+        assert_eq!(gone.role, Some(Role::Actuator));
+        let f = PasswordFile::load(&s.passwd_path()).unwrap();
+        assert!(!f.contains("lamp") && !f.verify("lamp", &lamp.password));
+        assert!(f.verify("kitchen", &cam.password) && f.verify(HUB_USER, &hub));
+        assert!(!s.roles().unwrap().contains_key("lamp"));
+        let acl = std::fs::read_to_string(s.acl_path()).unwrap();
+        assert!(
+            !acl.contains("user lamp") && !acl.contains("z2m/lamp"),
+            "{acl}"
+        );
+        assert!(acl.contains("user kitchen\ntopic write hearth/kitchen/#\n"));
+        assert!(!lamp.password_file.exists());
+        assert!(cam.password_file.exists());
+        // Once only; the hub's own login and reserved or malformed names are refused.
+        for bad in ["lamp", "nobody", HUB_USER, "federation", "a:b", ""] {
+            assert!(
+                matches!(s.deprovision(bad, "z2m"), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
+        assert!(PasswordFile::load(&s.passwd_path())
+            .unwrap()
+            .verify(HUB_USER, &hub));
+        // A login added by hand (no role) is removed as well.
+        let mut f = PasswordFile::load(&s.passwd_path()).unwrap();
+        f.set("by-hand", "pw").unwrap();
+        f.save(&s.passwd_path()).unwrap();
+        assert_eq!(s.deprovision("by-hand", "z2m").unwrap().role, None);
+        assert!(!PasswordFile::load(&s.passwd_path())
+            .unwrap()
+            .contains("by-hand"));
+        // Provisioned again later: a new password, which works.
+        let again = s.provision("lamp", Role::Actuator, "z2m", false).unwrap();
+        assert!(PasswordFile::load(&s.passwd_path())
+            .unwrap()
+            .verify("lamp", &again.password));
     }
 }

@@ -499,7 +499,8 @@ impl Config {
 
 ";
         let auth_note = "\
-# The credential store (created on first start; `hearth-hub provision-device` adds devices).
+# The credential store (created on first start; `hearth-hub provision-device` adds devices,
+# `deprovision-device` removes them).
 # refresh: \"signed\" (admins sign requests with <dir>/refresh.key), \"broker_acl\"
 # (Mosquitto's ACL decides; external broker only) or \"off\".
 ";

@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 /// The embedded broker (rumqttd), from the edge layer.
 pub use hearth_edge::broker;
 
-pub use auth::{CredentialStore, Provisioned, Role};
+pub use auth::{CredentialStore, Deprovisioned, Provisioned, Role};
 pub use config::{BrokerConfig, Config, MqttAuthConfig, RefreshAuth};
 pub use delivery::DeliveryConfig;
 pub use discovery::{DiscoveryStats, HomeAssistantConfig};
@@ -139,6 +139,15 @@ impl HubHandle {
             Error::Config("this hub keeps no credential store (mqtt_auth)".into())
         })?;
         store.provision(name, role, &self.actuator_base, true)
+    }
+
+    /// Withdraws `name`'s MQTT credentials (see [`CredentialStore::deprovision`]); the
+    /// embedded broker refuses its next login (a connection already open is not cut).
+    pub fn deprovision(&self, name: &str) -> Result<Deprovisioned, Error> {
+        let store = self.credentials.as_ref().ok_or_else(|| {
+            Error::Config("this hub keeps no credential store (mqtt_auth)".into())
+        })?;
+        store.deprovision(name, &self.actuator_base)
     }
 
     /// `mqtt://user:password@host:port` (or `mqtts://`) for `p`, to hand to a client.

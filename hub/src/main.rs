@@ -82,6 +82,15 @@ enum Command {
         #[arg(long)]
         mqtt_url: Option<String>,
     },
+    /// Withdraw a device's MQTT credentials (the inverse of `provision-device`): its entry
+    /// in the password file, its ACL entries and its issued password file. The embedded
+    /// broker refuses its next login at once; with Mosquitto, reload it afterwards
+    /// (`systemctl reload mosquitto`): it then refuses the login and disconnects the device
+    /// if it is connected.
+    DeprovisionDevice {
+        /// Device name (its MQTT user).
+        name: String,
+    },
     /// Rules files and the firing history: `rules test`, `rules check`, `rules history`.
     Rules {
         #[command(subcommand)]
@@ -361,6 +370,29 @@ fn provision_cmd(
         hearth_hub::auth::HUB_USER,
         store.hub_password_path().display(),
         store.passwd_path().display(),
+    );
+    Ok(())
+}
+
+fn deprovision_cmd(cli: &Cli, name: &str) -> Result<(), Error> {
+    let cfg = store_config(cli)?;
+    let store = hearth_hub::CredentialStore::open(&cfg.mqtt_auth.dir)?
+        .with_discovery_prefix(&cfg.home_assistant.discovery_prefix);
+    let d = store.deprovision(name, &cfg.actuator_base)?;
+    let role = d
+        .role
+        .map(|r| format!("{r:?}").to_lowercase())
+        .unwrap_or_else(|| "login without a role".into());
+    println!(
+        "deprovisioned `{}` ({role}): removed from {} and {}, {} deleted.\n\
+         Mosquitto: reload it (systemctl reload mosquitto); it then refuses the login and \
+         disconnects the device if it is connected.\n\
+         The embedded broker refuses its next login now; a connection already open stays \
+         until it ends (restart the hub to cut it at once).",
+        d.user,
+        store.passwd_path().display(),
+        store.acl_path().display(),
+        store.password_path(&d.user).display(),
     );
     Ok(())
 }
@@ -755,6 +787,7 @@ fn main() -> ExitCode {
             *rotate,
             mqtt_url.as_deref(),
         )),
+        Some(Command::DeprovisionDevice { name }) => Some(deprovision_cmd(&cli, name)),
         Some(Command::RefreshRequest { model }) => Some(refresh_request_cmd(&cli, model)),
         Some(Command::Rules { command }) => Some(match command {
             RulesCommand::Test {

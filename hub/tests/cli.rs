@@ -88,7 +88,7 @@ fn default_config_parses_back_as_a_valid_config() {
 }
 
 #[test]
-fn provision_device_issues_credentials_and_refresh_request_signs() {
+fn provision_and_deprovision_device_and_refresh_request_signs() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("mqtt");
     let d = store.to_str().unwrap();
@@ -144,6 +144,19 @@ fn provision_device_issues_credentials_and_refresh_request_signs() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_ne!(std::fs::read_to_string(&pw_file).unwrap(), pw);
+
+    // Deprovisioned: the login, the ACL entries and the issued file go; once only.
+    let o = run(&["--credentials-dir", d, "deprovision-device", "kitchen-plug"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let f = hearth_edge::passwd::PasswordFile::load(&store.join("passwd")).unwrap();
+    assert!(!f.contains("kitchen-plug") && f.contains(hearth_hub::auth::HUB_USER));
+    let acl = std::fs::read_to_string(store.join("acl")).unwrap();
+    assert!(!acl.contains("kitchen-plug"), "{acl}");
+    assert!(!pw_file.exists());
+    for name in ["kitchen-plug", "hearth-hub", "federation"] {
+        let o = run(&["--credentials-dir", d, "deprovision-device", name]);
+        assert_eq!(o.status.code(), Some(64), "{name}: {}", stderr(&o));
+    }
 
     // An admin's signed refresh request, checked with the store's key.
     let o = run(&["--credentials-dir", d, "refresh-request", "plaid"]);

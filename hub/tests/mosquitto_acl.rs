@@ -11,8 +11,12 @@
 //! admin subscribed to `#` and a barrier — the same client's next, allowed publish arrives,
 //! the denied one before it never did. Denied subscriptions show in the SUBACK (0x80).
 //!
-//! Needs `/usr/sbin/mosquitto` (`scripts/test.sh` installs it); without it the test says so
-//! and passes.
+//! `hearth-hub deprovision-device` takes a device out: after Mosquitto's reload (SIGHUP) the
+//! device, connected until then, is disconnected and its password no longer logs in, while
+//! the others still do.
+//!
+//! Needs `/usr/sbin/mosquitto` (`scripts/test.sh` installs it); without it the tests say so
+//! and pass.
 
 mod common;
 
@@ -22,13 +26,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{free_port, wait_listening, Proc};
-use hearth_edge::{ClientSettings, Connection, MqttUrl};
+use hearth_edge::{ClientSettings, Connection, LinkStatus, MqttUrl};
 use hearth_hub::{BrokerConfig, Config, CredentialStore, Metrics, RefreshAuth, Role};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -104,12 +108,64 @@ fn adapted_config(dir: &Path, store: &Path, port: u16) -> String {
     format!("user root\nlog_type all\n{text}")
 }
 
+/// Mosquitto started on a free loopback port with the adapted shipped configuration (the
+/// store's `passwd` and `acl`), killed by PID when dropped; its log is `<dir>/mosquitto.log`.
+struct Mosquitto {
+    proc: Proc,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path, store: &Path) -> Mosquitto {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, adapted_config(dir, store, port)).unwrap();
+        let log = dir.join("mosquitto.log");
+        let mut proc = Proc(
+            Command::new(MOSQUITTO)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("start mosquitto"),
+        );
+        let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_listening(&mut proc, port, WAIT, logs);
+        Mosquitto { proc, port, log }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// One login attempt as `user` with its password file: `Ok` on an accepting CONNACK, else
+/// what refused it.
+async fn login(port: u16, ca: &Path, user: &str, password_file: &Path) -> Result<(), String> {
+    let url = MqttUrl::parse(&format!("mqtts://{user}@127.0.0.1:{port}")).unwrap();
+    let (_client, mut el) = ClientSettings::new(url, format!("login-test-{user}"))
+        .ca_file(Some(ca.to_path_buf()))
+        .password_file(Some(password_file.to_path_buf()))
+        .keep_alive(Duration::from_secs(10))
+        .connect()
+        .unwrap();
+    match timeout(WAIT, el.poll()).await.expect("an answer in time") {
+        Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == ConnectReturnCode::Success => Ok(()),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// One rumqttc client over TLS logged in as `user` with its password file, with what it
 /// receives forwarded.
 struct Client {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Event>,
     task: tokio::task::JoinHandle<()>,
+    /// Whether it is connected, how often it connected and failed.
+    status: std::sync::Arc<LinkStatus>,
 }
 
 impl Drop for Client {
@@ -128,6 +184,7 @@ impl Client {
             .connect()
             .unwrap();
         let mut conn = Connection::new(el, format!("acl test {user}"));
+        let status = conn.status();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             while let Some(ev) = conn.poll().await {
@@ -141,7 +198,12 @@ impl Client {
         })
         .await
         .unwrap_or_else(|_| panic!("{user} did not connect"));
-        Client { client, rx, task }
+        Client {
+            client,
+            rx,
+            task,
+            status,
+        }
     }
 
     /// Subscribes to `filter` and returns the broker's SUBACK code.
@@ -230,21 +292,9 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
     let light_pw = pw("porch_light", Role::Actuator);
     let admin_pw = pw("admin", Role::Admin);
 
-    let port = free_port();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf, adapted_config(dir.path(), store.dir(), port)).unwrap();
-    let log = dir.path().join("mosquitto.log");
-    let mut broker = Proc(
-        Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start mosquitto"),
-    );
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_listening(&mut broker, port, WAIT, logs);
+    let broker = Mosquitto::start(dir.path(), store.dir());
+    let port = broker.port;
+    let logs = || broker.logs();
 
     // The hub, over mqtts:// with its own password file; refreshes left to Mosquitto's ACL
     // (signed ones are tested on the embedded broker), so the ACL alone is what is shown.
@@ -470,4 +520,76 @@ async fn mosquitto_acls_confine_each_device_to_its_own_topics() {
     );
     assert_eq!(l.matches("Denied PUBLISH from acl-hub").count(), 0, "{l}");
     hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deprovisioned_device_is_cut_off_and_refused_after_a_reload() {
+    if !Path::new(MOSQUITTO).exists() {
+        eprintln!("SKIPPED: {MOSQUITTO} is missing (apt-get install -y mosquitto)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let ca = certificates(dir.path());
+    let store = CredentialStore::open(&dir.path().join("mqtt")).unwrap();
+    store.ensure_hub(BASE).unwrap();
+    let door = store
+        .provision("door-cam", Role::Device, BASE, false)
+        .unwrap();
+    let garden = store
+        .provision("garden-cam", Role::Device, BASE, false)
+        .unwrap();
+    // The device keeps its copy of the password (the store's copy goes with it).
+    let door_copy = dir.path().join("door-cam.password");
+    std::fs::copy(&door.password_file, &door_copy).unwrap();
+    let broker = Mosquitto::start(dir.path(), store.dir());
+    let port = broker.port;
+    let door_cam = Client::connect(port, &ca, "door-cam", &door_copy).await;
+    assert!(door_cam.status.is_up());
+
+    // The real command, on the store Mosquitto reads.
+    let mut cli = Proc(
+        Command::new(env!("CARGO_BIN_EXE_hearth-hub"))
+            .arg("--credentials-dir")
+            .arg(store.dir())
+            .args(["deprovision-device", "door-cam"])
+            .env_remove("HEARTH_HUB_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = cli.wait_exit(WAIT);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut cli.0.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{status}: {out}");
+    assert!(out.contains("deprovisioned `door-cam`"), "{out}");
+    assert!(!store.password_path("door-cam").exists());
+    let acl = std::fs::read_to_string(store.acl_path()).unwrap();
+    assert!(!acl.contains("door-cam"), "{acl}");
+
+    // `systemctl reload mosquitto`: SIGHUP. Mosquitto reads passwd and acl again and
+    // disconnects the clients whose login no longer holds.
+    broker.proc.signal("-HUP");
+    timeout(WAIT, async {
+        while door_cam.status.is_up() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("door-cam is still connected\n{}", broker.logs()));
+    let refused = login(port, &ca, "door-cam", &door_copy).await;
+    assert!(
+        refused.is_err(),
+        "door-cam logged in after it was deprovisioned\n{}",
+        broker.logs()
+    );
+    println!("door-cam's login after the reload: {refused:?}");
+    // Its own reconnection attempts (the client keeps trying) were refused too.
+    assert_eq!(door_cam.status.connects(), 1, "{}", broker.logs());
+    // The other device is untouched.
+    login(port, &ca, "garden-cam", &garden.password_file)
+        .await
+        .unwrap_or_else(|e| panic!("garden-cam refused: {e}\n{}", broker.logs()));
 }

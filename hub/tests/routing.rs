@@ -619,6 +619,26 @@ async fn the_embedded_broker_refuses_clients_without_valid_credentials() {
     home.hub.shutdown().await;
 }
 
+/// `deprovision-device` on the embedded broker: the device's next login is refused at once
+/// (the broker reads the changed password file again), the others' still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deprovisioned_device_can_no_longer_log_in_to_the_embedded_broker() {
+    let home = start_hub(RULES, |_| {}).await;
+    let addr = home.hub.mqtt_addr();
+    let cam = home.hub.provision("door-cam", Role::Device).unwrap();
+    let other = home.hub.provision("garden-cam", Role::Device).unwrap();
+    assert!(connects(addr, Some((&cam.user, &cam.password))).await);
+    let gone = home.hub.deprovision("door-cam").unwrap();
+    assert_eq!(gone.role, Some(Role::Device));
+    assert!(
+        !connects(addr, Some((&cam.user, &cam.password))).await,
+        "a deprovisioned device logged in"
+    );
+    assert!(connects(addr, Some((&other.user, &other.password))).await);
+    assert!(home.hub.deprovision("door-cam").is_err(), "only once");
+    home.hub.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rules_fail_start_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -118,7 +118,7 @@ impl Input {
     pub fn length(&self) -> Option<usize> {
         match *self {
             Input::Series { length, .. } => length,
-            Input::Image { height, width, .. } => Some(height * width),
+            Input::Image { height, width, .. } => Some(height.saturating_mul(width)),
             Input::Vector { length } => Some(length),
         }
     }
@@ -209,6 +209,11 @@ fn default_eps() -> f64 {
 }
 
 /// Names of the statistics [`Step::ChannelStats`] computes per channel, in order.
+/// Most values one sample may hold at any point of the preprocessing chain (channels ×
+/// length, 4 Mi: 16 MiB of `f32`): what a task file can make every agent allocate per
+/// sample is bounded, and the shape arithmetic cannot overflow.
+pub const MAX_SAMPLE_VALUES: usize = 1 << 22;
+
 pub const CHANNEL_STATS: [&str; 8] = [
     "mean",
     "std",
@@ -453,6 +458,17 @@ impl TaskSpec {
         {
             return Err(field("input", "sizes must be at least 1".into()));
         }
+        // Every step's output (and the input) holds at most MAX_SAMPLE_VALUES values.
+        let too_big = |(c, l): (usize, Option<usize>)| {
+            c.checked_mul(l.unwrap_or(1))
+                .is_none_or(|n| n > MAX_SAMPLE_VALUES)
+        };
+        if too_big((channels, length)) {
+            return Err(field(
+                "input",
+                format!("more than {MAX_SAMPLE_VALUES} values per sample"),
+            ));
+        }
         // Shape inference through the chain: (channels, length per channel).
         let mut shape = (channels, length);
         for (i, step) in f.preprocess.iter().enumerate() {
@@ -461,6 +477,12 @@ impl TaskSpec {
                 Step::Resample { length } | Step::Pad { length, .. } => {
                     if *length == 0 {
                         return Err(field(&at("length"), "must be at least 1".into()));
+                    }
+                    if too_big((shape.0, Some(*length))) {
+                        return Err(field(
+                            &at("length"),
+                            format!("more than {MAX_SAMPLE_VALUES} values per sample"),
+                        ));
                     }
                     (shape.0, Some(*length))
                 }
@@ -510,6 +532,13 @@ impl TaskSpec {
                     if *length < 2 {
                         return Err(field(&at("length"), "must be at least 2".into()));
                     }
+                    // Its output is ~1.5 × length values.
+                    if *length > MAX_SAMPLE_VALUES / 2 {
+                        return Err(field(
+                            &at("length"),
+                            format!("at most {}", MAX_SAMPLE_VALUES / 2),
+                        ));
+                    }
                     if !(level_scale.is_finite() && *level_scale > 0.0) {
                         return Err(field(&at("level_scale"), "must be > 0".into()));
                     }
@@ -551,6 +580,12 @@ impl TaskSpec {
                     (1, Some(minirocket::output_len(*features)))
                 }
             };
+        }
+        if too_big(shape) {
+            return Err(field(
+                "preprocess",
+                format!("more than {MAX_SAMPLE_VALUES} values per sample"),
+            ));
         }
         let input_len = match shape {
             (c, Some(l)) => c * l,
@@ -1182,6 +1217,53 @@ test = "test.ts"
 
     fn spec(text: &str) -> Result<TaskSpec, TaskError> {
         TaskSpec::from_toml_str(text, Path::new("/x/task.toml"))
+    }
+
+    #[test]
+    fn sizes_beyond_the_sample_bound_are_refused_not_overflowed() {
+        // Regression: `height * width`, `channels * length` and the PLAID front end's
+        // output length overflowed (a panic) on huge values, and a huge resample length made
+        // preprocessing allocate whatever the file said.
+        let huge = i64::MAX.to_string();
+        let image = |h: &str, w: &str| {
+            BASE.replace(
+                "kind = \"series\"\nchannels = 2",
+                &format!("kind = \"image\"\nheight = {h}\nwidth = {w}\nchannels = 1"),
+            )
+        };
+        let cases = [
+            (image(&huge, "2"), "field `input`"),
+            (image("4096", "4096"), "field `input`"),
+            (
+                BASE.replace("channels = 2", &format!("channels = {huge}")),
+                "field `input`",
+            ),
+            (
+                BASE.replace("length = 4", "length = 4194304"),
+                "field `preprocess[0].length`",
+            ),
+            (
+                BASE.replace("length = 4", &format!("length = {huge}")),
+                "field `preprocess[0].length`",
+            ),
+            (
+                BASE.replace("channels = 2", "channels = 1").replace(
+                    "step = \"resample\"\nlength = 4",
+                    &format!(
+                        "step = \"plaid_features\"\nlength = {huge}\nlevel_scale = 1.0\n\
+                         ref_len = 1.0"
+                    ),
+                ),
+                "field `preprocess[0].length`",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = spec(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}\n{text}");
+        }
+        // At the bound it parses.
+        let ok = BASE.replace("length = 4", "length = 2097152");
+        assert_eq!(spec(&ok).unwrap().input_len(), MAX_SAMPLE_VALUES);
     }
 
     #[test]

@@ -479,7 +479,14 @@ fn tensor_body(r: &mut Reader<'_>, name: &str, n: usize) -> Result<Vec<f32>, Mod
         )));
     }
     let scale = r.f32()?;
-    if !scale.is_finite() || scale < 0.0 {
+    // The largest code times the scale must stay finite, as 32-bit values must.
+    let max_code = match bits {
+        32 => 0,
+        1 => 1,
+        b => (1u32 << (b - 1)) - 1,
+    };
+    let overflows = !(scale * max_code as f32).is_finite();
+    if !scale.is_finite() || scale < 0.0 || overflows {
         return Err(ModelError::Codec(format!(
             "tensor {name}: bad scale {scale}"
         )));
@@ -1022,5 +1029,32 @@ mod tests {
         }
         let e = decode_update(&b).unwrap_err().to_string();
         assert!(e.contains("exceeds"), "{e}");
+    }
+
+    #[test]
+    fn a_scale_whose_codes_overflow_is_refused() {
+        // Regression: a finite scale near f32::MAX times a code of 127 decoded to ±inf,
+        // while 32-bit values that are not finite are refused.
+        for (scale, ok) in [(f32::MAX, false), (3e36, false), (2e36, true), (1.0, true)] {
+            let mut b = Vec::new();
+            b.put_bytes(MAGIC);
+            b.put_u8(VERSION);
+            b.put_varint(1);
+            b.put_header("t", &[2]);
+            b.put_u8(DENSE);
+            b.put_u8(8);
+            b.put_f32(scale);
+            b.put_bytes(&[255, 1]); // codes +127 and -127
+            match decode_update(&b) {
+                Ok(w) => {
+                    assert!(ok, "scale {scale} decoded to {:?}", w["t"].data);
+                    assert!(w["t"].data.iter().all(|v| v.is_finite()));
+                }
+                Err(e) => {
+                    assert!(!ok, "scale {scale}: {e}");
+                    assert!(e.to_string().contains("bad scale"), "{e}");
+                }
+            }
+        }
     }
 }

@@ -1,7 +1,12 @@
-//! Writes the binary seed corpora (`<dir>/<target>/…`) from real encoders: updates as agents
-//! send them, packages as `hearth-compress` writes them, the coordinator's aggregate and
-//! optimizer state and the agent's federation state. Run by `scripts/fuzz.sh`; the text
+//! Writes the binary seed corpora of the fuzz targets (`<dir>/<target>/…`, see `fuzz/`) from
+//! the real encoders: updates as agents send them, packages as `hearth-compress` writes them,
+//! the coordinator's aggregate and optimizer state and the agent's federation state. Run by
+//! `scripts/fuzz.sh` (`cargo run -p hearth-compress --example fuzz_seeds -- <dir>`); the text
 //! seeds (task files, rules, data files, event payloads) are copied from the repository.
+//!
+//! It lives in the main workspace, not in `fuzz/`: cargo-fuzz builds every bin of its crate
+//! with coverage instrumentation that only links beside libFuzzer, and here the encoders it
+//! calls are compiled (and linted) with the rest, so it cannot drift from their API.
 
 use hearth_agent::state::{FedState, PendingUpdate};
 use hearth_compress::codebook::CodebookKind;
@@ -24,7 +29,7 @@ fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
 fn main() {
     let dir = std::env::args()
         .nth(1)
-        .expect("usage: make_seeds <corpus dir>");
+        .expect("usage: fuzz_seeds <corpus dir>");
     let dir = Path::new(&dir);
     let spec = MlpSpec {
         task: "seed".into(),
