@@ -526,20 +526,27 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         .filter(|h| h.hub_entities)
         .map(|_| discovery::hub_status_topic());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let client = |suffix: &str| {
+    let client = |suffix: &str| -> Result<(AsyncClient, rumqttc::EventLoop), hearth_edge::Error> {
         let mut s = ClientSettings::new(url.clone(), format!("{}-{suffix}", config.client_id));
         if suffix == "pub" {
             if let Some(t) = &hub_will {
                 s = s.offline_will(t.clone());
             }
         }
-        s.keep_alive(KEEP_ALIVE)
+        let s = s
+            .keep_alive(KEEP_ALIVE)
             .max_packet_size(max_packet)
             .request_capacity(REQUEST_CAPACITY)
             .ca_file(ca_file.clone())
             .password_file(password_file.clone())
-            .persistent_session(config.delivery.persistent_session)
-            .connect()
+            .persistent_session(config.delivery.persistent_session);
+        if suffix == "cmd" {
+            // Room for the delivery task's window of unacknowledged commands.
+            let mut o = s.options()?;
+            o.set_inflight(delivery::CLIENT_INFLIGHT);
+            return Ok(AsyncClient::new(o, REQUEST_CAPACITY));
+        }
+        s.connect()
     };
     let outbox = delivery::Outbox::open(&config.delivery, metrics.clone())?;
 

@@ -813,7 +813,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    let rt = match runtime("hearth-hub", Some(2)) {
+    // Two worker threads unless tokio's own TOKIO_WORKER_THREADS says otherwise.
+    let workers = std::env::var_os("TOKIO_WORKER_THREADS")
+        .is_none()
+        .then_some(2);
+    let rt = match runtime("hearth-hub", workers) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
