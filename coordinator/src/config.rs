@@ -116,6 +116,114 @@ pub struct Config {
     /// Models the coordinator serves.
     #[serde(rename = "model")]
     pub models: Vec<ModelConfig>,
+    /// Home aggregator mode (`[upstream]`, see [`crate::upstream`]): the models' versions and
+    /// rounds come from this upstream coordinator, and each local round is sent there as
+    /// one update. Absent (the default): an ordinary coordinator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// `[upstream]`: the coordinator above a home aggregator. `Debug` redacts the token.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The upstream coordinator: `https://host:port` (or `http://` for an insecure one).
+    pub url: String,
+    /// Its CA certificate (its `pki/ca.pem`), needed for `https://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// One-time enrollment token of the upstream coordinator, needed until the aggregator's
+    /// upstream identity is stored in `credentials_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_token: Option<String>,
+    /// The device name the aggregator enrols upstream as (one identity per home).
+    pub device_name: String,
+    /// Where the upstream identity (key, certificate, CA, pinned model-signing key) is kept,
+    /// mode 0600; default `<db_path>.upstream.json`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// The upstream's model-signing public key (64 hex characters), pinned out of band; when
+    /// absent, the key the upstream returned at enrolment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_signing_key: Option<String>,
+    /// A local round closes this many seconds before the upstream round's deadline, so the
+    /// home's aggregate can still be sent.
+    pub upload_margin_secs: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: String::new(),
+            ca_file: None,
+            enrollment_token: None,
+            device_name: "hearth-home".into(),
+            credentials_file: None,
+            model_signing_key: None,
+            upload_margin_secs: 10,
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &self.url)
+            .field("ca_file", &self.ca_file)
+            .field(
+                "enrollment_token",
+                &Redacted(self.enrollment_token.is_some()),
+            )
+            .field("device_name", &self.device_name)
+            .field("credentials_file", &self.credentials_file)
+            .field("model_signing_key", &self.model_signing_key)
+            .field("upload_margin_secs", &self.upload_margin_secs)
+            .finish()
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            return Err(format!(
+                "upstream.url {:?} must be an https:// (or, insecure, http://) URL",
+                self.url
+            ));
+        }
+        if self.url.starts_with("https://") {
+            match &self.ca_file {
+                None => {
+                    return Err(format!(
+                        "upstream.url {:?} uses TLS: set upstream.ca_file to the upstream \
+                         coordinator's pki/ca.pem",
+                        self.url
+                    ))
+                }
+                Some(p) if !p.is_file() => {
+                    return Err(format!("upstream.ca_file {} does not exist", p.display()))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.enrollment_token.as_deref().is_some_and(str::is_empty) {
+            return Err("upstream.enrollment_token is empty".into());
+        }
+        if self.device_name.is_empty()
+            || self.device_name.chars().count() > 128
+            || self.device_name.chars().any(char::is_control)
+        {
+            return Err("upstream.device_name must be 1-128 printable characters".into());
+        }
+        if let Some(k) = &self.model_signing_key {
+            hearth_proto::signing::ModelVerifier::from_hex(k).map_err(|e| {
+                format!("upstream.model_signing_key is not a 64-hex ed25519 public key: {e}")
+            })?;
+        }
+        if self.upload_margin_secs == 0 || self.upload_margin_secs > 3600 {
+            return Err("upstream.upload_margin_secs must be in 1..=3600".into());
+        }
+        Ok(())
+    }
 }
 
 /// The storage backend.
@@ -347,7 +455,9 @@ pub struct ModelConfig {
     /// Model name used on the wire (`[a-z0-9_-]`).
     pub name: String,
     /// Task: a task file (`path/to/task.toml`) or the name of a set in `data_dir`
-    /// (`<data_dir>/<name>/task.toml`: `plaid`, `faces`, `digits`, `gunpoint`, …).
+    /// (`<data_dir>/<name>/task.toml`: `plaid`, `faces`, `digits`, `gunpoint`, …). Not used
+    /// (may be empty) by a home aggregator (`[upstream]`), whose models come from upstream.
+    #[serde(default)]
     pub task: String,
     /// ONNX file for version 1; when absent a fresh MLP is built from the task's default spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -715,6 +825,7 @@ impl std::fmt::Debug for Config {
             .field("client_training", &self.client_training)
             .field("model_training", &self.model_training)
             .field("models", &self.models)
+            .field("upstream", &self.upstream)
             .finish()
     }
 }
@@ -751,6 +862,7 @@ impl Default for Config {
             client_training: ClientTraining::default(),
             model_training: BTreeMap::new(),
             downlink: Downlink::default(),
+            upstream: None,
             models: ["plaid", "faces", "digits"]
                 .into_iter()
                 .map(|t| ModelConfig {
@@ -989,7 +1101,15 @@ impl Config {
             if !seen.insert(m.name.as_str()) {
                 return bad(format!("model[{i}].name {:?} is listed twice", m.name));
             }
-            if let Err(e) = hearth_model::TaskSpec::resolve(&m.task, &self.data_dir) {
+            if self.upstream.is_some() {
+                if m.init.is_some() || m.eval {
+                    return bad(format!(
+                        "model[{i}] ({}): a home aggregator ([upstream]) takes its versions from \
+                         upstream: set eval = false and no init file",
+                        m.name
+                    ));
+                }
+            } else if let Err(e) = hearth_model::TaskSpec::resolve(&m.task, &self.data_dir) {
                 return bad(format!(
                     "model[{i}] ({}): unknown task {:?}: {e}",
                     m.name, m.task
@@ -1011,7 +1131,9 @@ impl Config {
                 "aggregation".to_string()
             };
             a.validate(&section, self.max_update_norm).or_else(bad)?;
-            let model_bytes = if a.combine.keeps_updates() {
+            // A home aggregator's models are unknown until upstream sends them: their rounds
+            // are checked when they open.
+            let model_bytes = if a.combine.keeps_updates() && self.upstream.is_none() {
                 m.update_bytes(&self.data_dir)
                     .map_err(|e| ConfigError::Invalid(format!("model[{i}] ({}): {e}", m.name)))?
             } else {
@@ -1042,7 +1164,46 @@ impl Config {
         self.aggregation
             .validate("aggregation", self.max_update_norm)
             .or_else(bad)?;
+        if let Some(u) = &self.upstream {
+            u.validate().or_else(bad)?;
+            // The upstream must never receive one device's update as the home's aggregate.
+            if r.min_clients < 2 {
+                return bad(format!(
+                    "a home aggregator ([upstream]) needs round.min_clients >= 2 (got {}): \
+                     a round of one update would send that device's update upstream",
+                    r.min_clients
+                ));
+            }
+            for m in &self.models {
+                let a = self.aggregation_for(&m.name);
+                if a.combine == Combine::Krum && a.krum_select < 2 {
+                    return bad(format!(
+                        "a home aggregator cannot use combine = \"krum\" with krum_select < 2 \
+                         (model {}): the aggregate would be one device's update",
+                        m.name
+                    ));
+                }
+            }
+            if self.store.backend != StoreBackend::Sled {
+                return bad("a home aggregator ([upstream]) keeps its state in sled: \
+                     store.backend must be \"sled\""
+                    .into());
+            }
+        }
         Ok(())
+    }
+
+    /// Where a home aggregator keeps its upstream identity: `upstream.credentials_file`, or
+    /// `<db_path>.upstream.json`.
+    pub fn upstream_credentials_path(&self) -> PathBuf {
+        self.upstream
+            .as_ref()
+            .and_then(|u| u.credentials_file.clone())
+            .unwrap_or_else(|| {
+                let mut s = self.db_path.as_os_str().to_os_string();
+                s.push(".upstream.json");
+                PathBuf::from(s)
+            })
     }
 
     /// The aggregation of model `name`.

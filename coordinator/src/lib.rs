@@ -16,6 +16,8 @@
 //! - [`service`]: tonic services; the only place with wire types.
 //! - [`server`]: [`run`] and [`start`].
 //! - [`client`]: TLS channels to a coordinator, for the CLI subcommands and tests.
+//! - [`upstream`]: home aggregator mode — versions and rounds from an upstream coordinator,
+//!   each local round sent there as one update.
 //! - [`plot`]: accuracy per version and bytes per round as SVG (`hearth-coordinator plot`).
 #![forbid(unsafe_code)]
 
@@ -37,10 +39,11 @@ pub mod service;
 pub mod signing;
 pub mod state;
 pub mod store;
+pub mod upstream;
 
 pub use config::{
     Aggregation, ClientOptimizer, ClientTraining, Combine, Config, ConfigError, Downlink,
-    ModelConfig, RoundDefaults, ServerOptimizer, StoreBackend, StoreConfig,
+    ModelConfig, RoundDefaults, ServerOptimizer, StoreBackend, StoreConfig, UpstreamConfig,
 };
 pub use server::{run, start, CoordinatorHandle};
 pub use state::Coordinator;
@@ -69,6 +72,9 @@ pub enum Error {
     /// Start-up failure (models, data sets).
     #[error("start-up: {0}")]
     Init(String),
+    /// Home aggregator: the upstream coordinator cannot be reached.
+    #[error("upstream coordinator: {0}")]
+    Upstream(String),
     /// Anything else that should not happen.
     #[error("internal: {0}")]
     Internal(String),
@@ -78,6 +84,9 @@ impl Error {
     /// Whether a service the coordinator needs is unavailable (the database at start-up): the
     /// binary exits 69, as for a port it cannot bind.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::Store(store::StoreError::Unavailable(_)))
+        matches!(
+            self,
+            Error::Store(store::StoreError::Unavailable(_)) | Error::Upstream(_)
+        )
     }
 }

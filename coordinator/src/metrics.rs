@@ -32,6 +32,18 @@ const HELP: &[(&str, &str)] = &[
         "hearth_coordinator_versions_published_total",
         "Model versions published, by model.",
     ),
+    (
+        "hearth_aggregator_updates_folded_total",
+        "Home aggregator: local updates folded into aggregates the upstream accepted, by model.",
+    ),
+    (
+        "hearth_aggregator_upstream_uploads_total",
+        "Home aggregator: aggregates sent upstream, by model and outcome (accepted, refused, failed).",
+    ),
+    (
+        "hearth_aggregator_versions_imported_total",
+        "Home aggregator: upstream versions verified, stored and re-served, by model.",
+    ),
 ];
 
 /// The coordinator's counters. Labels are rendered `key="value"` pairs, sorted by the caller.
@@ -68,6 +80,16 @@ impl Metrics {
             .expect("metrics lock")
             .entry((name, labels))
             .or_default() += 1;
+    }
+
+    /// Adds `n` to counter `name` with rendered `labels`.
+    pub fn add(&self, name: &'static str, labels: String, n: u64) {
+        *self
+            .counters
+            .lock()
+            .expect("metrics lock")
+            .entry((name, labels))
+            .or_default() += n;
     }
 
     /// Current value of a counter (0 if never incremented).

@@ -99,6 +99,21 @@ pub struct Upload {
     pub eval: (u64, f32, f32),
 }
 
+/// What a home aggregator's local round takes from the upstream round it mirrors.
+#[derive(Clone, Debug)]
+pub(crate) struct Mirror {
+    /// The upstream round's id (the aggregate is uploaded to it).
+    pub upstream_round: u64,
+    /// The upstream round's base version (stored locally before the round opens).
+    pub base_version: u64,
+    /// The upstream round's deadline (what local clients are told).
+    pub upstream_deadline_unix_ms: u64,
+    /// When the local round closes (the upstream deadline less `upload_margin_secs`).
+    pub close_unix_ms: u64,
+    /// The upstream round's client task.
+    pub task: TaskParams,
+}
+
 /// A round's cohort as drawn when it opens.
 struct Selection {
     cohort: Vec<String>,
@@ -177,7 +192,7 @@ impl Coordinator {
         }
     }
 
-    fn round_lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn round_lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
         self.round_locks
             .lock()
             .expect("round lock map")
@@ -186,12 +201,29 @@ impl Coordinator {
             .clone()
     }
 
-    fn drop_round_lock(&self, id: u64) {
+    pub(crate) fn drop_round_lock(&self, id: u64) {
         self.round_locks.lock().expect("round lock map").remove(&id);
     }
 
-    /// Opens a round, or returns the round already open for the model.
+    /// Opens a round, or returns the round already open for the model. A home aggregator
+    /// refuses: its rounds follow the upstream coordinator's ([`crate::upstream`]).
     pub async fn start_round(self: &Arc<Self>, req: StartRound) -> Result<RoundRecord, RoundError> {
+        if self.upstream.is_some() && self.has_model(&req.model) {
+            return Err(RoundError::Conflict(format!(
+                "this is a home aggregator: rounds of {} start at the upstream coordinator",
+                req.model
+            )));
+        }
+        self.open_round(req, None).await
+    }
+
+    /// [`Coordinator::start_round`]; with `mirror`, a home aggregator's local round of an
+    /// upstream round: its task, base version and deadlines come from upstream.
+    pub(crate) async fn open_round(
+        self: &Arc<Self>,
+        req: StartRound,
+        mirror: Option<Mirror>,
+    ) -> Result<RoundRecord, RoundError> {
         if !self.has_model(&req.model) {
             return Err(RoundError::UnknownModel(req.model));
         }
@@ -270,10 +302,11 @@ impl Coordinator {
         } else {
             max.min(sel.cohort.len() as u32)
         };
-        let base = self
-            .store
-            .latest_version(&req.model)?
-            .ok_or_else(|| Error::Internal(format!("model {} has no version", req.model)))?;
+        let base = match &mirror {
+            Some(m) => self.store.version(&req.model, m.base_version)?,
+            None => self.store.latest_version(&req.model)?,
+        }
+        .ok_or_else(|| Error::Internal(format!("model {} has no version", req.model)))?;
         let global = self.global_weights(&req.model, base.version).await?;
         let model_fp32_bytes = 4 * hearth_model::num_params(&global) as u64;
         let agg = self.config.aggregation_for(&req.model);
@@ -299,16 +332,23 @@ impl Coordinator {
             min_clients: min,
             max_clients: max,
             opened_unix_ms: now,
-            deadline_unix_ms: now + u64::from(deadline_secs) * 1000,
-            task: TaskParams {
-                local_epochs: d.local_epochs,
-                learning_rate: d.learning_rate,
-                batch_size: d.batch_size,
-                clip_norm: d.clip_norm,
-                quant_bits: d.quant_bits,
-                topk_fraction: d.topk_fraction,
-                client: self.config.training_for(&req.model),
-                eval_fraction: d.eval_fraction,
+            deadline_unix_ms: mirror
+                .as_ref()
+                .map_or(now + u64::from(deadline_secs) * 1000, |m| m.close_unix_ms),
+            upstream_round: mirror.as_ref().map_or(0, |m| m.upstream_round),
+            upstream_deadline_unix_ms: mirror.as_ref().map_or(0, |m| m.upstream_deadline_unix_ms),
+            task: match &mirror {
+                Some(m) => m.task.clone(),
+                None => TaskParams {
+                    local_epochs: d.local_epochs,
+                    learning_rate: d.learning_rate,
+                    batch_size: d.batch_size,
+                    clip_norm: d.clip_norm,
+                    quant_bits: d.quant_bits,
+                    topk_fraction: d.topk_fraction,
+                    client: self.config.training_for(&req.model),
+                    eval_fraction: d.eval_fraction,
+                },
             },
             reason,
             updates: 0,
@@ -734,6 +774,14 @@ impl Coordinator {
             self.store.fail_round(id, &detail)?;
             self.store.flush().await?;
             tracing::warn!(model = %rec.model, round = id, %detail, "round failed");
+        } else if self.upstream.is_some() {
+            // A home aggregator: the round's aggregate goes upstream as one update.
+            if let Err(e) = self.forward(&rec).await {
+                let detail = format!("forwarding the aggregate failed: {e}");
+                self.store.fail_round(id, &detail)?;
+                self.store.flush().await?;
+                tracing::error!(model = %rec.model, round = id, %detail, "round failed");
+            }
         } else {
             match self.complete(&rec).await {
                 Ok(meta) => {
@@ -916,10 +964,11 @@ impl Coordinator {
         Ok(meta)
     }
 
-    /// FedAvg server step: new = global + lr · Σnᵢ·Δᵢ/Σnᵢ, written into the base ONNX file,
-    /// evaluated, stored as the next version together with the round's completion.
-    async fn complete(self: &Arc<Self>, rec: &RoundRecord) -> Result<VersionMeta, Error> {
-        // One running sum per instance that accepted updates (sled: one).
+    /// The round's pseudo-gradient Δ and how it was combined: the weighted mean of its
+    /// running sums (one per instance that accepted updates), or the robust combination of
+    /// its kept updates, bounded again against the round's own medians. The one combination
+    /// a coordinator's round and a home aggregator's round both use.
+    pub(crate) async fn round_delta(&self, rec: &RoundRecord) -> Result<(Weights, String), Error> {
         let sums = self.store.round_sums(rec.id)?;
         if sums.is_empty() {
             return Err(Error::Internal(format!(
@@ -927,6 +976,56 @@ impl Coordinator {
                 rec.id
             )));
         }
+        let a = self.config.aggregation_for(&rec.model).clone();
+        let keeps = rec.keep_updates || a.combine.keeps_updates();
+        let kept = if keeps {
+            self.store.kept_updates(rec.id)?
+        } else {
+            Vec::new()
+        };
+        let name = rec.model.clone();
+        let updates = rec.updates as usize;
+        let internal = |e: crate::aggregate::AggregateError| Error::Internal(e.to_string());
+        blocking_task(move || -> Result<(Weights, String), Error> {
+            if keeps && kept.len() == updates {
+                let norms: Vec<f64> = kept.iter().map(|(m, _)| m.norm).collect();
+                let mut ups = kept
+                    .into_iter()
+                    .map(|(m, b)| weights_from_bytes(&b).map(|w| (w, m.num_samples as f64)))
+                    .collect::<Result<Vec<Weighted>, _>>()
+                    .map_err(internal)?;
+                let bounded = robust::bound_round(&a, &mut ups, &norms);
+                let (delta, how) = robust::combine(&a, &ups).map_err(internal)?;
+                if bounded.is_empty() {
+                    Ok((delta, how))
+                } else {
+                    Ok((delta, format!("{how} ({bounded})")))
+                }
+            } else {
+                if keeps {
+                    tracing::warn!(
+                        model = %name, kept = kept.len(), updates,
+                        "not every update was kept (the config changed mid-round?): using the mean"
+                    );
+                }
+                let mut agg = Aggregate::from_bytes(&sums[0]).map_err(internal)?;
+                for s in &sums[1..] {
+                    agg.merge(&Aggregate::from_bytes(s).map_err(internal)?)
+                        .map_err(internal)?;
+                }
+                Ok((
+                    agg.finish().map_err(internal)?,
+                    format!("mean of {updates}"),
+                ))
+            }
+        })
+        .await?
+    }
+
+    /// FedAvg server step: new = global + lr · Σnᵢ·Δᵢ/Σnᵢ, written into the base ONNX file,
+    /// evaluated, stored as the next version together with the round's completion.
+    async fn complete(self: &Arc<Self>, rec: &RoundRecord) -> Result<VersionMeta, Error> {
+        let (delta, how) = self.round_delta(rec).await?;
         let base = self
             .store
             .model_bytes(&rec.model, rec.base_version)?
@@ -935,12 +1034,6 @@ impl Coordinator {
         let lr = a
             .server_learning_rate
             .unwrap_or(self.config.server_learning_rate);
-        let keeps = rec.keep_updates || a.combine.keeps_updates();
-        let kept = if keeps {
-            self.store.kept_updates(rec.id)?
-        } else {
-            Vec::new()
-        };
         let state = self.store.server_state(&rec.model)?;
         let eval = self.eval_sets.get(&rec.model).cloned();
         let name = rec.model.clone();
@@ -964,39 +1057,10 @@ impl Coordinator {
             None
         };
         let seed = rec.id ^ fnv(&rec.model);
-        let updates = rec.updates as usize;
         let internal = |e: crate::aggregate::AggregateError| Error::Internal(e.to_string());
         let (bytes, acc, state, how, delta_rec) = blocking_task(move || {
             let mut model = OnnxModel::from_bytes(&base)?;
             let mut w = model.weights();
-            let (delta, how) = if keeps && kept.len() == updates {
-                let norms: Vec<f64> = kept.iter().map(|(m, _)| m.norm).collect();
-                let mut ups = kept
-                    .into_iter()
-                    .map(|(m, b)| weights_from_bytes(&b).map(|w| (w, m.num_samples as f64)))
-                    .collect::<Result<Vec<Weighted>, _>>()
-                    .map_err(internal)?;
-                let bounded = robust::bound_round(&a, &mut ups, &norms);
-                let (delta, how) = robust::combine(&a, &ups).map_err(internal)?;
-                if bounded.is_empty() {
-                    (delta, how)
-                } else {
-                    (delta, format!("{how} ({bounded})"))
-                }
-            } else {
-                if keeps {
-                    tracing::warn!(
-                        model = %name, kept = kept.len(), updates,
-                        "not every update was kept (the config changed mid-round?): using the mean"
-                    );
-                }
-                let mut agg = Aggregate::from_bytes(&sums[0]).map_err(internal)?;
-                for s in &sums[1..] {
-                    agg.merge(&Aggregate::from_bytes(s).map_err(internal)?)
-                        .map_err(internal)?;
-                }
-                (agg.finish().map_err(internal)?, format!("mean of {updates}"))
-            };
             let previous = match state.as_deref().map(ServerState::from_bytes) {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {

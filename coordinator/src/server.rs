@@ -60,12 +60,22 @@ async fn prepare(config: Config) -> Result<Prepared, Error> {
     } else {
         Some(TcpListener::bind(&config.metrics_listen).await?)
     };
-    let coord = Coordinator::new(config, stop_rx).await?;
+    // A home aggregator enrols upstream (or loads its stored identity) before anything else:
+    // the key its clients pin is the upstream's.
+    let upstream = match &config.upstream {
+        Some(_) => Some(Arc::new(crate::upstream::Upstream::connect(&config).await?)),
+        None => None,
+    };
+    let coord = Coordinator::new(config, stop_rx, upstream).await?;
     let resumed = coord.resume_rounds().await?;
     if resumed > 0 {
         tracing::info!(rounds = resumed, "resumed open rounds");
     }
     coord.follow_instances()?;
+    if coord.upstream().is_some() {
+        let me = coord.clone();
+        coord.spawn_task(async move { crate::upstream::follow(me).await });
+    }
     Ok(Prepared {
         coord,
         stop: Arc::new(stop),

@@ -234,7 +234,9 @@ fn wire_task(r: &RoundRecord, client: Option<&str>) -> v1::RoundTask {
         local_epochs: r.task.local_epochs,
         learning_rate: r.task.learning_rate,
         batch_size: r.task.batch_size,
-        deadline_unix_ms: r.deadline_unix_ms,
+        // A home aggregator's round closes before the upstream deadline, which is the one
+        // its clients wait for to learn the round's outcome (the next upstream version).
+        deadline_unix_ms: r.deadline_unix_ms.max(r.upstream_deadline_unix_ms),
         clip_norm: r.task.clip_norm,
         quant_bits: r.task.quant_bits,
         topk_fraction: r.task.topk_fraction,

@@ -167,6 +167,8 @@ pub struct Coordinator {
     pub(crate) revocations: watch::Sender<u64>,
     /// Which clients follow which model (client selection's "available").
     pub(crate) presence: Arc<Mutex<Presence>>,
+    /// Home aggregator mode: the upstream coordinator ([`crate::upstream`]).
+    pub(crate) upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 /// Per client and model: open `Subscribe` streams and when the last one ended. Holds an entry
@@ -232,8 +234,14 @@ async fn blocking<T: Send + 'static>(
 
 impl Coordinator {
     /// Opens the store, seeds tokens, creates version 1 of every model that has none and loads
-    /// the held-out sets. `config` must be valid.
-    pub async fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Self>, Error> {
+    /// the held-out sets. `config` must be valid. With `upstream` (a home aggregator) no
+    /// version is made or signed here: versions come from upstream with its signatures, and
+    /// the key clients pin at enrolment is the upstream's.
+    pub async fn new(
+        config: Config,
+        shutdown: watch::Receiver<bool>,
+        upstream: Option<Arc<crate::upstream::Upstream>>,
+    ) -> Result<Arc<Self>, Error> {
         let store = open_store(&config).await?;
         let pki = if config.insecure {
             tracing::warn!("insecure = true: plaintext gRPC, shared-key client credentials");
@@ -256,17 +264,29 @@ impl Coordinator {
         let key_path = config.signing_key_path();
         let names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
         let st = store.clone();
-        let signer = Arc::new(
-            blocking(move || {
-                let signer = crate::signing::load_or_create(&key_path, &st, &names)?;
-                crate::signing::sign_unsigned(&signer, &st, &names)?;
-                Ok(signer)
-            })
-            .await?,
-        );
+        let signer = if upstream.is_some() {
+            // Never used: a home aggregator publishes nothing of its own (no key file).
+            let mut secret = [0u8; hearth_proto::signing::SECRET_KEY_LEN];
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            Arc::new(ModelSigner::from_secret(&secret))
+        } else {
+            Arc::new(
+                blocking(move || {
+                    let signer = crate::signing::load_or_create(&key_path, &st, &names)?;
+                    crate::signing::sign_unsigned(&signer, &st, &names)?;
+                    Ok(signer)
+                })
+                .await?,
+            )
+        };
         let mut eval_sets = HashMap::new();
         let mut loaded: HashMap<String, Arc<Dataset>> = HashMap::new();
-        for m in &config.models {
+        let own_models = if upstream.is_some() {
+            &[][..]
+        } else {
+            &config.models[..]
+        };
+        for m in own_models {
             let task = parse_task(m, &config.data_dir)?;
             if m.eval {
                 let ds = match loaded.get(&m.task) {
@@ -310,6 +330,7 @@ impl Coordinator {
             pki,
             revocations: watch::channel(0).0,
             presence: Arc::new(Mutex::new(Presence::default())),
+            upstream,
         }))
     }
 
@@ -323,9 +344,19 @@ impl Coordinator {
         &self.metrics
     }
 
-    /// The public key every published version is signed with (agents pin it at enrolment).
+    /// The public key every published version is signed with (agents pin it at enrolment):
+    /// the upstream coordinator's for a home aggregator, which re-serves its versions with
+    /// their signatures unchanged.
     pub fn model_signing_key(&self) -> [u8; 32] {
-        self.signer.public_key()
+        match &self.upstream {
+            Some(u) => u.model_signing_key(),
+            None => self.signer.public_key(),
+        }
+    }
+
+    /// Home aggregator mode: the upstream link (`None` for an ordinary coordinator).
+    pub fn upstream(&self) -> Option<&Arc<crate::upstream::Upstream>> {
+        self.upstream.as_ref()
     }
 
     /// The CA and server identity (`None` in insecure mode).

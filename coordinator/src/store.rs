@@ -177,6 +177,13 @@ pub struct RoundRecord {
     pub min_clients: u32,
     /// Updates that complete the round at once.
     pub max_clients: u32,
+    /// Home aggregator: the upstream round this local round mirrors (0 = none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub upstream_round: u64,
+    /// Home aggregator: the upstream round's deadline, which is what the local clients are
+    /// told (the local round itself closes `upload_margin_secs` earlier).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub upstream_deadline_unix_ms: u64,
     /// Opening time.
     pub opened_unix_ms: u64,
     /// Deadline.
@@ -596,7 +603,14 @@ impl Store {
     /// Closes an open round without a new version; its kept updates are dropped. The caller
     /// holds [`Store::lock_round`].
     pub fn fail_round(&self, round_id: u64, detail: &str) -> Result<RoundRecord, StoreError> {
-        dispatch!(self, s => s.fail_round(round_id, detail))
+        dispatch!(self, s => s.end_round(round_id, RoundState::Failed, detail))
+    }
+
+    /// A home aggregator's round whose aggregate the upstream coordinator accepted: closed as
+    /// completed without a version of its own (the next version comes from upstream); its
+    /// kept updates are dropped. The caller holds [`Store::lock_round`].
+    pub fn forward_round(&self, round_id: u64, detail: &str) -> Result<RoundRecord, StoreError> {
+        dispatch!(self, s => s.end_round(round_id, RoundState::Completed, detail))
     }
 }
 
@@ -1255,14 +1269,19 @@ impl SledStore {
             .map_err(tx_err)
     }
 
-    /// Closes an open round without a new version; its kept updates are dropped.
-    pub fn fail_round(&self, round_id: u64, detail: &str) -> Result<RoundRecord, StoreError> {
+    /// Closes an open round without a new version, in `state`; its kept updates are dropped.
+    pub fn end_round(
+        &self,
+        round_id: u64,
+        state: RoundState,
+        detail: &str,
+    ) -> Result<RoundRecord, StoreError> {
         let kept_keys = self.kept_keys(round_id)?;
         (&self.rounds, &self.open_rounds, &self.sums, &self.kept)
             .transaction(|(rounds, open, sums, kept)| {
                 let mut rec =
                     Self::close_round_tx((rounds, open, sums, kept), &kept_keys, round_id)?;
-                rec.state = RoundState::Failed;
+                rec.state = state;
                 rec.detail = detail.to_string();
                 rounds.insert(&round_id.to_be_bytes()[..], enc(&rec))?;
                 Ok(rec)
@@ -1530,6 +1549,11 @@ mod tests {
             // A new round for m gets a fresh id.
             assert_eq!(s.open_round(&round("m")).unwrap().0.id, 3);
             assert_eq!(s.latest_round("m").unwrap().unwrap().id, 3);
+            // A home aggregator's round ends completed without a version of its own.
+            let fwd = s.forward_round(3, "sent upstream").unwrap();
+            assert_eq!((fwd.state, fwd.new_version), (RoundState::Completed, 0));
+            assert!(s.open_rounds().unwrap().is_empty());
+            assert_eq!(s.latest_version("m").unwrap().unwrap(), meta);
         });
     }
 

@@ -123,8 +123,245 @@ pub struct Config {
     pub zigbee2mqtt: ZigbeeConfig,
     /// MQTT credentials: the store, the embedded broker's login rule, refresh authorisation.
     pub mqtt_auth: MqttAuthConfig,
+    /// Federation roles of the hub (`[federation.aggregate]`: the home's aggregator).
+    #[serde(skip_serializing_if = "FederationConfig::is_off")]
+    pub federation: FederationConfig,
     /// The MQTT broker: embedded (default) or external.
     pub broker: BrokerConfig,
+}
+
+/// `[federation]`: what the hub does in federated learning besides refreshes and
+/// announcements.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The hub as its home's aggregator (off while `models` is empty).
+    pub aggregate: AggregateConfig,
+}
+
+impl FederationConfig {
+    fn is_off(&self) -> bool {
+        !self.aggregate.enabled()
+    }
+}
+
+/// `[federation.aggregate]`: the hub runs a home aggregator — the coordinator's own gRPC
+/// service in home-aggregator mode ([`hearth_coordinator::upstream`]) — for `models`. The
+/// home's agents enrol with it and upload to it (their `coordinator` is `listen`, their
+/// `coordinator_ca_file` its `<state_dir>/pki/ca.pem`); it folds their updates with the
+/// coordinator's validation, bounds and caps, and sends one update per round upstream with
+/// the home's total sample count, under its own identity there. `Debug` redacts tokens.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Models aggregated here (empty = no aggregator).
+    pub models: Vec<String>,
+    /// gRPC address of the aggregator (TLS with its own CA) for the home's agents.
+    pub listen: SocketAddr,
+    /// The upstream coordinator: `https://host:port` (`http://` only for an insecure one).
+    pub upstream: String,
+    /// The upstream coordinator's CA certificate (its `pki/ca.pem`), for `https://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// One-time enrollment token of the upstream coordinator (only until the hub's upstream
+    /// identity is stored in `state_dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_token: Option<String>,
+    /// The upstream's model-signing key (64 hex), pinned out of band; else from enrolment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_signing_key: Option<String>,
+    /// The home's device name at the upstream coordinator.
+    pub device_name: String,
+    /// Where the aggregator keeps its database, CA (`pki/`) and upstream identity; default
+    /// `<state_dir>/aggregator`, or `hearth-aggregator` without a `state_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Bearer token of the aggregator's Admin API (`hearth-coordinator enroll-token
+    /// --coordinator https://<listen>` makes enrolment tokens for the home's agents); at
+    /// least 16 characters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// Enrolment tokens for the home's agents, seeded at start (one enrolment each).
+    pub enrollment_tokens: Vec<String>,
+    /// Names of the aggregator's server certificate (the host agents connect to).
+    pub tls_names: Vec<String>,
+    /// Fewest local updates for a local round to be sent upstream at its deadline (at
+    /// least 2: one device's update is never sent as the home's).
+    pub min_clients: u32,
+    /// Local updates that close the local round at once.
+    pub max_clients: u32,
+    /// The local round closes this many seconds before the upstream deadline.
+    pub upload_margin_secs: u32,
+    /// Largest L2 norm of an agent's update (refused above), as the coordinator's.
+    pub max_update_norm: f32,
+    /// Cap on the sample count an agent reports, as the coordinator's.
+    pub max_client_samples: u64,
+    /// Combination, bounds and caps of the local folding (the coordinator's
+    /// `[aggregation]`; its server optimizer keys are not used here: the server step is
+    /// upstream's).
+    pub aggregation: hearth_coordinator::Aggregation,
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        let c = hearth_coordinator::Config::default();
+        AggregateConfig {
+            models: Vec::new(),
+            listen: "127.0.0.1:50052".parse().expect("valid default address"),
+            upstream: String::new(),
+            upstream_ca_file: None,
+            enrollment_token: None,
+            upstream_signing_key: None,
+            device_name: "hearth-home".into(),
+            state_dir: None,
+            admin_token: None,
+            enrollment_tokens: Vec::new(),
+            tls_names: c.tls_names,
+            min_clients: 2,
+            max_clients: 10,
+            upload_margin_secs: 10,
+            max_update_norm: c.max_update_norm,
+            max_client_samples: c.max_client_samples,
+            aggregation: hearth_coordinator::Aggregation::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AggregateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |o: &Option<String>| o.as_ref().map(|_| "<redacted>");
+        f.debug_struct("AggregateConfig")
+            .field("models", &self.models)
+            .field("listen", &self.listen)
+            .field("upstream", &self.upstream)
+            .field("upstream_ca_file", &self.upstream_ca_file)
+            .field("enrollment_token", &redact(&self.enrollment_token))
+            .field("device_name", &self.device_name)
+            .field("state_dir", &self.state_dir)
+            .field("admin_token", &redact(&self.admin_token))
+            .field(
+                "enrollment_tokens",
+                &format_args!("[{} redacted]", self.enrollment_tokens.len()),
+            )
+            .field("min_clients", &self.min_clients)
+            .field("max_clients", &self.max_clients)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AggregateConfig {
+    /// Whether the hub runs a home aggregator.
+    pub fn enabled(&self) -> bool {
+        !self.models.is_empty()
+    }
+
+    /// The aggregator's directory (see `state_dir`).
+    pub fn dir(&self, hub_state_dir: Option<&Path>) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| match hub_state_dir {
+                Some(d) => d.join("aggregator"),
+                None => PathBuf::from("hearth-aggregator"),
+            })
+    }
+
+    /// The coordinator configuration the aggregator runs with: the coordinator's defaults,
+    /// these keys, and `[upstream]`.
+    pub fn coordinator_config(&self, hub_state_dir: Option<&Path>) -> hearth_coordinator::Config {
+        let dir = self.dir(hub_state_dir);
+        hearth_coordinator::Config {
+            listen: self.listen.to_string(),
+            db_path: dir.join("db"),
+            admin_token: self.admin_token.clone().unwrap_or_default(),
+            enrollment_tokens: self.enrollment_tokens.clone(),
+            tls_names: self.tls_names.clone(),
+            max_update_norm: self.max_update_norm,
+            max_client_samples: self.max_client_samples,
+            round: hearth_coordinator::RoundDefaults {
+                min_clients: self.min_clients,
+                max_clients: self.max_clients,
+                ..hearth_coordinator::RoundDefaults::default()
+            },
+            aggregation: self.aggregation.clone(),
+            models: self
+                .models
+                .iter()
+                .map(|m| hearth_coordinator::ModelConfig {
+                    name: m.clone(),
+                    task: String::new(),
+                    init: None,
+                    eval: false,
+                    seed: 1,
+                })
+                .collect(),
+            upstream: Some(hearth_coordinator::UpstreamConfig {
+                url: self.upstream.clone(),
+                ca_file: self.upstream_ca_file.clone(),
+                enrollment_token: self.enrollment_token.clone(),
+                device_name: self.device_name.clone(),
+                credentials_file: Some(dir.join("upstream.json")),
+                model_signing_key: self.upstream_signing_key.clone(),
+                upload_margin_secs: self.upload_margin_secs,
+            }),
+            ..hearth_coordinator::Config::default()
+        }
+    }
+
+    /// Checks the section (when enabled); messages name `federation.aggregate.<key>`.
+    fn validate(&self, hub_state_dir: Option<&Path>) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let key = "federation.aggregate";
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &self.models {
+            if !hearth_proto::mqtt::valid_name(m) || !seen.insert(m) {
+                return Err(format!(
+                    "{key}.models entry `{m}` is not a valid model name or is listed twice"
+                ));
+            }
+        }
+        if !(self.upstream.starts_with("https://") || self.upstream.starts_with("http://")) {
+            return Err(format!(
+                "{key}.upstream must be the upstream coordinator's https:// URL, got {:?}",
+                self.upstream
+            ));
+        }
+        if self.upstream.starts_with("https://") && self.upstream_ca_file.is_none() {
+            return Err(format!(
+                "{key}.upstream uses TLS: set {key}.upstream_ca_file to the upstream \
+                 coordinator's pki/ca.pem"
+            ));
+        }
+        if let Some(p) = &self.upstream_ca_file {
+            if !p.is_file() {
+                return Err(format!(
+                    "{key}.upstream_ca_file {} does not exist (copy the upstream coordinator's \
+                     pki/ca.pem)",
+                    p.display()
+                ));
+            }
+        }
+        if self.enrollment_token.as_deref().is_some_and(str::is_empty) {
+            return Err(format!("{key}.enrollment_token is empty"));
+        }
+        if self.admin_token.as_deref().is_none_or(|t| t.len() < 16) {
+            return Err(format!(
+                "{key}.admin_token must be set (at least 16 characters): it guards the \
+                 aggregator's Admin API, which makes enrolment tokens for the home's agents"
+            ));
+        }
+        if self.min_clients < 2 || self.max_clients < self.min_clients {
+            return Err(format!(
+                "{key}: need 2 <= min_clients <= max_clients (got {} and {}): a round of one \
+                 update would send that device's update upstream",
+                self.min_clients, self.max_clients
+            ));
+        }
+        self.coordinator_config(hub_state_dir)
+            .validate()
+            .map_err(|e| format!("{key}: {e}"))
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -148,6 +385,7 @@ impl std::fmt::Debug for Config {
             .field("zigbee2mqtt", &self.zigbee2mqtt)
             .field("broker", &self.broker)
             .field("mqtt_auth", &self.mqtt_auth)
+            .field("federation", &self.federation)
             .finish_non_exhaustive()
     }
 }
@@ -203,6 +441,7 @@ impl Default for Config {
             home_assistant: HomeAssistantConfig::default(),
             zigbee2mqtt: ZigbeeConfig::default(),
             mqtt_auth: MqttAuthConfig::default(),
+            federation: FederationConfig::default(),
             broker: BrokerConfig::default(),
         }
     }
@@ -484,6 +723,23 @@ impl Config {
 # password = \"change-me\"
 # password_file = \"/etc/hearth/hub.password\"  # instead of `password`
 ";
+        let aggregate = "\n\
+# The hub as its home's aggregator: the home's agents enrol with and upload to it (their
+# `coordinator` = https://<listen>, their CA = <state_dir>/pki/ca.pem), and the upstream
+# coordinator receives one update per home and round.
+# [federation.aggregate]
+# models = [\"digits\"]                    # aggregated here (empty = off)
+# listen = \"127.0.0.1:50052\"
+# upstream = \"https://coordinator.example:50051\"
+# upstream_ca_file = \"/etc/hearth/upstream-ca.pem\"
+# enrollment_token = \"...\"               # one-time, at the upstream (until the identity is stored)
+# device_name = \"hearth-home\"            # the home's name upstream
+# admin_token = \"change-me-16-chars+\"    # the aggregator's Admin API (enroll-token for agents)
+# state_dir = \"/var/lib/hearth/aggregator\"
+# min_clients = 2                        # >= 2: one device's update is never sent upstream
+# max_clients = 10
+# upload_margin_secs = 10                # local rounds close this long before the upstream deadline
+";
         let state_file = "\
 # state_file = \"/var/lib/hearth/hub-outbox.jsonl\"  # outbox kept across restarts (memory only if absent)
 
@@ -505,7 +761,7 @@ impl Config {
 # (Mosquitto's ACL decides; external broker only) or \"off\".
 ";
         format!(
-            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{}\n{history}{integrations}{auth_note}{auth}{broker}{external}",
+            "# Hearth hub configuration (defaults)\n{top}{optional}{}\n{state_file}{}\n{history}{integrations}{auth_note}{auth}{broker}{external}{aggregate}",
             delivery.trim_end(),
             engine.trim_end()
         )
@@ -620,6 +876,10 @@ impl Config {
         if !(1..=300).contains(&self.connect_timeout_secs) {
             return bad("connect_timeout_secs must be within 1..=300".into());
         }
+        self.federation
+            .aggregate
+            .validate(self.state_dir.as_deref())
+            .map_err(Error::Config)?;
         Ok(())
     }
 }

@@ -46,6 +46,8 @@ pub(crate) struct Status {
     pub broker_running: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// Wakes Home Assistant discovery after a removal.
     pub discovery: Kicker,
+    /// The home aggregator's counters (`[federation.aggregate]`), served with the hub's.
+    pub aggregator: Option<Arc<hearth_coordinator::metrics::Metrics>>,
 }
 
 impl Status {
@@ -87,6 +89,9 @@ pub(crate) fn render_status(s: &Status) -> String {
     let mut out = render(&s.metrics, &s.registry);
     if let Some(e) = &s.engine {
         e.render_prometheus(&mut out);
+    }
+    if let Some(a) = &s.aggregator {
+        out.push_str(&a.render());
     }
     out.push_str("# HELP hearth_hub_mqtt_connected Whether each of the hub's MQTT connections is up (1) or down (0).
 ");
@@ -273,6 +278,7 @@ mod tests {
             links,
             broker_running: None,
             discovery: Kicker::default(),
+            aggregator: None,
         }
     }
 

@@ -47,7 +47,9 @@ use tokio::task::JoinHandle;
 pub use hearth_edge::broker;
 
 pub use auth::{CredentialStore, Deprovisioned, Provisioned, Role};
-pub use config::{BrokerConfig, Config, MqttAuthConfig, RefreshAuth};
+pub use config::{
+    AggregateConfig, BrokerConfig, Config, FederationConfig, MqttAuthConfig, RefreshAuth,
+};
 pub use delivery::DeliveryConfig;
 pub use discovery::{DiscoveryStats, HomeAssistantConfig};
 pub use error::Error;
@@ -92,6 +94,8 @@ pub struct HubHandle {
     actuator_base: String,
     discovery: discovery::Kicker,
     discovery_stats: Arc<DiscoveryStats>,
+    /// The home aggregator (`[federation.aggregate]`), when configured.
+    aggregator: Option<hearth_coordinator::CoordinatorHandle>,
 }
 
 impl std::fmt::Debug for HubHandle {
@@ -124,6 +128,11 @@ impl HubHandle {
     /// The hub's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The home aggregator (`[federation.aggregate]`): its gRPC address, CA and counters.
+    pub fn aggregator(&self) -> Option<&hearth_coordinator::CoordinatorHandle> {
+        self.aggregator.as_ref()
     }
 
     /// The credential store (`None` when neither the embedded broker's logins nor signed
@@ -228,9 +237,15 @@ impl HubHandle {
             broker,
             engine,
             registry,
+            aggregator,
             ..
         } = self;
         let _ = shutdown_tx.send(true);
+        if let Some(a) = aggregator {
+            if let Err(e) = a.shutdown().await {
+                tracing::warn!(error = %e, "home aggregator stopped with an error");
+            }
+        }
         for (name, t) in tasks {
             stop_task(name, t).await;
         }
@@ -515,6 +530,12 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
+    // The home aggregator: binds its gRPC port, enrols upstream at first start.
+    let aggregator = if config.federation.aggregate.enabled() {
+        Some(start_aggregator(&config).await?)
+    } else {
+        None
+    };
 
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::open_or_memory(config.state_dir.as_deref())?);
@@ -723,6 +744,9 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
             .clone()
             .map(|b| Arc::new(move || b.is_running()) as Arc<dyn Fn() -> bool + Send + Sync>),
         discovery: kicker.clone(),
+        aggregator: aggregator
+            .as_ref()
+            .map(|a| a.coordinator().metrics().clone()),
     };
     if let Some(l) = metrics_listener {
         tasks.push((
@@ -769,7 +793,49 @@ pub async fn start(config: Config) -> Result<HubHandle, Error> {
         actuator_base: config.actuator_base.clone(),
         discovery: kicker,
         discovery_stats,
+        aggregator,
     })
+}
+
+/// Starts the home aggregator of `[federation.aggregate]`: the coordinator's server in
+/// home-aggregator mode on its own port. A bad section or a refused upstream enrolment is a
+/// configuration error (exit 64); a port that cannot be bound or an unreachable upstream
+/// is unavailable (69).
+async fn start_aggregator(config: &Config) -> Result<hearth_coordinator::CoordinatorHandle, Error> {
+    let a = &config.federation.aggregate;
+    let dir = a.dir(config.state_dir.as_deref());
+    std::fs::create_dir_all(&dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The database holds enrolment tokens, the CA key and the upstream identity.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "home aggregator",
+            addr: a.listen.to_string(),
+            source,
+        })?;
+    let cfg = a.coordinator_config(config.state_dir.as_deref());
+    let handle = hearth_coordinator::start(cfg, listener)
+        .await
+        .map_err(|e| match e {
+            hearth_coordinator::Error::Config(e) => {
+                Error::Config(format!("federation.aggregate: {e}"))
+            }
+            hearth_coordinator::Error::Init(m) => {
+                Error::Config(format!("federation.aggregate: {m}"))
+            }
+            e => Error::Coordinator(format!("home aggregator: {e}")),
+        })?;
+    tracing::info!(
+        addr = %handle.local_addr(), models = ?a.models, upstream = %a.upstream,
+        ca = %dir.join("pki").join("ca.pem").display(),
+        "home aggregator serving the home's agents"
+    );
+    Ok(handle)
 }
 
 /// Writes the registry's changes every [`registry::FLUSH_INTERVAL`].

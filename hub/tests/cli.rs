@@ -262,6 +262,71 @@ fn unavailable_coordinator_or_broker_port_exits_69() {
     let broker = format!("mqtt://127.0.0.1:{}", free_port());
     let o = run(&["--config", cfg.to_str().unwrap(), "--broker", &broker]);
     assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+
+    // A home aggregator whose upstream coordinator does not answer its enrolment.
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[mqtt_auth]\ndir = \"{}\"\n[broker]\nlisten = \"127.0.0.1:0\"\n\
+             [federation.aggregate]\nmodels = [\"digits\"]\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"http://127.0.0.1:{}\"\nenrollment_token = \"home-token\"\n\
+             admin_token = \"home-admin-token-0123456789\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("mqtt").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let o = run(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("upstream coordinator"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_bad_aggregator_section_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("hub.toml");
+    let head = "[federation.aggregate]\nmodels = [\"digits\"]\n";
+    for (body, says) in [
+        ("", "federation.aggregate.upstream"),
+        (
+            "upstream = \"https://127.0.0.1:1\"\n",
+            "federation.aggregate.upstream_ca_file",
+        ),
+        (
+            "upstream = \"https://127.0.0.1:1\"\nupstream_ca_file = \"/nonexistent/ca.pem\"\n",
+            "does not exist",
+        ),
+        (
+            "upstream = \"http://127.0.0.1:1\"\n",
+            "federation.aggregate.admin_token",
+        ),
+        (
+            "upstream = \"http://127.0.0.1:1\"\nadmin_token = \"0123456789abcdefg\"\n\
+             min_clients = 4\nmax_clients = 2\n",
+            "min_clients <= max_clients",
+        ),
+        (
+            "upstream = \"http://127.0.0.1:1\"\nadmin_token = \"0123456789abcdefg\"\n\
+             min_clients = 1\n",
+            "a round of one update",
+        ),
+        (
+            "upstream = \"http://127.0.0.1:1\"\nadmin_token = \"0123456789abcdefg\"\n\
+             min_clients = 5\n[federation.aggregate.aggregation]\ncombine = \"krum\"\n",
+            "krum_select",
+        ),
+        ("modles = []\n", "modles"),
+    ] {
+        std::fs::write(&cfg, format!("{head}{body}")).unwrap();
+        let o = run(&["--config", cfg.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(64), "{body}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{body}: {}", stderr(&o));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1243,9 +1243,10 @@ impl PgStore {
         })
     }
 
-    pub(super) fn fail_round(
+    pub(super) fn end_round(
         &self,
         round_id: u64,
+        state: RoundState,
         detail: &str,
     ) -> Result<RoundRecord, StoreError> {
         let id = i64_of(round_id)?;
@@ -1254,7 +1255,7 @@ impl PgStore {
         self.block(async move {
             let tx = c.transaction().await?;
             let mut rec = Self::close_round_tx(&tx, id).await?;
-            rec.state = RoundState::Failed;
+            rec.state = state;
             rec.detail = detail.to_string();
             Self::finish_close(tx, &rec).await?;
             Ok(rec)
