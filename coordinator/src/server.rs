@@ -66,6 +66,7 @@ async fn prepare(config: Config) -> Result<Prepared, Error> {
         tracing::info!(rounds = resumed, "resumed open rounds");
     }
     coord.follow_instances()?;
+    coord.renew_presence()?;
     Ok(Prepared {
         coord,
         stop: Arc::new(stop),
