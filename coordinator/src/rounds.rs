@@ -661,7 +661,7 @@ impl Coordinator {
                 .acquire()
                 .await
                 .map_err(|e| Error::Internal(format!("round lock: {e}")))?;
-            blocking_task(move || {
+            let outcome = blocking_task(move || {
                 store.accept_update(rec.id, &marker, kept.as_deref(), |prev| {
                     let mut agg = match prev {
                         Some(b) => Aggregate::from_bytes(b).map_err(|e| e.to_string())?,
@@ -671,13 +671,16 @@ impl Coordinator {
                     Ok(agg.to_bytes())
                 })
             })
-            .await??
+            .await??;
+            // Durable before the acknowledgement. Inside the permit: concurrent sled flushes
+            // outside it stalled the server in bench/scale (1,000 clients).
+            if matches!(outcome, AcceptOutcome::Accepted(_)) {
+                self.store.flush().await?;
+            }
+            outcome
         };
         match outcome {
             AcceptOutcome::Accepted(now) => {
-                // Durable before the acknowledgement, but outside the round's lock: concurrent
-                // accepts share one log flush (group commit) instead of one each in turn.
-                self.store.flush().await?;
                 tracing::info!(
                     client = %up.client_id, round = now.id, updates = now.updates,
                     bytes = payload.len(), "update accepted"
