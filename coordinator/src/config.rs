@@ -256,6 +256,11 @@ pub struct StoreConfig {
     /// PostgreSQL only: how often, at the latest, an instance looks for rounds and versions
     /// of other instances (it also wakes on their notifications), milliseconds.
     pub poll_ms: u64,
+    /// PostgreSQL only: uploads of one round this instance folds at once, each into a partial
+    /// sum of its own (more commits in flight); a round may then take up to
+    /// instances × accept_slots − 1 updates above `max_clients` (each counted once).
+    /// At most pool_size − 2.
+    pub accept_slots: u32,
 }
 
 impl Default for StoreConfig {
@@ -266,6 +271,7 @@ impl Default for StoreConfig {
             pool_size: 8,
             instance: String::new(),
             poll_ms: 1000,
+            accept_slots: 1,
         }
     }
 }
@@ -278,6 +284,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("pool_size", &self.pool_size)
             .field("instance", &self.instance)
             .field("poll_ms", &self.poll_ms)
+            .field("accept_slots", &self.accept_slots)
             .finish()
     }
 }
@@ -304,6 +311,9 @@ impl StoreConfig {
                 }
                 if !(2..=256).contains(&self.pool_size) {
                     return Err("store.pool_size must be in 2..=256".into());
+                }
+                if self.accept_slots == 0 || self.accept_slots + 2 > self.pool_size {
+                    return Err("store.accept_slots must be in 1..=pool_size - 2".into());
                 }
                 if !(50..=60_000).contains(&self.poll_ms) {
                     return Err("store.poll_ms must be in 50..=60000".into());

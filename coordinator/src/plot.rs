@@ -1,4 +1,5 @@
-//! `hearth-coordinator plot`: accuracy per version and bytes per round of one model as an SVG,
+//! `hearth-coordinator plot`: accuracy per version and bytes per round of one model as an SVG
+//! (and [`write_lines`], a plain line plot for benchmarks),
 //! drawn with plotters built lean (default features off: the SVG backend and line series only;
 //! no font engine, so labels are SVG text elements the viewer renders, placed by estimate).
 
@@ -160,6 +161,63 @@ pub fn write_tradeoff(
     Ok(())
 }
 
+/// One curve of [`write_lines`]: its legend and its (x, y) points.
+pub type Series = (String, Vec<(f64, f64)>);
+
+/// Writes a line plot of `series` to `out` (`.svg`, 900 × 500), the axes from 0 to the largest
+/// value (benchmarks: e.g. memory against clients).
+pub fn write_lines(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    out: &Path,
+) -> Result<(), PlotError> {
+    if series.iter().all(|(_, p)| p.is_empty()) {
+        return Err(PlotError::Empty);
+    }
+    if out.extension().and_then(|e| e.to_str()) != Some("svg") {
+        return Err(PlotError::Format(out.display().to_string()));
+    }
+    let root = SVGBackend::new(out, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let points = series.iter().flat_map(|(_, p)| p.iter());
+    let (x_max, y_max) = points.fold((1e-9f64, 1e-9f64), |(x, y), p| (x.max(p.0), y.max(p.1)));
+    let mut chart = ChartBuilder::on(&root)
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .caption(title, ("sans-serif", 18))
+        .build_cartesian_2d(0f64..x_max * 1.05, 0f64..y_max * 1.15)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(draw_err)?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, BLACK, CYAN];
+    for (i, (label, data)) in series.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(data.clone(), colour.stroke_width(2)))
+            .map_err(draw_err)?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
+        chart
+            .draw_series(data.iter().map(|p| Circle::new(*p, 3, colour.filled())))
+            .map_err(draw_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)?;
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     model: &str,
@@ -306,6 +364,26 @@ mod tests {
         assert!(s.matches("<circle").count() >= 5, "{s}");
         assert!(matches!(
             write_tradeoff("x", "b", &[], &svg),
+            Err(PlotError::Empty)
+        ));
+    }
+
+    #[test]
+    fn writes_a_line_plot() {
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("rss.svg");
+        let series = vec![
+            ("RSS".to_string(), vec![(100.0, 30.0), (1000.0, 31.0)]),
+            ("peak RSS".to_string(), vec![(100.0, 35.0), (1000.0, 36.0)]),
+        ];
+        write_lines("memory against clients", "clients", "MiB", &series, &svg).unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        for t in ["memory against clients", "peak RSS", "clients", "MiB"] {
+            assert!(s.contains(t), "{t} missing");
+        }
+        assert!(s.matches("<polyline").count() >= 2, "{s}");
+        assert!(matches!(
+            write_lines("t", "x", "y", &[], &svg),
             Err(PlotError::Empty)
         ));
     }

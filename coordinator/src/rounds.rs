@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use hearth_model::update::CodecConfig;
 use hearth_model::{OnnxModel, Weights};
-use rand::seq::SliceRandom;
-use rand::{RngCore, SeedableRng};
+use rand::RngCore;
 
 use crate::aggregate::{
     clip_update, validate_update, weights_from_bytes, weights_to_bytes, Aggregate, AggregateError,
@@ -192,12 +191,17 @@ impl Coordinator {
         }
     }
 
-    pub(crate) fn round_lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
+    /// Round `id`'s lock in this process: [`Store::accept_concurrency`] permits, one per
+    /// accept in flight; closing the round takes them all.
+    ///
+    /// [`Store::accept_concurrency`]: crate::store::Store::accept_concurrency
+    pub(crate) fn round_lock(&self, id: u64) -> Arc<tokio::sync::Semaphore> {
+        let permits = self.store.accept_concurrency() as usize;
         self.round_locks
             .lock()
             .expect("round lock map")
             .entry(id)
-            .or_default()
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(permits)))
             .clone()
     }
 
@@ -400,14 +404,15 @@ impl Coordinator {
         let until = tokio::time::Instant::now() + wait;
         let mut shutdown = self.shutdown.clone();
         let available = loop {
-            let a = self.available_clients(model);
-            if a.len() as u32 >= need {
+            let a = self.available_count(model)?;
+            if a >= u64::from(need) {
                 break a;
             }
             if tokio::time::Instant::now() >= until || *shutdown.borrow() {
                 let detail = format!(
-                    "only {} of the {need} clients a round of {model} needs are available                      (subscribed now or in the last {} s; waited {} s): min_available_clients =                      {}, min_clients = {min_clients}",
-                    a.len(),
+                    "only {a} of the {need} clients a round of {model} needs are available \
+                     (subscribed now or in the last {} s; waited {} s): min_available_clients = \
+                     {}, min_clients = {min_clients}",
                     d.available_window_secs,
                     wait.as_secs(),
                     d.min_available_clients,
@@ -421,7 +426,7 @@ impl Coordinator {
                 _ = stopped(&mut shutdown) => {}
             }
         };
-        let n = available.len() as u32;
+        let n = u32::try_from(available).unwrap_or(u32::MAX);
         if !selecting {
             return Ok(Selection {
                 cohort: Vec::new(),
@@ -440,15 +445,13 @@ impl Coordinator {
             Some(s) => s ^ fnv(model) ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             None => rand::rngs::OsRng.next_u64(),
         };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut cohort: Vec<String> = available
-            .choose_multiple(&mut rng, k as usize)
-            .cloned()
-            .collect();
-        cohort.sort();
+        // A query of the store, in memory bounded by k: never a list of every available client.
+        let drawn = self
+            .store
+            .sample_available(model, now_unix_ms(), seed, k as usize)?;
         Ok(Selection {
-            cohort,
-            available: n,
+            cohort: drawn.cohort,
+            available: u32::try_from(drawn.available).unwrap_or(u32::MAX),
             seed,
         })
     }
@@ -691,23 +694,33 @@ impl Coordinator {
             eval_accuracy,
         };
         let lock = self.round_lock(rec.id);
-        let _guard = lock.lock().await;
         let store = self.store.clone();
         let weight = weight_samples as f64;
-        let outcome = blocking_task(move || {
-            store.accept_update(rec.id, &marker, kept.as_deref(), |prev| {
-                let mut agg = match prev {
-                    Some(b) => Aggregate::from_bytes(b).map_err(|e| e.to_string())?,
-                    None => Aggregate::new(&global),
-                };
-                agg.fold(&update, weight).map_err(|e| e.to_string())?;
-                Ok(agg.to_bytes())
+        let outcome = {
+            let _permit = lock
+                .acquire()
+                .await
+                .map_err(|e| Error::Internal(format!("round lock: {e}")))?;
+            let outcome = blocking_task(move || {
+                store.accept_update(rec.id, &marker, kept.as_deref(), |prev| {
+                    let mut agg = match prev {
+                        Some(b) => Aggregate::from_bytes(b).map_err(|e| e.to_string())?,
+                        None => Aggregate::new(&global),
+                    };
+                    agg.fold(&update, weight).map_err(|e| e.to_string())?;
+                    Ok(agg.to_bytes())
+                })
             })
-        })
-        .await??;
+            .await??;
+            // Durable before the acknowledgement. Inside the permit: concurrent sled flushes
+            // outside it stalled the server in bench/scale (1,000 clients).
+            if matches!(outcome, AcceptOutcome::Accepted(_)) {
+                self.store.flush().await?;
+            }
+            outcome
+        };
         match outcome {
             AcceptOutcome::Accepted(now) => {
-                self.store.flush().await?;
                 tracing::info!(
                     client = %up.client_id, round = now.id, updates = now.updates,
                     bytes = payload.len(), "update accepted"
@@ -752,7 +765,10 @@ impl Coordinator {
 
     async fn try_close_round(self: &Arc<Self>, id: u64, at_deadline: bool) -> Result<(), Error> {
         let lock = self.round_lock(id);
-        let _guard = lock.lock().await;
+        let _guard = lock
+            .acquire_many(self.store.accept_concurrency())
+            .await
+            .map_err(|e| Error::Internal(format!("round lock: {e}")))?;
         // Instances sharing a database: the one holding this closes the round.
         let _closing = self.store.lock_round(id)?;
         let Some(rec) = self.store.round(id)? else {

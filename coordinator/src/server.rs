@@ -76,6 +76,7 @@ async fn prepare(config: Config) -> Result<Prepared, Error> {
         let me = coord.clone();
         coord.spawn_task(async move { crate::upstream::follow(me).await });
     }
+    coord.renew_presence()?;
     Ok(Prepared {
         coord,
         stop: Arc::new(stop),

@@ -23,7 +23,8 @@ use crate::config::{Config, ModelConfig};
 use crate::metrics::Metrics;
 use crate::pki::Pki;
 use crate::store::{
-    now_unix_ms, ClientRecord, RoundRecord, Store, StoreError, TokenRecord, VersionMeta,
+    now_unix_ms, ClientRecord, MarkAvailable, RoundRecord, Store, StoreError, TokenRecord,
+    VersionMeta,
 };
 use crate::Error;
 
@@ -154,7 +155,9 @@ pub struct Coordinator {
     pub(crate) store: Store,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) eval_sets: HashMap<String, Arc<Dataset>>,
-    pub(crate) round_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per open round: `Store::accept_concurrency` permits; an accept holds one, closing
+    /// holds them all.
+    pub(crate) round_locks: Mutex<HashMap<u64, Arc<tokio::sync::Semaphore>>>,
     pub(crate) global_cache: Mutex<HashMap<String, (u64, Arc<Weights>)>>,
     pub(crate) tasks: Mutex<JoinSet<()>>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -171,31 +174,55 @@ pub struct Coordinator {
     pub(crate) upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
-/// Per client and model: open `Subscribe` streams and when the last one ended. Holds an entry
-/// only for authenticated clients, pruned once stale, so it is bounded by the enrolled clients.
+/// How long this instance counts as alive after a heartbeat (`Store::heartbeat`, every third
+/// of it): the clients of its live `Subscribe` streams are available while it is, so those of
+/// an instance that died drop out within this.
+pub const PRESENCE_LEASE_MS: u64 = 30_000;
+
+/// This instance's live `Subscribe` streams, per client and model (the store holds the
+/// availability every instance draws from; this counts streams so the store hears of a
+/// client's first and last one here). Holds entries only for clients with a stream open here.
 #[derive(Debug, Default)]
 pub(crate) struct Presence {
-    by_client: HashMap<String, HashMap<String, (u32, u64)>>,
+    by_client: HashMap<String, HashMap<String, u32>>,
 }
 
-/// Held by a `Subscribe` stream: the client is available for its models until it is dropped.
+/// Held by a `Subscribe` stream: the client is available for its models until it is dropped,
+/// and for `available_window_secs` after.
 #[derive(Debug)]
 pub struct PresenceGuard {
     presence: Arc<Mutex<Presence>>,
+    store: Store,
+    window_ms: u64,
     client: String,
     models: Vec<String>,
 }
 
 impl Drop for PresenceGuard {
     fn drop(&mut self) {
-        let now = now_unix_ms();
-        let mut p = self.presence.lock().expect("presence lock");
-        if let Some(m) = p.by_client.get_mut(&self.client) {
-            for model in &self.models {
-                if let Some(e) = m.get_mut(model) {
-                    e.0 = e.0.saturating_sub(1);
-                    e.1 = now;
+        let mut ended = Vec::new();
+        {
+            let mut p = self.presence.lock().expect("presence lock");
+            if let Some(m) = p.by_client.get_mut(&self.client) {
+                for model in &self.models {
+                    if let Some(n) = m.get_mut(model) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            m.remove(model);
+                            ended.push(model.clone());
+                        }
+                    }
                 }
+                if m.is_empty() {
+                    p.by_client.remove(&self.client);
+                }
+            }
+        }
+        let until = MarkAvailable::Until(now_unix_ms().saturating_add(self.window_ms));
+        for model in ended {
+            let c = [self.client.clone()];
+            if let Err(e) = self.store.mark_available(&model, &c, until) {
+                tracing::warn!(client = %self.client, error = %e, "cannot record the end of a subscription");
             }
         }
     }
@@ -411,44 +438,77 @@ impl Coordinator {
     }
 
     /// Marks `client` available for `models` while the returned guard lives (a `Subscribe`
-    /// stream), and for `available_window_secs` after.
+    /// stream) and this instance is alive ([`Coordinator::renew_presence`]), and for
+    /// `available_window_secs` after: in the store, where every instance's client selection
+    /// draws from.
     pub fn subscribed(&self, client: &str, models: &[String]) -> PresenceGuard {
-        let now = now_unix_ms();
-        let mut p = self.presence.lock().expect("presence lock");
-        let m = p.by_client.entry(client.to_string()).or_default();
-        for model in models {
-            let e = m.entry(model.clone()).or_insert((0, now));
-            e.0 += 1;
-            e.1 = now;
+        let first: Vec<&String> = {
+            let mut p = self.presence.lock().expect("presence lock");
+            let m = p.by_client.entry(client.to_string()).or_default();
+            models
+                .iter()
+                .filter(|model| {
+                    let n = m.entry((*model).clone()).or_insert(0);
+                    *n += 1;
+                    *n == 1
+                })
+                .collect()
+        };
+        let c = [client.to_string()];
+        for model in first {
+            if let Err(e) = self.store.mark_available(model, &c, MarkAvailable::Live) {
+                tracing::warn!(client, error = %e, "cannot record a subscription");
+            }
         }
         PresenceGuard {
             presence: self.presence.clone(),
+            store: self.store.clone(),
+            window_ms: self.config.round.available_window_secs.saturating_mul(1000),
             client: client.to_string(),
             models: models.to_vec(),
         }
     }
 
-    /// The clients available for `model`, sorted: holding a `Subscribe` stream for it, or
-    /// holding one until less than `available_window_secs` ago; revoked clients are left out.
-    pub fn available_clients(&self, model: &str) -> Vec<String> {
-        let window = self.config.round.available_window_secs.saturating_mul(1000);
-        let now = now_unix_ms();
-        let fresh = |e: &(u32, u64)| e.0 > 0 || now.saturating_sub(e.1) <= window;
-        let mut out: Vec<String> = {
-            let mut p = self.presence.lock().expect("presence lock");
-            p.by_client.retain(|_, m| {
-                m.retain(|_, e| fresh(e));
-                !m.is_empty()
-            });
-            p.by_client
-                .iter()
-                .filter(|(_, m)| m.get(model).is_some_and(fresh))
-                .map(|(c, _)| c.clone())
-                .collect()
-        };
-        out.retain(|c| !self.is_revoked(c));
-        out.sort();
-        out
+    /// Keeps this instance alive in the store (a heartbeat now, then every third of
+    /// [`PRESENCE_LEASE_MS`] until shutdown), which keeps its live streams' clients available:
+    /// one write per instance, whatever the number of clients.
+    pub fn renew_presence(self: &Arc<Self>) -> Result<(), Error> {
+        self.store
+            .heartbeat(now_unix_ms().saturating_add(PRESENCE_LEASE_MS))?;
+        let me = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        self.spawn_task(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(PRESENCE_LEASE_MS / 3)) => {}
+                    _ = stopped(&mut shutdown) => return,
+                }
+                let store = me.store.clone();
+                let beat = blocking_task(move || {
+                    store.heartbeat(now_unix_ms().saturating_add(PRESENCE_LEASE_MS))
+                })
+                .await;
+                let failed = match beat {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failed {
+                    tracing::warn!(error = %e, "cannot renew this instance's heartbeat");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// How many clients are available for `model` now, in the store (every instance's
+    /// subscribers): holding a `Subscribe` stream for it, or holding one until less than
+    /// `available_window_secs` ago; revoked clients are not counted.
+    pub fn available_count(&self, model: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .store
+            .sample_available(model, now_unix_ms(), 0, 0)?
+            .available)
     }
 
     /// Whether `model` is served.
@@ -688,6 +748,7 @@ async fn open_store(config: &Config) -> Result<Store, Error> {
                 url: sc.url.clone(),
                 pool_size: sc.pool_size,
                 instance: instance.clone(),
+                accept_slots: sc.accept_slots,
             })?;
             tracing::info!(%instance, pool_size = sc.pool_size, "state in PostgreSQL");
             Ok(store)

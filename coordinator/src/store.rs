@@ -309,6 +309,45 @@ pub struct DeltaRecord {
     pub residual: Vec<u8>,
 }
 
+/// What [`Store::mark_available`] records for a (model, client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkAvailable {
+    /// A `Subscribe` stream opened on this instance: the client is available for as long as
+    /// the instance is alive ([`Store::heartbeat`]), so a dead instance's clients drop out by
+    /// themselves and nothing is written per client while streams last.
+    Live,
+    /// The client's stream ended: available until this time (Unix ms). Only an existing row
+    /// changes (a row a revocation deleted is not made again).
+    Until(u64),
+}
+
+/// The `until` of a live stream's presence row (PostgreSQL's largest `bigint`).
+pub(crate) const LIVE_UNTIL: u64 = i64::MAX as u64;
+
+/// A bounded draw from the clients available for a model ([`Store::sample_available`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AvailableSample {
+    /// Clients available at the time asked.
+    pub available: u64,
+    /// The clients drawn (at most `k`), sorted by id.
+    pub cohort: Vec<String>,
+    /// The most client ids the draw held in memory at once (sled: the bottom-k heap;
+    /// PostgreSQL: rows received from the server): at most `k`, whatever `available` is.
+    pub held: usize,
+}
+
+/// The order of a seeded draw: sha256(seed as 8 big-endian bytes ‖ client id). A round's cohort
+/// is the `k` available clients with the smallest keys: a uniform sample without replacement
+/// that a database computes as `ORDER BY sha256(..) LIMIT k` and an iterator with a heap of
+/// `k`, the same clients on both backends for the same seed.
+pub fn draw_key(seed: u64, client: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(seed.to_be_bytes());
+    h.update(client);
+    h.finalize().into()
+}
+
 /// The store: sled or PostgreSQL behind the same operations. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -358,6 +397,15 @@ impl Store {
     /// Whether several instances may share this store (PostgreSQL).
     pub fn is_shared(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// How many [`Store::accept_update`]s of one round this process may run at once: 1 with
+    /// sled (one running sum), `accept_slots` with PostgreSQL (a partial sum each).
+    pub fn accept_concurrency(&self) -> u32 {
+        match &self.backend {
+            Backend::Sled(_) => 1,
+            Backend::Postgres(p) => p.accept_slots(),
+        }
     }
 
     /// Waits until another instance changed rounds or versions, or `limit` passes (sled:
@@ -536,9 +584,45 @@ impl Store {
         dispatch!(self, s => s.recent_markers(model, rounds))
     }
 
+    /// Records that `clients` follow `model` (a `Subscribe` stream on this instance), or that
+    /// their stream ended ([`MarkAvailable`]). The availability client selection draws from
+    /// lives here, so every instance sharing the store draws from every instance's clients.
+    pub fn mark_available(
+        &self,
+        model: &str,
+        clients: &[String],
+        how: MarkAvailable,
+    ) -> Result<(), StoreError> {
+        if clients.is_empty() {
+            return Ok(());
+        }
+        dispatch!(self, s => s.mark_available(model, clients, how))
+    }
+
+    /// This instance is alive until `alive_until_ms`: its live streams' clients count as
+    /// available until then (renewed by the coordinator: one write per instance, not per client).
+    pub fn heartbeat(&self, alive_until_ms: u64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.heartbeat(alive_until_ms))
+    }
+
+    /// Counts the clients available for `model` at `now_ms` and draws `k` of them (0: only
+    /// counts) with the seeded order of [`draw_key`], in memory bounded by `k`: PostgreSQL
+    /// sorts by the key with `LIMIT k` (a top-k heap in the server), sled keeps a heap of `k`
+    /// while it iterates. Never a list of every available client.
+    pub fn sample_available(
+        &self,
+        model: &str,
+        now_ms: u64,
+        seed: u64,
+        k: usize,
+    ) -> Result<AvailableSample, StoreError> {
+        dispatch!(self, s => s.sample_available(model, now_ms, seed, k))
+    }
+
     /// Every tree's (sled) or table's (PostgreSQL: one row as JSON per key, empty values)
     /// contents by name: a full copy of the stored state, for checking that an operation
-    /// changed nothing (tests, audits). Reads the whole database.
+    /// changed nothing (tests, audits), except presence (who is subscribed, renewed in the
+    /// background). Reads the whole database.
     pub fn snapshot(
         &self,
     ) -> Result<std::collections::BTreeMap<String, Vec<(IVec, IVec)>>, StoreError> {
@@ -570,9 +654,10 @@ impl Store {
     /// `fold(previous_sum)`, writes the client's marker, keeps the decoded update `keep` under
     /// (round, client) when given (the robust methods need every update) and bumps the round's
     /// counters. `fold` may run more than once if the transaction is retried, so it must be
-    /// pure. With several instances, "full" is checked against the updates committed when the
-    /// transaction starts, so a round can end with up to (instances − 1) updates above
-    /// `max_clients`, each counted once.
+    /// pure. With several instances (or accept slots, PostgreSQL), "full" is checked against the
+    /// updates committed when the transaction starts, so a round can end with up to
+    /// (instances × accept_slots − 1) updates above `max_clients`, each counted once. Callers
+    /// run at most [`Store::accept_concurrency`] accepts of a round at once.
     pub fn accept_update<F>(
         &self,
         round_id: u64,
@@ -631,7 +716,11 @@ struct SledStore {
     server_state: Tree,
     downlink: Tree,
     deltas: Tree,
+    presence: Tree,
+    instances: Tree,
     meta: Tree,
+    /// This process's name in the presence rows (random per open).
+    instance: String,
 }
 
 const NEXT_ROUND_KEY: &[u8] = b"next_round_id";
@@ -732,6 +821,13 @@ impl SledStore {
             server_state: db.open_tree("server_state")?,
             downlink: db.open_tree("downlink")?,
             deltas: db.open_tree("deltas")?,
+            presence: db.open_tree("presence")?,
+            instances: db.open_tree("instances")?,
+            instance: {
+                let mut b = [0u8; 8];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+                hex::encode(b)
+            },
             meta: db.open_tree("meta")?,
             db,
         })
@@ -808,12 +904,120 @@ impl SledStore {
                 Ok(())
             })
             .map_err(tx_err)?;
+        // A revoked client is not available any more (rare: one pass over the presence rows).
+        for kv in self.presence.iter() {
+            let (k, _) = kv?;
+            let client = k.iter().position(|b| *b == 0).map(|i| &k[i + 1..]);
+            if client.is_some_and(|c| ids.iter().any(|id| id.as_bytes() == c)) {
+                self.presence.remove(&k)?;
+            }
+        }
         Ok(ids)
     }
 
     /// The client with this id.
     pub fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
         self.clients.get(client_id)?.map(|v| dec(&v)).transpose()
+    }
+
+    // ------------------------------------------------------------ availability
+
+    /// Presence rows: key model \0 client, value `until` (8 bytes, big-endian) ‖ instance.
+    fn mark_available(
+        &self,
+        model: &str,
+        clients: &[String],
+        how: MarkAvailable,
+    ) -> Result<(), StoreError> {
+        for c in clients {
+            let mut key = model_prefix(model);
+            key.extend_from_slice(c.as_bytes());
+            match how {
+                MarkAvailable::Live => {
+                    let mut v = LIVE_UNTIL.to_be_bytes().to_vec();
+                    v.extend_from_slice(self.instance.as_bytes());
+                    self.presence.insert(key, v)?;
+                }
+                MarkAvailable::Until(until) => {
+                    self.presence
+                        .fetch_and_update(key, |old| old.map(|_| until.to_be_bytes().to_vec()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&self, alive_until_ms: u64) -> Result<(), StoreError> {
+        self.instances
+            .insert(self.instance.as_bytes(), &alive_until_ms.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// One pass over the model's presence rows keeping the `k` smallest draw keys in a
+    /// max-heap: memory O(k) (and one flag per instance), time O(n log k).
+    fn sample_available(
+        &self,
+        model: &str,
+        now_ms: u64,
+        seed: u64,
+        k: usize,
+    ) -> Result<AvailableSample, StoreError> {
+        use std::collections::BinaryHeap;
+        let prefix = model_prefix(model);
+        let mut heap: BinaryHeap<([u8; 32], IVec)> = BinaryHeap::with_capacity(k.min(1 << 16));
+        let (mut available, mut held) = (0u64, 0usize);
+        // Whether each instance named by a live row is alive (a handful of instances).
+        let mut alive: std::collections::HashMap<Vec<u8>, bool> = Default::default();
+        for kv in self.presence.scan_prefix(&prefix) {
+            let (key, v) = kv?;
+            if v.len() < 8 {
+                return Err(StoreError::Corrupt("short presence row".into()));
+            }
+            let until = u64_from(&v[..8])?;
+            if until < now_ms {
+                continue;
+            }
+            if until == LIVE_UNTIL {
+                let inst = &v[8..];
+                let up = match alive.get(inst) {
+                    Some(up) => *up,
+                    None => {
+                        let up = match self.instances.get(inst)? {
+                            Some(t) => u64_from(&t)? >= now_ms,
+                            None => false,
+                        };
+                        alive.insert(inst.to_vec(), up);
+                        up
+                    }
+                };
+                if !up {
+                    continue;
+                }
+            }
+            available += 1;
+            if k == 0 {
+                continue;
+            }
+            let draw = draw_key(seed, &key[prefix.len()..]);
+            if heap.len() < k {
+                heap.push((draw, key));
+            } else if heap.peek().is_some_and(|top| draw < top.0) {
+                if let Some(mut top) = heap.peek_mut() {
+                    *top = (draw, key);
+                }
+            }
+            held = held.max(heap.len());
+        }
+        let mut cohort: Vec<String> = heap
+            .into_iter()
+            .map(|(_, key)| String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            .collect();
+        cohort.sort();
+        Ok(AvailableSample {
+            available,
+            cohort,
+            held,
+        })
     }
 
     // ------------------------------------------------------------ models
@@ -1085,6 +1289,10 @@ impl SledStore {
     ) -> Result<std::collections::BTreeMap<String, Vec<(IVec, IVec)>>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
         for name in self.db.tree_names() {
+            // Presence is liveness renewed in the background, not state an operation changes.
+            if [&b"presence"[..], b"instances"].contains(&&name[..]) {
+                continue;
+            }
             let tree = self.db.open_tree(&name)?;
             let kvs = tree.iter().collect::<Result<Vec<_>, _>>()?;
             out.insert(String::from_utf8_lossy(&name).into_owned(), kvs);
@@ -1310,6 +1518,7 @@ mod tests {
                 url: cluster.database("store_test"),
                 pool_size: 4,
                 instance: "unit".into(),
+                accept_slots: 1,
             };
             check(&|| Store::connect_postgres(&opts).unwrap());
         }
@@ -1557,6 +1766,87 @@ mod tests {
         });
     }
 
+    /// A cohort drawn from 200,000 available clients: the draw holds at most k client ids at
+    /// once (sled: its heap; PostgreSQL: the rows it receives, after a top-N heap sort in the
+    /// server, checked in the plan), so a return to "list every available client, then
+    /// sample" fails here; seeded (the same seed gives the same cohort, on both backends:
+    /// the k smallest `draw_key`s, computed here independently); live streams count only
+    /// while their instance's heartbeat lasts; ended, other models' and revoked clients are
+    /// left out.
+    #[test]
+    fn cohort_draws_are_seeded_and_bounded_in_memory() {
+        const N: usize = 200_000;
+        const K: usize = 100;
+        let ids: Vec<String> = (0..N).map(|i| format!("c-{i:08x}")).collect();
+        let mut keyed: Vec<([u8; 32], &String)> =
+            ids.iter().map(|c| (draw_key(7, c.as_bytes()), c)).collect();
+        keyed.sort();
+        let mut want: Vec<String> = keyed[..K].iter().map(|(_, c)| (*c).clone()).collect();
+        want.sort();
+        let now = 5_000;
+        on_both_backends(|open| {
+            let s = open();
+            s.mark_available("m", &ids, MarkAvailable::Live).unwrap();
+            // Live streams of an instance without a heartbeat, or whose heartbeat ran out,
+            // do not count.
+            assert_eq!(s.sample_available("m", now, 7, K).unwrap().available, 0);
+            s.heartbeat(now - 1).unwrap();
+            assert_eq!(s.sample_available("m", now, 7, K).unwrap().available, 0);
+            s.heartbeat(now + 30_000).unwrap();
+            // Another model's clients and ended streams do not count.
+            s.mark_available("other", &ids[..10], MarkAvailable::Live)
+                .unwrap();
+            let stale = ["stale".to_string()];
+            s.mark_available("m", &stale, MarkAvailable::Live).unwrap();
+            s.mark_available("m", &stale, MarkAvailable::Until(now - 1))
+                .unwrap();
+            let t = std::time::Instant::now();
+            let a = s.sample_available("m", now, 7, K).unwrap();
+            eprintln!("draw of {K} from {N}: {:?}", t.elapsed());
+            assert_eq!(a.available, N as u64);
+            assert_eq!(a.cohort, want, "the k smallest draw keys, on every backend");
+            assert!(a.held <= K, "the draw held {} ids for k = {K}", a.held);
+            assert_eq!(s.sample_available("m", now, 7, K).unwrap(), a);
+            let b = s.sample_available("m", now, 8, K).unwrap();
+            assert_ne!(b.cohort, a.cohort, "another seed, another cohort");
+            let counted = s.sample_available("m", now, 7, 0).unwrap();
+            assert_eq!(
+                (counted.available, counted.cohort.len(), counted.held),
+                (N as u64, 0, 0)
+            );
+            if let Backend::Postgres(p) = &s.backend {
+                let plan = p.explain_sample("m", now, K).unwrap();
+                assert!(plan.contains("top-N heapsort"), "{plan}");
+                assert!(plan.starts_with("Limit"), "{plan}");
+            }
+            // A stream that ended: available until the time given (here: already past).
+            s.mark_available("m", &ids[..1], MarkAvailable::Until(now - 1))
+                .unwrap();
+            // An end makes no row (a revoked client's row stays gone).
+            s.mark_available("m", &["ghost".into()], MarkAvailable::Until(now + 1))
+                .unwrap();
+            assert_eq!(
+                s.sample_available("m", now, 7, 0).unwrap().available,
+                N as u64 - 1
+            );
+            // Revocation removes the client's rows.
+            s.seed_token("tok-revoke", 1).unwrap();
+            let c = ClientRecord {
+                client_id: ids[1].clone(),
+                device_name: "gone".into(),
+                key_sha256: String::new(),
+                enrolled_unix_ms: 1,
+                cert_sha256: String::new(),
+                revoked_unix_ms: None,
+            };
+            s.enroll("tok-revoke", &c).unwrap();
+            assert_eq!(s.revoke("gone", 2).unwrap(), vec![ids[1].clone()]);
+            let after = s.sample_available("m", now, 7, N).unwrap();
+            assert_eq!(after.available, N as u64 - 2);
+            assert!(!after.cohort.contains(&ids[1]) && !after.cohort.contains(&ids[0]));
+        });
+    }
+
     #[test]
     fn versions_are_listed_in_order_and_survive_reopen() {
         on_both_backends(|open| {
@@ -1617,6 +1907,88 @@ mod shared_tests {
         }
     }
 
+    /// Presence is shared: a client subscribed on instance `a` is available to a draw on `b`
+    /// while `a`'s heartbeat lasts, and drops out when `a` stops beating (died).
+    #[test]
+    fn every_instance_draws_from_every_instances_subscribers() {
+        let Some(cluster) = super::pg_cluster::PgCluster::start() else {
+            return;
+        };
+        let url = cluster.database("presence");
+        let open = |instance: &str| {
+            Store::connect_postgres(&PgOptions {
+                url: url.clone(),
+                pool_size: 3,
+                instance: instance.into(),
+                accept_slots: 1,
+            })
+            .unwrap()
+        };
+        let (a, b) = (open("a"), open("b"));
+        let now = 1_000_000;
+        a.heartbeat(now + 30_000).unwrap();
+        b.heartbeat(now + 30_000).unwrap();
+        a.mark_available("m", &["on-a".into()], MarkAvailable::Live)
+            .unwrap();
+        b.mark_available("m", &["on-b".into()], MarkAvailable::Live)
+            .unwrap();
+        let drawn = b.sample_available("m", now, 1, 10).unwrap();
+        assert_eq!(drawn.cohort, vec!["on-a".to_string(), "on-b".to_string()]);
+        // `a` died: its last heartbeat runs out, its clients are not available any more.
+        let later = now + 31_000;
+        b.heartbeat(later + 30_000).unwrap();
+        let drawn = b.sample_available("m", later, 1, 10).unwrap();
+        assert_eq!(
+            (drawn.available, drawn.cohort),
+            (1, vec!["on-b".to_string()])
+        );
+    }
+
+    /// Accept slots: one instance folding concurrently into several partial sums loses no
+    /// fold and counts every update once (each slot is used by one accept at a time; two
+    /// accepts racing on one new partial-sum row would each write their own sum).
+    #[test]
+    fn concurrent_accepts_on_slots_lose_no_fold() {
+        let Some(cluster) = super::pg_cluster::PgCluster::start() else {
+            return;
+        };
+        let s = Store::connect_postgres(&PgOptions {
+            url: cluster.database("slots"),
+            pool_size: 8,
+            instance: "a".into(),
+            accept_slots: 4,
+        })
+        .unwrap();
+        assert_eq!(s.accept_concurrency(), 4);
+        let proto = RoundRecord {
+            model: "m".into(),
+            max_clients: 1000,
+            ..RoundRecord::default()
+        };
+        let (r, _) = s.open_round(&proto).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5 {
+                        let m = marker(&format!("c{t}-{i}"), 1);
+                        let out = s.accept_update(r.id, &m, None, push(1)).unwrap();
+                        assert!(matches!(out, AcceptOutcome::Accepted(_)), "{out:?}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let sums = s.round_sums(r.id).unwrap();
+        assert!((1..=4).contains(&sums.len()), "{} partial sums", sums.len());
+        let folded: usize = sums.iter().map(|b| b.len()).sum();
+        assert_eq!(folded, 40, "every accepted update folded once");
+        assert_eq!(s.round(r.id).unwrap().unwrap().updates, 40);
+        assert_eq!(s.markers(r.id).unwrap().len(), 40);
+    }
+
     #[test]
     fn instances_count_each_update_once_and_accepts_wait_for_the_closer() {
         let Some(cluster) = super::pg_cluster::PgCluster::start() else {
@@ -1628,6 +2000,7 @@ mod shared_tests {
                 url: url.clone(),
                 pool_size: 3,
                 instance: instance.into(),
+                accept_slots: 1,
             })
             .unwrap()
         };

@@ -689,7 +689,11 @@ impl Coordinator {
     /// Fails open round `id` with `detail` (under the round's locks).
     async fn abandon_round(self: &Arc<Self>, id: u64, detail: &str) -> Result<(), Error> {
         let lock = self.round_lock(id);
-        let _guard = lock.lock().await;
+        // Every accept permit: no upload is being folded while the round fails.
+        let _guard = lock
+            .acquire_many(self.store.accept_concurrency())
+            .await
+            .map_err(|e| Error::Internal(format!("round lock: {e}")))?;
         let _closing = self.store.lock_round(id)?;
         if self
             .store

@@ -114,14 +114,14 @@ async fn start_req(
 
 async fn wait_available(h: &CoordinatorHandle, n: usize) {
     for _ in 0..200 {
-        if h.coordinator().available_clients(MODEL).len() == n {
+        if h.coordinator().available_count(MODEL).unwrap() == n as u64 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!(
         "{} clients available, wanted {n}",
-        h.coordinator().available_clients(MODEL).len()
+        h.coordinator().available_count(MODEL).unwrap()
     );
 }
 

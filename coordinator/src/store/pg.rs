@@ -30,14 +30,15 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Row};
 
 use super::{
-    AcceptOutcome, ClientRecord, RoundRecord, RoundState, StoreError, TokenRecord, UpdateMarker,
-    VersionMeta,
+    AcceptOutcome, AvailableSample, ClientRecord, MarkAvailable, RoundRecord, RoundState,
+    StoreError, TokenRecord, UpdateMarker, VersionMeta,
 };
 
 /// The embedded migrations, applied in order; a version is never edited once released.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_deltas.sql")),
+    (3, include_str!("migrations/0003_presence.sql")),
 ];
 
 /// Advisory-lock key (two-int form, a key space apart from the rounds' bigint keys) under
@@ -59,6 +60,23 @@ const TABLES: &[&str] = &[
     "tokens",
     "versions",
 ];
+
+/// Clients available for a model at a time ($2): rows whose time has not passed, live
+/// streams' rows only while their instance is alive.
+const COUNT_AVAILABLE_SQL: &str = "SELECT count(*) FROM presence p \
+     WHERE p.model = $1 AND p.until_ms >= $2 AND (p.until_ms < 9223372036854775807 \
+       OR p.instance IN (SELECT name FROM instances WHERE alive_until_ms >= $2))";
+
+/// The cohort draw: the `$4` available clients with the smallest `draw_key` (sha256 of the
+/// seed's 8 big-endian bytes and the client id). `ORDER BY .. LIMIT` is a top-N heap sort in
+/// the server: memory bounded by the limit, one pass over the model's presence rows.
+const SAMPLE_AVAILABLE_SQL: &str = "SELECT p.client_id FROM presence p \
+     WHERE p.model = $1 AND p.until_ms >= $2 AND (p.until_ms < 9223372036854775807 \
+       OR p.instance IN (SELECT name FROM instances WHERE alive_until_ms >= $2)) \
+     ORDER BY sha256(int8send($3::int8) || convert_to(p.client_id, 'UTF8')) LIMIT $4";
+
+/// Clients per statement when presence rows are written in bulk.
+const MARK_BATCH: usize = 5000;
 
 /// How long a caller waits for a free connection before the operation fails.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -107,6 +125,10 @@ pub struct PgOptions {
     pub pool_size: u32,
     /// This process's name in the partial sums and markers.
     pub instance: String,
+    /// Accepts this instance runs at once, each folding into a partial sum of its own
+    /// (`<instance>`, `<instance>#1`, ...): more commits in flight, and a round may end with
+    /// up to this many updates above `max_clients` per instance, less one.
+    pub accept_slots: u32,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -115,6 +137,7 @@ impl std::fmt::Debug for PgOptions {
             .field("url", &"<redacted>")
             .field("pool_size", &self.pool_size)
             .field("instance", &self.instance)
+            .field("accept_slots", &self.accept_slots)
             .finish()
     }
 }
@@ -134,6 +157,33 @@ struct Inner {
     /// Notified on every `hearth_changes` notification the listener receives.
     changes: tokio::sync::Notify,
     listener: Mutex<Option<Client>>,
+    /// Free accept slots of the `slot_count` (see [`PgOptions::accept_slots`]).
+    slots: Mutex<Vec<u32>>,
+    slot_count: u32,
+    slot_freed: Condvar,
+}
+
+/// An accept slot taken from the free list; returned on drop.
+struct Slot<'a> {
+    inner: &'a Inner,
+    n: u32,
+}
+
+impl Slot<'_> {
+    /// The name of this slot's partial sums: the instance's own for slot 0.
+    fn partial(&self) -> String {
+        match self.n {
+            0 => self.inner.instance.clone(),
+            n => format!("{}#{n}", self.inner.instance),
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.inner.slots.lock().expect("slot lock").push(self.n);
+        self.inner.slot_freed.notify_one();
+    }
 }
 
 impl Drop for Inner {
@@ -257,6 +307,9 @@ impl PgStore {
                 freed: Condvar::new(),
                 changes: tokio::sync::Notify::new(),
                 listener: Mutex::new(None),
+                slots: Mutex::new((0..opts.accept_slots.max(1)).rev().collect()),
+                slot_count: opts.accept_slots.max(1),
+                slot_freed: Condvar::new(),
             }),
         };
         // Reach the server once before anything else: a database that is down or refuses us is
@@ -278,6 +331,24 @@ impl PgStore {
         &self.inner.instance
     }
 
+    /// Accepts this instance runs at once ([`PgOptions::accept_slots`]).
+    pub fn accept_slots(&self) -> u32 {
+        self.inner.slot_count
+    }
+
+    /// A free accept slot, waiting for one (callers run at most `accept_slots` accepts per
+    /// round at once, so this waits only when rounds of several models accept together).
+    fn slot(&self) -> Slot<'_> {
+        let inner = &*self.inner;
+        let mut free = inner.slots.lock().expect("slot lock");
+        loop {
+            if let Some(n) = free.pop() {
+                return Slot { inner, n };
+            }
+            free = inner.slot_freed.wait(free).expect("slot lock");
+        }
+    }
+
     fn rt(&self) -> &tokio::runtime::Runtime {
         self.inner.rt.as_ref().expect("runtime present")
     }
@@ -289,15 +360,39 @@ impl PgStore {
         F: Future + Send,
         F::Output: Send,
     {
+        self.block_with(move || fut)
+    }
+
+    /// Runs `f` with a connection from the pool on the backend's runtime and waits for it
+    /// (as [`PgStore::block`]); the connection returns to the pool afterwards. Every
+    /// operation on a pooled connection goes through here.
+    fn with_client<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: AsyncFnOnce(&mut Client) -> Result<T, StoreError> + Send,
+        T: Send,
+    {
+        let mut conn = self.conn()?;
+        let c: &mut Client = &mut conn;
+        self.block_with(move || f(c))
+    }
+
+    /// [`PgStore::block`] of the future `make` returns, made on the thread that runs it (so
+    /// the future itself need not be `Send`).
+    fn block_with<M, F>(&self, make: M) -> F::Output
+    where
+        M: FnOnce() -> F + Send,
+        F: Future,
+        F::Output: Send,
+    {
         let h = self.rt().handle();
         match tokio::runtime::Handle::try_current().map(|c| c.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {
-                s.spawn(|| h.block_on(fut))
+                s.spawn(move || h.block_on(make()))
                     .join()
                     .expect("store thread panicked")
             }),
-            Ok(_) => tokio::task::block_in_place(|| h.block_on(fut)),
-            Err(_) => h.block_on(fut),
+            Ok(_) => tokio::task::block_in_place(move || h.block_on(make())),
+            Err(_) => h.block_on(make()),
         }
     }
 
@@ -371,9 +466,7 @@ impl PgStore {
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let (a, b) = MIGRATION_LOCK;
             c.execute("SELECT pg_advisory_lock($1, $2)", &[&a, &b])
                 .await?;
@@ -476,9 +569,7 @@ impl PgStore {
 
     pub(super) fn add_token(&self, token: &str, rec: &TokenRecord) -> Result<bool, StoreError> {
         let rec = to_json(rec);
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let n = c
                 .execute(
                     "INSERT INTO tokens (token, rec) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -490,9 +581,7 @@ impl PgStore {
     }
 
     pub(super) fn token(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query_opt("SELECT rec FROM tokens WHERE token = $1", &[&token])
                 .await?
                 .map(|r| json_col(&r, "rec"))
@@ -502,9 +591,7 @@ impl PgStore {
 
     pub(super) fn enroll(&self, token: &str, client: &ClientRecord) -> Result<(), StoreError> {
         let crec = to_json(client);
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let tx = c.transaction().await?;
             let Some(row) = tx
                 .query_opt(
@@ -543,9 +630,7 @@ impl PgStore {
     }
 
     pub(super) fn revoke(&self, device: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let tx = c.transaction().await?;
             let rows = tx
                 .query(
@@ -568,15 +653,16 @@ impl PgStore {
                 }
                 ids.push(id);
             }
+            // A revoked client is not available any more.
+            tx.execute("DELETE FROM presence WHERE client_id = ANY($1)", &[&ids])
+                .await?;
             tx.commit().await?;
             Ok(ids)
         })
     }
 
     pub(super) fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query_opt(
                 "SELECT rec FROM clients WHERE client_id = $1",
                 &[&client_id],
@@ -584,6 +670,120 @@ impl PgStore {
             .await?
             .map(|r| json_col(&r, "rec"))
             .transpose()
+        })
+    }
+
+    // ------------------------------------------------------------ availability
+
+    pub(super) fn mark_available(
+        &self,
+        model: &str,
+        clients: &[String],
+        how: MarkAvailable,
+    ) -> Result<(), StoreError> {
+        let instance = &self.inner.instance;
+        self.with_client(async move |c| {
+            // Bounded statements: many clients go in slices.
+            for part in clients.chunks(MARK_BATCH) {
+                match how {
+                    MarkAvailable::Live => {
+                        c.execute(
+                            "INSERT INTO presence (model, client_id, instance, until_ms) \
+                             SELECT $1::text, c, $3::text, $4::int8 FROM unnest($2::text[]) AS c \
+                             ON CONFLICT (model, client_id) \
+                             DO UPDATE SET instance = EXCLUDED.instance, until_ms = EXCLUDED.until_ms",
+                            &[&model, &part, instance, &(super::LIVE_UNTIL as i64)],
+                        )
+                        .await?;
+                    }
+                    MarkAvailable::Until(until) => {
+                        c.execute(
+                            "UPDATE presence SET until_ms = $3 \
+                             WHERE model = $1 AND client_id = ANY($2)",
+                            &[&model, &part, &i64_of(until)?],
+                        )
+                        .await?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn heartbeat(&self, alive_until_ms: u64) -> Result<(), StoreError> {
+        let until = i64_of(alive_until_ms)?;
+        let instance = &self.inner.instance;
+        self.with_client(async move |c| {
+            c.execute(
+                "INSERT INTO instances (name, alive_until_ms) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET alive_until_ms = EXCLUDED.alive_until_ms",
+                &[instance, &until],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn sample_available(
+        &self,
+        model: &str,
+        now_ms: u64,
+        seed: u64,
+        k: usize,
+    ) -> Result<AvailableSample, StoreError> {
+        let now = i64_of(now_ms)?;
+        // The seed's 8 bytes as PostgreSQL's int8send writes them (big-endian), as draw_key.
+        let seed = i64::from_be_bytes(seed.to_be_bytes());
+        let limit = i64_of(k as u64)?;
+        self.with_client(async move |c| {
+            let available: i64 = c
+                .query_one(COUNT_AVAILABLE_SQL, &[&model, &now])
+                .await?
+                .get(0);
+            if k == 0 {
+                return Ok(AvailableSample {
+                    available: available as u64,
+                    ..AvailableSample::default()
+                });
+            }
+            let rows = c
+                .query(SAMPLE_AVAILABLE_SQL, &[&model, &now, &seed, &limit])
+                .await?;
+            let held = rows.len();
+            let mut cohort = rows
+                .iter()
+                .map(|r| r.try_get::<_, String>(0))
+                .collect::<Result<Vec<_>, _>>()?;
+            cohort.sort();
+            Ok(AvailableSample {
+                available: available as u64,
+                cohort,
+                held,
+            })
+        })
+    }
+
+    /// The plan PostgreSQL chooses for the cohort draw (tests: a bounded top-k sort).
+    #[cfg(test)]
+    pub(super) fn explain_sample(
+        &self,
+        model: &str,
+        now_ms: u64,
+        k: usize,
+    ) -> Result<String, StoreError> {
+        let (now, limit) = (i64_of(now_ms)?, i64_of(k as u64)?);
+        self.with_client(async move |c| {
+            let rows = c
+                .query(
+                    &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {SAMPLE_AVAILABLE_SQL}"),
+                    &[&model, &now, &0i64, &limit],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n"))
         })
     }
 
@@ -619,14 +819,11 @@ impl PgStore {
     }
 
     pub(super) fn put_version(&self, meta: &VersionMeta, onnx: &[u8]) -> Result<(), StoreError> {
-        let conn = self.conn()?;
-        self.block(Self::insert_version(&*conn, meta, onnx))
+        self.with_client(async move |c| Self::insert_version(&*c, meta, onnx).await)
     }
 
     pub(super) fn update_version_meta(&self, meta: &VersionMeta) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let n = c
                 .execute(
                     "UPDATE versions SET meta = $3 WHERE model = $1 AND version = $2",
@@ -644,9 +841,7 @@ impl PgStore {
     }
 
     pub(super) fn latest_version(&self, model: &str) -> Result<Option<VersionMeta>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query_opt(
                 "SELECT meta FROM versions WHERE model = $1 ORDER BY version DESC LIMIT 1",
                 &[&model],
@@ -663,9 +858,7 @@ impl PgStore {
         version: u64,
     ) -> Result<Option<VersionMeta>, StoreError> {
         let v = i64_of(version)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query_opt(
                 "SELECT meta FROM versions WHERE model = $1 AND version = $2",
                 &[&model, &v],
@@ -677,9 +870,7 @@ impl PgStore {
     }
 
     pub(super) fn versions(&self, model: &str) -> Result<Vec<VersionMeta>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query(
                 "SELECT meta FROM versions WHERE model = $1 ORDER BY version",
                 &[&model],
@@ -692,9 +883,7 @@ impl PgStore {
     }
 
     pub(super) fn put_rollback(&self, meta: &VersionMeta, onnx: &[u8]) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let tx = c.transaction().await?;
             Self::insert_version(&tx, meta, onnx).await?;
             tx.execute("DELETE FROM server_state WHERE model = $1", &[&meta.model])
@@ -711,9 +900,7 @@ impl PgStore {
         bytes: u64,
     ) -> Result<(), StoreError> {
         let (v, b) = (i64_of(version)?, i64_of(bytes)?);
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.execute(
                 "INSERT INTO downlink (model, version, bytes) VALUES ($1, $2, $3) \
                      ON CONFLICT (model, version) DO UPDATE SET bytes = downlink.bytes + $3",
@@ -726,9 +913,7 @@ impl PgStore {
 
     pub(super) fn downlink(&self, model: &str, version: u64) -> Result<u64, StoreError> {
         let v = i64_of(version)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let r = c
                 .query_opt(
                     "SELECT bytes FROM downlink WHERE model = $1 AND version = $2",
@@ -746,9 +931,7 @@ impl PgStore {
         rec: &super::DeltaRecord,
     ) -> Result<(), StoreError> {
         let (v, base) = (i64_of(version)?, i64_of(rec.base)?);
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.execute(
                 "INSERT INTO deltas (model, version, base, payload, residual) \
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (model, version) DO UPDATE \
@@ -766,9 +949,7 @@ impl PgStore {
         version: u64,
     ) -> Result<Option<super::DeltaRecord>, StoreError> {
         let v = i64_of(version)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let r = c
                 .query_opt(
                     "SELECT base, payload, residual FROM deltas WHERE model = $1 AND version = $2",
@@ -789,9 +970,7 @@ impl PgStore {
         version: u64,
     ) -> Result<Option<IVec>, StoreError> {
         let v = i64_of(version)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let r = c
                 .query_opt(
                     "SELECT onnx FROM versions WHERE model = $1 AND version = $2",
@@ -803,9 +982,7 @@ impl PgStore {
     }
 
     pub(super) fn server_state(&self, model: &str) -> Result<Option<IVec>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let r = c
                 .query_opt("SELECT state FROM server_state WHERE model = $1", &[&model])
                 .await?;
@@ -856,9 +1033,7 @@ impl PgStore {
         &self,
         proto: &RoundRecord,
     ) -> Result<(RoundRecord, bool), StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             loop {
                 let open =
                     Self::rounds_where(c, "WHERE model = $1 AND state = 'open'", &[&proto.model])
@@ -898,9 +1073,7 @@ impl PgStore {
 
     pub(super) fn round(&self, id: u64) -> Result<Option<RoundRecord>, StoreError> {
         let id = i64_of(id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             Ok(Self::rounds_where(c, "WHERE id = $1", &[&id])
                 .await?
                 .into_iter()
@@ -909,9 +1082,7 @@ impl PgStore {
     }
 
     pub(super) fn latest_round(&self, model: &str) -> Result<Option<RoundRecord>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             Ok(
                 Self::rounds_where(c, "WHERE model = $1 ORDER BY id DESC LIMIT 1", &[&model])
                     .await?
@@ -922,26 +1093,20 @@ impl PgStore {
     }
 
     pub(super) fn rounds_of(&self, model: &str) -> Result<Vec<RoundRecord>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(
-            async move { Self::rounds_where(c, "WHERE model = $1 ORDER BY id", &[&model]).await },
-        )
+        self.with_client(async move |c| {
+            Self::rounds_where(c, "WHERE model = $1 ORDER BY id", &[&model]).await
+        })
     }
 
     pub(super) fn open_rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             Self::rounds_where(c, "WHERE state = 'open' ORDER BY model", &[]).await
         })
     }
 
     pub(super) fn round_sums(&self, id: u64) -> Result<Vec<IVec>, StoreError> {
         let id = i64_of(id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             Ok(c.query(
                 "SELECT sum FROM partial_sums WHERE round = $1 ORDER BY instance",
                 &[&id],
@@ -959,9 +1124,7 @@ impl PgStore {
         rounds: usize,
     ) -> Result<Vec<UpdateMarker>, StoreError> {
         let n = rounds as i64;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query(
                 "SELECT m.marker FROM markers m JOIN \
                        (SELECT id FROM rounds WHERE model = $1 AND state = 'completed' \
@@ -978,9 +1141,7 @@ impl PgStore {
 
     pub(super) fn markers(&self, id: u64) -> Result<Vec<UpdateMarker>, StoreError> {
         let id = i64_of(id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query(
                 "SELECT marker FROM markers WHERE round = $1 ORDER BY client_id",
                 &[&id],
@@ -994,9 +1155,7 @@ impl PgStore {
 
     pub(super) fn marker(&self, id: u64, client: &str) -> Result<Option<UpdateMarker>, StoreError> {
         let id = i64_of(id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query_opt(
                 "SELECT marker FROM markers WHERE round = $1 AND client_id = $2",
                 &[&id, &client],
@@ -1009,9 +1168,7 @@ impl PgStore {
 
     pub(super) fn kept_updates(&self, id: u64) -> Result<Vec<(UpdateMarker, IVec)>, StoreError> {
         let id = i64_of(id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             c.query(
                 "SELECT marker, kept FROM markers WHERE round = $1 AND kept IS NOT NULL \
                      ORDER BY client_id",
@@ -1027,9 +1184,7 @@ impl PgStore {
     pub(super) fn snapshot(
         &self,
     ) -> Result<std::collections::BTreeMap<String, Vec<(IVec, IVec)>>, StoreError> {
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let mut out = std::collections::BTreeMap::new();
             for t in TABLES {
                 let rows = c
@@ -1065,10 +1220,11 @@ impl PgStore {
     {
         let id = i64_of(round_id)?;
         let instance = self.inner.instance.clone();
+        // One accept at a time per partial sum: its row is read and replaced below.
+        let slot = self.slot();
+        let partial = slot.partial();
         let fold = &fold;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let tx = c.transaction().await?;
             // Shared with other accepts, exclusive with the instance closing the round.
             tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&id])
@@ -1098,7 +1254,7 @@ impl PgStore {
             let prev: Option<Vec<u8>> = tx
                 .query_opt(
                     "SELECT sum FROM partial_sums WHERE round = $1 AND instance = $2 FOR UPDATE",
-                    &[&id, &instance],
+                    &[&id, &partial],
                 )
                 .await?
                 .map(|r| r.get(0));
@@ -1141,7 +1297,7 @@ impl PgStore {
                        eval_correct = partial_sums.eval_correct + $8",
                 &[
                     &id,
-                    &instance,
+                    &partial,
                     &next,
                     &i64_of(marker.num_samples)?,
                     &i64_of(marker.payload_bytes)?,
@@ -1220,9 +1376,7 @@ impl PgStore {
         detail: &str,
     ) -> Result<RoundRecord, StoreError> {
         let id = i64_of(round_id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let tx = c.transaction().await?;
             let mut rec = Self::close_round_tx(&tx, id).await?;
             Self::insert_version(&tx, meta, onnx).await?;
@@ -1250,9 +1404,7 @@ impl PgStore {
         detail: &str,
     ) -> Result<RoundRecord, StoreError> {
         let id = i64_of(round_id)?;
-        let mut conn = self.conn()?;
-        let c: &mut Client = &mut conn;
-        self.block(async move {
+        self.with_client(async move |c| {
             let tx = c.transaction().await?;
             let mut rec = Self::close_round_tx(&tx, id).await?;
             rec.state = state;
