@@ -228,6 +228,9 @@ fn rss_of(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Coded updates (payload, sample count), made once and shared by the simulated clients.
+type CodedUpdates = Option<Arc<Vec<(Vec<u8>, u64)>>>;
+
 async fn connect(addr: SocketAddr) -> Result<Channel> {
     Ok(Channel::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -593,7 +596,7 @@ fn row_of(
 
 async fn sled_run(
     args: &Args,
-    updates_out: &mut Option<Arc<Vec<(Vec<u8>, u64)>>>,
+    updates_out: &mut CodedUpdates,
 ) -> Result<(Vec<Row>, Vec<(f64, f64, f64)>)> {
     let dir = tempfile::tempdir()?;
     let data = std::fs::canonicalize(&args.data_dir)?;
@@ -665,7 +668,7 @@ async fn db_counters(db: &tokio_postgres::Client) -> Result<(i64, i64, i64, i64,
     Ok((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
 }
 
-async fn pg_run(args: &Args, updates: Option<Arc<Vec<(Vec<u8>, u64)>>>) -> Result<Vec<Row>> {
+async fn pg_run(args: &Args, updates: CodedUpdates) -> Result<Vec<Row>> {
     let Some(cluster) = pg_cluster::PgCluster::start_with(!args.pg_no_fsync) else {
         bail!("no PostgreSQL binaries: apt-get install -y postgresql");
     };

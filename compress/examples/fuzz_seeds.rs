@@ -44,7 +44,10 @@ fn main() {
         let mut residual = Default::default();
         let cfg = CodecConfig {
             bits,
-            topk_fraction: topk, entropy: true, compact: false };
+            topk_fraction: topk,
+            entropy: true,
+            compact: false,
+        };
         let b = encode_update(&w, &mut residual, &cfg, &mut rng).expect("encode");
         write(dir, "update_codec", &format!("b{bits}_k{topk}"), &b);
     }
@@ -97,7 +100,7 @@ fn main() {
     }
     let mut agg = Aggregate::new(&w);
     agg.fold(&w, 2.0).expect("fold");
-    let mut st = |tag: u8, name: &str, b: Vec<u8>| {
+    let st = |tag: u8, name: &str, b: Vec<u8>| {
         let mut v = vec![tag];
         v.extend(b);
         write(dir, "state_files", name, &v);

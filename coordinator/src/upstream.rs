@@ -720,10 +720,8 @@ impl Coordinator {
             .clone()
             .ok_or_else(|| Error::Internal("not a home aggregator".into()))?;
         let (delta, how) = self.round_delta(rec).await?;
-        let cfg = CodecConfig {
-            bits: rec.task.quant_bits as u8,
-            topk_fraction: 1.0,
-        };
+        // Dense at the round's bits, compact: the same form an agent's upload takes.
+        let cfg = CodecConfig::dense(rec.task.quant_bits as u8);
         let seed = rec.id ^ rec.upstream_round.rotate_left(32);
         let payload = blocking_task(move || {
             let mut residual = Weights::new();
